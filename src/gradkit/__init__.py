@@ -1,0 +1,37 @@
+"""gradkit: control what happens to a gradient between backward() and optimizer.step().
+
+Public names, one per line; see DESIGN.md for the contract.
+"""
+
+from gradkit.clipping import AGC
+from gradkit.clipping import AutoClip
+from gradkit.clipping import ClipByGlobalNorm
+from gradkit.clipping import ClipByValue
+from gradkit.clipping import ClipPerLayer
+from gradkit.clipping import ClipStage
+from gradkit.clipping import ZClip
+from gradkit.clipping import clip_grad_norm_
+from gradkit.clipping import clip_grad_value_
+from gradkit.clipping import grad_norms
+from gradkit.context import GradContext
+from gradkit.pipeline import GradientPipeline
+from gradkit.pipeline import StepReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGC",
+    "AutoClip",
+    "ClipByGlobalNorm",
+    "ClipByValue",
+    "ClipPerLayer",
+    "ClipStage",
+    "GradContext",
+    "GradientPipeline",
+    "StepReport",
+    "ZClip",
+    "__version__",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "grad_norms",
+]

@@ -1,0 +1,61 @@
+"""Grouping tensors by (device, dtype) so that `torch._foreach_*` kernels apply.
+
+The foreach kernels need every tensor of one call on the same device with the
+same dtype; models mix them (bf16 weights with fp32 norms, pipeline stages on
+several GPUs), so every pass over all gradients goes through `group_tensors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["group_tensors", "per_tensor_norms", "total_norm", "scale_"]
+
+
+def group_tensors(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
+    """Split `tensors` into lists of one (device, dtype), each with its original positions."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
+    for index, tensor in enumerate(tensors):
+        members, positions = groups.setdefault((tensor.device, tensor.dtype), ([], []))
+        members.append(tensor)
+        positions.append(index)
+    return groups
+
+
+def per_tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor]:
+    """The `norm_type`-norm of each tensor, as 0-d tensors in input order; no host sync."""
+    norms: list[Tensor | None] = [None] * len(tensors)
+    for (device, _), (members, positions) in group_tensors(tensors).items():
+        if _foreach_supported(device):
+            group_norms = torch._foreach_norm(members, norm_type)
+        else:
+            group_norms = [torch.linalg.vector_norm(t, norm_type) for t in members]
+        for position, norm in zip(positions, group_norms):
+            norms[position] = norm
+    return norms  # type: ignore[return-value]
+
+
+def total_norm(norms: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into the norm of all tensors together (on the first norm's device)."""
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+
+
+def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:
+    """Multiply every tensor in place by `factor` (a Python number or a 0-d tensor); no host sync."""
+    for (device, _), (members, _) in group_tensors(tensors).items():
+        local = factor.to(device) if isinstance(factor, Tensor) else factor
+        if _foreach_supported(device):
+            torch._foreach_mul_(members, local)
+        else:
+            for tensor in members:
+                tensor.mul_(local)
+
+
+def _foreach_supported(device: torch.device) -> bool:
+    # The fused kernels exist for CPU, CUDA and the other native backends; meta and
+    # custom devices fall back to a plain loop with the same results.
+    return device.type in ("cpu", "cuda", "xpu", "mps", "hpu")

@@ -1,0 +1,169 @@
+"""Gradient accumulation: micro-step bookkeeping, item-count normalization, sync control.
+
+Autograd already sums gradients into ``p.grad`` across backward calls, so
+accumulation is bookkeeping: count the micro-steps and items of a window, and
+normalize once, at the boundary.
+
+- Mean mode (no `num_items`): the gradient is the mean over micro-batches,
+  each loss being a mean over its own batch (equal sizes assumed).
+- Item mode (`num_items` given, losses reduced with ``sum``): the summed
+  gradient is divided by the total item count of the window, summed across
+  micro-batches *and* processes. That is exactly the large-batch gradient of
+  the mean loss over all items, for any split into micro-batches of any length
+  (the mean of per-micro-batch means is not, when lengths differ).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["Window", "SyncControl", "LocalSync", "DDPSync", "sync_control_for", "check_num_items"]
+
+Items = int | Tensor
+
+
+def check_num_items(num_items: object) -> Items | None:
+    """`num_items` if it is None, a positive int, or a 1-element integer tensor.
+
+    A tensor's value is not read here (that would be a host sync); the window's
+    total is checked at the step, where the pipeline reads the host anyway.
+    """
+    if num_items is None:
+        return None
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.is_complex() or num_items.dtype == torch.bool:
+            raise TypeError(
+                f"num_items must be an int or a 1-element integer tensor, got a {num_items.dtype} tensor of shape "
+                f"{tuple(num_items.shape)}; pass the number of items (e.g. tokens) the summed loss covers"
+            )
+        return num_items.detach().reshape(())
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
+        raise TypeError(
+            f"num_items must be an int (the count of items the summed loss covers), got "
+            f"{type(num_items).__name__} {num_items!r}; for a mean loss leave num_items out"
+        )
+    if num_items <= 0:
+        raise ValueError(
+            f"num_items must be > 0, got {num_items}; skip micro-batches that hold no items, "
+            "or leave num_items out for a mean loss"
+        )
+    return int(num_items)
+
+
+class Window:
+    """The micro-steps and item count of the accumulation window in progress."""
+
+    def __init__(self) -> None:
+        self.micro_steps = 0
+        self.items: Items | None = None  # None until the first micro-step, and in mean mode
+
+    @property
+    def item_mode(self) -> bool:
+        return self.items is not None
+
+    def check_mode(self, num_items: Items | None) -> None:
+        """Refuse to mix item mode and mean mode within one window."""
+        if self.micro_steps and (num_items is not None) != self.item_mode:
+            given, window = ("num_items", "without") if num_items is not None else ("no num_items", "with")
+            raise ValueError(
+                f"backward() got {given}, but this window's earlier micro-steps were {window} num_items; "
+                "pass num_items on every micro-step (sum-reduced losses) or on none (mean losses)"
+            )
+
+    def add(self, num_items: Items | None) -> None:
+        self.micro_steps += 1
+        if num_items is not None:
+            self.items = num_items if self.items is None else self.items + num_items
+
+    def reset(self) -> None:
+        self.micro_steps = 0
+        self.items = None
+
+    def normalizer(self, global_items: Items | None, averaged_over: int) -> Tensor | float:
+        """The factor that turns the accumulated gradient into the window's mean gradient.
+
+        Args:
+            global_items: the item count summed over processes (item mode).
+            averaged_over: how many processes' gradients were already averaged
+                (DDP divides by its world size during the all-reduce).
+        """
+        if global_items is None:
+            return 1.0 / self.micro_steps
+        if isinstance(global_items, Tensor):
+            return averaged_over / global_items.to(torch.float64)
+        return averaged_over / global_items
+
+
+class SyncControl:
+    """How gradients of several processes meet during backward: the one capability the
+    pipeline needs from DDP (or from nothing, on one process)."""
+
+    #: how many processes' gradients the backward pass itself averages
+    world_size: int = 1
+
+    def set_sync(self, enabled: bool) -> None:
+        """Say whether the *next* forward/backward must communicate."""
+
+    @property
+    def synced(self) -> bool:
+        """Whether the last backward communicated."""
+        return True
+
+    def all_reduce_grads_(self, grads: Sequence[Tensor]) -> None:
+        """Average gradients now (for a window that ended without a synced backward)."""
+
+    def global_items(self, items: Items) -> Items:
+        """The item count summed over all processes."""
+        return items
+
+
+class LocalSync(SyncControl):
+    """One process, or a model whose averaging is done elsewhere: nothing to control."""
+
+
+class DDPSync(SyncControl):
+    """Sync control for a model wrapped in `DistributedDataParallel`.
+
+    DDP decides in *forward* whether the following backward all-reduces (it
+    reads ``require_backward_grad_sync``, which `no_sync()` toggles), so a
+    ``no_sync()`` around ``backward()`` alone would come too late. The pipeline
+    therefore sets the flag ahead of each micro-step: off for all but the last
+    micro-step of a window.
+    """
+
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
+        self.ddp = ddp
+        self.group = ddp.process_group
+        self.world_size = dist.get_world_size(self.group)
+        self._synced = True
+
+    def set_sync(self, enabled: bool) -> None:
+        self._synced = enabled
+        self.ddp.require_backward_grad_sync = enabled
+
+    @property
+    def synced(self) -> bool:
+        return self._synced
+
+    def all_reduce_grads_(self, grads: Sequence[Tensor]) -> None:
+        for grad in grads:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
+            grad.div_(self.world_size)
+
+    def global_items(self, items: Items) -> Items:
+        device = next(self.ddp.parameters()).device
+        total = torch.as_tensor(items, dtype=torch.int64, device=device).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total
+
+
+def sync_control_for(model: object) -> SyncControl:
+    """The sync control that fits `model`: DDP's flag for a DDP-wrapped model, none otherwise."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return DDPSync(model)
+    return LocalSync()

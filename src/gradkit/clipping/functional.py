@@ -1,0 +1,141 @@
+"""Module-level clipping functions with torch's semantics, plus a process-group norm.
+
+`clip_grad_norm_` gives the same results as `torch.nn.utils.clip_grad_norm_`
+(same norm, same coefficient, same in-place update) and adds ``group=`` for
+parameters sharded across processes, where every rank must clip by the norm of
+the *whole* gradient, not of its own shard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradkit import _checks, _foreach
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "grad_norms", "check_norm_type", "clip_coefficient"]
+
+Parameters = Iterable[Tensor] | Tensor
+
+
+def clip_grad_norm_(
+    parameters: Parameters,
+    max_norm: float,
+    norm_type: float = 2.0,
+    *,
+    group: dist.ProcessGroup | None = None,
+    error_if_nonfinite: bool = False,
+) -> Tensor:
+    """Scale gradients in place so that their total norm is at most `max_norm`.
+
+    The norm is taken over all gradients together, as if concatenated into one
+    vector; parameters whose ``.grad`` is None are skipped. Results match
+    ``torch.nn.utils.clip_grad_norm_`` for every norm type.
+
+    Args:
+        parameters: tensors (or one tensor) whose ``.grad`` is clipped.
+        max_norm: the largest allowed total norm (> 0, finite).
+        norm_type: p of the p-norm (> 0), or ``float("inf")`` for the max-norm.
+        group: a process group over which the parameters are *sharded*: the
+            local norms are combined (p-th powers summed, or max for inf) so
+            that every rank uses the global norm. Leave it None for replicated
+            parameters, whose gradients are already averaged.
+        error_if_nonfinite: raise if the total norm is NaN or inf. This reads
+            the norm on the host (one device sync), which is why it is off.
+
+    Returns:
+        The total norm before clipping (0-d tensor).
+
+    Raises:
+        ValueError / TypeError: for a bad `max_norm` or `norm_type`.
+        RuntimeError: with ``error_if_nonfinite=True`` and a NaN/inf norm.
+
+    Example:
+        >>> norm = gk.clip_grad_norm_(model.parameters(), max_norm=1.0)
+    """
+    max_norm = _checks.positive_number("max_norm", max_norm, "pass the largest gradient norm to allow, e.g. 1.0")
+    norm_type = check_norm_type(norm_type)
+    grads = _grads_of(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    total = _foreach.total_norm(_foreach.per_tensor_norms(grads, norm_type), norm_type)
+    if group is not None:
+        total = reduce_norm(total, norm_type, group)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite ({total}); "
+            "pass error_if_nonfinite=False to clip anyway"
+        )
+    _foreach.scale_(grads, clip_coefficient(total, max_norm))
+    return total
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor) -> Tensor:
+    """min(1, max_norm / (total_norm + 1e-6)), as torch computes it."""
+    # Clamping instead of `if total_norm > max_norm` avoids a device sync; multiplying
+    # by 1.0 when no clipping is needed costs the same pass torch makes.
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def clip_grad_value_(parameters: Parameters, clip_value: float) -> None:
+    """Clamp every gradient element to [-clip_value, clip_value] in place (torch's semantics).
+
+    Example:
+        >>> gk.clip_grad_value_(model.parameters(), 0.5)
+    """
+    clip_value = _checks.positive_number("clip_value", clip_value, "pass the largest absolute gradient value to allow")
+    grads = _grads_of(parameters)
+    for _, (members, _) in _foreach.group_tensors(grads).items():
+        torch._foreach_clamp_min_(members, -clip_value)
+        torch._foreach_clamp_max_(members, clip_value)
+
+
+def grad_norms(parameters: Parameters, norm_type: float = 2.0) -> Tensor:
+    """One gradient norm per parameter that has a gradient, as a 1-D tensor; no host sync.
+
+    Example:
+        >>> norms = gk.grad_norms(model.parameters())   # norms[i] belongs to the i-th parameter with a grad
+    """
+    norm_type = check_norm_type(norm_type)
+    grads = _grads_of(parameters)
+    if not grads:
+        return torch.zeros(0)
+    norms = _foreach.per_tensor_norms(grads, norm_type)
+    device = norms[0].device
+    return torch.stack([n.to(device) for n in norms])
+
+
+def reduce_norm(local_norm: Tensor, norm_type: float, group: dist.ProcessGroup) -> Tensor:
+    """The norm of a vector sharded across `group`, from each rank's norm of its shard."""
+    if not dist.is_initialized():
+        raise ValueError(
+            "group= was given but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first, or pass group=None for unsharded parameters"
+        )
+    if math.isinf(norm_type):
+        combined = local_norm.clone()
+        dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=group)
+        return combined
+    powered = local_norm.double() ** norm_type  # double: p-th powers of large norms overflow float32
+    dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=group)
+    return (powered ** (1.0 / norm_type)).to(local_norm.dtype)
+
+
+def check_norm_type(norm_type: object) -> float:
+    """`norm_type` as a float if it is a valid p (> 0, or inf)."""
+    try:
+        p = float(norm_type)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}; use 2.0 for the L2 norm") from None
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}; use 2.0 for the L2 norm or 'inf' for the max")
+    return p
+
+
+def _grads_of(parameters: Parameters) -> list[Tensor]:
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    return [p.grad for p in params if p.grad is not None]

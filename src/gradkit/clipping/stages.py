@@ -1,0 +1,119 @@
+"""Norm-scaling stages with fixed thresholds: global norm, value, per layer.
+
+A stage is configuration plus explicit state (optax style). It is called with
+a `GradContext` (inside `GradientPipeline`) or with plain parameters, and
+changes the gradients in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradkit import _checks
+from gradkit.clipping.functional import check_norm_type, clip_coefficient, clip_grad_value_, reduce_norm
+from gradkit.context import GradContext
+from gradkit import _foreach
+
+__all__ = ["ClipStage", "ClipByGlobalNorm", "ClipByValue", "ClipPerLayer"]
+
+_MAX_NORM_FIX = "pass the largest gradient norm to allow, e.g. 1.0"
+
+
+class ClipStage:
+    """Base of every norm-scaling stage: ``stage(ctx_or_parameters)`` clips in place."""
+
+    def __call__(self, grads: GradContext | Iterable[Tensor] | Tensor) -> None:
+        ctx = grads if isinstance(grads, GradContext) else GradContext.from_parameters(grads)
+        if len(ctx):
+            self.apply_(ctx)
+
+    def apply_(self, ctx: GradContext) -> None:
+        """Change ``ctx.grads`` in place (and update this stage's state)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stage's state as plain tensors and numbers (empty for stateless stages)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        _checks.state_keys(type(self).__name__, state, set(self.state_dict().keys()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class ClipByGlobalNorm(ClipStage):
+    """Scale all gradients together so that their global norm is at most `max_norm`.
+
+    The same rule as `clip_grad_norm_`; inside the pipeline it reuses the
+    per-parameter L2 norms the step already computed, so it costs one
+    multiply pass and no extra read.
+
+    Args:
+        max_norm: the largest allowed global norm (> 0, finite).
+        norm_type: p of the p-norm; 2 reuses the cached norms.
+        group: the process group the parameters are sharded over, if any.
+
+    Example:
+        >>> pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(1.0))
+    """
+
+    def __init__(self, max_norm: float, *, norm_type: float = 2.0, group: dist.ProcessGroup | None = None) -> None:
+        self.max_norm = _checks.positive_number("max_norm", max_norm, _MAX_NORM_FIX)
+        self.norm_type = check_norm_type(norm_type)
+        self.group = group
+
+    def apply_(self, ctx: GradContext) -> None:
+        if self.norm_type == 2.0:
+            total = ctx.total_norm()
+        else:
+            total = _foreach.total_norm(_foreach.per_tensor_norms(ctx.grads, self.norm_type), self.norm_type)
+        if self.group is not None:
+            total = reduce_norm(total, self.norm_type, self.group)
+        ctx.scale_(clip_coefficient(total, self.max_norm))
+
+
+class ClipByValue(ClipStage):
+    """Clamp every gradient element to [-value, value] (torch's `clip_grad_value_`).
+
+    Example:
+        >>> pipe = gk.GradientPipeline(model, clip=gk.ClipByValue(0.5))
+    """
+
+    def __init__(self, value: float) -> None:
+        self.value = _checks.positive_number("value", value, "pass the largest absolute gradient value to allow")
+
+    def apply_(self, ctx: GradContext) -> None:
+        clip_grad_value_(ctx.params, self.value)
+        ctx.modified()
+
+
+class ClipPerLayer(ClipStage):
+    """Clip each parameter's gradient to an L2 norm of at most `max_norm`, separately.
+
+    Each parameter tensor counts as one layer. One fused multiply with a
+    coefficient per tensor; the cached norms stay valid.
+
+    Example:
+        >>> pipe = gk.GradientPipeline(model, clip=gk.ClipPerLayer(0.1))
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = _checks.positive_number("max_norm", max_norm, _MAX_NORM_FIX)
+
+    def apply_(self, ctx: GradContext) -> None:
+        ctx.scale_each_(clip_coefficient(ctx.norms(), self.max_norm))
+
+
+def state_tensor(value: Any, name: str, owner: str) -> Tensor:
+    """A state entry as a tensor, with an error naming it when it is not one."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{owner}.load_state_dict: {name!r} must be a tensor, got {type(value).__name__}")
+    return value

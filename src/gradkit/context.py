@@ -1,0 +1,90 @@
+"""GradContext: the gradients of one optimizer step, as the stages see them.
+
+Norm-scaling stages, the tracker and the step report all need per-parameter
+norms. The context computes them once (one fused pass per device and dtype),
+keeps them as a tensor on the gradients' device, and keeps them right when a
+stage rescales the gradients, so later stages and the tracker read them for
+free instead of making another pass over every gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from gradkit import _foreach
+
+__all__ = ["GradContext"]
+
+
+class GradContext:
+    """Named parameters that have a gradient, with cached per-parameter L2 norms.
+
+    Parameters whose ``.grad`` is None are left out, as torch's clipping does.
+
+    Args:
+        names: one name per parameter (used by name-based state and reports).
+        params: the parameters, in the same order.
+
+    Example:
+        >>> ctx = GradContext.from_parameters(model.parameters())
+        >>> gk.ClipByGlobalNorm(1.0)(ctx)
+        >>> ctx.total_norm()   # the norm after clipping, from the cache
+    """
+
+    def __init__(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        kept = [(name, p) for name, p in zip(names, params) if p.grad is not None]
+        self.names: list[str] = [name for name, _ in kept]
+        self.params: list[Tensor] = [p for _, p in kept]
+        self.grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
+        self._norms: Tensor | None = None
+
+    @classmethod
+    def from_parameters(cls, parameters: Iterable[Tensor] | Tensor) -> GradContext:
+        """A context over plain parameters, named by their position."""
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        return cls([str(i) for i in range(len(params))], params)
+
+    def __len__(self) -> int:
+        return len(self.grads)
+
+    def norms(self) -> Tensor:
+        """Per-parameter gradient L2 norms as one 1-D tensor (no host sync; cached)."""
+        if self._norms is None:
+            per_tensor = _foreach.per_tensor_norms(self.grads, 2.0)
+            # At least float32, so that bf16 gradients do not get a bf16-rounded norm.
+            dtype = functools.reduce(torch.promote_types, (n.dtype for n in per_tensor), torch.float32)
+            device = per_tensor[0].device
+            self._norms = torch.stack([n.to(device, dtype) for n in per_tensor])
+        return self._norms
+
+    def total_norm(self) -> Tensor:
+        """The global L2 norm of all gradients (0-d tensor; 0 when there are none)."""
+        if not self.grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(self.norms())
+
+    def scale_(self, factor: Tensor | float) -> None:
+        """Multiply every gradient by one factor, keeping the cached norms right."""
+        if not self.grads:
+            return
+        _foreach.scale_(self.grads, factor)
+        if self._norms is not None:
+            self._norms = self._norms * (factor.to(self._norms) if isinstance(factor, Tensor) else factor)
+
+    def scale_each_(self, factors: Tensor) -> None:
+        """Multiply gradient i by ``factors[i]`` (a 1-D tensor), keeping the cached norms right."""
+        if not self.grads:
+            return
+        for (device, _), (members, positions) in _foreach.group_tensors(self.grads).items():
+            local = factors.to(device)
+            torch._foreach_mul_(members, [local[i] for i in positions])
+        if self._norms is not None:
+            self._norms = self._norms * factors.to(self._norms)
+
+    def modified(self) -> None:
+        """Say that the gradients changed in a way the cache cannot follow (value clipping, AGC)."""
+        self._norms = None

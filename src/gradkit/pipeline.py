@@ -1,0 +1,350 @@
+"""GradientPipeline: everything between ``loss.backward()`` and ``optimizer.step()``, in order.
+
+One optimizer step::
+
+    micro-batch 1..K:  backward(loss, num_items)       grads sum in p.grad; DDP syncs only on the last
+    boundary:          normalize by items or micro-batches
+                       unscale (GradScaler), exactly once
+                       global norm -> finite?           the one host read of the step
+                       clip stages (finite steps only)  -> optimizer.step -> report -> zero grads
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradkit import _checks
+from gradkit.accumulation import SyncControl, Window, check_num_items, sync_control_for
+from gradkit.clipping.stages import ClipStage
+from gradkit.context import GradContext
+
+__all__ = ["GradientPipeline", "StepReport"]
+
+
+@dataclass
+class StepReport:
+    """What happened at one optimizer step; values are tensors, read them when you log.
+
+    Attributes:
+        step: optimizer steps finished so far, skipped ones included.
+        micro_steps: backward calls in the window.
+        items: items in the window summed over processes (micro-batches × processes in mean mode).
+        total_norm: global L2 norm of the normalized, unscaled gradient before clipping.
+        norm_after: global L2 norm after the clip stages (equal to `total_norm` without stages).
+        clip_coef: norm_after / total_norm (1 when nothing was clipped).
+        skipped: True when the step was skipped for a non-finite gradient.
+    """
+
+    step: int
+    micro_steps: int
+    items: Tensor
+    total_norm: Tensor
+    norm_after: Tensor
+    clip_coef: Tensor
+    skipped: Tensor
+
+
+class GradientPipeline:
+    """Accumulate, normalize, unscale, clip and step: the gradient path of a training loop.
+
+    Args:
+        model: an ``nn.Module`` (DDP-wrapped or not), or an iterable of parameters
+            or of ``(name, parameter)`` pairs. Only parameters that require grad count.
+        accumulation_steps: micro-batches per optimizer step (>= 1).
+        average: cross-process averaging (``gk.Average``); None on one process or under DDP.
+        clip: a norm-scaling stage or a list of them, applied in order.
+        tracker: an observer of each step (``gk.Tracker``), or None.
+        scaler: a ``torch.amp.GradScaler``: the loss is scaled in `backward`, the
+            gradients unscaled exactly once at the boundary, before clipping.
+        nonfinite: ``"skip"`` (default) skips the optimizer step when the gradient
+            holds NaN/inf, leaving optimizer and stage state untouched and counting
+            it in `skipped_steps`; ``"raise"`` raises ``FloatingPointError`` instead.
+
+    The step reads one flag on the host (whether the gradient is finite): skipping
+    an optimizer step cannot be decided on the device. Nothing else syncs.
+
+    Example:
+        >>> pipe = gk.GradientPipeline(model, accumulation_steps=4, clip=gk.ClipByGlobalNorm(1.0))
+        >>> for x, y in loader:
+        ...     loss = F.cross_entropy(model(x), y, reduction="sum")
+        ...     pipe.backward(loss, num_items=y.numel())
+        ...     pipe.step(optimizer)
+        >>> pipe.flush(optimizer)   # end of data: step on the incomplete window
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[nn.Parameter] | Iterable[tuple[str, nn.Parameter]],
+        *,
+        accumulation_steps: int = 1,
+        average: Any = None,
+        clip: ClipStage | Sequence[ClipStage] | None = None,
+        tracker: Any = None,
+        scaler: Any = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        self.accumulation_steps = _checks.positive_int(
+            "accumulation_steps", accumulation_steps, "pass how many micro-batches make one optimizer step, e.g. 4"
+        )
+        self.clip = _check_stages(clip)
+        self.nonfinite = _checks.choice("nonfinite", nonfinite, ("skip", "raise"))
+        if average is not None:
+            raise TypeError(f"average={average!r} is not supported yet; pass average=None (use DDP for multi-process runs)")
+        if tracker is not None and not callable(getattr(tracker, "observe", None)):
+            raise TypeError(f"tracker must have an observe(ctx, report) method (e.g. gk.Tracker), got {type(tracker).__name__}")
+        if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in ("scale", "unscale_", "step", "update")):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.names, self.params = _named_parameters(model)
+        self.tracker = tracker
+        self.scaler = scaler
+        self.sync: SyncControl = sync_control_for(model)
+        self.window = Window()
+        self.steps = 0
+        self.skipped_steps = 0
+        self.last: StepReport | None = None
+        self._prepare_next_micro_step()
+
+    # -- the loop ------------------------------------------------------------------
+
+    def backward(self, loss: Tensor, num_items: int | Tensor | None = None) -> None:
+        """Backpropagate one micro-batch's loss into ``p.grad`` (no communication but on the last).
+
+        Args:
+            loss: a scalar loss; reduced with ``sum`` when `num_items` is given,
+                with ``mean`` otherwise.
+            num_items: how many items (tokens, samples) the summed loss covers.
+
+        Raises:
+            ValueError / TypeError: for a bad loss or `num_items`, or for mixing
+                item and mean mode within a window; nothing changes then.
+        """
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise TypeError(f"loss must be a scalar tensor, got {shape}; reduce it with .sum() or .mean() first")
+        if not loss.requires_grad:
+            raise ValueError("loss does not require grad (computed under torch.no_grad(), or from frozen parameters); nothing to backpropagate")
+        items = check_num_items(num_items)
+        self.window.check_mode(items)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.window.add(items)
+        self._prepare_next_micro_step()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step the optimizer if this micro-step ends a window.
+
+        Returns:
+            True when the optimizer stepped; False before the boundary or when a
+            non-finite gradient made the step skip (see `last`).
+
+        Raises:
+            RuntimeError: when no `backward` came since the last step.
+        """
+        if self.window.micro_steps == 0:
+            raise RuntimeError("step() was called before any backward() in this window; call pipe.backward(loss) first")
+        if self.window.micro_steps < self.accumulation_steps:
+            return False
+        return self._finish_window(optimizer)
+
+    def flush(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step on an incomplete window (end of data), normalized by what it holds.
+
+        Returns False, and does nothing, when the window is empty.
+        """
+        if self.window.micro_steps == 0:
+            return False
+        return self._finish_window(optimizer)
+
+    # -- the boundary --------------------------------------------------------------
+
+    def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
+        ctx = GradContext(self.names, self.params)
+        if not self.sync.synced:  # a flushed window whose last backward ran without DDP's all-reduce
+            self.sync.all_reduce_grads_(ctx.grads)
+        global_items = self.sync.global_items(self.window.items) if self.window.item_mode else None
+        ctx.scale_(self.window.normalizer(global_items, self.sync.world_size))
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+            ctx.modified()
+        total_norm = ctx.total_norm()
+        skip = self._must_skip(total_norm, global_items)
+        if skip:
+            self.skipped_steps += 1
+            if self.nonfinite == "raise":
+                self._end_window()
+                raise FloatingPointError(
+                    f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
+                    'pass nonfinite="skip" to skip such steps instead'
+                )
+            if self.scaler is not None:
+                self.scaler.update()  # lowers the scale: unscale_ recorded the inf
+        else:
+            for stage in self.clip:
+                stage.apply_(ctx)
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
+        norm_after = total_norm if skip or not self.clip else ctx.total_norm()
+        self.last = StepReport(
+            step=self.steps + 1,
+            micro_steps=self.window.micro_steps,
+            items=self._items_report(global_items, total_norm.device),
+            total_norm=total_norm,
+            norm_after=norm_after,
+            clip_coef=torch.where(total_norm > 0, norm_after / total_norm, torch.ones_like(total_norm)),
+            skipped=torch.tensor(skip),
+        )
+        if self.tracker is not None:
+            self.tracker.observe(ctx, self.last)
+        self._end_window()
+        return not skip
+
+    def _must_skip(self, total_norm: Tensor, global_items: int | Tensor | None) -> bool:
+        # The one host read of the step: the optimizer cannot skip on a device flag.
+        # A tensor item count is checked in the same read.
+        if isinstance(global_items, Tensor):
+            finite, items_positive = torch.stack([torch.isfinite(total_norm), global_items.to(total_norm.device) > 0]).tolist()
+            if not items_positive:
+                self._end_window()
+                raise ValueError(
+                    f"the window's num_items add up to {int(global_items)} (must be > 0); "
+                    "pass the count of items each summed loss covers"
+                )
+            return not finite
+        return not bool(torch.isfinite(total_norm))
+
+    def _items_report(self, global_items: int | Tensor | None, device: torch.device) -> Tensor:
+        if global_items is None:
+            return torch.tensor(self.window.micro_steps * self.sync.world_size, device=device)
+        return torch.as_tensor(global_items, device=device)
+
+    def _end_window(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.window.reset()
+        self.steps += 1
+        self._prepare_next_micro_step()
+
+    def _prepare_next_micro_step(self) -> None:
+        self.sync.set_sync(self.window.micro_steps + 1 >= self.accumulation_steps)
+
+    # -- state ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, as plain tensors and numbers.
+
+        Taken mid-window, it holds the partial (un-normalized) gradients by
+        parameter name, so resuming loses nothing. It loads with
+        ``torch.load(weights_only=True)``.
+        """
+        items = self.window.items
+        return {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "micro_steps": self.window.micro_steps,
+            "items": items.clone() if isinstance(items, Tensor) else items,
+            "grads": {n: p.grad.detach().clone() for n, p in zip(self.names, self.params) if p.grad is not None}
+            if self.window.micro_steps
+            else {},
+            "clip": [stage.state_dict() for stage in self.clip],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned; all or nothing.
+
+        Raises:
+            ValueError / TypeError: for missing or unexpected keys, unknown
+                parameter names or shapes, or stage states that do not fit; the
+                pipeline is unchanged then.
+        """
+        _checks.state_keys("GradientPipeline", state, {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler"})
+        grads = self._checked_grads(state["grads"])
+        if not isinstance(state["clip"], list) or len(state["clip"]) != len(self.clip):
+            raise ValueError(
+                f"GradientPipeline.load_state_dict: the state has {len(state['clip']) if isinstance(state['clip'], list) else state['clip']!r} "
+                f"clip stage states, this pipeline has {len(self.clip)} stages; build the pipeline with the same clip stages"
+            )
+        micro_steps = _checks.positive_int("micro_steps", state["micro_steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
+        if micro_steps >= self.accumulation_steps:
+            raise ValueError(f"micro_steps={micro_steps} does not fit accumulation_steps={self.accumulation_steps}; build the pipeline with the accumulation_steps it was saved with")
+        items = state["items"]
+        if not (items is None or isinstance(items, Tensor) or (isinstance(items, int) and not isinstance(items, bool))):
+            raise TypeError(f"GradientPipeline.load_state_dict: 'items' must be None, an int or a tensor, got {type(items).__name__}")
+        before = [stage.state_dict() for stage in self.clip]
+        try:
+            for stage, stage_state in zip(self.clip, state["clip"]):
+                stage.load_state_dict(stage_state)
+        except Exception:
+            for stage, stage_state in zip(self.clip, before):
+                stage.load_state_dict(stage_state)
+            raise
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.window.micro_steps = micro_steps
+        self.window.items = items
+        by_name = dict(zip(self.names, self.params))
+        for p in self.params:
+            p.grad = None
+        for name, grad in grads.items():
+            by_name[name].grad = grad.to(by_name[name]).clone()
+        self._prepare_next_micro_step()
+
+    def _checked_grads(self, grads: object) -> dict[str, Tensor]:
+        if not isinstance(grads, dict):
+            raise TypeError(f"GradientPipeline.load_state_dict: 'grads' must be a dict of tensors, got {type(grads).__name__}")
+        shapes = {n: p.shape for n, p in zip(self.names, self.params)}
+        for name, grad in grads.items():
+            if name not in shapes:
+                raise ValueError(f"GradientPipeline.load_state_dict: the state has a gradient for unknown parameter {name!r}; load it into the model it was saved from")
+            if not isinstance(grad, Tensor) or grad.shape != shapes[name]:
+                got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
+                raise ValueError(f"GradientPipeline.load_state_dict: gradient {name!r} has shape {got}, the parameter has {tuple(shapes[name])}")
+        return grads
+
+
+def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter]]:
+    """Names and parameters that require grad; DDP's ``module.`` prefix is dropped so that
+    state saved with and without DDP is interchangeable."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if isinstance(model, nn.Module):
+        pairs = list(model.named_parameters())
+    elif isinstance(model, Tensor):
+        raise TypeError("model must be an nn.Module or an iterable of parameters, got a single tensor; wrap it in a list: [param]")
+    else:
+        try:
+            items = list(model)  # type: ignore[call-overload]
+        except TypeError:
+            raise TypeError(f"model must be an nn.Module or an iterable of parameters, got {type(model).__name__}") from None
+        pairs = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(items)]
+    for name, p in pairs:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor; pass model.parameters() or model.named_parameters()")
+    pairs = [(name, p) for name, p in pairs if p.requires_grad]
+    if not pairs:
+        raise ValueError("the model has no parameters that require grad; pass the module being trained (or unfreeze some parameters)")
+    return [name for name, _ in pairs], [p for _, p in pairs]
+
+
+def _check_stages(clip: object) -> list[ClipStage]:
+    stages = [] if clip is None else [clip] if isinstance(clip, ClipStage) else clip
+    if not isinstance(stages, (list, tuple)) or not all(isinstance(s, ClipStage) for s in stages):
+        raise TypeError(f"clip must be a clipping stage (e.g. gk.ClipByGlobalNorm(1.0)) or a list of them, got {clip!r}")
+    return list(stages)
+
+
+def _first_nonfinite(ctx: GradContext) -> str:
+    # Only on the error path: reads each gradient's finiteness on the host.
+    for name, grad in zip(ctx.names, ctx.grads):
+        if not bool(torch.isfinite(grad).all()):
+            return name
+    return "<none: the norm overflowed>"
