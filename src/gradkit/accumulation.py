@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradkit import _foreach
+
 __all__ = ["Window", "SyncControl", "LocalSync", "DDPSync", "sync_control_for", "check_num_items"]
 
 Items = int | Tensor
@@ -84,46 +86,45 @@ class Window:
         self.micro_steps = 0
         self.items = None
 
-    def normalizer(self, global_items: Items | None, averaged_over: int) -> Tensor | float:
-        """The factor that turns the accumulated gradient into the window's mean gradient.
-
-        Args:
-            global_items: the item count summed over processes (item mode).
-            averaged_over: how many processes' gradients were already averaged
-                (DDP divides by its world size during the all-reduce).
-        """
+    def normalizer(self, global_items: Items | None, world_size: int) -> Tensor | float:
+        """The factor that turns the gradient *summed* over micro-steps and processes into
+        the window's mean gradient: 1 / items in item mode, 1 / (micro-steps x processes)
+        in mean mode."""
         if global_items is None:
-            return 1.0 / self.micro_steps
+            return 1.0 / (self.micro_steps * world_size)
         if isinstance(global_items, Tensor):
-            return averaged_over / global_items.to(torch.float64)
-        return averaged_over / global_items
+            return 1.0 / global_items.to(torch.float64)
+        return 1.0 / global_items
 
 
 class SyncControl:
-    """How gradients of several processes meet during backward: the one capability the
-    pipeline needs from DDP (or from nothing, on one process)."""
+    """How gradients of several processes meet: the capability the pipeline needs from
+    DDP, from `gk.Average`, or from nothing (one process)."""
 
-    #: how many processes' gradients the backward pass itself averages
+    #: how many processes' gradients meet in `reduce_`
     world_size: int = 1
 
     def set_sync(self, enabled: bool) -> None:
-        """Say whether the *next* forward/backward must communicate."""
-
-    @property
-    def synced(self) -> bool:
-        """Whether the last backward communicated."""
-        return True
-
-    def all_reduce_grads_(self, grads: Sequence[Tensor]) -> None:
-        """Average gradients now (for a window that ended without a synced backward)."""
+        """Say whether the *next* forward/backward ends a window (and may communicate)."""
 
     def global_items(self, items: Items) -> Items:
         """The item count summed over all processes."""
         return items
 
+    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+        """Make each parameter's gradient the sum over processes, times `scale`."""
+        _foreach.scale_(grads_of(params), scale)
+
+    def after_step(self, params: Sequence[Tensor]) -> None:
+        """Called after every window's boundary, stepped or skipped (parameter averaging)."""
+
+    def bytes_sent(self) -> int:
+        """Payload bytes this process sent for the last window."""
+        return 0
+
 
 class LocalSync(SyncControl):
-    """One process, or a model whose averaging is done elsewhere: nothing to control."""
+    """One process, or gradients that are averaged elsewhere: nothing to control."""
 
 
 class DDPSync(SyncControl):
@@ -146,20 +147,29 @@ class DDPSync(SyncControl):
         self._synced = enabled
         self.ddp.require_backward_grad_sync = enabled
 
-    @property
-    def synced(self) -> bool:
-        return self._synced
-
-    def all_reduce_grads_(self, grads: Sequence[Tensor]) -> None:
-        for grad in grads:
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
-            grad.div_(self.world_size)
-
     def global_items(self, items: Items) -> Items:
         device = next(self.ddp.parameters()).device
         total = torch.as_tensor(items, dtype=torch.int64, device=device).clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         return total
+
+    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+        grads = grads_of(params)
+        if self._synced:
+            # DDP already averaged over its world size during backward: undo that in the same pass.
+            _foreach.scale_(grads, scale * self.world_size)
+            return
+        # A flushed window whose last backward ran without DDP's all-reduce.
+        for grad in grads:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
+        _foreach.scale_(grads, scale)
+
+    def bytes_sent(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.ddp.parameters() if p.requires_grad)
+
+
+def grads_of(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
 
 
 def sync_control_for(model: object) -> SyncControl:

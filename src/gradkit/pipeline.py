@@ -162,11 +162,9 @@ class GradientPipeline:
     # -- the boundary --------------------------------------------------------------
 
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
-        ctx = GradContext(self.names, self.params)
-        if not self.sync.synced:  # a flushed window whose last backward ran without DDP's all-reduce
-            self.sync.all_reduce_grads_(ctx.grads)
         global_items = self.sync.global_items(self.window.items) if self.window.item_mode else None
-        ctx.scale_(self.window.normalizer(global_items, self.sync.world_size))
+        self.sync.reduce_(self.params, self.window.normalizer(global_items, self.sync.world_size))
+        ctx = GradContext(self.names, self.params)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
             ctx.modified()
@@ -190,6 +188,7 @@ class GradientPipeline:
                 self.scaler.update()
             else:
                 optimizer.step()
+        self.sync.after_step(self.params)
         norm_after = total_norm if skip or not self.clip else ctx.total_norm()
         self.last = StepReport(
             step=self.steps + 1,

@@ -1,0 +1,112 @@
+"""Process groups, rank checks and collectives that fail loudly.
+
+gradkit talks to other processes only through `torch.distributed` (gloo on
+CPU, NCCL on GPU). Every collective waits under a timeout (the process
+group's, or one given to gradkit), and a failure is re-raised with the name of
+the operation, so a dead or stuck peer is a clear error, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["resolve_group", "world_size", "wait", "check_same_parameters", "CollectiveError"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a peer died, hung, or the network broke."""
+
+
+def resolve_group(group: dist.ProcessGroup | None, owner: str) -> dist.ProcessGroup | None:
+    """The group to use, or None for a group of one (torch.distributed not initialized).
+
+    Raises:
+        ValueError: `group` was given but torch.distributed is not initialized,
+            or this rank is not a member of `group`.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError(
+                f"{owner}: group={group!r} was given but torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group first (torchrun sets up the environment), or pass group=None"
+            )
+        return None
+    group = group if group is not None else dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"{owner}: this process (global rank {dist.get_rank()}) is not a member of group={group!r}; "
+            "pass a group created with dist.new_group that includes every rank that calls it"
+        )
+    return group
+
+
+def world_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def wait(work: dist.Work, what: str, timeout: datetime.timedelta | None) -> None:
+    """Wait for an async collective, naming `what` if it fails."""
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout)
+    except Exception as error:  # gloo and NCCL raise RuntimeError subclasses with backend text
+        raise CollectiveError(
+            f"{what} failed: {error}. A peer process died, hung, or the network failed; "
+            "check the other ranks' logs (the first failing rank names the cause)"
+        ) from error
+
+
+def run(collective, what: str, timeout: datetime.timedelta | None, *args, **kwargs) -> None:
+    """Run a collective asynchronously and wait for it under `timeout`, naming `what` on failure."""
+    try:
+        work = collective(*args, async_op=True, **kwargs)
+    except Exception as error:
+        raise CollectiveError(f"{what} could not start: {error}") from error
+    wait(work, what, timeout)
+
+
+def check_same_parameters(names: Sequence[str], params: Sequence[Tensor], group: dist.ProcessGroup, owner: str) -> None:
+    """Make sure every rank holds the same parameter names, shapes and dtypes (one collective).
+
+    Raises:
+        ValueError: naming the first differing parameter and the ranks that disagree.
+    """
+    mine = [(name, tuple(p.shape), str(p.dtype)) for name, p in zip(names, params)]
+    everyone: list[list[tuple[str, tuple[int, ...], str]] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    reference = everyone[0]
+    assert reference is not None
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        assert theirs is not None
+        if theirs == reference:
+            continue
+        for index in range(max(len(reference), len(theirs))):
+            ours = reference[index] if index < len(reference) else None
+            other = theirs[index] if index < len(theirs) else None
+            if ours != other:
+                raise ValueError(
+                    f"{owner}: the ranks hold different models: parameter #{index} is {_describe(ours)} on rank 0 "
+                    f"but {_describe(other)} on rank {rank}; build the same model on every rank before averaging"
+                )
+
+
+def broadcast_parameters(params: Sequence[Tensor], group: dist.ProcessGroup, timeout: datetime.timedelta | None) -> None:
+    """Copy rank 0's parameter values to every rank, so the replicas start equal (as DDP does)."""
+    source = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for index, p in enumerate(params):
+            run(dist.broadcast, f"broadcast of parameter #{index} from rank 0", timeout, p.data, src=source, group=group)
+
+
+def _describe(entry: tuple[str, tuple[int, ...], str] | None) -> str:
+    if entry is None:
+        return "missing"
+    name, shape, dtype = entry
+    return f"{name!r} {list(shape)} {dtype}"

@@ -1,0 +1,314 @@
+"""GradientPipeline: the step anatomy, non-finite steps, GradScaler, state, host reads."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import gradkit as gk
+
+
+def make_model(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2)).to(dtype)
+
+
+def batches(count: int, size: int = 8, seed: int = 1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 6, generator=g).to(dtype), torch.randn(size, 2, generator=g).to(dtype)) for _ in range(count)]
+
+
+def loss_of(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def run(pipe, model, optimizer, data, *, poison=None):
+    """Feed `data` through `pipe`; `poison` = index of a micro-batch whose loss becomes NaN."""
+    stepped = []
+    for i, (x, y) in enumerate(data):
+        loss = loss_of(model, x, y)
+        if i == poison:
+            loss = loss * float("nan")
+        pipe.backward(loss)
+        stepped.append(pipe.step(optimizer))
+    return stepped
+
+
+def test_clipping_sees_the_normalized_gradient_like_a_manual_loop():
+    model, reference = make_model(), make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(0.05))
+    data = batches(4)
+    run(pipe, model, opt, data)
+    for window in (data[0:2], data[2:4]):
+        for x, y in window:
+            (loss_of(reference, x, y) / 2).backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    torch.testing.assert_close(pipe.last.total_norm, norm)
+    assert pipe.last.norm_after.item() == pytest.approx(0.05, rel=1e-4)
+    assert pipe.last.clip_coef.item() == pytest.approx(0.05 / norm.item(), rel=1e-4)
+
+
+def test_nonfinite_step_is_skipped_and_leaves_every_state_untouched():
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    stages = [gk.ZClip(warmup=2), gk.AutoClip(percentile=50), gk.ClipByGlobalNorm(1.0)]
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=stages)
+    run(pipe, model, opt, batches(6))  # three healthy steps: ZClip is past warm-up
+    params = [p.detach().clone() for p in model.parameters()]
+    opt_state = copy.deepcopy(opt.state_dict())
+    stage_states = copy.deepcopy([s.state_dict() for s in stages])
+    stepped = run(pipe, model, opt, batches(2, seed=9), poison=1)
+    assert stepped == [False, False]
+    assert bool(pipe.last.skipped) and pipe.skipped_steps == 1 and pipe.steps == 4
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())  # the bad window is dropped
+    after = opt.state_dict()
+    for key, state in opt_state["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["state"][key][name])), name
+    for before, stage in zip(stage_states, stages):
+        for key, value in before.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(stage.state_dict()[key])), key
+    assert run(pipe, model, opt, batches(2, seed=10)) == [False, True]  # and training goes on
+
+
+def test_nonfinite_raise_names_the_parameter():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = gk.GradientPipeline(model, nonfinite="raise")
+    x, y = batches(1)[0]
+    pipe.backward(loss_of(model, x, y))
+    model[2].bias.grad[0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"'2\.bias'"):
+        pipe.step(opt)
+
+
+class CountingScaler(torch.amp.GradScaler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unscale_calls = 0
+
+    def unscale_(self, optimizer):
+        self.unscale_calls += 1
+        return super().unscale_(optimizer)
+
+
+def test_grad_scaler_unscales_once_per_window_and_matches_the_unscaled_run():
+    model, reference = make_model(dtype=torch.float32), make_model(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    scaler = CountingScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    pipe = gk.GradientPipeline(model, accumulation_steps=3, clip=gk.ClipByGlobalNorm(0.5), scaler=scaler)
+    ref_pipe = gk.GradientPipeline(reference, accumulation_steps=3, clip=gk.ClipByGlobalNorm(0.5))
+    data = batches(6, dtype=torch.float32)
+    run(pipe, model, opt, data[:2])
+    assert scaler.get_scale() == 2.0**10  # the scale moves only at the boundary
+    run(pipe, model, opt, data[2:])
+    run(ref_pipe, reference, ref_opt, data)
+    assert scaler.unscale_calls == 2
+    assert scaler.get_scale() == 2.0**12  # grew once per optimizer step, not per micro-step
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_overflow_skips_and_lowers_the_scale():
+    model = make_model(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, scaler=scaler)
+    params = [p.detach().clone() for p in model.parameters()]
+    stepped = run(pipe, model, opt, batches(2, dtype=torch.float32), poison=0)
+    assert stepped == [False, False] and pipe.skipped_steps == 1
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def test_bf16_autocast_path_trains():
+    model = make_model(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(1.0))
+    teacher = torch.randn(6, 2)
+    data = [(x, x @ teacher) for x, _ in batches(8, dtype=torch.float32)]
+    first = sum(loss_of(model, x, y).item() for x, y in data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(5):
+            run(pipe, model, opt, data)
+    assert pipe.last.total_norm.dtype == torch.float32
+    last = sum(loss_of(model, x, y).item() for x, y in data)
+    assert last < 0.95 * first
+    assert pipe.skipped_steps == 0
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def observe(self, ctx, report):
+        self.calls.append((list(ctx.names), report.total_norm.clone(), report.step))
+
+
+def test_tracker_observes_each_step_with_names_and_report():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = Recorder()
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, tracker=tracker)
+    run(pipe, model, opt, batches(4))
+    assert [c[2] for c in tracker.calls] == [1, 2]
+    assert tracker.calls[0][0] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def count_host_reads(monkeypatch):
+    counter = {"n": 0}
+    for method in ("item", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _original=original, **kwargs):
+            counter["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    return counter
+
+
+@pytest.mark.parametrize("num_items", [None, 8, torch.tensor(8)])
+def test_one_host_read_per_optimizer_step_and_none_between(monkeypatch, num_items):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stages = [gk.ZClip(warmup=1), gk.AutoClip(), gk.ClipPerLayer(1.0), gk.ClipByGlobalNorm(1.0), gk.AGC()]
+    pipe = gk.GradientPipeline(model, accumulation_steps=3, clip=stages)
+    data = batches(6)
+    losses = [loss_of(model, x, y) for x, y in data[:3]]
+    counter = count_host_reads(monkeypatch)
+    for loss in losses[:2]:
+        pipe.backward(loss, num_items=num_items)
+        pipe.step(opt)
+    assert counter["n"] == 0
+    pipe.backward(losses[2], num_items=num_items)
+    pipe.step(opt)
+    assert counter["n"] == 1
+
+
+def test_state_dict_mid_window_resumes_bit_identically(tmp_path):
+    data = batches(16, seed=4)
+
+    def fresh():
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        pipe = gk.GradientPipeline(model, accumulation_steps=4, clip=[gk.ZClip(warmup=2), gk.AutoClip(history=3)])
+        return model, opt, pipe
+
+    model, opt, pipe = fresh()
+    run(pipe, model, opt, data)
+
+    model2, opt2, pipe2 = fresh()
+    run(pipe2, model2, opt2, data[:10])  # stop in the middle of the third window
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict(), "pipe": pipe2.state_dict()}, path)
+    model3, opt3, pipe3 = fresh()
+    ckpt = torch.load(path, weights_only=True)
+    model3.load_state_dict(ckpt["model"])
+    opt3.load_state_dict(ckpt["opt"])
+    pipe3.load_state_dict(ckpt["pipe"])
+    assert pipe3.window.micro_steps == 2
+    run(pipe3, model3, opt3, data[10:])
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a, b)
+    assert pipe3.steps == pipe.steps == 4
+
+
+def test_state_dict_with_scaler_and_tensor_items_round_trips():
+    model = make_model(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, scaler=torch.amp.GradScaler("cpu", init_scale=64.0))
+    x, y = batches(1, dtype=torch.float32)[0]
+    pipe.backward(((model(x) - y) ** 2).sum(), num_items=torch.tensor(8))
+    buffer = io.BytesIO()
+    torch.save(pipe.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    other = gk.GradientPipeline(make_model(dtype=torch.float32), accumulation_steps=2, scaler=torch.amp.GradScaler("cpu"))
+    other.load_state_dict(state)
+    assert other.scaler.get_scale() == 64.0
+    assert int(other.window.items) == 8 and other.window.micro_steps == 1
+
+
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda s: s.pop("steps"), "missing keys"),
+        (lambda s: s.update(extra=1), "unexpected keys"),
+        (lambda s: s["grads"].update({"nope.weight": torch.zeros(1)}), "unknown parameter 'nope.weight'"),
+        (lambda s: s["grads"].update({"0.weight": torch.zeros(3)}), "has shape"),
+        (lambda s: s["clip"].append({}), "clip stage states"),
+        (lambda s: s.update(micro_steps=7), "micro_steps"),
+        (lambda s: s["clip"][0].update(count="x"), "count"),
+    ],
+)
+def test_bad_state_dict_is_rejected_and_changes_nothing(mutate, words):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=[gk.ZClip(warmup=2)])
+    run(pipe, model, opt, batches(3))  # one step done, one micro-step pending
+    state = pipe.state_dict()
+    before = copy.deepcopy(state)
+    mutate(state)
+    with pytest.raises((ValueError, TypeError), match=words):
+        pipe.load_state_dict(state)
+    after = pipe.state_dict()
+    assert after["steps"] == before["steps"] and after["micro_steps"] == before["micro_steps"]
+    assert all(torch.equal(after["grads"][k], v) for k, v in before["grads"].items())
+    assert all(torch.equal(torch.as_tensor(after["clip"][0][k]), torch.as_tensor(v)) for k, v in before["clip"][0].items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"clip": "norm"}, TypeError, "clip must be a clipping stage"),
+        ({"clip": [gk.ClipByGlobalNorm(1.0), 3]}, TypeError, "clip must be a clipping stage"),
+        ({"tracker": object()}, TypeError, "tracker must have an observe"),
+        ({"scaler": object()}, TypeError, "GradScaler"),
+        ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        gk.GradientPipeline(make_model(), **kwargs)
+
+
+def test_models_without_trainable_parameters_are_rejected():
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        gk.GradientPipeline([])
+    frozen = make_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        gk.GradientPipeline(frozen)
+    with pytest.raises(TypeError, match="single tensor"):
+        gk.GradientPipeline(nn.Parameter(torch.zeros(2)))
+    with pytest.raises(TypeError, match="not a tensor"):
+        gk.GradientPipeline([1, 2])
+
+
+def test_parameters_and_named_pairs_are_accepted():
+    model = make_model()
+    assert gk.GradientPipeline(model.parameters()).names == ["0", "1", "2", "3"]
+    assert gk.GradientPipeline(model.named_parameters()).names[0] == "0.weight"
+
+
+def test_parameters_without_grad_are_skipped():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(1.0))
+    x, y = batches(1)[0]
+    before = model[0].weight.detach().clone()
+    pipe.backward(((model[2](x.new_ones(8, 12)) - y) ** 2).mean())  # only the last layer gets grads
+    assert pipe.step(opt)
+    assert torch.equal(before, model[0].weight)
