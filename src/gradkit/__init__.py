@@ -3,6 +3,8 @@
 Public names, one per line; see DESIGN.md for the contract.
 """
 
+from gradkit.averaging import Average
+from gradkit.averaging import ModelAverager
 from gradkit.clipping import AGC
 from gradkit.clipping import AutoClip
 from gradkit.clipping import ClipByGlobalNorm
@@ -14,6 +16,7 @@ from gradkit.clipping import clip_grad_norm_
 from gradkit.clipping import clip_grad_value_
 from gradkit.clipping import grad_norms
 from gradkit.context import GradContext
+from gradkit.distributed import CollectiveError
 from gradkit.pipeline import GradientPipeline
 from gradkit.pipeline import StepReport
 
@@ -21,13 +24,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGC",
+    "Average",
     "AutoClip",
     "ClipByGlobalNorm",
     "ClipByValue",
     "ClipPerLayer",
     "ClipStage",
+    "CollectiveError",
     "GradContext",
     "GradientPipeline",
+    "ModelAverager",
     "StepReport",
     "ZClip",
     "__version__",

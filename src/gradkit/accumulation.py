@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,6 +105,9 @@ class SyncControl:
     #: how many processes' gradients meet in `reduce_`
     world_size: int = 1
 
+    def attach(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        """Called once by the pipeline with the parameters it manages."""
+
     def set_sync(self, enabled: bool) -> None:
         """Say whether the *next* forward/backward ends a window (and may communicate)."""
 
@@ -111,8 +115,11 @@ class SyncControl:
         """The item count summed over all processes."""
         return items
 
-    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
-        """Make each parameter's gradient the sum over processes, times `scale`."""
+    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
+        """Make each parameter's gradient the sum over processes, times `scale`.
+
+        `complete` says whether the window reached its boundary, so that its last
+        backward ran with sync on; a flushed window's did not."""
         _foreach.scale_(grads_of(params), scale)
 
     def after_step(self, params: Sequence[Tensor]) -> None:
@@ -121,6 +128,13 @@ class SyncControl:
     def bytes_sent(self) -> int:
         """Payload bytes this process sent for the last window."""
         return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}; pass the state saved with the same average=")
 
 
 class LocalSync(SyncControl):
@@ -141,10 +155,8 @@ class DDPSync(SyncControl):
         self.ddp = ddp
         self.group = ddp.process_group
         self.world_size = dist.get_world_size(self.group)
-        self._synced = True
 
     def set_sync(self, enabled: bool) -> None:
-        self._synced = enabled
         self.ddp.require_backward_grad_sync = enabled
 
     def global_items(self, items: Items) -> Items:
@@ -153,9 +165,9 @@ class DDPSync(SyncControl):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         return total
 
-    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
         grads = grads_of(params)
-        if self._synced:
+        if complete:
             # DDP already averaged over its world size during backward: undo that in the same pass.
             _foreach.scale_(grads, scale * self.world_size)
             return

@@ -38,6 +38,7 @@ class StepReport:
         norm_after: global L2 norm after the clip stages (equal to `total_norm` without stages).
         clip_coef: norm_after / total_norm (1 when nothing was clipped).
         skipped: True when the step was skipped for a non-finite gradient.
+        bytes_sent: payload bytes this process sent to average the window (0 on one process).
     """
 
     step: int
@@ -47,6 +48,7 @@ class StepReport:
     norm_after: Tensor
     clip_coef: Tensor
     skipped: Tensor
+    bytes_sent: int = 0
 
 
 class GradientPipeline:
@@ -93,8 +95,13 @@ class GradientPipeline:
         )
         self.clip = _check_stages(clip)
         self.nonfinite = _checks.choice("nonfinite", nonfinite, ("skip", "raise"))
-        if average is not None:
-            raise TypeError(f"average={average!r} is not supported yet; pass average=None (use DDP for multi-process runs)")
+        if average is not None and not isinstance(average, SyncControl):
+            raise TypeError(f"average must be gk.Average(...) or gk.ModelAverager(...), got {type(average).__name__}")
+        if average is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "the model is wrapped in DistributedDataParallel, which already averages gradients; "
+                "pass average=None to let DDP do it, or pass the unwrapped module to average with gradkit"
+            )
         if tracker is not None and not callable(getattr(tracker, "observe", None)):
             raise TypeError(f"tracker must have an observe(ctx, report) method (e.g. gk.Tracker), got {type(tracker).__name__}")
         if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in ("scale", "unscale_", "step", "update")):
@@ -102,7 +109,8 @@ class GradientPipeline:
         self.names, self.params = _named_parameters(model)
         self.tracker = tracker
         self.scaler = scaler
-        self.sync: SyncControl = sync_control_for(model)
+        self.sync: SyncControl = average if average is not None else sync_control_for(model)
+        self.sync.attach(self.names, self.params)
         self.window = Window()
         self.steps = 0
         self.skipped_steps = 0
@@ -128,6 +136,11 @@ class GradientPipeline:
             raise TypeError(f"loss must be a scalar tensor, got {shape}; reduce it with .sum() or .mean() first")
         if not loss.requires_grad:
             raise ValueError("loss does not require grad (computed under torch.no_grad(), or from frozen parameters); nothing to backpropagate")
+        if self.window.micro_steps >= self.accumulation_steps:
+            raise RuntimeError(
+                f"backward() was called {self.window.micro_steps + 1} times in a window of "
+                f"accumulation_steps={self.accumulation_steps}; call pipe.step(optimizer) after each backward()"
+            )
         items = check_num_items(num_items)
         self.window.check_mode(items)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -163,7 +176,8 @@ class GradientPipeline:
 
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
         global_items = self.sync.global_items(self.window.items) if self.window.item_mode else None
-        self.sync.reduce_(self.params, self.window.normalizer(global_items, self.sync.world_size))
+        complete = self.window.micro_steps == self.accumulation_steps
+        self.sync.reduce_(self.params, self.window.normalizer(global_items, self.sync.world_size), complete=complete)
         ctx = GradContext(self.names, self.params)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
@@ -198,6 +212,7 @@ class GradientPipeline:
             norm_after=norm_after,
             clip_coef=torch.where(total_norm > 0, norm_after / total_norm, torch.ones_like(total_norm)),
             skipped=torch.tensor(skip),
+            bytes_sent=self.sync.bytes_sent(),
         )
         if self.tracker is not None:
             self.tracker.observe(ctx, self.last)
@@ -253,6 +268,7 @@ class GradientPipeline:
             else {},
             "clip": [stage.state_dict() for stage in self.clip],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "average": self.sync.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -263,7 +279,7 @@ class GradientPipeline:
                 parameter names or shapes, or stage states that do not fit; the
                 pipeline is unchanged then.
         """
-        _checks.state_keys("GradientPipeline", state, {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler"})
+        _checks.state_keys("GradientPipeline", state, {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler", "average"})
         grads = self._checked_grads(state["grads"])
         if not isinstance(state["clip"], list) or len(state["clip"]) != len(self.clip):
             raise ValueError(
@@ -276,16 +292,10 @@ class GradientPipeline:
         items = state["items"]
         if not (items is None or isinstance(items, Tensor) or (isinstance(items, int) and not isinstance(items, bool))):
             raise TypeError(f"GradientPipeline.load_state_dict: 'items' must be None, an int or a tensor, got {type(items).__name__}")
-        before = [stage.state_dict() for stage in self.clip]
-        try:
-            for stage, stage_state in zip(self.clip, state["clip"]):
-                stage.load_state_dict(stage_state)
-        except Exception:
-            for stage, stage_state in zip(self.clip, before):
-                stage.load_state_dict(stage_state)
-            raise
+        parts = list(zip(self.clip, state["clip"])) + [(self.sync, state["average"])]
         if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
+            parts.append((self.scaler, state["scaler"]))
+        _load_all_or_nothing(parts)
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self.window.micro_steps = micro_steps
@@ -308,6 +318,18 @@ class GradientPipeline:
                 got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
                 raise ValueError(f"GradientPipeline.load_state_dict: gradient {name!r} has shape {got}, the parameter has {tuple(shapes[name])}")
         return grads
+
+
+def _load_all_or_nothing(parts: list[tuple[Any, dict[str, Any]]]) -> None:
+    """Load each (object, state) pair; if one fails, put every object back as it was."""
+    before = [obj.state_dict() for obj, _ in parts]
+    try:
+        for obj, obj_state in parts:
+            obj.load_state_dict(obj_state)
+    except Exception:
+        for (obj, _), obj_state in zip(parts, before):
+            obj.load_state_dict(obj_state)
+        raise
 
 
 def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter]]:

@@ -1,0 +1,320 @@
+"""Gradient averaging across processes (`Average`) and parameter averaging (`ModelAverager`).
+
+`Average` packs gradients into buckets and starts each bucket's all-reduce as
+soon as the boundary backward has produced its last gradient, so that
+communication overlaps with the rest of backward (as DDP does). Earlier
+micro-steps of a window never touch the network. The pipeline then divides by
+the global item count (or micro-batches x processes), fused into the copy out
+of the bucket.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradkit import _checks, distributed
+from gradkit.accumulation import Items, SyncControl
+
+__all__ = ["Average", "ModelAverager"]
+
+_MIB = 1 << 20
+
+
+class Bucket:
+    """Gradients of some parameters of one (device, dtype), packed into one flat buffer."""
+
+    def __init__(self, index: int, positions: list[int], params: Sequence[Tensor]) -> None:
+        self.index = index
+        self.positions = positions
+        self.sizes = [params[i].numel() for i in positions]
+        self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
+        first = params[positions[0]]
+        self.buffer = torch.empty(sum(self.sizes), dtype=first.dtype, device=first.device)
+        self.ready = 0
+        self.work: dist.Work | None = None
+
+    def pack(self, params: Sequence[Tensor]) -> None:
+        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
+            view = self.buffer.narrow(0, offset, size)
+            grad = params[position].grad
+            if grad is None:  # unused in this backward on this rank; others may have a gradient
+                view.zero_()
+            else:
+                view.copy_(grad.reshape(-1))
+
+    def unpack(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+        factor = scale.to(self.buffer.device) if isinstance(scale, Tensor) else scale
+        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
+            param = params[position]
+            view = self.buffer.narrow(0, offset, size).view(param.shape)
+            if param.grad is None:
+                param.grad = view * factor
+            else:
+                torch.mul(view, factor, out=param.grad)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+def plan_buckets(params: Sequence[Tensor], bucket_bytes: int, first_bucket_bytes: int) -> list[list[int]]:
+    """Group parameter positions into buckets, in reverse order (gradients arrive roughly
+    last-layer first during backward), one (device, dtype) per bucket, the first one small so
+    that communication starts early."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for position in reversed(range(len(params))):
+        p = params[position]
+        limit = first_bucket_bytes if not buckets else bucket_bytes
+        same_kind = not current or (params[current[0]].device, params[current[0]].dtype) == (p.device, p.dtype)
+        if current and (not same_kind or current_bytes >= limit):
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(position)
+        current_bytes += p.numel() * p.element_size()
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+class Average(SyncControl):
+    """Average gradients across processes: bucketed all-reduce overlapped with backward.
+
+    Plug it into ``GradientPipeline(average=gk.Average())``. With `num_items`,
+    the result is the exact mean over every item of every rank's window (uneven
+    per-rank batches included); without, the mean over micro-batches and ranks.
+    Without an initialized process group it is a group of one and does nothing.
+
+    At setup (when the pipeline is built) the ranks check that they hold the
+    same parameter names, shapes and dtypes, and rank 0's parameter values are
+    broadcast so that the replicas start equal, as DDP does.
+
+    A NaN/inf on any rank reaches every rank through the sum, so every rank
+    skips the same step.
+
+    Args:
+        compressor: reserved for gradient compression; None sends dense gradients.
+        bucket_mb: bucket size in MiB (> 0); DDP's default is 25.
+        first_bucket_mb: size of the first bucket (the last layers), small so that
+            communication starts early in backward; DDP uses 1.
+        group: the process group (default: the whole world).
+        timeout: seconds to wait for a collective before raising; None uses the
+            process group's timeout.
+
+    Memory: one flat buffer per bucket, as large as the gradients together.
+
+    Example:
+        >>> dist.init_process_group("gloo")          # under torchrun
+        >>> pipe = gk.GradientPipeline(model, accumulation_steps=4, average=gk.Average())
+    """
+
+    def __init__(
+        self,
+        compressor: Any = None,
+        *,
+        bucket_mb: float = 25,
+        first_bucket_mb: float = 1,
+        group: dist.ProcessGroup | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if compressor is not None:
+            raise TypeError(f"compressor={compressor!r} is not supported yet; pass compressor=None for dense averaging")
+        self.bucket_mb = _checks.positive_number("bucket_mb", bucket_mb, "pass a bucket size in MiB, e.g. 25")
+        self.first_bucket_mb = _checks.positive_number("first_bucket_mb", first_bucket_mb, "pass a size in MiB, e.g. 1")
+        self.timeout = _timeout(timeout)
+        self.group = distributed.resolve_group(group, "gk.Average")
+        self._group_arg = group
+        self.world_size = distributed.world_size(self.group)
+        self.buckets: list[Bucket] = []
+        self.launches: list[tuple[int, int]] = []  # (bucket, gradients ready at launch) of the last window
+        self._launches: list[tuple[int, int]] = []
+        self._params: list[Tensor] = []
+        self._bucket_of: list[Bucket] = []
+        self._armed = False
+        self._next = 0
+        self._fired: set[int] = set()
+        self._handles: list[Any] = []
+        self._bytes = 0
+
+    def attach(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        self.group = distributed.resolve_group(self._group_arg, "gk.Average")
+        self.world_size = distributed.world_size(self.group)
+        if self.group is None:
+            return
+        if self._params:
+            raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
+        distributed.check_same_parameters(names, params, self.group, "gk.Average")
+        distributed.broadcast_parameters(params, self.group, self.timeout)
+        self._params = list(params)
+        plan = plan_buckets(self._params, int(self.bucket_mb * _MIB), int(self.first_bucket_mb * _MIB))
+        self.buckets = [Bucket(i, positions, self._params) for i, positions in enumerate(plan)]
+        self._bucket_of = [self.buckets[0]] * len(self._params)
+        for bucket in self.buckets:
+            for position in bucket.positions:
+                self._bucket_of[position] = bucket
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook_for(i)) for i, p in enumerate(self._params)]
+
+    def _hook_for(self, position: int):
+        def on_gradient_ready(_: Tensor) -> None:
+            # Only the boundary backward communicates; a gradient counts once per window.
+            if not self._armed or position in self._fired:
+                return
+            self._fired.add(position)
+            bucket = self._bucket_of[position]
+            bucket.ready += 1
+            if bucket.ready == len(bucket.positions):
+                self._launch_ready_buckets()
+
+        return on_gradient_ready
+
+    def _launch_ready_buckets(self) -> None:
+        # Strictly in bucket order, so that every rank issues the same collectives in the
+        # same sequence even if its gradients become ready in another order.
+        while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].positions):
+            self._launch(self.buckets[self._next])
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.pack(self._params)
+        try:
+            bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        except Exception as error:
+            raise distributed.CollectiveError(f"gk.Average: all-reduce of gradient bucket {bucket.index} could not start: {error}") from error
+        self._launches.append((bucket.index, len(self._fired)))
+        self._next += 1
+
+    def set_sync(self, enabled: bool) -> None:
+        if enabled and not self._armed:
+            self._start_window()
+        self._armed = enabled
+
+    def _start_window(self) -> None:
+        self._next = 0
+        self._fired.clear()
+        self._launches = []
+        for bucket in self.buckets:
+            bucket.ready = 0
+            bucket.work = None
+
+    def global_items(self, items: Items) -> Items:
+        if self.group is None:
+            return items
+        device = self.buckets[0].buffer.device
+        total = torch.as_tensor(items, dtype=torch.int64, device=device).clone()
+        distributed.run(dist.all_reduce, "gk.Average: all-reduce of the item count", self.timeout, total, group=self.group)
+        return total
+
+    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
+        if self.group is None:
+            super().reduce_(params, scale, complete=complete)
+            return
+        if not complete:  # a flushed window: its last backward ran unarmed and launched nothing
+            self._start_window()
+        while self._next < len(self.buckets):  # buckets with gradients unused in this backward
+            self._launch(self.buckets[self._next])
+        for bucket in self.buckets:
+            assert bucket.work is not None
+            distributed.wait(bucket.work, f"gk.Average: all-reduce of gradient bucket {bucket.index} ({bucket.nbytes / _MIB:.1f} MiB)", self.timeout)
+            bucket.unpack(self._params, scale)
+        self._bytes = sum(bucket.nbytes for bucket in self.buckets)
+        self.launches = self._launches
+        self._fired.clear()
+        self._armed = False
+
+    def bytes_sent(self) -> int:
+        return self._bytes
+
+    def detach(self) -> None:
+        """Remove the gradient hooks (the pipeline no longer uses this Average)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class ModelAverager(SyncControl):
+    """Local SGD: each process steps on its own gradient; parameters are averaged
+    every `period` optimizer steps (Lin et al. 2020, "Don't Use Large Mini-Batches,
+    Use Local SGD"; torch's PeriodicModelAverager).
+
+    Pass it as ``GradientPipeline(average=gk.ModelAverager(8))``, or use it on its
+    own: call ``averager.after_step(model.parameters())`` after each optimizer step.
+    During the first `warmup_steps` steps parameters are averaged after every
+    step, so the replicas move together while training is most unstable.
+    Steps are counted per window, skipped or not, so every rank averages at the
+    same steps.
+
+    Args:
+        period: average every `period` steps (>= 1).
+        warmup_steps: steps at the start that average every step (>= 0).
+        group: the process group (default: the whole world).
+        timeout: seconds to wait for a collective; None uses the group's.
+
+    Memory: one flat copy of the parameters of one (device, dtype) while averaging.
+
+    Example:
+        >>> pipe = gk.GradientPipeline(model, average=gk.ModelAverager(period=8, warmup_steps=100))
+    """
+
+    def __init__(self, period: int, *, warmup_steps: int = 0, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> None:
+        self.period = _checks.positive_int("period", period, "pass how many steps to take between averages, e.g. 8")
+        self.warmup_steps = _checks.positive_int("warmup_steps", warmup_steps, "pass 0 for no warm-up", minimum=0)
+        self.timeout = _timeout(timeout)
+        self.group = distributed.resolve_group(group, "gk.ModelAverager")
+        self._group_arg = group
+        self.step = 0
+        self._attached = False
+
+    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, broadcast: bool = True) -> None:
+        """Check that the ranks hold the same parameters and (by default) copy rank 0's
+        values to all, so the replicas start equal; the pipeline calls it at setup."""
+        self.group = distributed.resolve_group(self._group_arg, "gk.ModelAverager")
+        self._attached = True
+        if self.group is not None:
+            distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager")
+            if broadcast:
+                distributed.broadcast_parameters(params, self.group, self.timeout)
+
+    def after_step(self, params: Sequence[Tensor]) -> None:
+        """Count one optimizer step and average the parameters if the schedule says so."""
+        params = list(params)
+        if not self._attached:  # used on its own: the first step already ran, so only check
+            self.attach([str(i) for i in range(len(params))], params, broadcast=False)
+        self.step += 1
+        if self.group is None:
+            return
+        if self.step <= self.warmup_steps or (self.step - self.warmup_steps) % self.period == 0:
+            self.average_now(params)
+
+    def average_now(self, params: Sequence[Tensor]) -> None:
+        """Replace every parameter by its mean over the group."""
+        if self.group is None:
+            return
+        size = dist.get_world_size(self.group)
+        with torch.no_grad():
+            # dict keeps first-appearance order: every rank must issue the same collectives in turn
+            for kind in dict.fromkeys((p.device, p.dtype) for p in params):
+                members = [p for p in params if (p.device, p.dtype) == kind]
+                flat = torch.cat([p.reshape(-1) for p in members])
+                distributed.run(dist.all_reduce, f"gk.ModelAverager: all-reduce of parameters at step {self.step}", self.timeout, flat, group=self.group)
+                flat.div_(size)
+                for p, chunk in zip(members, flat.split([p.numel() for p in members])):
+                    p.copy_(chunk.view_as(p))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _checks.state_keys("ModelAverager", state, {"step"})
+        self.step = _checks.positive_int("step", state["step"], "pass the state from ModelAverager.state_dict()", minimum=0)
+
+
+def _timeout(seconds: float | None) -> datetime.timedelta | None:
+    if seconds is None:
+        return None
+    return datetime.timedelta(seconds=_checks.positive_number("timeout", seconds, "pass seconds, e.g. 60, or None for the process group's timeout"))

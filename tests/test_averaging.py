@@ -1,0 +1,332 @@
+"""Averaging across real processes (gloo on CPU), checked against DDP and a full-batch step."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradkit as gk
+from dist_helpers import WorkerError, run_workers
+
+WORLD = 2
+LR = 0.1
+
+
+def make_model(seed: int = 0, hidden: int = 32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
+
+
+def data(rank: int, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(size, 6, generator=g, dtype=torch.float64), torch.randn(size, 3, generator=g, dtype=torch.float64)
+
+
+def sum_loss(model, x, y):
+    return ((model(x) - y) ** 2).sum()
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+def full_batch_reference(windows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> nn.Module:
+    """One process, one SGD step per window on the mean loss over every item in it."""
+    model = make_model()
+    for window in windows:
+        x = torch.cat([b[0] for b in window])
+        y = torch.cat([b[1] for b in window])
+        model.zero_grad()
+        (sum_loss(model, x, y) / x.shape[0]).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+    return model
+
+
+# -- one spawn runs several scenarios: starting processes is the slow part ----------------
+
+
+def scenarios(rank: int, world: int) -> dict:
+    results = {}
+
+    # 1. Equal batches and a mean loss: identical to DDP after several SGD steps.
+    model, ddp = make_model(), DDP(make_model())
+    opt, ddp_opt = torch.optim.SGD(model.parameters(), lr=LR), torch.optim.SGD(ddp.parameters(), lr=LR)
+    average = gk.Average(bucket_mb=0.002, first_bucket_mb=0.0005)
+    pipe = gk.GradientPipeline(model, average=average)
+    for step in range(5):
+        x, y = data(rank, step, 8)
+        pipe.backward(sum_loss(model, x, y) / 8)
+        pipe.step(opt)
+        ddp_opt.zero_grad()
+        (sum_loss(ddp, x, y) / 8).backward()
+        ddp_opt.step()
+    results["vs_ddp"] = max_diff(model, ddp.module)
+    results["buckets"] = len(average.buckets)
+    results["launches"] = list(average.launches)
+    results["num_params"] = len(list(model.parameters()))
+    results["bytes_sent"] = pipe.last.bytes_sent
+
+    # 2. K micro-batches + averaging equals DDP with a K-times larger batch.
+    model, ddp = make_model(), DDP(make_model())
+    opt, ddp_opt = torch.optim.SGD(model.parameters(), lr=LR), torch.optim.SGD(ddp.parameters(), lr=LR)
+    pipe = gk.GradientPipeline(model, accumulation_steps=3, average=gk.Average(bucket_mb=0.002))
+    for step in range(3):
+        micro = [data(rank, 10 * step + k, 4) for k in range(3)]
+        for x, y in micro:
+            pipe.backward(sum_loss(model, x, y) / 4)
+            pipe.step(opt)
+        ddp_opt.zero_grad()
+        x, y = torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])
+        (sum_loss(ddp, x, y) / 12).backward()
+        ddp_opt.step()
+    results["accumulated_vs_ddp"] = max_diff(model, ddp.module)
+
+    # 3. Uneven per-rank item counts and an uneven flushed window: the full-batch mean.
+    lengths = {0: [1, 9, 4, 2, 7], 1: [13, 2, 5, 3, 1]}  # K=2: windows of 2, 2 and a flushed 1
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(bucket_mb=0.002))
+    for k, n in enumerate(lengths[rank]):
+        x, y = data(rank, 100 + k, n)
+        pipe.backward(sum_loss(model, x, y), num_items=n)
+        pipe.step(opt)
+    pipe.flush(opt)
+    windows = [
+        [data(r, 100 + k, lengths[r][k]) for r in range(world) for k in ks] for ks in ([0, 1], [2, 3], [4])
+    ]
+    results["uneven_vs_full_batch"] = max_diff(model, full_batch_reference(windows))
+    results["uneven_items"] = int(pipe.last.items)
+
+    # 4. A DDP-wrapped model in the pipeline: no_sync on early micro-steps, same full-batch result.
+    ddp = DDP(make_model())
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(bucket.index())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    pipe = gk.GradientPipeline(ddp, accumulation_steps=2)
+    for k, n in enumerate(lengths[rank]):
+        x, y = data(rank, 100 + k, n)
+        pipe.backward(sum_loss(ddp, x, y), num_items=n)
+        pipe.step(opt)
+    pipe.flush(opt)
+    results["ddp_pipeline_vs_full_batch"] = max_diff(ddp.module, full_batch_reference(windows))
+    results["ddp_comm_calls"] = len(calls)
+    results["ddp_names"] = pipe.names[:2]
+
+    # 5. A NaN on one rank only: every rank skips the same step.
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    pipe = gk.GradientPipeline(model, average=gk.Average())
+    stepped = []
+    for step in range(3):
+        x, y = data(rank, 200 + step, 4)
+        loss = sum_loss(model, x, y) / 4
+        if step == 1 and rank == 1:
+            loss = loss * float("nan")
+        pipe.backward(loss)
+        stepped.append(pipe.step(opt))
+    results["nan_stepped"] = stepped
+    results["nan_params"] = [p.detach().clone() for p in model.parameters()]
+    return results
+
+
+@pytest.fixture(scope="module")
+def outcome():
+    return run_workers(scenarios, WORLD, timeout=180)
+
+
+def test_equal_batches_match_ddp(outcome):
+    for rank in outcome:
+        assert rank["vs_ddp"] < 1e-10
+        assert rank["buckets"] >= 3  # several buckets really were used
+
+
+def test_first_bucket_launches_before_backward_finishes(outcome):
+    launches = outcome[0]["launches"]
+    assert [bucket for bucket, _ in launches] == list(range(outcome[0]["buckets"]))
+    first_bucket, ready_at_launch = launches[0]
+    assert ready_at_launch < outcome[0]["num_params"]  # other gradients were still to come
+    assert outcome[0]["bytes_sent"] > 0
+
+
+def test_accumulation_plus_averaging_matches_ddp_with_larger_batch(outcome):
+    assert all(rank["accumulated_vs_ddp"] < 1e-10 for rank in outcome)
+
+
+def test_uneven_items_give_the_full_batch_mean(outcome):
+    for rank in outcome:
+        assert rank["uneven_vs_full_batch"] < 1e-10
+        assert rank["uneven_items"] == 7 + 1  # the flushed window: one micro-batch per rank
+
+
+def test_ddp_wrapped_model_syncs_only_at_the_boundary(outcome):
+    for rank in outcome:
+        assert rank["ddp_pipeline_vs_full_batch"] < 1e-10
+        assert rank["ddp_comm_calls"] == 2  # two full windows; the flush reduces by hand
+        assert rank["ddp_names"] == ["0.weight", "0.bias"]  # DDP's "module." prefix dropped
+
+
+def test_nan_on_one_rank_skips_everywhere(outcome):
+    assert outcome[0]["nan_stepped"] == outcome[1]["nan_stepped"] == [True, False, True]
+    for a, b in zip(outcome[0]["nan_params"], outcome[1]["nan_params"]):
+        assert torch.equal(a, b)
+
+
+# -- local SGD --------------------------------------------------------------------------
+
+
+def local_sgd(rank: int, world: int) -> list[tuple[int, float, float]]:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    averager = gk.ModelAverager(period=2, warmup_steps=1)
+    report = []
+    for step in range(1, 6):
+        x, y = data(rank, step, 8)
+        opt.zero_grad()
+        (sum_loss(model, x, y) / 8).backward()
+        opt.step()
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        averager.after_step(model.parameters())
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        everyone = [torch.empty_like(before) for _ in range(world)]
+        dist.all_gather(everyone, before)
+        mean = torch.stack(everyone).mean(0)
+        report.append((step, (after - mean).abs().max().item(), (after - before).abs().max().item()))
+    return report
+
+
+def test_model_averager_averages_on_schedule():
+    for rank_report in run_workers(local_sgd, WORLD, timeout=120):
+        for step, from_mean, moved in rank_report:
+            if step == 1 or (step - 1) % 2 == 0:  # warm-up step, then every second step
+                assert from_mean < 1e-12, step
+            else:
+                assert moved == 0.0, step
+
+
+# -- setup checks and failures ----------------------------------------------------------
+
+
+def mismatched_models(rank: int, world: int) -> str:
+    model = make_model(hidden=32 if rank == 0 else 16)
+    try:
+        gk.GradientPipeline(model, average=gk.Average())
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_mismatched_replicas_fail_at_setup_naming_the_parameter():
+    for message in run_workers(mismatched_models, WORLD, timeout=120):
+        assert "'0.weight' [32, 6]" in message and "[16, 6]" in message and "rank 1" in message
+
+
+def not_a_member(rank: int, world: int) -> str:
+    only_rank0 = dist.new_group([0])
+    if rank == 1:
+        try:
+            gk.Average(group=only_rank0)
+        except ValueError as error:
+            return str(error)
+    return "member"
+
+
+def test_group_without_this_rank_is_rejected():
+    messages = run_workers(not_a_member, WORLD, timeout=120)
+    assert "not a member" in messages[1]
+
+
+def dead_peer(rank: int, world: int, report_path: str) -> None:
+    import os
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    pipe = gk.GradientPipeline(model, average=gk.Average(timeout=5))
+    for step in range(4):
+        x, y = data(rank, step, 4)
+        if rank == 1 and step == 2:
+            os._exit(1)  # dies without a word, mid-run
+        pipe.backward(sum_loss(model, x, y) / 4)
+        started = time.monotonic()
+        try:
+            pipe.step(opt)
+        except gk.CollectiveError as error:
+            torch.save({"seconds": time.monotonic() - started, "message": str(error), "step": step}, report_path)
+            raise
+
+
+def test_dead_peer_is_a_clear_error_within_the_timeout(tmp_path):
+    report_path = tmp_path / "survivor.pt"
+    with pytest.raises(WorkerError):
+        run_workers(dead_peer, WORLD, str(report_path), timeout=120)
+    report = torch.load(report_path)
+    assert report["step"] == 2
+    assert report["seconds"] < 30
+    assert "gk.Average" in report["message"] and "peer" in report["message"]
+
+
+# -- bad input (one process) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build, error, words",
+    [
+        (lambda: gk.Average(bucket_mb=0), ValueError, "bucket_mb"),
+        (lambda: gk.Average(bucket_mb=-1), ValueError, "bucket_mb"),
+        (lambda: gk.Average(first_bucket_mb="1"), TypeError, "first_bucket_mb"),
+        (lambda: gk.Average(timeout=0), ValueError, "timeout"),
+        (lambda: gk.Average(group=object()), ValueError, "not initialized"),
+        (lambda: gk.ModelAverager(0), ValueError, "period"),
+        (lambda: gk.ModelAverager(2, warmup_steps=-1), ValueError, "warmup_steps"),
+        (lambda: gk.ModelAverager(2, group=object()), ValueError, "not initialized"),
+    ],
+)
+def test_bad_averaging_arguments(build, error, words):
+    with pytest.raises(error, match=words):
+        build()
+
+
+def test_single_process_average_is_a_group_of_one():
+    model, reference = make_model(), make_model()
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=LR), torch.optim.SGD(reference.parameters(), lr=LR)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average())
+    ref_pipe = gk.GradientPipeline(reference, accumulation_steps=2)
+    for step in range(4):
+        x, y = data(0, step, 5)
+        for p, m in ((pipe, model), (ref_pipe, reference)):
+            p.backward(sum_loss(m, x, y), num_items=5)
+            p.step(opt if p is pipe else ref_opt)
+    assert max_diff(model, reference) == 0.0
+    assert pipe.last.bytes_sent == 0
+
+
+def test_average_with_ddp_model_is_refused():
+    class FakeDDP(DDP):  # DDP itself needs a process group; the check is a type check
+        def __init__(self, module):
+            nn.Module.__init__(self)
+            self.module = module
+
+    with pytest.raises(ValueError, match="already averages"):
+        gk.GradientPipeline(FakeDDP(make_model()), average=gk.Average())
+
+
+def test_backward_past_the_window_is_refused():
+    model = make_model()
+    pipe = gk.GradientPipeline(model, accumulation_steps=1)
+    x, y = data(0, 0, 3)
+    pipe.backward(sum_loss(model, x, y) / 3)
+    with pytest.raises(RuntimeError, match="call pipe.step"):
+        pipe.backward(sum_loss(model, x, y) / 3)
