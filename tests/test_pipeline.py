@@ -150,11 +150,21 @@ def test_bf16_autocast_path_trains():
 
 
 class Recorder:
+    """A minimal tracker: measures every other window and records what it is shown."""
+
     def __init__(self):
         self.calls = []
+        self.weights_seen = []
+
+    def wants(self, step):
+        return step % 2 == 0
 
     def observe(self, ctx, report):
-        self.calls.append((list(ctx.names), report.total_norm.clone(), report.step))
+        self.calls.append((list(ctx.names), report.total_norm.clone(), report.step, report.noise))
+        self.weights_seen.append(ctx.params[0].detach().clone())
+
+    def after_step(self, ctx, report):
+        self.weights_seen.append(ctx.params[0].detach().clone())
 
 
 def test_tracker_observes_each_step_with_names_and_report():
@@ -165,6 +175,31 @@ def test_tracker_observes_each_step_with_names_and_report():
     run(pipe, model, opt, batches(4))
     assert [c[2] for c in tracker.calls] == [1, 2]
     assert tracker.calls[0][0] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    before, after = tracker.weights_seen[:2]
+    assert not torch.equal(before, after)  # observe sees the weights before the update, after_step after
+
+
+def test_noise_sample_on_measured_windows_is_first_micro_batch_vs_window():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = Recorder()
+    pipe = gk.GradientPipeline(model, accumulation_steps=3, tracker=tracker)
+    data = batches(6, size=5)
+    run(pipe, model, opt, data[:3])
+    assert tracker.calls[0][3] is None  # step 1 is not measured
+    reference = copy.deepcopy(model)
+    x = [b[0] for b in data[3:]]
+    y = [b[1] for b in data[3:]]
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        pipe.backward(((model(xi) - yi) ** 2).sum(), num_items=5)
+        pipe.step(opt)
+    noise = tracker.calls[1][3]
+    first = torch.autograd.grad(((reference(x[0]) - y[0]) ** 2).sum() / 5, list(reference.parameters()))
+    window = torch.autograd.grad(((reference(torch.cat(x)) - torch.cat(y)) ** 2).sum() / 15, list(reference.parameters()))
+    sq = lambda gs: sum(float((g.double() ** 2).sum()) for g in gs)
+    assert float(noise.small_sq) == pytest.approx(sq(first), rel=1e-9)
+    assert float(noise.big_sq) == pytest.approx(sq(window), rel=1e-9)
+    assert float(noise.small_batch) == 5 and float(noise.big_batch) == 15
 
 
 def count_host_reads(monkeypatch):
@@ -275,7 +310,7 @@ def test_bad_state_dict_is_rejected_and_changes_nothing(mutate, words):
     [
         ({"clip": "norm"}, TypeError, "clip must be a clipping stage"),
         ({"clip": [gk.ClipByGlobalNorm(1.0), 3]}, TypeError, "clip must be a clipping stage"),
-        ({"tracker": object()}, TypeError, "tracker must have an observe"),
+        ({"tracker": object()}, TypeError, "tracker must have wants"),
         ({"scaler": object()}, TypeError, "GradScaler"),
         ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
     ],

@@ -104,6 +104,8 @@ class SyncControl:
 
     #: how many processes' gradients meet in `reduce_`
     world_size: int = 1
+    #: whether p.grad still holds this process's own window gradient when `reduce_` starts
+    local_grads_at_boundary: bool = False
 
     def attach(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
         """Called once by the pipeline with the parameters it manages."""

@@ -148,6 +148,8 @@ class Average(SyncControl):
         self.world_size = distributed.world_size(self.group)
         if self.group is None:
             return
+        # Buckets are copies: p.grad keeps the local gradient until the boundary.
+        self.local_grads_at_boundary = True
         if self._params:
             raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
         distributed.check_same_parameters(names, params, self.group, "gk.Average")

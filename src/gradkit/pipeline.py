@@ -23,7 +23,18 @@ from gradkit.accumulation import SyncControl, Window, check_num_items, sync_cont
 from gradkit.clipping.stages import ClipStage
 from gradkit.context import GradContext
 
-__all__ = ["GradientPipeline", "StepReport"]
+__all__ = ["GradientPipeline", "NoiseSample", "StepReport"]
+
+
+@dataclass
+class NoiseSample:
+    """Squared norms of one gradient at two batch sizes, for the gradient noise scale
+    (McCandlish et al. 2018). Batch sizes are in items, or in micro-batches in mean mode."""
+
+    small_sq: Tensor
+    small_batch: Tensor
+    big_sq: Tensor
+    big_batch: Tensor
 
 
 @dataclass
@@ -39,6 +50,7 @@ class StepReport:
         clip_coef: norm_after / total_norm (1 when nothing was clipped).
         skipped: True when the step was skipped for a non-finite gradient.
         bytes_sent: payload bytes this process sent to average the window (0 on one process).
+        noise: gradient norms at two batch sizes, on windows the tracker measures (else None).
     """
 
     step: int
@@ -49,6 +61,7 @@ class StepReport:
     clip_coef: Tensor
     skipped: Tensor
     bytes_sent: int = 0
+    noise: NoiseSample | None = None
 
 
 class GradientPipeline:
@@ -102,8 +115,8 @@ class GradientPipeline:
                 "the model is wrapped in DistributedDataParallel, which already averages gradients; "
                 "pass average=None to let DDP do it, or pass the unwrapped module to average with gradkit"
             )
-        if tracker is not None and not callable(getattr(tracker, "observe", None)):
-            raise TypeError(f"tracker must have an observe(ctx, report) method (e.g. gk.Tracker), got {type(tracker).__name__}")
+        if tracker is not None and not all(callable(getattr(tracker, m, None)) for m in ("wants", "observe", "after_step")):
+            raise TypeError(f"tracker must have wants(step), observe(ctx, report) and after_step(ctx, report) (e.g. gk.Tracker), got {type(tracker).__name__}")
         if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in ("scale", "unscale_", "step", "update")):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.names, self.params = _named_parameters(model)
@@ -115,6 +128,8 @@ class GradientPipeline:
         self.steps = 0
         self.skipped_steps = 0
         self.last: StepReport | None = None
+        self._measure = False  # whether the tracker measures this window (noise-scale inputs)
+        self._small: tuple[Tensor, Tensor] | None = None
         self._prepare_next_micro_step()
 
     # -- the loop ------------------------------------------------------------------
@@ -144,6 +159,11 @@ class GradientPipeline:
         items = check_num_items(num_items)
         self.window.check_mode(items)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.window.micro_steps == 0:
+            self._measure = self.tracker is not None and bool(self.tracker.wants(self.steps + 1))
+            if self._measure and self.accumulation_steps > 1 and not self.sync.local_grads_at_boundary:
+                # The first micro-batch alone is the small batch; only on measured windows.
+                self._small = (self._grad_sq(), _batch(items if items is not None else 1))
         self.window.add(items)
         self._prepare_next_micro_step()
 
@@ -176,6 +196,10 @@ class GradientPipeline:
 
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
         global_items = self.sync.global_items(self.window.items) if self.window.item_mode else None
+        if self._measure and self.sync.local_grads_at_boundary:
+            # This rank's own window gradient is the small batch; the averaged one the big.
+            local = self.window.items if self.window.item_mode else self.window.micro_steps
+            self._small = (self._grad_sq(), _batch(local))
         complete = self.window.micro_steps == self.accumulation_steps
         self.sync.reduce_(self.params, self.window.normalizer(global_items, self.sync.world_size), complete=complete)
         ctx = GradContext(self.names, self.params)
@@ -184,40 +208,63 @@ class GradientPipeline:
             ctx.modified()
         total_norm = ctx.total_norm()
         skip = self._must_skip(total_norm, global_items)
-        if skip:
+        if skip and self.nonfinite == "raise":
             self.skipped_steps += 1
-            if self.nonfinite == "raise":
-                self._end_window()
-                raise FloatingPointError(
-                    f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
-                    'pass nonfinite="skip" to skip such steps instead'
-                )
-            if self.scaler is not None:
-                self.scaler.update()  # lowers the scale: unscale_ recorded the inf
-        else:
+            self._end_window()
+            raise FloatingPointError(
+                f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
+                'pass nonfinite="skip" to skip such steps instead'
+            )
+        if not skip:
             for stage in self.clip:
                 stage.apply_(ctx)
-            if self.scaler is not None:
-                self.scaler.step(optimizer)
-                self.scaler.update()
-            else:
-                optimizer.step()
-        self.sync.after_step(self.params)
         norm_after = total_norm if skip or not self.clip else ctx.total_norm()
+        items = self._items_report(global_items, total_norm.device)
         self.last = StepReport(
             step=self.steps + 1,
             micro_steps=self.window.micro_steps,
-            items=self._items_report(global_items, total_norm.device),
+            items=items,
             total_norm=total_norm,
             norm_after=norm_after,
             clip_coef=torch.where(total_norm > 0, norm_after / total_norm, torch.ones_like(total_norm)),
             skipped=torch.tensor(skip),
             bytes_sent=self.sync.bytes_sent(),
+            noise=self._noise_sample(total_norm, items),
         )
         if self.tracker is not None:
             self.tracker.observe(ctx, self.last)
+        if skip:
+            self.skipped_steps += 1
+            if self.scaler is not None:
+                self.scaler.update()  # lowers the scale: unscale_ recorded the inf
+        elif self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        self.sync.after_step(self.params)
+        if self.tracker is not None:
+            self.tracker.after_step(ctx, self.last)
         self._end_window()
         return not skip
+
+    def _grad_sq(self) -> Tensor:
+        """Squared L2 norm of the local gradient, divided by the loss scale squared."""
+        sq = GradContext(self.names, self.params).total_norm().double() ** 2
+        if self.scaler is not None and self.scaler.is_enabled():
+            sq = sq / self.scaler._get_scale_async().double().to(sq.device) ** 2
+        return sq
+
+    def _noise_sample(self, total_norm: Tensor, items: Tensor) -> NoiseSample | None:
+        if self._small is None:
+            return None
+        small_sq, small_batch = self._small
+        small_batch = small_batch.to(small_sq.device)
+        # The measured sum over a batch of B gradients is B * mean; |mean|^2 = sq / B^2 in
+        # item mode. In mean mode a micro-batch's gradient already is a mean.
+        if self.window.item_mode or self.sync.local_grads_at_boundary:
+            small_sq = small_sq / small_batch**2
+        return NoiseSample(small_sq, small_batch, total_norm.double() ** 2, items.double().to(small_sq.device))
 
     def _must_skip(self, total_norm: Tensor, global_items: int | Tensor | None) -> bool:
         # The one host read of the step: the optimizer cannot skip on a device flag.
@@ -241,6 +288,7 @@ class GradientPipeline:
     def _end_window(self) -> None:
         for p in self.params:
             p.grad = None
+        self._measure, self._small = False, None
         self.window.reset()
         self.steps += 1
         self._prepare_next_micro_step()
@@ -361,6 +409,10 @@ def _check_stages(clip: object) -> list[ClipStage]:
     if not isinstance(stages, (list, tuple)) or not all(isinstance(s, ClipStage) for s in stages):
         raise TypeError(f"clip must be a clipping stage (e.g. gk.ClipByGlobalNorm(1.0)) or a list of them, got {clip!r}")
     return list(stages)
+
+
+def _batch(count: int | Tensor) -> Tensor:
+    return torch.as_tensor(count, dtype=torch.float64)
 
 
 def _first_nonfinite(ctx: GradContext) -> str:
