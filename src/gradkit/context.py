@@ -41,6 +41,8 @@ class GradContext:
         self.params: list[Tensor] = [p for _, p in kept]
         self.grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
         self._norms: Tensor | None = None
+        #: per-parameter norms before the clip stages ran (set by the pipeline), for trackers
+        self.pre_clip_norms: Tensor | None = None
 
     @classmethod
     def from_parameters(cls, parameters: Iterable[Tensor] | Tensor) -> GradContext:
@@ -53,8 +55,10 @@ class GradContext:
 
     def norms(self) -> Tensor:
         """Per-parameter gradient L2 norms as one 1-D tensor (no host sync; cached)."""
+        if not self.grads:
+            return torch.zeros(0)
         if self._norms is None:
-            per_tensor = _foreach.per_tensor_norms(self.grads, 2.0)
+            per_tensor = _foreach.per_tensor_norms(self.grads, 2.0, at_least=torch.float32)
             # At least float32, so that bf16 gradients do not get a bf16-rounded norm.
             dtype = functools.reduce(torch.promote_types, (n.dtype for n in per_tensor), torch.float32)
             device = per_tensor[0].device
@@ -73,7 +77,8 @@ class GradContext:
             return
         _foreach.scale_(self.grads, factor)
         if self._norms is not None:
-            self._norms = self._norms * (factor.to(self._norms) if isinstance(factor, Tensor) else factor)
+            # |factor|: a norm is never negative, whatever the sign of the factor.
+            self._norms = self._norms * (factor.to(self._norms).abs() if isinstance(factor, Tensor) else abs(factor))
 
     def scale_each_(self, factors: Tensor) -> None:
         """Multiply gradient i by ``factors[i]`` (a 1-D tensor), keeping the cached norms right."""
@@ -83,7 +88,7 @@ class GradContext:
             local = factors.to(device)
             torch._foreach_mul_(members, [local[i] for i in positions])
         if self._norms is not None:
-            self._norms = self._norms * factors.to(self._norms)
+            self._norms = self._norms * factors.to(self._norms).abs()
 
     def modified(self) -> None:
         """Say that the gradients changed in a way the cache cannot follow (value clipping, AGC)."""

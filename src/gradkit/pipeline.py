@@ -73,7 +73,12 @@ class GradientPipeline:
         accumulation_steps: micro-batches per optimizer step (>= 1).
         average: cross-process averaging (``gk.Average``); None on one process or under DDP.
         clip: a norm-scaling stage or a list of them, applied in order.
-        tracker: an observer of each step (``gk.Tracker``), or None.
+        tracker: an observer of each step (``gk.Tracker``), or None. The protocol:
+            ``wants(step) -> bool`` (measure the window ending at optimizer step
+            `step`?), ``observe(ctx, report)`` after the clip stages and before
+            ``optimizer.step`` (final gradients, weights before the update),
+            ``after_step(ctx, report)`` after it, and optionally
+            ``attach(module_or_None, names, params)`` once at setup.
         scaler: a ``torch.amp.GradScaler``: the loss is scaled in `backward`, the
             gradients unscaled exactly once at the boundary, before clipping.
         nonfinite: ``"skip"`` (default) skips the optimizer step when the gradient
@@ -124,6 +129,9 @@ class GradientPipeline:
         self.scaler = scaler
         self.sync: SyncControl = average if average is not None else sync_control_for(model)
         self.sync.attach(self.names, self.params)
+        if tracker is not None and callable(getattr(tracker, "attach", None)):
+            module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            tracker.attach(module if isinstance(module, nn.Module) else None, self.names, self.params)
         self.window = Window()
         self.steps = 0
         self.skipped_steps = 0
@@ -207,6 +215,7 @@ class GradientPipeline:
             self.scaler.unscale_(optimizer)
             ctx.modified()
         total_norm = ctx.total_norm()
+        ctx.pre_clip_norms = ctx.norms() if len(ctx) else None  # stages replace, never mutate, the cache
         skip = self._must_skip(total_norm, global_items)
         if skip and self.nonfinite == "raise":
             self.skipped_steps += 1
