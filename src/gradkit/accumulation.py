@@ -87,12 +87,13 @@ class Window:
         self.micro_steps = 0
         self.items = None
 
-    def normalizer(self, global_items: Items | None, world_size: int) -> Tensor | float:
+    @staticmethod
+    def scale_for(global_items: Items | None, micro_steps: int, world_size: int) -> Tensor | float:
         """The factor that turns the gradient *summed* over micro-steps and processes into
         the window's mean gradient: 1 / items in item mode, 1 / (micro-steps x processes)
         in mean mode."""
         if global_items is None:
-            return 1.0 / (self.micro_steps * world_size)
+            return 1.0 / (micro_steps * world_size)
         if isinstance(global_items, Tensor):
             return 1.0 / global_items.to(torch.float64)
         return 1.0 / global_items
@@ -117,6 +118,10 @@ class SyncControl:
         """The item count summed over all processes."""
         return items
 
+    def begin_reduction(self, local_count: Items, scale: Tensor | float) -> None:
+        """Called once per window before its gradients may be packed: this process's item
+        (or micro-step) count, and the `scale` that `reduce_` will be called with."""
+
     def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
         """Make each parameter's gradient the sum over processes, times `scale`.
 
@@ -124,8 +129,8 @@ class SyncControl:
         backward ran with sync on; a flushed window's did not."""
         _foreach.scale_(grads_of(params), scale)
 
-    def after_step(self, params: Sequence[Tensor]) -> None:
-        """Called after every window's boundary, stepped or skipped (parameter averaging)."""
+    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False) -> None:
+        """Called after every window's boundary, stepped or skipped."""
 
     def bytes_sent(self) -> int:
         """Payload bytes this process sent for the last window."""

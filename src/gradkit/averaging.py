@@ -20,6 +20,9 @@ from torch import Tensor
 
 from gradkit import _checks, distributed
 from gradkit.accumulation import Items, SyncControl
+from gradkit.compression.base import Compressor
+from gradkit.compression.collective import PendingReduce, compress_keyed, start_reduce
+from gradkit.compression.error_feedback import ErrorFeedback
 
 __all__ = ["Average", "ModelAverager"]
 
@@ -38,15 +41,19 @@ class Bucket:
         self.buffer = torch.empty(sum(self.sizes), dtype=first.dtype, device=first.device)
         self.ready = 0
         self.work: dist.Work | None = None
+        self.pending: PendingReduce | None = None
 
-    def pack(self, params: Sequence[Tensor]) -> None:
+    def pack(self, params: Sequence[Tensor], scale: Tensor | float = 1.0) -> None:
+        factor = scale.to(self.buffer) if isinstance(scale, Tensor) else scale
         for position, offset, size in zip(self.positions, self.offsets, self.sizes):
             view = self.buffer.narrow(0, offset, size)
             grad = params[position].grad
             if grad is None:  # unused in this backward on this rank; others may have a gradient
                 view.zero_()
-            else:
+            elif isinstance(factor, float) and factor == 1.0:
                 view.copy_(grad.reshape(-1))
+            else:
+                torch.mul(grad.reshape(-1), factor, out=view)
 
     def unpack(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
         factor = scale.to(self.buffer.device) if isinstance(scale, Tensor) else scale
@@ -96,11 +103,20 @@ class Average(SyncControl):
     same parameter names, shapes and dtypes, and rank 0's parameter values are
     broadcast so that the replicas start equal, as DDP does.
 
-    A NaN/inf on any rank reaches every rank through the sum, so every rank
-    skips the same step.
+    A NaN/inf on any rank reaches every rank (through the sum, or a flag
+    reduced with the payloads when compressing), so every rank skips the same
+    step, and error-feedback residuals stay as they were.
+
+    On one process a compressor still applies: only the selected coordinates
+    reach the optimizer (selective updates), and error feedback keeps the rest
+    for later steps.
 
     Args:
-        compressor: reserved for gradient compression; None sends dense gradients.
+        compressor: how each bucket is compressed (``gk.TopK(0.01)``, ``gk.PowerSGD(2)``,
+            ...); None sends dense gradients. Non-linear payloads are all-gathered.
+        error_feedback: wrap the compressor in ``gk.ErrorFeedback``; by default
+            biased compressors (top-k, threshold, sign) are wrapped, the others
+            not (DGC and PowerSGD keep their own residual).
         bucket_mb: bucket size in MiB (> 0); DDP's default is 25.
         first_bucket_mb: size of the first bucket (the last layers), small so that
             communication starts early in backward; DDP uses 1.
@@ -117,15 +133,15 @@ class Average(SyncControl):
 
     def __init__(
         self,
-        compressor: Any = None,
+        compressor: Compressor | None = None,
         *,
+        error_feedback: bool | None = None,
         bucket_mb: float = 25,
         first_bucket_mb: float = 1,
         group: dist.ProcessGroup | None = None,
         timeout: float | None = None,
     ) -> None:
-        if compressor is not None:
-            raise TypeError(f"compressor={compressor!r} is not supported yet; pass compressor=None for dense averaging")
+        self.compressor = _effective_compressor(compressor, error_feedback)
         self.bucket_mb = _checks.positive_number("bucket_mb", bucket_mb, "pass a bucket size in MiB, e.g. 25")
         self.first_bucket_mb = _checks.positive_number("first_bucket_mb", first_bucket_mb, "pass a size in MiB, e.g. 1")
         self.timeout = _timeout(timeout)
@@ -142,10 +158,15 @@ class Average(SyncControl):
         self._fired: set[int] = set()
         self._handles: list[Any] = []
         self._bytes = 0
+        self._names: list[str] = []
+        self._local_scale: Tensor | float = 1.0
+        self._weight: Tensor | float = 1.0
+        self._bad: Tensor | None = None
 
     def attach(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
         self.group = distributed.resolve_group(self._group_arg, "gk.Average")
         self.world_size = distributed.world_size(self.group)
+        self._names = list(names)
         if self.group is None:
             return
         # Buckets are copies: p.grad keeps the local gradient until the boundary.
@@ -183,11 +204,23 @@ class Average(SyncControl):
             self._launch(self.buckets[self._next])
 
     def _launch(self, bucket: Bucket) -> None:
-        bucket.pack(self._params)
+        what = f"gk.Average: reduction of gradient bucket {bucket.index} ({bucket.nbytes / _MIB:.1f} MiB dense)"
         try:
-            bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            if self.compressor is None:
+                bucket.pack(self._params)
+                bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            else:
+                # Compress this rank's mean gradient (stable units for residuals), weighted
+                # by its share of the global items, so the sum is the global mean.
+                bucket.pack(self._params, self._local_scale)
+                bad = ~torch.isfinite(bucket.buffer).all()
+                self._bad = bad if self._bad is None else self._bad | bad
+                layout = tuple((self._names[i], tuple(self._params[i].shape)) for i in bucket.positions)
+                bucket.pending = start_reduce(self.compressor, bucket.buffer, layout, self.group, self._weight, what, self.timeout)  # type: ignore[arg-type]
+        except distributed.CollectiveError:
+            raise
         except Exception as error:
-            raise distributed.CollectiveError(f"gk.Average: all-reduce of gradient bucket {bucket.index} could not start: {error}") from error
+            raise distributed.CollectiveError(f"{what} could not start: {error}") from error
         self._launches.append((bucket.index, len(self._fired)))
         self._next += 1
 
@@ -203,6 +236,11 @@ class Average(SyncControl):
         for bucket in self.buckets:
             bucket.ready = 0
             bucket.work = None
+            bucket.pending = None
+
+    def begin_reduction(self, local_count: Items, scale: Tensor | float) -> None:
+        self._local_scale = 1.0 / local_count if not isinstance(local_count, Tensor) else 1.0 / local_count.to(torch.float64)
+        self._weight = local_count * scale
 
     def global_items(self, items: Items) -> Items:
         if self.group is None:
@@ -214,20 +252,64 @@ class Average(SyncControl):
 
     def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
         if self.group is None:
-            super().reduce_(params, scale, complete=complete)
+            if self.compressor is None:
+                super().reduce_(params, scale, complete=complete)
+            else:
+                self._compress_locally(params, scale)
             return
         if not complete:  # a flushed window: its last backward ran unarmed and launched nothing
             self._start_window()
         while self._next < len(self.buckets):  # buckets with gradients unused in this backward
             self._launch(self.buckets[self._next])
-        for bucket in self.buckets:
-            assert bucket.work is not None
-            distributed.wait(bucket.work, f"gk.Average: all-reduce of gradient bucket {bucket.index} ({bucket.nbytes / _MIB:.1f} MiB)", self.timeout)
-            bucket.unpack(self._params, scale)
-        self._bytes = sum(bucket.nbytes for bucket in self.buckets)
+        if self.compressor is None:
+            for bucket in self.buckets:
+                assert bucket.work is not None
+                distributed.wait(bucket.work, f"gk.Average: all-reduce of gradient bucket {bucket.index} ({bucket.nbytes / _MIB:.1f} MiB)", self.timeout)
+                bucket.unpack(self._params, scale)
+            self._bytes = sum(bucket.nbytes for bucket in self.buckets)
+        else:
+            # Any rank's NaN/inf must stop every rank: a top-k may not even select it.
+            bad = self._bad.to(torch.float32).reshape(1) if self._bad is not None else torch.zeros(1)
+            distributed.run(dist.all_reduce, "gk.Average: all-reduce of the non-finite flag", self.timeout, bad, group=self.group)
+            poison = torch.where(bad > 0, float("nan"), 1.0)  # stays on the device: the pipeline's check skips
+            for bucket in self.buckets:
+                assert bucket.pending is not None
+                bucket.buffer.copy_(bucket.pending.wait())
+                bucket.unpack(self._params, poison)
+            self._bytes = sum(bucket.pending.nbytes for bucket in self.buckets if bucket.pending is not None)
         self.launches = self._launches
         self._fired.clear()
         self._armed = False
+        self._bad = None
+
+    def _compress_locally(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+        """One process: the compressed gradient is what reaches the optimizer (selective updates)."""
+        assert self.compressor is not None
+        with_grad = [(name, p) for name, p in zip(self._names, params) if p.grad is not None]
+        for name, p in with_grad:
+            flat = p.grad.reshape(-1) * (scale.to(p.grad) if isinstance(scale, Tensor) else scale)
+            payload = compress_keyed(self.compressor, flat, ((name, tuple(p.shape)),))
+            p.grad.copy_(self.compressor.decompress(payload).view_as(p.grad))
+        self._bytes = 0
+
+    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False) -> None:
+        if self.compressor is None:
+            return
+        # Residuals (and DGC/PowerSGD state) move on only with a step that was taken.
+        if skipped:
+            self.compressor.discard()
+        else:
+            self.compressor.commit()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"compressor": self.compressor.state_dict() if self.compressor is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _checks.state_keys("Average", state, {"compressor"})
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state["compressor"])
+        elif state["compressor"]:
+            raise ValueError("Average.load_state_dict: the state holds compressor state but this Average has no compressor; build it with the same compressor")
 
     def bytes_sent(self) -> int:
         return self._bytes
@@ -282,7 +364,7 @@ class ModelAverager(SyncControl):
             if broadcast:
                 distributed.broadcast_parameters(params, self.group, self.timeout)
 
-    def after_step(self, params: Sequence[Tensor]) -> None:
+    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False) -> None:
         """Count one optimizer step and average the parameters if the schedule says so."""
         params = list(params)
         if not self._attached:  # used on its own: the first step already ran, so only check
@@ -314,6 +396,21 @@ class ModelAverager(SyncControl):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("ModelAverager", state, {"step"})
         self.step = _checks.positive_int("step", state["step"], "pass the state from ModelAverager.state_dict()", minimum=0)
+
+
+def _effective_compressor(compressor: object, error_feedback: bool | None) -> Compressor | None:
+    """The compressor Average uses: biased ones get error feedback unless told otherwise."""
+    if compressor is None:
+        if error_feedback:
+            raise ValueError("error_feedback=True needs a compressor; pass e.g. gk.Average(gk.TopK(0.01))")
+        return None
+    if not isinstance(compressor, Compressor):
+        raise TypeError(f"compressor must be a gradkit compressor such as gk.TopK(0.01), got {compressor!r}")
+    if error_feedback is None:
+        error_feedback = compressor.biased and not getattr(compressor, "keeps_residual", False)
+    if error_feedback and not isinstance(compressor, ErrorFeedback):
+        return ErrorFeedback(compressor)
+    return compressor
 
 
 def _timeout(seconds: float | None) -> datetime.timedelta | None:

@@ -138,6 +138,7 @@ class GradientPipeline:
         self.last: StepReport | None = None
         self._measure = False  # whether the tracker measures this window (noise-scale inputs)
         self._small: tuple[Tensor, Tensor] | None = None
+        self._reduction: tuple[int | Tensor | None, Tensor | float] | None = None  # (global items, scale)
         self._prepare_next_micro_step()
 
     # -- the loop ------------------------------------------------------------------
@@ -166,6 +167,10 @@ class GradientPipeline:
             )
         items = check_num_items(num_items)
         self.window.check_mode(items)
+        if self.window.micro_steps + 1 == self.accumulation_steps:
+            # The boundary backward may start communicating: settle the window's scale first.
+            total = (items if self.window.items is None else self.window.items + items) if items is not None else None
+            self._begin_reduction(total, self.window.micro_steps + 1)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.window.micro_steps == 0:
             self._measure = self.tracker is not None and bool(self.tracker.wants(self.steps + 1))
@@ -202,14 +207,22 @@ class GradientPipeline:
 
     # -- the boundary --------------------------------------------------------------
 
+    def _begin_reduction(self, local_items: int | Tensor | None, micro_steps: int) -> None:
+        global_items = self.sync.global_items(local_items) if local_items is not None else None
+        scale = Window.scale_for(global_items, micro_steps, self.sync.world_size)
+        self.sync.begin_reduction(local_items if local_items is not None else micro_steps, scale)
+        self._reduction = (global_items, scale)
+
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
-        global_items = self.sync.global_items(self.window.items) if self.window.item_mode else None
+        if self._reduction is None:  # a flushed window: its last backward was not the boundary
+            self._begin_reduction(self.window.items, self.window.micro_steps)
+        global_items, scale = self._reduction
         if self._measure and self.sync.local_grads_at_boundary:
             # This rank's own window gradient is the small batch; the averaged one the big.
             local = self.window.items if self.window.item_mode else self.window.micro_steps
             self._small = (self._grad_sq(), _batch(local))
         complete = self.window.micro_steps == self.accumulation_steps
-        self.sync.reduce_(self.params, self.window.normalizer(global_items, self.sync.world_size), complete=complete)
+        self.sync.reduce_(self.params, scale, complete=complete)
         ctx = GradContext(self.names, self.params)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
@@ -251,7 +264,7 @@ class GradientPipeline:
             self.scaler.update()
         else:
             optimizer.step()
-        self.sync.after_step(self.params)
+        self.sync.after_step(self.params, skipped=skip)
         if self.tracker is not None:
             self.tracker.after_step(ctx, self.last)
         self._end_window()
@@ -297,7 +310,7 @@ class GradientPipeline:
     def _end_window(self) -> None:
         for p in self.params:
             p.grad = None
-        self._measure, self._small = False, None
+        self._measure, self._small, self._reduction = False, None, None
         self.window.reset()
         self.steps += 1
         self._prepare_next_micro_step()

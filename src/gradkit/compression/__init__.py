@@ -1,0 +1,19 @@
+"""Sparse gradients: compressors, error feedback, and how payloads meet across ranks.
+
+- `base`: the `Compressor` interface and `Payload`.
+- `sparsify`: `TopK` (sampled threshold), `RandomK`, `Threshold`.
+- `dgc`: Deep Gradient Compression.
+- `quantize`: `FP16`, `BF16`, `QSGD`, `SignSGD`.
+- `powersgd`: low-rank `PowerSGD`.
+- `error_feedback`: `ErrorFeedback`, residual memory keyed by parameter name.
+- `collective`: all-reduce / all-gather of payloads, used by `gk.Average`.
+"""
+
+from gradkit.compression.base import Compressor, Payload
+from gradkit.compression.dgc import DGC
+from gradkit.compression.error_feedback import ErrorFeedback
+from gradkit.compression.powersgd import PowerSGD
+from gradkit.compression.quantize import BF16, FP16, QSGD, SignSGD
+from gradkit.compression.sparsify import RandomK, Threshold, TopK
+
+__all__ = ["BF16", "DGC", "FP16", "QSGD", "Compressor", "ErrorFeedback", "Payload", "PowerSGD", "RandomK", "SignSGD", "Threshold", "TopK"]

@@ -1,0 +1,103 @@
+"""How compressed payloads of many ranks meet: all-reduce for linear ones, all-gather otherwise.
+
+`start_reduce` compresses a flat tensor (a bucket), launches the collectives
+asynchronously and returns a `PendingReduce`; its `wait()` returns the sum over
+ranks, decompressed. `gk.Average` calls it from the gradient hooks, so the
+communication overlaps with backward as on the dense path.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradkit import distributed
+from gradkit.compression.base import Compressor, Payload
+from gradkit.compression.keyed_state import Layout
+
+__all__ = ["PendingReduce", "start_reduce", "compress_keyed"]
+
+
+class PendingReduce:
+    """Collectives in flight for one tensor; `wait()` gives the decompressed sum over ranks."""
+
+    def __init__(self, works: list[dist.Work], finish: Callable[[], Tensor], nbytes: int, what: str, timeout: datetime.timedelta | None) -> None:
+        self._works = works
+        self._finish = finish
+        self.nbytes = nbytes
+        self._what = what
+        self._timeout = timeout
+
+    def wait(self) -> Tensor:
+        for work in self._works:
+            distributed.wait(work, self._what, self._timeout)
+        return self._finish()
+
+
+def compress_keyed(compressor: Compressor, flat: Tensor, layout: Layout) -> Payload:
+    """Compress with per-parameter state where the compressor keeps some, deferring its commit."""
+    if compressor.keyed:
+        return compressor.compress(flat, key=layout, commit=False)  # type: ignore[call-arg]
+    return compressor.compress(flat)
+
+
+def start_reduce(
+    compressor: Compressor,
+    flat: Tensor,
+    layout: Layout,
+    group: dist.ProcessGroup,
+    weight: Tensor | float,
+    what: str,
+    timeout: datetime.timedelta | None,
+) -> PendingReduce:
+    """Compress `flat`, weight its payload, and start summing it over `group`."""
+    custom = getattr(compressor, "start_reduce", None)
+    if custom is not None:
+        return custom(flat, layout, group, weight, what, timeout)
+    payload = compress_keyed(compressor, flat, layout)
+    for tensor in payload.tensors:
+        if tensor.is_floating_point():
+            tensor.mul_(weight.to(tensor) if isinstance(weight, Tensor) else weight)
+    if compressor.linear:
+        works = [dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True) for t in payload.tensors]
+        return PendingReduce(works, lambda: compressor.decompress(payload).reshape(-1), payload.nbytes, what, timeout)
+    world = dist.get_world_size(group)
+    tensors = _equal_sizes(payload.tensors, group, what, timeout) if compressor.variable_size else payload.tensors
+    gathered = [[torch.empty_like(t) for _ in range(world)] for t in tensors]
+    works = [dist.all_gather(out, t, group=group, async_op=True) for out, t in zip(gathered, tensors)]
+
+    def finish() -> Tensor:
+        payloads = [compressor.payload_for([g[r] for g in gathered], payload) for r in range(world)]
+        return decompress_sum(compressor, payloads).reshape(-1)
+
+    return PendingReduce(works, finish, payload.nbytes, what, timeout)
+
+
+def decompress_sum(compressor: Compressor, payloads: list[Payload]) -> Tensor:
+    """The sum of the payloads, decompressed; sparse ones in one scatter."""
+    first = payloads[0]
+    if compressor.sparse:
+        indices = torch.cat([p.tensors[0] for p in payloads])
+        values = torch.cat([p.tensors[1] for p in payloads])
+        return compressor.decompress(compressor.payload_for([indices, values], first))
+    total = compressor.decompress(first).clone()
+    for payload in payloads[1:]:
+        total += compressor.decompress(payload)
+    return total
+
+
+def _equal_sizes(tensors: list[Tensor], group: dist.ProcessGroup, what: str, timeout: datetime.timedelta | None) -> list[Tensor]:
+    """Pad each tensor to the largest size any rank has (all-gather needs equal sizes).
+
+    Only variable-size payloads (Threshold) need it: one small extra collective.
+    Padding is index 0 with value 0, which adds nothing.
+    """
+    sizes = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=tensors[0].device)
+    everyone = [torch.empty_like(sizes) for _ in range(dist.get_world_size(group))]
+    distributed.run(dist.all_gather, f"{what} (payload sizes)", timeout, everyone, sizes, group=group)
+    largest = torch.stack(everyone).amax(dim=0).tolist()
+    return [torch.cat([t, t.new_zeros(size - t.numel())]) if size > t.numel() else t for t, size in zip(tensors, largest)]

@@ -1,0 +1,101 @@
+"""Error feedback: keep what a compressor did not send and add it to the next gradient.
+
+With residual memory, biased compressors such as top-k and sign converge like
+SGD (Stich et al. 2018, "Sparsified SGD with Memory"; Karimireddy et al. 2019,
+"Error Feedback Fixes SignSGD"). Nothing is lost: over any number of steps,
+what was sent plus the final residual equals the sum of the inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from gradkit.compression.base import Compressor, Payload
+from gradkit.compression.keyed_state import KeyedState, Layout, layout_for
+
+__all__ = ["ErrorFeedback"]
+
+
+class ErrorFeedback(Compressor):
+    """Wrap a compressor with a residual memory per key (parameter name).
+
+    ``compress(tensor, key)`` compresses ``tensor + residual[key]`` and keeps
+    ``(tensor + residual) - decompress(payload)`` as the new residual.
+
+    Args:
+        compressor: the compressor to wrap.
+
+    Memory: one residual as large as the compressed tensors.
+
+    Example:
+        >>> ef = gk.ErrorFeedback(gk.TopK(0.01))
+        >>> payload = ef.compress(grad, key="layer1.weight")
+        >>> sent = ef.decompress(payload)
+    """
+
+    keyed = True
+
+    def __init__(self, compressor: Compressor) -> None:
+        if not isinstance(compressor, Compressor) or isinstance(compressor, ErrorFeedback):
+            raise TypeError(f"ErrorFeedback wraps a compressor such as gk.TopK(0.01), got {compressor!r}")
+        self.compressor = compressor
+        self.linear = compressor.linear
+        self.sparse = compressor.sparse
+        self.variable_size = compressor.variable_size
+        self._residuals = KeyedState(["residual"])
+        self._pending: list[tuple[Tensor, Tensor]] = []
+
+    def compress(self, tensor: Tensor, key: str | Layout | None = None, *, commit: bool = True) -> Payload:
+        """Compress `tensor` plus the residual kept under `key`.
+
+        Args:
+            tensor: the tensor to compress (not modified).
+            key: the parameter name (or a bucket layout) the residual belongs to.
+            commit: store the new residual now; with False it is kept aside
+                until `commit()` (a step that turns out non-finite calls
+                `discard()` and the residual stays as it was).
+        """
+        tensor = self._check_input(tensor)
+        residual = self._residuals.get(layout_for(key, tensor), tensor.reshape(-1))["residual"]
+        corrected = tensor.reshape(-1) + residual
+        payload = self.compressor.compress(corrected)
+        new_residual = self.compressor.residual_(corrected, payload)
+        payload.shape = tensor.shape
+        if commit:
+            residual.copy_(new_residual)
+        else:
+            self._pending.append((residual, new_residual))
+        return payload
+
+    def commit(self) -> None:
+        """Keep the residuals of the compress calls made with ``commit=False``."""
+        for residual, new_residual in self._pending:
+            residual.copy_(new_residual)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        """Forget the residuals of the compress calls made with ``commit=False``."""
+        self._pending.clear()
+
+    def decompress(self, payload: Payload) -> Tensor:
+        return self.compressor.decompress(payload)
+
+    def residual(self, key: str | None = None) -> Tensor | None:
+        """The residual kept for a single-tensor `key` (None if nothing was kept)."""
+        return self._residuals.state_dict()["residual"].get("" if key is None else key)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"residuals": self._residuals.state_dict()["residual"], "compressor": self.compressor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or set(state) != {"residuals", "compressor"}:
+            raise ValueError("ErrorFeedback.load_state_dict expects the dict from ErrorFeedback.state_dict() (keys 'residuals', 'compressor')")
+        before = self.compressor.state_dict()
+        self.compressor.load_state_dict(state["compressor"])
+        try:
+            self._residuals.load_state_dict({"residual": state["residuals"]}, "ErrorFeedback")
+        except Exception:
+            self.compressor.load_state_dict(before)
+            raise

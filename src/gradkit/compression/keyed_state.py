@@ -1,0 +1,81 @@
+"""Per-parameter state of stateful compressors, kept flat per call site but saved by name.
+
+Error feedback, DGC and PowerSGD keep a tensor per parameter. Inside
+`gk.Average` they compress whole buckets, so the state is stored as one flat
+tensor per bucket (no gather/scatter per step) but saved and loaded per
+parameter name, so a checkpoint loads on any bucket layout.
+
+A *layout* names what a compressed tensor holds, with each part's shape:
+``(("w1", (20, 15)), ("b1", (20,)))`` for a bucket of two parameters,
+``(("w", tensor.shape),)`` for a single tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["KeyedState", "Layout", "layout_for", "sizes"]
+
+Layout = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def sizes(layout: Layout) -> list[int]:
+    return [int(torch.Size(shape).numel()) for _, shape in layout]
+
+
+def layout_for(key: str | Layout | None, tensor: Tensor) -> Layout:
+    """The layout of `tensor` under `key` (a name, a layout, or None for a nameless tensor)."""
+    if key is None:
+        return (("", tuple(tensor.shape)),)
+    if isinstance(key, str):
+        return ((key, tuple(tensor.shape)),)
+    total = sum(sizes(key))
+    if total != tensor.numel():
+        raise ValueError(f"key layout covers {total} entries but the tensor has {tensor.numel()}; pass the bucket's own layout")
+    return tuple(key)
+
+
+class KeyedState:
+    """Named flat tensors (e.g. "residual") per layout, saved per parameter name."""
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        self.fields = tuple(fields)
+        self._flat: dict[Layout, dict[str, Tensor]] = {}
+        self._loaded: dict[str, dict[str, Tensor]] = {}  # from a checkpoint, not yet placed
+
+    def get(self, layout: Layout, like: Tensor) -> dict[str, Tensor]:
+        """The flat state tensors of `layout` (zeros, or what a checkpoint held, at first use)."""
+        state = self._flat.get(layout)
+        if state is None:
+            state = {field: self._initial(layout, field, like) for field in self.fields}
+            self._flat[layout] = state
+        return state
+
+    def _initial(self, layout: Layout, field: str, like: Tensor) -> Tensor:
+        pieces = []
+        for (name, _), size in zip(layout, sizes(layout)):
+            saved = self._loaded.get(field, {}).pop(name, None)
+            pieces.append(saved.reshape(-1).to(like) if saved is not None else torch.zeros(size, dtype=like.dtype, device=like.device))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        saved: dict[str, dict[str, Tensor]] = {field: {k: v.clone() for k, v in self._loaded.get(field, {}).items()} for field in self.fields}
+        for layout, state in self._flat.items():
+            for field, flat in state.items():
+                for (name, _), piece in zip(layout, flat.split(sizes(layout))):
+                    saved[field][name] = piece.clone()
+        return saved
+
+    def load_state_dict(self, state: dict[str, Any], owner: str) -> None:
+        if not isinstance(state, dict) or set(state) != set(self.fields):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{owner}.load_state_dict: expected state fields {sorted(self.fields)}, got {got}")
+        for field, by_name in state.items():
+            if not isinstance(by_name, dict) or not all(isinstance(v, Tensor) for v in by_name.values()):
+                raise TypeError(f"{owner}.load_state_dict: {field!r} must map parameter names to tensors")
+        self._flat = {}
+        self._loaded = {field: dict(by_name) for field, by_name in state.items()}
