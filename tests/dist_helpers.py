@@ -135,19 +135,23 @@ def _worker(
 ) -> None:
     torch.set_num_threads(threads)
     if sys.platform.startswith("linux"):
-        # Gloo otherwise picks the interface of the host name, which sandboxes may not route.
+        # Gloo binds to the host name's interface by default; on one machine loopback always works.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        backend,
-        init_method=f"file://{os.path.join(folder, 'rendezvous')}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=pg_timeout),
-    )
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{os.path.join(folder, 'rendezvous')}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=pg_timeout),
+        )
+    except BaseException:
+        _record_failure(folder, rank)
+        raise
     try:
         result = fn(rank, world_size, *args)
     except BaseException:
-        Path(folder, f"error-{rank}.txt").write_text(f"{time.time()!r}\n{traceback.format_exc()}")
+        _record_failure(folder, rank)  # before the group goes down and fails the peers
         raise
     finally:
         dist.destroy_process_group()
@@ -155,3 +159,7 @@ def _worker(
     partial = os.path.join(folder, f"result-{rank}.pt.partial")
     torch.save(result, partial)
     os.replace(partial, os.path.join(folder, f"result-{rank}.pt"))
+
+
+def _record_failure(folder: str, rank: int) -> None:
+    Path(folder, f"error-{rank}.txt").write_text(f"{time.time()!r}\n{traceback.format_exc()}")

@@ -25,14 +25,21 @@ def group_tensors(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.d
     return groups
 
 
-def per_tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor]:
-    """The `norm_type`-norm of each tensor, as 0-d tensors in input order; no host sync."""
+def per_tensor_norms(
+    tensors: Sequence[Tensor], norm_type: float = 2.0, *, at_least: torch.dtype | None = None
+) -> list[Tensor]:
+    """The `norm_type`-norm of each tensor, as 0-d tensors in input order; no host sync.
+
+    With `at_least` (e.g. float32), low-precision tensors are reduced in that dtype
+    instead of having their norm rounded to their own dtype.
+    """
     norms: list[Tensor | None] = [None] * len(tensors)
-    for (device, _), (members, positions) in group_tensors(tensors).items():
+    for (device, dtype), (members, positions) in group_tensors(tensors).items():
+        out_dtype = None if at_least is None else torch.promote_types(dtype, at_least)
         if _foreach_supported(device):
-            group_norms = torch._foreach_norm(members, norm_type)
+            group_norms = torch._foreach_norm(members, norm_type, dtype=out_dtype)
         else:
-            group_norms = [torch.linalg.vector_norm(t, norm_type) for t in members]
+            group_norms = [torch.linalg.vector_norm(t, norm_type, dtype=out_dtype) for t in members]
         for position, norm in zip(positions, group_norms):
             norms[position] = norm
     return norms  # type: ignore[return-value]

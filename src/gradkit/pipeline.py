@@ -213,6 +213,7 @@ class GradientPipeline:
         self.sync.begin_reduction(local_items if local_items is not None else micro_steps, scale)
         self._reduction = (global_items, scale)
 
+    @torch.no_grad()
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
         if self._reduction is None:  # a flushed window: its last backward was not the boundary
             self._begin_reduction(self.window.items, self.window.micro_steps)

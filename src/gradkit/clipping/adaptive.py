@@ -164,7 +164,9 @@ class ZClip(ClipStage):
         # torch.where keeps the spike decision on the device; the division by z is
         # only selected where z > z_thresh > 0.
         applied = torch.where(spike, mean + self.z_thresh**2 * std / z, norm)
-        ctx.scale_(clip_coefficient(norm, applied))
+        # A step that is no spike is left exactly as it is: torch's coefficient
+        # norm / (norm + 1e-6) would shrink it, by half for a norm of 1e-6.
+        ctx.scale_(torch.where(spike, clip_coefficient(norm, applied), torch.ones_like(norm)))
         self._mean = self.alpha * mean + (1 - self.alpha) * applied
         self._var = self.alpha * var + (1 - self.alpha) * (applied - self._mean) ** 2
         self._count += 1
@@ -179,5 +181,8 @@ class ZClip(ClipStage):
             raise ValueError(f"ZClip.load_state_dict: warmup_norms has shape {tuple(warmup_norms.shape)}, expected ({self.warmup},); build ZClip with the warmup it was saved with")
         mean = state_tensor(state["mean"], "mean", "ZClip")
         var = state_tensor(state["var"], "var", "ZClip")
+        for name, value in (("mean", mean), ("var", var)):
+            if value.shape != ():
+                raise ValueError(f"ZClip.load_state_dict: {name} has shape {tuple(value.shape)}, expected a 0-d tensor; pass the state from ZClip.state_dict()")
         count = _checks.positive_int("count", state["count"], "pass the count from ZClip.state_dict()", minimum=0)
         self._warmup_norms, self._mean, self._var, self._count = warmup_norms.clone(), mean.clone(), var.clone(), count

@@ -22,6 +22,7 @@ __all__ = ["clip_grad_norm_", "clip_grad_value_", "grad_norms", "check_norm_type
 Parameters = Iterable[Tensor] | Tensor
 
 
+@torch.no_grad()  # like torch: gradients that require grad (create_graph=True) are scaled in place too
 def clip_grad_norm_(
     parameters: Parameters,
     max_norm: float,
@@ -59,10 +60,17 @@ def clip_grad_norm_(
     """
     max_norm = _checks.positive_number("max_norm", max_norm, "pass the largest gradient norm to allow, e.g. 1.0")
     norm_type = check_norm_type(norm_type)
-    grads = _grads_of(parameters)
-    if not grads:
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        total = _foreach.total_norm(_foreach.per_tensor_norms(grads, norm_type), norm_type)
+    elif group is None:
         return torch.tensor(0.0)
-    total = _foreach.total_norm(_foreach.per_tensor_norms(grads, norm_type), norm_type)
+    else:
+        # A shard without gradients still contributes (a zero) to the collective,
+        # or the other ranks would wait for it until the group's timeout.
+        like = params[0] if params and params[0].is_floating_point() else torch.zeros(())
+        total = torch.zeros((), device=like.device, dtype=like.dtype)
     if group is not None:
         total = reduce_norm(total, norm_type, group)
     if error_if_nonfinite and not torch.isfinite(total):
@@ -81,6 +89,7 @@ def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor) -> Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
+@torch.no_grad()
 def clip_grad_value_(parameters: Parameters, clip_value: float) -> None:
     """Clamp every gradient element to [-clip_value, clip_value] in place (torch's semantics).
 
@@ -94,6 +103,7 @@ def clip_grad_value_(parameters: Parameters, clip_value: float) -> None:
         torch._foreach_clamp_max_(members, clip_value)
 
 
+@torch.no_grad()
 def grad_norms(parameters: Parameters, norm_type: float = 2.0) -> Tensor:
     """One gradient norm per parameter that has a gradient, as a 1-D tensor; no host sync.
 
@@ -117,9 +127,10 @@ def reduce_norm(local_norm: Tensor, norm_type: float, group: dist.ProcessGroup) 
             "torch.distributed.init_process_group first, or pass group=None for unsharded parameters"
         )
     if math.isinf(norm_type):
-        combined = local_norm.clone()
+        # double on every rank, as below: shards may hold gradients of different dtypes.
+        combined = local_norm.double()
         dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=group)
-        return combined
+        return combined.to(local_norm.dtype)
     powered = local_norm.double() ** norm_type  # double: p-th powers of large norms overflow float32
     dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=group)
     return (powered ** (1.0 / norm_type)).to(local_norm.dtype)

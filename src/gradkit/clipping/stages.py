@@ -27,6 +27,7 @@ _MAX_NORM_FIX = "pass the largest gradient norm to allow, e.g. 1.0"
 class ClipStage:
     """Base of every norm-scaling stage: ``stage(ctx_or_parameters)`` clips in place."""
 
+    @torch.no_grad()
     def __call__(self, grads: GradContext | Iterable[Tensor] | Tensor) -> None:
         ctx = grads if isinstance(grads, GradContext) else GradContext.from_parameters(grads)
         if len(ctx):
@@ -70,8 +71,15 @@ class ClipByGlobalNorm(ClipStage):
         self.norm_type = check_norm_type(norm_type)
         self.group = group
 
+    @torch.no_grad()
+    def __call__(self, grads: GradContext | Iterable[Tensor] | Tensor) -> None:
+        ctx = grads if isinstance(grads, GradContext) else GradContext.from_parameters(grads)
+        # With a group, a rank whose shard has no gradient still joins the norm's all-reduce.
+        if len(ctx) or self.group is not None:
+            self.apply_(ctx)
+
     def apply_(self, ctx: GradContext) -> None:
-        if self.norm_type == 2.0:
+        if self.norm_type == 2.0 or not ctx.grads:
             total = ctx.total_norm()
         else:
             total = _foreach.total_norm(_foreach.per_tensor_norms(ctx.grads, self.norm_type), self.norm_type)
