@@ -15,14 +15,39 @@ from gradkit.clipping import ZClip
 from gradkit.clipping import clip_grad_norm_
 from gradkit.clipping import clip_grad_value_
 from gradkit.clipping import grad_norms
+from gradkit.compression import BF16
+from gradkit.compression import DGC
+from gradkit.compression import FP16
+from gradkit.compression import QSGD
+from gradkit.compression import Compressor
+from gradkit.compression import ErrorFeedback
+from gradkit.compression import Payload
+from gradkit.compression import PowerSGD
+from gradkit.compression import RandomK
+from gradkit.compression import SignSGD
+from gradkit.compression import Threshold
+from gradkit.compression import TopK
 from gradkit.context import GradContext
 from gradkit.distributed import CollectiveError
+from gradkit.integrations import ddp_comm_hook
 from gradkit.pipeline import GradientPipeline
 from gradkit.pipeline import StepReport
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BF16",
+    "DGC",
+    "FP16",
+    "QSGD",
+    "Compressor",
+    "ErrorFeedback",
+    "Payload",
+    "PowerSGD",
+    "RandomK",
+    "SignSGD",
+    "Threshold",
+    "TopK",
     "AGC",
     "Average",
     "AutoClip",
@@ -39,5 +64,6 @@ __all__ = [
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "ddp_comm_hook",
     "grad_norms",
 ]

@@ -76,7 +76,7 @@ class Compressor:
 
     def payload_for(self, tensors: list[Tensor], like: Payload) -> Payload:
         """A payload with other wire tensors (e.g. the sum over ranks) and `like`'s local facts."""
-        return Payload(tensors, like.shape, like.dtype, self, dict(like.meta))
+        return Payload(tensors, like.shape, like.dtype, like.owner, dict(like.meta))
 
     def commit(self) -> None:
         """Keep the state of deferred compress calls (stateless compressors: nothing)."""

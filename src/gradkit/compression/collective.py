@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,18 @@ class PendingReduce:
         for work in self._works:
             distributed.wait(work, self._what, self._timeout)
         return self._finish()
+
+    def as_future(self, then: Callable[[Tensor], Tensor]) -> torch.futures.Future[Tensor]:
+        """A future of ``then(sum)`` that completes when the collectives do (no waiting here)."""
+        futures = [work.get_future() for work in self._works]
+        done: torch.futures.Future[list[Any]] = torch.futures.collect_all(futures) if futures else _completed([])
+        return done.then(lambda _: then(self._finish()))
+
+
+def _completed(value: Any) -> torch.futures.Future[Any]:
+    future: torch.futures.Future[Any] = torch.futures.Future()
+    future.set_result(value)
+    return future
 
 
 def compress_keyed(compressor: Compressor, flat: Tensor, layout: Layout) -> Payload:

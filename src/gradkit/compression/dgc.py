@@ -105,12 +105,13 @@ class DGC(Compressor):
 
     def commit(self) -> None:
         """Keep the state of the compress calls made with ``commit=False``."""
-        for state, momentum, velocity, layout in self._pending:
+        # pop, not iterate-then-clear: DDP hooks may add entries from another thread meanwhile
+        while self._pending:
+            state, momentum, velocity, layout = self._pending.pop(0)
             state["momentum"].copy_(momentum)
             state["velocity"].copy_(velocity)
             for name, _ in layout:
                 self._steps[name] = self._steps.get(name, 0) + 1
-        self._pending.clear()
 
     def discard(self) -> None:
         self._pending.clear()

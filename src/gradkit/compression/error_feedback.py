@@ -71,9 +71,10 @@ class ErrorFeedback(Compressor):
 
     def commit(self) -> None:
         """Keep the residuals of the compress calls made with ``commit=False``."""
-        for residual, new_residual in self._pending:
+        # pop, not iterate-then-clear: DDP hooks may add entries from another thread meanwhile
+        while self._pending:
+            residual, new_residual = self._pending.pop(0)
             residual.copy_(new_residual)
-        self._pending.clear()
 
     def discard(self) -> None:
         """Forget the residuals of the compress calls made with ``commit=False``."""

@@ -123,11 +123,12 @@ class PowerSGD(Compressor):
         return PendingReduce(works, finish, nbytes, what, timeout)
 
     def commit(self) -> None:
-        for residual, new_residual, new_q in self._pending:
+        # pop, not iterate-then-clear: DDP hooks may add entries from another thread meanwhile
+        while self._pending:
+            residual, new_residual, new_q = self._pending.pop(0)
             residual.copy_(new_residual)
             if self.warm_start:
                 self._q.update({name: q.clone() for name, q in new_q.items()})
-        self._pending.clear()
 
     def discard(self) -> None:
         self._pending.clear()

@@ -1,0 +1,118 @@
+"""gradkit's compression as a DDP communication hook: one line for users already on DDP.
+
+    state, hook = gk.ddp_comm_hook(gk.TopK(0.01), model=ddp_model)
+    ddp_model.register_comm_hook(state, hook)
+
+DDP hands the hook each bucket's flat gradient (the sum of this rank's
+gradients for the bucket's parameters) and expects a future of the average
+over ranks. The hook compresses with the same machinery as `gk.Average`;
+error-feedback residuals are keyed by parameter name (or, without `model=`,
+by the order in which parameters are first seen), never by bucket index, so
+they survive DDP's bucket rebuild after the first iteration.
+"""
+
+# No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
+import datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gradkit import distributed
+from gradkit.averaging import _effective_compressor, _timeout
+from gradkit.compression.base import Compressor
+from gradkit.compression.collective import start_reduce
+
+__all__ = ["ddp_comm_hook", "CommHookState"]
+
+
+class CommHookState:
+    """The hook's state: the compressor (with its residuals), the group, parameter names."""
+
+    def __init__(self, compressor: Compressor | None, group: dist.ProcessGroup | None, names: dict[int, str], timeout: datetime.timedelta | None) -> None:
+        self.compressor = compressor
+        self.group = group
+        self.timeout = timeout
+        self._names = names
+        self.bytes_sent = 0
+
+    def name_of(self, param: Tensor) -> str:
+        name = self._names.get(id(param))
+        if name is None:  # no model given: name by first appearance, stable across rebuilds
+            name = self._names[id(param)] = f"param{len(self._names)}"
+        return name
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"compressor": self.compressor.state_dict() if self.compressor is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state["compressor"])
+
+
+def ddp_comm_hook(
+    compressor: Compressor | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    model: nn.Module | None = None,
+    error_feedback: bool | None = None,
+    timeout: float | None = None,
+) -> tuple[CommHookState, Any]:
+    """Build ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
+
+    Args:
+        compressor: a gradkit compressor; None all-reduces densely (like DDP's default).
+        group: the process group (default: the whole world).
+        model: the DDP model, to key residuals by parameter name (recommended).
+        error_feedback: as in `gk.Average`: biased compressors get it by default.
+        timeout: seconds to wait for a collective; None uses the group's.
+
+    Returns:
+        The state (with ``state_dict()``) and the hook.
+
+    Residuals are committed after every bucket: DDP does not tell the hook when
+    a step is skipped, so a NaN gradient would enter them; use
+    `gk.GradientPipeline` with `gk.Average` for skip-aware compression.
+
+    Example:
+        >>> state, hook = gk.ddp_comm_hook(gk.PowerSGD(rank=2), model=ddp_model)
+        >>> ddp_model.register_comm_hook(state, hook)
+    """
+    effective = _effective_compressor(compressor, error_feedback)
+    resolved = distributed.resolve_group(group, "gk.ddp_comm_hook")
+    if resolved is None:
+        raise ValueError("gk.ddp_comm_hook needs an initialized process group (DDP does too); call torch.distributed.init_process_group first")
+    names: dict[int, str] = {}
+    if model is not None:
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        names = {id(p): name for name, p in inner.named_parameters()}
+    state = CommHookState(effective, resolved, names, _timeout(timeout))
+    return state, _hook
+
+
+def _hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    flat = bucket.buffer()
+    world = dist.get_world_size(state.group)
+    what = f"gk.ddp_comm_hook: bucket {bucket.index()}"
+    if state.compressor is None:
+        state.bytes_sent = flat.numel() * flat.element_size()
+        averaged = flat.div_(world)
+        return dist.all_reduce(averaged, group=state.group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+    layout = tuple((state.name_of(p), tuple(p.shape)) for p in bucket.parameters())
+    pending = start_reduce(state.compressor, flat, layout, state.group, 1.0 / world, what, state.timeout)
+    state.bytes_sent = pending.nbytes
+    compressor = state.compressor
+
+    def finish(summed: Tensor) -> Tensor:
+        compressor.commit()
+        return summed.to(flat.dtype)
+
+    if hasattr(compressor, "start_reduce"):
+        # A second round of communication (PowerSGD) started from a future's callback
+        # thread could interleave with the next bucket's collectives differently on each
+        # rank; finishing here keeps one order on every rank, at the cost of overlap.
+        done: torch.futures.Future[Tensor] = torch.futures.Future()
+        done.set_result(finish(pending.wait()))
+        return done
+    return pending.as_future(finish)

@@ -1,0 +1,190 @@
+"""Compressed averaging on real processes (gloo on CPU): against dense averaging and DDP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradkit as gk
+from dist_helpers import run_workers
+from test_averaging import LR, data, full_batch_reference, make_model, max_diff, sum_loss
+
+WORLD = 2
+
+
+def train(rank: int, average: gk.Average | None, steps: int = 4, size: int = 6, model: nn.Module | None = None, lengths=None):
+    model = model if model is not None else make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    pipe = gk.GradientPipeline(model, average=average)
+    for step in range(steps):
+        n = lengths[rank][step] if lengths else size
+        x, y = data(rank, step, n)
+        pipe.backward(sum_loss(model, x, y), num_items=n)
+        pipe.step(opt)
+    return model, pipe
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def scenarios(rank: int, world: int) -> dict:
+    results = {}
+    dense, _ = train(rank, gk.Average(bucket_mb=0.002))
+
+    # TopK keeping everything is dense averaging, through the all-gather path and error feedback.
+    topk_all, pipe = train(rank, gk.Average(gk.TopK(1.0), bucket_mb=0.002))
+    results["topk_all_vs_dense"] = max_diff(topk_all, dense)
+
+    # Uneven items per rank: the weights make the compressed sum the global mean.
+    lengths = {0: [1, 9, 4, 2], 1: [13, 2, 5, 3]}
+    uneven, _ = train(rank, gk.Average(gk.TopK(1.0)), lengths=lengths)
+    reference = full_batch_reference([[data(r, step, lengths[r][step]) for r in range(world)] for step in range(4)])
+    results["uneven_topk_vs_full_batch"] = max_diff(uneven, reference)
+
+    # PowerSGD of rank 2 is exact when each rank's weight gradients have rank 1 (batch of 1).
+    power, _ = train(rank, gk.Average(gk.PowerSGD(rank=2)), size=1)
+    dense_b1, _ = train(rank, gk.Average(), size=1)
+    results["powersgd_vs_dense"] = max_diff(power, dense_b1)
+
+    # Every compressor leaves the replicas identical, and sends fewer bytes than dense.
+    results["replicas"] = {}
+    for name, compressor in [
+        ("topk", gk.TopK(0.05)),
+        ("randomk", gk.RandomK(0.1)),
+        ("threshold", gk.Threshold(0.5)),
+        ("dgc", gk.DGC(0.05)),
+        ("qsgd", gk.QSGD(8)),
+        ("sign", gk.SignSGD()),
+        ("fp16", gk.FP16()),
+        ("powersgd", gk.PowerSGD(1)),
+    ]:
+        model, pipe = train(rank, gk.Average(compressor, bucket_mb=0.002))
+        results["replicas"][name] = (params_of(model), pipe.last.bytes_sent)
+
+    # A NaN on one rank: every rank skips, residuals untouched.
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    average = gk.Average(gk.TopK(0.1))
+    pipe = gk.GradientPipeline(model, average=average)
+    stepped, residual_before, residual_after = [], None, None
+    for step in range(3):
+        x, y = data(rank, 300 + step, 4)
+        loss = sum_loss(model, x, y) / 4
+        if step == 1:
+            residual_before = average.state_dict()["compressor"]["residuals"]
+            if rank == 0:
+                loss = loss * float("nan")
+        pipe.backward(loss)
+        stepped.append(pipe.step(opt))
+        if step == 1:
+            residual_after = average.state_dict()["compressor"]["residuals"]
+    results["nan_stepped"] = stepped
+    results["nan_residual_kept"] = all(torch.equal(residual_before[k], residual_after[k]) for k in residual_before) and bool(residual_before)
+    results["nan_params"] = params_of(model)
+    return results
+
+
+@pytest.fixture(scope="module")
+def outcome():
+    return run_workers(scenarios, WORLD, timeout=240)
+
+
+def test_topk_keeping_everything_equals_dense(outcome):
+    assert all(rank["topk_all_vs_dense"] < 1e-12 for rank in outcome)
+
+
+def test_compressed_weighted_mean_is_the_full_batch_mean(outcome):
+    assert all(rank["uneven_topk_vs_full_batch"] < 1e-12 for rank in outcome)
+
+
+def test_powersgd_at_the_gradient_rank_equals_dense(outcome):
+    assert all(rank["powersgd_vs_dense"] < 1e-9 for rank in outcome)
+
+
+@pytest.mark.parametrize("name", ["topk", "randomk", "threshold", "dgc", "qsgd", "sign", "fp16", "powersgd"])
+def test_every_compressor_keeps_replicas_identical_and_sends_less(outcome, name):
+    params0, bytes0 = outcome[0]["replicas"][name]
+    params1, _ = outcome[1]["replicas"][name]
+    for a, b in zip(params0, params1):
+        assert torch.equal(a, b)
+    dense_bytes = sum(p.numel() * p.element_size() for p in params0)
+    assert 0 < bytes0 < dense_bytes
+
+
+def test_nan_on_one_rank_skips_everywhere_and_keeps_residuals(outcome):
+    assert outcome[0]["nan_stepped"] == outcome[1]["nan_stepped"] == [True, False, True]
+    assert all(rank["nan_residual_kept"] for rank in outcome)
+    for a, b in zip(outcome[0]["nan_params"], outcome[1]["nan_params"]):
+        assert torch.equal(a, b)
+
+
+# -- the DDP communication hook ---------------------------------------------------------
+
+
+def ddp_hooks(rank: int, world: int) -> dict:
+    results = {}
+    plain = DDP(make_model())
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=LR)
+    hooked = {}
+    for name, compressor in [("identity", None), ("topk_all", gk.TopK(1.0)), ("topk", gk.TopK(0.1)), ("powersgd", gk.PowerSGD(1))]:
+        model = DDP(make_model(), bucket_cap_mb=0.002)
+        state, hook = gk.ddp_comm_hook(compressor, model=model)
+        model.register_comm_hook(state, hook)
+        hooked[name] = (model, torch.optim.SGD(model.parameters(), lr=LR), state)
+    for step in range(4):
+        x, y = data(rank, step, 6)
+        for model, opt in [(plain, plain_opt)] + [(m, o) for m, o, _ in hooked.values()]:
+            opt.zero_grad()
+            (sum_loss(model, x, y) / 6).backward()
+            opt.step()
+    for name, (model, _, state) in hooked.items():
+        results[name] = (max_diff(model.module, plain.module), params_of(model.module), state.bytes_sent)
+    results["residual_names"] = sorted(hooked["topk"][2].state_dict()["compressor"]["residuals"])
+    return results
+
+
+@pytest.fixture(scope="module")
+def hook_outcome():
+    return run_workers(ddp_hooks, WORLD, timeout=180)
+
+
+def test_ddp_hook_identity_and_full_topk_equal_plain_ddp(hook_outcome):
+    for rank in hook_outcome:
+        assert rank["identity"][0] < 1e-12
+        assert rank["topk_all"][0] < 1e-12
+
+
+def test_ddp_hook_compressed_keeps_replicas_identical_with_named_residuals(hook_outcome):
+    for name in ("topk", "powersgd"):
+        for a, b in zip(hook_outcome[0][name][1], hook_outcome[1][name][1]):
+            assert torch.equal(a, b)
+        assert hook_outcome[0][name][0] > 0  # compression really changed the result
+    assert hook_outcome[0]["residual_names"] == ["0.bias", "0.weight", "2.bias", "2.weight", "4.bias", "4.weight"]
+
+
+# -- one process ------------------------------------------------------------------------
+
+
+def test_single_process_topk_gives_selective_updates():
+    model = make_model()
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    train(0, gk.Average(gk.TopK(0.1)), steps=1, model=model)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    changed = int((after != before).sum())
+    assert 0 < changed <= 0.16 * before.numel()  # about 10% per tensor (at most the 1.5x capacity)
+
+
+def test_compressor_arguments_are_checked():
+    with pytest.raises(TypeError, match="compressor must be"):
+        gk.Average("topk")
+    with pytest.raises(ValueError, match="error_feedback=True needs a compressor"):
+        gk.Average(error_feedback=True)
+    with pytest.raises(ValueError, match="process group"):
+        gk.ddp_comm_hook(gk.TopK(0.1))
+    assert isinstance(gk.Average(gk.TopK(0.1)).compressor, gk.ErrorFeedback)
+    assert not isinstance(gk.Average(gk.TopK(0.1), error_feedback=False).compressor, gk.ErrorFeedback)
+    assert isinstance(gk.Average(gk.DGC(0.1)).compressor, gk.DGC)
