@@ -63,7 +63,7 @@ def scenarios(rank: int, world: int) -> dict:
         ("powersgd", gk.PowerSGD(1)),
     ]:
         model, pipe = train(rank, gk.Average(compressor, bucket_mb=0.002))
-        results["replicas"][name] = (params_of(model), pipe.last.bytes_sent)
+        results["replicas"][name] = (params_of(model), pipe.last.bytes_sent, pipe.last.dense_bytes)
 
     # A NaN on one rank: every rank skips, residuals untouched.
     model = make_model()
@@ -107,12 +107,12 @@ def test_powersgd_at_the_gradient_rank_equals_dense(outcome):
 
 @pytest.mark.parametrize("name", ["topk", "randomk", "threshold", "dgc", "qsgd", "sign", "fp16", "powersgd"])
 def test_every_compressor_keeps_replicas_identical_and_sends_less(outcome, name):
-    params0, bytes0 = outcome[0]["replicas"][name]
-    params1, _ = outcome[1]["replicas"][name]
+    params0, bytes0, dense0 = outcome[0]["replicas"][name]
+    params1, _, _ = outcome[1]["replicas"][name]
     for a, b in zip(params0, params1):
         assert torch.equal(a, b)
-    dense_bytes = sum(p.numel() * p.element_size() for p in params0)
-    assert 0 < bytes0 < dense_bytes
+    assert dense0 == sum(p.numel() * p.element_size() for p in params0)
+    assert 0 < bytes0 < dense0
 
 
 def test_nan_on_one_rank_skips_everywhere_and_keeps_residuals(outcome):

@@ -136,6 +136,10 @@ class SyncControl:
         """Payload bytes this process sent for the last window."""
         return 0
 
+    def dense_bytes(self) -> int:
+        """What the last window's gradients would have taken uncompressed."""
+        return self.bytes_sent()
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

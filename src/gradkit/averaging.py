@@ -314,6 +314,9 @@ class Average(SyncControl):
     def bytes_sent(self) -> int:
         return self._bytes
 
+    def dense_bytes(self) -> int:
+        return sum(bucket.nbytes for bucket in self.buckets)
+
     def detach(self) -> None:
         """Remove the gradient hooks (the pipeline no longer uses this Average)."""
         for handle in self._handles:

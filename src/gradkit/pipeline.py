@@ -50,6 +50,8 @@ class StepReport:
         clip_coef: norm_after / total_norm (1 when nothing was clipped).
         skipped: True when the step was skipped for a non-finite gradient.
         bytes_sent: payload bytes this process sent to average the window (0 on one process).
+        dense_bytes: what the same gradients take uncompressed; ``dense_bytes / bytes_sent``
+            is the compression ratio.
         noise: gradient norms at two batch sizes, on windows the tracker measures (else None).
     """
 
@@ -61,6 +63,7 @@ class StepReport:
     clip_coef: Tensor
     skipped: Tensor
     bytes_sent: int = 0
+    dense_bytes: int = 0
     noise: NoiseSample | None = None
 
 
@@ -252,6 +255,7 @@ class GradientPipeline:
             clip_coef=torch.where(total_norm > 0, norm_after / total_norm, torch.ones_like(total_norm)),
             skipped=torch.tensor(skip),
             bytes_sent=self.sync.bytes_sent(),
+            dense_bytes=self.sync.dense_bytes(),
             noise=self._noise_sample(total_norm, items),
         )
         if self.tracker is not None:
