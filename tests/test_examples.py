@@ -1,0 +1,50 @@
+"""The examples run as documented (small sizes) and do what they say."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(*args: str, timeout: float = 180) -> str:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_examples_are_short(example):
+    lines = [line for line in (EXAMPLES / example).read_text().splitlines() if line.strip()]
+    assert len(lines) <= 45, f"{example} has {len(lines)} non-blank lines"
+
+
+def test_accumulation_example():
+    out = run(str(EXAMPLES / "accumulation.py"), "--steps", "50")
+    assert re.search(r"step 50: loss/token [\d.]+, tokens in window \d+", out)
+
+
+def test_clipping_example_tames_the_spike():
+    out = run(str(EXAMPLES / "clipping.py"), "--steps", "40")
+    before, after = map(float, re.search(r"step 37: norm ([\d.]+) -> ([\d.]+)", out).groups())
+    assert before > 10 * after and after <= 1.0 + 1e-3
+
+
+def test_compression_example_converges():
+    out = run(str(EXAMPLES / "compression.py"), "--steps", "120")
+    losses = [float(v) for v in re.findall(r"loss ([\d.]+)", out)]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_averaging_example_under_torchrun():
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "averaging.py"), "--steps", "10", "--compressor", "topk")
+    checksums = re.findall(r"rank (\d): done, parameter checksum (\S+)", out)
+    assert sorted(rank for rank, _ in checksums) == ["0", "1"]
+    assert checksums[0][1] == checksums[1][1]  # the replicas agree
