@@ -188,3 +188,42 @@ def test_compressor_arguments_are_checked():
     assert isinstance(gk.Average(gk.TopK(0.1)).compressor, gk.ErrorFeedback)
     assert not isinstance(gk.Average(gk.TopK(0.1), error_feedback=False).compressor, gk.ErrorFeedback)
     assert isinstance(gk.Average(gk.DGC(0.1)).compressor, gk.DGC)
+
+
+# -- native sparse gradients --------------------------------------------------------------
+
+
+class Bag(nn.Module):
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embedding = nn.Embedding(1000, 8, sparse=sparse, dtype=torch.float64)
+        self.head = nn.Linear(8, 2, dtype=torch.float64)
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens).mean(dim=1))
+
+
+def sparse_embeddings(rank: int, world: int, compressor) -> dict:
+    results = {}
+    models = {}
+    for sparse in (True, False):
+        model = Bag(sparse)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(compressor))
+        g = torch.Generator().manual_seed(50 + rank)
+        for _ in range(6):
+            tokens = torch.randint(0, 40 + 400 * rank, (4, 5), generator=g)  # ranks touch overlapping rows
+            target = torch.randn(4, 2, generator=g, dtype=torch.float64)
+            pipe.backward(((model(tokens) - target) ** 2).sum(), num_items=4)
+            pipe.step(opt)
+        models[sparse] = model
+        results[f"bytes_{sparse}"] = pipe.last.bytes_sent
+    results["sparse_vs_dense"] = max_diff(models[True], models[False])
+    return results
+
+
+def test_sparse_embedding_gradients_average_like_dense_ones():
+    for rank in run_workers(sparse_embeddings, WORLD, None, timeout=120):
+        assert rank["sparse_vs_dense"] < 1e-12
+        assert rank["bytes_True"] < rank["bytes_False"] / 10  # rows, not the whole table

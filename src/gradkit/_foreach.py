@@ -16,9 +16,13 @@ __all__ = ["group_tensors", "per_tensor_norms", "total_norm", "scale_"]
 
 
 def group_tensors(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
-    """Split `tensors` into lists of one (device, dtype), each with its original positions."""
+    """Split the dense `tensors` into lists of one (device, dtype), each with its original
+    positions. Sparse tensors (``nn.Embedding(sparse=True)`` gradients) are left out:
+    the foreach kernels do not take them, so callers treat them one by one."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
     for index, tensor in enumerate(tensors):
+        if tensor.is_sparse:
+            continue
         members, positions = groups.setdefault((tensor.device, tensor.dtype), ([], []))
         members.append(tensor)
         positions.append(index)
@@ -42,6 +46,10 @@ def per_tensor_norms(
             group_norms = [torch.linalg.vector_norm(t, norm_type, dtype=out_dtype) for t in members]
         for position, norm in zip(positions, group_norms):
             norms[position] = norm
+    for position, tensor in enumerate(tensors):
+        if tensor.is_sparse:  # repeated indices add up, so coalesce before measuring
+            out_dtype = None if at_least is None else torch.promote_types(tensor.dtype, at_least)
+            norms[position] = torch.linalg.vector_norm(tensor.coalesce().values(), norm_type, dtype=out_dtype)
     return norms  # type: ignore[return-value]
 
 
@@ -60,6 +68,9 @@ def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:
         else:
             for tensor in members:
                 tensor.mul_(local)
+    for tensor in tensors:
+        if tensor.is_sparse:
+            tensor.mul_(factor.to(tensor.device) if isinstance(factor, Tensor) else factor)
 
 
 def _foreach_supported(device: torch.device) -> bool:

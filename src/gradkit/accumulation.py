@@ -16,7 +16,7 @@ normalize once, at the boundary.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -108,8 +108,9 @@ class SyncControl:
     #: whether p.grad still holds this process's own window gradient when `reduce_` starts
     local_grads_at_boundary: bool = False
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
-        """Called once by the pipeline with the parameters it manages."""
+    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = ()) -> None:
+        """Called once by the pipeline with the parameters it manages (and the names of
+        those whose gradients are sparse)."""
 
     def set_sync(self, enabled: bool) -> None:
         """Say whether the *next* forward/backward ends a window (and may communicate)."""

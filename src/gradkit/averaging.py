@@ -11,7 +11,7 @@ of the bucket.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -70,14 +70,14 @@ class Bucket:
         return self.buffer.numel() * self.buffer.element_size()
 
 
-def plan_buckets(params: Sequence[Tensor], bucket_bytes: int, first_bucket_bytes: int) -> list[list[int]]:
+def plan_buckets(params: Sequence[Tensor], positions: Sequence[int], bucket_bytes: int, first_bucket_bytes: int) -> list[list[int]]:
     """Group parameter positions into buckets, in reverse order (gradients arrive roughly
     last-layer first during backward), one (device, dtype) per bucket, the first one small so
     that communication starts early."""
     buckets: list[list[int]] = []
     current: list[int] = []
     current_bytes = 0
-    for position in reversed(range(len(params))):
+    for position in reversed(positions):
         p = params[position]
         limit = first_bucket_bytes if not buckets else bucket_bytes
         same_kind = not current or (params[current[0]].device, params[current[0]].dtype) == (p.device, p.dtype)
@@ -152,7 +152,8 @@ class Average(SyncControl):
         self.launches: list[tuple[int, int]] = []  # (bucket, gradients ready at launch) of the last window
         self._launches: list[tuple[int, int]] = []
         self._params: list[Tensor] = []
-        self._bucket_of: list[Bucket] = []
+        self._bucket_of: dict[int, Bucket] = {}
+        self._sparse: list[int] = []
         self._armed = False
         self._next = 0
         self._fired: set[int] = set()
@@ -163,7 +164,7 @@ class Average(SyncControl):
         self._weight: Tensor | float = 1.0
         self._bad: Tensor | None = None
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = ()) -> None:
         self.group = distributed.resolve_group(self._group_arg, "gk.Average")
         self.world_size = distributed.world_size(self.group)
         self._names = list(names)
@@ -176,13 +177,13 @@ class Average(SyncControl):
         distributed.check_same_parameters(names, params, self.group, "gk.Average")
         distributed.broadcast_parameters(params, self.group, self.timeout)
         self._params = list(params)
-        plan = plan_buckets(self._params, int(self.bucket_mb * _MIB), int(self.first_bucket_mb * _MIB))
+        # Sparse gradients (nn.Embedding(sparse=True)) travel as (indices, rows), never densified.
+        self._sparse = [i for i, name in enumerate(names) if name in sparse]
+        dense = [i for i in range(len(self._params)) if i not in self._sparse]
+        plan = plan_buckets(self._params, dense, int(self.bucket_mb * _MIB), int(self.first_bucket_mb * _MIB))
         self.buckets = [Bucket(i, positions, self._params) for i, positions in enumerate(plan)]
-        self._bucket_of = [self.buckets[0]] * len(self._params)
-        for bucket in self.buckets:
-            for position in bucket.positions:
-                self._bucket_of[position] = bucket
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook_for(i)) for i, p in enumerate(self._params)]
+        self._bucket_of = {position: bucket for bucket in self.buckets for position in bucket.positions}
+        self._handles = [self._params[i].register_post_accumulate_grad_hook(self._hook_for(i)) for i in dense]
 
     def _hook_for(self, position: int):
         def on_gradient_ready(_: Tensor) -> None:
@@ -277,16 +278,39 @@ class Average(SyncControl):
                 bucket.buffer.copy_(bucket.pending.wait())
                 bucket.unpack(self._params, poison)
             self._bytes = sum(bucket.pending.nbytes for bucket in self.buckets if bucket.pending is not None)
+            scale = poison * scale
+        self._bytes += self._reduce_sparse(scale)
         self.launches = self._launches
         self._fired.clear()
         self._armed = False
         self._bad = None
+
+    def _reduce_sparse(self, scale: Tensor | float) -> int:
+        """Sum sparse gradients over ranks as (row indices, rows): returns the bytes sent."""
+        sent = 0
+        for position in self._sparse:
+            param, name = self._params[position], self._names[position]
+            grad = param.grad.coalesce() if param.grad is not None else None
+            indices = grad.indices()[0] if grad is not None else torch.zeros(0, dtype=torch.int64, device=param.device)
+            rows = grad.values().reshape(-1) if grad is not None else torch.zeros(0, dtype=param.dtype, device=param.device)
+            what = f"gk.Average: all-gather of the sparse gradient of {name!r}"
+            all_indices = distributed.all_gather_varying(indices, self.group, what, self.timeout)  # type: ignore[arg-type]
+            all_rows = distributed.all_gather_varying(rows, self.group, what, self.timeout)  # type: ignore[arg-type]
+            sent += indices.numel() * indices.element_size() + rows.numel() * rows.element_size()
+            summed = torch.sparse_coo_tensor(
+                torch.cat(all_indices).unsqueeze(0), torch.cat(all_rows).view(-1, *param.shape[1:]), param.shape
+            ).coalesce()  # rows that several ranks touched add up
+            param.grad = summed * (scale.to(summed.dtype) if isinstance(scale, Tensor) else scale)
+        return sent
 
     def _compress_locally(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
         """One process: the compressed gradient is what reaches the optimizer (selective updates)."""
         assert self.compressor is not None
         with_grad = [(name, p) for name, p in zip(self._names, params) if p.grad is not None]
         for name, p in with_grad:
+            if p.grad.is_sparse:  # sparse embedding rows are already selective: send them as they are
+                p.grad.mul_(scale)
+                continue
             flat = p.grad.reshape(-1) * (scale.to(p.grad) if isinstance(scale, Tensor) else scale)
             payload = compress_keyed(self.compressor, flat, ((name, tuple(p.shape)),))
             p.grad.copy_(self.compressor.decompress(payload).view_as(p.grad))
@@ -357,7 +381,7 @@ class ModelAverager(SyncControl):
         self.step = 0
         self._attached = False
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, broadcast: bool = True) -> None:
+    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), broadcast: bool = True) -> None:
         """Check that the ranks hold the same parameters and (by default) copy rank 0's
         values to all, so the replicas start equal; the pipeline calls it at setup."""
         self.group = distributed.resolve_group(self._group_arg, "gk.ModelAverager")

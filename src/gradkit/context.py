@@ -87,6 +87,9 @@ class GradContext:
         for (device, _), (members, positions) in _foreach.group_tensors(self.grads).items():
             local = factors.to(device)
             torch._foreach_mul_(members, [local[i] for i in positions])
+        for grad, factor in zip(self.grads, factors):
+            if grad.is_sparse:
+                grad.mul_(factor.to(grad.device))
         if self._norms is not None:
             self._norms = self._norms * factors.to(self._norms).abs()
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["resolve_group", "world_size", "wait", "check_same_parameters", "CollectiveError"]
+__all__ = ["resolve_group", "world_size", "wait", "run", "all_gather_varying", "check_same_parameters", "broadcast_parameters", "CollectiveError"]
 
 
 class CollectiveError(RuntimeError):
@@ -70,6 +70,20 @@ def run(collective, what: str, timeout: datetime.timedelta | None, *args, **kwar
     except Exception as error:
         raise CollectiveError(f"{what} could not start: {error}") from error
     wait(work, what, timeout)
+
+
+def all_gather_varying(tensor: Tensor, group: dist.ProcessGroup, what: str, timeout: datetime.timedelta | None) -> list[Tensor]:
+    """Every rank's 1-D `tensor`, whose lengths differ between ranks (two collectives:
+    the lengths, then the padded data)."""
+    world = dist.get_world_size(group)
+    length = torch.tensor([tensor.numel()], dtype=torch.int64, device=tensor.device)
+    lengths = [torch.empty_like(length) for _ in range(world)]
+    run(dist.all_gather, f"{what} (sizes)", timeout, lengths, length, group=group)
+    sizes = torch.cat(lengths).tolist()  # the host must know the sizes to allocate
+    padded = torch.cat([tensor, tensor.new_zeros(max(sizes) - tensor.numel())])
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    run(dist.all_gather, what, timeout, gathered, padded, group=group)
+    return [g[:size] for g, size in zip(gathered, sizes)]
 
 
 def check_same_parameters(names: Sequence[str], params: Sequence[Tensor], group: dist.ProcessGroup, owner: str) -> None:

@@ -131,7 +131,7 @@ class GradientPipeline:
         self.tracker = tracker
         self.scaler = scaler
         self.sync: SyncControl = average if average is not None else sync_control_for(model)
-        self.sync.attach(self.names, self.params)
+        self.sync.attach(self.names, self.params, sparse=_sparse_gradient_names(model))
         if tracker is not None and callable(getattr(tracker, "attach", None)):
             module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
             tracker.attach(module if isinstance(module, nn.Module) else None, self.names, self.params)
@@ -393,6 +393,19 @@ class GradientPipeline:
                 got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
                 raise ValueError(f"GradientPipeline.load_state_dict: gradient {name!r} has shape {got}, the parameter has {tuple(shapes[name])}")
         return grads
+
+
+def _sparse_gradient_names(model: object) -> set[str]:
+    """Names of parameters whose gradients are sparse (embeddings built with sparse=True)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if not isinstance(model, nn.Module):
+        return set()
+    return {
+        f"{prefix}.weight" if prefix else "weight"
+        for prefix, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+    }
 
 
 def _load_all_or_nothing(parts: list[tuple[Any, dict[str, Any]]]) -> None:
