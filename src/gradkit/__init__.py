@@ -32,6 +32,7 @@ from gradkit.distributed import CollectiveError
 from gradkit.integrations import ddp_comm_hook
 from gradkit.pipeline import GradientPipeline
 from gradkit.pipeline import StepReport
+from gradkit.tracking import Tracker
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ __all__ = [
     "GradientPipeline",
     "ModelAverager",
     "StepReport",
+    "Tracker",
     "ZClip",
     "__version__",
     "clip_grad_norm_",

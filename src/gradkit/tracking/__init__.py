@@ -1,0 +1,16 @@
+"""Gradient tracking: per-layer statistics over time, alerts, noise scale, logs and a report.
+
+- `tracker`: `Tracker`, the observer a `GradientPipeline` calls (or `tracker.track(model)` by hand).
+- `stats`: per-parameter statistics on the device, per-module summaries on the host.
+- `alerts`: `AlertRules` (vanishing, exploding, dead) and the `Alert` record.
+- `nonfinite`: hooks that name the first module, in backward order, producing NaN/Inf.
+- `noise_scale`: the gradient noise scale B_simple (McCandlish et al. 2018) and batch-size advice.
+- `writers`: JSONL (the durable log and its schema) and TensorBoard.
+- `report`: the HTML report behind ``gradkit report RUN_DIR``.
+"""
+
+from gradkit.tracking.alerts import Alert, AlertRules
+from gradkit.tracking.noise_scale import NoiseScale, batch_advice
+from gradkit.tracking.tracker import Tracker
+
+__all__ = ["Alert", "AlertRules", "NoiseScale", "Tracker", "batch_advice"]

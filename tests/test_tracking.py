@@ -1,0 +1,281 @@
+"""Tracker core: statistics against a direct computation, no host reads between logs, JSONL schema, state, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradkit as gk
+from gradkit.tracking.writers import STAT_FIELDS, STEP_FIELDS, GLOBAL_FIELDS, NOISE_FIELDS, read_jsonl, schema_errors
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "tracking.md"
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2)).double()
+
+
+def batches(count: int, size: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 6, generator=g).double(), torch.randn(size, 2, generator=g).double()) for _ in range(count)]
+
+
+def train(pipe, model, opt, data):
+    for x, y in data:
+        pipe.backward(((model(x) - y) ** 2).sum(), num_items=x.shape[0])
+        pipe.step(opt)
+
+
+class Capture(gk.Tracker):
+    """A Tracker that also keeps copies of what it was shown on logging steps."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = {}
+
+    def observe(self, ctx, report):
+        if self.wants(report.step):
+            self.seen[report.step] = {
+                "grads": [g.clone() for g in ctx.grads],
+                "before": [p.detach().clone() for p in ctx.params],
+                "coef": float(report.clip_coef),
+            }
+        super().observe(ctx, report)
+
+    def after_step(self, ctx, report):
+        if report.step in self.seen:
+            self.seen[report.step]["after"] = [p.detach().clone() for p in ctx.params]
+        super().after_step(ctx, report)
+
+
+def direct(grads, before, after):
+    """Per-tensor statistics computed the obvious way."""
+    out = []
+    for g, w0, w1 in zip(grads, before, after):
+        out.append({
+            "norm": float(g.norm()), "max_abs": float(g.abs().max()), "rms": float(g.pow(2).mean().sqrt()),
+            "zero_frac": float((g == 0).double().mean()), "weight_norm": float(w0.norm()),
+            "grad_to_weight": float(g.norm() / w0.norm()), "update_to_weight": float((w1 - w0).norm() / w0.norm()),
+            "sq": float(g.pow(2).sum()), "w_sq": float(w0.pow(2).sum()), "d_sq": float((w1 - w0).pow(2).sum()), "numel": g.numel(),
+        })  # fmt: skip
+    return out
+
+
+def test_statistics_equal_a_direct_per_parameter_and_per_module_computation():
+    model = make_model()
+    with torch.no_grad():
+        model[2].weight[:, :5] = 0.0  # hidden units 0-4 feed nothing: their rows of 0.weight get exact-zero gradients
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tracker = Capture(every=2)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(0.3), tracker=tracker)
+    train(pipe, model, opt, batches(8))
+    assert [r["step"] for r in tracker.history] == [1, 2, 4]
+    names = [n for n, _ in model.named_parameters()]
+    for record in tracker.history:
+        seen = tracker.seen[record["step"]]
+        expected = direct(seen["grads"], seen["before"], seen["after"])
+        for name, e in zip(names, expected):
+            got = record["params"][name]
+            for key in ("norm", "max_abs", "rms", "zero_frac", "weight_norm", "grad_to_weight", "update_to_weight"):
+                assert got[key] == pytest.approx(e[key], rel=1e-9, abs=1e-15), (name, key)
+            assert got["norm_pre_clip"] == pytest.approx(e["norm"] / seen["coef"], rel=1e-9)
+            assert got["nan"] == got["inf"] == 0 and got["numel"] == e["numel"]
+        for module in ("0", "2"):
+            members = [e for n, e in zip(names, expected) if n.startswith(module + ".")]
+            got = record["modules"][module]
+            numel = sum(e["numel"] for e in members)
+            assert got["norm"] == pytest.approx(math.sqrt(sum(e["sq"] for e in members)), rel=1e-9)
+            assert got["max_abs"] == pytest.approx(max(e["max_abs"] for e in members), rel=1e-12)
+            assert got["rms"] == pytest.approx(math.sqrt(sum(e["sq"] for e in members) / numel), rel=1e-9)
+            assert got["zero_frac"] == pytest.approx(sum(e["zero_frac"] * e["numel"] for e in members) / numel, rel=1e-12)
+            w = math.sqrt(sum(e["w_sq"] for e in members))
+            assert got["update_to_weight"] == pytest.approx(math.sqrt(sum(e["d_sq"] for e in members)) / w, rel=1e-9)
+    assert tracker.history[0]["params"]["0.weight"]["zero_frac"] > 0
+    last = tracker.history[-1]["global"]
+    assert last["clip_coef"] < 1 and last["clipped_steps"] == 2 and last["clip_rate"] == 1.0
+    assert tracker.history[-1]["steps_since_log"] == 2
+
+
+def test_standalone_track_counts_nan_and_inf_and_completes_the_update_ratio():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = gk.Tracker(every=1)
+    x, y = batches(1)[0]
+    ((model(x) - y) ** 2).mean().backward()
+    tracker.track(model, items=8)
+    opt.step()
+    tracker.after_step()
+    record = tracker.history[-1]
+    assert record["step"] == 1 and record["global"]["items"] == 8
+    assert record["modules"]["0"]["update_to_weight"] > 0
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    model[2].bias.grad[0] = float("nan")
+    model[2].weight.grad[0, :3] = float("inf")
+    tracker.track(model)
+    tracker.close()
+    bad = tracker.history[-1]
+    assert bad["params"]["2.bias"]["nan"] == 1 and bad["params"]["2.weight"]["inf"] == 3
+    assert bad["modules"]["2"]["nan"] == 1 and bad["modules"]["2"]["inf"] == 3
+    assert bad["global"]["skipped"] is True and bad["global"]["norm"] is None  # non-finite values are null in JSON
+    assert [(a.kind, a.name) for a in tracker.last_alerts] == [("nonfinite", "2")]
+
+
+def count_host_reads(monkeypatch):
+    counter = {"n": 0}
+    for method in ("item", "tolist", "__bool__", "numpy", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _original=original, **kwargs):
+            counter["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    return counter
+
+
+def test_non_logging_steps_make_no_host_reads(monkeypatch):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = gk.Tracker(every=4)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=[gk.ClipByGlobalNorm(0.5), gk.ZClip(warmup=1)], tracker=tracker)
+    data = batches(16)
+    losses_per_step = []
+    counter = count_host_reads(monkeypatch)
+    inside = {"n": 0}
+    for name in ("wants", "observe", "after_step"):
+        method = getattr(tracker, name)
+
+        def wrapped(*args, _method=method, **kwargs):
+            before = counter["n"]
+            result = _method(*args, **kwargs)
+            inside["n"] += counter["n"] - before
+            return result
+
+        setattr(tracker, name, wrapped)
+    for i in range(0, 16, 2):
+        before, before_inside = counter["n"], inside["n"]
+        train(pipe, model, opt, data[i : i + 2])
+        losses_per_step.append((pipe.steps, counter["n"] - before, inside["n"] - before_inside))
+    for step, total, in_tracker in losses_per_step:
+        if step in (1, 4, 8):
+            assert in_tracker >= 1, step  # logging steps read (so the counter does see the tracker)
+        else:
+            assert in_tracker == 0, step
+            assert total == 1, step  # only the pipeline's own finiteness read
+    assert [r["step"] for r in tracker.history] == [1, 4, 8]
+    assert tracker.history[-1]["global"]["clipped_steps"] == 4  # counted on the device between logs
+
+
+def test_jsonl_records_follow_the_documented_schema(tmp_path):
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    tracker = gk.Tracker(tmp_path, every=1, meta={"max_norm": 1.0})
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(1.0), tracker=tracker)
+    train(pipe, model, opt, batches(6))
+    tracker.close()
+    lines = (tmp_path / "tracking.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # strict JSON: no NaN literals
+    assert records[0]["type"] == "run" and records[0]["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert [r["step"] for r in records[1:]] == [1, 2, 3]
+    for record in records:
+        assert schema_errors(record) == [], record
+    assert records[-1]["noise"]["b_simple"] is None or records[-1]["noise"]["b_simple"] > 0
+    assert records[1:] == tracker.history
+    doc = DOCS.read_text()
+    for fields in (STEP_FIELDS, GLOBAL_FIELDS, STAT_FIELDS, NOISE_FIELDS):
+        for key in fields:
+            assert f"`{key}`" in doc, f"docs/tracking.md does not document {key!r}"
+
+
+def test_schema_check_catches_a_bad_record():
+    record = {"type": "step", "schema": "x", "step": "one"}
+    assert schema_errors(record)
+
+
+def test_truncated_jsonl_line_is_skipped_with_a_warning(tmp_path):
+    path = tmp_path / "tracking.jsonl"
+    path.write_text('{"type": "run"}\n{"type": "step", "step": 1}\n{"type": "step", "st')
+    with pytest.warns(UserWarning, match="line 3"):
+        records = read_jsonl(path)
+    assert [r["type"] for r in records] == ["run", "step"]
+
+
+def test_state_dict_round_trips_and_resumes_identically(tmp_path):
+    def fresh():
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        tracker = gk.Tracker(every=2)
+        return model, opt, tracker, gk.GradientPipeline(model, accumulation_steps=2, tracker=tracker)
+
+    data = batches(12)
+    model, opt, tracker, pipe = fresh()
+    train(pipe, model, opt, data)
+    reference = tracker.history[-1]
+
+    model, opt, tracker, pipe = fresh()
+    train(pipe, model, opt, data[:6])
+    torch.save({"tracker": tracker.state_dict(), "pipe": pipe.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    model, opt, tracker, pipe = fresh()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    pipe.load_state_dict(state["pipe"])
+    tracker.load_state_dict(state["tracker"])
+    train(pipe, model, opt, data[6:])
+    resumed = tracker.history[-1]
+    assert resumed["step"] == reference["step"] == 6
+    assert resumed["noise"]["g2"] == pytest.approx(reference["noise"]["g2"], rel=1e-9)
+    assert resumed["modules"]["0"]["norm"] == pytest.approx(reference["modules"]["0"]["norm"], rel=1e-9)
+    with pytest.raises(ValueError, match="missing keys"):
+        tracker.load_state_dict({"step": 1})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"every": 0}, ValueError, "every must be >= 1"),
+        ({"every": 2.5}, TypeError, "every must be an integer"),
+        ({"every": "10"}, TypeError, "every=10"),
+        ({"writers": ("jsonl", "csv")}, ValueError, "unknown writer 'csv'"),
+        ({"writers": 3}, TypeError, "writers must be"),
+        ({"meta": {"f": object()}}, ValueError, "meta must hold JSON"),
+        ({"noise_beta": 1.0}, ValueError, "noise_beta"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        gk.Tracker(**kwargs)
+
+
+def test_unwritable_log_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"log_dir .*a_file.* is not writable.*log_dir=None"):
+        gk.Tracker(blocker / "run")
+
+
+def test_track_without_a_model_first_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"track\(model\)"):
+        gk.Tracker().track()
+
+
+def test_gather_collects_every_rank_on_logging_steps(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = make_model()
+        tracker = gk.Tracker(every=1, gather=True)
+        pipe = gk.GradientPipeline(model, tracker=tracker)
+        train(pipe, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2))
+        ranks = tracker.history[-1]["ranks"]
+        assert len(ranks) == 1 and ranks[0]["0"] == pytest.approx(tracker.history[-1]["modules"]["0"]["norm_pre_clip"])
+    finally:
+        dist.destroy_process_group()

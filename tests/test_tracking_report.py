@@ -1,0 +1,92 @@
+"""TensorBoard events read back, the HTML report of a real run, and `gradkit report` errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import gradkit as gk
+from gradkit.cli import main
+from gradkit.tracking.report import SECTIONS, build_report
+
+
+def tracked_run(log_dir, writers=("jsonl",), steps=12):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = gk.Tracker(log_dir, every=2, writers=writers, meta={"max_norm": 0.5})
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(0.5), tracker=tracker)
+    g = torch.Generator().manual_seed(1)
+    for i in range(2 * steps):
+        x, y = torch.randn(8, 8, generator=g), torch.randn(8, 2, generator=g)
+        loss = ((model(x) - y) ** 2).sum()
+        if i == 9:
+            loss = loss * float("nan")  # one skipped step, to be marked in the report
+        pipe.backward(loss, num_items=8)
+        pipe.step(opt)
+    tracker.close()
+    return tracker
+
+
+def test_tensorboard_events_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracker = tracked_run(tmp_path, writers=("jsonl", "tensorboard"), steps=6)
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"global/norm_pre_clip", "global/clip_rate", "grad_norm/0", "update_to_weight/2"} <= set(tags["scalars"])
+    norms = events.Scalars("global/norm_pre_clip")
+    assert [e.step for e in norms] == [r["step"] for r in tracker.history]
+    assert norms[-1].value == pytest.approx(tracker.history[-1]["global"]["norm_pre_clip"], rel=1e-6)
+    assert {"grad/0", "grad/2"} <= set(tags["histograms"])
+    hist = events.Histograms("grad/0")[-1].histogram_value
+    assert hist.num == 8 * 16 + 16 and sum(hist.bucket) == pytest.approx(hist.num)
+
+
+def test_report_from_a_real_run_has_every_section_and_plot(tmp_path):
+    tracked_run(tmp_path)
+    out = build_report(tmp_path)
+    assert out == tmp_path / "report.html"
+    page = out.read_text()
+    for sid in SECTIONS:
+        assert f'id="{sid}"' in page
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == len(SECTIONS) - 1
+    assert "nonfinite" in page  # the skipped step's alert is in the table
+    assert "http" not in page.replace("http-equiv", "")  # self-contained
+
+
+def test_cli_report_writes_the_page_and_python_m_works(tmp_path, capsys):
+    tracked_run(tmp_path, steps=4)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").is_file()
+    result = subprocess.run([sys.executable, "-m", "gradkit", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "gradkit" in result.stdout
+
+
+def test_cli_report_on_an_empty_directory_fails_with_a_message(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gradkit", "report", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "no run in" in result.stderr and "tracking.jsonl" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_report_on_a_log_without_steps_fails(tmp_path, capsys):
+    (tmp_path / "tracking.jsonl").write_text('{"type": "run"}\n{"type": "step", "ste')
+    with pytest.warns(UserWarning, match="line 2"):
+        assert main(["report", str(tmp_path)]) == 2
+    assert "no logged steps" in capsys.readouterr().err
+
+
+def test_report_skips_a_truncated_last_line(tmp_path):
+    tracked_run(tmp_path, steps=4)
+    with (tmp_path / "tracking.jsonl").open("a") as file:
+        file.write('{"type": "step", "step": 99, "glo')
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        page = build_report(tmp_path).read_text()
+    assert "3 logged steps (1 to 4)" in page  # steps 1, 2, 4 (every=2); the broken line is gone
