@@ -72,7 +72,7 @@ def test_statistics_equal_a_direct_per_parameter_and_per_module_computation():
     with torch.no_grad():
         model[2].weight[:, :5] = 0.0  # hidden units 0-4 feed nothing: their rows of 0.weight get exact-zero gradients
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    tracker = Capture(every=2)
+    tracker = Capture(every=2, detail_every=2)
     pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(0.3), tracker=tracker)
     train(pipe, model, opt, batches(8))
     assert [r["step"] for r in tracker.history] == [1, 2, 4]
@@ -279,3 +279,19 @@ def test_gather_collects_every_rank_on_logging_steps(tmp_path):
         assert len(ranks) == 1 and ranks[0]["0"] == pytest.approx(tracker.history[-1]["modules"]["0"]["norm_pre_clip"])
     finally:
         dist.destroy_process_group()
+
+
+def test_logged_steps_between_detail_steps_reuse_the_cached_norms_only():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = gk.Tracker(every=1, detail_every=5)
+    pipe = gk.GradientPipeline(model, tracker=tracker)
+    for x, y in batches(6):
+        pipe.backward(((model(x) - y) ** 2).mean())
+        pipe.step(opt)
+    tracker.close()
+    details = [record["detail"] for record in tracker.history]
+    assert details == [True, False, False, False, True, False]
+    cheap, full = tracker.history[1]["params"]["0.weight"], tracker.history[4]["params"]["0.weight"]
+    assert cheap["norm"] > 0 and cheap["max_abs"] is None and cheap["update_to_weight"] is None
+    assert full["max_abs"] > 0 and full["update_to_weight"] > 0

@@ -36,7 +36,7 @@ def host_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def param_stats(grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor, pre_clip: Tensor | None) -> Tensor:
+def param_stats(grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor, pre_clip: Tensor | None, *, detail: bool = True) -> Tensor:
     """A (P, len(COLUMNS)) tensor of statistics, one row per parameter, on ``norms.device``; no host sync.
 
     Args:
@@ -44,11 +44,17 @@ def param_stats(grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor
         params: the parameters (weights before the update).
         norms: per-parameter L2 norms of `grads` (the step's cached ``ctx.norms()``).
         pre_clip: the norms before clipping (``ctx.pre_clip_norms``), or None for `norms`.
+        detail: also max |g|, the nonzero count and the weight norm; otherwise
+            those columns are NaN and the call costs nothing but the cached norms.
 
-    Cost: three passes (max |g|, nonzero count, weight norm), no copies.
+    Cost: with `detail`, three passes (max |g|, nonzero count, weight norm), no copies.
     """
     device = norms.device
     dtype = host_dtype(device)
+    if not detail:
+        base = (pre_clip if pre_clip is not None else norms).to(device, dtype)
+        missing = torch.full((len(grads), len(COLUMNS) - 2), math.nan, device=device, dtype=dtype)
+        return torch.cat([base.unsqueeze(1), norms.to(device, dtype).unsqueeze(1), missing], dim=1)
     max_abs = [_max_abs(g) for g in grads]
     weight = _foreach.per_tensor_norms([p.detach() for p in params], 2.0, at_least=torch.float32)
     nonzero = [torch.count_nonzero(g) for g in grads]

@@ -52,6 +52,12 @@ class Tracker:
         log_dir: where the writers write (created if needed); None keeps only
             the in-memory `history`.
         every: log step 1 and every `every`-th optimizer step (an int >= 1).
+        detail_every: on logging steps that are multiples of it (and step 1),
+            also measure what costs passes over all gradients and weights: max |g|,
+            the zero fraction, ||w|| (so ||g||/||w||), ||Δw||/||w|| and histograms.
+            Other logging steps reuse the step's cached norms only (norms, clip,
+            skips, alerts, noise scale). Default ``max(every, 10)``; pass
+            ``detail_every=every`` for full statistics on every logged step.
         writers: any of "jsonl" (``log_dir/tracking.jsonl``) and "tensorboard".
         alerts: thresholds of the alert rules (`AlertRules`); None for defaults.
         noise_beta: EMA decay of the noise-scale estimates, per measured window.
@@ -96,6 +102,7 @@ class Tracker:
         log_dir: str | Path | None = None,
         *,
         every: int = 1,
+        detail_every: int | None = None,
         writers: Sequence[str] = ("jsonl",),
         alerts: AlertRules | None = None,
         noise_beta: float = 0.95,
@@ -105,6 +112,11 @@ class Tracker:
         meta: dict[str, Any] | None = None,
     ) -> None:
         self.every = _checks.positive_int("every", every, "log every N-th optimizer step, e.g. every=10")
+        self.detail_every = (
+            max(self.every, 10)
+            if detail_every is None
+            else _checks.positive_int("detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10")
+        )
         self.writer_names = check_writers(writers)
         if alerts is not None and not isinstance(alerts, AlertRules):
             raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(alerts).__name__}")
@@ -311,8 +323,9 @@ class Tracker:
         norms = ctx.norms() if len(ctx) else torch.zeros(0, device=report.total_norm.device)
         device = norms.device
         dtype = _stats.host_dtype(device)
+        detail = step == 1 or step % self.detail_every == 0 or bool(report.skipped)
         table = (
-            _stats.param_stats(ctx.grads, ctx.params, norms, ctx.pre_clip_norms)
+            _stats.param_stats(ctx.grads, ctx.params, norms, ctx.pre_clip_norms, detail=detail)
             if len(ctx)
             else torch.zeros(0, len(_stats.COLUMNS), device=device, dtype=dtype)
         )
@@ -341,6 +354,7 @@ class Tracker:
             "step": step,
             "time": time.time(),
             "steps_since_log": self._since,
+            "detail": detail,
             "global": {
                 "norm_pre_clip": norm_pre, "norm": norm_after, "clip_coef": clip_coef,
                 "clipped_steps": int(clipped_n), "clip_rate": clipped_n / max(self._since, 1),
@@ -361,10 +375,10 @@ class Tracker:
         self._raise_alerts(alerts)
         self.last_alerts = alerts
         histograms = None
-        if self._writers and "tensorboard" in self.writer_names and len(ctx):
+        if detail and self._writers and "tensorboard" in self.writer_names and len(ctx):
             histograms = _stats.histograms(ctx.names, ctx.grads, modules, self.histogram_bins)
         before = None
-        if self.update_ratio and not skipped and len(ctx):
+        if detail and self.update_ratio and not skipped and len(ctx):
             before = [p.detach().clone() for p in ctx.params]  # held until after_step: one copy of the weights
         self._pending = {"record": record, "names": list(ctx.names), "params": list(ctx.params), "before": before, "histograms": histograms}
         self._reset_counters()

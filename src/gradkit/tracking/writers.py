@@ -25,7 +25,7 @@ WRITERS = ("jsonl", "tensorboard")
 RUN_FIELDS = {"type": str, "schema": str, "version": str, "time": float, "every": int, "params": list, "modules": list, "meta": dict}
 #: keys of a step record ("type": "step"); None marks fields that may be null
 STEP_FIELDS = {
-    "type": str, "schema": str, "step": int, "time": float, "steps_since_log": int,
+    "type": str, "schema": str, "step": int, "time": float, "steps_since_log": int, "detail": bool,
     "global": dict, "modules": dict, "params": dict, "noise": (dict, None), "alerts": list, "ranks": (list, None),
 }  # fmt: skip
 GLOBAL_FIELDS = {
@@ -36,7 +36,7 @@ GLOBAL_FIELDS = {
 #: keys of each entry of "modules" and "params"
 STAT_FIELDS = {
     "norm_pre_clip": (float, None), "norm": (float, None), "max_abs": (float, None), "rms": (float, None),
-    "zero_frac": float, "nan": int, "inf": int, "numel": int, "weight_norm": (float, None),
+    "zero_frac": (float, None), "nan": int, "inf": int, "numel": int, "weight_norm": (float, None),
     "grad_to_weight": (float, None), "update_to_weight": (float, None),
 }  # fmt: skip
 NOISE_FIELDS = {
