@@ -81,7 +81,7 @@ class GradientPipeline:
             `step`?), ``observe(ctx, report)`` after the clip stages and before
             ``optimizer.step`` (final gradients, weights before the update),
             ``after_step(ctx, report)`` after it, and optionally
-            ``attach(module_or_None, names, params)`` once at setup.
+            ``attach(module_or_None, names, params, clip=stages)`` once at setup.
         scaler: a ``torch.amp.GradScaler``: the loss is scaled in `backward`, the
             gradients unscaled exactly once at the boundary, before clipping.
         nonfinite: ``"skip"`` (default) skips the optimizer step when the gradient
@@ -134,7 +134,7 @@ class GradientPipeline:
         self.sync.attach(self.names, self.params, sparse=_sparse_gradient_names(model))
         if tracker is not None and callable(getattr(tracker, "attach", None)):
             module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-            tracker.attach(module if isinstance(module, nn.Module) else None, self.names, self.params)
+            tracker.attach(module if isinstance(module, nn.Module) else None, self.names, self.params, clip=self.clip)
         self.window = Window()
         self.steps = 0
         self.skipped_steps = 0

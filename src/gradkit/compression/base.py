@@ -123,8 +123,8 @@ def check_density(density: object) -> float:
 
 
 def count_for(density: float, numel: int) -> int:
-    """How many entries a density keeps of `numel` (at least one)."""
-    return max(1, min(numel, int(round(density * numel))))
+    """How many entries a density keeps of `numel` (at least one, none of an empty tensor)."""
+    return min(numel, max(1, int(round(density * numel))))
 
 
 def index_dtype(numel: int) -> torch.dtype:

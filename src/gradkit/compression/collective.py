@@ -79,9 +79,14 @@ def start_reduce(
         works = [dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True) for t in payload.tensors]
         return PendingReduce(works, lambda: compressor.decompress(payload).reshape(-1), payload.nbytes, what, timeout)
     world = dist.get_world_size(group)
-    tensors = _equal_sizes(payload.tensors, group, what, timeout) if compressor.variable_size else payload.tensors
-    gathered = [[torch.empty_like(t) for _ in range(world)] for t in tensors]
-    works = [dist.all_gather(out, t, group=group, async_op=True) for out, t in zip(gathered, tensors)]
+    if compressor.variable_size:
+        # Sizes differ by rank (Threshold): gather them first; this waits, once per bucket.
+        per_rank = [distributed.all_gather_varying(t, group, what, timeout) for t in payload.tensors]
+        works: list[dist.Work] = []
+        gathered = per_rank
+    else:
+        gathered = [[torch.empty_like(t) for _ in range(world)] for t in payload.tensors]
+        works = [dist.all_gather(out, t, group=group, async_op=True) for out, t in zip(gathered, payload.tensors)]
 
     def finish() -> Tensor:
         payloads = [compressor.payload_for([g[r] for g in gathered], payload) for r in range(world)]
@@ -101,16 +106,3 @@ def decompress_sum(compressor: Compressor, payloads: list[Payload]) -> Tensor:
     for payload in payloads[1:]:
         total += compressor.decompress(payload)
     return total
-
-
-def _equal_sizes(tensors: list[Tensor], group: dist.ProcessGroup, what: str, timeout: datetime.timedelta | None) -> list[Tensor]:
-    """Pad each tensor to the largest size any rank has (all-gather needs equal sizes).
-
-    Only variable-size payloads (Threshold) need it: one small extra collective.
-    Padding is index 0 with value 0, which adds nothing.
-    """
-    sizes = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=tensors[0].device)
-    everyone = [torch.empty_like(sizes) for _ in range(dist.get_world_size(group))]
-    distributed.run(dist.all_gather, f"{what} (payload sizes)", timeout, everyone, sizes, group=group)
-    largest = torch.stack(everyone).amax(dim=0).tolist()
-    return [torch.cat([t, t.new_zeros(size - t.numel())]) if size > t.numel() else t for t, size in zip(tensors, largest)]

@@ -22,7 +22,7 @@ from gradkit import _checks
 from gradkit.clipping.functional import clip_coefficient
 from gradkit.compression.base import Compressor, Payload, check_density
 from gradkit.compression.keyed_state import KeyedState, Layout, layout_for
-from gradkit.compression.sparsify import TopK, scatter_sum
+from gradkit.compression.sparsify import TopK, _check_value_dtype, scatter_sum
 
 __all__ = ["DGC"]
 
@@ -67,7 +67,7 @@ class DGC(Compressor):
             raise ValueError("momentum must be < 1; pass e.g. 0.9")
         self.clip_norm = None if clip_norm is None else _checks.positive_number("clip_norm", clip_norm, "pass a norm, or None")
         self.warmup_steps = _checks.positive_int("warmup_steps", warmup_steps, "pass 0 for no warm-up", minimum=0)
-        self.value_dtype = value_dtype
+        self.value_dtype = _check_value_dtype(value_dtype)
         self._state = KeyedState(["momentum", "velocity"])
         self._steps: dict[str, int] = {}
         self._pending: list[tuple[dict[str, Tensor], Tensor, Tensor, Layout]] = []

@@ -51,9 +51,22 @@ class KeyedState:
         """The flat state tensors of `layout` (zeros, or what a checkpoint held, at first use)."""
         state = self._flat.get(layout)
         if state is None:
+            self._check_loaded(layout)
             state = {field: self._initial(layout, field, like) for field in self.fields}
             self._flat[layout] = state
         return state
+
+    def _check_loaded(self, layout: Layout) -> None:
+        # Checked before any loaded tensor is taken: a mismatch leaves the state as it was
+        # (a wrong size would otherwise surface later as a broadcast error, or not at all).
+        for field in self.fields:
+            for (name, shape), size in zip(layout, sizes(layout)):
+                saved = self._loaded.get(field, {}).get(name)
+                if saved is not None and saved.numel() != size:
+                    raise ValueError(
+                        f"the loaded {field} of {name!r} has {saved.numel()} entries but {name!r} has shape {tuple(shape)}; "
+                        "load a checkpoint saved with the same parameters"
+                    )
 
     def _initial(self, layout: Layout, field: str, like: Tensor) -> Tensor:
         pieces = []

@@ -135,7 +135,7 @@ class PowerSGD(Compressor):
 
     def _as_matrix(self, piece: Tensor, shape: tuple[int, ...]) -> Tensor | None:
         """The matrix view of a parameter, or None when rank r would not shrink it."""
-        if len(shape) < 2:
+        if len(shape) < 2 or piece.numel() == 0:
             return None
         n = shape[0]
         m = piece.numel() // n

@@ -109,9 +109,11 @@ def sampled_threshold(flat: Tensor, k: int) -> Tensor:
     size = min(n, max(_MIN_SAMPLE, int(n * _SAMPLE_FRACTION)))
     sample = flat[torch.randint(n, (size,), device=flat.device)].abs()
     rank = max(1, min(size, size - int(round(_TARGET * k / n * size)) + 1))  # kthvalue is 1-based, ascending
-    threshold = torch.kthvalue(sample.float(), rank).values
-    # A threshold of 0 (many exact zeros) would select zeros: keep strictly positive.
-    return threshold.clamp(min=torch.finfo(torch.float32).tiny).to(flat.dtype)
+    threshold = torch.kthvalue(sample.float(), rank).values.to(flat.dtype)
+    # A threshold of 0 (many exact zeros) would select zeros: keep it strictly positive
+    # in flat's own dtype (float32's tiny rounds to 0 in float16), at its smallest subnormal.
+    finfo = torch.finfo(flat.dtype)
+    return threshold.clamp(min=finfo.tiny * finfo.eps)
 
 
 class RandomK(Compressor):
@@ -146,7 +148,7 @@ class RandomK(Compressor):
         tensor = self._check_input(tensor)
         flat = tensor.reshape(-1)
         indices = self._indices(flat.numel(), self._step, flat.device)
-        values = flat[indices] * (flat.numel() / indices.numel() if self.scale else 1.0)
+        values = flat[indices] * (flat.numel() / max(indices.numel(), 1) if self.scale else 1.0)
         payload = Payload([values], tensor.shape, tensor.dtype, self, {"step": self._step})
         self._step += 1
         return payload
@@ -166,7 +168,8 @@ class RandomK(Compressor):
         k = count_for(self.density, numel)
         generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
         # Drawing on a CPU generator gives every device and rank the same indices.
-        return torch.randint(numel, (k,), generator=generator).to(device)
+        # (An empty tensor draws none; randint needs a non-empty range even for k = 0.)
+        return torch.randint(max(numel, 1), (k,), generator=generator).to(device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step}

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from gradkit import _checks, _foreach
 from gradkit import distributed as gdist
+from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
 from gradkit.pipeline import StepReport
 from gradkit.tracking import stats as _stats
@@ -155,9 +156,12 @@ class Tracker:
 
     # -- the pipeline protocol -------------------------------------------------------
 
-    def attach(self, module: nn.Module | None, names: Sequence[str], params: Sequence[Tensor]) -> None:
-        """Learn the model (once, at setup) and write the run header."""
+    def attach(self, module: nn.Module | None, names: Sequence[str], params: Sequence[Tensor], *, clip: Sequence[Any] = ()) -> None:
+        """Learn the model (once, at setup) and write the run header (with the clip threshold, if any)."""
         self._names, self._params = list(names), list(params)
+        thresholds = [stage.max_norm for stage in clip if isinstance(stage, ClipByGlobalNorm)]
+        if thresholds and "max_norm" not in self.meta:
+            self.meta["max_norm"] = min(thresholds)  # the report draws it as the clip line
         self._locator = NonfiniteLocator(module, self._names, self._params)
         modules = list(dict.fromkeys(_stats.module_of(n) for n in self._names))
         import gradkit  # late: gradkit/__init__ imports this module
