@@ -107,6 +107,8 @@ class SyncControl:
     world_size: int = 1
     #: whether p.grad still holds this process's own window gradient when `reduce_` starts
     local_grads_at_boundary: bool = False
+    #: whether the reduced gradient is only an approximation (compressed averaging)
+    lossy: bool = False
 
     def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = ()) -> None:
         """Called once by the pipeline with the parameters it manages (and the names of

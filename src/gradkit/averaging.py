@@ -142,6 +142,7 @@ class Average(SyncControl):
         timeout: float | None = None,
     ) -> None:
         self.compressor = _effective_compressor(compressor, error_feedback)
+        self.lossy = self.compressor is not None
         self.bucket_mb = _checks.positive_number("bucket_mb", bucket_mb, "pass a bucket size in MiB, e.g. 25")
         self.first_bucket_mb = _checks.positive_number("first_bucket_mb", first_bucket_mb, "pass a size in MiB, e.g. 1")
         self.timeout = _timeout(timeout)
@@ -169,6 +170,9 @@ class Average(SyncControl):
         self.world_size = distributed.world_size(self.group)
         self._names = list(names)
         if self.group is None:
+            # One process: a compressor still makes the gradient selective, and p.grad holds
+            # the dense one until the boundary.
+            self.local_grads_at_boundary = self.compressor is not None
             return
         # Buckets are copies: p.grad keeps the local gradient until the boundary.
         self.local_grads_at_boundary = True

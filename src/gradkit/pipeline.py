@@ -177,9 +177,12 @@ class GradientPipeline:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.window.micro_steps == 0:
             self._measure = self.tracker is not None and bool(self.tracker.wants(self.steps + 1))
-            if self._measure and self.accumulation_steps > 1 and not self.sync.local_grads_at_boundary:
+            if self._measure and self.accumulation_steps > 1:
                 # The first micro-batch alone is the small batch; only on measured windows.
-                self._small = (self._grad_sq(), _batch(items if items is not None else 1))
+                count = _batch(items if items is not None else 1)
+                sq = self._local_norms()[1].square().sum()
+                # A summed loss's gradient is count x the mean; a mean loss's already is the mean.
+                self._small = (sq / count.to(sq) ** 2 if items is not None else sq, count)
         self.window.add(items)
         self._prepare_next_micro_step()
 
@@ -193,6 +196,7 @@ class GradientPipeline:
         Raises:
             RuntimeError: when no `backward` came since the last step.
         """
+        _check_optimizer(optimizer)
         if self.window.micro_steps == 0:
             raise RuntimeError("step() was called before any backward() in this window; call pipe.backward(loss) first")
         if self.window.micro_steps < self.accumulation_steps:
@@ -204,6 +208,7 @@ class GradientPipeline:
 
         Returns False, and does nothing, when the window is empty.
         """
+        _check_optimizer(optimizer)
         if self.window.micro_steps == 0:
             return False
         return self._finish_window(optimizer)
@@ -221,10 +226,7 @@ class GradientPipeline:
         if self._reduction is None:  # a flushed window: its last backward was not the boundary
             self._begin_reduction(self.window.items, self.window.micro_steps)
         global_items, scale = self._reduction
-        if self._measure and self.sync.local_grads_at_boundary:
-            # This rank's own window gradient is the small batch; the averaged one the big.
-            local = self.window.items if self.window.item_mode else self.window.micro_steps
-            self._small = (self._grad_sq(), _batch(local))
+        local = self._measure_local_window() if self._measure and self.sync.local_grads_at_boundary else None
         complete = self.window.micro_steps == self.accumulation_steps
         self.sync.reduce_(self.params, scale, complete=complete)
         ctx = GradContext(self.names, self.params)
@@ -233,6 +235,11 @@ class GradientPipeline:
             ctx.modified()
         total_norm = ctx.total_norm()
         ctx.pre_clip_norms = ctx.norms() if len(ctx) else None  # stages replace, never mutate, the cache
+        if local is not None and self.sync.lossy and len(ctx):
+            # Compressed averaging zeroes most entries: layer statistics and alerts should
+            # judge this rank's dense gradient, so the tracker gets its norms.
+            by_name = dict(zip(*local[:2]))
+            ctx.pre_clip_norms = torch.stack([by_name.get(n, torch.zeros_like(local[1][0])) for n in ctx.names]).to(ctx.norms())
         skip = self._must_skip(total_norm, global_items)
         if skip and self.nonfinite == "raise":
             self.skipped_steps += 1
@@ -256,7 +263,7 @@ class GradientPipeline:
             skipped=torch.tensor(skip),
             bytes_sent=self.sync.bytes_sent(),
             dense_bytes=self.sync.dense_bytes(),
-            noise=self._noise_sample(total_norm, items),
+            noise=self._noise_sample(local, total_norm, items),
         )
         if self.tracker is not None:
             self.tracker.observe(ctx, self.last)
@@ -275,23 +282,35 @@ class GradientPipeline:
         self._end_window()
         return not skip
 
-    def _grad_sq(self) -> Tensor:
-        """Squared L2 norm of the local gradient, divided by the loss scale squared."""
-        sq = GradContext(self.names, self.params).total_norm().double() ** 2
+    def _local_norms(self) -> tuple[list[str], Tensor]:
+        """Names and L2 norms of this rank's gradients as they are now (loss scale divided out)."""
+        ctx = GradContext(self.names, self.params)
+        norms = ctx.norms().double() if len(ctx) else torch.zeros(0, dtype=torch.float64)
         if self.scaler is not None and self.scaler.is_enabled():
-            sq = sq / self.scaler._get_scale_async().double().to(sq.device) ** 2
-        return sq
+            norms = norms / self.scaler._get_scale_async().double().to(norms.device)
+        return ctx.names, norms
 
-    def _noise_sample(self, total_norm: Tensor, items: Tensor) -> NoiseSample | None:
-        if self._small is None:
+    def _measure_local_window(self) -> tuple[list[str], Tensor, Tensor]:
+        """This rank's window gradient before averaging: names, per-parameter norms of its
+        mean, and its batch (items, or micro-steps in mean mode)."""
+        names, norms = self._local_norms()
+        count = _batch(self.window.items if self.window.item_mode else self.window.micro_steps).to(norms.device)
+        return names, norms / count, count
+
+    def _noise_sample(self, local: tuple[list[str], Tensor, Tensor] | None, total_norm: Tensor, items: Tensor) -> NoiseSample | None:
+        """Two batch sizes of one gradient: the first micro-batch or this rank's window (small),
+        and the averaged window (big) unless compression made it lossy, then this rank's window."""
+        small, big = self._small, (total_norm.double() ** 2, items.double())
+        if local is not None:
+            local_sq = (local[1].square().sum(), local[2])
+            if self.sync.lossy:
+                big = local_sq
+            elif small is None:
+                small = local_sq
+        if small is None or (local is not None and self.sync.lossy and self._small is None):
             return None
-        small_sq, small_batch = self._small
-        small_batch = small_batch.to(small_sq.device)
-        # The measured sum over a batch of B gradients is B * mean; |mean|^2 = sq / B^2 in
-        # item mode. In mean mode a micro-batch's gradient already is a mean.
-        if self.window.item_mode or self.sync.local_grads_at_boundary:
-            small_sq = small_sq / small_batch**2
-        return NoiseSample(small_sq, small_batch, total_norm.double() ** 2, items.double().to(small_sq.device))
+        device = small[0].device
+        return NoiseSample(small[0], small[1].to(device), big[0].to(device), big[1].to(device))
 
     def _must_skip(self, total_norm: Tensor, global_items: int | Tensor | None) -> bool:
         # The one host read of the step: the optimizer cannot skip on a device flag.
@@ -344,6 +363,7 @@ class GradientPipeline:
             "clip": [stage.state_dict() for stage in self.clip],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "average": self.sync.state_dict(),
+            "tracker": self.tracker.state_dict() if callable(getattr(self.tracker, "state_dict", None)) else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -354,7 +374,10 @@ class GradientPipeline:
                 parameter names or shapes, or stage states that do not fit; the
                 pipeline is unchanged then.
         """
-        _checks.state_keys("GradientPipeline", state, {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler", "average"})
+        _checks.state_keys("GradientPipeline", state, {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler", "average", "tracker"})
+        # Every value is checked before anything is loaded: a bad one changes nothing.
+        steps = _checks.positive_int("steps", state["steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
+        skipped_steps = _checks.positive_int("skipped_steps", state["skipped_steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
         grads = self._checked_grads(state["grads"])
         if not isinstance(state["clip"], list) or len(state["clip"]) != len(self.clip):
             raise ValueError(
@@ -367,12 +390,19 @@ class GradientPipeline:
         items = state["items"]
         if not (items is None or isinstance(items, Tensor) or (isinstance(items, int) and not isinstance(items, bool))):
             raise TypeError(f"GradientPipeline.load_state_dict: 'items' must be None, an int or a tensor, got {type(items).__name__}")
+        if items is not None:
+            try:
+                items = check_num_items(items)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"GradientPipeline.load_state_dict: 'items': {error}") from None
         parts = list(zip(self.clip, state["clip"])) + [(self.sync, state["average"])]
         if self.scaler is not None and state["scaler"] is not None:
             parts.append((self.scaler, state["scaler"]))
+        if state["tracker"] is not None and callable(getattr(self.tracker, "load_state_dict", None)):
+            parts.append((self.tracker, state["tracker"]))
         _load_all_or_nothing(parts)
-        self.steps = int(state["steps"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self.steps = steps
+        self.skipped_steps = skipped_steps
         self.window.micro_steps = micro_steps
         self.window.items = items
         by_name = dict(zip(self.names, self.params))
@@ -442,6 +472,12 @@ def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter]]:
     if not pairs:
         raise ValueError("the model has no parameters that require grad; pass the module being trained (or unfreeze some parameters)")
     return [name for name, _ in pairs], [p for _, p in pairs]
+
+
+def _check_optimizer(optimizer: object) -> None:
+    # Checked before the boundary touches any gradient: a wrong argument changes nothing.
+    if not callable(getattr(optimizer, "step", None)) or not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; pass the optimizer of the model: pipe.step(optimizer)")
 
 
 def _check_stages(clip: object) -> list[ClipStage]:

@@ -1,0 +1,168 @@
+"""The training run's settings: defaults, a TOML file, and checks with helpful errors.
+
+A config file holds any of the fields of `TrainConfig`, flat or in tables
+(``[model]``, ``[data]``, ...); the table names are only for reading::
+
+    name = "tiny-lm"
+    steps = 400
+    workers = 2
+
+    [data]
+    text = "notes.txt"        # a UTF-8 file; leave out for the built-in corpus
+
+    [compression]
+    compressor = "topk"
+    density = 0.01
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "TABLES"]
+
+COMPRESSORS = ("none", "topk", "randomk", "dgc", "powersgd", "fp16", "bf16", "qsgd", "sign")
+CLIPS = ("none", "global", "value", "layer", "agc", "autoclip", "zclip")
+MODELS = ("transformer", "gru")
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the key, the value and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; every field has a default that trains the demo."""
+
+    name: str = "demo"
+    run_dir: str = "runs"
+    seed: int = 0
+    steps: int = 300
+    workers: int = 2
+    # model
+    model: str = "transformer"
+    width: int = 96
+    layers: int = 2
+    context: int = 64
+    # data
+    text: str = ""  # a UTF-8 file; empty: the Python documentation that ships with CPython
+    micro_batch: int = 16
+    accumulation_steps: int = 2
+    # optimizer
+    lr: float = 3e-3
+    # compression
+    compressor: str = "topk"
+    density: float = 0.01
+    rank: int = 2
+    # norm scaling
+    clip: str = "global"
+    max_norm: float = 1.0
+    # tracking and checkpoints
+    track_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise ConfigError naming the first bad one."""
+        for key in ("steps", "workers", "width", "layers", "context", "micro_batch", "accumulation_steps", "rank",
+                    "track_every", "eval_every", "eval_batches", "checkpoint_every", "threads"):  # fmt: skip
+            _positive_int(key, getattr(self, key))
+        _non_negative_int("seed", self.seed)
+        for key in ("lr", "max_norm"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+                raise ConfigError(f"{key} must be a positive number, got {value!r}")
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
+            raise ConfigError(f"density must be in (0, 1], got {self.density!r}; e.g. density = 0.01 keeps 1% of the entries")
+        _choice("compressor", self.compressor, COMPRESSORS)
+        _choice("clip", self.clip, CLIPS)
+        _choice("model", self.model, MODELS)
+        for key in ("name", "run_dir", "text"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
+        if self.width % 4:
+            raise ConfigError(f"width must be a multiple of 4 (attention heads), got {self.width}")
+        return self
+
+
+#: tables a config file may group its keys in
+TABLES = ("run", "model", "data", "optimizer", "compression", "clipping", "tracking")
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """Read a TOML file into a checked `TrainConfig`; `overrides` (non-None) win.
+
+    Raises:
+        ConfigError: a missing or unreadable file, bad TOML, an unknown key (the
+            message suggests the closest valid one), or a bad value.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in TABLES and isinstance(value, dict):
+            values.update(value)
+        else:
+            values[key] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from(values)
+
+
+def config_from(values: dict[str, Any]) -> TrainConfig:
+    """A checked config from a flat dict of settings."""
+    known = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known) + list(TABLES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+    for key, value in values.items():
+        default = known[key].default
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(value, type(default)) or (isinstance(value, bool) and not isinstance(default, bool)):
+            raise ConfigError(f"{key} must be a {type(default).__name__}, got {type(value).__name__} {value!r}")
+    return TrainConfig(**values).validate()
+
+
+def _positive_int(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+def _non_negative_int(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
+
+
+def _choice(key: str, value: object, options: tuple[str, ...]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(options)}; got {value!r}{hint}")
