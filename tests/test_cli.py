@@ -1,0 +1,159 @@
+"""The command line: demo, train with a config, resume, report, bench, and user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gradkit(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gradkit", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    folder = tmp_path_factory.mktemp("demo")
+    return gradkit("demo", "--quick", cwd=folder), folder / "runs" / "demo"
+
+
+def test_version_and_help():
+    done = subprocess.run([sys.executable, "-m", "gradkit", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("gradkit ")
+    done = subprocess.run([sys.executable, "-m", "gradkit", "--help"], capture_output=True, text=True)
+    assert all(command in done.stdout for command in ("demo", "train", "report", "bench"))
+
+
+def test_demo_quick_writes_every_artifact(demo_run):
+    done, run = demo_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    for artifact in ("tracking.jsonl", "report.html", "checkpoint/model.pt", "checkpoint/rank0.pt", "checkpoint/rank1.pt", "checkpoint/step.json"):
+        assert (run / artifact).exists(), artifact
+    assert list(run.glob("events.out.tfevents.*")) or list(run.glob("**/events.out.tfevents.*"))
+    assert "2 worker(s)" in done.stdout and "report:" in done.stdout and "x less" in done.stdout
+    assert "training" in done.stderr  # the progress bar
+
+
+def test_demo_loss_really_drops(demo_run):
+    done, _ = demo_run
+    line = next(line for line in done.stdout.splitlines() if "validation" in line and "from" in line)
+    last, first = (float(v) for v in line.split("validation ")[1].replace("(from ", "").rstrip(")").split())
+    assert last < first - 1.0  # from ~4.8 (uniform over the characters) to well below
+
+
+def test_train_with_a_config_then_resume_from_its_checkpoint(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    config = write_config(tmp_path / "run.toml", f"""
+name = "tiny"
+steps = 6
+workers = 1
+checkpoint_every = 3
+eval_every = 3
+[data]
+text = "{text}"
+context = 16
+micro_batch = 4
+[model]
+model = "gru"
+width = 32
+layers = 1
+[compression]
+compressor = "none"
+[clipping]
+clip = "zclip"
+""")
+    first = gradkit("train", "--config", str(config), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((tmp_path / "runs/tiny/checkpoint/step.json").read_text())["step"] == 6
+    again = gradkit("train", "--config", str(config), "--steps", "9", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at step 6" in again.stdout
+    assert json.loads((tmp_path / "runs/tiny/checkpoint/step.json").read_text())["step"] == 9
+
+
+def test_report_command_rebuilds_the_page(demo_run, tmp_path):
+    _, run = demo_run
+    out = tmp_path / "page.html"
+    done = gradkit("report", str(run), "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().count("<img") >= 4
+
+
+def test_bench_quick_runs_the_harness(tmp_path):
+    out = tmp_path / "bench.md"
+    done = gradkit("bench", "--quick", "--out", str(out), cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "|" in out.read_text()
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ("stepz = 5", "unknown config key 'stepz'; did you mean 'steps'?"),
+        ("steps = 'many'", "steps must be a int"),
+        ("compressor = 'topkk'", "did you mean 'topk'?"),
+        ("density = 1.5", "density must be in (0, 1]"),
+        ("text = 'missing.txt'", "does not exist"),
+        ("text = 'empty.txt'", "is empty"),
+        ("workers = 500", "more than this machine can use"),
+        ("steps = [", "not valid TOML"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(tmp_path, config, words):
+    (tmp_path / "empty.txt").write_text("")
+    path = write_config(tmp_path / "bad.toml", config + "\n")
+    done = gradkit("train", "--config", str(path), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_config_and_unwritable_run_dir(tmp_path):
+    done = gradkit("train", "--config", str(tmp_path / "nope.toml"), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = gradkit("demo", "--quick", "--run-dir", str(blocker / "runs"), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "cannot write to the run directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_report_on_a_directory_without_a_run(tmp_path):
+    done = gradkit("report", str(tmp_path), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_checkpoint(tmp_path):
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradkit", "demo", "--steps", "2000", "--workers", "1", "--name", "stopped"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )
+    marker = tmp_path / "runs/stopped/tracking.jsonl"
+    deadline = time.monotonic() + 120
+    while not (marker.exists() and marker.stat().st_size > 2000) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    step = json.loads((tmp_path / "runs/stopped/checkpoint/step.json").read_text())["step"]
+    assert 0 < step < 2000
