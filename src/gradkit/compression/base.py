@@ -39,10 +39,14 @@ class Payload:
     dtype: torch.dtype
     owner: Compressor
     meta: dict[str, Any] = field(default_factory=dict)
+    #: bytes on the wire when `tensors` are not what was sent (PowerSGD sends factors, keeps the product)
+    wire_nbytes: int | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes on the wire."""
+        if self.wire_nbytes is not None:
+            return self.wire_nbytes
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
     @property

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from gradkit.compression.base import Compressor, Payload
-from gradkit.compression.keyed_state import KeyedState, Layout, layout_for
+from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for
 
 __all__ = ["ErrorFeedback"]
 
@@ -38,8 +38,11 @@ class ErrorFeedback(Compressor):
     keyed = True
 
     def __init__(self, compressor: Compressor) -> None:
-        if not isinstance(compressor, Compressor) or isinstance(compressor, ErrorFeedback):
-            raise TypeError(f"ErrorFeedback wraps a compressor such as gk.TopK(0.01), got {compressor!r}")
+        if not isinstance(compressor, Compressor) or compressor.keyed:
+            raise TypeError(
+                f"ErrorFeedback wraps a stateless compressor such as gk.TopK(0.01), got {compressor!r}; "
+                "DGC and PowerSGD keep their own residual: use them without ErrorFeedback"
+            )
         self.compressor = compressor
         self.linear = compressor.linear
         self.sparse = compressor.sparse
@@ -93,6 +96,7 @@ class ErrorFeedback(Compressor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or set(state) != {"residuals", "compressor"}:
             raise ValueError("ErrorFeedback.load_state_dict expects the dict from ErrorFeedback.state_dict() (keys 'residuals', 'compressor')")
+        check_named_tensors("ErrorFeedback", "residuals", state["residuals"])
         before = self.compressor.state_dict()
         self.compressor.load_state_dict(state["compressor"])
         try:

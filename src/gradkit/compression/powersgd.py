@@ -23,7 +23,7 @@ from torch import Tensor
 from gradkit import _checks
 from gradkit.compression.base import Compressor, Payload
 from gradkit.compression.collective import PendingReduce
-from gradkit.compression.keyed_state import KeyedState, Layout, layout_for, sizes
+from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for, sizes
 
 __all__ = ["PowerSGD"]
 
@@ -48,7 +48,7 @@ class PowerSGD(Compressor):
 
     def __init__(self, rank: int = 1, *, warm_start: bool = True, seed: int = 0) -> None:
         self.rank = _checks.positive_int("rank", rank, "pass the rank of the approximation, e.g. 2")
-        self.warm_start = bool(warm_start)
+        self.warm_start = _checks.flag("warm_start", warm_start, "pass warm_start=True (the paper's default) or False")
         self.seed = _checks.positive_int("seed", seed, "pass any integer >= 0 shared by all ranks", minimum=0)
         self._residuals = KeyedState(["residual"])
         self._q: dict[str, Tensor] = {}
@@ -63,7 +63,7 @@ class PowerSGD(Compressor):
         approximation = pending.wait()
         if commit:
             self.commit()
-        return Payload([approximation], tensor.shape, tensor.dtype, self, {"nbytes": pending.nbytes})
+        return Payload([approximation], tensor.shape, tensor.dtype, self, wire_nbytes=pending.nbytes)
 
     def decompress(self, payload: Payload) -> Tensor:
         payload = self._check_payload(payload)
@@ -160,6 +160,7 @@ class PowerSGD(Compressor):
         q = state["q"]
         if not isinstance(q, dict) or not all(isinstance(v, Tensor) and v.ndim == 2 and v.shape[1] == self.rank for v in q.values()):
             raise ValueError(f"PowerSGD.load_state_dict: 'q' must map names to (m, {self.rank}) tensors; build PowerSGD with the rank it was saved with")
+        check_named_tensors("PowerSGD", "residuals", state["residuals"])
         self._residuals.load_state_dict({"residual": state["residuals"]}, "PowerSGD")
         self._q = {k: v.clone() for k, v in q.items()}
 

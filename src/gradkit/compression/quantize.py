@@ -8,6 +8,8 @@ error feedback it is EF-SignSGD (Karimireddy et al. 2019).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -71,6 +73,8 @@ class QSGD(Compressor):
         if self.levels > 127:
             raise ValueError(f"levels must be <= 127 (one signed byte per entry), got {levels}; pass e.g. 16")
         self.block = _checks.positive_int("block", block, "pass the entries per norm, e.g. 512")
+        if seed is not None:
+            seed = _checks.positive_int("seed", seed, "pass an integer >= 0, or None to draw from torch's global generator", minimum=0)
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def compress(self, tensor: Tensor) -> Payload:
@@ -87,6 +91,20 @@ class QSGD(Compressor):
         norms, levels = payload.tensors
         blocks = levels.float() * (norms.view(-1, 1) / self.levels)
         return blocks.view(-1)[: payload.numel].to(payload.dtype).view(payload.shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The seeded generator's state (a uint8 tensor), so a resumed run draws the same
+        rounding noise; empty without a seed (torch's global generator is the caller's to save)."""
+        return {"generator": self._generator.get_state()} if self._generator is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self._generator is not None:
+            generator = state["generator"]
+            if not isinstance(generator, Tensor) or generator.dtype != torch.uint8 or generator.shape != self._generator.get_state().shape:
+                got = f"{generator.dtype} {tuple(generator.shape)}" if isinstance(generator, Tensor) else type(generator).__name__
+                raise ValueError(f"QSGD.load_state_dict: 'generator' must be the uint8 state from QSGD.state_dict(), got {got}")
+            self._generator.set_state(generator)
 
 
 class SignSGD(Compressor):
