@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradkit import _checks
-from gradkit.clipping.functional import check_norm_type, clip_coefficient, clip_grad_value_, reduce_norm
+from gradkit._stateful import Stateful
+from gradkit.clipping.functional import check_group, check_norm_type, clip_coefficient, clip_grad_value_, reduce_norm
 from gradkit.context import GradContext
 from gradkit import _foreach
 
@@ -24,7 +25,7 @@ __all__ = ["ClipStage", "ClipByGlobalNorm", "ClipByValue", "ClipPerLayer"]
 _MAX_NORM_FIX = "pass the largest gradient norm to allow, e.g. 1.0"
 
 
-class ClipStage:
+class ClipStage(Stateful):
     """Base of every norm-scaling stage: ``stage(ctx_or_parameters)`` clips in place."""
 
     @torch.no_grad()
@@ -37,17 +38,6 @@ class ClipStage:
         """Change ``ctx.grads`` in place (and update this stage's state)."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
-        """The stage's state as plain tensors and numbers (empty for stateless stages)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        _checks.state_keys(type(self).__name__, state, set(self.state_dict().keys()))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
 
 
 class ClipByGlobalNorm(ClipStage):
@@ -69,6 +59,7 @@ class ClipByGlobalNorm(ClipStage):
     def __init__(self, max_norm: float, *, norm_type: float = 2.0, group: dist.ProcessGroup | None = None) -> None:
         self.max_norm = _checks.positive_number("max_norm", max_norm, _MAX_NORM_FIX)
         self.norm_type = check_norm_type(norm_type)
+        check_group(group)
         self.group = group
 
     @torch.no_grad()

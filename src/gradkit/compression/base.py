@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from gradkit import _checks
+from gradkit._stateful import Stateful
 
 __all__ = ["Compressor", "Payload", "check_density"]
 
@@ -54,7 +55,7 @@ class Payload:
         return int(torch.Size(self.shape).numel())
 
 
-class Compressor:
+class Compressor(Stateful):
     """Base of every compressor: ``compress(tensor) -> Payload``, ``decompress(payload) -> tensor``."""
 
     #: payloads add up: ``decompress(sum of payloads) == sum of decompress(payload)``
@@ -88,15 +89,6 @@ class Compressor:
     def discard(self) -> None:
         """Forget the state of deferred compress calls (stateless compressors: nothing)."""
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _checks.state_keys(type(self).__name__, state, set(self.state_dict().keys()))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
 
     # -- checks shared by every compressor --
 

@@ -1,0 +1,25 @@
+"""The base of every configurable, stateful gradkit object (clip stages, compressors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradkit import _checks
+
+__all__ = ["Stateful"]
+
+
+class Stateful:
+    """Configuration in public attributes, state in ``state_dict()`` (empty by default)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as plain tensors and numbers (empty for stateless objects)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (here: check that it holds no unknown keys)."""
+        _checks.state_keys(type(self).__name__, state, set(self.state_dict().keys()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
