@@ -140,7 +140,7 @@ def test_report_on_a_directory_without_a_run(tmp_path):
 def test_ctrl_c_stops_cleanly_and_keeps_the_checkpoint(tmp_path):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gradkit", "demo", "--steps", "2000", "--workers", "1", "--name", "stopped"],
+        [sys.executable, "-m", "gradkit", "demo", "--steps", "2000", "--name", "stopped"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
     marker = tmp_path / "runs/stopped/tracking.jsonl"

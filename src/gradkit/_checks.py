@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["positive_number", "positive_int", "number_in_range", "choice", "state_keys"]
+__all__ = ["positive_number", "positive_int", "number_in_range", "choice", "flag", "state_keys"]
 
 
 def positive_number(name: str, value: object, fix: str, *, allow_inf: bool = False) -> float:
@@ -42,6 +42,17 @@ def number_in_range(name: str, value: object, low: float, high: float, fix: str,
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}; {fix}")
     return number
+
+
+def flag(name: str, value: object, fix: str, *, allow_none: bool = False) -> bool | None:
+    """`value` if it is True or False (or None with `allow_none`): a string such as "no"
+    would otherwise count as True."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}; {fix}")
+    return value
 
 
 def choice(name: str, value: object, options: tuple[str, ...]) -> str:

@@ -301,8 +301,10 @@ class Average(SyncControl):
             all_indices = distributed.all_gather_varying(indices, self.group, what, self.timeout)  # type: ignore[arg-type]
             all_rows = distributed.all_gather_varying(rows, self.group, what, self.timeout)  # type: ignore[arg-type]
             sent += indices.numel() * indices.element_size() + rows.numel() * rows.element_size()
+            # The indices come from coalesced local gradients of this very parameter, so they
+            # are in range; checking again would cost a pass (and torch warns when left implicit).
             summed = torch.sparse_coo_tensor(
-                torch.cat(all_indices).unsqueeze(0), torch.cat(all_rows).view(-1, *param.shape[1:]), param.shape
+                torch.cat(all_indices).unsqueeze(0), torch.cat(all_rows).view(-1, *param.shape[1:]), param.shape, check_invariants=False
             ).coalesce()  # rows that several ranks touched add up
             param.grad = summed * (scale.to(summed.dtype) if isinstance(scale, Tensor) else scale)
         return sent
@@ -343,7 +345,8 @@ class Average(SyncControl):
         return self._bytes
 
     def dense_bytes(self) -> int:
-        return sum(bucket.nbytes for bucket in self.buckets)
+        sparse = sum(self._params[i].numel() * self._params[i].element_size() for i in self._sparse)
+        return sum(bucket.nbytes for bucket in self.buckets) + sparse  # a sparse table, sent densely
 
     def detach(self) -> None:
         """Remove the gradient hooks (the pipeline no longer uses this Average)."""
@@ -431,6 +434,7 @@ class ModelAverager(SyncControl):
 
 def _effective_compressor(compressor: object, error_feedback: bool | None) -> Compressor | None:
     """The compressor Average uses: biased ones get error feedback unless told otherwise."""
+    error_feedback = _checks.flag("error_feedback", error_feedback, "pass True, False, or None for the compressor's default", allow_none=True)
     if compressor is None:
         if error_feedback:
             raise ValueError("error_feedback=True needs a compressor; pass e.g. gk.Average(gk.TopK(0.01))")

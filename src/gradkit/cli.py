@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="where to write the page (default: RUN_DIR/report.html)")
 
     bench = commands.add_parser("bench", help="run the benchmark harness and print ratios against the anchors")
-    bench.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
+    bench.add_argument("--quick", action="store_true", help="a short run: fewer repeats (and smaller sizes where a benchmark offers them)")
     bench.add_argument("--out", type=Path, help="also write the markdown table to this file")
     return parser
 
@@ -75,7 +75,9 @@ def _train(args: argparse.Namespace) -> int:
             config = config_from({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
         else:
             config = load_config(args.config, **overrides)
-        print(_banner(config), flush=True)
+        speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first worker talks
+        if speaks:
+            print(_banner(config), flush=True)
         summary = run_training(config)
     except ConfigError as error:
         print(f"gradkit {args.command}: error: {error}", file=sys.stderr)
@@ -83,8 +85,9 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ngradkit {args.command}: interrupted; the last checkpoint is kept, run the same command to resume", file=sys.stderr)
         return 130
-    report = _build_report(Path(summary["run_dir"]))
-    print(_summary(summary, report))
+    if speaks:
+        report = _build_report(Path(summary["run_dir"]))
+        print(_summary(summary, report))
     return 130 if summary["interrupted"] else 0
 
 

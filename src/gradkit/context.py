@@ -36,6 +36,14 @@ class GradContext:
     """
 
     def __init__(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        names, params = list(names), list(params)
+        if len(names) != len(params):
+            raise ValueError(f"names has {len(names)} entries but params has {len(params)}; pass one name per parameter")
+        for name, p in zip(names, params):
+            if not isinstance(name, str):
+                raise TypeError(f"names must be strings, got {type(name).__name__} {name!r}; pass the parameter names, e.g. from model.named_parameters()")
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params must be tensors, got {type(p).__name__} for {name!r}; pass the parameters, e.g. list(model.parameters())")
         kept = [(name, p) for name, p in zip(names, params) if p.grad is not None]
         self.names: list[str] = [name for name, _ in kept]
         self.params: list[Tensor] = [p for _, p in kept]
@@ -47,7 +55,13 @@ class GradContext:
     @classmethod
     def from_parameters(cls, parameters: Iterable[Tensor] | Tensor) -> GradContext:
         """A context over plain parameters, named by their position."""
-        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        if isinstance(parameters, Tensor):
+            params = [parameters]
+        else:
+            try:
+                params = list(parameters)
+            except TypeError:
+                raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass model.parameters()") from None
         return cls([str(i) for i in range(len(params))], params)
 
     def __len__(self) -> int:

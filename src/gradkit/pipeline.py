@@ -162,7 +162,10 @@ class GradientPipeline:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise TypeError(f"loss must be a scalar tensor, got {shape}; reduce it with .sum() or .mean() first")
         if not loss.requires_grad:
-            raise ValueError("loss does not require grad (computed under torch.no_grad(), or from frozen parameters); nothing to backpropagate")
+            raise ValueError(
+                "loss does not require grad (computed under torch.no_grad(), or from frozen parameters); nothing to backpropagate: "
+                "pass a loss computed with grad enabled from the parameters being trained"
+            )
         if self.window.micro_steps >= self.accumulation_steps:
             raise RuntimeError(
                 f"backward() was called {self.window.micro_steps + 1} times in a window of "
@@ -348,8 +351,13 @@ class GradientPipeline:
         """Everything needed to resume exactly, as plain tensors and numbers.
 
         Taken mid-window, it holds the partial (un-normalized) gradients by
-        parameter name, so resuming loses nothing. It loads with
-        ``torch.load(weights_only=True)``.
+        parameter name, so resuming loses nothing; it also holds the clip
+        stages', the averaging's (compressor residuals, DGC momentum, PowerSGD
+        factors, RandomK/QSGD draws), the scaler's and the tracker's state.
+        It loads with ``torch.load(weights_only=True)``. Torch's global RNG is
+        not in it (TopK's sampled threshold and unseeded QSGD draw from it):
+        save ``torch.get_rng_state()`` with it for a bit-identical resume.
+        Residuals differ per rank: under torch.distributed every rank saves its own.
         """
         items = self.window.items
         return {

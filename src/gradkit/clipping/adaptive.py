@@ -49,7 +49,13 @@ class AGC(ClipStage):
         self.eps = _checks.positive_number("eps", eps, "pass the weight-norm floor, e.g. 1e-3")
         if isinstance(exclude, str):
             raise TypeError(f"exclude must be a list of name patterns, got the string {exclude!r}; wrap it: ({exclude!r},)")
-        self.exclude = tuple(exclude)
+        try:
+            patterns = tuple(exclude)
+        except TypeError:
+            raise TypeError(f"exclude must be a list of name patterns, got {type(exclude).__name__} {exclude!r}; pass e.g. ('fc.*',), or () for none") from None
+        if not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"exclude must hold name patterns (strings), got {patterns!r}; pass e.g. ('fc.*',)")
+        self.exclude = patterns
 
     def apply_(self, ctx: GradContext) -> None:
         for name, param, grad in zip(ctx.names, ctx.params, ctx.grads):

@@ -60,7 +60,9 @@ def clip_grad_norm_(
     """
     max_norm = _checks.positive_number("max_norm", max_norm, "pass the largest gradient norm to allow, e.g. 1.0")
     norm_type = check_norm_type(norm_type)
-    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    check_group(group)
+    _checks.flag("error_if_nonfinite", error_if_nonfinite, "pass True to raise on a NaN/inf norm, False to clip anyway")
+    params = check_parameters(parameters)
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         total = _foreach.total_norm(_foreach.per_tensor_norms(grads, norm_type), norm_type)
@@ -138,6 +140,8 @@ def reduce_norm(local_norm: Tensor, norm_type: float, group: dist.ProcessGroup) 
 
 def check_norm_type(norm_type: object) -> float:
     """`norm_type` as a float if it is a valid p (> 0, or inf)."""
+    if isinstance(norm_type, bool):  # float(True) would be a silent 1-norm
+        raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}; use 2.0 for the L2 norm")
     try:
         p = float(norm_type)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -147,6 +151,30 @@ def check_norm_type(norm_type: object) -> float:
     return p
 
 
+def check_parameters(parameters: object) -> list[Tensor]:
+    """`parameters` (one tensor or an iterable of tensors) as a list, or a TypeError naming it."""
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    try:
+        params = list(parameters)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass model.parameters()") from None
+    for index, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameters must hold tensors, but item #{index} is {type(p).__name__} {p!r}; pass model.parameters()")
+    return params
+
+
+def check_group(group: object) -> None:
+    """`group` must be a torch.distributed process group or None."""
+    if group is not None and not dist.is_initialized():
+        raise ValueError(
+            "group= was given but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first, or pass group=None for unsharded parameters"
+        )
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__} {group!r}; pass e.g. dist.new_group(ranks), or None")
+
+
 def _grads_of(parameters: Parameters) -> list[Tensor]:
-    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    return [p.grad for p in params if p.grad is not None]
+    return [p.grad for p in check_parameters(parameters) if p.grad is not None]

@@ -126,7 +126,7 @@ class DGC(Compressor):
         if not isinstance(state, dict) or set(state) != {"momentum", "velocity", "steps"}:
             raise ValueError("DGC.load_state_dict expects the dict from DGC.state_dict() (keys 'momentum', 'velocity', 'steps')")
         steps = state["steps"]
-        if not isinstance(steps, dict) or not all(isinstance(v, int) and v >= 0 for v in steps.values()):
+        if not isinstance(steps, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps.values()):
             raise TypeError("DGC.load_state_dict: 'steps' must map parameter names to step counts >= 0")
         self._state.load_state_dict({"momentum": state["momentum"], "velocity": state["velocity"]}, "DGC")
         self._steps = dict(steps)

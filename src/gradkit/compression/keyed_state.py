@@ -33,10 +33,18 @@ def layout_for(key: str | Layout | None, tensor: Tensor) -> Layout:
         return (("", tuple(tensor.shape)),)
     if isinstance(key, str):
         return ((key, tuple(tensor.shape)),)
+    if not (isinstance(key, tuple) and all(isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], str) for part in key)):
+        raise TypeError(f"key must be a parameter name (str), a layout of (name, shape) pairs, or None; got {type(key).__name__} {key!r}")
     total = sum(sizes(key))
     if total != tensor.numel():
         raise ValueError(f"key layout covers {total} entries but the tensor has {tensor.numel()}; pass the bucket's own layout")
     return tuple(key)
+
+
+def check_named_tensors(owner: str, key: str, value: object) -> None:
+    """A saved state entry must map parameter names to tensors; the error names `key`."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()):
+        raise TypeError(f"{owner}.load_state_dict: {key!r} must map parameter names to tensors; pass the dict from {owner}.state_dict()")
 
 
 class KeyedState:

@@ -84,7 +84,7 @@ class TopK(_Sparsifier):
 
     def __init__(self, density: float, *, exact: bool = False, value_dtype: torch.dtype | None = None) -> None:
         self.density = check_density(density)
-        self.exact = bool(exact)
+        self.exact = _checks.flag("exact", exact, "pass exact=True for torch.topk, False for the sampled threshold")
         self.value_dtype = _check_value_dtype(value_dtype)
 
     def compress(self, tensor: Tensor) -> Payload:
@@ -140,7 +140,7 @@ class RandomK(Compressor):
     def __init__(self, density: float, *, seed: int = 0, scale: bool = True) -> None:
         self.density = check_density(density)
         self.seed = _checks.positive_int("seed", seed, "pass any integer >= 0 shared by all ranks", minimum=0)
-        self.scale = bool(scale)
+        self.scale = _checks.flag("scale", scale, "pass scale=True for an unbiased estimate, False with error feedback")
         self.biased = not self.scale
         self._step = 0
 

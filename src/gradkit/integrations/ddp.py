@@ -79,7 +79,13 @@ def ddp_comm_hook(
         >>> state, hook = gk.ddp_comm_hook(gk.PowerSGD(rank=2), model=ddp_model)
         >>> ddp_model.register_comm_hook(state, hook)
     """
+    # Every argument is checked before the environment, so a bad value is named as such.
     effective = _effective_compressor(compressor, error_feedback)
+    seconds = _timeout(timeout)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be the DDP-wrapped nn.Module (to name residuals by parameter) or None, got {type(model).__name__}")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__} {group!r}; pass e.g. dist.new_group(ranks), or None")
     resolved = distributed.resolve_group(group, "gk.ddp_comm_hook")
     if resolved is None:
         raise ValueError("gk.ddp_comm_hook needs an initialized process group (DDP does too); call torch.distributed.init_process_group first")
@@ -87,7 +93,7 @@ def ddp_comm_hook(
     if model is not None:
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         names = {id(p): name for name, p in inner.named_parameters()}
-    state = CommHookState(effective, resolved, names, _timeout(timeout))
+    state = CommHookState(effective, resolved, names, seconds)
     return state, _hook
 
 

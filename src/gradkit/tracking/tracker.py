@@ -123,9 +123,11 @@ class Tracker:
             raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(alerts).__name__}")
         self.rules = alerts if alerts is not None else AlertRules()
         self.noise = NoiseScale(noise_beta)
-        self.update_ratio = bool(update_ratio)
+        self.update_ratio = _checks.flag("update_ratio", update_ratio, "pass False to skip the weight copy on logging steps")
         self.histogram_bins = _checks.positive_int("histogram_bins", histogram_bins, "pass a bin count, e.g. 64")
-        self.gather = bool(gather)
+        self.gather = _checks.flag("gather", gather, "pass True to collect every rank's statistics on rank 0")
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict of run settings or None, got {type(meta).__name__} {meta!r}; pass e.g. {{'max_norm': 1.0}}")
         self.meta = dict(meta or {})
         try:
             json.dumps(self.meta, allow_nan=False)

@@ -10,7 +10,9 @@ this process already is one worker and just joins the group.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
+import signal
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -61,6 +63,10 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: talk over loopback
+    options: dict[str, Any] = {}
+    if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        # Ctrl-C is ours: the workers stop together after a step and save (see _forward_interrupt).
+        options["signals_to_handle"] = "SIGTERM,SIGHUP,SIGQUIT"
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -71,9 +77,22 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         max_restarts=0,
         start_method="spawn",
         monitor_interval=0.5,
+        **options,
     )
-    results = elastic_launch(launch, _join_and_train)(dataclasses.asdict(config))
+    previous = signal.signal(signal.SIGINT, _forward_interrupt)
+    try:
+        results = elastic_launch(launch, _join_and_train)(dataclasses.asdict(config))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return results[0]
+
+
+def _forward_interrupt(signum: int, frame: object) -> None:
+    """First Ctrl-C: tell the workers, which finish the step, save a checkpoint and return.
+    A second one stops at once."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGINT)  # a terminal sends it to them too; twice is harmless
 
 
 def _join_and_train(values: dict[str, Any]) -> dict[str, Any]:

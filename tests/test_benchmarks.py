@@ -1,0 +1,49 @@
+"""The benchmark harness runs end to end and prints a well-formed table (no timing thresholds)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table(report: str) -> list[dict[str, str]]:
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_quick_run_prints_one_table_with_finite_ratios(tmp_path):
+    out = tmp_path / "results.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.read_text().strip() == result.stdout.strip()
+    assert result.stdout.startswith("machine: CPU: ")
+    assert sum(line.startswith("| benchmark |") for line in result.stdout.splitlines()) == 1
+
+    rows = _table(result.stdout)
+    clipping = [row for row in rows if row["benchmark"].startswith("clip_grad_norm_")]
+    cpu = {row["benchmark"] for row in clipping if row["device"] == "cpu"}
+    assert any(name.startswith("clip_grad_norm_, tiny GPT-2") for name in cpu)
+    assert any(name.endswith("one-element grads (per-call overhead)") for name in cpu)
+    assert {row["reference"] for row in clipping} == {"torch foreach"}
+    on_gpu = [row for row in clipping if row["device"] != "cpu"]
+    if torch.cuda.is_available():
+        assert len(on_gpu) == len(cpu)
+    else:
+        assert on_gpu == []
+        assert "[cuda]: skipped" in result.stdout
+    for row in rows:
+        ratio = float(row["reference / gradkit"])
+        assert math.isfinite(ratio) and ratio > 0, row
