@@ -371,7 +371,7 @@ class Tracker:
             },  # fmt: skip
             "modules": modules,
             "params": params,
-            "noise": self._noise_record(s[11:], g2_v, trace_v, bs_v) if measured else None,
+            "noise": self._noise_record(s[11:], g2_v, trace_v, bs_v, items) if measured else None,
             "alerts": [],
             "ranks": None if ranks is None else self._rank_records(ctx, values[p * width + len(scalars) :], numels),
         }
@@ -389,13 +389,13 @@ class Tracker:
         self._pending = {"record": record, "names": list(ctx.names), "params": list(ctx.params), "before": before, "histograms": histograms}
         self._reset_counters()
 
-    def _noise_record(self, sample: list[float], g2: float, trace: float, b_simple: float) -> dict[str, Any]:
+    def _noise_record(self, sample: list[float], g2: float, trace: float, b_simple: float, items: float) -> dict[str, Any]:
         small_sq, small_batch, big_sq, big_batch = sample if sample else (math.nan, math.nan, math.nan, math.nan)
         estimate = b_simple if math.isfinite(b_simple) else None
         return {
             "small_sq": small_sq, "small_batch": small_batch, "big_sq": big_sq, "big_batch": big_batch,
             "g2": g2, "trace": trace, "b_simple": estimate,
-            "advice": batch_advice(estimate, big_batch if math.isfinite(big_batch) else None),
+            "advice": batch_advice(estimate, _batch_of_step(items, big_batch)),
         }  # fmt: skip
 
     def _finish_pending(self) -> None:
@@ -537,3 +537,12 @@ class Tracker:
         self.alerts = alerts
         if state["armed"] and self._locator is not None:
             self._locator.arm()
+
+
+def _batch_of_step(items: float, big_batch: float) -> float | None:
+    """The batch the advice speaks of: the step's items over all ranks (the measured big
+    batch can be one rank's window, when compressed averaging made the global one lossy)."""
+    for value in (items, big_batch):
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
