@@ -450,3 +450,12 @@ def test_clip_grad_norm_makes_no_host_sync(monkeypatch, norm_type):
     assert_close(total, expected)
     assert norms.shape == (2,)
     assert_grads_close(params, theirs, **tolerance({torch.float32}))
+
+
+def test_clip_grad_value_clamps_sparse_gradients_after_summing_repeated_rows():
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 1, 2])).sum().mul(100).backward()  # row 1 twice: 200 per element
+    gk.clip_grad_value_(embedding.parameters(), 0.5)
+    dense = embedding.weight.grad.to_dense()
+    assert dense.abs().max().item() == 0.5
+    assert dense[1].tolist() == [0.5, 0.5, 0.5] and dense[0].abs().sum().item() == 0.0

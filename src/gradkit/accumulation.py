@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradkit import _foreach
+from gradkit import _foreach, distributed
 
 __all__ = ["Window", "SyncControl", "LocalSync", "DDPSync", "sync_control_for", "check_num_items"]
 
@@ -176,7 +176,7 @@ class DDPSync(SyncControl):
     def global_items(self, items: Items) -> Items:
         device = next(self.ddp.parameters()).device
         total = torch.as_tensor(items, dtype=torch.int64, device=device).clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of the item count", None, total, op=dist.ReduceOp.SUM, group=self.group)
         return total
 
     def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
@@ -187,7 +187,7 @@ class DDPSync(SyncControl):
             return
         # A flushed window whose last backward ran without DDP's all-reduce.
         for grad in grads:
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
+            distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of a flushed window's gradient", None, grad, op=dist.ReduceOp.SUM, group=self.group)
         _foreach.scale_(grads, scale)
 
     def bytes_sent(self) -> int:

@@ -99,8 +99,12 @@ def clip_grad_value_(parameters: Parameters, clip_value: float) -> None:
         >>> gk.clip_grad_value_(model.parameters(), 0.5)
     """
     clip_value = _checks.positive_number("clip_value", clip_value, "pass the largest absolute gradient value to allow")
-    grads = _grads_of(parameters)
-    for _, (members, _) in _foreach.group_tensors(grads).items():
+    params = [p for p in check_parameters(parameters) if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:  # clamp each element's total, so sum repeated indices first
+            p.grad = p.grad.coalesce()
+            p.grad._values().clamp_(-clip_value, clip_value)
+    for _, (members, _) in _foreach.group_tensors([p.grad for p in params]).items():
         torch._foreach_clamp_min_(members, -clip_value)
         torch._foreach_clamp_max_(members, clip_value)
 
