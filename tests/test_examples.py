@@ -48,3 +48,9 @@ def test_averaging_example_under_torchrun():
     checksums = re.findall(r"rank (\d): done, parameter checksum (\S+)", out)
     assert sorted(rank for rank, _ in checksums) == ["0", "1"]
     assert checksums[0][1] == checksums[1][1]  # the replicas agree
+
+
+def test_tracking_example_names_the_vanishing_layer(tmp_path):
+    out = run(str(EXAMPLES / "tracking.py"), "--steps", "40", "--log-dir", str(tmp_path / "run"))
+    assert "vanishing in 0" in out  # the first layer of the sigmoid stack
+    assert (tmp_path / "run" / "tracking.jsonl").exists()
