@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradkit import distributed
-from gradkit.compression.base import Compressor, Payload
-from gradkit.compression.keyed_state import Layout
+from gradkit.compression.base import Compressor, Payload, index_dtype
+from gradkit.compression.keyed_state import Layout, sizes
 
 __all__ = ["PendingReduce", "start_reduce", "compress_keyed"]
 
@@ -52,7 +52,19 @@ def _completed(value: Any) -> torch.futures.Future[Any]:
 
 
 def compress_keyed(compressor: Compressor, flat: Tensor, layout: Layout) -> Payload:
-    """Compress with per-parameter state where the compressor keeps some, deferring its commit."""
+    """Compress with per-parameter state where the compressor keeps some, deferring its commit.
+
+    Sparsifiers select per parameter, as DGC does layer by layer: over a whole bucket,
+    the layers with small gradients (norms, biases, embeddings) would wait many steps
+    in the residual before any of their entries is sent. The parts' (indices, values)
+    are joined into one payload for the bucket, indices shifted to the bucket's offsets.
+    """
+    if compressor.sparse and len(layout) > 1:
+        parts = [compress_keyed(compressor, piece, (entry,)) for piece, entry in zip(flat.split(sizes(layout)), layout)]
+        offsets = torch.tensor([0] + sizes(layout)[:-1], device=flat.device).cumsum(0)
+        indices = torch.cat([p.tensors[0].long() + offset for p, offset in zip(parts, offsets)])
+        values = torch.cat([p.tensors[1] for p in parts])
+        return Payload([indices.to(index_dtype(flat.numel())), values], flat.shape, flat.dtype, parts[0].owner)
     if compressor.keyed:
         return compressor.compress(flat, key=layout, commit=False)  # type: ignore[call-arg]
     return compressor.compress(flat)
