@@ -56,7 +56,41 @@ def per_tensor_norms(
 def total_norm(norms: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """Combine per-tensor norms into the norm of all tensors together (on the first norm's device)."""
     device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if any(n.device != device for n in norms):
+        norms = [n.to(device) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(list(norms)), norm_type)
+
+
+class Grouped:
+    """Tensors split by (device, dtype) once, for several fused passes (a norm, then a
+    multiply): grouping is the per-call host cost that matters for many small tensors."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.groups = group_tensors(tensors)
+        self.sparse = [t for t in tensors if t.is_sparse]
+
+    def norms(self, norm_type: float) -> list[Tensor]:
+        """Every tensor's norm, in no particular order."""
+        norms: list[Tensor] = []
+        for (device, _), (members, _) in self.groups.items():
+            if _foreach_supported(device):
+                norms.extend(torch._foreach_norm(members, norm_type))
+            else:
+                norms.extend(torch.linalg.vector_norm(t, norm_type) for t in members)
+        norms.extend(torch.linalg.vector_norm(t.coalesce().values(), norm_type) for t in self.sparse)
+        return norms
+
+    def scale_(self, factor: Tensor) -> None:
+        """Multiply every tensor in place by the 0-d tensor `factor`."""
+        for (device, _), (members, _) in self.groups.items():
+            local = factor.to(device)
+            if _foreach_supported(device):
+                torch._foreach_mul_(members, local)
+            else:
+                for tensor in members:
+                    tensor.mul_(local)
+        for tensor in self.sparse:
+            tensor.mul_(factor.to(tensor.device))
 
 
 def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:

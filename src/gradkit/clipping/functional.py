@@ -64,8 +64,9 @@ def clip_grad_norm_(
     _checks.flag("error_if_nonfinite", error_if_nonfinite, "pass True to raise on a NaN/inf norm, False to clip anyway")
     params = check_parameters(parameters)
     grads = [p.grad for p in params if p.grad is not None]
+    grouped = _foreach.Grouped(grads)  # once: both passes below reuse it
     if grads:
-        total = _foreach.total_norm(_foreach.per_tensor_norms(grads, norm_type), norm_type)
+        total = _foreach.total_norm(grouped.norms(norm_type), norm_type)
     elif group is None:
         return torch.tensor(0.0)
     else:
@@ -80,7 +81,7 @@ def clip_grad_norm_(
             f"the total norm of order {norm_type} of the gradients is non-finite ({total}); "
             "pass error_if_nonfinite=False to clip anyway"
         )
-    _foreach.scale_(grads, clip_coefficient(total, max_norm))
+    grouped.scale_(clip_coefficient(total, max_norm))
     return total
 
 
