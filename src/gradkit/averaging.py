@@ -218,10 +218,13 @@ class Average(SyncControl):
                 # Compress this rank's mean gradient (stable units for residuals), weighted
                 # by its share of the global items, so the sum is the global mean.
                 bucket.pack(self._params, self._local_scale)
-                bad = ~torch.isfinite(bucket.buffer).all()
+                # NaN/inf reach the min or the max: one fast reduction, where isfinite(...).all()
+                # writes a boolean per entry first.
+                low, high = torch.aminmax(bucket.buffer)
+                bad = ~(torch.isfinite(low) & torch.isfinite(high))
                 self._bad = bad if self._bad is None else self._bad | bad
                 layout = tuple((self._names[i], tuple(self._params[i].shape)) for i in bucket.positions)
-                bucket.pending = start_reduce(self.compressor, bucket.buffer, layout, self.group, self._weight, what, self.timeout)  # type: ignore[arg-type]
+                bucket.pending = start_reduce(self.compressor, bucket.buffer, layout, self.group, self._weight, what, self.timeout, out=bucket.buffer)  # type: ignore[arg-type]
         except distributed.CollectiveError:
             raise
         except Exception as error:
@@ -279,7 +282,9 @@ class Average(SyncControl):
             poison = torch.where(bad > 0, float("nan"), 1.0)  # stays on the device: the pipeline's check skips
             for bucket in self.buckets:
                 assert bucket.pending is not None
-                bucket.buffer.copy_(bucket.pending.wait())
+                summed = bucket.pending.wait()
+                if summed.data_ptr() != bucket.buffer.data_ptr():
+                    bucket.buffer.copy_(summed)
                 bucket.unpack(self._params, poison)
             self._bytes = sum(bucket.pending.nbytes for bucket in self.buckets if bucket.pending is not None)
             scale = poison * scale

@@ -1,0 +1,68 @@
+"""Gradient averaging: a gradkit training step (GradientPipeline + gk.Average()) against DDP.
+
+Two processes on this machine, gloo over loopback, one thread each. Both
+candidates live in the same two processes (same model weights, same data) and
+run alternately, step by step, so a slow stretch of the shared machine hits
+both. A step is forward + backward (with the bucketed all-reduce overlapped) +
+optimizer step, timed on rank 0 after a barrier. The model is an MLP of a few
+wide Linear layers (~25M parameters, ~100 MB of gradients), so communication
+and the gradient passes matter, not just the matrix products.
+"""
+
+from __future__ import annotations
+
+from common import Row, Settings
+from processes import free_port, run_workers
+from timing import summarize
+
+__all__ = ["run", "FULL_SIZES", "step_rows"]
+
+FULL_SIZES = (1024, 4096, 4096, 1024)  # 25.2M parameters
+TINY_SIZES = (32, 64, 64, 8)
+BATCH = 32
+REFERENCE = "DDP"
+GOAL = 1 / 1.05  # gradkit at most 5% slower than DDP
+MAX_REPEATS = 25
+TIMEOUT = 300.0
+
+
+def run(settings: Settings) -> list[Row]:
+    sizes = TINY_SIZES if settings.tiny else FULL_SIZES
+    init = f"tcp://127.0.0.1:{free_port()}"
+    args = _worker_args(sizes, "ddp", init, settings)
+    results = run_workers([(args + ["--rank", str(rank)], {"GLOO_SOCKET_IFNAME": "lo"}) for rank in (0, 1)], TIMEOUT)
+    return step_rows(results[0], "2 processes, gloo on loopback", "cpu", REFERENCE, GOAL, "gradkit / DDP", "<= 1.05")
+
+
+def _worker_args(sizes: tuple[int, ...], pair: str, init: str, settings: Settings) -> list[str]:
+    return [
+        "average", "--world", "2", "--init", init, "--pair", pair,
+        "--sizes", ",".join(map(str, sizes)), "--batch", str(BATCH),
+        "--warmup", str(min(settings.warmup, 3)), "--repeats", str(min(settings.repeats, MAX_REPEATS)),
+    ]  # fmt: skip
+
+
+def step_rows(result: dict, where: str, device: str, reference: str, goal: float, label: str, goal_text: str) -> list[Row]:
+    """One row from an `average` worker's result: gradkit's step against the reference step."""
+    mine, theirs = summarize(result["samples"]["gradkit"]), summarize(result["samples"]["reference"])
+    params = result["params"]
+    ratio = mine.median / theirs.median
+    met = theirs.median / mine.median >= goal
+    sent = result["bytes_sent"]
+    note = (
+        f"{where}: {label} step time {ratio:.3f} (goal {goal_text}: {'met' if met else 'MISSED'}); "
+        f"bytes sent per step: gradkit {sent['gradkit'] / 1e6:.2f} MB, {reference} {sent['reference'] / 1e6:.2f} MB; "
+        f"{len(result['samples']['gradkit'])} interleaved steps each"
+    )
+    name = "Average(TopK(0.01))" if reference.startswith("dense") else "Average() step"
+    return [
+        Row(
+            f"{name}, MLP {params / 1e6:.1f}M params, batch {BATCH}, {where}",
+            device,
+            reference,
+            goal,
+            gradkit_time=mine,
+            reference_time=theirs,
+            note=note,
+        )
+    ]

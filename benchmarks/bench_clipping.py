@@ -1,0 +1,115 @@
+"""Global-norm clipping: gradkit against torch's foreach path, and against a plain copy.
+
+Two regimes, both with GPT-2 small's 148 gradient tensors:
+- the real shapes (124M fp32): clipping streams over the gradients three
+  times (read for the norm, read and write for the multiply), so it is bound
+  by memory bandwidth, and a copy of the same bytes shows what the hardware allows;
+- one element per tensor: only the per-call host work is left (grouping, kernel
+  launches), which is what remains on a GPU once the bandwidth is fast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import gradkit
+from common import Row, Settings
+from timing import measure
+
+__all__ = ["run", "gpt2_shapes"]
+
+GPT2_SMALL = {"vocab": 50257, "context": 1024, "width": 768, "layers": 12}
+TINY = {"vocab": 256, "context": 32, "width": 16, "layers": 2}
+REFERENCE = "torch foreach"
+GOAL = 0.95
+
+# Far below the norm of random gradients (about 11,000 for GPT-2 small), so the first
+# call really scales. After it the norm sits a hair below max_norm, where the
+# coefficient clamps to 1: both libraries still multiply (neither branches on the
+# host), and the values stop shrinking, so they never drift toward float32
+# denormals, whose arithmetic is much slower on most CPUs (checked after timing).
+MAX_NORM = 1.0
+CLIP_PASSES = 3
+
+
+def gpt2_shapes(vocab: int, context: int, width: int, layers: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of GPT-2 (HF layout: Conv1D weights are in x out; lm_head tied to wte)."""
+    block = [
+        (width,), (width,),  # ln_1
+        (width, 3 * width), (3 * width,),  # attn.c_attn
+        (width, width), (width,),  # attn.c_proj
+        (width,), (width,),  # ln_2
+        (width, 4 * width), (4 * width,),  # mlp.c_fc
+        (4 * width, width), (width,),  # mlp.c_proj
+    ]  # fmt: skip
+    return [(vocab, width), (context, width)] + block * layers + [(width,), (width,)]
+
+
+def run(settings: Settings) -> list[Row]:
+    shapes = gpt2_shapes(**(TINY if settings.tiny else GPT2_SMALL))
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    size = f"{numel / 1e3:.0f}k" if numel < 1e6 else f"{numel / 1e6:.1f}M"
+    model = "tiny GPT-2" if settings.tiny else "GPT-2 small"
+    cases = [
+        (f"clip_grad_norm_, {model} ({size} fp32, {len(shapes)} tensors)", shapes, True),
+        (f"clip_grad_norm_, {len(shapes)} one-element grads (per-call overhead)", [(1,)] * len(shapes), False),
+    ]
+    rows = []
+    for device in ("cpu", "cuda"):
+        for label, case_shapes, with_copy in cases:
+            if device == "cuda" and not torch.cuda.is_available():
+                rows.append(Row(label, "cuda", REFERENCE, GOAL, note="skipped: torch.cuda.is_available() is False"))
+            else:
+                rows.append(_run_case(torch.device(device), label, case_shapes, with_copy, settings))
+    return rows
+
+
+def _run_case(
+    device: torch.device, label: str, shapes: list[tuple[int, ...]], with_copy: bool, settings: Settings
+) -> Row:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.empty(shape, device=device)) for shape in shapes]
+    for param in params:
+        param.grad = torch.randn(param.shape, device=device)
+    candidates = {
+        "gradkit": lambda: gradkit.clip_grad_norm_(params, MAX_NORM),
+        "torch": lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True),
+    }
+    if with_copy:
+        src = torch.randn(sum(p.numel() for p in params), device=device)
+        dst = torch.zeros_like(src)  # zeros, not empty: the pages are touched before timing
+        candidates["copy"] = lambda: dst.copy_(src)
+
+    cuda = device.type == "cuda"
+    timings = measure(
+        candidates,
+        warmup=settings.warmup,
+        repeats=settings.repeats,
+        # Calls far shorter than a millisecond are timed in tens, so that the timer
+        # and the synchronization do not count as part of them.
+        number=1 if with_copy and not cuda else 10,
+        sync=torch.cuda.synchronize if cuda else None,
+    )
+    return Row(
+        label,
+        torch.cuda.get_device_name(device) if cuda else "cpu",
+        REFERENCE,
+        GOAL,
+        gradkit_time=timings["gradkit"],
+        reference_time=timings["torch"],
+        copy_time=timings.get("copy"),
+        passes=CLIP_PASSES if with_copy else None,
+        note=_value_check(params),
+    )
+
+
+def _value_check(params: list[torch.nn.Parameter]) -> str:
+    grads = [p.grad for p in params]
+    tiny = torch.finfo(torch.float32).tiny
+    smallest = min(torch.where(g != 0, g.abs(), torch.inf).min().item() for g in grads)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    verdict = "no denormals" if smallest >= tiny else "DENORMALS PRESENT, timings not representative"
+    return (
+        f"after timing: total norm {norm:.6f}, smallest nonzero |grad| {smallest:.1e} "
+        f"({verdict}; float32 normals start at {tiny:.1e})"
+    )

@@ -1,0 +1,80 @@
+"""Start benchmark worker processes and collect their JSON results, never hanging.
+
+Each worker is `python benchmarks/worker.py ... --out FILE` (optionally behind a
+prefix such as ``ip netns exec NS``) in its own session, so that on a timeout
+the whole process group it started (gloo threads, a shell of `ip netns exec`)
+is killed, not just the first process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["WORKER", "free_port", "run_workers"]
+
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float) -> list[dict[str, Any]]:
+    """Run `worker.py` once per (arguments, extra environment), all at once; each one's JSON result.
+
+    `arguments` may start with a prefix ending in ``--`` (e.g. ``["ip", "netns", "exec", NS, "--"]``);
+    what follows the ``--`` goes to worker.py.
+
+    Raises:
+        RuntimeError: a worker exited with an error (its output's tail is in the message).
+        TimeoutError: the workers did not all finish within `timeout` seconds (all are killed).
+    """
+    with tempfile.TemporaryDirectory(prefix="gradkit-bench-") as folder:
+        processes, outs = [], []
+        try:
+            for index, (arguments, env) in enumerate(commands):
+                prefix, args = _split(arguments)
+                out = Path(folder, f"result-{index}.json")
+                outs.append(out)
+                command = [*prefix, sys.executable, str(WORKER), *args, "--out", str(out)]
+                # One thread per worker: the workers share the machine's cores.
+                environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+                processes.append(
+                    subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                )
+            deadline = time.monotonic() + timeout
+            outputs = []
+            for process in processes:
+                try:
+                    outputs.append(process.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
+                except subprocess.TimeoutExpired:
+                    raise TimeoutError(f"benchmark workers did not finish within {timeout:.0f} s; killed them") from None
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.communicate()
+        failed = [(i, p.returncode, out) for i, (p, out) in enumerate(zip(processes, outputs)) if p.returncode != 0]
+        if failed:
+            # A peer of a crashed worker fails too; every failure's tail is shown, in order.
+            detail = "\n".join(f"--- worker {i} (exit {rc}) ---\n{out[-2000:]}" for i, rc, out in failed)
+            raise RuntimeError(f"benchmark worker failed:\n{detail}")
+        return [json.loads(out.read_text()) for out in outs]
+
+
+def _split(arguments: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in arguments:
+        cut = arguments.index("--")
+        return arguments[:cut], arguments[cut + 1 :]
+    return [], arguments

@@ -1,0 +1,138 @@
+"""Run every benchmark and print one markdown table of ratios against the anchors.
+
+    python benchmarks/run.py [--quick] [--out FILE] [--threads N]
+
+All candidates of a row are measured side by side in the same run, so the
+ratios hold on whatever machine this runs on; absolute times do not travel.
+To add a benchmark, write a module with ``run(settings) -> list[Row]`` and
+list it in BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import bench_averaging
+import bench_clipping
+import bench_memory
+import bench_network
+import bench_quality
+import bench_topk
+import bench_tracking
+from common import Row, Settings
+from timing import Timing
+
+BENCHMARKS = [bench_clipping, bench_tracking, bench_topk, bench_averaging, bench_network, bench_quality, bench_memory]
+
+FULL = Settings(warmup=5, repeats=101)
+QUICK = Settings(warmup=1, repeats=7)
+
+COLUMNS = (
+    "benchmark", "device", "gradkit ms", "reference", "reference ms", "reference / gradkit", "goal",
+    "copy ms", "gradkit % of copy BW", "reference % of copy BW",
+)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats; finishes in seconds")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, for the test suite; the numbers mean nothing")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    base = QUICK if args.quick else FULL
+    settings = Settings(warmup=base.warmup, repeats=base.repeats, tiny=args.tiny)
+
+    rows = [row for module in BENCHMARKS for row in module.run(settings)]
+    report = "\n".join([machine(), "", f"command: {command(argv)}", "", table(rows), "", notes(rows)])
+    print(report)
+    if args.out is not None:
+        args.out.write_text(report + "\n")
+    return 0
+
+
+def machine() -> str:
+    cpu = _cpu_model()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [
+        f"CPU: {cpu}, {os.cpu_count()} cores ({usable} usable)",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"Python {platform.python_version()}",
+    ]
+    if hasattr(os, "getloadavg"):
+        # Other work on the machine shows up as spread; the load says how much there was.
+        parts.append(f"load average at start {os.getloadavg()[0]:.2f}")
+    if torch.cuda.is_available():
+        parts.append(f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    else:
+        parts.append("GPU: none (CUDA not available)")
+    return "machine: " + "; ".join(parts)
+
+
+def command(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python benchmarks/run.py", *args])
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in rows:
+        if row.skipped:
+            continue
+        cells = [
+            row.benchmark,
+            row.device,
+            _ms(row.gradkit_time),
+            row.reference,
+            _ms(row.reference_time),
+            f"{row.ratio:.3f}",
+            f">= {row.goal:g}",
+            _ms(row.copy_time) if row.copy_time else "-",
+            _share(row, row.gradkit_time),
+            _share(row, row.reference_time),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(rows: list[Row]) -> str:
+    lines = [
+        "ms: median per call (± half the interquartile range); ratio > 1: gradkit faster.",
+        "% of copy BW: bytes streamed per second relative to the copy "
+        "(clipping counts 3 passes over the gradients, the copy 2).",
+    ]
+    lines += [f"- {row.benchmark} [{row.device}]: {row.note}" for row in rows if row.note]
+    return "\n".join(lines)
+
+
+def _ms(timing: Timing) -> str:
+    return f"{timing.median * 1e3:.3f} ±{timing.spread:.0%}"
+
+
+def _share(row: Row, timing: Timing) -> str:
+    share = row.copy_bandwidth_share(timing)
+    return "-" if share is None else f"{share:.0%}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
