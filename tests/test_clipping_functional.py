@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 import gradkit as gk
+from param_sets import clone_params, make_params
 
 INF = float("inf")
 NORM_TYPES = [1.0, 2.0, INF, 0.5, 3.7]
@@ -36,27 +37,6 @@ tensor_specs = st.tuples(
     st.sampled_from([True, True, True, False]),  # has a grad (mostly)
     st.integers(-3, 3),  # log10 of the gradient's scale
 )
-
-
-def make_params(specs, seed):
-    """Parameters with gradients from `specs` (shape, dtype, has_grad, log10 scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for shape, dtype, has_grad, scale in specs:
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
-        if has_grad:
-            p.grad = (torch.randn(shape, generator=gen, dtype=torch.float64) * 10.0**scale).to(dtype)
-        params.append(p)
-    return params
-
-
-def clone_params(params):
-    out = []
-    for p in params:
-        q = torch.nn.Parameter(p.detach().clone())
-        q.grad = None if p.grad is None else p.grad.clone()
-        out.append(q)
-    return out
 
 
 def tolerance(dtypes):

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 import gradkit as gk
+from param_sets import clone_params, make_params
 
 INF = float("inf")
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -37,27 +38,6 @@ tensor_specs = st.tuples(
     st.integers(-2, 2),  # log10 of the gradient's scale
 )
 float64_specs = tensor_specs.map(lambda s: (s[0], torch.float64, s[2], s[3]))
-
-
-def make_params(specs, seed):
-    """Parameters with gradients from `specs` (shape, dtype, has_grad, log10 scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for shape, dtype, has_grad, scale in specs:
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
-        if has_grad:
-            p.grad = (torch.randn(shape, generator=gen, dtype=torch.float64) * 10.0**scale).to(dtype)
-        params.append(p)
-    return params
-
-
-def clone_params(params):
-    out = []
-    for p in params:
-        q = torch.nn.Parameter(p.detach().clone())
-        q.grad = None if p.grad is None else p.grad.clone()
-        out.append(q)
-    return out
 
 
 def grads_of(params):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import gradkit as gk
+from host_reads import count_host_reads
 
 
 def make_model(seed: int = 0, dtype=torch.float64) -> nn.Module:
@@ -200,19 +201,6 @@ def test_noise_sample_on_measured_windows_is_first_micro_batch_vs_window():
     assert float(noise.small_sq) == pytest.approx(sq(first), rel=1e-9)
     assert float(noise.big_sq) == pytest.approx(sq(window), rel=1e-9)
     assert float(noise.small_batch) == 5 and float(noise.big_batch) == 15
-
-
-def count_host_reads(monkeypatch):
-    counter = {"n": 0}
-    for method in ("item", "tolist", "__bool__"):
-        original = getattr(torch.Tensor, method)
-
-        def counting(self, *args, _original=original, **kwargs):
-            counter["n"] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, method, counting)
-    return counter
 
 
 @pytest.mark.parametrize("num_items", [None, 8, torch.tensor(8)])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gradkit as gk
+from host_reads import count_host_reads
 from gradkit.tracking.writers import STAT_FIELDS, STEP_FIELDS, GLOBAL_FIELDS, NOISE_FIELDS, read_jsonl, schema_errors
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tracking.md"
@@ -125,19 +126,6 @@ def test_standalone_track_counts_nan_and_inf_and_completes_the_update_ratio():
     assert bad["modules"]["2"]["nan"] == 1 and bad["modules"]["2"]["inf"] == 3
     assert bad["global"]["skipped"] is True and bad["global"]["norm"] is None  # non-finite values are null in JSON
     assert [(a.kind, a.name) for a in tracker.last_alerts] == [("nonfinite", "2")]
-
-
-def count_host_reads(monkeypatch):
-    counter = {"n": 0}
-    for method in ("item", "tolist", "__bool__", "numpy", "__float__", "__int__", "__index__"):
-        original = getattr(torch.Tensor, method)
-
-        def counting(self, *args, _original=original, **kwargs):
-            counter["n"] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, method, counting)
-    return counter
 
 
 def test_non_logging_steps_make_no_host_reads(monkeypatch):

@@ -1,0 +1,21 @@
+"""Counting the ways a tensor's value can reach the host (each one waits for the device)."""
+
+from __future__ import annotations
+
+import torch
+
+READS = ("item", "tolist", "__bool__", "numpy", "__float__", "__int__", "__index__")
+
+
+def count_host_reads(monkeypatch) -> dict[str, int]:
+    """Patch every host read of torch.Tensor to count; returns the live counter {"n": ...}."""
+    counter = {"n": 0}
+    for method in READS:
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _original=original, **kwargs):
+            counter["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    return counter
