@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradkit.compression.base import Compressor, Payload
@@ -48,7 +49,10 @@ class ErrorFeedback(Compressor):
         self.sparse = compressor.sparse
         self.variable_size = compressor.variable_size
         self._residuals = KeyedState(["residual"])
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        # A second buffer per key takes `tensor + residual` and becomes the residual on
+        # commit (a swap): no new tensor and no copy per step.
+        self._spares: dict[Layout, Tensor] = {}
+        self._pending: list[tuple[dict[str, Tensor], Layout]] = []
 
     def compress(self, tensor: Tensor, key: str | Layout | None = None, *, commit: bool = True) -> Payload:
         """Compress `tensor` plus the residual kept under `key`.
@@ -61,23 +65,28 @@ class ErrorFeedback(Compressor):
                 `discard()` and the residual stays as it was).
         """
         tensor = self._check_input(tensor)
-        residual = self._residuals.get(layout_for(key, tensor), tensor.reshape(-1))["residual"]
-        corrected = tensor.reshape(-1) + residual
+        layout = layout_for(key, tensor)
+        state = self._residuals.get(layout, tensor.reshape(-1))
+        residual = state["residual"]
+        spare = self._spares.get(layout)
+        if spare is None or spare.shape != residual.shape or spare.dtype != residual.dtype or spare.device != residual.device:
+            spare = self._spares[layout] = torch.empty_like(residual)
+        corrected = torch.add(tensor.reshape(-1), residual, out=spare)
         payload = self.compressor.compress(corrected)
-        new_residual = self.compressor.residual_(corrected, payload)
+        self.compressor.residual_(corrected, payload)  # in place: the spare now holds the new residual
         payload.shape = tensor.shape
         if commit:
-            residual.copy_(new_residual)
+            state["residual"], self._spares[layout] = spare, residual
         else:
-            self._pending.append((residual, new_residual))
+            self._pending.append((state, layout))
         return payload
 
     def commit(self) -> None:
         """Keep the residuals of the compress calls made with ``commit=False``."""
         # pop, not iterate-then-clear: DDP hooks may add entries from another thread meanwhile
         while self._pending:
-            residual, new_residual = self._pending.pop(0)
-            residual.copy_(new_residual)
+            state, layout = self._pending.pop(0)
+            state["residual"], self._spares[layout] = self._spares[layout], state["residual"]
 
     def discard(self) -> None:
         """Forget the residuals of the compress calls made with ``commit=False``."""
