@@ -22,6 +22,8 @@ group: one process start-up for all of them.
 from __future__ import annotations
 
 import argparse
+import sys
+import os
 import copy
 import json
 import time
@@ -178,3 +180,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    # The result is written: skip interpreter teardown, where a gloo thread still holding
+    # work from DDP can abort the process (exit -6) after everything succeeded.
+    os._exit(0)

@@ -159,6 +159,11 @@ def _worker(
     partial = os.path.join(folder, f"result-{rank}.pt.partial")
     torch.save(result, partial)
     os.replace(partial, os.path.join(folder, f"result-{rank}.pt"))
+    # The result is saved: skip interpreter teardown, where a gloo thread still holding
+    # finished work can abort the process (SIGABRT) after everything succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _record_failure(folder: str, rank: int) -> None:

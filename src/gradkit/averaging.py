@@ -289,6 +289,10 @@ class Average(SyncControl):
             self._bytes = sum(bucket.pending.nbytes for bucket in self.buckets if bucket.pending is not None)
             scale = poison * scale
         self._bytes += self._reduce_sparse(scale)
+        for bucket in self.buckets:
+            # Finished work handles must not outlive the step: a gloo work object still
+            # alive at interpreter exit can abort the process while it is torn down.
+            bucket.work, bucket.pending = None, None
         self.launches = self._launches
         self._fired.clear()
         self._armed = False

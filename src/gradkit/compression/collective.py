@@ -36,6 +36,7 @@ class PendingReduce:
     def wait(self) -> Tensor:
         for work in self._works:
             distributed.wait(work, self._what, self._timeout)
+        self._works = []  # done: let the work objects go now, not at interpreter exit
         return self._finish()
 
     def as_future(self, then: Callable[[Tensor], Tensor]) -> torch.futures.Future[Tensor]:
