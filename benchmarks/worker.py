@@ -22,10 +22,10 @@ group: one process start-up for all of them.
 from __future__ import annotations
 
 import argparse
-import sys
-import os
 import copy
 import json
+import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
