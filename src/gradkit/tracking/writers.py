@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from gradkit._files import make_writable_dir
 
 __all__ = ["JSONL_NAME", "SCHEMA", "RUN_FIELDS", "STEP_FIELDS", "STAT_FIELDS", "JsonlWriter", "TensorBoardWriter", "make_writers", "read_jsonl", "clean"]
 
@@ -150,10 +151,7 @@ def check_log_dir(log_dir: object) -> Path | None:
         raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__} {log_dir!r}")
     path = Path(log_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".gradkit-write-test"
-        probe.write_text("")
-        probe.unlink()
+        make_writable_dir(path)
     except OSError as error:
         raise ValueError(
             f"log_dir {str(path)!r} is not writable ({error.strerror or error}); pass a directory you can write to, "

@@ -83,8 +83,8 @@ class TrainConfig:
         """Check every field; raise ConfigError naming the first bad one."""
         for key in ("steps", "workers", "width", "layers", "context", "micro_batch", "accumulation_steps", "rank",
                     "track_every", "eval_every", "eval_batches", "checkpoint_every", "threads"):  # fmt: skip
-            _positive_int(key, getattr(self, key))
-        _non_negative_int("seed", self.seed)
+            _int_at_least(key, getattr(self, key), 1)
+        _int_at_least("seed", self.seed, 0)
         for key in ("lr", "max_norm"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
@@ -151,14 +151,9 @@ def config_from(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-def _positive_int(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
-
-
-def _non_negative_int(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
+def _int_at_least(key: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
 def _choice(key: str, value: object, options: tuple[str, ...]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from gradkit._files import make_writable_dir
 from gradkit.train.config import ConfigError, TrainConfig
 from gradkit.train.data import Corpus, load_text
 
@@ -43,10 +44,7 @@ def check_setup(config: TrainConfig) -> None:
     Corpus(load_text(config.text), config.context)
     path = config.run_path
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        make_writable_dir(path)
     except OSError as error:
         raise ConfigError(f"cannot write to the run directory {str(path)!r}: {error.strerror}; pass a writable --run-dir") from None
 
