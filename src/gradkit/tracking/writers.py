@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
 from gradkit._files import make_writable_dir
 
 __all__ = ["JSONL_NAME", "SCHEMA", "RUN_FIELDS", "STEP_FIELDS", "STAT_FIELDS", "JsonlWriter", "TensorBoardWriter", "make_writers", "read_jsonl", "clean"]
