@@ -19,3 +19,16 @@ def count_host_reads(monkeypatch) -> dict[str, int]:
 
         monkeypatch.setattr(torch.Tensor, method, counting)
     return counter
+
+
+def forbid_host_sync(monkeypatch) -> None:
+    """Make every host read of a tensor's value raise while the patch is active."""
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"host sync: Tensor.{name} was called")
+
+        return method
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))

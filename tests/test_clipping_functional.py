@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 import gradkit as gk
+from host_reads import forbid_host_sync
 from param_sets import clone_params, make_params
 
 INF = float("inf")
@@ -400,19 +401,6 @@ def test_norm_type_accepts_the_string_inf_like_torch():
 
 
 # -- no host sync ------------------------------------------------------------------------
-
-
-def forbid_host_sync(monkeypatch):
-    """Make every host read of a tensor's value raise while the patch is active."""
-
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            raise AssertionError(f"host sync: Tensor.{name} was called")
-
-        return method
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse(name))
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, INF, 3.7])

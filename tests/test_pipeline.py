@@ -251,7 +251,6 @@ def test_state_dict_mid_window_resumes_bit_identically(tmp_path):
 
 def test_state_dict_with_scaler_and_tensor_items_round_trips():
     model = make_model(dtype=torch.float32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     pipe = gk.GradientPipeline(model, accumulation_steps=2, scaler=torch.amp.GradScaler("cpu", init_scale=64.0))
     x, y = batches(1, dtype=torch.float32)[0]
     pipe.backward(((model(x) - y) ** 2).sum(), num_items=torch.tensor(8))

@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 
-import gradkit as gk
 from dist_helpers import run_workers
 from reliability_helpers import build, checkpoint, differences, items_at, one_thread, params_of, restore, save_atomically, train
 

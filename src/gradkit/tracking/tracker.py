@@ -9,7 +9,6 @@ on the device (clipped steps, skipped steps) and reads nothing on the host.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence

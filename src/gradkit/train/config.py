@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,6 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     threads: int = 1
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def run_path(self) -> Path:
@@ -136,7 +135,7 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
 
 def config_from(values: dict[str, Any]) -> TrainConfig:
     """A checked config from a flat dict of settings."""
-    known = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, list(known) + list(TABLES), n=1)

@@ -15,7 +15,6 @@ import os
 import signal
 import uuid
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -102,7 +101,3 @@ def _join_and_train(values: dict[str, Any]) -> dict[str, Any]:
         return train_worker(config)
     finally:
         dist.destroy_process_group()
-
-
-def resolve_run_dir(config: TrainConfig) -> Path:
-    return config.run_path.resolve()
