@@ -72,6 +72,10 @@ micro_batch = 4
 model = "gru"
 width = 32
 layers = 1
+[optimizer]
+optimizer = "sgd"
+lr = 0.1
+schedule = "cosine"
 [compression]
 compressor = "none"
 [clipping]
@@ -108,6 +112,9 @@ def test_bench_quick_runs_the_harness(tmp_path):
         ("steps = 'many'", "steps must be a int"),
         ("compressor = 'topkk'", "did you mean 'topk'?"),
         ("density = 1.5", "density must be in (0, 1]"),
+        ("momentum = 1.0", "momentum must be in [0, 1)"),
+        ("optimizer = 'adam'", "did you mean 'adamw'?"),
+        ("sparse_values = 'fp16'", "sparse_values must be one of float32, float16, bfloat16"),
         ("text = 'missing.txt'", "does not exist"),
         ("text = 'empty.txt'", "is empty"),
         ("workers = 500", "more than this machine can use"),

@@ -65,6 +65,15 @@ class Bucket:
             else:
                 torch.mul(view, factor, out=param.grad)
 
+    def expose(self, params: Sequence[Tensor]) -> None:
+        """Make each parameter's gradient a view of the buffer: no copy.
+
+        Only for a finished reduction: the pipeline drops the gradients after the
+        step, so the next backward writes fresh ones and the buffer is free again."""
+        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
+            param = params[position]
+            param.grad = self.buffer.narrow(0, offset, size).view(param.shape)
+
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
@@ -285,7 +294,10 @@ class Average(SyncControl):
                 summed = bucket.pending.wait()
                 if summed.data_ptr() != bucket.buffer.data_ptr():
                     bucket.buffer.copy_(summed)
-                bucket.unpack(self._params, poison)
+                # One NaN entry per bucket is enough for the pipeline's global norm to skip the
+                # step on every rank; multiplying every entry would cost a pass over the bucket.
+                bucket.buffer[:1].mul_(poison.to(bucket.buffer.device))
+                bucket.expose(self._params)
             self._bytes = sum(bucket.pending.nbytes for bucket in self.buckets if bucket.pending is not None)
             scale = poison * scale
         self._bytes += self._reduce_sparse(scale)

@@ -32,6 +32,9 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["TrainConfig", "ConfigError", "load_config", "TABLES"]
 
 COMPRESSORS = ("none", "topk", "randomk", "dgc", "powersgd", "fp16", "bf16", "qsgd", "sign")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+VALUE_DTYPES = ("float32", "float16", "bfloat16")
 CLIPS = ("none", "global", "value", "layer", "agc", "autoclip", "zclip")
 MODELS = ("transformer", "gru")
 
@@ -59,11 +62,16 @@ class TrainConfig:
     micro_batch: int = 16
     accumulation_steps: int = 2
     # optimizer
+    optimizer: str = "adamw"
     lr: float = 3e-3
+    momentum: float = 0.9  # sgd only; with dgc the compressor keeps it (momentum correction)
+    schedule: str = "constant"
     # compression
     compressor: str = "topk"
     density: float = 0.01
     rank: int = 2
+    dgc_warmup: float = 0.05  # fraction of the steps over which dgc's density falls to `density`
+    sparse_values: str = "float32"  # dtype of the values topk and dgc send
     # norm scaling
     clip: str = "global"
     max_norm: float = 1.0
@@ -90,6 +98,13 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be a positive number, got {value!r}")
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
             raise ConfigError(f"density must be in (0, 1], got {self.density!r}; e.g. density = 0.01 keeps 1% of the entries")
+        for key, hint in (("momentum", "e.g. momentum = 0.9, or 0 for none"), ("dgc_warmup", "e.g. dgc_warmup = 0.05, or 0 for none")):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"{key} must be in [0, 1), got {value!r}; {hint}")
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("sparse_values", self.sparse_values, VALUE_DTYPES)
         _choice("compressor", self.compressor, COMPRESSORS)
         _choice("clip", self.clip, CLIPS)
         _choice("model", self.model, MODELS)

@@ -29,17 +29,35 @@ __all__ = ["train_worker", "checkpoint_step"]
 
 
 def make_compressor(config: TrainConfig) -> gk.Compressor | None:
+    values = getattr(torch, config.sparse_values)
     return {
         "none": lambda: None,
-        "topk": lambda: gk.TopK(config.density),
+        "topk": lambda: gk.TopK(config.density, value_dtype=values),
         "randomk": lambda: gk.RandomK(config.density, seed=config.seed),
-        "dgc": lambda: gk.DGC(config.density, warmup_steps=config.steps // 5),
+        "dgc": lambda: gk.DGC(
+            config.density, momentum=config.momentum, warmup_steps=int(config.steps * config.dgc_warmup), value_dtype=values
+        ),
         "powersgd": lambda: gk.PowerSGD(config.rank, seed=config.seed),
         "fp16": gk.FP16,
         "bf16": gk.BF16,
         "qsgd": lambda: gk.QSGD(16),
         "sign": gk.SignSGD,
     }[config.compressor]()
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr)
+    # DGC accumulates the momentum itself (momentum correction): the optimizer must not add it again
+    momentum = 0.0 if config.compressor == "dgc" else config.momentum
+    return torch.optim.SGD(params, lr=config.lr, momentum=momentum)
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """The learning rate of 0-based `step`: a function of the step alone, so resume needs no scheduler state."""
+    if config.schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
 
 
 def make_clip(config: TrainConfig) -> list[gk.ClipStage]:
@@ -81,7 +99,7 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     corpus = Corpus(load_text(config.text), config.context)
     model = build_model(config.model, corpus.vocab, config.width, config.layers, config.context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(config, model.parameters())
     writers = ("jsonl", "tensorboard") if _has_tensorboard() else ("jsonl",)
     meta = {"name": config.name, "workers": world, "batch_size": config.micro_batch * config.context * config.accumulation_steps * world}
     tracker = gk.Tracker(config.run_path, every=config.track_every, writers=writers, meta=meta)
@@ -95,6 +113,8 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
     began, tokens = time.perf_counter(), 0
     step = start
     while step < config.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, step)
         for micro in range(config.accumulation_steps):
             x, y = corpus.batch("train", config.micro_batch, seed=_seed(config.seed, rank, step, micro))
             loss = F.cross_entropy(model(x).reshape(-1, corpus.vocab), y.reshape(-1), reduction="sum")
