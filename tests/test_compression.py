@@ -23,6 +23,7 @@ from torch.testing import assert_close
 import gradkit as gk
 from gradkit.compression.base import count_for, index_dtype
 from gradkit.compression.keyed_state import KeyedState
+from gradkit.compression.sparsify import positions_at_least
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F64 = torch.float64
@@ -305,6 +306,29 @@ def test_fast_topk_count_and_energy_against_exact(name, make, seed):
     kept = energy(gk.TopK(density).decompress(fast))
     best = energy(gk.TopK(density).decompress(exact))
     assert kept >= 0.9 * best, f"{name}: kept {kept / best:.3f} of top-k's energy"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 3 * 2**20 + 13),  # across the CPU path's 2**20-entry chunks and 8-entry words
+    threshold=st.floats(0.01, 4.0),
+    capacity_share=st.floats(0.001, 1.0),
+    nans=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+@example(n=7, threshold=0.1, capacity_share=1.0, nans=0, seed=0)
+@example(n=2**20, threshold=3.0, capacity_share=0.5, nans=2, seed=1)
+def test_selected_positions_match_the_plain_mask(n, threshold, capacity_share, nans, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    x[torch.randint(n, (nans,), generator=g)] = float("nan")
+    cut = torch.tensor(threshold)
+    capacity = max(1, round(capacity_share * n))
+    expected = (x.abs() >= cut).nonzero().view(-1)[:capacity]  # NaN compares False
+    got = positions_at_least(x, cut, capacity)
+    assert got.numel() == capacity
+    assert torch.equal(got[: expected.numel()], expected)
+    assert bool((got[expected.numel() :] == -1).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, F64])

@@ -99,36 +99,34 @@ class TopK(_Sparsifier):
             indices = torch.topk(flat.abs(), k, sorted=False).indices
             return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
         threshold = sampled_threshold(flat, k)
-        mask = magnitude_at_least(flat, threshold)
         capacity = min(flat.numel(), math.ceil(_CAPACITY * k))
-        indices = _indices_of(mask, capacity)
+        indices = positions_at_least(flat, threshold, capacity)
         valid = indices >= 0
         return sparse_payload(self, flat, indices.clamp_(min=0), valid, tensor.shape, self.value_dtype)
 
 
-def magnitude_at_least(flat: Tensor, threshold: Tensor) -> Tensor:
-    """The mask |flat| >= threshold (NaN compares False: never selected)."""
+def positions_at_least(flat: Tensor, threshold: Tensor, capacity: int) -> Tensor:
+    """Positions of the entries with |x| >= threshold (NaN: never), the first `capacity`, padded with -1."""
     if flat.device.type != "cpu":
-        return flat.abs() >= threshold
-    # On the CPU a temporary as large as a bucket is fresh memory on every call (above
-    # malloc's mmap threshold): the kernel maps and zeroes each page, which took longer
-    # than the comparison itself. A chunk at a time reuses one small buffer, still in cache.
-    mask = torch.empty(flat.shape, dtype=torch.bool)
-    scratch = torch.empty(min(_CHUNK, flat.numel()), dtype=flat.dtype)
-    for start in range(0, flat.numel(), _CHUNK):
+        # Filling with -1 marks the padding without counting the mask (a host sync on a GPU).
+        return torch.nonzero_static(flat.abs() >= threshold, size=capacity, fill_value=-1).view(-1)
+    n = flat.numel()
+    mask = torch.empty(-(-n // 8) * 8, dtype=torch.bool)  # whole 8-byte words, for the search below
+    mask[n:] = False
+    # A temporary as large as a bucket is fresh memory on every call (above malloc's mmap
+    # threshold): the kernel maps and zeroes each page, which took longer than the comparison
+    # itself. A chunk at a time reuses one small buffer, still in cache.
+    scratch = torch.empty(min(_CHUNK, n), dtype=flat.dtype)
+    for start in range(0, n, _CHUNK):
         part = flat[start : start + _CHUNK]
         torch.ge(torch.abs(part, out=scratch[: part.numel()]), threshold, out=mask[start : start + part.numel()])
-    return mask
-
-
-def _indices_of(mask: Tensor, capacity: int) -> Tensor:
-    """Positions of the True entries, the first `capacity` of them, padded with -1 to `capacity`."""
-    if mask.device.type == "cpu":
-        # No device to wait for on the CPU, and nonzero() runs in ~2/3 of nonzero_static's time.
-        found = mask.nonzero().view(-1)[:capacity]
-        return torch.nn.functional.pad(found, (0, capacity - found.numel()), value=-1)
-    # Filling with -1 marks the padding without counting the mask (a host sync on a GPU).
-    return torch.nonzero_static(mask, size=capacity, fill_value=-1).view(-1)
+    # nonzero() over the 8-byte words first, then over the bytes of the words holding a True:
+    # at top-k densities about half the time of mask.nonzero() (a CPU has no host sync to avoid).
+    words = mask.view(torch.int64)
+    hit = words.nonzero().view(-1)
+    within = words[hit].view(torch.bool).nonzero().view(-1)
+    found = (hit[within >> 3] * 8 + (within & 7))[:capacity]
+    return torch.nn.functional.pad(found, (0, capacity - found.numel()), value=-1)
 
 
 def sampled_threshold(flat: Tensor, k: int) -> Tensor:
