@@ -1,20 +1,31 @@
-"""Training quality under compression: the demo task trained dense, with TopK 1% + error feedback, and with DGC 0.1%.
+"""Training quality under compression: the same training run dense, with TopK 1% + error feedback, and with DGC 0.1%.
 
 The built-in training engine (`gradkit.train`: a small character-level
-transformer on the Python documentation that ships with CPython) runs three
-times on 2 local workers with the same seed, data order and step count; only
-the compressor differs, configured as the engine configures it (TopK gets
-error feedback from gk.Average; DGC keeps its own momentum-corrected residual
-and warms its density up over the first fifth of the steps). Reported: the
-final validation loss relative to the dense run (goal: within 1%) and the
-bytes this rank sent, dense / compressed, over the whole run and in the last
-step logged (after DGC's warm-up). The table's times are the training loop's wall
-time per step, one run each (no spread); they carry no goal.
+transformer) runs three times on 2 local workers with the same seed, data order
+and step count; only the compressor differs. The setting is the one of the DGC
+paper's comparisons: momentum SGD (0.9; for DGC the momentum moves into the
+compressor, with momentum correction), a cosine learning-rate decay, DGC's
+density warm-up over the first 2.5% of the steps; sparse values travel as
+float16 next to int32 indices.
+
+The text is CPython's own standard library source (the .py files next to the
+running interpreter, tests left out, about 12 million characters; no
+download): the run reads about one epoch of it, so the validation loss measures
+what the model learned, not what it memorized. (The 0.47M-character corpus of
+`gradkit demo` is memorized within a few thousand steps; sparse updates then
+overfit less than dense ones and look better than they are.)
+
+Reported: the final validation loss relative to the dense run (goal: at most
+1% above it; below is better) and the bytes this rank sent, dense /
+compressed, over the whole run (warm-up included) and in the last step logged.
+The table's times are the training loop's wall time per step, one run each (no
+spread); they carry no goal.
 """
 
 from __future__ import annotations
 
 import json
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -24,24 +35,30 @@ from timing import Timing
 
 __all__ = ["run"]
 
-FULL_STEPS = 500  # ~0.15 s per step on 2 cores: about 4 minutes for the three runs
+FULL_STEPS = 3000  # ~0.08 s per step on 2 cores: about 13 minutes for the three runs
 QUICK_STEPS = 4
-LOSS_GOAL = 0.01  # final validation loss within 1% of dense
+LOSS_GOAL = 0.01  # final validation loss at most 1% above dense
 DGC_BYTES_GOAL = 100.0
-CASES = (("TopK(0.01) + error feedback", "topk", 0.01), ("DGC(0.001), warm-up", "dgc", 0.001))
-TIMEOUT = 900.0
+CASES = (("TopK(0.01) + error feedback", "topk", 0.01), ("DGC(0.001)", "dgc", 0.001))
+# What every run shares (TrainConfig fields): momentum SGD with a cosine decay, as in DGC's comparisons.
+TRAINING = {"optimizer": "sgd", "lr": 1.0, "momentum": 0.9, "schedule": "cosine", "sparse_values": "float16", "dgc_warmup": 0.025}
+FULL_TEXT_CHARS = 12_000_000
+QUICK_TEXT_CHARS = 200_000
+TIMEOUT = 2400.0
 TINY_MODEL = {"width": 16, "layers": 1, "context": 16, "micro_batch": 4, "eval_batches": 1}
 
 
 def run(settings: Settings) -> list[Row]:
     quick = settings.tiny or settings.repeats < 20  # --quick: only check that it runs
     steps = 2 if settings.tiny else QUICK_STEPS if quick else FULL_STEPS
-    shape = TINY_MODEL if settings.tiny else {"eval_batches": 2} if quick else {}
+    shape = TINY_MODEL if settings.tiny else {"eval_batches": 2} if quick else {"eval_batches": 32}
     names = ("none",) + tuple(c for _, c, _ in CASES)
     with tempfile.TemporaryDirectory(prefix="gradkit-quality-") as run_dir:
+        text = write_source_corpus(Path(run_dir, "stdlib.txt"), QUICK_TEXT_CHARS if quick else FULL_TEXT_CHARS)
         configs = [
             dict(
                 name=compressor, run_dir=run_dir, steps=steps, workers=2, seed=0, compressor=compressor, density=density,
+                text=str(text), **TRAINING,
                 # evaluate and checkpoint only at the end; track every 10 steps (it logs the bytes per step)
                 eval_every=10**9, checkpoint_every=10**9, track_every=10, **shape,
             )
@@ -86,16 +103,34 @@ def _note(compressor: str, mine: dict, dense: dict, quick: bool) -> str:
     dense_per_step = dense["bytes_sent"] / dense["steps"]
     last_step, last = mine["last_bytes"] or (None, None)
     last_ratio = f"{dense_per_step / last:.0f}x in the last logged step ({last_step})" if last else "no logged step"
-    loss_verdict = "not judged: --quick" if quick else "met" if abs(loss_ratio - 1) <= LOSS_GOAL else "MISSED"
+    loss_verdict = "not judged: --quick" if quick else "met" if loss_ratio <= 1 + LOSS_GOAL else "MISSED"
     text = (
         f"final validation loss {mine['val_loss']:.4f} vs dense {dense['val_loss']:.4f} (ratio {loss_ratio:.4f}, "
-        f"goal within {LOSS_GOAL:.0%}: {loss_verdict}; start {dense['first_val_loss']:.3f}); "
+        f"goal at most {LOSS_GOAL:.0%} above: {loss_verdict}; start {dense['first_val_loss']:.3f}); "
+        f"final training loss {mine['train_loss']:.4f} vs dense {dense['train_loss']:.4f}; "
         f"bytes sent dense/compressed {total_ratio:.1f}x over the run, {last_ratio}"
     )
     if compressor == "dgc":
         verdict = "not judged: --quick" if quick else "met" if total_ratio >= DGC_BYTES_GOAL else "MISSED"
         text += f" (goal >= {DGC_BYTES_GOAL:g}x over the run: {verdict})"
     return text
+
+
+def write_source_corpus(path: Path, max_chars: int) -> Path:
+    """CPython's standard library source (tests left out), in a fixed order, up to `max_chars` characters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "site-packages"} & set(p.relative_to(root).parts))
+    parts, total = [], 0
+    for file in files:
+        if total >= max_chars:
+            break
+        part = file.read_text(encoding="utf-8", errors="replace")
+        parts.append(part)
+        total += len(part) + 1
+    if total < 10_000:
+        raise RuntimeError(f"found only {total} characters of Python source under {root}; the quality benchmark needs the standard library's .py files")
+    path.write_text("\n".join(parts)[:max_chars], encoding="utf-8")
+    return path
 
 
 def _per_step(summary: dict) -> Timing:

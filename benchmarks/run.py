@@ -45,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for the test suite; the numbers mean nothing")
+    names = [module.__name__.removeprefix("bench_") for module in BENCHMARKS]
+    parser.add_argument("--only", help=f"comma-separated benchmarks to run (default: all): {', '.join(names)}")
     args = parser.parse_args(argv)
+    chosen = BENCHMARKS
+    if args.only is not None:
+        wanted = [name.strip() for name in args.only.split(",")]
+        unknown = [name for name in wanted if name not in names]
+        if unknown or not wanted:
+            parser.error(f"--only: unknown benchmark {', '.join(map(repr, unknown)) or repr(args.only)}; choose from {', '.join(names)}")
+        chosen = [module for module, name in zip(BENCHMARKS, names) if name in wanted]
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads is not None:
@@ -53,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     base = QUICK if args.quick else FULL
     settings = Settings(warmup=base.warmup, repeats=base.repeats, tiny=args.tiny)
 
-    rows = [row for module in BENCHMARKS for row in module.run(settings)]
+    rows = [row for module in chosen for row in module.run(settings)]
     report = "\n".join([machine(), "", f"command: {command(argv)}", "", table(rows), "", notes(rows)])
     print(report)
     if args.out is not None:

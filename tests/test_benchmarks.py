@@ -60,3 +60,14 @@ def test_quick_run_prints_one_table_with_finite_ratios(tmp_path):
     for row in rows:
         ratio = float(row["reference / gradkit"])
         assert math.isfinite(ratio) and ratio > 0, row
+
+
+def test_only_runs_the_named_benchmarks_and_rejects_unknown_names():
+    harness = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1"]
+    done = subprocess.run([*harness, "--only", "topk"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = _table(done.stdout)
+    assert rows and all(row["benchmark"].startswith("TopK(") for row in rows)
+    bad = subprocess.run([*harness, "--only", "topk,netwrk"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "unknown benchmark 'netwrk'" in bad.stderr and "network" in bad.stderr

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run the benchmark harness and print ratios against the anchors")
     bench.add_argument("--quick", action="store_true", help="a short run: fewer repeats (and smaller sizes where a benchmark offers them)")
     bench.add_argument("--out", type=Path, help="also write the markdown table to this file")
+    bench.add_argument("--only", help="comma-separated benchmarks to run, e.g. network,quality (default: all)")
     return parser
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(args.run_dir, args.out)
     if args.command == "bench":
-        return _bench(args.quick, args.out)
+        return _bench(args.quick, args.out, args.only)
     parser.print_help()
     return 0
 
@@ -145,12 +146,12 @@ def _report(run_dir: Path, out: Path | None) -> int:
     return 0
 
 
-def _bench(quick: bool, out: Path | None) -> int:
+def _bench(quick: bool, out: Path | None, only: str | None = None) -> int:
     harness = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
     if not harness.exists():
         print("gradkit bench: error: the benchmark harness (benchmarks/run.py) comes with a source checkout; run it from one", file=sys.stderr)
         return 2
-    command = [sys.executable, str(harness)] + (["--quick"] if quick else []) + (["--out", str(out)] if out else [])
+    command = [sys.executable, str(harness)] + (["--quick"] if quick else []) + (["--out", str(out)] if out else []) + (["--only", only] if only else [])
     return subprocess.call(command, env={**os.environ, "PYTHONPATH": str(harness.parent.parent)})
 
 
