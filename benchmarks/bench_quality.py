@@ -85,7 +85,7 @@ def run(settings: Settings) -> list[Row]:
         mine = results[compressor]
         rows.append(
             Row(
-                f"training quality: {label} vs dense, demo LM, {steps} steps, 2 workers",
+                f"training quality: {label} vs dense, char LM on stdlib source, {steps} steps, 2 workers",
                 "cpu",
                 "dense Average()",
                 0.0,  # no time goal: the goals of this row are quality and bytes (note)

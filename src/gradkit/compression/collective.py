@@ -57,7 +57,8 @@ def compress_keyed(compressor: Compressor, flat: Tensor, layout: Layout) -> Payl
 
     Sparsifiers select over the whole bucket. Selecting per parameter (as DGC does
     layer by layer) was measured on the demo task with AdamW and trained worse
-    (validation loss 1.34x dense instead of 1.24x after 500 steps, benchmarks/RESULTS.md).
+    (validation loss 1.34x dense instead of 1.24x after 500 steps; benchmarks/RESULTS.md,
+    "Where to select").
     """
     if compressor.keyed:
         return compressor.compress(flat, key=layout, commit=False)  # type: ignore[call-arg]
