@@ -6,7 +6,10 @@ and step count; only the compressor differs. The setting is the one of the DGC
 paper's comparisons: momentum SGD (0.9; for DGC the momentum moves into the
 compressor, with momentum correction), a cosine learning-rate decay, DGC's
 density warm-up over the first 2.5% of the steps; sparse values travel as
-float16 next to int32 indices.
+float16 next to int32 indices. Dense and TopK clip the averaged gradient to a
+global norm of 1; DGC clips each rank's gradient before compression (to
+1/sqrt(2) on each of the 2 ranks), as its paper does: a clip after compression
+would scale the sparse accumulated update, whose norm is not a gradient's.
 
 The text is CPython's own standard library source (the .py files next to the
 running interpreter, tests left out, about 12 million characters; no
@@ -39,9 +42,16 @@ FULL_STEPS = 3000  # ~0.08 s per step on 2 cores: about 13 minutes for the three
 QUICK_STEPS = 4
 LOSS_GOAL = 0.01  # final validation loss at most 1% above dense
 DGC_BYTES_GOAL = 100.0
-CASES = (("TopK(0.01) + error feedback", "topk", 0.01), ("DGC(0.001)", "dgc", 0.001))
+# (label, compressor, what its run changes): DGC clips locally, before compression, as its paper does
+CASES = (
+    ("TopK(0.01) + error feedback", "topk", {"density": 0.01}),
+    ("DGC(0.001), local clipping", "dgc", {"density": 0.001, "clip": "local"}),
+)
 # What every run shares (TrainConfig fields): momentum SGD with a cosine decay, as in DGC's comparisons.
-TRAINING = {"optimizer": "sgd", "lr": 1.0, "momentum": 0.9, "schedule": "cosine", "sparse_values": "float16", "dgc_warmup": 0.025}
+TRAINING = {
+    "optimizer": "sgd", "lr": 1.0, "momentum": 0.9, "schedule": "cosine", "clip": "global", "max_norm": 1.0,
+    "sparse_values": "float16", "dgc_warmup": 0.025,
+}  # fmt: skip
 FULL_TEXT_CHARS = 12_000_000
 QUICK_TEXT_CHARS = 200_000
 TIMEOUT = 2400.0
@@ -52,17 +62,17 @@ def run(settings: Settings) -> list[Row]:
     quick = settings.tiny or settings.repeats < 20  # --quick: only check that it runs
     steps = 2 if settings.tiny else QUICK_STEPS if quick else FULL_STEPS
     shape = TINY_MODEL if settings.tiny else {"eval_batches": 2} if quick else {"eval_batches": 32}
-    names = ("none",) + tuple(c for _, c, _ in CASES)
+    names = ("none",) + tuple(compressor for _, compressor, _ in CASES)
     with tempfile.TemporaryDirectory(prefix="gradkit-quality-") as run_dir:
         text = write_source_corpus(Path(run_dir, "stdlib.txt"), QUICK_TEXT_CHARS if quick else FULL_TEXT_CHARS)
         configs = [
             dict(
-                name=compressor, run_dir=run_dir, steps=steps, workers=2, seed=0, compressor=compressor, density=density,
-                text=str(text), **TRAINING,
+                name=compressor, run_dir=run_dir, steps=steps, workers=2, seed=0, compressor=compressor,
+                text=str(text), **{**TRAINING, **changes},
                 # evaluate and checkpoint only at the end; track every 10 steps (it logs the bytes per step)
                 eval_every=10**9, checkpoint_every=10**9, track_every=10, **shape,
             )
-            for compressor, density in (("none", 0.01),) + tuple((c, d) for _, c, d in CASES)
+            for compressor, changes in (("none", {}),) + tuple((c, changes) for _, c, changes in CASES)
         ]  # fmt: skip
         config_file = Path(run_dir, "configs.json")
         config_file.write_text(json.dumps(configs))

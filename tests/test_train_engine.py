@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import gradkit as gk
-from gradkit.train.config import config_from
-from gradkit.train.engine import lr_at, make_compressor, make_optimizer
+from gradkit.train.config import ConfigError, config_from
+from gradkit.train.engine import lr_at, make_clip, make_compressor, make_optimizer
 
 
 def params() -> list[torch.nn.Parameter]:
@@ -50,3 +50,15 @@ def test_dgc_warmup_and_sparse_value_dtype_come_from_the_config():
     assert dgc.density_at(9) > 0.001 and dgc.density_at(10) == 0.001
     topk = make_compressor(config_from({"compressor": "topk", "sparse_values": "bfloat16"}))
     assert topk.value_dtype == torch.bfloat16
+
+
+def test_local_clipping_moves_into_dgc_scaled_by_the_square_root_of_the_workers():
+    config = config_from({"compressor": "dgc", "density": 0.001, "clip": "local", "max_norm": 2.0})
+    assert make_compressor(config, workers=4).clip_norm == pytest.approx(1.0)
+    assert make_clip(config) == []  # no stage after averaging: the clip happened before compression
+    assert make_compressor(config_from({"compressor": "dgc", "density": 0.001}), workers=4).clip_norm is None
+
+
+def test_local_clipping_needs_dgc():
+    with pytest.raises(ConfigError, match="clip = 'local' clips before compression.*compressor = 'topk'"):
+        config_from({"compressor": "topk", "clip": "local"})

@@ -35,7 +35,7 @@ COMPRESSORS = ("none", "topk", "randomk", "dgc", "powersgd", "fp16", "bf16", "qs
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
-CLIPS = ("none", "global", "value", "layer", "agc", "autoclip", "zclip")
+CLIPS = ("none", "global", "local", "value", "layer", "agc", "autoclip", "zclip")
 MODELS = ("transformer", "gru")
 
 
@@ -111,6 +111,11 @@ class TrainConfig:
         for key in ("name", "run_dir", "text"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")
+        if self.clip == "local" and self.compressor != "dgc":
+            raise ConfigError(
+                f"clip = 'local' clips before compression, which only dgc does (gk.DGC(clip_norm=...)); "
+                f"got compressor = {self.compressor!r}: use clip = 'global', or compressor = 'dgc'"
+            )
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
         if self.width % 4:

@@ -28,14 +28,21 @@ from gradkit.train.model import build_model
 __all__ = ["train_worker", "checkpoint_step"]
 
 
-def make_compressor(config: TrainConfig) -> gk.Compressor | None:
+def make_compressor(config: TrainConfig, workers: int = 1) -> gk.Compressor | None:
     values = getattr(torch, config.sparse_values)
+    # DGC's local clipping: each of N ranks clips its gradient to max_norm / sqrt(N) before
+    # accumulating, so that the sum over ranks stays near max_norm (Lin et al. 2018, sec. 3.3).
+    local_clip = config.max_norm / math.sqrt(workers) if config.clip == "local" else None
     return {
         "none": lambda: None,
         "topk": lambda: gk.TopK(config.density, value_dtype=values),
         "randomk": lambda: gk.RandomK(config.density, seed=config.seed),
         "dgc": lambda: gk.DGC(
-            config.density, momentum=config.momentum, warmup_steps=int(config.steps * config.dgc_warmup), value_dtype=values
+            config.density,
+            momentum=config.momentum,
+            clip_norm=local_clip,
+            warmup_steps=int(config.steps * config.dgc_warmup),
+            value_dtype=values,
         ),
         "powersgd": lambda: gk.PowerSGD(config.rank, seed=config.seed),
         "fp16": gk.FP16,
@@ -64,6 +71,7 @@ def make_clip(config: TrainConfig) -> list[gk.ClipStage]:
     return {
         "none": lambda: [],
         "global": lambda: [gk.ClipByGlobalNorm(config.max_norm)],
+        "local": lambda: [],  # inside the compressor, before compression (make_compressor)
         "value": lambda: [gk.ClipByValue(config.max_norm)],
         "layer": lambda: [gk.ClipPerLayer(config.max_norm)],
         "agc": lambda: [gk.AGC()],
@@ -103,7 +111,7 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
     writers = ("jsonl", "tensorboard") if _has_tensorboard() else ("jsonl",)
     meta = {"name": config.name, "workers": world, "batch_size": config.micro_batch * config.context * config.accumulation_steps * world}
     tracker = gk.Tracker(config.run_path, every=config.track_every, writers=writers, meta=meta)
-    average = gk.Average(make_compressor(config))
+    average = gk.Average(make_compressor(config, world))
     pipe = gk.GradientPipeline(model, accumulation_steps=config.accumulation_steps, average=average, clip=make_clip(config), tracker=tracker)
     start = load_checkpoint(config.run_path, rank, world, model, optimizer, pipe)
     progress = _progress(rank, start, config.steps)
