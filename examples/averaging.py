@@ -34,5 +34,5 @@ for step in range(args.steps * 2):
     if pipe.step(optimizer) and rank == 0 and pipe.steps % 10 == 0:
         print(f"step {pipe.steps}: loss/item {loss.item() / x.shape[0]:.4f}, sent {pipe.last.bytes_sent} B of {pipe.last.dense_bytes} B")
 checksum = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).sum().item()
-print(f"rank {rank}: done, parameter checksum {checksum:.6f}")
+print(f"rank {rank}: done, parameter checksum {checksum:.6f}", flush=True)
 dist.destroy_process_group()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import pytest
 import torch
@@ -275,6 +277,27 @@ def test_dead_peer_is_a_clear_error_within_the_timeout(tmp_path):
     assert report["step"] == 2
     assert report["seconds"] < 30
     assert "gk.Average" in report["message"] and "peer" in report["message"]
+
+
+def destroy_while_the_pipeline_lives(rank, world):
+    group = dist.new_group(list(range(world)))
+    model = nn.Linear(4, 2)
+    average, clip, averager = gk.Average(group=group), gk.ClipByGlobalNorm(1.0, group=group), gk.ModelAverager(2, group=group)
+    pipe = gk.GradientPipeline(model, average=average, clip=clip)
+    pipe.backward(model(torch.randn(3, 4)).square().sum())
+    pipe.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    ref = weakref.ref(group)
+    del group
+    dist.destroy_process_group(ref())
+    gc.collect()
+    return {"destroyed": ref() is None, "forgotten": [x.group is None for x in (average, clip, averager)], "pipe": pipe is not None}
+
+
+def test_a_live_pipeline_keeps_no_destroyed_group_alive():
+    # A gloo group that survives destroy_process_group() because a pipeline still holds it is
+    # torn down at interpreter exit, where gloo aborts the process now and then.
+    for result in run_workers(destroy_while_the_pipeline_lives, WORLD):
+        assert result == {"destroyed": True, "forgotten": [True, True, True], "pipe": True}
 
 
 # -- bad input (one process) ------------------------------------------------------------

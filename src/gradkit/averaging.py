@@ -155,8 +155,8 @@ class Average(SyncControl):
         self.bucket_mb = _checks.positive_number("bucket_mb", bucket_mb, "pass a bucket size in MiB, e.g. 25")
         self.first_bucket_mb = _checks.positive_number("first_bucket_mb", first_bucket_mb, "pass a size in MiB, e.g. 1")
         self.timeout = _timeout(timeout)
-        self.group = distributed.resolve_group(group, "gk.Average")
-        self._group_arg = group
+        self._group = distributed.WeakGroup(distributed.resolve_group(group, "gk.Average"))
+        self._group_arg = distributed.WeakGroup(group)
         self.world_size = distributed.world_size(self.group)
         self.buckets: list[Bucket] = []
         self.launches: list[tuple[int, int]] = []  # (bucket, gradients ready at launch) of the last window
@@ -174,8 +174,13 @@ class Average(SyncControl):
         self._weight: Tensor | float = 1.0
         self._bad: Tensor | None = None
 
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (None: one process, or the group was destroyed); held weakly."""
+        return self._group()
+
     def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = ()) -> None:
-        self.group = distributed.resolve_group(self._group_arg, "gk.Average")
+        self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.Average"))
         self.world_size = distributed.world_size(self.group)
         self._names = list(names)
         if self.group is None:
@@ -404,15 +409,20 @@ class ModelAverager(SyncControl):
         self.period = _checks.positive_int("period", period, "pass how many steps to take between averages, e.g. 8")
         self.warmup_steps = _checks.positive_int("warmup_steps", warmup_steps, "pass 0 for no warm-up", minimum=0)
         self.timeout = _timeout(timeout)
-        self.group = distributed.resolve_group(group, "gk.ModelAverager")
-        self._group_arg = group
+        self._group = distributed.WeakGroup(distributed.resolve_group(group, "gk.ModelAverager"))
+        self._group_arg = distributed.WeakGroup(group)
         self.step = 0
         self._attached = False
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (None: one process, or the group was destroyed); held weakly."""
+        return self._group()
 
     def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), broadcast: bool = True) -> None:
         """Check that the ranks hold the same parameters and (by default) copy rank 0's
         values to all, so the replicas start equal; the pipeline calls it at setup."""
-        self.group = distributed.resolve_group(self._group_arg, "gk.ModelAverager")
+        self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.ModelAverager"))
         self._attached = True
         if self.group is not None:
             distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager")

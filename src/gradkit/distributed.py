@@ -9,6 +9,7 @@ the operation, so a dead or stuck peer is a clear error, never a silent hang.
 from __future__ import annotations
 
 import datetime
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +44,22 @@ def resolve_group(group: dist.ProcessGroup | None, owner: str) -> dist.ProcessGr
             "pass a group created with dist.new_group that includes every rank that calls it"
         )
     return group
+
+
+class WeakGroup:
+    """A process group held by a weak reference; calling it gives the group (or None).
+
+    A pipeline still alive at interpreter exit must not keep a gloo group alive past
+    ``destroy_process_group()``: the group is then torn down during exit, and gloo can
+    abort the process there ("terminate called without an active exception"). torch
+    keeps every group until ``destroy_process_group()``, so a weak reference suffices.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self._ref = None if group is None else weakref.ref(group)
+
+    def __call__(self) -> dist.ProcessGroup | None:
+        return None if self._ref is None else self._ref()
 
 
 def world_size(group: dist.ProcessGroup | None) -> int:

@@ -18,6 +18,7 @@ from gradkit import _checks
 from gradkit._stateful import Stateful
 from gradkit.clipping.functional import check_group, check_norm_type, clip_coefficient, clip_grad_value_, reduce_norm
 from gradkit.context import GradContext
+from gradkit.distributed import WeakGroup
 from gradkit import _foreach
 
 __all__ = ["ClipStage", "ClipByGlobalNorm", "ClipByValue", "ClipPerLayer"]
@@ -60,7 +61,12 @@ class ClipByGlobalNorm(ClipStage):
         self.max_norm = _checks.positive_number("max_norm", max_norm, _MAX_NORM_FIX)
         self.norm_type = check_norm_type(norm_type)
         check_group(group)
-        self.group = group
+        self._group = WeakGroup(group)
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The group the norm is reduced over (None: this process alone); held weakly."""
+        return self._group()
 
     @torch.no_grad()
     def __call__(self, grads: GradContext | Iterable[Tensor] | Tensor) -> None:
