@@ -331,6 +331,20 @@ def test_selected_positions_match_the_plain_mask(n, threshold, capacity_share, n
     assert bool((got[expected.numel() :] == -1).all())
 
 
+@pytest.mark.parametrize("density", [0.01, 0.001])
+def test_fast_topk_count_stays_near_its_aim_at_low_density(density):
+    # The sample is sized for ~256 hits at any density: the count stays within ~6% of
+    # 1.2·k (a fixed 16,384-entry sample would hold ~20 hits at 0.1%: a ~22% spread).
+    n = 1_000_000
+    k = round(density * n)
+    counts = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        x = torch.randn(n, generator=torch.Generator().manual_seed(50 + seed))
+        counts.append(int(gk.TopK(density).compress(x).meta["valid"].sum()))
+    assert all(1.0 * k <= c <= 1.4 * k for c in counts), f"counts {counts} for k = {k}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, F64])
 @pytest.mark.parametrize("nonzeros", [0, 400, 6000])
 def test_fast_topk_on_many_exact_zeros_sends_no_zeros(dtype, nonzeros):

@@ -55,13 +55,7 @@ class GradContext:
     @classmethod
     def from_parameters(cls, parameters: Iterable[Tensor] | Tensor) -> GradContext:
         """A context over plain parameters, named by their position."""
-        if isinstance(parameters, Tensor):
-            params = [parameters]
-        else:
-            try:
-                params = list(parameters)
-            except TypeError:
-                raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass model.parameters()") from None
+        params = check_parameters(parameters)
         return cls([str(i) for i in range(len(params))], params)
 
     def __len__(self) -> int:
@@ -110,3 +104,17 @@ class GradContext:
     def modified(self) -> None:
         """Say that the gradients changed in a way the cache cannot follow (value clipping, AGC)."""
         self._norms = None
+
+
+def check_parameters(parameters: object) -> list[Tensor]:
+    """`parameters` (one tensor or an iterable of tensors) as a list, or a TypeError naming it."""
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    try:
+        params = list(parameters)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass model.parameters()") from None
+    for index, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameters must hold tensors, but item #{index} is {type(p).__name__} {p!r}; pass model.parameters()")
+    return params

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradkit import _checks, _foreach
+from gradkit import _checks, _foreach, distributed
+from gradkit.context import check_parameters
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "grad_norms", "check_norm_type", "clip_coefficient"]
 
@@ -156,20 +157,6 @@ def check_norm_type(norm_type: object) -> float:
     return p
 
 
-def check_parameters(parameters: object) -> list[Tensor]:
-    """`parameters` (one tensor or an iterable of tensors) as a list, or a TypeError naming it."""
-    if isinstance(parameters, Tensor):
-        return [parameters]
-    try:
-        params = list(parameters)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass model.parameters()") from None
-    for index, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"parameters must hold tensors, but item #{index} is {type(p).__name__} {p!r}; pass model.parameters()")
-    return params
-
-
 def check_group(group: object) -> None:
     """`group` must be a torch.distributed process group or None."""
     if group is not None and not dist.is_initialized():
@@ -177,8 +164,7 @@ def check_group(group: object) -> None:
             "group= was given but torch.distributed is not initialized; call "
             "torch.distributed.init_process_group first, or pass group=None for unsharded parameters"
         )
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__} {group!r}; pass e.g. dist.new_group(ranks), or None")
+    distributed.check_group_type(group)
 
 
 def _grads_of(parameters: Parameters) -> list[Tensor]:

@@ -84,8 +84,7 @@ def ddp_comm_hook(
     seconds = _timeout(timeout)
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be the DDP-wrapped nn.Module (to name residuals by parameter) or None, got {type(model).__name__}")
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__} {group!r}; pass e.g. dist.new_group(ranks), or None")
+    distributed.check_group_type(group)
     resolved = distributed.resolve_group(group, "gk.ddp_comm_hook")
     if resolved is None:
         raise ValueError("gk.ddp_comm_hook needs an initialized process group (DDP does too); call torch.distributed.init_process_group first")
