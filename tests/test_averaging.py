@@ -294,10 +294,40 @@ def destroy_while_the_pipeline_lives(rank, world):
 
 
 def test_a_live_pipeline_keeps_no_destroyed_group_alive():
-    # A gloo group that survives destroy_process_group() because a pipeline still holds it is
-    # torn down at interpreter exit, where gloo aborts the process now and then.
+    # destroy_process_group() must free the group's threads and sockets even while a pipeline lives.
     for result in run_workers(destroy_while_the_pipeline_lives, WORLD):
         assert result == {"destroyed": True, "forgotten": [True, True, True], "pipe": True}
+
+
+def hold_work_handles(rank, world):
+    results = {}
+    for name, compressor in (("dense", None), ("topk", gk.TopK(0.5))):
+        model = nn.Linear(4, 2)
+        average = gk.Average(compressor, first_bucket_mb=1e-6)  # two buckets: weight and bias
+        pipe = gk.GradientPipeline(model, average=average)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        held = []
+        for _ in range(2):
+            pipe.backward(model(torch.randn(3, 4)).square().sum())
+            pipe.step(optimizer)
+            held.append(list(average._finished))
+        results[name] = {
+            "held": [len(h) for h in held],
+            "completed": all(work.is_completed() for h in held for work in h),
+            "replaced": not {id(w) for w in held[0]} & {id(w) for w in held[1]},
+        }
+    results["run"] = [work.is_completed() for work in gk.distributed._finished]
+    return results
+
+
+def test_finished_work_handles_are_released_by_this_thread_later():
+    # If gloo's worker thread drops the last reference to a work during interpreter exit, the
+    # process aborts (see distributed.keep_finished): the handles of a window stay with the
+    # Average until the next window, and those of other collectives in a bounded queue.
+    for result in run_workers(hold_work_handles, WORLD):
+        assert result["dense"] == {"held": [2, 2], "completed": True, "replaced": True}  # an all-reduce per bucket
+        assert result["topk"] == {"held": [4, 4], "completed": True, "replaced": True}  # all-gathers of indices and values
+        assert 0 < len(result["run"]) <= 16 and all(result["run"])
 
 
 # -- bad input (one process) ------------------------------------------------------------

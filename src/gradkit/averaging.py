@@ -74,6 +74,12 @@ class Bucket:
             param = params[position]
             param.grad = self.buffer.narrow(0, offset, size).view(param.shape)
 
+    def works(self) -> list[dist.Work]:
+        """The work handles of this bucket's collectives in the current window."""
+        if self.pending is not None:
+            return list(self.pending.works)
+        return [] if self.work is None else [self.work]
+
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
@@ -133,7 +139,9 @@ class Average(SyncControl):
         timeout: seconds to wait for a collective before raising; None uses the
             process group's timeout.
 
-    Memory: one flat buffer per bucket, as large as the gradients together.
+    Memory: one flat buffer per bucket, as large as the gradients together. The
+    collectives of a step (and so a linear compressor's payloads, e.g. FP16's
+    half-size copy) are kept until the next step's reduction.
 
     Example:
         >>> dist.init_process_group("gloo")          # under torchrun
@@ -173,6 +181,7 @@ class Average(SyncControl):
         self._local_scale: Tensor | float = 1.0
         self._weight: Tensor | float = 1.0
         self._bad: Tensor | None = None
+        self._finished: list[dist.Work] = []
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -306,9 +315,11 @@ class Average(SyncControl):
             self._bytes = sum(bucket.pending.nbytes for bucket in self.buckets if bucket.pending is not None)
             scale = poison * scale
         self._bytes += self._reduce_sparse(scale)
+        # This window's work handles stay until the next reduction (or exit) and the previous
+        # window's go now, long after gloo's worker thread let go of them: see
+        # distributed.keep_finished for why that matters.
+        self._finished = [work for bucket in self.buckets for work in bucket.works()]
         for bucket in self.buckets:
-            # Finished work handles must not outlive the step: a gloo work object still
-            # alive at interpreter exit can abort the process while it is torn down.
             bucket.work, bucket.pending = None, None
         self.launches = self._launches
         self._fired.clear()

@@ -8,9 +8,10 @@ the operation, so a dead or stuck peer is a clear error, never a silent hang.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,10 +56,9 @@ def check_group_type(group: object) -> None:
 class WeakGroup:
     """A process group held by a weak reference; calling it gives the group (or None).
 
-    A pipeline still alive at interpreter exit must not keep a gloo group alive past
-    ``destroy_process_group()``: the group is then torn down during exit, and gloo can
-    abort the process there ("terminate called without an active exception"). torch
-    keeps every group until ``destroy_process_group()``, so a weak reference suffices.
+    A pipeline must not keep a group (its threads and sockets) alive past
+    ``destroy_process_group()``. torch keeps every group until then, so a weak
+    reference suffices.
     """
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
@@ -70,6 +70,25 @@ class WeakGroup:
 
 def world_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
+
+
+# Finished work handles, dropped oldest first (see keep_finished).
+_finished: collections.deque[dist.Work] = collections.deque(maxlen=16)
+
+
+def keep_finished(works: Iterable[dist.Work]) -> None:
+    """Hold finished work handles a while longer, so that this thread drops the last reference.
+
+    A gloo work holds tensors whose Python objects it may own, and, when started
+    inside backward, autograd's thread-local state with a Python object in it:
+    whichever thread drops the last reference takes the GIL to free them. gloo's
+    worker thread lets go of a work just after completing it; if its reference is
+    the last one and the interpreter is already exiting, CPython ends the thread
+    inside a C++ destructor and the process aborts ("terminate called without an
+    active exception"). A handle kept here is released by a later collective (or
+    at exit) on this thread, long after the worker has let go.
+    """
+    _finished.extend(works)
 
 
 def wait(work: dist.Work, what: str, timeout: datetime.timedelta | None) -> None:
@@ -93,6 +112,7 @@ def run(collective, what: str, timeout: datetime.timedelta | None, *args, **kwar
     except Exception as error:
         raise CollectiveError(f"{what} could not start: {error}") from error
     wait(work, what, timeout)
+    keep_finished([work])
 
 
 def all_gather_varying(tensor: Tensor, group: dist.ProcessGroup, what: str, timeout: datetime.timedelta | None) -> list[Tensor]:

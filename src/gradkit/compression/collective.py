@@ -27,21 +27,20 @@ class PendingReduce:
     """Collectives in flight for one tensor; `wait()` gives the decompressed sum over ranks."""
 
     def __init__(self, works: list[dist.Work], finish: Callable[[], Tensor], nbytes: int, what: str, timeout: datetime.timedelta | None) -> None:
-        self._works = works
+        self.works = works
         self._finish = finish
         self.nbytes = nbytes
         self._what = what
         self._timeout = timeout
 
     def wait(self) -> Tensor:
-        for work in self._works:
+        for work in self.works:
             distributed.wait(work, self._what, self._timeout)
-        self._works = []  # done: let the work objects go now, not at interpreter exit
         return self._finish()
 
     def as_future(self, then: Callable[[Tensor], Tensor]) -> torch.futures.Future[Tensor]:
         """A future of ``then(sum)`` that completes when the collectives do (no waiting here)."""
-        futures = [work.get_future() for work in self._works]
+        futures = [work.get_future() for work in self.works]
         done: torch.futures.Future[list[Any]] = torch.futures.collect_all(futures) if futures else _completed([])
         return done.then(lambda _: then(self._finish()))
 
