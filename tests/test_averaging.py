@@ -316,18 +316,24 @@ def hold_work_handles(rank, world):
             "completed": all(work.is_completed() for h in held for work in h),
             "replaced": not {id(w) for w in held[0]} & {id(w) for w in held[1]},
         }
-    results["run"] = [work.is_completed() for work in gk.distributed._finished]
+    results["run"] = [work.is_completed() for work in gk.distributed._kept]
+    gk.distributed._kept.clear()
+    model = DDP(nn.Linear(4, 2))
+    model.register_comm_hook(*gk.ddp_comm_hook(gk.TopK(0.5), model=model))
+    model(torch.randn(3, 4)).square().sum().backward()
+    results["ddp"] = [work.is_completed() for work in gk.distributed._kept]
     return results
 
 
 def test_finished_work_handles_are_released_by_this_thread_later():
     # If gloo's worker thread drops the last reference to a work during interpreter exit, the
-    # process aborts (see distributed.keep_finished): the handles of a window stay with the
-    # Average until the next window, and those of other collectives in a bounded queue.
+    # process aborts (see distributed.keep): the handles of a window stay with the
+    # Average until the next reduction, those of other collectives (and the DDP hook's) in a bounded queue.
     for result in run_workers(hold_work_handles, WORLD):
         assert result["dense"] == {"held": [2, 2], "completed": True, "replaced": True}  # an all-reduce per bucket
         assert result["topk"] == {"held": [4, 4], "completed": True, "replaced": True}  # all-gathers of indices and values
         assert 0 < len(result["run"]) <= 16 and all(result["run"])
+        assert result["ddp"] == [True, True]  # the hook's all-gathers (one bucket), done once backward returns
 
 
 # -- bad input (one process) ------------------------------------------------------------

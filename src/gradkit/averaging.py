@@ -317,7 +317,7 @@ class Average(SyncControl):
         self._bytes += self._reduce_sparse(scale)
         # This window's work handles stay until the next reduction (or exit) and the previous
         # window's go now, long after gloo's worker thread let go of them: see
-        # distributed.keep_finished for why that matters.
+        # distributed.keep for why that matters.
         self._finished = [work for bucket in self.buckets for work in bucket.works()]
         for bucket in self.buckets:
             bucket.work, bucket.pending = None, None

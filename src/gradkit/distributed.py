@@ -72,12 +72,12 @@ def world_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-# Finished work handles, dropped oldest first (see keep_finished).
-_finished: collections.deque[dist.Work] = collections.deque(maxlen=16)
+# Work handles kept a while, dropped oldest first (see keep).
+_kept: collections.deque[dist.Work] = collections.deque(maxlen=16)
 
 
-def keep_finished(works: Iterable[dist.Work]) -> None:
-    """Hold finished work handles a while longer, so that this thread drops the last reference.
+def keep(works: Iterable[dist.Work]) -> None:
+    """Hold work handles a while longer, so that this thread drops the last reference.
 
     A gloo work holds tensors whose Python objects it may own, and, when started
     inside backward, autograd's thread-local state with a Python object in it:
@@ -88,7 +88,7 @@ def keep_finished(works: Iterable[dist.Work]) -> None:
     active exception"). A handle kept here is released by a later collective (or
     at exit) on this thread, long after the worker has let go.
     """
-    _finished.extend(works)
+    _kept.extend(works)
 
 
 def wait(work: dist.Work, what: str, timeout: datetime.timedelta | None) -> None:
@@ -112,7 +112,7 @@ def run(collective, what: str, timeout: datetime.timedelta | None, *args, **kwar
     except Exception as error:
         raise CollectiveError(f"{what} could not start: {error}") from error
     wait(work, what, timeout)
-    keep_finished([work])
+    keep([work])
 
 
 def all_gather_varying(tensor: Tensor, group: dist.ProcessGroup, what: str, timeout: datetime.timedelta | None) -> list[Tensor]:

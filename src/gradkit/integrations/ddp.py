@@ -103,9 +103,12 @@ def _hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future
     if state.compressor is None:
         state.bytes_sent = flat.numel() * flat.element_size()
         averaged = flat.div_(world)
-        return dist.all_reduce(averaged, group=state.group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+        work = dist.all_reduce(averaged, group=state.group, async_op=True)
+        distributed.keep([work])  # see distributed.keep: gloo's worker must not free it at exit
+        return work.get_future().then(lambda fut: fut.value()[0])
     layout = tuple((state.name_of(p), tuple(p.shape)) for p in bucket.parameters())
     pending = start_reduce(state.compressor, flat, layout, state.group, 1.0 / world, what, state.timeout)
+    distributed.keep(pending.works)
     state.bytes_sent = pending.nbytes
     compressor = state.compressor
 
