@@ -9,17 +9,18 @@ from __future__ import annotations
 import math
 import time
 
+import param_sets
 import pytest
 import torch
 import torch.distributed as dist
 from dist_helpers import WorkerError, run_workers
+from host_reads import forbid_host_sync
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from param_sets import clone_params, make_params
 from torch.testing import assert_close
 
 import gradkit as gk
-from host_reads import forbid_host_sync
-from param_sets import clone_params, make_params
 
 INF = float("inf")
 NORM_TYPES = [1.0, 2.0, INF, 0.5, 3.7]
@@ -27,17 +28,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 # -- building parameter sets --------------------------------------------------------
 
-shapes = st.one_of(
-    st.just(()),
-    st.sampled_from([(0,), (3, 0), (0, 2, 2)]),
-    st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
-)
-tensor_specs = st.tuples(
-    shapes,
-    st.sampled_from([torch.float32, torch.float64]),
-    st.sampled_from([True, True, True, False]),  # has a grad (mostly)
-    st.integers(-3, 3),  # log10 of the gradient's scale
-)
+tensor_specs = param_sets.tensor_specs(max_dims=3, max_log_scale=3)
 
 
 def tolerance(dtypes):

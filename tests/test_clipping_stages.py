@@ -11,15 +11,16 @@ import io
 import math
 
 import numpy as np
+import param_sets
 import pytest
 import torch
+from host_reads import forbid_host_sync
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from param_sets import clone_params, make_params
 from torch.testing import assert_close
 
 import gradkit as gk
-from host_reads import forbid_host_sync
-from param_sets import clone_params, make_params
 
 INF = float("inf")
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -27,17 +28,7 @@ EXACT64 = {"rtol": 1e-12, "atol": 1e-15}
 
 # -- building gradients ----------------------------------------------------------------
 
-shapes = st.one_of(
-    st.just(()),
-    st.sampled_from([(0,), (3, 0), (0, 2)]),
-    st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple),
-)
-tensor_specs = st.tuples(
-    shapes,
-    st.sampled_from([torch.float32, torch.float64]),
-    st.sampled_from([True, True, True, False]),  # has a grad (mostly)
-    st.integers(-2, 2),  # log10 of the gradient's scale
-)
+tensor_specs = param_sets.tensor_specs(max_dims=4, max_log_scale=2)
 float64_specs = tensor_specs.map(lambda s: (s[0], torch.float64, s[2], s[3]))
 
 
