@@ -60,7 +60,7 @@ TINY_MODEL = {"width": 16, "layers": 1, "context": 16, "micro_batch": 4, "eval_b
 
 def run(settings: Settings) -> list[Row]:
     quick = settings.tiny or settings.repeats < 20  # --quick: only check that it runs
-    steps = 2 if settings.tiny else QUICK_STEPS if quick else FULL_STEPS
+    steps = settings.quality_steps or (2 if settings.tiny else QUICK_STEPS if quick else FULL_STEPS)
     shape = TINY_MODEL if settings.tiny else {"eval_batches": 2} if quick else {"eval_batches": 32}
     names = ("none",) + tuple(compressor for _, compressor, _ in CASES)
     with tempfile.TemporaryDirectory(prefix="gradkit-quality-") as run_dir:

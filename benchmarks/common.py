@@ -20,6 +20,7 @@ class Settings:
     warmup: int
     repeats: int
     tiny: bool = False  # shapes small enough for a test to run in seconds; numbers mean nothing
+    quality_steps: int | None = None  # training steps of the quality runs (None: the benchmark's default)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Run every benchmark and print one markdown table of ratios against the anchors.
 
-    python benchmarks/run.py [--quick] [--out FILE] [--threads N]
+    python benchmarks/run.py [--quick] [--out FILE] [--threads N] [--only NAMES] [--quality-steps N]
 
 All candidates of a row are measured side by side in the same run, so the
 ratios hold on whatever machine this runs on; absolute times do not travel.
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for the test suite; the numbers mean nothing")
     names = [module.__name__.removeprefix("bench_") for module in BENCHMARKS]
     parser.add_argument("--only", help=f"comma-separated benchmarks to run (default: all): {', '.join(names)}")
+    parser.add_argument("--quality-steps", type=int, help="training steps of each quality run (default: 3000; 12000 takes ~1 hour on 2 cores)")
     args = parser.parse_args(argv)
     chosen = BENCHMARKS
     if args.only is not None:
@@ -55,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not wanted:
             parser.error(f"--only: unknown benchmark {', '.join(map(repr, unknown)) or repr(args.only)}; choose from {', '.join(names)}")
         chosen = [module for module, name in zip(BENCHMARKS, names) if name in wanted]
+    if args.quality_steps is not None and args.quality_steps < 1:
+        parser.error(f"--quality-steps must be >= 1, got {args.quality_steps}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     base = QUICK if args.quick else FULL
-    settings = Settings(warmup=base.warmup, repeats=base.repeats, tiny=args.tiny)
+    settings = Settings(warmup=base.warmup, repeats=base.repeats, tiny=args.tiny, quality_steps=args.quality_steps)
 
     rows = [row for module in chosen for row in module.run(settings)]
     report = "\n".join([machine(), "", f"command: {command(argv)}", "", table(rows), "", notes(rows)])

@@ -71,3 +71,13 @@ def test_only_runs_the_named_benchmarks_and_rejects_unknown_names():
     bad = subprocess.run([*harness, "--only", "topk,netwrk"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert "unknown benchmark 'netwrk'" in bad.stderr and "network" in bad.stderr
+
+
+def test_quality_steps_sets_the_length_of_the_quality_runs():
+    harness = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1", "--only", "quality"]
+    done = subprocess.run([*harness, "--quality-steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = _table(done.stdout)
+    assert len(rows) == 2 and all(", 3 steps, 2 workers" in row["benchmark"] for row in rows)
+    bad = subprocess.run([*harness, "--quality-steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--quality-steps must be >= 1, got 0" in bad.stderr
