@@ -137,10 +137,10 @@ def reduce_norm(local_norm: Tensor, norm_type: float, group: dist.ProcessGroup) 
     if math.isinf(norm_type):
         # double on every rank, as below: shards may hold gradients of different dtypes.
         combined = local_norm.double()
-        dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=group)
+        distributed.run(dist.all_reduce, "gradient clipping: all-reduce of the sharded max-norm", None, combined, op=dist.ReduceOp.MAX, group=group)
         return combined.to(local_norm.dtype)
     powered = local_norm.double() ** norm_type  # double: p-th powers of large norms overflow float32
-    dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=group)
+    distributed.run(dist.all_reduce, "gradient clipping: all-reduce of the sharded norm", None, powered, op=dist.ReduceOp.SUM, group=group)
     return (powered ** (1.0 / norm_type)).to(local_norm.dtype)
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gradkit as gk
+from gradkit import distributed as gdist
 from gradkit.train.config import ConfigError, TrainConfig
 from gradkit.train.data import Corpus, load_text
 from gradkit.train.model import build_model
@@ -94,7 +95,7 @@ class StopRequest:
     def agreed(self, distributed: bool) -> bool:
         flag = torch.tensor([1.0 if self.asked else 0.0])
         if distributed:
-            dist.all_reduce(flag)  # one tiny collective per step: all ranks stop together
+            gdist.run(dist.all_reduce, "gradkit train: all-reduce of the stop flag", None, flag)  # one tiny collective per step: all ranks stop together
         return bool(flag.item() > 0)
 
 
