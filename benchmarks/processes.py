@@ -30,11 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float) -> list[dict[str, Any]]:
+def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float, *, show: int | None = None) -> list[dict[str, Any]]:
     """Run `worker.py` once per (arguments, extra environment), all at once; each one's JSON result.
 
     `arguments` may start with a prefix ending in ``--`` (e.g. ``["ip", "netns", "exec", NS, "--"]``);
-    what follows the ``--`` goes to worker.py.
+    what follows the ``--`` goes to worker.py. The worker at index `show` writes its stderr (e.g. a
+    progress bar) to this process's stderr instead of into the captured output.
 
     Raises:
         RuntimeError: a worker exited with an error (its output's tail is in the message).
@@ -51,7 +52,10 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
                 # One thread per worker: the workers share the machine's cores.
                 environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
                 processes.append(
-                    subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                    subprocess.Popen(
+                        command, env=environment, stdout=subprocess.PIPE, stderr=None if index == show else subprocess.STDOUT,
+                        text=True, start_new_session=True,
+                    )
                 )
             deadline = time.monotonic() + timeout
             outputs = []

@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for the test suite; the numbers mean nothing")
     names = [module.__name__.removeprefix("bench_") for module in BENCHMARKS]
     parser.add_argument("--only", help=f"comma-separated benchmarks to run (default: all): {', '.join(names)}")
-    parser.add_argument("--quality-steps", type=int, help="training steps of each quality run (default: 3000; 12000 takes ~1 hour on 2 cores)")
+    parser.add_argument("--quality-steps", type=int, help=f"training steps of each quality run (default: {bench_quality.FULL_STEPS}: about an hour on 2 cores)")
     args = parser.parse_args(argv)
     chosen = BENCHMARKS
     if args.only is not None:
@@ -65,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     base = QUICK if args.quick else FULL
     settings = Settings(warmup=base.warmup, repeats=base.repeats, tiny=args.tiny, quality_steps=args.quality_steps)
 
-    rows = [row for module in chosen for row in module.run(settings)]
+    rows = []
+    for module in chosen:
+        # Progress on stderr: the full run takes over an hour; the report goes to stdout.
+        started = time.monotonic()
+        print(f"running {module.__name__} ...", file=sys.stderr, flush=True)
+        rows += module.run(settings)
+        print(f"{module.__name__} done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     report = "\n".join([machine(), "", f"command: {command(argv)}", "", table(rows), "", notes(rows)])
     print(report)
     if args.out is not None:
