@@ -14,12 +14,11 @@ would scale the sparse accumulated update, whose norm is not a gradient's.
 Many small steps: each worker computes one micro-batch of 4 windows of 64
 characters per step, for 40,000 steps. Error feedback sends a coordinate's
 accumulated gradient only when it wins the selection, on average once every
-1/density steps (1000 at 0.1%), so what decides the gap to dense is how many
-times each coordinate is sent over the run: 40 at 0.1% here, as in the regime
-the DGC paper trains in (hundreds of thousands of iterations); few large steps
-(3000 steps of 2x16 windows per worker: 3 sends) leave DGC 9% behind (RESULTS.md). Small
-steps are also where compression pays: little compute per byte sent.
-The learning rate, 0.25, suits dense training at this batch: at 1.0 (the
+1/density steps (100 at 1%, 1000 at 0.1%), and the gap to dense shrinks as the
+run sends each coordinate more often: ~400 times at 1% and ~40 at 0.1% here,
+against ~30 and ~3 with 3000 steps of 2x16 windows per worker (RESULTS.md has
+both). Small steps are also where compression pays: little compute per byte
+sent. The learning rate, 0.25, suits dense training at this batch: at 1.0 (the
 large steps' rate) the dense run blew up after ~7000 steps (RESULTS.md).
 
 The text is CPython's own standard library source (the .py files next to the
@@ -51,7 +50,7 @@ from timing import Timing
 
 __all__ = ["run"]
 
-FULL_STEPS = 40_000  # 20-27 ms per step on 2 cores: about 55 minutes for the three runs
+FULL_STEPS = 40_000  # 28-40 ms per step on 2 cores: about 66 minutes for the three runs
 QUICK_STEPS = 4
 LOSS_GOAL = 0.01  # final validation loss at most 1% above dense
 DGC_BYTES_GOAL = 100.0
