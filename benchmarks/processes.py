@@ -72,7 +72,10 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
         failed = [(i, p.returncode, out) for i, (p, out) in enumerate(zip(processes, outputs)) if p.returncode != 0]
         if failed:
             # A peer of a crashed worker fails too; every failure's tail is shown, in order.
-            detail = "\n".join(f"--- worker {i} (exit {rc}) ---\n{out[-2000:]}" for i, rc, out in failed)
+            # The shown worker's stderr (its traceback) went to the terminal, above this message.
+            detail = "\n".join(
+                f"--- worker {i} (exit {rc}{'; its stderr is above' if i == show else ''}) ---\n{out[-2000:]}" for i, rc, out in failed
+            )
             raise RuntimeError(f"benchmark worker failed:\n{detail}")
         return [json.loads(out.read_text()) for out in outs]
 

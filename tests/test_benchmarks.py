@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,5 +81,16 @@ def test_quality_steps_sets_the_length_of_the_quality_runs():
     assert done.returncode == 0, done.stderr
     rows = _table(done.stdout)
     assert len(rows) == 2 and all(", 3 steps, 2 workers" in row["benchmark"] for row in rows)
+    # rank 0's progress bar passes through to the harness's stderr, once per training run
+    assert done.stderr.count("3/3") >= 3, done.stderr[-2000:]
     bad = subprocess.run([*harness, "--quality-steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--quality-steps must be >= 1, got 0" in bad.stderr
+
+
+def test_a_shown_worker_that_fails_points_to_its_stderr(capfd):
+    spec = importlib.util.spec_from_file_location("bench_processes", ROOT / "benchmarks" / "processes.py")
+    processes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(processes)
+    with pytest.raises(RuntimeError, match=r"worker 0 \(exit 2; its stderr is above\)"):
+        processes.run_workers([(["no-such-benchmark"], {})], timeout=60, show=0)
+    assert "no-such-benchmark" in capfd.readouterr().err  # argparse's message reached the terminal
