@@ -781,6 +781,38 @@ def test_error_feedback_checkpoint_loads_on_another_bucket_layout(make, saved_as
     assert_same_state(restored.state_dict(), straight.state_dict())
 
 
+@pytest.mark.parametrize("make", [lambda: gk.ErrorFeedback(gk.FP16()), lambda: gk.DGC(0.3, value_dtype=torch.float64), lambda: gk.PowerSGD(1)])
+def test_state_follows_each_parameter_when_the_bucket_layout_changes(make):
+    # DDP rebuilds its buckets after the first iteration: the same compressor object then sees
+    # new layouts. Its per-parameter state must move with the parameters, as a checkpoint would.
+    gen = torch.Generator().manual_seed(0)
+    grads = [{"w": torch.randn(4, 3, generator=gen, dtype=F64), "b": torch.randn(3, generator=gen, dtype=F64)} for _ in range(5)]
+    flipped = (("b", (3,)), ("w", (4, 3)))
+
+    def step(compressor, grad, layout):
+        flat = torch.cat([grad[name].reshape(-1) for name, _ in layout])
+        return compressor.decompress(compressor.compress(flat, key=layout))
+
+    live, reference = make(), make()
+    for grad in grads[:2]:
+        step(live, grad, BUCKET)
+        step(reference, grad, BUCKET)
+    moved = make()
+    moved.load_state_dict(roundtrip(reference.state_dict()))  # the checkpoint route, known to be right
+    for grad in grads[2:]:
+        assert torch.equal(step(live, grad, flipped), step(moved, grad, flipped))
+    assert_same_state(live.state_dict(), moved.state_dict())
+
+
+def test_a_key_that_changes_shape_is_refused_and_keeps_its_state():
+    ef = gk.ErrorFeedback(gk.TopK(0.5))
+    ef.compress(torch.arange(6, dtype=F64), key="w")
+    before = ef.state_dict()
+    with pytest.raises(ValueError, match=r"'w' has 6 entries but 'w' has shape \(2, 4\)"):
+        ef.compress(torch.ones(2, 4, dtype=F64), key="w")
+    assert_same_state(ef.state_dict(), before)
+
+
 def test_loaded_state_of_another_size_is_refused_at_first_use():
     ef = gk.ErrorFeedback(gk.TopK(0.5))
     ef.load_state_dict({"residuals": {"w": torch.ones(3, dtype=F64)}, "compressor": {}})

@@ -165,6 +165,70 @@ def test_ddp_hook_compressed_keeps_replicas_identical_with_named_residuals(hook_
     assert hook_outcome[0]["residual_names"] == ["0.bias", "0.weight", "2.bias", "2.weight", "4.bias", "4.weight"]
 
 
+class DefinedBackwards(nn.Module):
+    """Layers registered last to first: DDP's first buckets follow the reverse of the
+    registration (first layer's parameters first), the rebuilt ones the order in which
+    the backward produces gradients (last layer's first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.last = nn.Linear(32, 3).double()
+        self.middle = nn.Linear(32, 32).double()
+        self.first = nn.Linear(6, 32).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.tanh(self.middle(torch.tanh(self.first(x)))))
+
+
+def ddp_hook_rebuild(rank: int, world: int, compressor: str) -> dict:
+    """Residuals under DDP's bucket rebuild: what the hook delivered plus the mean residual
+    must equal the sum of the true averaged gradients (parameters held fixed)."""
+    model = DDP(DefinedBackwards(), bucket_cap_mb=0.0005)
+    state, gk_hook = gk.ddp_comm_hook(gk.TopK(0.1) if compressor == "topk" else gk.PowerSGD(1), model=model)
+    layouts = []
+
+    def recording_hook(hook_state, bucket):
+        layouts.append((len(layouts), bucket.index(), tuple(id(p) for p in bucket.parameters())))
+        return gk_hook(hook_state, bucket)
+
+    model.register_comm_hook(state, recording_hook)
+    names = [name for name, _ in model.module.named_parameters()]
+    delivered = {name: torch.zeros_like(p) for name, p in model.module.named_parameters()}
+    true_sum = {name: torch.zeros_like(p) for name, p in model.module.named_parameters()}
+    per_step = []
+    for step in range(6):
+        x, y = data(rank, step, 5)
+        local = torch.autograd.grad(sum_loss(model.module, x, y), list(model.module.parameters()))
+        for name, g in zip(names, local):
+            mean = g.clone()
+            torch.distributed.all_reduce(mean)
+            true_sum[name] += mean / world
+        before = len(layouts)
+        model.zero_grad(set_to_none=True)
+        sum_loss(model, x, y).backward()  # no optimizer step: the gradients stay comparable
+        per_step.append(sorted(entry[2] for entry in layouts[before:]))
+        for name, p in model.module.named_parameters():
+            delivered[name] += p.grad
+    residuals = state.state_dict()["compressor"]["residuals"]
+    gap = 0.0
+    for name, p in model.module.named_parameters():
+        mean_residual = residuals[name].reshape(p.shape).clone()
+        torch.distributed.all_reduce(mean_residual)
+        gap = max(gap, (delivered[name] + mean_residual / world - true_sum[name]).abs().max().item())
+    return {"gap": gap, "layouts": per_step, "residual_names": sorted(residuals), "names": sorted(names)}
+
+
+@pytest.mark.parametrize("compressor", ["topk", "powersgd"])
+def test_ddp_hook_residuals_survive_the_bucket_rebuild(compressor):
+    outcome = run_workers(ddp_hook_rebuild, WORLD, compressor, timeout=180)
+    for rank in outcome:
+        assert rank["layouts"][0] != rank["layouts"][-1]  # DDP really regrouped the parameters
+        assert rank["layouts"][1:] == [rank["layouts"][-1]] * (len(rank["layouts"]) - 1)
+        assert rank["residual_names"] == rank["names"]
+        assert rank["gap"] < 1e-10, rank["gap"]
+
+
 # -- one process ------------------------------------------------------------------------
 
 

@@ -69,6 +69,9 @@ class ErrorFeedback(Compressor):
         state = self._residuals.get(layout, tensor.reshape(-1))
         residual = state["residual"]
         spare = self._spares.get(layout)
+        if spare is None:  # a new layout: drop the spares of layouts it replaced (DDP's rebuild)
+            for known in [known for known in self._spares if known not in self._residuals]:
+                del self._spares[known]
         if spare is None or spare.shape != residual.shape or spare.dtype != residual.dtype or spare.device != residual.device:
             spare = self._spares[layout] = torch.empty_like(residual)
         corrected = torch.add(tensor.reshape(-1), residual, out=spare)

@@ -3,7 +3,10 @@
 Error feedback, DGC and PowerSGD keep a tensor per parameter. Inside
 `gk.Average` they compress whole buckets, so the state is stored as one flat
 tensor per bucket (no gather/scatter per step) but saved and loaded per
-parameter name, so a checkpoint loads on any bucket layout.
+parameter name, so a checkpoint loads on any bucket layout. When the layout
+changes while training (DDP rebuilds its buckets after the first iteration, in
+the order the backward produced the gradients), each parameter's state follows
+it into its new bucket.
 
 A *layout* names what a compressed tensor holds, with each part's shape:
 ``(("w1", (20, 15)), ("b1", (20,)))`` for a bucket of two parameters,
@@ -53,38 +56,55 @@ class KeyedState:
     def __init__(self, fields: Sequence[str]) -> None:
         self.fields = tuple(fields)
         self._flat: dict[Layout, dict[str, Tensor]] = {}
-        self._loaded: dict[str, dict[str, Tensor]] = {}  # from a checkpoint, not yet placed
+        # Per name, from a checkpoint or from a layout given up: not yet placed in a layout.
+        self._unplaced: dict[str, dict[str, Tensor]] = {}
+
+    def __contains__(self, layout: Layout) -> bool:
+        return layout in self._flat
 
     def get(self, layout: Layout, like: Tensor) -> dict[str, Tensor]:
-        """The flat state tensors of `layout` (zeros, or what a checkpoint held, at first use)."""
+        """The flat state tensors of `layout` (zeros, or what a checkpoint or an earlier layout held, at first use)."""
         state = self._flat.get(layout)
         if state is None:
-            self._check_loaded(layout)
+            self._check_unplaced(layout)
+            self._release_overlapping(layout)
             state = {field: self._initial(layout, field, like) for field in self.fields}
             self._flat[layout] = state
         return state
 
-    def _check_loaded(self, layout: Layout) -> None:
-        # Checked before any loaded tensor is taken: a mismatch leaves the state as it was
+    def _release_overlapping(self, layout: Layout) -> None:
+        # Known layouts that share a parameter with the new one (the buckets were rebuilt)
+        # give their state back per name, so it is placed in the new layouts, not lost.
+        # Callers commit a step's state before the next step brings a new layout.
+        names = {name for name, _ in layout}
+        for other in [known for known in self._flat if names.intersection(name for name, _ in known)]:
+            for field, flat in self._flat.pop(other).items():
+                for (name, _), piece in zip(other, flat.split(sizes(other))):
+                    self._unplaced.setdefault(field, {})[name] = piece
+
+    def _check_unplaced(self, layout: Layout) -> None:
+        # Checked before any state is moved or taken: a mismatch leaves the state as it was
         # (a wrong size would otherwise surface later as a broadcast error, or not at all).
+        held = {name: size for known in self._flat for (name, _), size in zip(known, sizes(known))}
         for field in self.fields:
             for (name, shape), size in zip(layout, sizes(layout)):
-                saved = self._loaded.get(field, {}).get(name)
-                if saved is not None and saved.numel() != size:
+                saved = self._unplaced.get(field, {}).get(name)
+                count = saved.numel() if saved is not None else held.get(name)
+                if count is not None and count != size:
                     raise ValueError(
-                        f"the loaded {field} of {name!r} has {saved.numel()} entries but {name!r} has shape {tuple(shape)}; "
-                        "load a checkpoint saved with the same parameters"
+                        f"the {field} kept for {name!r} has {count} entries but {name!r} has shape {tuple(shape)} here; "
+                        "a parameter keeps its shape (load a checkpoint saved with the same parameters)"
                     )
 
     def _initial(self, layout: Layout, field: str, like: Tensor) -> Tensor:
         pieces = []
         for (name, _), size in zip(layout, sizes(layout)):
-            saved = self._loaded.get(field, {}).pop(name, None)
+            saved = self._unplaced.get(field, {}).pop(name, None)
             pieces.append(saved.reshape(-1).to(like) if saved is not None else torch.zeros(size, dtype=like.dtype, device=like.device))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
 
     def state_dict(self) -> dict[str, Any]:
-        saved: dict[str, dict[str, Tensor]] = {field: {k: v.clone() for k, v in self._loaded.get(field, {}).items()} for field in self.fields}
+        saved: dict[str, dict[str, Tensor]] = {field: {k: v.clone() for k, v in self._unplaced.get(field, {}).items()} for field in self.fields}
         for layout, state in self._flat.items():
             for field, flat in state.items():
                 for (name, _), piece in zip(layout, flat.split(sizes(layout))):
@@ -99,4 +119,4 @@ class KeyedState:
             if not isinstance(by_name, dict) or not all(isinstance(v, Tensor) for v in by_name.values()):
                 raise TypeError(f"{owner}.load_state_dict: {field!r} must map parameter names to tensors")
         self._flat = {}
-        self._loaded = {field: dict(by_name) for field, by_name in state.items()}
+        self._unplaced = {field: dict(by_name) for field, by_name in state.items()}
