@@ -108,6 +108,22 @@ ef_shapes = st.one_of(
 )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", sorted(EF_COMPRESSORS) + ["bf16"])
+def test_error_feedback_loses_nothing_in_the_gradients_own_dtype(name, dtype):
+    # A cast to the input's own dtype must still copy: a payload aliasing the input would
+    # make error feedback's residual (input - payload) zero and lose what was not sent.
+    torch.manual_seed(0)
+    ef = gk.ErrorFeedback(gk.BF16() if name == "bf16" else EF_COMPRESSORS[name]())
+    grad = torch.randn(40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    sent = ef.decompress(ef.compress(grad, key="w"))
+    assert sent.dtype == dtype
+    # exact but for the rounding of input - payload in the input's dtype (SignSGD's scaled signs)
+    ulp = torch.finfo(dtype).eps * grad.abs().max().item()
+    assert_close((sent + ef.residual("w").view(40)).double(), grad.double(), rtol=0, atol=2 * ulp)
+    assert grad.abs().sum() > 0 and sent.abs().sum() > 0
+
+
 @SETTINGS
 @given(
     name=st.sampled_from(sorted(EF_COMPRESSORS)),

@@ -25,7 +25,9 @@ class _Cast(Compressor):
 
     def compress(self, tensor: Tensor) -> Payload:
         tensor = self._check_input(tensor)
-        return Payload([tensor.to(self.wire_dtype)], tensor.shape, tensor.dtype, self)
+        # A copy even when the dtype already matches: the payload must not alias the input
+        # (error feedback computes its residual as input - payload; weighting scales it in place).
+        return Payload([tensor.to(self.wire_dtype, copy=True)], tensor.shape, tensor.dtype, self)
 
     def decompress(self, payload: Payload) -> Tensor:
         payload = self._check_payload(payload)
