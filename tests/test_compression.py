@@ -829,6 +829,63 @@ def test_a_key_that_changes_shape_is_refused_and_keeps_its_state():
     assert_same_state(ef.state_dict(), before)
 
 
+
+@pytest.mark.parametrize("bad", ["nan", "zero_items"])
+@pytest.mark.parametrize("make", [lambda: gk.TopK(0.25, exact=True), lambda: gk.DGC(0.25), lambda: gk.PowerSGD(1)])
+def test_a_step_that_raises_leaves_the_compressor_state_as_before(make, bad):
+    # The compressor ran for the failed step; its deferred state must be dropped, not
+    # committed with (or instead of) the next step's.
+    def run(with_failed_step):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).double()
+        average = gk.Average(make())
+        pipe = gk.GradientPipeline(model, average=average, nonfinite="raise")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(3):
+            x = torch.randn(5, 4, generator=gen, dtype=F64)
+            if with_failed_step and step == 1:
+                with pytest.raises(FloatingPointError if bad == "nan" else ValueError):
+                    pipe.backward(model(x).pow(2).sum() * (float("nan") if bad == "nan" else 1.0), num_items=torch.tensor(0 if bad == "zero_items" else 5))
+                    pipe.step(opt)
+            pipe.backward(model(x).pow(2).sum(), num_items=torch.tensor(5))
+            pipe.step(opt)
+        return {"compressor": average.state_dict(), "params": {str(i): p.detach().clone() for i, p in enumerate(model.parameters())}}
+
+    assert_same_state(run(True), run(False))
+
+
+def test_commit_from_several_threads_commits_each_entry_once():
+    # DDP completes a hook's futures on several threads, and each one commits.
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for _ in range(30):
+            ef, errors = gk.ErrorFeedback(gk.TopK(0.5, exact=True)), []
+            for i in range(100):
+                ef.compress(torch.tensor([2.0, 1.0]), key=f"p{i}", commit=False)
+
+            def commit():
+                try:
+                    ef.commit()
+                except Exception as error:  # noqa: BLE001 - reported below
+                    errors.append(error)
+
+            threads = [threading.Thread(target=commit) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not errors, errors[:1]
+            residuals = ef.state_dict()["residuals"]
+            assert all(torch.equal(residuals[f"p{i}"], torch.tensor([0.0, 1.0])) for i in range(100))
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_loaded_state_of_another_size_is_refused_at_first_use():
     ef = gk.ErrorFeedback(gk.TopK(0.5))
     ef.load_state_dict({"residuals": {"w": torch.ones(3, dtype=F64)}, "compressor": {}})

@@ -246,7 +246,7 @@ class GradientPipeline:
         skip = self._must_skip(total_norm, global_items)
         if skip and self.nonfinite == "raise":
             self.skipped_steps += 1
-            self._end_window()
+            self._abandon_window()
             raise FloatingPointError(
                 f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
                 'pass nonfinite="skip" to skip such steps instead'
@@ -321,7 +321,7 @@ class GradientPipeline:
         if isinstance(global_items, Tensor):
             finite, items_positive = torch.stack([torch.isfinite(total_norm), global_items.to(total_norm.device) > 0]).tolist()
             if not items_positive:
-                self._end_window()
+                self._abandon_window()
                 raise ValueError(
                     f"the window's num_items add up to {int(global_items)} (must be > 0); "
                     "pass the count of items each summed loss covers"
@@ -333,6 +333,12 @@ class GradientPipeline:
         if global_items is None:
             return torch.tensor(self.window.micro_steps * self.sync.world_size, device=device)
         return torch.as_tensor(global_items, device=device)
+
+    def _abandon_window(self) -> None:
+        # A step that raises is a skipped step for the averager: compressor state computed
+        # for it (residuals, DGC's momentum) is discarded, not left pending for the next one.
+        self.sync.after_step(self.params, skipped=True)
+        self._end_window()
 
     def _end_window(self) -> None:
         for p in self.params:

@@ -13,7 +13,8 @@ is needed to rebuild a dense tensor locally) and back. Two kinds exist:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -21,7 +22,9 @@ from torch import Tensor
 from gradkit import _checks
 from gradkit._stateful import Stateful
 
-__all__ = ["Compressor", "Payload", "check_density"]
+__all__ = ["Compressor", "Payload", "check_density", "drain"]
+
+_Entry = TypeVar("_Entry")
 
 
 @dataclass
@@ -126,3 +129,16 @@ def count_for(density: float, numel: int) -> int:
 def index_dtype(numel: int) -> torch.dtype:
     """int32 indices where they fit: half the index bytes on the wire."""
     return torch.int32 if numel < 2**31 else torch.int64
+
+
+def drain(pending: list[_Entry]) -> Iterator[_Entry]:
+    """Pop `pending`'s entries oldest first until none is left.
+
+    DDP completes a hook's futures on several threads, each of which commits: a
+    check-then-pop could pop an entry another thread just took. `list.pop` is atomic.
+    """
+    while True:
+        try:
+            yield pending.pop(0)
+        except IndexError:
+            return

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from gradkit import _checks
 from gradkit.clipping.functional import clip_coefficient
-from gradkit.compression.base import Compressor, Payload, check_density
+from gradkit.compression.base import Compressor, Payload, check_density, drain
 from gradkit.compression.keyed_state import KeyedState, Layout, layout_for
 from gradkit.compression.sparsify import TopK, _check_value_dtype, scatter_sum
 
@@ -105,9 +105,7 @@ class DGC(Compressor):
 
     def commit(self) -> None:
         """Keep the state of the compress calls made with ``commit=False``."""
-        # pop, not iterate-then-clear: DDP hooks may add entries from another thread meanwhile
-        while self._pending:
-            state, momentum, velocity, layout = self._pending.pop(0)
+        for state, momentum, velocity, layout in drain(self._pending):
             state["momentum"].copy_(momentum)
             state["velocity"].copy_(velocity)
             for name, _ in layout:
@@ -130,3 +128,4 @@ class DGC(Compressor):
             raise TypeError("DGC.load_state_dict: 'steps' must map parameter names to step counts >= 0")
         self._state.load_state_dict({"momentum": state["momentum"], "velocity": state["velocity"]}, "DGC")
         self._steps = dict(steps)
+        self.discard()  # deferred state belongs to the state just replaced

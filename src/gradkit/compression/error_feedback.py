@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit.compression.base import Compressor, Payload
+from gradkit.compression.base import Compressor, Payload, drain
 from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for
 
 __all__ = ["ErrorFeedback"]
@@ -86,9 +86,7 @@ class ErrorFeedback(Compressor):
 
     def commit(self) -> None:
         """Keep the residuals of the compress calls made with ``commit=False``."""
-        # pop, not iterate-then-clear: DDP hooks may add entries from another thread meanwhile
-        while self._pending:
-            state, layout = self._pending.pop(0)
+        for state, layout in drain(self._pending):
             state["residual"], self._spares[layout] = self._spares[layout], state["residual"]
 
     def discard(self) -> None:
@@ -116,3 +114,4 @@ class ErrorFeedback(Compressor):
         except Exception:
             self.compressor.load_state_dict(before)
             raise
+        self.discard()  # a deferred residual belongs to the state just replaced

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradkit import _checks
-from gradkit.compression.base import Compressor, Payload
+from gradkit.compression.base import Compressor, Payload, drain
 from gradkit.compression.collective import PendingReduce
 from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for, sizes
 
@@ -123,9 +123,7 @@ class PowerSGD(Compressor):
         return PendingReduce(works, finish, nbytes, what, timeout)
 
     def commit(self) -> None:
-        # pop, not iterate-then-clear: DDP hooks may add entries from another thread meanwhile
-        while self._pending:
-            residual, new_residual, new_q = self._pending.pop(0)
+        for residual, new_residual, new_q in drain(self._pending):
             residual.copy_(new_residual)
             if self.warm_start:
                 self._q.update({name: q.clone() for name, q in new_q.items()})
@@ -163,6 +161,7 @@ class PowerSGD(Compressor):
         check_named_tensors("PowerSGD", "residuals", state["residuals"])
         self._residuals.load_state_dict({"residual": state["residuals"]}, "PowerSGD")
         self._q = {k: v.clone() for k, v in q.items()}
+        self.discard()  # deferred state belongs to the state just replaced
 
 
 def _orthonormal(p: Tensor) -> Tensor:
