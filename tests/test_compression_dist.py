@@ -44,6 +44,17 @@ def scenarios(rank: int, world: int) -> dict:
     reference = full_batch_reference([[data(r, step, lengths[r][step]) for r in range(world)] for step in range(4)])
     results["uneven_topk_vs_full_batch"] = max_diff(uneven, reference)
 
+    # A rank with no items in a step (tensor counts: only the global total must be > 0).
+    model, counts = make_model(), {0: [0, 3, 4], 1: [5, 0, 2]}
+    opt, pipe = torch.optim.SGD(model.parameters(), lr=LR), gk.GradientPipeline(model, average=gk.Average(gk.TopK(1.0)))
+    for step in range(3):
+        n = counts[rank][step]
+        x, y = data(rank, step, n)
+        pipe.backward(sum_loss(model, x, y), num_items=torch.tensor(n))
+        assert pipe.step(opt), f"step {step} was skipped"
+    reference = full_batch_reference([[data(r, step, counts[r][step]) for r in range(world)] for step in range(3)])
+    results["empty_rank_topk_vs_full_batch"] = max_diff(model, reference)
+
     # PowerSGD of rank 2 is exact when each rank's weight gradients have rank 1 (batch of 1).
     power, _ = train(rank, gk.Average(gk.PowerSGD(rank=2)), size=1)
     dense_b1, _ = train(rank, gk.Average(), size=1)
@@ -98,6 +109,11 @@ def test_topk_keeping_everything_equals_dense(outcome):
 
 def test_compressed_weighted_mean_is_the_full_batch_mean(outcome):
     assert all(rank["uneven_topk_vs_full_batch"] < 1e-12 for rank in outcome)
+
+
+def test_a_rank_without_items_in_a_step_leaves_the_full_batch_mean(outcome):
+    for rank in outcome:
+        assert rank["empty_rank_topk_vs_full_batch"] < 1e-12
 
 
 def test_powersgd_at_the_gradient_rank_equals_dense(outcome):
@@ -273,20 +289,26 @@ def sparse_embeddings(rank: int, world: int, compressor) -> dict:
     for sparse in (True, False):
         model = Bag(sparse)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(compressor))
+        pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(gk.TopK(1.0) if compressor == "topk" else None))
         g = torch.Generator().manual_seed(50 + rank)
         for _ in range(6):
             tokens = torch.randint(0, 40 + 400 * rank, (4, 5), generator=g)  # ranks touch overlapping rows
             target = torch.randn(4, 2, generator=g, dtype=torch.float64)
-            pipe.backward(((model(tokens) - target) ** 2).sum(), num_items=4)
+            # counts of 4 and 3: the mean's 1/14 is not exact in float32
+            pipe.backward(((model(tokens) - target) ** 2).sum(), num_items=4 - rank)
             pipe.step(opt)
         models[sparse] = model
         results[f"bytes_{sparse}"] = pipe.last.bytes_sent
+        results[f"dense_bytes_{sparse}"] = pipe.last.dense_bytes
     results["sparse_vs_dense"] = max_diff(models[True], models[False])
     return results
 
 
-def test_sparse_embedding_gradients_average_like_dense_ones():
-    for rank in run_workers(sparse_embeddings, WORLD, None, timeout=120):
+@pytest.mark.parametrize("compressor", [None, "topk"])
+def test_sparse_embedding_gradients_average_like_dense_ones(compressor):
+    # With a compressor the dense parameters are compressed (TopK(1.0): exactly) and the
+    # sparse rows still averaged as rows, in the parameters' own precision.
+    for rank in run_workers(sparse_embeddings, WORLD, compressor, timeout=120):
         assert rank["sparse_vs_dense"] < 1e-12
         assert rank["bytes_True"] < rank["bytes_False"] / 10  # rows, not the whole table
+        assert rank["dense_bytes_True"] == rank["dense_bytes_False"]  # the reference is the dense table

@@ -270,7 +270,12 @@ class Average(SyncControl):
             bucket.pending = None
 
     def begin_reduction(self, local_count: Items, scale: Tensor | float) -> None:
-        self._local_scale = 1.0 / local_count if not isinstance(local_count, Tensor) else 1.0 / local_count.to(torch.float64)
+        # A rank may have no items in a window (the global total is checked): its gradients
+        # are zero and its weight is 0, and 1/0 would turn those zeros into NaN.
+        if isinstance(local_count, Tensor):
+            self._local_scale = 1.0 / local_count.to(torch.float64).clamp(min=1)
+        else:
+            self._local_scale = 1.0 / max(local_count, 1)
         self._weight = local_count * scale
 
     def global_items(self, items: Items) -> Items:
@@ -302,7 +307,9 @@ class Average(SyncControl):
             # Any rank's NaN/inf must stop every rank: a top-k may not even select it.
             bad = self._bad.to(torch.float32).reshape(1) if self._bad is not None else torch.zeros(1)
             distributed.run(dist.all_reduce, "gk.Average: all-reduce of the non-finite flag", self.timeout, bad, group=self.group)
-            poison = torch.where(bad > 0, float("nan"), 1.0)  # stays on the device: the pipeline's check skips
+            # Stays on the device (the pipeline's check skips); float64, so that scaling the
+            # sparse rows by it keeps their precision.
+            poison = torch.where(bad > 0, float("nan"), 1.0).to(torch.float64)
             for bucket in self.buckets:
                 assert bucket.pending is not None
                 summed = bucket.pending.wait()
