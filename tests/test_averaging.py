@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import time
 import weakref
@@ -321,7 +322,9 @@ def hold_work_handles(rank, world):
     model = DDP(nn.Linear(4, 2))
     model.register_comm_hook(*gk.ddp_comm_hook(gk.TopK(0.5), model=model))
     model(torch.randn(3, 4)).square().sum().backward()
-    results["ddp"] = [work.is_completed() for work in gk.distributed._kept]
+    # Gloo may mark a work completed a moment after its future (which DDP waited on) is done.
+    kept = list(gk.distributed._kept)
+    results["ddp"] = [len(kept), all(work.wait(timeout=datetime.timedelta(seconds=30)) for work in kept)]
     return results
 
 
@@ -333,7 +336,7 @@ def test_finished_work_handles_are_released_by_this_thread_later():
         assert result["dense"] == {"held": [2, 2], "completed": True, "replaced": True}  # an all-reduce per bucket
         assert result["topk"] == {"held": [4, 4], "completed": True, "replaced": True}  # all-gathers of indices and values
         assert 0 < len(result["run"]) <= 16 and all(result["run"])
-        assert result["ddp"] == [True, True]  # the hook's all-gathers (one bucket), done once backward returns
+        assert result["ddp"] == [2, True]  # the hook's all-gathers (one bucket) are kept
 
 
 # -- bad input (one process) ------------------------------------------------------------

@@ -855,6 +855,31 @@ def test_a_step_that_raises_leaves_the_compressor_state_as_before(make, bad):
     assert_same_state(run(True), run(False))
 
 
+
+@pytest.mark.parametrize("make", [lambda: gk.TopK(0.25, exact=True), lambda: gk.DGC(0.25), lambda: gk.PowerSGD(1)])
+def test_compressor_state_does_not_carry_the_amp_loss_scale(make):
+    # GradScaler doubles its scale every step here: residuals and momentum kept in scaled
+    # units would be wrong by that factor. The run must match the one without a scaler.
+    def run(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        average = gk.Average(make())
+        pipe = gk.GradientPipeline(model, average=average, scaler=scaler)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            pipe.backward(model(torch.randn(5, 4, generator=gen)).pow(2).sum(), num_items=5)
+            assert pipe.step(opt)
+        return average.state_dict(), [p.detach().clone() for p in model.parameters()]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    (scaled_state, scaled_params), (plain_state, plain_params) = run(scaler), run(None)
+    assert scaler.get_scale() == 2.0**15  # the scale really moved
+    assert_close(scaled_params, plain_params, rtol=1e-6, atol=0)
+    key = "residuals" if "residuals" in plain_state["compressor"] else "momentum"
+    assert_close(scaled_state["compressor"][key], plain_state["compressor"][key], rtol=1e-6, atol=1e-9)
+
+
 def test_commit_from_several_threads_commits_each_entry_once():
     # DDP completes a hook's futures on several threads, and each one commits.
     import sys

@@ -55,6 +55,20 @@ def scenarios(rank: int, world: int) -> dict:
     reference = full_batch_reference([[data(r, step, counts[r][step]) for r in range(world)] for step in range(3)])
     results["empty_rank_topk_vs_full_batch"] = max_diff(model, reference)
 
+    # AMP: compressor state in unscaled units while GradScaler doubles its scale every step.
+    runs = {}
+    for label, scaler in [("plain", None), ("scaled", torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1))]:
+        model = make_model().float()
+        opt, average = torch.optim.SGD(model.parameters(), lr=LR), gk.Average(gk.TopK(0.1), bucket_mb=0.002)
+        pipe = gk.GradientPipeline(model, average=average, scaler=scaler)
+        for step in range(4):
+            x, y = data(rank, step, 6)
+            pipe.backward(sum_loss(model, x.float(), y.float()), num_items=6)
+            assert pipe.step(opt)
+        runs[label] = (params_of(model), average.state_dict()["compressor"]["residuals"])
+    results["amp_param_gap"] = max((a - b).abs().max().item() for a, b in zip(runs["scaled"][0], runs["plain"][0]))
+    results["amp_residual_gap"] = max((runs["scaled"][1][k] - runs["plain"][1][k]).abs().max().item() for k in runs["plain"][1])
+
     # PowerSGD of rank 2 is exact when each rank's weight gradients have rank 1 (batch of 1).
     power, _ = train(rank, gk.Average(gk.PowerSGD(rank=2)), size=1)
     dense_b1, _ = train(rank, gk.Average(), size=1)
@@ -114,6 +128,11 @@ def test_compressed_weighted_mean_is_the_full_batch_mean(outcome):
 def test_a_rank_without_items_in_a_step_leaves_the_full_batch_mean(outcome):
     for rank in outcome:
         assert rank["empty_rank_topk_vs_full_batch"] < 1e-12
+
+
+def test_compressed_averaging_under_amp_matches_the_unscaled_run(outcome):
+    for rank in outcome:
+        assert rank["amp_param_gap"] < 1e-6 and rank["amp_residual_gap"] < 1e-5, rank
 
 
 def test_powersgd_at_the_gradient_rank_equals_dense(outcome):

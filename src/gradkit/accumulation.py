@@ -121,9 +121,10 @@ class SyncControl:
         """The item count summed over all processes."""
         return items
 
-    def begin_reduction(self, local_count: Items, scale: Tensor | float) -> None:
+    def begin_reduction(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None = None) -> None:
         """Called once per window before its gradients may be packed: this process's item
-        (or micro-step) count, and the `scale` that `reduce_` will be called with."""
+        (or micro-step) count, the `scale` that `reduce_` will be called with, and the AMP
+        loss scale the gradients carry (None without a GradScaler)."""
 
     def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
         """Make each parameter's gradient the sum over processes, times `scale`.

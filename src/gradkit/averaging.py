@@ -179,6 +179,7 @@ class Average(SyncControl):
         self._bytes = 0
         self._names: list[str] = []
         self._local_scale: Tensor | float = 1.0
+        self._loss_scale: Tensor | None = None
         self._weight: Tensor | float = 1.0
         self._bad: Tensor | None = None
         self._finished: list[dist.Work] = []
@@ -269,7 +270,7 @@ class Average(SyncControl):
             bucket.work = None
             bucket.pending = None
 
-    def begin_reduction(self, local_count: Items, scale: Tensor | float) -> None:
+    def begin_reduction(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None = None) -> None:
         # A rank may have no items in a window (the global total is checked): its gradients
         # are zero and its weight is 0, and 1/0 would turn those zeros into NaN.
         if isinstance(local_count, Tensor):
@@ -277,6 +278,13 @@ class Average(SyncControl):
         else:
             self._local_scale = 1.0 / max(local_count, 1)
         self._weight = local_count * scale
+        # Under AMP the gradients carry the loss scale, which GradScaler changes from step to
+        # step: compressor state (residuals, momentum) must not, so compression sees unscaled
+        # gradients and the weight puts the scale back for the sum (GradScaler unscales it).
+        self._loss_scale = loss_scale
+        if loss_scale is not None:
+            self._local_scale = self._local_scale / loss_scale.to(torch.float64)
+            self._weight = self._weight * loss_scale.to(torch.float64)
 
     def global_items(self, items: Items) -> Items:
         if self.group is None:
@@ -361,9 +369,10 @@ class Average(SyncControl):
             if p.grad.is_sparse:  # sparse embedding rows are already selective: send them as they are
                 p.grad.mul_(scale)
                 continue
-            flat = p.grad.reshape(-1) * (scale.to(p.grad) if isinstance(scale, Tensor) else scale)
-            payload = compress_keyed(self.compressor, flat, ((name, tuple(p.shape)),))
-            p.grad.copy_(self.compressor.decompress(payload).view_as(p.grad))
+            unscaled = scale if self._loss_scale is None else scale / self._loss_scale.to(torch.float64)  # see begin_reduction
+            flat = p.grad.reshape(-1) * (unscaled.to(p.grad) if isinstance(unscaled, Tensor) else unscaled)
+            sent = self.compressor.decompress(compress_keyed(self.compressor, flat, ((name, tuple(p.shape)),))).view_as(p.grad)
+            p.grad.copy_(sent if self._loss_scale is None else sent * self._loss_scale.to(sent))
         self._bytes = 0
 
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False) -> None:
