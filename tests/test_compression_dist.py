@@ -89,26 +89,28 @@ def scenarios(rank: int, world: int) -> dict:
         model, pipe = train(rank, gk.Average(compressor, bucket_mb=0.002))
         results["replicas"][name] = (params_of(model), pipe.last.bytes_sent, pipe.last.dense_bytes)
 
-    # A NaN on one rank: every rank skips, residuals untouched.
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    average = gk.Average(gk.TopK(0.1))
-    pipe = gk.GradientPipeline(model, average=average)
-    stepped, residual_before, residual_after = [], None, None
-    for step in range(3):
-        x, y = data(rank, 300 + step, 4)
-        loss = sum_loss(model, x, y) / 4
-        if step == 1:
-            residual_before = average.state_dict()["compressor"]["residuals"]
-            if rank == 0:
-                loss = loss * float("nan")
-        pipe.backward(loss)
-        stepped.append(pipe.step(opt))
-        if step == 1:
-            residual_after = average.state_dict()["compressor"]["residuals"]
-    results["nan_stepped"] = stepped
-    results["nan_residual_kept"] = all(torch.equal(residual_before[k], residual_after[k]) for k in residual_before) and bool(residual_before)
-    results["nan_params"] = params_of(model)
+    # A NaN on one rank: every rank skips, compressor state untouched (DGC: momentum, velocity).
+    results["nan"] = {}
+    for name, compressor in (("topk", gk.TopK(0.1)), ("dgc", gk.DGC(0.1)), ("powersgd", gk.PowerSGD(1))):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        average = gk.Average(compressor)
+        pipe = gk.GradientPipeline(model, average=average)
+        stepped, state_before, state_after = [], None, None
+        for step in range(3):
+            x, y = data(rank, 300 + step, 4)
+            loss = sum_loss(model, x, y) / 4
+            if step == 1:
+                state_before = average.state_dict()["compressor"]
+                if rank == 0:
+                    loss = loss * float("nan")
+            pipe.backward(loss)
+            stepped.append(pipe.step(opt))
+            if step == 1:
+                state_after = average.state_dict()["compressor"]
+        tensors = [(state_before[field][k], state_after[field][k]) for field in state_before if field != "steps" for k in state_before[field]]
+        kept = bool(tensors) and all(torch.equal(a, b) for a, b in tensors) and state_before.get("steps") == state_after.get("steps")
+        results["nan"][name] = (stepped, kept, params_of(model))
     return results
 
 
@@ -149,10 +151,12 @@ def test_every_compressor_keeps_replicas_identical_and_sends_less(outcome, name)
     assert 0 < bytes0 < dense0
 
 
-def test_nan_on_one_rank_skips_everywhere_and_keeps_residuals(outcome):
-    assert outcome[0]["nan_stepped"] == outcome[1]["nan_stepped"] == [True, False, True]
-    assert all(rank["nan_residual_kept"] for rank in outcome)
-    for a, b in zip(outcome[0]["nan_params"], outcome[1]["nan_params"]):
+@pytest.mark.parametrize("name", ["topk", "dgc", "powersgd"])
+def test_nan_on_one_rank_skips_everywhere_and_keeps_residuals(outcome, name):
+    (stepped_0, kept_0, params_0), (stepped_1, kept_1, params_1) = outcome[0]["nan"][name], outcome[1]["nan"][name]
+    assert stepped_0 == stepped_1 == [True, False, True]
+    assert kept_0 and kept_1
+    for a, b in zip(params_0, params_1):
         assert torch.equal(a, b)
 
 
