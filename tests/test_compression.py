@@ -880,6 +880,20 @@ def test_compressor_state_does_not_carry_the_amp_loss_scale(make):
     assert_close(scaled_state["compressor"][key], plain_state["compressor"][key], rtol=1e-6, atol=1e-9)
 
 
+
+def test_ddp_hook_state_refuses_state_it_cannot_hold():
+    from gradkit.integrations.ddp import CommHookState
+
+    saved = {"compressor": {"residuals": {"w": torch.ones(3)}, "compressor": {}}}
+    with pytest.raises(ValueError, match="no compressor"):
+        CommHookState(None, None, {}, None).load_state_dict(saved)
+    hooked = CommHookState(gk.ErrorFeedback(gk.TopK(0.5)), None, {}, None)
+    with pytest.raises(ValueError, match="missing keys \\['compressor'\\]"):
+        hooked.load_state_dict({"residuals": {}})
+    hooked.load_state_dict(saved)
+    assert torch.equal(hooked.state_dict()["compressor"]["residuals"]["w"], torch.ones(3))
+
+
 def test_commit_from_several_threads_commits_each_entry_once():
     # DDP completes a hook's futures on several threads, and each one commits.
     import sys

@@ -290,6 +290,11 @@ def test_compressor_arguments_are_checked():
     assert isinstance(gk.Average(gk.TopK(0.1)).compressor, gk.ErrorFeedback)
     assert not isinstance(gk.Average(gk.TopK(0.1), error_feedback=False).compressor, gk.ErrorFeedback)
     assert isinstance(gk.Average(gk.DGC(0.1)).compressor, gk.DGC)
+    # biased compressors get error feedback by default, unbiased and self-correcting ones do not
+    for biased in (gk.Threshold(0.1), gk.SignSGD(), gk.RandomK(0.1, scale=False)):
+        assert isinstance(gk.Average(biased).compressor, gk.ErrorFeedback), biased
+    for unbiased in (gk.RandomK(0.1), gk.QSGD(4), gk.FP16(), gk.PowerSGD(1)):
+        assert not isinstance(gk.Average(unbiased).compressor, gk.ErrorFeedback), unbiased
 
 
 # -- native sparse gradients --------------------------------------------------------------

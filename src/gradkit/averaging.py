@@ -388,11 +388,7 @@ class Average(SyncControl):
         return {"compressor": self.compressor.state_dict() if self.compressor is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _checks.state_keys("Average", state, {"compressor"})
-        if self.compressor is not None:
-            self.compressor.load_state_dict(state["compressor"])
-        elif state["compressor"]:
-            raise ValueError("Average.load_state_dict: the state holds compressor state but this Average has no compressor; build it with the same compressor")
+        _load_compressor_state("Average", self.compressor, state)
 
     def bytes_sent(self) -> int:
         return self._bytes
@@ -488,6 +484,15 @@ class ModelAverager(SyncControl):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("ModelAverager", state, {"step"})
         self.step = _checks.positive_int("step", state["step"], "pass the state from ModelAverager.state_dict()", minimum=0)
+
+
+def _load_compressor_state(owner: str, compressor: Compressor | None, state: dict[str, Any]) -> None:
+    """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`."""
+    _checks.state_keys(owner, state, {"compressor"})
+    if compressor is not None:
+        compressor.load_state_dict(state["compressor"])
+    elif state["compressor"]:
+        raise ValueError(f"{owner}.load_state_dict: the state holds compressor state but this {owner} has no compressor; build it with the same compressor")
 
 
 def _effective_compressor(compressor: object, error_feedback: bool | None) -> Compressor | None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradkit import distributed
-from gradkit.averaging import _effective_compressor, _timeout
+from gradkit.averaging import _effective_compressor, _load_compressor_state, _timeout
 from gradkit.compression.base import Compressor
 from gradkit.compression.collective import start_reduce
 
@@ -47,8 +47,7 @@ class CommHookState:
         return {"compressor": self.compressor.state_dict() if self.compressor is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.compressor is not None:
-            self.compressor.load_state_dict(state["compressor"])
+        _load_compressor_state("CommHookState", self.compressor, state)
 
 
 def ddp_comm_hook(
