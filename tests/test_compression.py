@@ -894,6 +894,16 @@ def test_ddp_hook_state_refuses_state_it_cannot_hold():
     assert torch.equal(hooked.state_dict()["compressor"]["residuals"]["w"], torch.ones(3))
 
 
+
+def test_a_float16_overflow_skips_the_step():
+    model = torch.nn.Linear(2, 1)
+    pipe = gk.GradientPipeline(model, average=gk.Average(gk.FP16()))
+    before = [p.detach().clone() for p in model.parameters()]
+    pipe.backward(model(torch.full((1, 2), 1e5)).sum() * 1e3)  # gradients of 1e8: beyond float16's 65504
+    assert not pipe.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert pipe.last.skipped and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_commit_from_several_threads_commits_each_entry_once():
     # DDP completes a hook's futures on several threads, and each one commits.
     import sys
