@@ -904,6 +904,18 @@ def test_a_float16_overflow_skips_the_step():
     assert pipe.last.skipped and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+
+@pytest.mark.parametrize("make", [lambda: gk.ErrorFeedback(gk.TopK(0.5, exact=True)), lambda: gk.DGC(0.5)])
+def test_an_immediate_commit_keeps_other_keys_deferred(make):
+    compressor = make()
+    compressor.compress(torch.tensor([3.0, 1.0]), key="a", commit=False)
+    compressor.compress(torch.tensor([3.0, 1.0]), key="b")  # commit=True: b's state only
+    compressor.discard()  # a's deferred state goes
+    state = compressor.state_dict()
+    kept = state["residuals"] if "residuals" in state else state["velocity"]
+    assert torch.equal(kept["a"], torch.zeros(2)) and not torch.equal(kept["b"], torch.zeros(2))
+
+
 def test_commit_from_several_threads_commits_each_entry_once():
     # DDP completes a hook's futures on several threads, and each one commits.
     import sys

@@ -98,18 +98,22 @@ class DGC(Compressor):
         velocity.mul_(keep)  # momentum factor masking: what was sent starts over
         momentum.mul_(keep)
         payload.owner, payload.shape = self, tensor.shape
-        self._pending.append((state, momentum, velocity, layout))
-        if commit:
-            self.commit()
+        if commit:  # this call's state only: other keys' deferred state waits for commit()/discard()
+            self._keep(state, momentum, velocity, layout)
+        else:
+            self._pending.append((state, momentum, velocity, layout))
         return payload
 
     def commit(self) -> None:
         """Keep the state of the compress calls made with ``commit=False``."""
-        for state, momentum, velocity, layout in drain(self._pending):
-            state["momentum"].copy_(momentum)
-            state["velocity"].copy_(velocity)
-            for name, _ in layout:
-                self._steps[name] = self._steps.get(name, 0) + 1
+        for entry in drain(self._pending):
+            self._keep(*entry)
+
+    def _keep(self, state: dict[str, Tensor], momentum: Tensor, velocity: Tensor, layout: Layout) -> None:
+        state["momentum"].copy_(momentum)
+        state["velocity"].copy_(velocity)
+        for name, _ in layout:
+            self._steps[name] = self._steps.get(name, 0) + 1
 
     def discard(self) -> None:
         self._pending.clear()
