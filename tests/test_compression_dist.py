@@ -54,6 +54,17 @@ def scenarios(rank: int, world: int) -> dict:
         assert pipe.step(opt), f"step {step} was skipped"
     reference = full_batch_reference([[data(r, step, counts[r][step]) for r in range(world)] for step in range(3)])
     results["empty_rank_topk_vs_full_batch"] = max_diff(model, reference)
+    # ... and a rank without items keeps its residuals: at weight 0 nothing it selected was applied.
+    model, average = make_model(), gk.Average(gk.TopK(0.3))
+    opt, pipe = torch.optim.SGD(model.parameters(), lr=LR), gk.GradientPipeline(model, average=average)
+    residuals = []
+    for step in range(2):
+        n = counts[rank][step]
+        x, y = data(rank, step, n)
+        pipe.backward(sum_loss(model, x, y), num_items=torch.tensor(n))
+        assert pipe.step(opt)
+        residuals.append(average.state_dict()["compressor"]["residuals"])
+    results["empty_rank_residuals_unchanged"] = all(torch.equal(residuals[0][k], residuals[1][k]) for k in residuals[0])
 
     # AMP: compressor state in unscaled units while GradScaler doubles its scale every step.
     runs = {}
@@ -130,6 +141,8 @@ def test_compressed_weighted_mean_is_the_full_batch_mean(outcome):
 def test_a_rank_without_items_in_a_step_leaves_the_full_batch_mean(outcome):
     for rank in outcome:
         assert rank["empty_rank_topk_vs_full_batch"] < 1e-12
+    # rank 1 had no items in the second step (counts[1] = [5, 0, ...]), rank 0 had 3
+    assert outcome[1]["empty_rank_residuals_unchanged"] and not outcome[0]["empty_rank_residuals_unchanged"]
 
 
 def test_compressed_averaging_under_amp_matches_the_unscaled_run(outcome):

@@ -133,8 +133,9 @@ class SyncControl:
         backward ran with sync on; a flushed window's did not."""
         _foreach.scale_(grads_of(params), scale)
 
-    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False) -> None:
-        """Called after every window's boundary, stepped or skipped."""
+    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
+        """Called after every window's boundary, stepped or skipped; `contributed` is False
+        when this process had no items in the window."""
 
     def bytes_sent(self) -> int:
         """Payload bytes this process sent for the last window."""

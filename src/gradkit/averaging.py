@@ -375,11 +375,12 @@ class Average(SyncControl):
             p.grad.copy_(sent if self._loss_scale is None else sent * self._loss_scale.to(sent))
         self._bytes = 0
 
-    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False) -> None:
+    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         if self.compressor is None:
             return
-        # Residuals (and DGC/PowerSGD state) move on only with a step that was taken.
-        if skipped:
+        # Residuals (and DGC/PowerSGD state) move on only with a step that was taken, and
+        # to which this rank contributed: at weight 0 what it "sent" reached nobody.
+        if skipped or not contributed:
             self.compressor.discard()
         else:
             self.compressor.commit()
@@ -452,7 +453,7 @@ class ModelAverager(SyncControl):
             if broadcast:
                 distributed.broadcast_parameters(params, self.group, self.timeout)
 
-    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False) -> None:
+    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         """Count one optimizer step and average the parameters if the schedule says so."""
         params = list(params)
         if not self._attached:  # used on its own: the first step already ran, so only check

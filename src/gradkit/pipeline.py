@@ -248,7 +248,7 @@ class GradientPipeline:
             # judge this rank's dense gradient, so the tracker gets its norms.
             by_name = dict(zip(*local[:2]))
             ctx.pre_clip_norms = torch.stack([by_name.get(n, torch.zeros_like(local[1][0])) for n in ctx.names]).to(ctx.norms())
-        skip = self._must_skip(total_norm, global_items)
+        skip, contributed = self._must_skip(total_norm, global_items)
         if skip and self.nonfinite == "raise":
             self.skipped_steps += 1
             self._abandon_window()
@@ -284,7 +284,7 @@ class GradientPipeline:
             self.scaler.update()
         else:
             optimizer.step()
-        self.sync.after_step(self.params, skipped=skip)
+        self.sync.after_step(self.params, skipped=skip, contributed=contributed)
         if self.tracker is not None:
             self.tracker.after_step(ctx, self.last)
         self._end_window()
@@ -320,19 +320,24 @@ class GradientPipeline:
         device = small[0].device
         return NoiseSample(small[0], small[1].to(device), big[0].to(device), big[1].to(device))
 
-    def _must_skip(self, total_norm: Tensor, global_items: int | Tensor | None) -> bool:
+    def _must_skip(self, total_norm: Tensor, global_items: int | Tensor | None) -> tuple[bool, bool]:
+        """(skip the step, this process had items in the window)."""
         # The one host read of the step: the optimizer cannot skip on a device flag.
-        # A tensor item count is checked in the same read.
+        # Tensor item counts are checked in the same read.
+        local_items = self.window.items
         if isinstance(global_items, Tensor):
-            finite, items_positive = torch.stack([torch.isfinite(total_norm), global_items.to(total_norm.device) > 0]).tolist()
+            flags = [torch.isfinite(total_norm), global_items.to(total_norm.device) > 0]
+            if isinstance(local_items, Tensor):
+                flags.append(local_items.to(total_norm.device) > 0)
+            finite, items_positive, *own = torch.stack(flags).tolist()
             if not items_positive:
                 self._abandon_window()
                 raise ValueError(
                     f"the window's num_items add up to {int(global_items)} (must be > 0); "
                     "pass the count of items each summed loss covers"
                 )
-            return not finite
-        return not bool(torch.isfinite(total_norm))
+            return not finite, bool(own[0]) if own else local_items is None or local_items > 0
+        return not bool(torch.isfinite(total_norm)), local_items is None or local_items > 0
 
     def _items_report(self, global_items: int | Tensor | None, device: torch.device) -> Tensor:
         if global_items is None:
