@@ -203,12 +203,15 @@ def test_noise_sample_on_measured_windows_is_first_micro_batch_vs_window():
     assert float(noise.small_batch) == 5 and float(noise.big_batch) == 15
 
 
+@pytest.mark.parametrize("compressed", [False, True])
 @pytest.mark.parametrize("num_items", [None, 8, torch.tensor(8)])
-def test_one_host_read_per_optimizer_step_and_none_between(monkeypatch, num_items):
+def test_one_host_read_per_optimizer_step_and_none_between(monkeypatch, num_items, compressed):
+    # Compressed: the skip decision, the item counts and whether this process had items share the read.
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stages = [gk.ZClip(warmup=1), gk.AutoClip(), gk.ClipPerLayer(1.0), gk.ClipByGlobalNorm(1.0), gk.AGC()]
-    pipe = gk.GradientPipeline(model, accumulation_steps=3, clip=stages)
+    average = gk.Average(gk.TopK(0.5)) if compressed else None
+    pipe = gk.GradientPipeline(model, accumulation_steps=3, clip=stages, average=average)
     data = batches(6)
     losses = [loss_of(model, x, y) for x, y in data[:3]]
     counter = count_host_reads(monkeypatch)

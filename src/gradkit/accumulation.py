@@ -123,8 +123,8 @@ class SyncControl:
 
     def begin_reduction(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None = None) -> None:
         """Called once per window before its gradients may be packed: this process's item
-        (or micro-step) count, the `scale` that `reduce_` will be called with, and the AMP
-        loss scale the gradients carry (None without a GradScaler)."""
+        (or micro-step) count, the `scale` that `reduce_` will be called with, and, for a
+        `lossy` sync, the AMP loss scale the gradients carry (None without a GradScaler)."""
 
     def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
         """Make each parameter's gradient the sum over processes, times `scale`.

@@ -365,14 +365,15 @@ class Average(SyncControl):
         """One process: the compressed gradient is what reaches the optimizer (selective updates)."""
         assert self.compressor is not None
         with_grad = [(name, p) for name, p in zip(self._names, params) if p.grad is not None]
+        unscaled = scale if self._loss_scale is None else scale / self._loss_scale.to(torch.float64)  # see begin_reduction
         for name, p in with_grad:
             if p.grad.is_sparse:  # sparse embedding rows are already selective: send them as they are
                 p.grad.mul_(scale)
                 continue
-            unscaled = scale if self._loss_scale is None else scale / self._loss_scale.to(torch.float64)  # see begin_reduction
             flat = p.grad.reshape(-1) * (unscaled.to(p.grad) if isinstance(unscaled, Tensor) else unscaled)
-            sent = self.compressor.decompress(compress_keyed(self.compressor, flat, ((name, tuple(p.shape)),))).view_as(p.grad)
-            p.grad.copy_(sent if self._loss_scale is None else sent * self._loss_scale.to(sent))
+            p.grad.copy_(self.compressor.decompress(compress_keyed(self.compressor, flat, ((name, tuple(p.shape)),))).view_as(p.grad))
+            if self._loss_scale is not None:
+                p.grad.mul_(self._loss_scale.to(p.grad))
         self._bytes = 0
 
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:

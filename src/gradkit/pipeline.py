@@ -222,9 +222,9 @@ class GradientPipeline:
         global_items = self.sync.global_items(local_items) if local_items is not None else None
         scale = Window.scale_for(global_items, micro_steps, self.sync.world_size)
         loss_scale = None
-        if self.scaler is not None and self.scaler.is_enabled():
-            # The scale as a device tensor, read without a host sync (and created on the
-            # parameters' device if this is the scaler's first use).
+        if self.sync.lossy and self.scaler is not None and self.scaler.is_enabled():
+            # Only compression needs it. The scale as a device tensor, read without a host
+            # sync (and created on the parameters' device if this is the scaler's first use).
             loss_scale = self.scaler.scale(torch.ones((), device=self.params[0].device))
         self.sync.begin_reduction(local_items if local_items is not None else micro_steps, scale, loss_scale)
         self._reduction = (global_items, scale)
