@@ -432,7 +432,7 @@ class ModelAverager(SyncControl):
 
     def __init__(self, period: int, *, warmup_steps: int = 0, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> None:
         self.period = _checks.positive_int("period", period, "pass how many steps to take between averages, e.g. 8")
-        self.warmup_steps = _checks.positive_int("warmup_steps", warmup_steps, "pass 0 for no warm-up", minimum=0)
+        self.warmup_steps = _checks.non_negative_int("warmup_steps", warmup_steps, "pass 0 for no warm-up")
         self.timeout = _timeout(timeout)
         self._group = distributed.WeakGroup(distributed.resolve_group(group, "gk.ModelAverager"))
         self._group_arg = distributed.WeakGroup(group)
@@ -485,7 +485,7 @@ class ModelAverager(SyncControl):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("ModelAverager", state, {"step"})
-        self.step = _checks.positive_int("step", state["step"], "pass the state from ModelAverager.state_dict()", minimum=0)
+        self.step = _checks.non_negative_int("step", state["step"], "pass the state from ModelAverager.state_dict()")
 
 
 def _load_compressor_state(owner: str, compressor: Compressor | None, state: dict[str, Any]) -> None:

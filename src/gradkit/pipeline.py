@@ -400,15 +400,15 @@ class GradientPipeline:
         """
         _checks.state_keys("GradientPipeline", state, {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler", "average", "tracker"})
         # Every value is checked before anything is loaded: a bad one changes nothing.
-        steps = _checks.positive_int("steps", state["steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
-        skipped_steps = _checks.positive_int("skipped_steps", state["skipped_steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
+        steps = _checks.non_negative_int("steps", state["steps"], "pass the state from GradientPipeline.state_dict()")
+        skipped_steps = _checks.non_negative_int("skipped_steps", state["skipped_steps"], "pass the state from GradientPipeline.state_dict()")
         grads = self._checked_grads(state["grads"])
         if not isinstance(state["clip"], list) or len(state["clip"]) != len(self.clip):
             raise ValueError(
                 f"GradientPipeline.load_state_dict: the state has {len(state['clip']) if isinstance(state['clip'], list) else state['clip']!r} "
                 f"clip stage states, this pipeline has {len(self.clip)} stages; build the pipeline with the same clip stages"
             )
-        micro_steps = _checks.positive_int("micro_steps", state["micro_steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
+        micro_steps = _checks.non_negative_int("micro_steps", state["micro_steps"], "pass the state from GradientPipeline.state_dict()")
         if micro_steps >= self.accumulation_steps:
             raise ValueError(f"micro_steps={micro_steps} does not fit accumulation_steps={self.accumulation_steps}; build the pipeline with the accumulation_steps it was saved with")
         items = state["items"]

@@ -66,7 +66,7 @@ class DGC(Compressor):
         if self.momentum == 1.0:
             raise ValueError("momentum must be < 1; pass e.g. 0.9")
         self.clip_norm = None if clip_norm is None else _checks.positive_number("clip_norm", clip_norm, "pass a norm, or None")
-        self.warmup_steps = _checks.positive_int("warmup_steps", warmup_steps, "pass 0 for no warm-up", minimum=0)
+        self.warmup_steps = _checks.non_negative_int("warmup_steps", warmup_steps, "pass 0 for no warm-up")
         self.value_dtype = _check_value_dtype(value_dtype)
         self._state = KeyedState(["momentum", "velocity"])
         self._steps: dict[str, int] = {}

@@ -49,7 +49,7 @@ class PowerSGD(Compressor):
     def __init__(self, rank: int = 1, *, warm_start: bool = True, seed: int = 0) -> None:
         self.rank = _checks.positive_int("rank", rank, "pass the rank of the approximation, e.g. 2")
         self.warm_start = _checks.flag("warm_start", warm_start, "pass warm_start=True (the paper's default) or False")
-        self.seed = _checks.positive_int("seed", seed, "pass any integer >= 0 shared by all ranks", minimum=0)
+        self.seed = _checks.non_negative_int("seed", seed, "pass any integer >= 0 shared by all ranks")
         self._residuals = KeyedState(["residual"])
         self._q: dict[str, Tensor] = {}
         self._pending: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []

@@ -165,7 +165,7 @@ class RandomK(Compressor):
 
     def __init__(self, density: float, *, seed: int = 0, scale: bool = True) -> None:
         self.density = check_density(density)
-        self.seed = _checks.positive_int("seed", seed, "pass any integer >= 0 shared by all ranks", minimum=0)
+        self.seed = _checks.non_negative_int("seed", seed, "pass any integer >= 0 shared by all ranks")
         self.scale = _checks.flag("scale", scale, "pass scale=True for an unbiased estimate, False with error feedback")
         self.biased = not self.scale
         self._step = 0
@@ -202,7 +202,7 @@ class RandomK(Compressor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._step = _checks.positive_int("step", state["step"], "pass the state from RandomK.state_dict()", minimum=0)
+        self._step = _checks.non_negative_int("step", state["step"], "pass the state from RandomK.state_dict()")
 
 
 class Threshold(_Sparsifier):
