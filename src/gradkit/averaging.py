@@ -507,7 +507,7 @@ def _effective_compressor(compressor: object, error_feedback: bool | None) -> Co
     if not isinstance(compressor, Compressor):
         raise TypeError(f"compressor must be a gradkit compressor such as gk.TopK(0.01), got {compressor!r}")
     if error_feedback is None:
-        error_feedback = compressor.biased and not getattr(compressor, "keeps_residual", False)
+        error_feedback = compressor.biased and not compressor.keeps_residual
     if error_feedback and not isinstance(compressor, ErrorFeedback):
         return ErrorFeedback(compressor)
     return compressor

@@ -115,7 +115,7 @@ def _hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future
         compressor.commit()
         return summed.to(flat.dtype)
 
-    if hasattr(compressor, "start_reduce"):
+    if compressor.start_reduce is not None:
         # A second round of communication (PowerSGD) started from a future's callback
         # thread could interleave with the next bucket's collectives differently on each
         # rank; finishing here keeps one order on every rank, at the cost of overlap.
