@@ -390,7 +390,8 @@ class Average(SyncControl):
         return {"compressor": self.compressor.state_dict() if self.compressor is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_compressor_state("Average", self.compressor, state)
+        compressed = [self._names[i] for bucket in self.buckets for i in bucket.positions]  # every step, in every bucket
+        _load_compressor_state("Average", self.compressor, state, self._names, compressed)
 
     def bytes_sent(self) -> int:
         return self._bytes
@@ -488,10 +489,15 @@ class ModelAverager(SyncControl):
         self.step = _checks.non_negative_int("step", state["step"], "pass the state from ModelAverager.state_dict()")
 
 
-def _load_compressor_state(owner: str, compressor: Compressor | None, state: dict[str, Any]) -> None:
-    """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`."""
+def _load_compressor_state(
+    owner: str, compressor: Compressor | None, state: dict[str, Any], known: Sequence[str] = (), required: Sequence[str] = ()
+) -> None:
+    """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`; state kept under
+    names other than `known` (or lacking one of `required`) is refused, unless no names are known yet."""
     _checks.state_keys(owner, state, {"compressor"})
     if compressor is not None:
+        if known:
+            compressor.check_state_names(owner, state["compressor"], known, required)
         compressor.load_state_dict(state["compressor"])
     elif state["compressor"]:
         raise ValueError(f"{owner}.load_state_dict: the state holds compressor state but this {owner} has no compressor; build it with the same compressor")

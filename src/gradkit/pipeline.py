@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradkit import _checks
+from gradkit import _checks, _names
 from gradkit.accumulation import SyncControl, Window, check_num_items, sync_control_for
 from gradkit.clipping.stages import ClipStage
 from gradkit.context import GradContext
@@ -451,12 +451,11 @@ class GradientPipeline:
 
 def _sparse_gradient_names(model: object) -> set[str]:
     """Names of parameters whose gradients are sparse (embeddings built with sparse=True)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    model = _names.unwrap(model)
     if not isinstance(model, nn.Module):
         return set()
     return {
-        f"{prefix}.weight" if prefix else "weight"
+        _names.bare_name(f"{prefix}.weight") if prefix else "weight"
         for prefix, module in model.named_modules()
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
     }
@@ -475,12 +474,11 @@ def _load_all_or_nothing(parts: list[tuple[Any, dict[str, Any]]]) -> None:
 
 
 def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter]]:
-    """Names and parameters that require grad; DDP's ``module.`` prefix is dropped so that
-    state saved with and without DDP is interchangeable."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    """Names and parameters that require grad; DDP's ``module.`` and torch.compile's ``_orig_mod.``
+    prefixes are dropped so that state saved with and without them is interchangeable."""
+    model = _names.unwrap(model)
     if isinstance(model, nn.Module):
-        pairs = list(model.named_parameters())
+        pairs = _names.named_parameters(model)
     elif isinstance(model, Tensor):
         raise TypeError("model must be an nn.Module or an iterable of parameters, got a single tensor; wrap it in a list: [param]")
     else:

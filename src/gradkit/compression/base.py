@@ -170,7 +170,9 @@ class Compressor(Stateful):
             ValueError: naming the first unknown or missing name, before anything is loaded.
         """
         known = set(known)
-        for part, by_name, complete in self.named_state(state):
+        parts = self.named_state(state)
+        # Unknown names first, in every part: a renamed model shows as unknown (and missing) names.
+        for part, by_name, _ in parts:
             unknown = [name for name in by_name if name not in known]
             if unknown:
                 raise ValueError(
@@ -179,6 +181,7 @@ class Compressor(Stateful):
                     "parameters have the names it was saved with (a model wrapped in another module, e.g. "
                     "nn.Sequential, prefixes every name; DDP's 'module.' and torch.compile's '_orig_mod.' are dropped)"
                 )
+        for part, by_name, complete in parts:
             missing = [name for name in required if name not in by_name] if complete and by_name else []
             if missing:
                 raise ValueError(
