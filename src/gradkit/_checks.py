@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["positive_number", "positive_int", "number_in_range", "choice", "flag", "state_keys"]
+__all__ = ["positive_number", "positive_int", "non_negative_int", "number_in_range", "choice", "flag", "state_keys"]
 
 
 def positive_number(name: str, value: object, fix: str, *, allow_inf: bool = False) -> float:
@@ -23,8 +23,17 @@ def positive_number(name: str, value: object, fix: str, *, allow_inf: bool = Fal
     return number
 
 
-def positive_int(name: str, value: object, fix: str, *, minimum: int = 1) -> int:
-    """`value` as an int if it is an integer >= `minimum`."""
+def positive_int(name: str, value: object, fix: str) -> int:
+    """`value` as an int if it is an integer >= 1."""
+    return _int_at_least(name, value, fix, 1)
+
+
+def non_negative_int(name: str, value: object, fix: str) -> int:
+    """`value` as an int if it is an integer >= 0 (a count, a step, a seed)."""
+    return _int_at_least(name, value, fix, 0)
+
+
+def _int_at_least(name: str, value: object, fix: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}; {fix}")
     if value < minimum:

@@ -390,7 +390,8 @@ class Average(SyncControl):
         return {"compressor": self.compressor.state_dict() if self.compressor is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_compressor_state("Average", self.compressor, state)
+        compressed = [self._names[i] for bucket in self.buckets for i in bucket.positions]  # every step, in every bucket
+        _load_compressor_state("Average", self.compressor, state, self._names, compressed)
 
     def bytes_sent(self) -> int:
         return self._bytes
@@ -432,7 +433,7 @@ class ModelAverager(SyncControl):
 
     def __init__(self, period: int, *, warmup_steps: int = 0, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> None:
         self.period = _checks.positive_int("period", period, "pass how many steps to take between averages, e.g. 8")
-        self.warmup_steps = _checks.positive_int("warmup_steps", warmup_steps, "pass 0 for no warm-up", minimum=0)
+        self.warmup_steps = _checks.non_negative_int("warmup_steps", warmup_steps, "pass 0 for no warm-up")
         self.timeout = _timeout(timeout)
         self._group = distributed.WeakGroup(distributed.resolve_group(group, "gk.ModelAverager"))
         self._group_arg = distributed.WeakGroup(group)
@@ -485,13 +486,18 @@ class ModelAverager(SyncControl):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("ModelAverager", state, {"step"})
-        self.step = _checks.positive_int("step", state["step"], "pass the state from ModelAverager.state_dict()", minimum=0)
+        self.step = _checks.non_negative_int("step", state["step"], "pass the state from ModelAverager.state_dict()")
 
 
-def _load_compressor_state(owner: str, compressor: Compressor | None, state: dict[str, Any]) -> None:
-    """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`."""
+def _load_compressor_state(
+    owner: str, compressor: Compressor | None, state: dict[str, Any], known: Sequence[str] = (), required: Sequence[str] = ()
+) -> None:
+    """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`; state kept under
+    names other than `known` (or lacking one of `required`) is refused, unless no names are known yet."""
     _checks.state_keys(owner, state, {"compressor"})
     if compressor is not None:
+        if known:
+            compressor.check_state_names(owner, state["compressor"], known, required)
         compressor.load_state_dict(state["compressor"])
     elif state["compressor"]:
         raise ValueError(f"{owner}.load_state_dict: the state holds compressor state but this {owner} has no compressor; build it with the same compressor")
@@ -507,7 +513,7 @@ def _effective_compressor(compressor: object, error_feedback: bool | None) -> Co
     if not isinstance(compressor, Compressor):
         raise TypeError(f"compressor must be a gradkit compressor such as gk.TopK(0.01), got {compressor!r}")
     if error_feedback is None:
-        error_feedback = compressor.biased and not getattr(compressor, "keeps_residual", False)
+        error_feedback = compressor.biased and not compressor.keeps_residual
     if error_feedback and not isinstance(compressor, ErrorFeedback):
         return ErrorFeedback(compressor)
     return compressor

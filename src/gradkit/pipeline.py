@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradkit import _checks
+from gradkit import _checks, _names
 from gradkit.accumulation import SyncControl, Window, check_num_items, sync_control_for
 from gradkit.clipping.stages import ClipStage
 from gradkit.context import GradContext
@@ -400,15 +400,15 @@ class GradientPipeline:
         """
         _checks.state_keys("GradientPipeline", state, {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler", "average", "tracker"})
         # Every value is checked before anything is loaded: a bad one changes nothing.
-        steps = _checks.positive_int("steps", state["steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
-        skipped_steps = _checks.positive_int("skipped_steps", state["skipped_steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
+        steps = _checks.non_negative_int("steps", state["steps"], "pass the state from GradientPipeline.state_dict()")
+        skipped_steps = _checks.non_negative_int("skipped_steps", state["skipped_steps"], "pass the state from GradientPipeline.state_dict()")
         grads = self._checked_grads(state["grads"])
         if not isinstance(state["clip"], list) or len(state["clip"]) != len(self.clip):
             raise ValueError(
                 f"GradientPipeline.load_state_dict: the state has {len(state['clip']) if isinstance(state['clip'], list) else state['clip']!r} "
                 f"clip stage states, this pipeline has {len(self.clip)} stages; build the pipeline with the same clip stages"
             )
-        micro_steps = _checks.positive_int("micro_steps", state["micro_steps"], "pass the state from GradientPipeline.state_dict()", minimum=0)
+        micro_steps = _checks.non_negative_int("micro_steps", state["micro_steps"], "pass the state from GradientPipeline.state_dict()")
         if micro_steps >= self.accumulation_steps:
             raise ValueError(f"micro_steps={micro_steps} does not fit accumulation_steps={self.accumulation_steps}; build the pipeline with the accumulation_steps it was saved with")
         items = state["items"]
@@ -451,12 +451,11 @@ class GradientPipeline:
 
 def _sparse_gradient_names(model: object) -> set[str]:
     """Names of parameters whose gradients are sparse (embeddings built with sparse=True)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    model = _names.unwrap(model)
     if not isinstance(model, nn.Module):
         return set()
     return {
-        f"{prefix}.weight" if prefix else "weight"
+        _names.bare_name(f"{prefix}.weight") if prefix else "weight"
         for prefix, module in model.named_modules()
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
     }
@@ -475,12 +474,11 @@ def _load_all_or_nothing(parts: list[tuple[Any, dict[str, Any]]]) -> None:
 
 
 def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter]]:
-    """Names and parameters that require grad; DDP's ``module.`` prefix is dropped so that
-    state saved with and without DDP is interchangeable."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    """Names and parameters that require grad; DDP's ``module.`` and torch.compile's ``_orig_mod.``
+    prefixes are dropped so that state saved with and without them is interchangeable."""
+    model = _names.unwrap(model)
     if isinstance(model, nn.Module):
-        pairs = list(model.named_parameters())
+        pairs = _names.named_parameters(model)
     elif isinstance(model, Tensor):
         raise TypeError("model must be an nn.Module or an iterable of parameters, got a single tensor; wrap it in a list: [param]")
     else:

@@ -116,7 +116,7 @@ class AutoClip(ClipStage):
         norms = state_tensor(state["norms"], "norms", "AutoClip")
         if norms.shape != (self.history,):
             raise ValueError(f"AutoClip.load_state_dict: norms has shape {tuple(norms.shape)}, expected ({self.history},); build AutoClip with the history it was saved with")
-        count = _checks.positive_int("count", state["count"], "pass the count from AutoClip.state_dict()", minimum=0)
+        count = _checks.non_negative_int("count", state["count"], "pass the count from AutoClip.state_dict()")
         self._norms, self._count = norms.clone(), count
 
 
@@ -190,5 +190,5 @@ class ZClip(ClipStage):
         for name, value in (("mean", mean), ("var", var)):
             if value.shape != ():
                 raise ValueError(f"ZClip.load_state_dict: {name} has shape {tuple(value.shape)}, expected a 0-d tensor; pass the state from ZClip.state_dict()")
-        count = _checks.positive_int("count", state["count"], "pass the count from ZClip.state_dict()", minimum=0)
+        count = _checks.non_negative_int("count", state["count"], "pass the count from ZClip.state_dict()")
         self._warmup_norms, self._mean, self._var, self._count = warmup_norms.clone(), mean.clone(), var.clone(), count

@@ -8,13 +8,20 @@ is needed to rebuild a dense tensor locally) and back. Two kinds exist:
   all-reduced like dense gradients;
 - the others (TopK, Threshold, DGC, QSGD, SignSGD): every rank's payload is
   all-gathered and each is decompressed and added up.
+
+What a compressor declares, and what `gk.Average` and the DDP hook read from it,
+is the contract on `Compressor` below: trait flags (class attributes), the keyed
+``compress(tensor, key=..., commit=...)`` with `commit`/`discard`, and the
+optional `start_reduce` hook. A new compressor is one subclass; a stateful one
+keeps its deferred state in a `Deferred`.
 """
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -22,7 +29,13 @@ from torch import Tensor
 from gradkit import _checks
 from gradkit._stateful import Stateful
 
-__all__ = ["Compressor", "Payload", "check_density", "drain"]
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from gradkit.compression.collective import PendingReduce
+    from gradkit.compression.keyed_state import Layout
+
+__all__ = ["Compressor", "Deferred", "Payload", "check_density", "check_value_dtype", "drain"]
 
 _Entry = TypeVar("_Entry")
 
@@ -59,7 +72,32 @@ class Payload:
 
 
 class Compressor(Stateful):
-    """Base of every compressor: ``compress(tensor) -> Payload``, ``decompress(payload) -> tensor``."""
+    """Base of every compressor: ``compress(tensor) -> Payload``, ``decompress(payload) -> tensor``.
+
+    The contract, declared here and read by `gk.Average`, `gk.ddp_comm_hook` and
+    `collective.start_reduce` (never probed with ``getattr``):
+
+    - trait flags, class attributes a subclass sets when they hold (`linear`,
+      `biased`, `sparse`, `variable_size`, `keyed`, `keeps_residual`): they pick
+      how payloads meet across ranks and whether error feedback is added;
+    - keyed compressors (``keyed = True``) take ``compress(tensor, key=..., commit=...)``:
+      `key` names the parameter (or a bucket `Layout`) the state belongs to, and
+      with ``commit=False`` the new state waits in a `Deferred` until `commit()`
+      (the step was taken) or `discard()` (it was skipped);
+    - `start_reduce`, optional: a compressor whose communication is not one
+      payload per rank (PowerSGD's two rounds) sets it to a method with the
+      signature of `collective.start_reduce` (without the compressor and `out`);
+    - state saved by parameter name is listed by `named_state`, so that a
+      checkpoint taken under other names is refused (`check_state_names`).
+
+    Example:
+        >>> class Halve(Compressor):
+        ...     linear = True
+        ...     def compress(self, tensor):
+        ...         return Payload([self._check_input(tensor) / 2], tensor.shape, tensor.dtype, self)
+        ...     def decompress(self, payload):
+        ...         return self._check_payload(payload).tensors[0] * 2
+    """
 
     #: payloads add up: ``decompress(sum of payloads) == sum of decompress(payload)``
     linear: bool = False
@@ -71,6 +109,17 @@ class Compressor(Stateful):
     variable_size: bool = False
     #: keeps per-parameter state: ``compress(tensor, key=..., commit=...)``, then commit()/discard()
     keyed: bool = False
+    #: keeps its own memory of what was not sent (DGC's velocity, PowerSGD's residual):
+    #: `gk.Average` adds no error feedback even when it is biased
+    keeps_residual: bool = False
+    #: optional hook: ``start_reduce(flat, layout, group, weight, what, timeout) -> PendingReduce``
+    #: replaces compress, weight and all-reduce/all-gather (None: the generic path)
+    start_reduce: (
+        Callable[[Tensor, Layout, dist.ProcessGroup | None, Tensor | float, str, datetime.timedelta | None], PendingReduce]
+        | None
+    ) = None
+    #: the state of ``compress(..., commit=False)`` calls, for commit()/discard() (keyed compressors)
+    _deferred: Deferred[Any] | None = None
 
     def compress(self, tensor: Tensor) -> Payload:
         raise NotImplementedError
@@ -88,10 +137,58 @@ class Compressor(Stateful):
 
     def commit(self) -> None:
         """Keep the state of deferred compress calls (stateless compressors: nothing)."""
+        if self._deferred is not None:
+            self._deferred.commit()
 
     def discard(self) -> None:
         """Forget the state of deferred compress calls (stateless compressors: nothing)."""
+        if self._deferred is not None:
+            self._deferred.discard()
 
+    def named_state(self, state: object) -> list[tuple[str, Mapping[str, Any], bool]]:
+        """The parts of a saved `state` (from `state_dict()`) that are kept by parameter name.
+
+        Returns:
+            ``(field, {name: value}, complete)`` triples; `complete` fields hold every
+            compressed parameter once they hold any (a residual per parameter), the others
+            some (PowerSGD keeps Q for matrices only). Parts of a malformed state are left
+            out: `load_state_dict` names what is wrong with it. Stateless compressors: none.
+        """
+        return []
+
+    def check_state_names(self, owner: str, state: object, known: Collection[str], required: Collection[str] = ()) -> None:
+        """Refuse a saved `state` whose per-parameter entries are kept under other names.
+
+        Args:
+            owner: who loads it, for the message (e.g. "Average").
+            state: what `state_dict()` returned.
+            known: the names of every parameter here.
+            required: the names a complete field must hold once it holds any (those
+                compressed at every step); empty: only unknown names are refused.
+
+        Raises:
+            ValueError: naming the first unknown or missing name, before anything is loaded.
+        """
+        known = set(known)
+        parts = self.named_state(state)
+        # Unknown names first, in every part: a renamed model shows as unknown (and missing) names.
+        for part, by_name, _ in parts:
+            unknown = [name for name in by_name if name not in known]
+            if unknown:
+                raise ValueError(
+                    f"{owner}.load_state_dict: the compressor state holds {part!r} for parameter {unknown[0]!r}, "
+                    f"which this model does not have (it has {_some(sorted(known))}); load the state into a model whose "
+                    "parameters have the names it was saved with (a model wrapped in another module, e.g. "
+                    "nn.Sequential, prefixes every name; DDP's 'module.' and torch.compile's '_orig_mod.' are dropped)"
+                )
+        for part, by_name, complete in parts:
+            missing = [name for name in required if name not in by_name] if complete and by_name else []
+            if missing:
+                raise ValueError(
+                    f"{owner}.load_state_dict: the compressor state holds no {part!r} for parameter {missing[0]!r} "
+                    f"(it holds {_some(list(by_name))}); load the state saved from this model, with the same "
+                    "parameters under the same names"
+                )
 
     # -- checks shared by every compressor --
 
@@ -116,9 +213,61 @@ class Compressor(Stateful):
         return payload
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    listed = ", ".join(repr(name) for name in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "") if names else "none"
+
+
+class Deferred(Generic[_Entry]):
+    """State changes computed now and applied later: by `commit()`, or dropped by `discard()`.
+
+    Keyed compressors compress a bucket during backward, before the pipeline knows
+    whether the step will be taken; their new state (residuals, momentum, Q) waits
+    here. Each entry is applied with ``apply(*entry)``, oldest first.
+
+    Args:
+        apply: takes an entry's fields and makes them the compressor's state.
+
+    Example:
+        >>> deferred = Deferred(lambda state, new: state.copy_(new))
+        >>> deferred.add(state, new, now=False)   # kept aside
+        >>> deferred.commit()                     # state now holds new
+    """
+
+    def __init__(self, apply: Callable[..., None]) -> None:
+        self._apply = apply
+        self._pending: list[_Entry] = []
+
+    def add(self, *entry: Any, now: bool = False) -> None:
+        """Apply `entry` now (``now=True``: this entry only, others still wait) or keep it for `commit()`."""
+        if now:
+            self._apply(*entry)
+        else:
+            self._pending.append(entry)  # type: ignore[arg-type]
+
+    def commit(self) -> None:
+        """Apply every waiting entry, oldest first; safe from several threads (DDP's hook futures)."""
+        for entry in drain(self._pending):
+            self._apply(*entry)  # type: ignore[misc]
+
+    def discard(self) -> None:
+        """Drop every waiting entry."""
+        self._pending.clear()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
 def check_density(density: object) -> float:
     """`density` as a float in (0, 1]."""
     return _checks.number_in_range("density", density, 0.0, 1.0, "pass the fraction of entries to keep, e.g. 0.01")
+
+
+def check_value_dtype(value_dtype: object) -> torch.dtype | None:
+    """`value_dtype` if it is a floating torch.dtype (the dtype of sent values) or None."""
+    if value_dtype is not None and not (isinstance(value_dtype, torch.dtype) and value_dtype.is_floating_point):
+        raise TypeError(f"value_dtype must be a floating torch.dtype such as torch.float16, or None; got {value_dtype!r}")
+    return value_dtype  # type: ignore[return-value]
 
 
 def count_for(density: float, numel: int) -> int:

@@ -78,9 +78,8 @@ def start_reduce(
 
     With `out` (a flat tensor of flat's size, free once `flat` is compressed), sparse
     sums are written there instead of into a new dense tensor."""
-    custom = getattr(compressor, "start_reduce", None)
-    if custom is not None:
-        return custom(flat, layout, group, weight, what, timeout)
+    if compressor.start_reduce is not None:
+        return compressor.start_reduce(flat, layout, group, weight, what, timeout)
     payload = compress_keyed(compressor, flat, layout)
     for tensor in payload.tensors:
         if tensor.is_floating_point():

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from gradkit import _checks
 from gradkit.clipping.functional import clip_coefficient
-from gradkit.compression.base import Compressor, Payload, check_density, drain
-from gradkit.compression.keyed_state import KeyedState, Layout, layout_for
-from gradkit.compression.sparsify import TopK, _check_value_dtype, scatter_sum
+from gradkit.compression.base import Compressor, Deferred, Payload, check_density, check_value_dtype
+from gradkit.compression.keyed_state import KeyedState, Layout, layout_for, named_fields
+from gradkit.compression.sparsify import TopK, scatter_sum
 
 __all__ = ["DGC"]
 
@@ -66,11 +66,11 @@ class DGC(Compressor):
         if self.momentum == 1.0:
             raise ValueError("momentum must be < 1; pass e.g. 0.9")
         self.clip_norm = None if clip_norm is None else _checks.positive_number("clip_norm", clip_norm, "pass a norm, or None")
-        self.warmup_steps = _checks.positive_int("warmup_steps", warmup_steps, "pass 0 for no warm-up", minimum=0)
-        self.value_dtype = _check_value_dtype(value_dtype)
+        self.warmup_steps = _checks.non_negative_int("warmup_steps", warmup_steps, "pass 0 for no warm-up")
+        self.value_dtype = check_value_dtype(value_dtype)
         self._state = KeyedState(["momentum", "velocity"])
         self._steps: dict[str, int] = {}
-        self._pending: list[tuple[dict[str, Tensor], Tensor, Tensor, Layout]] = []
+        self._deferred: Deferred[tuple[dict[str, Tensor], Tensor, Tensor, Layout]] = Deferred(self._keep)
 
     def density_at(self, step: int) -> float:
         """The density used at a 0-based step (the warm-up schedule)."""
@@ -98,16 +98,9 @@ class DGC(Compressor):
         velocity.mul_(keep)  # momentum factor masking: what was sent starts over
         momentum.mul_(keep)
         payload.owner, payload.shape = self, tensor.shape
-        if commit:  # this call's state only: other keys' deferred state waits for commit()/discard()
-            self._keep(state, momentum, velocity, layout)
-        else:
-            self._pending.append((state, momentum, velocity, layout))
+        # commit=True keeps this call's state only: other keys' deferred state waits for commit()/discard()
+        self._deferred.add(state, momentum, velocity, layout, now=commit)
         return payload
-
-    def commit(self) -> None:
-        """Keep the state of the compress calls made with ``commit=False``."""
-        for entry in drain(self._pending):
-            self._keep(*entry)
 
     def _keep(self, state: dict[str, Tensor], momentum: Tensor, velocity: Tensor, layout: Layout) -> None:
         state["momentum"].copy_(momentum)
@@ -115,18 +108,18 @@ class DGC(Compressor):
         for name, _ in layout:
             self._steps[name] = self._steps.get(name, 0) + 1
 
-    def discard(self) -> None:
-        self._pending.clear()
-
     def decompress(self, payload: Payload) -> Tensor:
         return scatter_sum(self._check_payload(payload))
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._state.state_dict(), "steps": dict(self._steps)}
 
+    def named_state(self, state: object) -> list[tuple[str, Any, bool]]:
+        # A skipped first step leaves momentum and velocity for every parameter but no step counts.
+        return named_fields(state, momentum=True, velocity=True, steps=False)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or set(state) != {"momentum", "velocity", "steps"}:
-            raise ValueError("DGC.load_state_dict expects the dict from DGC.state_dict() (keys 'momentum', 'velocity', 'steps')")
+        _checks.state_keys("DGC", state, {"momentum", "velocity", "steps"})
         steps = state["steps"]
         if not isinstance(steps, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps.values()):
             raise TypeError("DGC.load_state_dict: 'steps' must map parameter names to step counts >= 0")

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit.compression.base import Compressor, Payload, drain
-from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for
+from gradkit import _checks
+from gradkit.compression.base import Compressor, Deferred, Payload
+from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for, named_fields
 
 __all__ = ["ErrorFeedback"]
 
@@ -37,6 +38,7 @@ class ErrorFeedback(Compressor):
     """
 
     keyed = True
+    keeps_residual = True
 
     def __init__(self, compressor: Compressor) -> None:
         if not isinstance(compressor, Compressor) or compressor.keyed:
@@ -52,7 +54,7 @@ class ErrorFeedback(Compressor):
         # A second buffer per key takes `tensor + residual` and becomes the residual on
         # commit (a swap): no new tensor and no copy per step.
         self._spares: dict[Layout, Tensor] = {}
-        self._pending: list[tuple[dict[str, Tensor], Layout]] = []
+        self._deferred: Deferred[tuple[dict[str, Tensor], Layout]] = Deferred(self._keep)
 
     def compress(self, tensor: Tensor, key: str | Layout | None = None, *, commit: bool = True) -> Payload:
         """Compress `tensor` plus the residual kept under `key`.
@@ -78,20 +80,12 @@ class ErrorFeedback(Compressor):
         payload = self.compressor.compress(corrected)
         self.compressor.residual_(corrected, payload)  # in place: the spare now holds the new residual
         payload.shape = tensor.shape
-        if commit:
-            state["residual"], self._spares[layout] = spare, residual
-        else:
-            self._pending.append((state, layout))
+        self._deferred.add(state, layout, now=commit)
         return payload
 
-    def commit(self) -> None:
-        """Keep the residuals of the compress calls made with ``commit=False``."""
-        for state, layout in drain(self._pending):
-            state["residual"], self._spares[layout] = self._spares[layout], state["residual"]
-
-    def discard(self) -> None:
-        """Forget the residuals of the compress calls made with ``commit=False``."""
-        self._pending.clear()
+    def _keep(self, state: dict[str, Tensor], layout: Layout) -> None:
+        # The spare holds the new residual: swap it in, the old residual becomes the spare.
+        state["residual"], self._spares[layout] = self._spares[layout], state["residual"]
 
     def decompress(self, payload: Payload) -> Tensor:
         return self.compressor.decompress(payload)
@@ -103,9 +97,12 @@ class ErrorFeedback(Compressor):
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": self._residuals.state_dict()["residual"], "compressor": self.compressor.state_dict()}
 
+    def named_state(self, state: object) -> list[tuple[str, Any, bool]]:
+        inner = state.get("compressor") if isinstance(state, dict) else None
+        return named_fields(state, residuals=True) + self.compressor.named_state(inner)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or set(state) != {"residuals", "compressor"}:
-            raise ValueError("ErrorFeedback.load_state_dict expects the dict from ErrorFeedback.state_dict() (keys 'residuals', 'compressor')")
+        _checks.state_keys("ErrorFeedback", state, {"residuals", "compressor"})
         check_named_tensors("ErrorFeedback", "residuals", state["residuals"])
         before = self.compressor.state_dict()
         self.compressor.load_state_dict(state["compressor"])

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["KeyedState", "Layout", "layout_for", "sizes"]
+__all__ = ["KeyedState", "Layout", "check_named_tensors", "layout_for", "named_fields", "sizes"]
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -48,6 +48,15 @@ def check_named_tensors(owner: str, key: str, value: object) -> None:
     """A saved state entry must map parameter names to tensors; the error names `key`."""
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()):
         raise TypeError(f"{owner}.load_state_dict: {key!r} must map parameter names to tensors; pass the dict from {owner}.state_dict()")
+
+
+def named_fields(state: object, **complete: bool) -> list[tuple[str, Any, bool]]:
+    """`Compressor.named_state` of a saved dict: ``(field, {name: value}, complete)`` for each
+    field given as ``field=complete`` that `state` holds as a dict (anything else is left to
+    `load_state_dict` to refuse)."""
+    if not isinstance(state, dict):
+        return []
+    return [(field, state[field], full) for field, full in complete.items() if isinstance(state.get(field), dict)]
 
 
 class KeyedState:

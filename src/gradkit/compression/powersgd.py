@@ -21,9 +21,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradkit import _checks
-from gradkit.compression.base import Compressor, Payload, drain
+from gradkit.compression.base import Compressor, Deferred, Payload
 from gradkit.compression.collective import PendingReduce
-from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for, sizes
+from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for, named_fields, sizes
 
 __all__ = ["PowerSGD"]
 
@@ -49,10 +49,10 @@ class PowerSGD(Compressor):
     def __init__(self, rank: int = 1, *, warm_start: bool = True, seed: int = 0) -> None:
         self.rank = _checks.positive_int("rank", rank, "pass the rank of the approximation, e.g. 2")
         self.warm_start = _checks.flag("warm_start", warm_start, "pass warm_start=True (the paper's default) or False")
-        self.seed = _checks.positive_int("seed", seed, "pass any integer >= 0 shared by all ranks", minimum=0)
+        self.seed = _checks.non_negative_int("seed", seed, "pass any integer >= 0 shared by all ranks")
         self._residuals = KeyedState(["residual"])
         self._q: dict[str, Tensor] = {}
-        self._pending: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []
+        self._deferred: Deferred[tuple[Tensor, Tensor, dict[str, Tensor]]] = Deferred(self._keep)
 
     # -- single process ---------------------------------------------------------
 
@@ -71,7 +71,17 @@ class PowerSGD(Compressor):
 
     # -- across ranks (used by gk.Average) --------------------------------------
 
-    def start_reduce(self, flat: Tensor, layout: Layout, group: dist.ProcessGroup | None, weight: Tensor | float, what: str, timeout: datetime.timedelta | None) -> PendingReduce:
+    def start_reduce(  # type: ignore[override]  # Compressor's optional hook, here a method
+        self,
+        flat: Tensor,
+        layout: Layout,
+        group: dist.ProcessGroup | None,
+        weight: Tensor | float,
+        what: str,
+        timeout: datetime.timedelta | None,
+    ) -> PendingReduce:
+        """Start compressing and summing `flat` over `group` (None: this process only): the first
+        factor's all-reduce now, the second when `wait()` orthonormalizes the first."""
         residual = self._residuals.get(layout, flat)["residual"]
         corrected = flat + residual
         pieces = corrected.split(sizes(layout))
@@ -117,19 +127,15 @@ class PowerSGD(Compressor):
                 out[view] = (p_hat @ qs.T).reshape(-1)
                 new_residual[view] = (m - p_hat @ lq.T).reshape(-1)
                 new_q[name] = qs
-            self._pending.append((residual, new_residual, new_q))
+            self._deferred.add(residual, new_residual, new_q)
             return out
 
         return PendingReduce(works, finish, nbytes, what, timeout)
 
-    def commit(self) -> None:
-        for residual, new_residual, new_q in drain(self._pending):
-            residual.copy_(new_residual)
-            if self.warm_start:
-                self._q.update({name: q.clone() for name, q in new_q.items()})
-
-    def discard(self) -> None:
-        self._pending.clear()
+    def _keep(self, residual: Tensor, new_residual: Tensor, new_q: dict[str, Tensor]) -> None:
+        residual.copy_(new_residual)
+        if self.warm_start:
+            self._q.update({name: q.clone() for name, q in new_q.items()})
 
     def _as_matrix(self, piece: Tensor, shape: tuple[int, ...]) -> Tensor | None:
         """The matrix view of a parameter, or None when rank r would not shrink it."""
@@ -152,9 +158,12 @@ class PowerSGD(Compressor):
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": self._residuals.state_dict()["residual"], "q": {k: v.clone() for k, v in self._q.items()}}
 
+    def named_state(self, state: object) -> list[tuple[str, Any, bool]]:
+        # Q is kept for the matrices that rank r shrinks, and only with a warm start.
+        return named_fields(state, residuals=True, q=False)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or set(state) != {"residuals", "q"}:
-            raise ValueError("PowerSGD.load_state_dict expects the dict from PowerSGD.state_dict() (keys 'residuals', 'q')")
+        _checks.state_keys("PowerSGD", state, {"residuals", "q"})
         q = state["q"]
         if not isinstance(q, dict) or not all(isinstance(v, Tensor) and v.ndim == 2 and v.shape[1] == self.rank for v in q.values()):
             raise ValueError(f"PowerSGD.load_state_dict: 'q' must map names to (m, {self.rank}) tensors; build PowerSGD with the rank it was saved with")

@@ -76,7 +76,7 @@ class QSGD(Compressor):
             raise ValueError(f"levels must be <= 127 (one signed byte per entry), got {levels}; pass e.g. 16")
         self.block = _checks.positive_int("block", block, "pass the entries per norm, e.g. 512")
         if seed is not None:
-            seed = _checks.positive_int("seed", seed, "pass an integer >= 0, or None to draw from torch's global generator", minimum=0)
+            seed = _checks.non_negative_int("seed", seed, "pass an integer >= 0, or None to draw from torch's global generator")
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def compress(self, tensor: Tensor) -> Payload:

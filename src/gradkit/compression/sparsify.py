@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradkit import _checks
-from gradkit.compression.base import Compressor, Payload, check_density, count_for, index_dtype
+from gradkit.compression.base import Compressor, Payload, check_density, check_value_dtype, count_for, index_dtype
 
 __all__ = ["TopK", "RandomK", "Threshold", "sparse_payload", "scatter_sum"]
 
@@ -89,7 +89,7 @@ class TopK(_Sparsifier):
     def __init__(self, density: float, *, exact: bool = False, value_dtype: torch.dtype | None = None) -> None:
         self.density = check_density(density)
         self.exact = _checks.flag("exact", exact, "pass exact=True for torch.topk, False for the sampled threshold")
-        self.value_dtype = _check_value_dtype(value_dtype)
+        self.value_dtype = check_value_dtype(value_dtype)
 
     def compress(self, tensor: Tensor) -> Payload:
         tensor = self._check_input(tensor)
@@ -165,7 +165,7 @@ class RandomK(Compressor):
 
     def __init__(self, density: float, *, seed: int = 0, scale: bool = True) -> None:
         self.density = check_density(density)
-        self.seed = _checks.positive_int("seed", seed, "pass any integer >= 0 shared by all ranks", minimum=0)
+        self.seed = _checks.non_negative_int("seed", seed, "pass any integer >= 0 shared by all ranks")
         self.scale = _checks.flag("scale", scale, "pass scale=True for an unbiased estimate, False with error feedback")
         self.biased = not self.scale
         self._step = 0
@@ -202,7 +202,7 @@ class RandomK(Compressor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._step = _checks.positive_int("step", state["step"], "pass the state from RandomK.state_dict()", minimum=0)
+        self._step = _checks.non_negative_int("step", state["step"], "pass the state from RandomK.state_dict()")
 
 
 class Threshold(_Sparsifier):
@@ -220,7 +220,7 @@ class Threshold(_Sparsifier):
 
     def __init__(self, tau: float, *, value_dtype: torch.dtype | None = None) -> None:
         self.tau = _checks.positive_number("tau", tau, "pass the smallest magnitude to send, e.g. 1e-3")
-        self.value_dtype = _check_value_dtype(value_dtype)
+        self.value_dtype = check_value_dtype(value_dtype)
 
     def compress(self, tensor: Tensor) -> Payload:
         tensor = self._check_input(tensor)
@@ -228,9 +228,3 @@ class Threshold(_Sparsifier):
         # A variable count needs its size on the host: nonzero() syncs, once per tensor.
         indices = ((flat >= self.tau) | (flat <= -self.tau)).nonzero().view(-1)
         return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
-
-
-def _check_value_dtype(value_dtype: object) -> torch.dtype | None:
-    if value_dtype is not None and not (isinstance(value_dtype, torch.dtype) and value_dtype.is_floating_point):
-        raise TypeError(f"value_dtype must be a floating torch.dtype such as torch.float16, or None; got {value_dtype!r}")
-    return value_dtype  # type: ignore[return-value]

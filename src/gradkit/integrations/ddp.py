@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradkit import distributed
+from gradkit import _names, distributed
 from gradkit.averaging import _effective_compressor, _load_compressor_state, _timeout
 from gradkit.compression.base import Compressor
 from gradkit.compression.collective import start_reduce
@@ -30,11 +30,17 @@ __all__ = ["ddp_comm_hook", "CommHookState"]
 class CommHookState:
     """The hook's state: the compressor (with its residuals), the group, parameter names."""
 
-    def __init__(self, compressor: Compressor | None, group: dist.ProcessGroup | None, names: dict[int, str], timeout: datetime.timedelta | None) -> None:
+    def __init__(
+        self, compressor: Compressor | None, group: dist.ProcessGroup | None, names: dict[int, str], timeout: datetime.timedelta | None,
+        required: tuple[str, ...] = (),
+    ) -> None:
         self.compressor = compressor
         self.group = group
         self.timeout = timeout
         self._names = names
+        # Names known before any bucket (from model=) are checked on load; "paramN" names are not.
+        self._known = tuple(names.values())
+        self._required = required
         self.bytes_sent = 0
 
     def name_of(self, param: Tensor) -> str:
@@ -47,7 +53,7 @@ class CommHookState:
         return {"compressor": self.compressor.state_dict() if self.compressor is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_compressor_state("CommHookState", self.compressor, state)
+        _load_compressor_state("CommHookState", self.compressor, state, self._known, self._required)
 
 
 def ddp_comm_hook(
@@ -87,11 +93,10 @@ def ddp_comm_hook(
     resolved = distributed.resolve_group(group, "gk.ddp_comm_hook")
     if resolved is None:
         raise ValueError("gk.ddp_comm_hook needs an initialized process group (DDP does too); call torch.distributed.init_process_group first")
-    names: dict[int, str] = {}
-    if model is not None:
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        names = {id(p): name for name, p in inner.named_parameters()}
-    state = CommHookState(effective, resolved, names, seconds)
+    pairs = _names.named_parameters(model) if model is not None else []
+    names = {id(p): name for name, p in pairs}
+    # DDP buckets every parameter that requires grad: each one's state is saved.
+    state = CommHookState(effective, resolved, names, seconds, tuple(name for name, p in pairs if p.requires_grad))
     return state, _hook
 
 
@@ -115,7 +120,7 @@ def _hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future
         compressor.commit()
         return summed.to(flat.dtype)
 
-    if hasattr(compressor, "start_reduce"):
+    if compressor.start_reduce is not None:
         # A second round of communication (PowerSGD) started from a future's callback
         # thread could interleave with the next bucket's collectives differently on each
         # rank; finishing here keeps one order on every rank, at the cost of overlap.

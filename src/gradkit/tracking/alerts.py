@@ -83,7 +83,7 @@ class AlertRules:
         if self.explode_factor <= 1:
             raise ValueError(f"explode_factor must be > 1, got {explode_factor!r}; pass e.g. 10")
         self.explode_beta = _checks.number_in_range("explode_beta", explode_beta, 0.0, 1.0, "pass an EMA decay in (0, 1), e.g. 0.9")
-        self.warmup = _checks.positive_int("warmup", warmup, "pass how many logged steps of history, e.g. 5", minimum=0)
+        self.warmup = _checks.non_negative_int("warmup", warmup, "pass how many logged steps of history, e.g. 5")
         # name -> {"ema": float, "seen": int, "vanish": int, "dead": int}
         self._state: dict[str, dict[str, float]] = {}
         self._active: set[tuple[str, str]] = set()

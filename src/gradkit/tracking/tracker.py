@@ -516,7 +516,7 @@ class Tracker:
         """
         _checks.state_keys("Tracker", state, {"step", "last_logged", "since", "bytes", "clipped", "skipped", "forced", "armed", "noise", "rules", "alerts"})
         for key in ("step", "last_logged", "since", "bytes"):
-            _checks.positive_int(key, state[key], "pass the dict from Tracker.state_dict()", minimum=0)
+            _checks.non_negative_int(key, state[key], "pass the dict from Tracker.state_dict()")
         for key in ("clipped", "skipped"):
             if not isinstance(state[key], Tensor) or state[key].numel() != 1:
                 raise TypeError(f"Tracker.load_state_dict: {key!r} must be a one-element tensor from Tracker.state_dict()")

@@ -1,0 +1,137 @@
+"""Error feedback loses nothing: what was sent plus the residual is the sum of the inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+import gradkit as gk
+from compression_cases import DETERMINISTIC, F64, WRAPPABLE, build
+
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+ef_shapes = st.one_of(
+    st.just(()),
+    st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    st.just((130, 131)),  # above the sample size: TopK's sampled-threshold path with padding
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", WRAPPABLE)
+def test_error_feedback_loses_nothing_in_the_gradients_own_dtype(name, dtype):
+    # A cast to the input's own dtype must still copy: a payload aliasing the input would
+    # make error feedback's residual (input - payload) zero and lose what was not sent.
+    torch.manual_seed(0)
+    ef = gk.ErrorFeedback(build(name))
+    grad = torch.randn(40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    sent = ef.decompress(ef.compress(grad, key="w"))
+    assert sent.dtype == dtype
+    # exact but for the rounding of input - payload in the input's dtype (SignSGD's scaled signs)
+    ulp = torch.finfo(dtype).eps * grad.abs().max().item()
+    assert_close((sent + ef.residual("w").view(40)).double(), grad.double(), rtol=0, atol=2 * ulp)
+    assert grad.abs().sum() > 0 and sent.abs().sum() > 0
+
+
+@SETTINGS
+@given(
+    name=st.sampled_from(WRAPPABLE),
+    shape=ef_shapes,
+    steps=st.integers(1, 12),
+    seed=st.integers(0, 2**31 - 1),
+    log_scale=st.integers(-3, 2),
+)
+@example(name="topk_fast", shape=(130, 131), steps=6, seed=1, log_scale=0)
+@example(name="topk_fp16_values", shape=(130, 131), steps=6, seed=2, log_scale=-3)
+def test_error_feedback_sent_plus_residual_is_the_sum_of_gradients(name, shape, steps, seed, log_scale):
+    torch.manual_seed(seed)  # the fast top-k samples its threshold from the global generator
+    gen = torch.Generator().manual_seed(seed)
+    ef = gk.ErrorFeedback(build(name))
+    grad_sum = torch.zeros(shape, dtype=F64)
+    sent_sum = torch.zeros(shape, dtype=F64)
+    for _ in range(steps):
+        grad = torch.randn(shape, generator=gen, dtype=F64) * 10.0**log_scale
+        payload = ef.compress(grad, key="w")
+        sent = ef.decompress(payload)
+        assert sent.shape == grad.shape and sent.dtype == F64
+        grad_sum += grad
+        sent_sum += sent
+    residual = ef.residual("w")
+    assert residual is not None and residual.numel() == grad_sum.numel()
+    assert_close(sent_sum + residual.view(shape), grad_sum, rtol=0, atol=1e-9)
+
+
+@SETTINGS
+@given(
+    name=st.sampled_from(WRAPPABLE),
+    shapes=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), min_size=2, max_size=4),
+    order=st.lists(st.integers(0, 3), min_size=1, max_size=30),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_error_feedback_keys_interleaved_keep_their_own_residuals(name, shapes, order, seed):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    keys = [f"layer{i}.weight" for i in range(len(shapes))]
+    ef = gk.ErrorFeedback(build(name))
+    alone = {key: gk.ErrorFeedback(build(name)) for key in keys}  # one per key
+    grad_sum = {key: torch.zeros(shape, dtype=F64) for key, shape in zip(keys, shapes)}
+    sent_sum = {key: torch.zeros(shape, dtype=F64) for key, shape in zip(keys, shapes)}
+    for i in order:
+        key = keys[i % len(keys)]
+        grad = torch.randn(grad_sum[key].shape, generator=gen, dtype=F64)
+        sent = ef.decompress(ef.compress(grad, key=key))
+        grad_sum[key] += grad
+        sent_sum[key] += sent
+        if name in DETERMINISTIC:  # keys do not leak into each other
+            assert torch.equal(sent, alone[key].decompress(alone[key].compress(grad, key=key)))
+    for key in keys:
+        residual = ef.residual(key)
+        if residual is None:  # never compressed
+            assert torch.equal(grad_sum[key], torch.zeros_like(grad_sum[key]))
+            continue
+        assert_close(sent_sum[key] + residual.view(grad_sum[key].shape), grad_sum[key], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", WRAPPABLE)
+def test_error_feedback_discard_keeps_and_commit_applies_the_residual(name):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"w": (6, 5), "b": (6,)}
+    grads = [{key: torch.randn(shape, generator=gen, dtype=F64) for key, shape in shapes.items()} for _ in range(3)]
+    deferred = gk.ErrorFeedback(build(name))
+    immediate = gk.ErrorFeedback(build(name))
+    sent = {key: torch.zeros(shape, dtype=F64) for key, shape in shapes.items()}
+    for key, grad in grads[0].items():
+        sent[key] += deferred.decompress(deferred.compress(grad, key=key))
+        immediate.compress(grad, key=key)
+    before = {key: deferred.residual(key) for key in shapes}
+
+    # A step that is thrown away (e.g. non-finite somewhere): the residuals stay as they were.
+    for key, grad in grads[1].items():
+        deferred.compress(grad * 1e3, key=key, commit=False)
+        assert torch.equal(deferred.residual(key), before[key])  # not applied yet
+    deferred.discard()
+    deferred.commit()  # nothing pending any more: a no-op
+    for key in shapes:
+        assert torch.equal(deferred.residual(key), before[key])
+
+    # A deferred step that is kept: commit() applies it, as committing at once does.
+    for key, grad in grads[2].items():
+        payload = deferred.compress(grad, key=key, commit=False)
+        sent[key] += deferred.decompress(payload)
+        at_once = immediate.decompress(immediate.compress(grad, key=key))
+        if name in DETERMINISTIC:
+            assert torch.equal(deferred.decompress(payload), at_once)
+    for key in shapes:
+        assert torch.equal(deferred.residual(key), before[key])
+    deferred.commit()
+    for key in shapes:
+        if name in DETERMINISTIC:
+            assert torch.equal(deferred.residual(key), immediate.residual(key))
+        assert not torch.equal(deferred.residual(key), before[key])
+        total = grads[0][key] + grads[2][key]  # the discarded step left no trace
+        assert_close(sent[key] + deferred.residual(key).view(total.shape), total, rtol=0, atol=1e-9)
