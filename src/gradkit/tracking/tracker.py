@@ -474,7 +474,8 @@ class Tracker:
 
     def _raise_alerts(self, alerts: list[Alert]) -> None:
         for alert in alerts:
-            logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
+            if self.writes or self.gather:  # ranks that only join sharded reductions stay quiet
+                logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
         self.alerts.extend(alerts)
 
     # -- ranks -----------------------------------------------------------------------
