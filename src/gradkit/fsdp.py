@@ -75,8 +75,8 @@ class FSDPSync(SyncControl):
               ``set_requires_gradient_sync(False)``), and sends one reduce-scatter
               per window: least communication, most memory.
 
-            Both give the same gradient (to rounding; bit-identical in float64 sums
-            of the same order is not promised, the order of additions differs).
+            Both give the full-batch gradient; the order of the additions differs,
+            so the last bits may.
 
     Raises:
         TypeError: `model` holds no ``fully_shard`` module.
