@@ -21,7 +21,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from common import Row, Settings
 from timing import summarize
 
@@ -60,8 +59,9 @@ def _row(settings: Settings, device: str) -> Row:
 
 
 def _worker(rank, world, folder, device, sizes, warmup, repeats, results):
-    import gradkit as gk
     from torch.distributed.fsdp import fully_shard
+
+    import gradkit as gk
 
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

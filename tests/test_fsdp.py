@@ -13,13 +13,12 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
+from dist_helpers import run_workers
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import gradkit as gk
-from dist_helpers import run_workers
 
 STEPS, ACCUM, LR = 3, 3, 0.1
 TOL = 1e-10
@@ -236,7 +235,7 @@ def test_parameters_match_the_unsharded_run_in_both_modes_with_and_without_clipp
 
 
 def test_total_norm_is_the_unsharded_norm_as_a_plain_tensor_on_every_rank(results):
-    out, world = results
+    out, _ = results
     for ranks_out in out:
         for reduce in ("every", "boundary"):
             for clip in (None, "global", "layer"):
@@ -245,7 +244,7 @@ def test_total_norm_is_the_unsharded_norm_as_a_plain_tensor_on_every_rank(result
 
 
 def test_tracker_logs_the_unsharded_norms_once_on_rank_zero(results):
-    out, world = results
+    out, _ = results
     for reduce in ("every", "boundary"):
         logged, diff = out[0][f"{reduce}/global/tracker"]
         assert logged == STEPS and diff < TOL
