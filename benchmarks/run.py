@@ -21,6 +21,7 @@ import torch
 
 import bench_averaging
 import bench_clipping
+import bench_fsdp
 import bench_memory
 import bench_network
 import bench_quality
@@ -29,7 +30,7 @@ import bench_tracking
 from common import Row, Settings
 from timing import Timing
 
-BENCHMARKS = [bench_clipping, bench_tracking, bench_topk, bench_averaging, bench_network, bench_quality, bench_memory]
+BENCHMARKS = [bench_clipping, bench_tracking, bench_topk, bench_averaging, bench_network, bench_quality, bench_memory, bench_fsdp]
 
 FULL = Settings(warmup=5, repeats=101)
 QUICK = Settings(warmup=1, repeats=7)

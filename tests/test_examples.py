@@ -55,3 +55,12 @@ def test_tracking_example_names_the_vanishing_layer(tmp_path):
     out = run(str(EXAMPLES / "tracking.py"), "--steps", "40", "--log-dir", str(tmp_path / "run"))
     assert "vanishing in 0" in out  # the first layer of the sigmoid stack
     assert (tmp_path / "run" / "tracking.jsonl").exists()
+
+
+def test_fsdp_example_under_torchrun():
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "fsdp.py"), "--steps", "20", "--reduce", "boundary")
+    done = re.findall(r"rank (\d): done, grad norm (\d+\.\d{6}), parameter checksum (-?\d+\.\d{6})", out)
+    assert sorted(rank for rank, _, _ in done) == ["0", "1"]
+    assert done[0][1:] == done[1][1:]  # every rank reports the full norm and the full parameters
+    losses = [float(v) for v in re.findall(r"loss/item ([\d.]+)", out)]
+    assert losses and losses[-1] < losses[0]

@@ -29,6 +29,7 @@ from gradkit.compression import Threshold
 from gradkit.compression import TopK
 from gradkit.context import GradContext
 from gradkit.distributed import CollectiveError
+from gradkit.fsdp import FSDPSync
 from gradkit.integrations import ddp_comm_hook
 from gradkit.pipeline import GradientPipeline
 from gradkit.pipeline import StepReport
@@ -43,6 +44,7 @@ __all__ = [
     "QSGD",
     "Compressor",
     "ErrorFeedback",
+    "FSDPSync",
     "Payload",
     "PowerSGD",
     "RandomK",

@@ -200,8 +200,14 @@ def grads_of(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
-def sync_control_for(model: object) -> SyncControl:
-    """The sync control that fits `model`: DDP's flag for a DDP-wrapped model, none otherwise."""
+def sync_control_for(model: object, average: SyncControl | None = None) -> SyncControl:
+    """The sync control that fits `model` (DDP's flag, FSDP2's reduce-scatter, or none), or `average` if given."""
+    from gradkit import fsdp  # late: gradkit.fsdp builds on this module
+
+    if fsdp.is_fsdp(model):
+        return fsdp.check_average(average) if average is not None else fsdp.FSDPSync(model)
+    if average is not None:
+        return average
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return DDPSync(model)
     return LocalSync()

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from gradkit import _foreach
+from gradkit import _dtensor, _foreach
 
 __all__ = ["GradContext"]
 
@@ -48,6 +48,10 @@ class GradContext:
         self.names: list[str] = [name for name, _ in kept]
         self.params: list[Tensor] = [p for _, p in kept]
         self.grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
+        #: whether some gradients are DTensor shards (FSDP2, tensor parallel): norms are then reduced across ranks
+        self.sharded: bool = _dtensor.any_dtensor(self.grads)
+        # The pieces this rank holds (the gradients themselves when unsharded): every pass runs on them.
+        self._local: list[Tensor] = _dtensor.locals_of(self.grads) if self.sharded else self.grads
         self._norms: Tensor | None = None
         #: per-parameter norms before the clip stages ran (set by the pipeline), for trackers
         self.pre_clip_norms: Tensor | None = None
@@ -62,19 +66,31 @@ class GradContext:
         return len(self.grads)
 
     def norms(self) -> Tensor:
-        """Per-parameter gradient L2 norms as one 1-D tensor (no host sync; cached)."""
+        """Per-parameter gradient L2 norms as one 1-D tensor (no host sync; cached).
+
+        For DTensor gradients (FSDP2 or tensor-parallel shards) these are the norms of
+        the *full* gradients, the same on every rank: one all-reduce of the squared
+        shard norms for all parameters (replicated copies counted once). Every rank
+        must then call it at the same point, as the pipeline does.
+        """
         if not self.grads:
             return torch.zeros(0)
         if self._norms is None:
-            per_tensor = _foreach.per_tensor_norms(self.grads, 2.0, at_least=torch.float32)
+            per_tensor = _foreach.per_tensor_norms(self._local, 2.0, at_least=torch.float32)
             # At least float32, so that bf16 gradients do not get a bf16-rounded norm.
             dtype = functools.reduce(torch.promote_types, (n.dtype for n in per_tensor), torch.float32)
             device = per_tensor[0].device
-            self._norms = torch.stack([n.to(device, dtype) for n in per_tensor])
+            norms = torch.stack([n.to(device, dtype) for n in per_tensor])
+            if self.sharded:
+                norms = _dtensor.reduce_sums(norms.square(), self.grads).sqrt()
+            self._norms = norms
         return self._norms
 
     def total_norm(self) -> Tensor:
-        """The global L2 norm of all gradients (0-d tensor; 0 when there are none)."""
+        """The global L2 norm of all gradients (0-d tensor; 0 when there are none).
+
+        A plain tensor, the same on every rank, also when the gradients are DTensor shards.
+        """
         if not self.grads:
             return torch.zeros(())
         return torch.linalg.vector_norm(self.norms())
@@ -83,7 +99,7 @@ class GradContext:
         """Multiply every gradient by one factor, keeping the cached norms right."""
         if not self.grads:
             return
-        _foreach.scale_(self.grads, factor)
+        _foreach.scale_(self._local, factor)
         if self._norms is not None:
             # |factor|: a norm is never negative, whatever the sign of the factor.
             self._norms = self._norms * (factor.to(self._norms).abs() if isinstance(factor, Tensor) else abs(factor))
@@ -92,10 +108,10 @@ class GradContext:
         """Multiply gradient i by ``factors[i]`` (a 1-D tensor), keeping the cached norms right."""
         if not self.grads:
             return
-        for (device, _), (members, positions) in _foreach.group_tensors(self.grads).items():
+        for (device, _), (members, positions) in _foreach.group_tensors(self._local).items():
             local = factors.to(device)
             torch._foreach_mul_(members, [local[i] for i in positions])
-        for grad, factor in zip(self.grads, factors):
+        for grad, factor in zip(self._local, factors):
             if grad.is_sparse:
                 grad.mul_(factor.to(grad.device))
         if self._norms is not None:

@@ -130,7 +130,7 @@ class GradientPipeline:
         self.names, self.params = _named_parameters(model)
         self.tracker = tracker
         self.scaler = scaler
-        self.sync: SyncControl = average if average is not None else sync_control_for(model)
+        self.sync: SyncControl = sync_control_for(model, average)
         self.sync.attach(self.names, self.params, sparse=_sparse_gradient_names(model))
         if tracker is not None and callable(getattr(tracker, "attach", None)):
             module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradkit import _checks, _foreach, distributed
+from gradkit import _checks, _dtensor, _foreach, distributed
 from gradkit.context import check_parameters
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "grad_norms", "check_norm_type", "clip_coefficient"]
@@ -45,7 +45,10 @@ def clip_grad_norm_(
         group: a process group over which the parameters are *sharded*: the
             local norms are combined (p-th powers summed, or max for inf) so
             that every rank uses the global norm. Leave it None for replicated
-            parameters, whose gradients are already averaged.
+            parameters, whose gradients are already averaged, and for DTensor
+            gradients (FSDP2 ``fully_shard``, tensor parallel): their device mesh
+            says how they are sharded, and the norm is that of the full gradients
+            (replicated pieces counted once), a plain tensor equal on every rank.
         error_if_nonfinite: raise if the total norm is NaN or inf. This reads
             the norm on the host (one device sync), which is why it is off.
 
@@ -64,10 +67,14 @@ def clip_grad_norm_(
     check_group(group)
     _checks.flag("error_if_nonfinite", error_if_nonfinite, "pass True to raise on a NaN/inf norm, False to clip anyway")
     params = check_parameters(parameters)
-    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [p.grad for p in params if p.grad is not None]
+    grads = _dtensor.locals_of(sharded)  # DTensors: this rank's pieces (plain tensors stay as they are)
     grouped = _foreach.Grouped(grads)  # once: both passes below reuse it
     if grads:
-        total = _foreach.total_norm(grouped.norms(norm_type), norm_type)
+        norms = grouped.norms(norm_type)
+        if _dtensor.any_dtensor(sharded):
+            norms = list(_full_norms(torch.stack([n.to(norms[0].device) for n in norms]), sharded, norm_type))
+        total = _foreach.total_norm(norms, norm_type)
     elif group is None:
         return torch.tensor(0.0)
     else:
@@ -115,6 +122,9 @@ def clip_grad_value_(parameters: Parameters, clip_value: float) -> None:
 def grad_norms(parameters: Parameters, norm_type: float = 2.0) -> Tensor:
     """One gradient norm per parameter that has a gradient, as a 1-D tensor; no host sync.
 
+    For DTensor gradients (FSDP2, tensor parallel) these are the norms of the full
+    gradients, the same on every rank (one all-reduce for all of them; every rank must call it).
+
     Example:
         >>> norms = gk.grad_norms(model.parameters())   # norms[i] belongs to the i-th parameter with a grad
     """
@@ -122,9 +132,19 @@ def grad_norms(parameters: Parameters, norm_type: float = 2.0) -> Tensor:
     grads = _grads_of(parameters)
     if not grads:
         return torch.zeros(0)
-    norms = _foreach.per_tensor_norms(grads, norm_type)
+    norms = _foreach.per_tensor_norms(_dtensor.locals_of(grads), norm_type)
     device = norms[0].device
-    return torch.stack([n.to(device) for n in norms])
+    norms = torch.stack([n.to(device) for n in norms])
+    # DTensor gradients: norms of the full gradients, one collective for all of them.
+    return _full_norms(norms, grads, norm_type) if _dtensor.any_dtensor(grads) else norms
+
+
+def _full_norms(local: Tensor, grads: list[Tensor], norm_type: float) -> Tensor:
+    """Per-tensor `norm_type`-norms of the full tensors from the norms of this rank's pieces."""
+    if math.isinf(norm_type):
+        return _dtensor.reduce_max(local, grads)
+    powered = local.double() ** norm_type  # double: p-th powers of large norms overflow float32
+    return (_dtensor.reduce_sums(powered, grads) ** (1.0 / norm_type)).to(local.dtype)
 
 
 def reduce_norm(local_norm: Tensor, norm_type: float, group: dist.ProcessGroup) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradkit import _checks, _foreach
+from gradkit import _checks, _dtensor, _foreach
 from gradkit import distributed as gdist
 from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
@@ -190,7 +190,7 @@ class Tracker:
         if not self.wants(step):
             return
         self._forced.discard(step)
-        if not (self.writes or self.gather):
+        if not (self.writes or self.gather or ctx.sharded):  # sharded: every rank joins the reductions
             self._reset_counters()
             return
         self._log(ctx, report)
@@ -329,11 +329,14 @@ class Tracker:
         device = norms.device
         dtype = _stats.host_dtype(device)
         detail = step == 1 or step % self.detail_every == 0 or bool(report.skipped)
+        grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
         table = (
-            _stats.param_stats(ctx.grads, ctx.params, norms, ctx.pre_clip_norms, detail=detail)
+            _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail)
             if len(ctx)
             else torch.zeros(0, len(_stats.COLUMNS), device=device, dtype=dtype)
         )
+        if ctx.sharded and detail and len(ctx):
+            table = _full_table(table, ctx)
         ranks = self._gather(table)
         noise = report.noise
         scalars = [report.total_norm, report.norm_after, report.clip_coef, report.skipped, report.items, self._clipped, self._skipped, g2, trace, b_simple, self.noise.measured()]
@@ -349,7 +352,7 @@ class Tracker:
         s = values[p * width : p * width + len(scalars)]
         norm_pre, norm_after, clip_coef, skipped, items, clipped_n, skipped_n, g2_v, trace_v, bs_v, measured = s[:11]
         bad = [i for i, row in enumerate(rows) if not (math.isfinite(row[0]) and math.isfinite(row[1]))]
-        counts = _stats.nonfinite_counts(ctx.grads, bad)
+        counts = _nonfinite_counts(ctx, grads, bad)
         numels = [g.numel() for g in ctx.grads]
         params, modules = _stats.summarize(ctx.names, numels, rows, counts)
         dense = getattr(report, "dense_bytes", None)  # carried by reports of compressing averagers, if any
@@ -381,10 +384,10 @@ class Tracker:
         self.last_alerts = alerts
         histograms = None
         if detail and self._writers and "tensorboard" in self.writer_names and len(ctx):
-            histograms = _stats.histograms(ctx.names, ctx.grads, modules, self.histogram_bins)
+            histograms = _stats.histograms(ctx.names, grads, modules, self.histogram_bins)  # of this rank's shards
         before = None
         if detail and self.update_ratio and not skipped and len(ctx):
-            before = [p.detach().clone() for p in ctx.params]  # held until after_step: one copy of the weights
+            before = [p.detach().clone() for p in weights]  # held until after_step: one copy of the weights (shards)
         self._pending = {"record": record, "names": list(ctx.names), "params": list(ctx.params), "before": before, "histograms": histograms}
         self._reset_counters()
 
@@ -403,12 +406,15 @@ class Tracker:
             return
         record, before = pending["record"], pending["before"]
         if before is not None:
-            after = [p.detach() for p in pending["params"]]
+            after = [_dtensor.local(p).detach() for p in pending["params"]]
             for _, (members, positions) in _foreach.group_tensors(before).items():
                 torch._foreach_sub_(members, [after[i] for i in positions])
             deltas = _foreach.per_tensor_norms(before, 2.0, at_least=torch.float32)
             device = deltas[0].device
-            values = torch.stack([d.to(device) for d in deltas]).tolist()  # the update ratio's host read
+            deltas = torch.stack([d.to(device) for d in deltas])
+            if _dtensor.any_dtensor(pending["params"]):  # norms of the full updates, from the shards'
+                deltas = _dtensor.reduce_sums(deltas.double().square(), pending["params"]).sqrt()
+            values = deltas.tolist()  # the update ratio's host read
         elif record["global"]["skipped"]:
             values = [0.0] * len(pending["names"])  # a skipped step does not move the weights
         else:
@@ -468,7 +474,8 @@ class Tracker:
 
     def _raise_alerts(self, alerts: list[Alert]) -> None:
         for alert in alerts:
-            logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
+            if self.writes or self.gather:  # ranks that only join sharded reductions stay quiet
+                logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
         self.alerts.extend(alerts)
 
     # -- ranks -----------------------------------------------------------------------
@@ -536,6 +543,30 @@ class Tracker:
         self.alerts = alerts
         if state["armed"] and self._locator is not None:
             self._locator.arm()
+
+
+def _full_table(table: Tensor, ctx: GradContext) -> Tensor:
+    """The detail columns of a table computed from this rank's shards, made those of the full
+    parameters: max |g| as the max, nonzero counts and squared weight norms as sums (two collectives)."""
+    columns = list(_stats.COLUMNS)
+    at = {name: columns.index(name) for name in ("max_abs", "nonzero", "weight_norm")}
+    p = len(ctx)
+    sums = _dtensor.reduce_sums(torch.cat([table[:, at["nonzero"]], table[:, at["weight_norm"]].square()]), ctx.grads + ctx.params)
+    table = table.clone()
+    table[:, at["max_abs"]] = _dtensor.reduce_max(table[:, at["max_abs"]].contiguous(), ctx.grads)
+    table[:, at["nonzero"]] = sums[:p]
+    table[:, at["weight_norm"]] = sums[p:].sqrt()
+    return table
+
+
+def _nonfinite_counts(ctx: GradContext, grads: Sequence[Tensor], bad: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """(NaN, Inf) counts of the parameters at `bad`, over full parameters when sharded (norms are
+    full-parameter values, so every rank has the same `bad` and joins the reduction)."""
+    if not (ctx.sharded and bad):
+        return _stats.nonfinite_counts(grads, bad)
+    local = torch.stack([torch.stack([torch.isnan(grads[i]).sum(), torch.isinf(grads[i]).sum()]) for i in bad]).double()
+    total = _dtensor.reduce_sums(local.T.reshape(-1), [ctx.grads[i] for i in bad] * 2).reshape(2, -1)
+    return {i: (int(nan), int(inf)) for i, nan, inf in zip(bad, total[0].tolist(), total[1].tolist())}
 
 
 def _batch_of_step(items: float, big_batch: float) -> float | None:
