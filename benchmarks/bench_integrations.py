@@ -13,10 +13,10 @@ import os
 import tempfile
 
 import torch
-
-import gradkit
 from common import Row, Settings
 from timing import measure
+
+import gradkit
 
 __all__ = ["run"]
 

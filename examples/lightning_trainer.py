@@ -14,22 +14,22 @@ from gradkit.integrations.lightning import GradkitCallback
 
 class Regression(L.LightningModule):
     def __init__(self):
-        super().__init__(); self.net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))  # noqa: E702
+        super().__init__(); self.net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
 
     def training_step(self, batch, batch_idx):
         loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
-        self.log("train_loss", loss); return loss  # noqa: E702
+        self.log("train_loss", loss); return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=20); parser.add_argument("--devices", type=int, default=1)  # noqa: E702
+parser.add_argument("--steps", type=int, default=20); parser.add_argument("--devices", type=int, default=1)
 parser.add_argument("--log-dir", default="runs/pl")
 args = parser.parse_args()
 torch.manual_seed(0)
-x = torch.randn(512, 16); data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True).sin())  # noqa: E702
+x = torch.randn(512, 16); data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True).sin())
 callback = GradkitCallback(gk.Tracker(args.log_dir, every=5), clip=gk.ClipByGlobalNorm(1.0))
 trainer = L.Trainer(max_steps=args.steps, accumulate_grad_batches=2, accelerator="cpu", devices=args.devices,
                     strategy="ddp" if args.devices > 1 else "auto", callbacks=[callback], logger=False,

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 pytest.importorskip("accelerate")
-from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 
-import gradkit as gk  # noqa: E402
-from gradkit.integrations.accelerate import GradkitStep  # noqa: E402
+import gradkit as gk
+from gradkit.integrations.accelerate import GradkitStep
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,11 +13,11 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
 
-import gradkit as gk  # noqa: E402
-from gradkit.integrations.huggingface import GradkitCallback  # noqa: E402
+import gradkit as gk
+from gradkit.integrations.huggingface import GradkitCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 hf_logging.set_verbosity_error()
@@ -31,8 +31,8 @@ def tokens(n: int = 48, vocab: int = 16) -> list[dict]:
 def train(tmp_path, callback=None, *, steps: int = 6, **overrides):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
-    settings = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=steps, logging_steps=1,
-                    report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    settings = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": steps, "logging_steps": 1,
+                    "report_to": [], "save_strategy": "no", "use_cpu": True, "seed": 0, "disable_tqdm": True}  # fmt: skip
     args = TrainingArguments(str(tmp_path / "out"), **{**settings, **overrides})
     trainer = Trainer(model=model, args=args, train_dataset=tokens(), callbacks=[callback] if callback else None)
     trainer.train()
@@ -63,7 +63,7 @@ def test_tracking_changes_nothing_and_matches_the_trainer_norm(tmp_path, precisi
 
 def test_gradkit_clipping_equals_the_trainer_max_grad_norm(tmp_path):
     reference, _ = train(tmp_path, max_grad_norm=0.3)
-    ours, trainer = train(tmp_path, GradkitCallback(clip=gk.ClipByGlobalNorm(0.3)), max_grad_norm=0.0)
+    ours, _trainer = train(tmp_path, GradkitCallback(clip=gk.ClipByGlobalNorm(0.3)), max_grad_norm=0.0)
     unclipped, _ = train(tmp_path, max_grad_norm=0.0)
     assert not same(reference, unclipped)
     for a, b in zip(reference.parameters(), ours.parameters()):
@@ -81,8 +81,8 @@ def test_clip_replaces_a_set_max_grad_norm(tmp_path):
 def test_zclip_keeps_a_too_high_learning_rate_from_blowing_up(tmp_path):
     # SGD at lr 3 after a 30-step warm-up: stable at first, then the loss explodes. ZClip (25 warm-up
     # steps, then norms capped at a z-score of the running mean) keeps it bounded.
-    settings = dict(steps=60, optim="sgd", learning_rate=3.0, lr_scheduler_type="constant_with_warmup",
-                    warmup_steps=30, max_grad_norm=0.0, per_device_train_batch_size=8)  # fmt: skip
+    settings = {"steps": 60, "optim": "sgd", "learning_rate": 3.0, "lr_scheduler_type": "constant_with_warmup",
+                    "warmup_steps": 30, "max_grad_norm": 0.0, "per_device_train_batch_size": 8}  # fmt: skip
     _, spiking = train(tmp_path, **settings)
     _, rescued = train(tmp_path, GradkitCallback(clip=gk.ZClip()), **settings)
     spiked = [h["loss"] for h in spiking.state.log_history if "loss" in h]

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 pytest.importorskip("lightning")
-import lightning as L  # noqa: E402
+import lightning as L
 
-import gradkit as gk  # noqa: E402
-from gradkit.integrations.lightning import GradkitCallback  # noqa: E402
+import gradkit as gk
+from gradkit.integrations.lightning import GradkitCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NORM = 0.05  # small enough that most steps of the toy problem clip
@@ -86,7 +86,8 @@ def test_gradkit_clipping_equals_lightning_clipping():
 def test_tracker_norm_equals_the_accumulated_gradient_norm(tmp_path):
     # The tracker's global norm is the norm of the mean over the two micro-batches, as Lightning applies it.
     class Probe(L.Callback):
-        norms: list[float] = []
+        def __init__(self) -> None:
+            self.norms: list[float] = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
@@ -131,7 +132,7 @@ def _run(*args: str, timeout: float = 240) -> str:
 
 def test_ddp_two_processes_tracking_and_clipping():
     out = _run(str(Path(__file__).resolve()), "--devices", "2")
-    found = dict(((mode, rank), float(value)) for mode, rank, value in re.findall(r"(\w+) rank (\d): (-?\d+\.\d+)", out))
+    found = {(mode, rank): float(value) for mode, rank, value in re.findall(r"(\w+) rank (\d): (-?\d+\.\d+)", out)}
     assert len(found) == 8, out
     for mode in ("plain", "tracked", "plclip", "gkclip"):
         assert found[(mode, "0")] == found[(mode, "1")], (mode, out)  # replicas agree
