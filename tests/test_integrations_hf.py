@@ -1,0 +1,139 @@
+"""gradkit's callback on the real transformers.Trainer, with a tiny random-init GPT-2 (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+import gradkit as gk
+from gradkit.integrations.huggingface import GradkitCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+hf_logging.set_verbosity_error()
+
+
+def tokens(n: int = 48, vocab: int = 16) -> list[dict]:
+    rows = torch.randint(0, vocab, (n, 16), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": r, "labels": r} for r in rows]
+
+
+def train(tmp_path, callback=None, *, steps: int = 6, **overrides):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    settings = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": steps, "logging_steps": 1,
+                    "report_to": [], "save_strategy": "no", "use_cpu": True, "seed": 0, "disable_tqdm": True}  # fmt: skip
+    args = TrainingArguments(str(tmp_path / "out"), **{**settings, **overrides})
+    trainer = Trainer(model=model, args=args, train_dataset=tokens(), callbacks=[callback] if callback else None)
+    trainer.train()
+    return model, trainer
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("precision", [{}, {"bf16": True}], ids=["fp32", "bf16"])
+def test_tracking_changes_nothing_and_matches_the_trainer_norm(tmp_path, precision):
+    plain, _ = train(tmp_path, max_grad_norm=0.5, **precision)
+    tracker = gk.Tracker(tmp_path / "run", every=1)
+    tracked, trainer = train(tmp_path, GradkitCallback(tracker), max_grad_norm=0.5, **precision)
+    assert same(plain, tracked)  # bit-identical, the Trainer's clipping included
+    assert trainer.args.max_grad_norm == 0.5  # restored after training
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    ours = [r["global"]["norm_pre_clip"] for r in tracker.history]
+    assert len(ours) == len(logged) == 6
+    for a, b in zip(ours, logged):
+        assert abs(a - b) <= 1e-5 * b
+    assert any(n > 0.5 for n in ours)  # pre-clip: the tracker saw the gradient before the Trainer's clip
+    assert any(r["global"]["clip_coef"] < 1 for r in tracker.history)
+    assert "gradkit/grad_norm/transformer.h.0" in trainer.state.log_history[0]
+    assert trainer.state.log_history[0]["gradkit/grad_norm"] == pytest.approx(logged[0], rel=1e-5)
+
+
+def test_gradkit_clipping_equals_the_trainer_max_grad_norm(tmp_path):
+    reference, _ = train(tmp_path, max_grad_norm=0.3)
+    ours, _trainer = train(tmp_path, GradkitCallback(clip=gk.ClipByGlobalNorm(0.3)), max_grad_norm=0.0)
+    unclipped, _ = train(tmp_path, max_grad_norm=0.0)
+    assert not same(reference, unclipped)
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_clip_replaces_a_set_max_grad_norm(tmp_path):
+    # max_grad_norm=1e-3 would change the result if the Trainer still clipped on top of gradkit's stage.
+    reference, _ = train(tmp_path, GradkitCallback(clip=gk.ClipByGlobalNorm(0.3)), max_grad_norm=0.0)
+    replaced, trainer = train(tmp_path, GradkitCallback(clip=gk.ClipByGlobalNorm(0.3)), max_grad_norm=1e-3)
+    assert same(reference, replaced)
+    assert trainer.args.max_grad_norm == 1e-3
+
+
+def test_zclip_keeps_a_too_high_learning_rate_from_blowing_up(tmp_path):
+    # SGD at lr 3 after a 30-step warm-up: stable at first, then the loss explodes. ZClip (25 warm-up
+    # steps, then norms capped at a z-score of the running mean) keeps it bounded.
+    settings = {"steps": 60, "optim": "sgd", "learning_rate": 3.0, "lr_scheduler_type": "constant_with_warmup",
+                    "warmup_steps": 30, "max_grad_norm": 0.0, "per_device_train_batch_size": 8}  # fmt: skip
+    _, spiking = train(tmp_path, **settings)
+    _, rescued = train(tmp_path, GradkitCallback(clip=gk.ZClip()), **settings)
+    spiked = [h["loss"] for h in spiking.state.log_history if "loss" in h]
+    kept = [h["loss"] for h in rescued.state.log_history if "loss" in h]
+    assert max(spiked) > 1e6 or any(not torch.isfinite(torch.tensor(v)) for v in spiked)
+    assert all(torch.isfinite(torch.tensor(v)) for v in kept) and max(kept) < 100
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="clip must be a gradkit clip stage"):
+        GradkitCallback(clip=1.0)
+    with pytest.raises(TypeError, match="tracker must have wants"):
+        GradkitCallback(tracker=object())
+
+
+def test_missing_packages_name_the_extra():
+    code = (
+        "import sys; sys.modules['transformers'] = None; sys.modules['lightning'] = None\n"
+        "import gradkit.integrations\n"  # the package itself needs neither
+        "for name, extra in (('huggingface', 'hf'), ('lightning', 'lightning')):\n"
+        "    try:\n"
+        "        __import__('gradkit.integrations.' + name)\n"
+        "    except ImportError as e:\n"
+        "        assert f'pip install gradkit[{extra}]' in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit('no error for ' + name)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def _run(*args: str, timeout: float = 300) -> str:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def test_example_runs_and_gradkit_report_reads_it(tmp_path):
+    run_dir = tmp_path / "run"
+    out = _run(str(ROOT / "examples" / "hf_trainer.py"), "--steps", "10", "--log-dir", str(run_dir))
+    assert re.search(r"rank 0: done, loss [\d.]+", out)
+    _run("-m", "gradkit", "report", str(run_dir))
+    assert (run_dir / "report.html").exists()
+
+
+def test_example_under_torchrun_two_processes(tmp_path):
+    out = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "examples" / "hf_trainer.py"), "--steps", "6", "--log-dir", str(tmp_path / "run"))  # fmt: skip
+    checksums = re.findall(r"rank (\d): done, loss [\d.]+, checksum (-?\d+\.\d{6})", out)
+    assert sorted(rank for rank, _ in checksums) == ["0", "1"], out
+    assert checksums[0][1] == checksums[1][1]  # ZClip scaled both replicas the same
+    assert (tmp_path / "run" / "tracking.jsonl").exists()
