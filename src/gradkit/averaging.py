@@ -98,7 +98,13 @@ class Bucket:
 
     @property
     def nbytes(self) -> int:
+        """Bytes sent: the gradients and the presence slots."""
         return self.buffer.numel() * self.buffer.element_size()
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients alone, dense."""
+        return self.numel * self.buffer.element_size()
 
 
 def plan_buckets(params: Sequence[Tensor], positions: Sequence[int], bucket_bytes: int, first_bucket_bytes: int) -> list[list[int]]:
@@ -457,7 +463,7 @@ class Average(SyncControl):
 
     def dense_bytes(self) -> int:
         sparse = sum(self._params[i].numel() * self._params[i].element_size() for i in self._sparse)
-        return sum(bucket.nbytes for bucket in self.buckets) + sparse  # a sparse table, sent densely
+        return sum(bucket.grad_bytes for bucket in self.buckets) + sparse  # a sparse table, sent densely
 
     def detach(self) -> None:
         """Remove the gradient hooks (the pipeline no longer uses this Average)."""
