@@ -337,3 +337,21 @@ def test_parameters_without_grad_are_skipped():
     pipe.backward(((model[2](x.new_ones(8, 12)) - y) ** 2).mean())  # only the last layer gets grads
     assert pipe.step(opt)
     assert torch.equal(before, model[0].weight)
+
+
+def test_a_parameter_unfrozen_after_setup_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe.backward(model(torch.randn(5, 3)).square().mean())
+    model[0].weight.requires_grad_(True)
+    before = [p.grad.clone() for p in model[1].parameters()]
+    with pytest.raises(RuntimeError, match=r"'0.weight'.*build a new GradientPipeline"):
+        pipe.backward(model(torch.randn(5, 3)).square().mean())
+    with pytest.raises(RuntimeError, match="'0.weight'"):
+        pipe.flush(opt)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model[1].parameters()))  # nothing changed
+    assert model[0].weight.grad is None
+    model[0].weight.requires_grad_(False)  # frozen again: the pipeline goes on
+    assert pipe.flush(opt)

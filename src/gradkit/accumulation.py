@@ -110,9 +110,9 @@ class SyncControl:
     #: whether the reduced gradient is only an approximation (compressed averaging)
     lossy: bool = False
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = ()) -> None:
-        """Called once by the pipeline with the parameters it manages (and the names of
-        those whose gradients are sparse)."""
+    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None) -> None:
+        """Called once by the pipeline with the parameters it manages, the names of those
+        whose gradients are sparse, and the module they belong to (None for bare parameters)."""
 
     def set_sync(self, enabled: bool) -> None:
         """Say whether the *next* forward/backward ends a window (and may communicate)."""
@@ -120,6 +120,14 @@ class SyncControl:
     def global_items(self, items: Items) -> Items:
         """The item count summed over all processes."""
         return items
+
+    def global_micro_steps(self, micro_steps: int, *, complete: bool) -> Items:
+        """Mean mode's divisor: the window's micro-steps summed over all processes.
+
+        `complete` says whether this process's window reached its boundary (a
+        flushed one did not). Every process must get the same number, whatever
+        the length of its own last window."""
+        return micro_steps * self.world_size
 
     def begin_reduction(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None = None) -> None:
         """Called once per window before its gradients may be packed: this process's item
@@ -132,6 +140,13 @@ class SyncControl:
         `complete` says whether the window reached its boundary, so that its last
         backward ran with sync on; a flushed window's did not."""
         _foreach.scale_(grads_of(params), scale)
+
+    def missing_grads(self) -> tuple[list[int], Tensor] | None:
+        """After `reduce_`: the positions (in its `params`) of the parameters this process
+        had no gradient for in the window, and a device tensor of how many processes had
+        one for each. The pipeline sets those that no process had back to None, as DDP
+        leaves them (an optimizer with weight decay must not see a zero). None: nothing to drop."""
+        return None
 
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         """Called after every window's boundary, stepped or skipped; `contributed` is False
@@ -171,6 +186,7 @@ class DDPSync(SyncControl):
         self.ddp = ddp
         self.group = ddp.process_group
         self.world_size = dist.get_world_size(self.group)
+        self._missing: tuple[list[int], Tensor] | None = None
 
     def set_sync(self, enabled: bool) -> None:
         self.ddp.require_backward_grad_sync = enabled
@@ -181,16 +197,51 @@ class DDPSync(SyncControl):
         distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of the item count", None, total, op=dist.ReduceOp.SUM, group=self.group)
         return total
 
-    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
-        grads = grads_of(params)
+    def global_micro_steps(self, micro_steps: int, *, complete: bool) -> Items:
+        # DDP needs every rank to run its synced backward together, so a complete window is
+        # complete everywhere (K x world); a flushed one may differ in length per rank.
         if complete:
-            # DDP already averaged over its world size during backward: undo that in the same pass.
-            _foreach.scale_(grads, scale * self.world_size)
+            return micro_steps * self.world_size
+        return self.global_items(micro_steps)
+
+    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
+        self._missing = None
+        if complete:
+            # DDP already averaged over its world size during backward (and, with
+            # find_unused_parameters=True, left globally unused gradients None): undo the mean.
+            _foreach.scale_(grads_of(params), scale * self.world_size)
             return
-        # A flushed window whose last backward ran without DDP's all-reduce.
-        for grad in grads:
-            distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of a flushed window's gradient", None, grad, op=dist.ReduceOp.SUM, group=self.group)
-        _foreach.scale_(grads, scale)
+        self._reduce_flushed(params, scale)
+
+    def _reduce_flushed(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+        """A flushed window's last backward ran without DDP's all-reduce: sum by hand.
+
+        Every rank issues the same collectives whatever gradients it holds: one per
+        (device, dtype) over every parameter (zeros where this rank has no gradient),
+        then one of the per-parameter presence counts."""
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        for i in missing:
+            params[i].grad = torch.zeros_like(params[i])
+        try:
+            for kind in dict.fromkeys((p.device, p.dtype) for p in params):
+                grads = [p.grad for p in params if (p.device, p.dtype) == kind]
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of a flushed window's gradients", None, flat, group=self.group)
+                for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                    grad.copy_(chunk.view_as(grad))
+            present = torch.ones(len(params), dtype=torch.int32, device=params[0].device)
+            for i in missing:
+                present[i] = 0
+            distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of which parameters have gradients", None, present, group=self.group)
+        except BaseException:
+            for i in missing:
+                params[i].grad = None
+            raise
+        _foreach.scale_(grads_of(params), scale)
+        self._missing = (missing, present[missing]) if missing else None
+
+    def missing_grads(self) -> tuple[list[int], Tensor] | None:
+        return self._missing
 
     def bytes_sent(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.ddp.parameters() if p.requires_grad)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradkit import _checks, distributed
 from gradkit.accumulation import Items, SyncControl
@@ -32,28 +32,44 @@ _MIB = 1 << 20
 class Bucket:
     """Gradients of some parameters of one (device, dtype), packed into one flat buffer."""
 
-    def __init__(self, index: int, positions: list[int], params: Sequence[Tensor]) -> None:
+    def __init__(self, index: int, positions: list[int], params: Sequence[Tensor], *, presence: bool = False) -> None:
         self.index = index
         self.positions = positions
         self.sizes = [params[i].numel() for i in positions]
         self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
         first = params[positions[0]]
-        self.buffer = torch.empty(sum(self.sizes), dtype=first.dtype, device=first.device)
+        self.numel = sum(self.sizes)
+        # With `presence`, one slot per parameter after the gradients says whether this rank
+        # has its gradient (1) or not (0); summed with them, a slot is > 0 exactly when some
+        # rank has one (sums of ones never round to 0, even in bfloat16).
+        self.presence = presence
+        self.buffer = torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device)
+        self.missing: list[tuple[int, int]] = []  # (position, slot) of parameters without a gradient here
         self.ready = 0
         self.work: dist.Work | None = None
         self.pending: PendingReduce | None = None
 
     def pack(self, params: Sequence[Tensor], scale: Tensor | float = 1.0) -> None:
         factor = scale.to(self.buffer) if isinstance(scale, Tensor) else scale
-        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
+        self.missing = []
+        if self.presence:
+            self.buffer[self.numel :].fill_(1)
+        for slot, (position, offset, size) in enumerate(zip(self.positions, self.offsets, self.sizes)):
             view = self.buffer.narrow(0, offset, size)
             grad = params[position].grad
-            if grad is None:  # unused in this backward on this rank; others may have a gradient
+            if grad is None:  # unused in this window on this rank; others may have a gradient
                 view.zero_()
+                self.missing.append((position, slot))
+                if self.presence:
+                    self.buffer[self.numel + slot].fill_(0)
             elif isinstance(factor, float) and factor == 1.0:
                 view.copy_(grad.reshape(-1))
             else:
                 torch.mul(grad.reshape(-1), factor, out=view)
+
+    def presence_counts(self) -> Tensor:
+        """After the sum: how many ranks had each of this rank's missing gradients."""
+        return self.buffer[[self.numel + slot for _, slot in self.missing]]
 
     def unpack(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
         factor = scale.to(self.buffer.device) if isinstance(scale, Tensor) else scale
@@ -82,7 +98,13 @@ class Bucket:
 
     @property
     def nbytes(self) -> int:
+        """Bytes sent: the gradients and the presence slots."""
         return self.buffer.numel() * self.buffer.element_size()
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients alone, dense."""
+        return self.numel * self.buffer.element_size()
 
 
 def plan_buckets(params: Sequence[Tensor], positions: Sequence[int], bucket_bytes: int, first_bucket_bytes: int) -> list[list[int]]:
@@ -111,12 +133,23 @@ class Average(SyncControl):
 
     Plug it into ``GradientPipeline(average=gk.Average())``. With `num_items`,
     the result is the exact mean over every item of every rank's window (uneven
-    per-rank batches included); without, the mean over micro-batches and ranks.
+    per-rank batches included); without, the mean over all ranks' micro-batches
+    (their count is all-reduced each window, so a last window of another length
+    on some rank gives every rank the same divisor).
     Without an initialized process group it is a group of one and does nothing.
 
     At setup (when the pipeline is built) the ranks check that they hold the
-    same parameter names, shapes and dtypes, and rank 0's parameter values are
-    broadcast so that the replicas start equal, as DDP does.
+    same parameter and buffer names, shapes and dtypes, and rank 0's values of
+    every parameter (frozen ones included) and every buffer are broadcast so
+    that the replicas start equal, as DDP does at construction (unlike DDP's
+    default, buffers are not broadcast again at each forward).
+
+    A parameter that no rank produced a gradient for in a window keeps
+    ``grad=None``, as under DDP(find_unused_parameters=True), so an optimizer
+    with weight decay leaves it alone; one that some rank used gets the average
+    with zeros from the others. Which ranks had a gradient rides in a slot per
+    parameter in the dense buckets (with the non-finite flag when compressing),
+    and is read with the pipeline's one host read of the step.
 
     A NaN/inf on any rank reaches every rank (through the sum, or a flag
     reduced with the payloads when compressing), so every rank skips the same
@@ -138,6 +171,8 @@ class Average(SyncControl):
         group: the process group (default: the whole world).
         timeout: seconds to wait for a collective before raising; None uses the
             process group's timeout.
+        broadcast_buffers: copy rank 0's buffers (BatchNorm statistics, ...) to every
+            rank at setup; False keeps each rank's own.
 
     Memory: one flat buffer per bucket, as large as the gradients together. The
     collectives of a step (and so a linear compressor's payloads, e.g. FP16's
@@ -157,8 +192,10 @@ class Average(SyncControl):
         first_bucket_mb: float = 1,
         group: dist.ProcessGroup | None = None,
         timeout: float | None = None,
+        broadcast_buffers: bool = True,
     ) -> None:
         self.compressor = _effective_compressor(compressor, error_feedback)
+        self.broadcast_buffers = _checks.flag("broadcast_buffers", broadcast_buffers, "pass True to copy rank 0's buffers at setup, False to keep each rank's")
         self.lossy = self.compressor is not None
         self.bucket_mb = _checks.positive_number("bucket_mb", bucket_mb, "pass a bucket size in MiB, e.g. 25")
         self.first_bucket_mb = _checks.positive_number("first_bucket_mb", first_bucket_mb, "pass a size in MiB, e.g. 1")
@@ -183,13 +220,15 @@ class Average(SyncControl):
         self._weight: Tensor | float = 1.0
         self._bad: Tensor | None = None
         self._finished: list[dist.Work] = []
+        self._dense_index: dict[int, int] = {}
+        self._missing: tuple[list[int], Tensor] | None = None
 
     @property
     def group(self) -> dist.ProcessGroup | None:
         """The process group (None: one process, or the group was destroyed); held weakly."""
         return self._group()
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = ()) -> None:
+    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None) -> None:
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.Average"))
         self.world_size = distributed.world_size(self.group)
         self._names = list(names)
@@ -202,15 +241,17 @@ class Average(SyncControl):
         self.local_grads_at_boundary = True
         if self._params:
             raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
-        distributed.check_same_parameters(names, params, self.group, "gk.Average")
-        distributed.broadcast_parameters(params, self.group, self.timeout)
+        replicate(names, params, module, self.group, self.timeout, "gk.Average", buffers=self.broadcast_buffers)
         self._params = list(params)
         # Sparse gradients (nn.Embedding(sparse=True)) travel as (indices, rows), never densified.
         self._sparse = [i for i, name in enumerate(names) if name in sparse]
         dense = [i for i in range(len(self._params)) if i not in self._sparse]
         plan = plan_buckets(self._params, dense, int(self.bucket_mb * _MIB), int(self.first_bucket_mb * _MIB))
-        self.buckets = [Bucket(i, positions, self._params) for i, positions in enumerate(plan)]
+        # Dense buckets carry presence slots; compressed payloads cannot, so presence rides
+        # with the non-finite flag there.
+        self.buckets = [Bucket(i, positions, self._params, presence=self.compressor is None) for i, positions in enumerate(plan)]
         self._bucket_of = {position: bucket for bucket in self.buckets for position in bucket.positions}
+        self._dense_index = {position: k for k, position in enumerate(dense)}
         self._handles = [self._params[i].register_post_accumulate_grad_hook(self._hook_for(i)) for i in dense]
 
     def _hook_for(self, position: int):
@@ -294,7 +335,16 @@ class Average(SyncControl):
         distributed.run(dist.all_reduce, "gk.Average: all-reduce of the item count", self.timeout, total, group=self.group)
         return total
 
+    def global_micro_steps(self, micro_steps: int, *, complete: bool) -> Items:
+        # Always reduced: a peer may flush a shorter last window while this rank's completes,
+        # and both must divide by the same count (the collective is in the same place then).
+        return self.global_items(micro_steps)
+
+    def missing_grads(self) -> tuple[list[int], Tensor] | None:
+        return self._missing
+
     def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
+        self._missing = None
         if self.group is None:
             if self.compressor is None:
                 super().reduce_(params, scale, complete=complete)
@@ -311,10 +361,23 @@ class Average(SyncControl):
                 distributed.wait(bucket.work, f"gk.Average: all-reduce of gradient bucket {bucket.index} ({bucket.nbytes / _MIB:.1f} MiB)", self.timeout)
                 bucket.unpack(self._params, scale)
             self._bytes = sum(bucket.nbytes for bucket in self.buckets)
+            missing = [bucket for bucket in self.buckets if bucket.missing]
+            if missing:
+                positions = [position for bucket in missing for position, _ in bucket.missing]
+                self._missing = (positions, torch.cat([bucket.presence_counts().to(torch.float32) for bucket in missing]))
         else:
-            # Any rank's NaN/inf must stop every rank: a top-k may not even select it.
-            bad = self._bad.to(torch.float32).reshape(1) if self._bad is not None else torch.zeros(1)
-            distributed.run(dist.all_reduce, "gk.Average: all-reduce of the non-finite flag", self.timeout, bad, group=self.group)
+            # Any rank's NaN/inf must stop every rank: a top-k may not even select it. Which
+            # gradients each rank has travels with the flag: [flag, one count per dense parameter].
+            device = self.buckets[0].buffer.device if self.buckets else torch.device("cpu")
+            flags = torch.ones(1 + len(self._dense_index), dtype=torch.float32, device=device)
+            flags[:1].copy_(self._bad.to(flags).reshape(1) if self._bad is not None else torch.zeros(1))
+            slots = [1 + self._dense_index[position] for bucket in self.buckets for position, _ in bucket.missing]
+            for slot in slots:
+                flags[slot] = 0
+            distributed.run(dist.all_reduce, "gk.Average: all-reduce of the non-finite flag", self.timeout, flags, group=self.group)
+            bad = flags[:1]
+            if slots:
+                self._missing = ([position for bucket in self.buckets for position, _ in bucket.missing], flags[slots])
             # Stays on the device (the pipeline's check skips); float64, so that scaling the
             # sparse rows by it keeps their precision.
             poison = torch.where(bad > 0, float("nan"), 1.0).to(torch.float64)
@@ -330,6 +393,8 @@ class Average(SyncControl):
             self._bytes = sum(bucket.pending.nbytes for bucket in self.buckets if bucket.pending is not None)
             scale = poison * scale
         self._bytes += self._reduce_sparse(scale)
+        # Parameters no rank had a gradient for get one from the buffer here; the pipeline
+        # sets them back to None (it reads the presence counts with its one host read).
         # This window's work handles stay until the next reduction (or exit) and the previous
         # window's go now, long after gloo's worker thread let go of them: see
         # distributed.keep for why that matters.
@@ -358,7 +423,8 @@ class Average(SyncControl):
             summed = torch.sparse_coo_tensor(
                 torch.cat(all_indices).unsqueeze(0), torch.cat(all_rows).view(-1, *param.shape[1:]), param.shape, check_invariants=False
             ).coalesce()  # rows that several ranks touched add up
-            param.grad = summed * (scale.to(summed.dtype) if isinstance(scale, Tensor) else scale)
+            # No rank had a row (the sizes are on the host already): the gradient stays None.
+            param.grad = summed * (scale.to(summed.dtype) if isinstance(scale, Tensor) else scale) if summed._nnz() else None
         return sent
 
     def _compress_locally(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
@@ -398,7 +464,7 @@ class Average(SyncControl):
 
     def dense_bytes(self) -> int:
         sparse = sum(self._params[i].numel() * self._params[i].element_size() for i in self._sparse)
-        return sum(bucket.nbytes for bucket in self.buckets) + sparse  # a sparse table, sent densely
+        return sum(bucket.grad_bytes for bucket in self.buckets) + sparse  # a sparse table, sent densely
 
     def detach(self) -> None:
         """Remove the gradient hooks (the pipeline no longer uses this Average)."""
@@ -414,8 +480,12 @@ class ModelAverager(SyncControl):
 
     Pass it as ``GradientPipeline(average=gk.ModelAverager(8))``, or use it on its
     own: call ``averager.after_step(model.parameters())`` after each optimizer step.
-    During the first `warmup_steps` steps parameters are averaged after every
-    step, so the replicas move together while training is most unstable.
+    After the warm-up, parameters are averaged after steps warmup+1,
+    warmup+1+period, ... (counted from 1), the steps at which torch's
+    PeriodicModelAverager averages. During the first `warmup_steps` steps they
+    are averaged after every step, so the replicas move together while training
+    is most unstable; torch's averager does nothing then (its users run DDP's
+    gradient all-reduce during warm-up).
     Steps are counted per window, skipped or not, so every rank averages at the
     same steps.
 
@@ -445,15 +515,19 @@ class ModelAverager(SyncControl):
         """The process group (None: one process, or the group was destroyed); held weakly."""
         return self._group()
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), broadcast: bool = True) -> None:
+    def attach(
+        self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None, broadcast: bool = True
+    ) -> None:
         """Check that the ranks hold the same parameters and (by default) copy rank 0's
-        values to all, so the replicas start equal; the pipeline calls it at setup."""
+        values to all (with `module`: frozen parameters and buffers too), so the replicas
+        start equal; the pipeline calls it at setup."""
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.ModelAverager"))
         self._attached = True
         if self.group is not None:
-            distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager")
             if broadcast:
-                distributed.broadcast_parameters(params, self.group, self.timeout)
+                replicate(names, params, module, self.group, self.timeout, "gk.ModelAverager", buffers=True)
+            else:
+                distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager")
 
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         """Count one optimizer step and average the parameters if the schedule says so."""
@@ -463,8 +537,17 @@ class ModelAverager(SyncControl):
         self.step += 1
         if self.group is None:
             return
-        if self.step <= self.warmup_steps or (self.step - self.warmup_steps) % self.period == 0:
+        if self.averages_after(self.step):
             self.average_now(params)
+
+    def averages_after(self, step: int) -> bool:
+        """Whether the parameters are averaged after optimizer step `step` (counted from 1).
+
+        Every step of the warm-up, then the first step after it and every `period`-th
+        step from there: steps warmup+1, warmup+1+period, ... (torch's
+        PeriodicModelAverager averages at those same steps; during its warm-up it
+        averages nothing, leaving that to DDP's gradient all-reduce)."""
+        return step <= self.warmup_steps or (step - 1 - self.warmup_steps) % self.period == 0
 
     def average_now(self, params: Sequence[Tensor]) -> None:
         """Replace every parameter by its mean over the group."""
@@ -487,6 +570,34 @@ class ModelAverager(SyncControl):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("ModelAverager", state, {"step"})
         self.step = _checks.non_negative_int("step", state["step"], "pass the state from ModelAverager.state_dict()")
+
+
+def replicate(
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    module: nn.Module | None,
+    group: dist.ProcessGroup,
+    timeout: datetime.timedelta | None,
+    owner: str,
+    *,
+    buffers: bool,
+) -> None:
+    """Make the replicas equal, as DDP does at construction: check that every rank holds the
+    same tensors, then copy rank 0's values of every parameter (frozen ones included) and,
+    with `buffers`, every buffer of `module` to all ranks.
+
+    Raises:
+        ValueError: naming the first tensor whose name, shape or dtype differs across ranks.
+    """
+    entries = list(zip(names, params))
+    if module is not None:
+        managed = {id(p) for p in params}
+        entries += [(name, p) for name, p in module.named_parameters() if id(p) not in managed]
+        if buffers:
+            entries += [(f"buffer {name}", b) for name, b in module.named_buffers()]
+    tensors = [tensor for _, tensor in entries]
+    distributed.check_same_parameters([name for name, _ in entries], tensors, group, owner)
+    distributed.broadcast_parameters(tensors, group, timeout)
 
 
 def _load_compressor_state(

@@ -120,7 +120,7 @@ class FSDPSync(SyncControl):
             module.set_gradient_divide_factor(1.0)
         self._names: dict[int, str] = {}
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = ()) -> None:
+    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None) -> None:
         self._names = {id(p): name for name, p in zip(names, params)}
 
     def set_sync(self, enabled: bool) -> None:

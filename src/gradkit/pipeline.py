@@ -127,11 +127,12 @@ class GradientPipeline:
             raise TypeError(f"tracker must have wants(step), observe(ctx, report) and after_step(ctx, report) (e.g. gk.Tracker), got {type(tracker).__name__}")
         if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in ("scale", "unscale_", "step", "update")):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        self.names, self.params = _named_parameters(model)
+        self.names, self.params, self._frozen = _named_parameters(model)
         self.tracker = tracker
         self.scaler = scaler
         self.sync: SyncControl = sync_control_for(model, average)
-        self.sync.attach(self.names, self.params, sparse=_sparse_gradient_names(model))
+        module = _names.unwrap(model)
+        self.sync.attach(self.names, self.params, sparse=_sparse_gradient_names(model), module=module if isinstance(module, nn.Module) else None)
         if tracker is not None and callable(getattr(tracker, "attach", None)):
             module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
             tracker.attach(module if isinstance(module, nn.Module) else None, self.names, self.params, clip=self.clip)
@@ -141,7 +142,8 @@ class GradientPipeline:
         self.last: StepReport | None = None
         self._measure = False  # whether the tracker measures this window (noise-scale inputs)
         self._small: tuple[Tensor, Tensor] | None = None
-        self._reduction: tuple[int | Tensor | None, Tensor | float] | None = None  # (global items, scale)
+        # (global items or None in mean mode, scale, the window's global count for the report)
+        self._reduction: tuple[int | Tensor | None, Tensor | float, int | Tensor] | None = None
         self._prepare_next_micro_step()
 
     # -- the loop ------------------------------------------------------------------
@@ -173,10 +175,11 @@ class GradientPipeline:
             )
         items = check_num_items(num_items)
         self.window.check_mode(items)
+        self._check_frozen()
         if self.window.micro_steps + 1 == self.accumulation_steps:
             # The boundary backward may start communicating: settle the window's scale first.
             total = (items if self.window.items is None else self.window.items + items) if items is not None else None
-            self._begin_reduction(total, self.window.micro_steps + 1)
+            self._begin_reduction(total, self.window.micro_steps + 1, complete=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.window.micro_steps == 0:
             self._measure = self.tracker is not None and bool(self.tracker.wants(self.steps + 1))
@@ -218,22 +221,29 @@ class GradientPipeline:
 
     # -- the boundary --------------------------------------------------------------
 
-    def _begin_reduction(self, local_items: int | Tensor | None, micro_steps: int) -> None:
-        global_items = self.sync.global_items(local_items) if local_items is not None else None
-        scale = Window.scale_for(global_items, micro_steps, self.sync.world_size)
+    def _begin_reduction(self, local_items: int | Tensor | None, micro_steps: int, *, complete: bool) -> None:
+        if local_items is not None:
+            global_items = count = self.sync.global_items(local_items)
+            scale = Window.scale_for(global_items, micro_steps, self.sync.world_size)
+        else:
+            # Mean mode: one divisor for every rank, the micro-steps of all ranks' windows,
+            # also when their last windows differ in length.
+            global_items, count = None, self.sync.global_micro_steps(micro_steps, complete=complete)
+            scale = 1.0 / count.to(torch.float64) if isinstance(count, Tensor) else 1.0 / count
         loss_scale = None
         if self.sync.lossy and self.scaler is not None and self.scaler.is_enabled():
             # Only compression needs it. The scale as a device tensor, read without a host
             # sync (and created on the parameters' device if this is the scaler's first use).
             loss_scale = self.scaler.scale(torch.ones((), device=self.params[0].device))
         self.sync.begin_reduction(local_items if local_items is not None else micro_steps, scale, loss_scale)
-        self._reduction = (global_items, scale)
+        self._reduction = (global_items, scale, count)
 
     @torch.no_grad()
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
+        self._check_frozen()
         if self._reduction is None:  # a flushed window: its last backward was not the boundary
-            self._begin_reduction(self.window.items, self.window.micro_steps)
-        global_items, scale = self._reduction
+            self._begin_reduction(self.window.items, self.window.micro_steps, complete=False)
+        global_items, scale, count = self._reduction
         local = self._measure_local_window() if self._measure and self.sync.local_grads_at_boundary else None
         complete = self.window.micro_steps == self.accumulation_steps
         self.sync.reduce_(self.params, scale, complete=complete)
@@ -242,13 +252,19 @@ class GradientPipeline:
             self.scaler.unscale_(optimizer)
             ctx.modified()
         total_norm = ctx.total_norm()
+        skip, contributed, unused = self._must_skip(total_norm, global_items, self.sync.missing_grads())
+        if unused:
+            # No rank produced these gradients in the window: None, as DDP leaves them (zeros
+            # would move them under weight decay). Zeros add nothing to the norm above.
+            for position in unused:
+                self.params[position].grad = None
+            ctx = GradContext(self.names, self.params)
         ctx.pre_clip_norms = ctx.norms() if len(ctx) else None  # stages replace, never mutate, the cache
         if local is not None and self.sync.lossy and len(ctx):
             # Compressed averaging zeroes most entries: layer statistics and alerts should
             # judge this rank's dense gradient, so the tracker gets its norms.
             by_name = dict(zip(*local[:2]))
             ctx.pre_clip_norms = torch.stack([by_name.get(n, torch.zeros_like(local[1][0])) for n in ctx.names]).to(ctx.norms())
-        skip, contributed = self._must_skip(total_norm, global_items)
         if skip and self.nonfinite == "raise":
             self.skipped_steps += 1
             self._abandon_window()
@@ -260,7 +276,7 @@ class GradientPipeline:
             for stage in self.clip:
                 stage.apply_(ctx)
         norm_after = total_norm if skip or not self.clip else ctx.total_norm()
-        items = self._items_report(global_items, total_norm.device)
+        items = torch.as_tensor(count, device=total_norm.device)
         self.last = StepReport(
             step=self.steps + 1,
             micro_steps=self.window.micro_steps,
@@ -320,29 +336,44 @@ class GradientPipeline:
         device = small[0].device
         return NoiseSample(small[0], small[1].to(device), big[0].to(device), big[1].to(device))
 
-    def _must_skip(self, total_norm: Tensor, global_items: int | Tensor | None) -> tuple[bool, bool]:
-        """(skip the step, this process had items in the window)."""
-        # The one host read of the step: the optimizer cannot skip on a device flag.
-        # Tensor item counts are checked in the same read.
+    def _must_skip(
+        self, total_norm: Tensor, global_items: int | Tensor | None, missing: tuple[list[int], Tensor] | None
+    ) -> tuple[bool, bool, list[int]]:
+        """(skip the step, this process had items in the window, positions of parameters no
+        process had a gradient for)."""
+        # The one host read of the step: the optimizer cannot skip on a device flag, and
+        # leaving a gradient None is a host decision. Tensor item counts ride along.
+        device = total_norm.device
         local_items = self.window.items
+        flags = [torch.isfinite(total_norm).reshape(1)]
         if isinstance(global_items, Tensor):
-            flags = [torch.isfinite(total_norm), global_items.to(total_norm.device) > 0]
-            if isinstance(local_items, Tensor):
-                flags.append(local_items.to(total_norm.device) > 0)
-            finite, items_positive, *own = torch.stack(flags).tolist()
-            if not items_positive:
-                self._abandon_window()
-                raise ValueError(
-                    f"the window's num_items add up to {int(global_items)} (must be > 0); "
-                    "pass the count of items each summed loss covers"
-                )
-            return not finite, bool(own[0]) if own else local_items is None or local_items > 0
-        return not bool(torch.isfinite(total_norm)), local_items is None or local_items > 0
+            flags.append((global_items.to(device) > 0).reshape(1))
+        if isinstance(local_items, Tensor):
+            flags.append((local_items.to(device) > 0).reshape(1))
+        if missing is not None:
+            flags.append(missing[1].to(device).reshape(-1) == 0)
+        read = torch.cat(flags).tolist()
+        finite = read.pop(0)
+        if isinstance(global_items, Tensor) and not read.pop(0):
+            self._abandon_window()
+            raise ValueError(
+                f"the window's num_items add up to {int(global_items)} (must be > 0); "
+                "pass the count of items each summed loss covers"
+            )
+        own = bool(read.pop(0)) if isinstance(local_items, Tensor) else local_items is None or local_items > 0
+        unused = [position for position, none in zip(missing[0], read) if none] if missing is not None else []
+        return not finite, own, unused
 
-    def _items_report(self, global_items: int | Tensor | None, device: torch.device) -> Tensor:
-        if global_items is None:
-            return torch.tensor(self.window.micro_steps * self.sync.world_size, device=device)
-        return torch.as_tensor(global_items, device=device)
+    def _check_frozen(self) -> None:
+        """Refuse a parameter that was frozen when the pipeline was built and trains now: its
+        gradient would reach the optimizer unaveraged, unnormalized and never reset."""
+        for name, p in self._frozen:
+            if p.requires_grad:
+                raise RuntimeError(
+                    f"parameter {name!r} did not require grad when the GradientPipeline was built but requires it now; "
+                    "build a new GradientPipeline (and a new gk.Average) after unfreezing parameters, "
+                    "or freeze it again with requires_grad_(False)"
+                )
 
     def _abandon_window(self) -> None:
         # A step that raises is a skipped step for the averager: compressor state computed
@@ -473,9 +504,10 @@ def _load_all_or_nothing(parts: list[tuple[Any, dict[str, Any]]]) -> None:
         raise
 
 
-def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter]]:
-    """Names and parameters that require grad; DDP's ``module.`` and torch.compile's ``_orig_mod.``
-    prefixes are dropped so that state saved with and without them is interchangeable."""
+def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter], list[tuple[str, nn.Parameter]]]:
+    """Names and parameters that require grad, and the (name, parameter) pairs that do not;
+    DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are dropped so that state saved
+    with and without them is interchangeable."""
     model = _names.unwrap(model)
     if isinstance(model, nn.Module):
         pairs = _names.named_parameters(model)
@@ -490,10 +522,11 @@ def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter]]:
     for name, p in pairs:
         if not isinstance(p, Tensor):
             raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor; pass model.parameters() or model.named_parameters()")
+    frozen = [(name, p) for name, p in pairs if not p.requires_grad]
     pairs = [(name, p) for name, p in pairs if p.requires_grad]
     if not pairs:
         raise ValueError("the model has no parameters that require grad; pass the module being trained (or unfreeze some parameters)")
-    return [name for name, _ in pairs], [p for _, p in pairs]
+    return [name for name, _ in pairs], [p for _, p in pairs], frozen
 
 
 def _check_optimizer(optimizer: object) -> None:
