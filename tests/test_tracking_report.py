@@ -130,7 +130,7 @@ def test_noise_text_and_plot_speak_of_the_same_batch(tmp_path):
 def test_a_single_logged_step_still_draws_its_point(tmp_path):
     tracked_run(tmp_path, steps=1, every=1, accumulation_steps=1)
     page = build_report(tmp_path).read_text()
-    assert "1 logged steps (1 to 1)" in page and "<img" in section(page, "global-norm")
+    assert "1 logged step (1 to 1)" in page and "<img" in section(page, "global-norm")
 
 
 def test_many_layers_highlight_the_top_ones_and_say_so(tmp_path):

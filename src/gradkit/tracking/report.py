@@ -89,7 +89,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         body.append(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{text}{img}</section>')
     meta = header.get("meta") or {}
     summary = (
-        f"{len(steps)} logged steps (1 to {steps[-1]['step']}), every {header.get('every', '?')}; "
+        f"{len(steps)} logged step{'s' if len(steps) != 1 else ''} ({steps[0]['step']} to {steps[-1]['step']}), every {header.get('every', '?')}; "
         f"{len(header.get('modules', steps[-1]['modules']))} layers; gradkit {html.escape(str(header.get('version', '?')))}"
         + (f"; settings: {html.escape(', '.join(f'{k}={v}' for k, v in meta.items()))}" if meta else "")
     )
@@ -161,6 +161,7 @@ def _global_norm(plt, header: dict, steps: list[dict]) -> str:
             ax.axvline(s, color="tab:red", alpha=0.4)
         ax.plot([], [], color="tab:red", alpha=0.4, label=f"skipped steps since the previous log ({len(skipped)} logs)")
     ax.set_yscale("log")
+    ax.margins(y=0.15)  # a point on the frame reads as cut off
     _step_axis(ax, x)
     ax.set_ylabel("global L2 norm")
     ax.legend(loc="best", fontsize=8)
@@ -247,7 +248,8 @@ def _update_note(steps: list[dict]) -> str:
 
 
 def _noise(plt, steps: list[dict]) -> str | None:
-    rows = [r for r in steps if r.get("noise") and math.isfinite(_num(r["noise"].get("b_simple")))]
+    # A non-positive estimate is the EMA still settling (the advice says nothing then): not a point to draw.
+    rows = [r for r in steps if r.get("noise") and 0 < _num(r["noise"].get("b_simple")) < math.inf]
     if not rows:
         return None
     x = [r["step"] for r in rows]
