@@ -27,12 +27,22 @@ pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(compr
 
 generator = torch.Generator().manual_seed(1 + rank)  # each rank reads its own data
 teacher = torch.randn(32, 4, generator=torch.Generator().manual_seed(7))
+held_out = torch.randn(256, 32, generator=torch.Generator().manual_seed(8))  # the same batch at every report
+
+
+def held_out_loss() -> float:
+    with torch.no_grad():  # one fixed batch: the printed loss moves with the model, not with the data drawn
+        return F.mse_loss(model(held_out), held_out @ teacher).item()
+
+
+if rank == 0:
+    print(f"step 0: held-out loss {held_out_loss():.4f}")
 for step in range(args.steps * 2):
     x = torch.randn(16 + 8 * rank, 32, generator=generator)  # uneven batches: weighted by items
     loss = F.mse_loss(model(x), x @ teacher, reduction="sum")
     pipe.backward(loss, num_items=x.shape[0])
     if pipe.step(optimizer) and rank == 0 and pipe.steps % 10 == 0:
-        print(f"step {pipe.steps}: loss/item {loss.item() / x.shape[0]:.4f}, sent {pipe.last.bytes_sent} B of {pipe.last.dense_bytes} B")
+        print(f"step {pipe.steps}: held-out loss {held_out_loss():.4f}, sent {pipe.last.bytes_sent} B of {pipe.last.dense_bytes} B")
 checksum = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).sum().item()
 print(f"rank {rank}: done, parameter checksum {checksum:.6f}", flush=True)
 dist.destroy_process_group()
