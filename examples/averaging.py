@@ -42,7 +42,8 @@ for step in range(args.steps * 2):
     loss = F.mse_loss(model(x), x @ teacher, reduction="sum")
     pipe.backward(loss, num_items=x.shape[0])
     if pipe.step(optimizer) and rank == 0 and pipe.steps % 10 == 0:
-        print(f"step {pipe.steps}: held-out loss {held_out_loss():.4f}, sent {pipe.last.bytes_sent} B of {pipe.last.dense_bytes} B")
+        sent, dense = pipe.last.bytes_sent, pipe.last.dense_bytes
+        print(f"step {pipe.steps}: held-out loss {held_out_loss():.4f}, sent {sent} B of {dense} B")
 checksum = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).sum().item()
 print(f"rank {rank}: done, parameter checksum {checksum:.6f}", flush=True)
 dist.destroy_process_group()

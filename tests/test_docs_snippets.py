@@ -55,7 +55,8 @@ def test_block_runs_as_written(name, code, tmp_path, monkeypatch):
         script.write_text(code)
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", torchrun.group(1), str(script)]
+        processes = torchrun.group(1)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", processes, str(script)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         out = done.stdout

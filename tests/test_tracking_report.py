@@ -21,7 +21,8 @@ def tracked_run(log_dir, writers=("jsonl",), steps=12, accumulation_steps=2, eve
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), *hidden, nn.Linear(16, 2))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tracker = gk.Tracker(log_dir, every=every, writers=writers, meta={"max_norm": 0.5})
-    pipe = gk.GradientPipeline(model, accumulation_steps=accumulation_steps, clip=gk.ClipByGlobalNorm(0.5), tracker=tracker)
+    clip = gk.ClipByGlobalNorm(0.5)
+    pipe = gk.GradientPipeline(model, accumulation_steps=accumulation_steps, clip=clip, tracker=tracker)
     g = torch.Generator().manual_seed(1)
     for i in range(accumulation_steps * steps):
         x, y = torch.randn(8, 8, generator=g), torch.randn(8, 2, generator=g)

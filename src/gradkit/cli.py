@@ -55,8 +55,10 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="local worker processes")
     parser.add_argument("--name", help="run name: the folder under the run directory")
     parser.add_argument("--run-dir", dest="run_dir", help="where runs are written (default: runs)")
-    parser.add_argument("--fresh", action="store_true", help="start over: remove the run folder's checkpoint, logs and report first")
-    parser.add_argument("--verbose", action="store_true", help="on a worker failure, print the full traceback (always kept in RUN_DIR/error.log)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: remove the run folder's checkpoint, logs and report first")
+    parser.add_argument("--verbose", action="store_true",
+                        help="on a worker failure, print the full traceback (always kept in RUN_DIR/error.log)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +103,8 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     except WorkerError as error:
         if args.verbose:
-            print(error.log.read_text(encoding="utf-8", errors="replace") if error.log.exists() else "", file=sys.stderr)
+            if error.log.exists():
+                print(error.log.read_text(encoding="utf-8", errors="replace"), file=sys.stderr)
         print(f"gradkit {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -171,7 +174,8 @@ def _summary(summary: dict, report: Path | None, heading: str = "done") -> str:
         "",
         f"{heading}: {trained} steps{where} on {summary['workers']} worker(s) in {summary['seconds']:.0f} s"
         + (" (interrupted)" if summary["interrupted"] else ""),
-        f"  loss: {loss}validation {summary['val_loss']:.3f}" + (f" (from {first:.3f} at step 0)" if first is not None else ""),
+        f"  loss: {loss}validation {summary['val_loss']:.3f}"
+        + (f" (from {first:.3f} at step 0)" if first is not None else ""),
         f"  sent: {summary['bytes_sent'] / 1e6:.2f} MB per worker vs {summary['dense_bytes'] / 1e6:.2f} MB dense"
         + (f" ({ratio:.0f}x less)" if ratio else " (nothing sent)")
         + (" in these steps" if start else ""),

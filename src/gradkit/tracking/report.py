@@ -89,7 +89,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         body.append(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{text}{img}</section>')
     meta = header.get("meta") or {}
     summary = (
-        f"{len(steps)} logged step{'s' if len(steps) != 1 else ''} ({steps[0]['step']} to {steps[-1]['step']}), every {header.get('every', '?')}; "
+        f"{len(steps)} logged step{'s' if len(steps) != 1 else ''} ({steps[0]['step']} to {steps[-1]['step']}), "
+        f"every {header.get('every', '?')}; "
         f"{len(header.get('modules', steps[-1]['modules']))} layers; gradkit {html.escape(str(header.get('version', '?')))}"
         + (f"; settings: {html.escape(', '.join(f'{k}={v}' for k, v in meta.items()))}" if meta else "")
     )
@@ -150,8 +151,10 @@ def _global_norm(plt, header: dict, steps: list[dict]) -> str:
     x = [r["step"] for r in steps]
     fig, ax = plt.subplots(figsize=(11, 3.6))
     marker = _marker(len(x))
-    ax.plot(x, [_num(r["global"]["norm_pre_clip"]) for r in steps], label="before clipping", color="tab:blue", marker=marker)
-    ax.plot(x, [_num(r["global"]["norm"]) for r in steps], label="after clipping", color="tab:green", linestyle="--", marker=marker, markersize=4)
+    before = [_num(r["global"]["norm_pre_clip"]) for r in steps]
+    ax.plot(x, before, label="before clipping", color="tab:blue", marker=marker)
+    after = [_num(r["global"]["norm"]) for r in steps]
+    ax.plot(x, after, label="after clipping", color="tab:green", linestyle="--", marker=marker, markersize=4)
     threshold, source = _clip_threshold(header, steps)
     if threshold is not None:
         ax.axhline(threshold, color="tab:orange", linestyle=":", label=f"clip threshold {threshold:.3g} ({source})")
@@ -238,7 +241,8 @@ def _update_ratio(plt, steps: list[dict]) -> str | None:
 def _update_note(steps: list[dict]) -> str:
     layers = {name for r in steps for name in r["modules"]}
     if len(layers) > HIGHLIGHTED:
-        which = f"the {HIGHLIGHTED} layers with the largest ratios in colour, the other {len(layers) - HIGHLIGHTED} in grey"
+        grey = len(layers) - HIGHLIGHTED
+        which = f"the {HIGHLIGHTED} layers with the largest ratios in colour, the other {grey} in grey"
     else:
         which = "one line per layer"
     return (
@@ -290,8 +294,10 @@ def _bytes(plt, steps: list[dict]) -> str | None:
     x = [r["step"] for r in steps]
     marker = _marker(len(x))
     fig, ax = plt.subplots(figsize=(11, 3.0))
-    ax.plot(x, [r["global"]["bytes_sent"] / 1e6 for r in steps], marker=marker, color="tab:cyan", label="sent by this worker")
-    ax.plot(x, [_num(r["global"].get("dense_bytes")) / 1e6 for r in steps], color="gray", linestyle="--", label="dense gradient")
+    sent_mb = [r["global"]["bytes_sent"] / 1e6 for r in steps]
+    ax.plot(x, sent_mb, marker=marker, color="tab:cyan", label="sent by this worker")
+    dense_mb = [_num(r["global"].get("dense_bytes")) / 1e6 for r in steps]
+    ax.plot(x, dense_mb, color="gray", linestyle="--", label="dense gradient")
     dense = [_num(r["global"].get("dense_bytes")) for r in steps]
     sent = [r["global"]["bytes_sent"] for r in steps if r["global"]["bytes_sent"] > 0]
     if sent and any(math.isfinite(d) and d > 10 * min(sent) for d in dense):
@@ -313,7 +319,9 @@ def _bytes_note(steps: list[dict]) -> str:
     ratios = [_num(r["global"].get("compression_ratio")) for r in steps]
     ratios = [v for v in ratios if math.isfinite(v) and v > 0]
     ratio = f"; the last logged step sent {ratios[-1]:.0f}x less than the dense gradient" if ratios else ""
-    return f"<p>{total / 1e6:.2f} MB (1 MB = 10<sup>6</sup> bytes) sent by this worker over the logged windows{ratio}.</p>"
+    return (
+        f"<p>{total / 1e6:.2f} MB (1 MB = 10<sup>6</sup> bytes) sent by this worker over the logged windows{ratio}.</p>"
+    )
 
 
 def _alerts_table(alerts: list[dict]) -> str:

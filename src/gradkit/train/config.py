@@ -170,7 +170,8 @@ def config_from(values: dict[str, Any]) -> TrainConfig:
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
         elif not isinstance(value, type(default)) or (isinstance(value, bool) and not isinstance(default, bool)):
-            raise ConfigError(f"{key} must be {_KINDS[type(default)]}, got {_KINDS.get(type(value), type(value).__name__)} {value!r}")
+            got = _KINDS.get(type(value), type(value).__name__)
+            raise ConfigError(f"{key} must be {_KINDS[type(default)]}, got {got} {value!r}")
     return TrainConfig(**values).validate()
 
 

@@ -28,7 +28,7 @@ from gradkit.train.config import ConfigError, TrainConfig
 from gradkit.train.data import Corpus, load_text
 from gradkit.train.runs import ERROR_LOG, check_resumable
 
-__all__ = ["run_training", "check_setup", "under_torchrun", "WorkerError", "MAX_LOCAL_WORKERS"]
+__all__ = ["MAX_LOCAL_WORKERS", "WorkerError", "check_setup", "run_training", "under_torchrun"]
 
 #: more local workers than this only time-share the cores
 MAX_LOCAL_WORKERS = max(8, 2 * (os.cpu_count() or 1))
@@ -91,7 +91,7 @@ def run_training(config: TrainConfig, *, checked: bool = False, verbose: bool = 
             return train_worker(config)
         except (ConfigError, KeyboardInterrupt):
             raise
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any failure: logged in full, reported in one line
             _log_failure(config, 0, error)
             raise _worker_error(config) from None
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

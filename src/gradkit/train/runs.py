@@ -16,8 +16,16 @@ from typing import Any
 
 from gradkit.train.config import ConfigError, TrainConfig
 
-__all__ = ["checkpoint_step", "shape_settings", "check_resumable", "start_over", "save_summary", "load_summary",
-           "ERROR_LOG", "SUMMARY"]  # fmt: skip
+__all__ = [
+    "ERROR_LOG",
+    "SUMMARY",
+    "check_resumable",
+    "checkpoint_step",
+    "load_summary",
+    "save_summary",
+    "shape_settings",
+    "start_over",
+]
 
 ERROR_LOG, SUMMARY = "error.log", "summary.json"
 #: settings that decide the shapes in a checkpoint (model, optimizer and pipeline state, one file per worker)
