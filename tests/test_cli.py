@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_demo_quick_writes_every_artifact(demo_run):
 def test_demo_loss_really_drops(demo_run):
     done, _ = demo_run
     line = next(line for line in done.stdout.splitlines() if "validation" in line and "from" in line)
-    last, first = (float(v) for v in line.split("validation ")[1].replace("(from ", "").rstrip(")").split())
+    last, first = (float(v) for v in re.search(r"validation (\S+) \(from (\S+) at step 0\)", line).groups())
     assert last < first - 1.0  # from ~4.8 (uniform over the characters) to well below
 
 
@@ -88,6 +89,57 @@ clip = "zclip"
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming at step 6" in again.stdout
     assert json.loads((tmp_path / "runs/tiny/checkpoint/step.json").read_text())["step"] == 9
+    assert "done: 3 steps (from step 6 to 9)" in again.stdout  # counts what this session trained
+    lines = (tmp_path / "runs/tiny/tracking.jsonl").read_text().count("\n")
+    finished = gradkit("train", "--config", str(config), "--steps", "9", cwd=tmp_path)
+    assert finished.returncode == 0 and "is complete" in finished.stdout, finished.stderr[-3000:]
+    assert (tmp_path / "runs/tiny/tracking.jsonl").read_text().count("\n") == lines
+    fresh = gradkit("train", "--config", str(config), "--fresh", cwd=tmp_path)
+    assert fresh.returncode == 0 and "starting 'tiny'" in fresh.stdout, fresh.stderr[-3000:]
+    assert "done: 6 steps on 1 worker(s)" in fresh.stdout
+
+
+def test_demo_run_again_is_complete_and_writes_nothing(demo_run):
+    done, run = demo_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    again = gradkit("demo", "--quick", cwd=run.parent.parent)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "run 'demo' is complete" in again.stdout and "report: runs/demo/report.html" in again.stdout
+    assert "validation" in again.stdout  # the last session's summary
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()} == before
+    assert (run / "report.html").stat().st_mode & 0o777 == (run / "tracking.jsonl").stat().st_mode & 0o777
+
+
+def test_unnamed_config_gets_its_own_run_and_a_mismatch_is_one_line(demo_run, tmp_path):
+    _, run = demo_run
+    folder = run.parent.parent
+    marker = (run / "checkpoint/step.json").read_text()
+    model = (run / "checkpoint/model.pt").read_bytes()
+    config = write_config(folder / "wide.toml", "width = 64\nsteps = 2\nworkers = 1\ncompressor = 'none'\n")
+    done = gradkit("train", "--config", str(config), cwd=folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting 'wide'" in done.stdout and (folder / "runs/wide/checkpoint/step.json").exists()
+    named = write_config(folder / "named.toml", "name = 'demo'\nwidth = 64\nsteps = 40\n")
+    refused = gradkit("train", "--config", str(named), cwd=folder, timeout=60)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0  # one line
+    assert "width = 96" in refused.stderr and "width = 64" in refused.stderr and "starting" not in refused.stdout
+    assert (run / "checkpoint/step.json").read_text() == marker and (run / "checkpoint/model.pt").read_bytes() == model
+
+
+def test_a_failing_worker_is_one_line_with_the_traceback_in_the_run_folder(tmp_path):
+    first = gradkit("demo", "--steps", "2", "--name", "broken", "--workers", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "runs/broken/checkpoint/rank0.pt").write_bytes(b"not a checkpoint")
+    done = gradkit("demo", "--steps", "3", "--name", "broken", "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "worker 0 failed" in errors[0] and "runs/broken/error.log" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert "Traceback (most recent call last)" in (tmp_path / "runs/broken/error.log").read_text()
+    verbose = gradkit("demo", "--steps", "3", "--name", "broken", "--workers", "1", "--verbose", cwd=tmp_path)
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
 
 
 def test_report_command_rebuilds_the_page(demo_run, tmp_path):
@@ -109,7 +161,7 @@ def test_bench_quick_runs_the_harness(tmp_path):
     "config, words",
     [
         ("stepz = 5", "unknown config key 'stepz'; did you mean 'steps'?"),
-        ("steps = 'many'", "steps must be a int"),
+        ("steps = 'many'", "steps must be an integer, got a string 'many'"),
         ("compressor = 'topkk'", "did you mean 'topk'?"),
         ("density = 1.5", "density must be in (0, 1]"),
         ("momentum = 1.0", "momentum must be in [0, 1)"),
@@ -128,6 +180,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, config, words):
     assert done.returncode == 2
     assert words in done.stderr
     assert "Traceback" not in done.stderr
+    assert "starting" not in done.stdout  # no banner before the error
 
 
 def test_missing_config_and_unwritable_run_dir(tmp_path):

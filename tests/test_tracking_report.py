@@ -15,17 +15,19 @@ from gradkit.cli import main
 from gradkit.tracking.report import SECTIONS, build_report
 
 
-def tracked_run(log_dir, writers=("jsonl",), steps=12):
+def tracked_run(log_dir, writers=("jsonl",), steps=12, accumulation_steps=2, every=2, depth=1):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    hidden = [m for _ in range(depth - 1) for m in (nn.Linear(16, 16), nn.ReLU())]
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), *hidden, nn.Linear(16, 2))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = gk.Tracker(log_dir, every=2, writers=writers, meta={"max_norm": 0.5})
-    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(0.5), tracker=tracker)
+    tracker = gk.Tracker(log_dir, every=every, writers=writers, meta={"max_norm": 0.5})
+    clip = gk.ClipByGlobalNorm(0.5)
+    pipe = gk.GradientPipeline(model, accumulation_steps=accumulation_steps, clip=clip, tracker=tracker)
     g = torch.Generator().manual_seed(1)
-    for i in range(2 * steps):
+    for i in range(accumulation_steps * steps):
         x, y = torch.randn(8, 8, generator=g), torch.randn(8, 2, generator=g)
         loss = ((model(x) - y) ** 2).sum()
-        if i == 9:
+        if i == 9 and accumulation_steps == 2:
             loss = loss * float("nan")  # one skipped step, to be marked in the report
         pipe.backward(loss, num_items=8)
         pipe.step(opt)
@@ -56,7 +58,11 @@ def test_report_from_a_real_run_has_every_section_and_plot(tmp_path):
     page = out.read_text()
     for sid in SECTIONS:
         assert f'id="{sid}"' in page
-    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == len(SECTIONS) - 1
+    # every section but the alerts table draws a plot, except communication: one process sends nothing,
+    # which the page says in a sentence instead of drawing a line at zero
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == len(SECTIONS) - 2
+    compression = page.split('id="compression"')[1]
+    assert "Nothing was sent" in compression and "<img" not in compression
     assert "nonfinite" in page  # the skipped step's alert is in the table
     assert "http" not in page.replace("http-equiv", "")  # self-contained
 
@@ -90,3 +96,47 @@ def test_report_skips_a_truncated_last_line(tmp_path):
     with pytest.warns(UserWarning, match="not valid JSON"):
         page = build_report(tmp_path).read_text()
     assert "3 logged steps (1 to 4)" in page  # steps 1, 2, 4 (every=2); the broken line is gone
+
+
+def section(page: str, sid: str) -> str:
+    return page.split(f'id="{sid}"')[1].split("</section>")[0]
+
+
+def test_report_has_the_mode_of_the_other_outputs(tmp_path):
+    tracked_run(tmp_path, steps=4)
+    out = build_report(tmp_path)
+    assert out.stat().st_mode & 0o777 == (tmp_path / "tracking.jsonl").stat().st_mode & 0o777
+
+
+def test_a_run_without_noise_estimate_says_so_instead_of_an_empty_plot(tmp_path):
+    tracked_run(tmp_path, steps=6, accumulation_steps=1)  # one micro-batch, one process: one batch size only
+    page = build_report(tmp_path).read_text()
+    noise = section(page, "noise-scale")
+    assert "<img" not in noise and "needs two batch sizes" in noise
+    assert "<img" in section(page, "global-norm")
+
+
+def test_noise_text_and_plot_speak_of_the_same_batch(tmp_path):
+    from gradkit.tracking.report import _step_batch, load_run
+
+    tracked_run(tmp_path, steps=12)
+    _, steps, _ = load_run(tmp_path)
+    last = next(r for r in reversed(steps) if r.get("noise") and r["noise"].get("advice"))
+    stated = float(re.search(r"current batch (\S+),", last["noise"]["advice"]).group(1))
+    assert _step_batch(last) == stated  # the dashed line is drawn at the batch the sentence names
+    page = build_report(tmp_path).read_text()
+    assert f"current batch {stated:g}" in section(page, "noise-scale") and "<img" in section(page, "noise-scale")
+
+
+def test_a_single_logged_step_still_draws_its_point(tmp_path):
+    tracked_run(tmp_path, steps=1, every=1, accumulation_steps=1)
+    page = build_report(tmp_path).read_text()
+    assert "1 logged step (1 to 1)" in page and "<img" in section(page, "global-norm")
+
+
+def test_many_layers_highlight_the_top_ones_and_say_so(tmp_path):
+    from gradkit.tracking.report import HIGHLIGHTED
+
+    tracked_run(tmp_path, steps=4, depth=6)  # 7 linear layers
+    note = section(build_report(tmp_path).read_text(), "update-ratio")
+    assert f"the {HIGHLIGHTED} layers with the largest ratios in colour, the other 2 in grey" in note

@@ -1,8 +1,13 @@
 """The `gradkit` command line: demo, train, report, bench.
 
-User errors (a bad config, a missing file, an unwritable directory) print one
-clear line and exit with status 2, without a traceback; Ctrl-C stops training
-after the current step, keeps the last checkpoint and exits with 130.
+User errors (a bad config, a missing file, an unwritable directory, a checkpoint
+these settings cannot resume) print one clear line and exit with status 2,
+without a traceback and before any worker starts; a failing worker is one line
+too (exit 1), with the full traceback in ``RUN_DIR/error.log`` (``--verbose``
+prints it). Ctrl-C stops training after the current step, keeps the last
+checkpoint and exits with 130. Running a finished run again trains nothing: it
+shows the run's summary (``--steps`` above the finished count trains on,
+``--fresh`` starts over). Byte counts are in SI units (1 MB = 10**6 bytes).
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="local worker processes")
     parser.add_argument("--name", help="run name: the folder under the run directory")
     parser.add_argument("--run-dir", dest="run_dir", help="where runs are written (default: runs)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: remove the run folder's checkpoint, logs and report first")
+    parser.add_argument("--verbose", action="store_true",
+                        help="on a worker failure, print the full traceback (always kept in RUN_DIR/error.log)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,42 +75,81 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from gradkit.train import runs
     from gradkit.train.config import ConfigError, config_from, load_config
-    from gradkit.train.launch import run_training
+    from gradkit.train.launch import WorkerError, check_setup, run_training
 
     overrides = {"steps": args.steps, "workers": args.workers, "name": args.name, "run_dir": args.run_dir}
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first worker talks
     try:
         if args.command == "demo":
             defaults = {"steps": QUICK_STEPS, "eval_every": 10, "checkpoint_every": 10, "track_every": 5} if args.quick else {}
             config = config_from({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
         else:
             config = load_config(args.config, **overrides)
-        speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first worker talks
+        if args.fresh and speaks:
+            runs.start_over(config.run_path)
+        check_setup(config)  # every user error is reported before the banner and before any worker starts
+        done = runs.checkpoint_step(config.run_path)
+        if done is not None and done >= config.steps:
+            if speaks:
+                print(_complete(args.command, config, done))
+            return 0
         if speaks:
-            print(_banner(config), flush=True)
-        summary = run_training(config)
+            print(_banner(config, done), flush=True)
+        summary = run_training(config, checked=True, verbose=args.verbose)
     except ConfigError as error:
         print(f"gradkit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except WorkerError as error:
+        if args.verbose:
+            if error.log.exists():
+                print(error.log.read_text(encoding="utf-8", errors="replace"), file=sys.stderr)
+        print(f"gradkit {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ngradkit {args.command}: interrupted; the last checkpoint is kept, run the same command to resume", file=sys.stderr)
         return 130
     if speaks:
+        summary = _carry_over(runs.load_summary(config.run_path), summary)
+        runs.save_summary(config.run_path, summary)
         report = _build_report(Path(summary["run_dir"]))
         print(_summary(summary, report))
     return 130 if summary["interrupted"] else 0
 
 
-def _banner(config) -> str:
-    from gradkit.train.engine import checkpoint_step
-
-    resumed = checkpoint_step(config.run_path)
-    start = f"resuming at step {resumed}" if resumed else "starting"
+def _banner(config, resumed: int | None) -> str:
+    start = f"resuming at step {resumed} of" if resumed else "starting"
     return (
         f"gradkit {gradkit.__version__}: {start} '{config.name}' with {config.workers} worker(s): {config.model} on "
         f"{config.text or 'the Python documentation'}, {config.steps} steps of {config.accumulation_steps} micro-batches, "
         f"compressor={config.compressor}, clip={config.clip}; writing {config.run_path}"
     )
+
+
+def _complete(command: str, config, done: int) -> str:
+    """What a finished run says when run again: that it is complete, its summary, and how to train more."""
+    from gradkit.train import runs
+
+    more = f"--steps {done + 100}" if command == "demo" else f"--steps {done + 100} (or a larger steps in the config)"
+    head = (
+        f"gradkit {command}: run '{config.name}' is complete: its checkpoint is at step {done}"
+        + (f" (asked for {config.steps})" if config.steps != done else "")
+        + f"; nothing to train. Pass {more} to train on, or --fresh to start over."
+    )
+    saved = runs.load_summary(config.run_path)
+    report = config.run_path / "report.html"
+    report = report if report.exists() else None
+    if saved is None:
+        return head + (f"\n  report: {report}" if report else "") + f"\n  run directory: {config.run_path}"
+    return head + "\n" + _summary(saved, report, heading="last session")
+
+
+def _carry_over(previous: dict | None, summary: dict) -> dict:
+    """A resumed session keeps the run's first validation loss, so the summary still says where it started."""
+    if previous and summary.get("first_val_loss") is None:
+        summary = {**summary, "first_val_loss": previous.get("first_val_loss")}
+    return summary
 
 
 def _build_report(run_dir: Path) -> Path | None:
@@ -114,17 +162,23 @@ def _build_report(run_dir: Path) -> Path | None:
         return None
 
 
-def _summary(summary: dict, report: Path | None) -> str:
+def _summary(summary: dict, report: Path | None, heading: str = "done") -> str:
     from gradkit.train.engine import describe_noise
 
     ratio = summary["dense_bytes"] / summary["bytes_sent"] if summary["bytes_sent"] else None
-    first = summary["first_val_loss"]
+    first, train, start = summary["first_val_loss"], summary["train_loss"], summary.get("start", 0)
+    trained = summary["steps"] - start
+    where = f" (from step {start} to {summary['steps']})" if start else ""
+    loss = f"train {train:.3f}, " if train is not None else ""
     lines = [
         "",
-        f"done: {summary['steps']} steps on {summary['workers']} worker(s) in {summary['seconds']:.0f} s" + (" (interrupted)" if summary["interrupted"] else ""),
-        f"  loss: train {summary['train_loss']:.3f}, validation {summary['val_loss']:.3f}" + (f" (from {first:.3f})" if first is not None else ""),
+        f"{heading}: {trained} steps{where} on {summary['workers']} worker(s) in {summary['seconds']:.0f} s"
+        + (" (interrupted)" if summary["interrupted"] else ""),
+        f"  loss: {loss}validation {summary['val_loss']:.3f}"
+        + (f" (from {first:.3f} at step 0)" if first is not None else ""),
         f"  sent: {summary['bytes_sent'] / 1e6:.2f} MB per worker vs {summary['dense_bytes'] / 1e6:.2f} MB dense"
-        + (f" ({ratio:.0f}x less)" if ratio else " (one worker: nothing sent)"),
+        + (f" ({ratio:.0f}x less)" if ratio else " (nothing sent)")
+        + (" in these steps" if start else ""),
         f"  alerts: {len(summary['alerts'])}" + "".join(f"\n    step {a['step']}: {a['kind']} in {a['name']}: {a['message']}" for a in summary["alerts"][:5]),
         f"  noise scale: {describe_noise(summary['noise'])}",
         f"  run directory: {summary['run_dir']} (tracking.jsonl, TensorBoard events, checkpoint/)",

@@ -4,7 +4,10 @@ One self-contained page (figures embedded as base64 PNG, no network) built
 from ``RUN_DIR/tracking.jsonl``: the global norm with the clip threshold and
 skipped steps, a per-layer norm heatmap, update/weight ratios with the 1e-3
 guide line, the alerts, the noise scale with batch-size advice, and the bytes
-sent per step. matplotlib is imported lazily (``pip install 'gradkit[viz]'``).
+sent per step. A section without data (no noise-scale estimate, nothing sent)
+says so in a sentence instead of drawing an empty plot. Bytes are in SI units
+(1 MB = 10**6 bytes), as in the rest of gradkit's output. matplotlib is
+imported lazily (``pip install 'gradkit[viz]'``).
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from gradkit.tracking.writers import JSONL_NAME, read_jsonl
 
 __all__ = ["RunError", "load_run", "build_report", "SECTIONS"]
 
-#: section ids of the page, in order (each but "alerts" holds one figure)
+#: section ids of the page, in order ("alerts" is a table; the others a figure, or a sentence when there is no data)
 SECTIONS = ("global-norm", "layer-norms", "update-ratio", "alerts", "noise-scale", "compression")
 UPDATE_GUIDE = 1e-3
+#: layers drawn in colour, with a legend, on the update/weight plot; the others are grey
+HIGHLIGHTED = 5
+#: fewer points than this get markers, so that a short run still shows its data
+MARKERS_BELOW = 30
 
 
 class RunError(ValueError):
@@ -71,18 +78,19 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     sections = [
         ("global-norm", "Global gradient norm", _global_norm(plt, header, steps), ""),
         ("layer-norms", "Per-layer gradient norm", _heatmap(plt, steps), ""),
-        ("update-ratio", "Update / weight ratio", _update_ratio(plt, steps), "||Δw|| / ||w|| per layer on logged steps; around 1e-3 (dashed) is the usual healthy order of magnitude."),
+        ("update-ratio", "Update / weight ratio", _update_ratio(plt, steps), _update_note(steps)),
         ("alerts", f"Alerts ({len(alerts)})", None, _alerts_table(alerts)),
         ("noise-scale", "Gradient noise scale", _noise(plt, steps), _advice(steps)),
         ("compression", "Communication", _bytes(plt, steps), _bytes_note(steps)),
     ]
     body = []
     for sid, title, figure, text in sections:
-        img = f'<img alt="{html.escape(title)}" src="data:image/png;base64,{figure}">' if figure else ""
+        img = f'<img alt="{html.escape(title)} plot" src="data:image/png;base64,{figure}">' if figure else ""
         body.append(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{text}{img}</section>')
     meta = header.get("meta") or {}
     summary = (
-        f"{len(steps)} logged steps (1 to {steps[-1]['step']}), every {header.get('every', '?')}; "
+        f"{len(steps)} logged step{'s' if len(steps) != 1 else ''} ({steps[0]['step']} to {steps[-1]['step']}), "
+        f"every {header.get('every', '?')}; "
         f"{len(header.get('modules', steps[-1]['modules']))} layers; gradkit {html.escape(str(header.get('version', '?')))}"
         + (f"; settings: {html.escape(', '.join(f'{k}={v}' for k, v in meta.items()))}" if meta else "")
     )
@@ -116,7 +124,7 @@ def _pyplot():
 def _png(plt, fig) -> str:
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")  # tight: long axis labels are never cut
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
@@ -125,11 +133,28 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _marker(count: int) -> str | None:
+    return "o" if count < MARKERS_BELOW else None
+
+
+def _step_axis(ax, x: list[int]) -> None:
+    """Whole-number step ticks; a single logged step gets a step either side instead of a ±4% sliver."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if x and min(x) == max(x):
+        ax.set_xlim(x[0] - 1, x[0] + 1)
+    ax.set_xlabel("optimizer step")
+
+
 def _global_norm(plt, header: dict, steps: list[dict]) -> str:
     x = [r["step"] for r in steps]
     fig, ax = plt.subplots(figsize=(11, 3.6))
-    ax.plot(x, [_num(r["global"]["norm_pre_clip"]) for r in steps], label="before clipping", color="tab:blue")
-    ax.plot(x, [_num(r["global"]["norm"]) for r in steps], label="after clipping", color="tab:green", linestyle="--")
+    marker = _marker(len(x))
+    before = [_num(r["global"]["norm_pre_clip"]) for r in steps]
+    ax.plot(x, before, label="before clipping", color="tab:blue", marker=marker)
+    after = [_num(r["global"]["norm"]) for r in steps]
+    ax.plot(x, after, label="after clipping", color="tab:green", linestyle="--", marker=marker, markersize=4)
     threshold, source = _clip_threshold(header, steps)
     if threshold is not None:
         ax.axhline(threshold, color="tab:orange", linestyle=":", label=f"clip threshold {threshold:.3g} ({source})")
@@ -139,7 +164,8 @@ def _global_norm(plt, header: dict, steps: list[dict]) -> str:
             ax.axvline(s, color="tab:red", alpha=0.4)
         ax.plot([], [], color="tab:red", alpha=0.4, label=f"skipped steps since the previous log ({len(skipped)} logs)")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
+    ax.margins(y=0.15)  # a point on the frame reads as cut off
+    _step_axis(ax, x)
     ax.set_ylabel("global L2 norm")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
@@ -174,63 +200,114 @@ def _heatmap(plt, steps: list[dict]) -> str:
     ticks = np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int)
     ax.set_xticks(ticks, labels=[steps[t]["step"] for t in ticks])
     ax.set_xlabel("optimizer step (logged)")
-    fig.colorbar(image, ax=ax, label="log10 gradient norm (before clipping)")
+    fig.colorbar(image, ax=ax, label="log10 norm, before clipping")
     return _png(plt, fig)
 
 
-def _update_ratio(plt, steps: list[dict]) -> str:
+def _update_ratio(plt, steps: list[dict]) -> str | None:
+    import numpy as np
+
     layers = list(dict.fromkeys(name for r in steps for name in r["modules"]))
-    fig, ax = plt.subplots(figsize=(11, 3.8))
-    cmap = plt.get_cmap("viridis")
-    for i, name in enumerate(layers):
+    series = {}
+    for name in layers:
         points = [(r["step"], _num(r["modules"].get(name, {}).get("update_to_weight"))) for r in steps]
         points = [(s, v) for s, v in points if v > 0 and math.isfinite(v)]
         if points:
-            ax.plot(*zip(*points), label=name, color=cmap(i / max(len(layers) - 1, 1)), marker="." if len(points) < 30 else None)
+            series[name] = points
+    if not series:
+        return None
+    # The layers that move most (largest mean log ratio) are the ones to watch: colour and legend for
+    # them, grey for the rest, so that a model with dozens of layers stays readable.
+    ranked = sorted(series, key=lambda n: -float(np.mean([math.log10(v) for _, v in series[n]])))
+    top = ranked[:HIGHLIGHTED]
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    marker = _marker(max(len(p) for p in series.values()))
+    rest = [n for n in layers if n in series and n not in top]
+    for i, name in enumerate(rest):
+        ax.plot(*zip(*series[name]), color="0.75", linewidth=0.8, marker=marker, markersize=3,
+                label=f"other {len(rest)} layers" if i == 0 else None)  # fmt: skip
+    colors = plt.get_cmap("tab10")
+    for i, name in enumerate(top):
+        ax.plot(*zip(*series[name]), color=colors(i), linewidth=1.6, marker=marker, markersize=4, label=name)
     ax.axhline(UPDATE_GUIDE, color="black", linestyle="--", label="1e-3 guide")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
+    _step_axis(ax, [r["step"] for r in steps])
     ax.set_ylabel("||Δw|| / ||w||")
-    if len(layers) <= 12:
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     ax.grid(alpha=0.3)
     return _png(plt, fig)
 
 
-def _noise(plt, steps: list[dict]) -> str:
-    points = [(r["step"], _num(r["noise"]["b_simple"]), _num(r["noise"]["big_batch"])) for r in steps if r.get("noise")]
-    fig, ax = plt.subplots(figsize=(11, 3.2))
-    shown = [(s, b, big) for s, b, big in points if math.isfinite(b)]
-    if shown:
-        ax.plot([p[0] for p in shown], [p[1] for p in shown], label="B_simple (EMA)", color="tab:purple")
-        ax.plot([p[0] for p in points], [p[2] for p in points], label="current batch", color="gray", linestyle="--")
-        ax.set_yscale("log")
-        ax.legend(loc="best", fontsize=8)
+def _update_note(steps: list[dict]) -> str:
+    layers = {name for r in steps for name in r["modules"]}
+    if len(layers) > HIGHLIGHTED:
+        grey = len(layers) - HIGHLIGHTED
+        which = f"the {HIGHLIGHTED} layers with the largest ratios in colour, the other {grey} in grey"
     else:
-        ax.text(0.5, 0.5, "not measured: needs accumulation_steps > 1 or several processes", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("optimizer step")
+        which = "one line per layer"
+    return (
+        f"<p>||Δw|| / ||w|| per layer on logged steps ({which}); around 1e-3 (dashed) is the usual healthy order "
+        "of magnitude.</p>"
+    )
+
+
+def _noise(plt, steps: list[dict]) -> str | None:
+    # A non-positive estimate is the EMA still settling (the advice says nothing then): not a point to draw.
+    rows = [r for r in steps if r.get("noise") and 0 < _num(r["noise"].get("b_simple")) < math.inf]
+    if not rows:
+        return None
+    x = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    marker = _marker(len(x))
+    ax.plot(x, [_num(r["noise"]["b_simple"]) for r in rows], label="B_simple (EMA)", color="tab:purple", marker=marker)
+    ax.plot(x, [_step_batch(r) for r in rows], label="current batch (items per step, all workers)", color="gray",
+            linestyle="--", marker=marker, markersize=3)  # fmt: skip
+    ax.set_yscale("log")
+    ax.legend(loc="best", fontsize=8)
+    _step_axis(ax, x)
     ax.set_ylabel("batch size (items)")
     ax.grid(alpha=0.3)
     return _png(plt, fig)
+
+
+def _step_batch(record: dict) -> float:
+    """The batch the advice compares with B_simple: the step's items over all workers (else the measured big batch)."""
+    for value in (_num(record["global"].get("items")), _num(record["noise"].get("big_batch"))):
+        if math.isfinite(value) and value > 0:
+            return value
+    return math.nan
 
 
 def _advice(steps: list[dict]) -> str:
     for r in reversed(steps):
         if r.get("noise") and r["noise"].get("advice"):
             return f'<p>At step {r["step"]}: {html.escape(r["noise"]["advice"])}. B_simple (McCandlish et al. 2018) is a noisy proxy of the critical batch size and grows as the loss falls.</p>'
-    return '<p class="note">No noise-scale estimate yet.</p>'
+    return (
+        '<p class="note">No noise-scale estimate: it needs two batch sizes per step, so accumulation_steps > 1 '
+        "or several workers, and a few logged steps.</p>"
+    )
 
 
-def _bytes(plt, steps: list[dict]) -> str:
+def _bytes(plt, steps: list[dict]) -> str | None:
+    if not any(r["global"]["bytes_sent"] for r in steps):
+        return None
+    x = [r["step"] for r in steps]
+    marker = _marker(len(x))
     fig, ax = plt.subplots(figsize=(11, 3.0))
-    ax.plot([r["step"] for r in steps], [r["global"]["bytes_sent"] for r in steps], marker=".", color="tab:cyan", label="bytes sent (this rank)")
-    ratios = [(r["step"], r["global"]["compression_ratio"]) for r in steps if r["global"].get("compression_ratio")]
-    if ratios:
-        twin = ax.twinx()
-        twin.plot(*zip(*ratios), color="tab:red", label="compression ratio")
-        twin.set_ylabel("dense / sent")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("bytes per step")
+    sent_mb = [r["global"]["bytes_sent"] / 1e6 for r in steps]
+    ax.plot(x, sent_mb, marker=marker, color="tab:cyan", label="sent by this worker")
+    dense_mb = [_num(r["global"].get("dense_bytes")) / 1e6 for r in steps]
+    ax.plot(x, dense_mb, color="gray", linestyle="--", label="dense gradient")
+    dense = [_num(r["global"].get("dense_bytes")) for r in steps]
+    sent = [r["global"]["bytes_sent"] for r in steps if r["global"]["bytes_sent"] > 0]
+    if sent and any(math.isfinite(d) and d > 10 * min(sent) for d in dense):
+        ax.set_yscale("log")  # a 30x saving is unreadable on a linear axis; on a log one the gap is the ratio
+        ax.set_ylabel("MB per step (log scale)")
+    else:
+        ax.set_ylim(bottom=0)  # from zero, so that a steady count is not drawn as a big swing
+        ax.set_ylabel("MB per step")
+    _step_axis(ax, x)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     ax.grid(alpha=0.3)
     return _png(plt, fig)
 
@@ -239,7 +316,12 @@ def _bytes_note(steps: list[dict]) -> str:
     total = sum(r["global"]["bytes_since_log"] for r in steps)
     if not total:
         return '<p class="note">Nothing was sent: one process, or averaging left to DDP.</p>'
-    return f"<p>{total / 2**20:.1f} MiB sent by this rank over the logged windows.</p>"
+    ratios = [_num(r["global"].get("compression_ratio")) for r in steps]
+    ratios = [v for v in ratios if math.isfinite(v) and v > 0]
+    ratio = f"; the last logged step sent {ratios[-1]:.0f}x less than the dense gradient" if ratios else ""
+    return (
+        f"<p>{total / 1e6:.2f} MB (1 MB = 10<sup>6</sup> bytes) sent by this worker over the logged windows{ratio}.</p>"
+    )
 
 
 def _alerts_table(alerts: list[dict]) -> str:
@@ -259,7 +341,14 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the page gets the mode of the other outputs
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask

@@ -130,6 +130,9 @@ TABLES = ("run", "model", "data", "optimizer", "compression", "clipping", "track
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     """Read a TOML file into a checked `TrainConfig`; `overrides` (non-None) win.
 
+    A file without ``name`` runs under the file's own name (``tiny.toml`` writes
+    ``runs/tiny``), so two configs never share, and resume, one run folder.
+
     Raises:
         ConfigError: a missing or unreadable file, bad TOML, an unknown key (the
             message suggests the closest valid one), or a bad value.
@@ -150,6 +153,7 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
         else:
             values[key] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values.setdefault("name", path.stem)
     return config_from(values)
 
 
@@ -166,8 +170,13 @@ def config_from(values: dict[str, Any]) -> TrainConfig:
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
         elif not isinstance(value, type(default)) or (isinstance(value, bool) and not isinstance(default, bool)):
-            raise ConfigError(f"{key} must be a {type(default).__name__}, got {type(value).__name__} {value!r}")
+            got = _KINDS.get(type(value), type(value).__name__)
+            raise ConfigError(f"{key} must be {_KINDS[type(default)]}, got {got} {value!r}")
     return TrainConfig(**values).validate()
+
+
+#: how an error names the type a setting needs ("steps must be an integer")
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a table"}
 
 
 def _int_at_least(key: str, value: object, minimum: int) -> None:

@@ -25,6 +25,7 @@ from gradkit import distributed as gdist
 from gradkit.train.config import ConfigError, TrainConfig
 from gradkit.train.data import Corpus, load_text
 from gradkit.train.model import build_model
+from gradkit.train.runs import checkpoint_step, shape_settings
 
 __all__ = ["train_worker", "checkpoint_step"]
 
@@ -138,11 +139,11 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
             progress.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}", sent=_size(sent), refresh=False)
             progress.update(1)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            save_checkpoint(config.run_path, step, rank, model, optimizer, pipe, distributed)
+            save_checkpoint(config.run_path, step, rank, model, optimizer, pipe, distributed, shape_settings(config))
         if step % config.eval_every == 0 and progress is not None:
             progress.write(f"step {step}: validation loss {evaluate(model, corpus, config):.3f}")
         if stop.agreed(distributed):
-            save_checkpoint(config.run_path, step, rank, model, optimizer, pipe, distributed)
+            save_checkpoint(config.run_path, step, rank, model, optimizer, pipe, distributed, shape_settings(config))
             break
     if progress is not None:
         progress.close()
@@ -152,6 +153,7 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
         "rank": rank,
         "workers": world,
         "steps": step,
+        "start": start,
         "interrupted": step < config.steps,
         "first_val_loss": first_eval,
         "val_loss": final_eval,
@@ -183,15 +185,11 @@ def _seed(seed: int, rank: int, step: int, micro: int) -> int:
 # -- checkpoints ---------------------------------------------------------------------
 
 
-def checkpoint_step(run_path: Path) -> int | None:
-    """The step of the last complete checkpoint in `run_path`, or None."""
-    marker = run_path / "checkpoint" / "step.json"
-    if not marker.exists():
-        return None
-    return int(json.loads(marker.read_text())["step"])
-
-
-def save_checkpoint(run_path: Path, step: int, rank: int, model, optimizer, pipe: gk.GradientPipeline, distributed: bool) -> None:
+def save_checkpoint(
+    run_path: Path, step: int, rank: int, model, optimizer, pipe: gk.GradientPipeline, distributed: bool,
+    settings: dict[str, Any] | None = None,
+) -> None:
+    """Write this rank's state, then (rank 0) the marker naming the step and the shape settings."""
     folder = run_path / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)
     _save_atomic({"pipeline": pipe.state_dict(), "rng": torch.get_rng_state()}, folder / f"rank{rank}.pt")
@@ -201,7 +199,8 @@ def save_checkpoint(run_path: Path, step: int, rank: int, model, optimizer, pipe
         dist.barrier()  # every rank's file is complete before the marker names the step
     if rank == 0:
         marker = folder / "step.json.partial"
-        marker.write_text(json.dumps({"step": step, "workers": dist.get_world_size() if distributed else 1}))
+        world = dist.get_world_size() if distributed else 1
+        marker.write_text(json.dumps({"step": step, "workers": world, "settings": settings or {}}))
         os.replace(marker, folder / "step.json")
 
 
@@ -244,10 +243,11 @@ def _progress(rank: int, start: int, total: int):
 
 
 def _size(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
+    """Bytes in SI units, as everywhere in gradkit's output: 1 kB = 1000 B, 1 MB = 10**6 B."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
             return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
-        count /= 1024
+        count /= 1000
     return f"{count:.1f}GB"
 
 
