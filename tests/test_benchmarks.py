@@ -103,8 +103,9 @@ def test_workers_import_the_same_gradkit_as_the_harness():
     home = str(Path(gradkit.__file__).resolve().parents[1])
     env = processes._same_gradkit({"PATH": "/bin", "PYTHONPATH": "/elsewhere"})
     found = subprocess.run(
-        [sys.executable, "-c", "import gradkit; print(gradkit.__file__)"], env=env, capture_output=True, text=True, timeout=60
-    )
+        [sys.executable, "-c", "import gradkit; print(gradkit.__file__)"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()).resolve() == Path(gradkit.__file__).resolve()
     if env.get("PYTHONPATH"):  # not installed in site-packages: its folder goes first, the caller's path stays
@@ -112,13 +113,15 @@ def test_workers_import_the_same_gradkit_as_the_harness():
 
 
 def _gradkit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gradkit", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "gradkit", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_bench_help_lists_every_option_and_every_benchmark(tmp_path):
     assert list(BENCHMARKS) == NAMES
     cli = _gradkit("bench", "--help", cwd=tmp_path)
-    harness = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"]
+    harness = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0 and harness.returncode == 0, cli.stderr + harness.stderr
     options = {"--quick", "--out", "--threads", "--tiny", "--only", "--quality-steps"}
     for help_text in (cli.stdout, harness.stdout):
@@ -147,7 +150,8 @@ def test_bench_bad_options_are_one_line_before_anything_runs(tmp_path, argv, wor
 
 def test_gradkit_bench_runs_from_any_folder_and_names_its_command(tmp_path):
     out = tmp_path / "clipping.md"
-    done = _gradkit("bench", "--quick", "--tiny", "--threads", "1", "--only", "clipping", "--out", str(out), cwd=tmp_path)
+    argv = ["bench", "--quick", "--tiny", "--threads", "1", "--only", "clipping", "--out", str(out)]
+    done = _gradkit(*argv, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"command: gradkit bench --quick --tiny --threads 1 --only clipping --out {out}" in done.stdout
     rows = _table(done.stdout)

@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(BENCHMARKS)
     if not parser.description:
         parser.description = f"{__doc__.splitlines()[0]} Benchmarks: {names}."
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes where a benchmark has them: a check that it runs")
+    quick = "fewer repeats and smaller sizes where a benchmark has them: a check that it runs"
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the report (markdown) to this file")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for the test suite; the numbers mean nothing")
