@@ -1,9 +1,10 @@
-"""The benchmark harness runs end to end and prints a well-formed table (no timing thresholds)."""
+"""The benchmark harness (gradkit.bench, `gradkit bench`, benchmarks/run.py) runs end to end and prints a
+well-formed table (no timing thresholds); its options and errors are the same from both entry points."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import gradkit
+from gradkit.bench import processes
+from gradkit.bench.run import BENCHMARKS
+
 ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["clipping", "tracking", "topk", "averaging", "network", "quality", "memory"]
 
 
 def _table(report: str) -> list[dict[str, str]]:
@@ -88,9 +94,66 @@ def test_quality_steps_sets_the_length_of_the_quality_runs():
 
 
 def test_a_shown_worker_that_fails_points_to_its_stderr(capfd):
-    spec = importlib.util.spec_from_file_location("bench_processes", ROOT / "benchmarks" / "processes.py")
-    processes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(processes)
     with pytest.raises(RuntimeError, match=r"worker 0 \(exit 2; its stderr is above\)"):
         processes.run_workers([(["no-such-benchmark"], {})], timeout=60, show=0)
     assert "no-such-benchmark" in capfd.readouterr().err  # argparse's message reached the terminal
+
+
+def test_workers_import_the_same_gradkit_as_the_harness():
+    home = str(Path(gradkit.__file__).resolve().parents[1])
+    env = processes._same_gradkit({"PATH": "/bin", "PYTHONPATH": "/elsewhere"})
+    found = subprocess.run(
+        [sys.executable, "-c", "import gradkit; print(gradkit.__file__)"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()).resolve() == Path(gradkit.__file__).resolve()
+    if env.get("PYTHONPATH"):  # not installed in site-packages: its folder goes first, the caller's path stays
+        assert env["PYTHONPATH"].split(os.pathsep) == [home, "/elsewhere"]
+
+
+def _gradkit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "gradkit", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_bench_help_lists_every_option_and_every_benchmark(tmp_path):
+    assert list(BENCHMARKS) == NAMES
+    cli = _gradkit("bench", "--help", cwd=tmp_path)
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"]
+    harness = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and harness.returncode == 0, cli.stderr + harness.stderr
+    options = {"--quick", "--out", "--threads", "--tiny", "--only", "--quality-steps"}
+    for help_text in (cli.stdout, harness.stdout):
+        listed = {word.rstrip(",") for word in help_text.split() if word.startswith("--")}
+        assert options | {"--help"} <= listed, listed
+        only_help = " ".join(help_text.split()).split("--only NAMES", 2)[-1]
+        assert all(name in only_help for name in NAMES), only_help
+    # the harness accepts exactly the options `gradkit bench` lists
+    cli_listed = {word.rstrip(",") for word in cli.stdout.split() if word.startswith("--")}
+    harness_listed = {word.rstrip(",") for word in harness.stdout.split() if word.startswith("--")}
+    assert cli_listed == harness_listed
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--only", "foo"], "--only: unknown benchmark 'foo'; choose from " + ", ".join(NAMES)),
+    (["--only", ","], "--only: unknown benchmark ','; choose from"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+])  # fmt: skip
+def test_bench_bad_options_are_one_line_before_anything_runs(tmp_path, argv, words):
+    done = _gradkit("bench", *argv, "--out", str(tmp_path / "never.md"), cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gradkit bench: error: {words}"), done.stderr
+    assert done.stdout == "" and not (tmp_path / "never.md").exists()
+
+
+def test_gradkit_bench_runs_from_any_folder_and_names_its_command(tmp_path):
+    out = tmp_path / "clipping.md"
+    argv = ["bench", "--quick", "--tiny", "--threads", "1", "--only", "clipping", "--out", str(out)]
+    done = _gradkit(*argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"command: gradkit bench --quick --tiny --threads 1 --only clipping --out {out}" in done.stdout
+    rows = _table(done.stdout)
+    assert rows and all(row["benchmark"].startswith("clip_grad_norm_") for row in rows)
+    assert out.read_text().strip() == done.stdout.strip()

@@ -3,6 +3,7 @@
 Public names, one per line; see DESIGN.md for the contract.
 """
 
+from gradkit._version import __version__  # first: modules imported below may read it
 from gradkit.averaging import Average
 from gradkit.averaging import ModelAverager
 from gradkit.clipping import AGC
@@ -34,8 +35,6 @@ from gradkit.integrations import ddp_comm_hook
 from gradkit.pipeline import GradientPipeline
 from gradkit.pipeline import StepReport
 from gradkit.tracking import Tracker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BF16",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the log_dir given to gk.Tracker")
     report.add_argument("--out", type=Path, help="where to write the page (default: RUN_DIR/report.html)")
 
-    bench = commands.add_parser("bench", help="run the benchmark harness and print ratios against the anchors")
-    bench.add_argument("--quick", action="store_true", help="a short run: fewer repeats (and smaller sizes where a benchmark offers them)")
-    bench.add_argument("--out", type=Path, help="also write the markdown table to this file")
-    bench.add_argument("--only", help="comma-separated benchmarks to run, e.g. network,quality (default: all)")
+    # The harness's own options: one list for `gradkit bench` and `python benchmarks/run.py`.
+    from gradkit.bench.run import add_arguments as bench_arguments
+
+    bench_arguments(commands.add_parser("bench", help="run the benchmark harness and print ratios against the anchors"))
     return parser
 
 
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(args.run_dir, args.out)
     if args.command == "bench":
-        return _bench(args.quick, args.out, args.only)
+        return _bench(args)
     parser.print_help()
     return 0
 
@@ -200,13 +199,10 @@ def _report(run_dir: Path, out: Path | None) -> int:
     return 0
 
 
-def _bench(quick: bool, out: Path | None, only: str | None = None) -> int:
-    harness = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
-    if not harness.exists():
-        print("gradkit bench: error: the benchmark harness (benchmarks/run.py) comes with a source checkout; run it from one", file=sys.stderr)
-        return 2
-    command = [sys.executable, str(harness)] + (["--quick"] if quick else []) + (["--out", str(out)] if out else []) + (["--only", only] if only else [])
-    return subprocess.call(command, env={**os.environ, "PYTHONPATH": str(harness.parent.parent)})
+def _bench(args: argparse.Namespace) -> int:
+    from gradkit.bench.run import run
+
+    return run(args, prog="gradkit bench")
 
 
 if __name__ == "__main__":

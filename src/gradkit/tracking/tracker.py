@@ -165,7 +165,7 @@ class Tracker:
             self.meta["max_norm"] = min(thresholds)  # the report draws it as the clip line
         self._locator = NonfiniteLocator(module, self._names, self._params)
         modules = list(dict.fromkeys(_stats.module_of(n) for n in self._names))
-        import gradkit  # late: gradkit/__init__ imports this module
+        from gradkit import _version as gradkit  # the version alone: its own module, no cycle with gradkit/__init__
 
         header = {"type": "run", "schema": SCHEMA, "version": gradkit.__version__, "time": time.time(),
                   "every": self.every, "params": self._names, "modules": modules, "meta": self.meta}  # fmt: skip

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import gradkit
-from common import Row, Settings
-from timing import measure
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.timing import measure
 
 __all__ = ["run"]
 

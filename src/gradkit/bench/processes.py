@@ -1,6 +1,6 @@
 """Start benchmark worker processes and collect their JSON results, never hanging.
 
-Each worker is `python benchmarks/worker.py ... --out FILE` (optionally behind a
+Each worker is `python -m gradkit.bench.worker ... --out FILE` (optionally behind a
 prefix such as ``ip netns exec NS``) in its own session, so that on a timeout
 the whole process group it started (gloo threads, a shell of `ip netns exec`)
 is killed, not just the first process.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -19,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gradkit
+
 __all__ = ["WORKER", "free_port", "run_workers"]
 
-WORKER = Path(__file__).resolve().parent / "worker.py"
+WORKER = ("-m", "gradkit.bench.worker")
 
 
 def free_port() -> int:
@@ -31,10 +34,10 @@ def free_port() -> int:
 
 
 def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float, *, show: int | None = None) -> list[dict[str, Any]]:
-    """Run `worker.py` once per (arguments, extra environment), all at once; each one's JSON result.
+    """Run `gradkit.bench.worker` once per (arguments, extra environment), all at once; each one's JSON result.
 
     `arguments` may start with a prefix ending in ``--`` (e.g. ``["ip", "netns", "exec", NS, "--"]``);
-    what follows the ``--`` goes to worker.py. The worker at index `show` writes its stderr (e.g. a
+    what follows the ``--`` goes to the worker. The worker at index `show` writes its stderr (e.g. a
     progress bar) to this process's stderr instead of into the captured output.
 
     Raises:
@@ -48,9 +51,9 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
                 prefix, args = _split(arguments)
                 out = Path(folder, f"result-{index}.json")
                 outs.append(out)
-                command = [*prefix, sys.executable, str(WORKER), *args, "--out", str(out)]
+                command = [*prefix, sys.executable, *WORKER, *args, "--out", str(out)]
                 # One thread per worker: the workers share the machine's cores.
-                environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+                environment = {**_same_gradkit(os.environ), "OMP_NUM_THREADS": "1", **env}
                 processes.append(
                     subprocess.Popen(
                         command, env=environment, stdout=subprocess.PIPE, stderr=None if index == show else subprocess.STDOUT,
@@ -78,6 +81,14 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
             )
             raise RuntimeError(f"benchmark worker failed:\n{detail}")
         return [json.loads(out.read_text()) for out in outs]
+
+
+def _same_gradkit(environ: dict[str, str]) -> dict[str, str]:
+    """The environment with which a worker imports this very gradkit (a checkout's src/ or an installed one)."""
+    home = str(Path(gradkit.__file__).resolve().parents[1])
+    if home in {str(Path(p).resolve()) for p in site.getsitepackages()}:
+        return dict(environ)  # installed: found without help (and site-packages must not go ahead of the stdlib)
+    return {**environ, "PYTHONPATH": os.pathsep.join(filter(None, [home, environ.get("PYTHONPATH")]))}
 
 
 def _split(arguments: list[str]) -> tuple[list[str], list[str]]:

@@ -21,8 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import Row, Settings
-from timing import summarize
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.timing import summarize
 
 __all__ = ["run"]
 

@@ -11,9 +11,9 @@ and the gradient passes matter, not just the matrix products.
 
 from __future__ import annotations
 
-from common import Row, Settings
-from processes import free_port, run_workers
-from timing import summarize
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.processes import free_port, run_workers
+from gradkit.bench.timing import summarize
 
 __all__ = ["run", "FULL_SIZES", "step_rows"]
 

@@ -13,8 +13,8 @@ import os
 import tempfile
 
 import torch
-from common import Row, Settings
-from timing import measure
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.timing import measure
 
 import gradkit
 

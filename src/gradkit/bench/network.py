@@ -24,9 +24,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from bench_averaging import BATCH, FULL_SIZES, GOAL, MAX_REPEATS, TINY_SIZES, step_rows
-from common import Row, Settings
-from processes import run_workers
+from gradkit.bench.averaging import BATCH, FULL_SIZES, GOAL, MAX_REPEATS, TINY_SIZES, step_rows
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.processes import run_workers
 
 __all__ = ["run"]
 

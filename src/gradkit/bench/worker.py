@@ -1,8 +1,8 @@
 """One benchmark worker process (started by processes.run_workers), writing JSON to --out.
 
-    worker.py average --rank R --world W --init tcp://HOST:PORT --pair ddp|topk --sizes 1024,4096,... --batch B --warmup N --repeats N
-    worker.py memory --sizes ... --batch B --accumulation K --repeats N
-    worker.py quality --rank R --world W --init tcp://HOST:PORT --configs FILE
+    python -m gradkit.bench.worker average --rank R --world W --init tcp://HOST:PORT --pair ddp|topk --sizes 1024,4096,... --batch B --warmup N --repeats N
+    python -m gradkit.bench.worker memory --sizes ... --batch B --accumulation K --repeats N
+    python -m gradkit.bench.worker quality --rank R --world W --init tcp://HOST:PORT --configs FILE
 
 `average` times two kinds of training step on the same model and data, interleaved
 step by step in this process (so a slow stretch hits both): ``ddp`` pairs a

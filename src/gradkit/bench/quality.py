@@ -47,9 +47,9 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from common import Row, Settings
-from processes import free_port, run_workers
-from timing import Timing
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.processes import free_port, run_workers
+from gradkit.bench.timing import Timing
 
 __all__ = ["run"]
 

@@ -1,6 +1,6 @@
 """What every benchmark module shares: the run settings and the row it returns.
 
-A benchmark module exposes ``run(settings) -> list[Row]``; `run.py` collects
+A benchmark module exposes ``run(settings) -> list[Row]``; `gradkit.bench.run` collects
 the rows of all modules into one table.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from timing import Timing
+from gradkit.bench.timing import Timing
 
 __all__ = ["Settings", "Row"]
 

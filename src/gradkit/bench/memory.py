@@ -11,9 +11,9 @@ torch, model, data; the peak is reset after start-up). The table's times are the
 
 from __future__ import annotations
 
-from common import Row, Settings
-from processes import run_workers
-from timing import summarize
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.processes import run_workers
+from gradkit.bench.timing import summarize
 
 __all__ = ["run"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 import gradkit
-from common import Row, Settings
-from timing import measure
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.timing import measure
 
 __all__ = ["run", "gpt2_shapes"]
 
