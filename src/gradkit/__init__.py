@@ -29,6 +29,7 @@ from gradkit.compression import Threshold
 from gradkit.compression import TopK
 from gradkit.context import GradContext
 from gradkit.distributed import CollectiveError
+from gradkit.ema import EMA
 from gradkit.integrations import ddp_comm_hook
 from gradkit.pipeline import GradientPipeline
 from gradkit.pipeline import StepReport
@@ -57,6 +58,7 @@ __all__ = [
     "ClipPerLayer",
     "ClipStage",
     "CollectiveError",
+    "EMA",
     "GradContext",
     "GradientPipeline",
     "ModelAverager",
