@@ -74,7 +74,7 @@ def run(settings: Settings) -> list[Row]:
         )
         rows.append(
             Row(
-                f"EMA.update, GPT-2 small shapes ({size} fp32, {len(shapes)} tensors)",
+                f"EMA.update, {'tiny GPT-2' if settings.tiny else 'GPT-2 small'} shapes ({size} fp32, {len(shapes)} tensors)",
                 "cpu",
                 f"{REFERENCE} ({name})",
                 GOAL,

@@ -22,6 +22,7 @@ import torch
 import bench_averaging
 import bench_clipping
 import bench_ema
+import bench_powersgd
 import bench_memory
 import bench_network
 import bench_quality
@@ -31,7 +32,7 @@ from common import Row, Settings
 from timing import Timing
 
 BENCHMARKS = [bench_clipping, bench_tracking, bench_topk, bench_averaging, bench_network, bench_quality, bench_memory]
-BENCHMARKS += [bench_ema]
+BENCHMARKS += [bench_ema, bench_powersgd]
 
 FULL = Settings(warmup=5, repeats=101)
 QUICK = Settings(warmup=1, repeats=7)
