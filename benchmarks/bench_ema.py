@@ -62,6 +62,7 @@ def run(settings: Settings) -> list[Row]:
     candidates.update({name: (lambda r=r: r.update_parameters(model)) for name, r in references.items()})
     timings = measure(candidates, repeats=min(settings.repeats, MAX_REPEATS), warmup=min(settings.warmup, 3))
     size = f"{numel / 1e3:.0f}k" if numel < 1e6 else f"{numel / 1e6:.1f}M"
+    label = "tiny GPT-2" if settings.tiny else "GPT-2 small"
     rows = []
     for name, reference in references.items():
         errors = [(a - b).abs().max().item() for a, b in zip(ema.module.parameters(), reference.module.parameters())]
@@ -74,7 +75,7 @@ def run(settings: Settings) -> list[Row]:
         )
         rows.append(
             Row(
-                f"EMA.update, {'tiny GPT-2' if settings.tiny else 'GPT-2 small'} shapes ({size} fp32, {len(shapes)} tensors)",
+                f"EMA.update, {label} shapes ({size} fp32, {len(shapes)} tensors)",
                 "cpu",
                 f"{REFERENCE} ({name})",
                 GOAL,

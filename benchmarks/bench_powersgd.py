@@ -13,6 +13,9 @@ loss (the mean of the last 10 steps' training loss, averaged over ranks; goal
 gradkit <= torch x 1.005) and the bytes each rank hands to all_reduce per step
 after torch's two uncompressed warm-up steps (counted the same way for both,
 by wrapping ``torch.distributed.all_reduce``; goal gradkit <= torch).
+Both average all gradients in one bucket: with several, torch's hook launches
+its second all-reduce from the first one's completion callback, which on gloo
+races with the next bucket's hook and ends in a collective mismatch.
 
 Run alone (from benchmarks/): ``python bench_powersgd.py``.
 """
@@ -20,6 +23,7 @@ Run alone (from benchmarks/): ``python bench_powersgd.py``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -42,6 +46,7 @@ TINY = {"sizes": (16, 32, 10), "batch": 8, "steps": 6}
 LOSS_GOAL = 1.005
 GOAL = 1.0  # step time at most torch's
 TIMEOUT = 600.0
+BUCKET_MB = 1000  # one bucket for all gradients, for both (see _worker)
 LAST = 10  # steps whose mean loss is the final loss
 
 
@@ -96,7 +101,10 @@ def _launch(rank: int, shape: dict) -> dict:
                 ]  # fmt: skip
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
                 processes.append(
-                    subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                    subprocess.Popen(
+                        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        start_new_session=True,
+                    )
                 )
             deadline = time.monotonic() + TIMEOUT
             outputs = [p.communicate(timeout=max(0.1, deadline - time.monotonic()))[0] for p in processes]
@@ -140,7 +148,7 @@ def _worker(args: argparse.Namespace) -> dict:
     try:
         torch.manual_seed(0)
         layers: list[nn.Module] = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         base = nn.Sequential(*layers[:-1])
         teacher = nn.Linear(sizes[0], sizes[-1])
@@ -148,9 +156,14 @@ def _worker(args: argparse.Namespace) -> dict:
 
         ours_model, torch_model = copy.deepcopy(base), copy.deepcopy(base)
         ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.05, momentum=0.9)
-        pipe = gradkit.GradientPipeline(ours_model, average=gradkit.Average(gradkit.PowerSGD(args.powersgd_rank)))
-        ddp = nn.parallel.DistributedDataParallel(torch_model)
-        state = torch_powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank, start_powerSGD_iter=2)
+        # One bucket each: torch's hook issues its second all-reduce from the first one's completion
+        # callback, which on gloo races with the next bucket's first all-reduce (a collective mismatch).
+        averaging = gradkit.Average(gradkit.PowerSGD(args.powersgd_rank), bucket_mb=BUCKET_MB, first_bucket_mb=BUCKET_MB)
+        pipe = gradkit.GradientPipeline(ours_model, average=averaging)
+        ddp = nn.parallel.DistributedDataParallel(torch_model, bucket_cap_mb=BUCKET_MB)
+        state = torch_powersgd.PowerSGDState(
+            process_group=None, matrix_approximation_rank=args.powersgd_rank, start_powerSGD_iter=2
+        )
         ddp.register_comm_hook(state, torch_powersgd.powerSGD_hook)
         torch_opt = torch.optim.SGD(torch_model.parameters(), lr=0.05, momentum=0.9)
 
