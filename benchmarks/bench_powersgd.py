@@ -158,7 +158,8 @@ def _worker(args: argparse.Namespace) -> dict:
         ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.05, momentum=0.9)
         # One bucket each: torch's hook issues its second all-reduce from the first one's completion
         # callback, which on gloo races with the next bucket's first all-reduce (a collective mismatch).
-        averaging = gradkit.Average(gradkit.PowerSGD(args.powersgd_rank), bucket_mb=BUCKET_MB, first_bucket_mb=BUCKET_MB)
+        compressor = gradkit.PowerSGD(args.powersgd_rank)
+        averaging = gradkit.Average(compressor, bucket_mb=BUCKET_MB, first_bucket_mb=BUCKET_MB)
         pipe = gradkit.GradientPipeline(ours_model, average=averaging)
         ddp = nn.parallel.DistributedDataParallel(torch_model, bucket_cap_mb=BUCKET_MB)
         state = torch_powersgd.PowerSGDState(
