@@ -30,6 +30,7 @@ from gradkit.compression import Threshold
 from gradkit.compression import TopK
 from gradkit.context import GradContext
 from gradkit.distributed import CollectiveError
+from gradkit.ema import EMA
 from gradkit.fsdp import FSDPSync
 from gradkit.integrations import ddp_comm_hook
 from gradkit.pipeline import GradientPipeline
@@ -58,6 +59,7 @@ __all__ = [
     "ClipPerLayer",
     "ClipStage",
     "CollectiveError",
+    "EMA",
     "GradContext",
     "GradientPipeline",
     "ModelAverager",

@@ -87,6 +87,8 @@ class GradientPipeline:
         nonfinite: ``"skip"`` (default) skips the optimizer step when the gradient
             holds NaN/inf, leaving optimizer and stage state untouched and counting
             it in `skipped_steps`; ``"raise"`` raises ``FloatingPointError`` instead.
+        ema: a ``gk.EMA`` (anything with ``update()``), updated after every real, not
+            skipped, optimizer step. Its state is its own: save ``ema.state_dict()`` beside this one's.
 
     The step reads one flag on the host (whether the gradient is finite): skipping
     an optimizer step cannot be decided on the device. Nothing else syncs.
@@ -110,6 +112,7 @@ class GradientPipeline:
         tracker: Any = None,
         scaler: Any = None,
         nonfinite: str = "skip",
+        ema: Any = None,
     ) -> None:
         self.accumulation_steps = _checks.positive_int(
             "accumulation_steps", accumulation_steps, "pass how many micro-batches make one optimizer step, e.g. 4"
@@ -127,7 +130,10 @@ class GradientPipeline:
             raise TypeError(f"tracker must have wants(step), observe(ctx, report) and after_step(ctx, report) (e.g. gk.Tracker), got {type(tracker).__name__}")
         if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in ("scale", "unscale_", "step", "update")):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if ema is not None and not callable(getattr(ema, "update", None)):
+            raise TypeError(f"ema must be gk.EMA(model, ...) or None, got {type(ema).__name__}")
         self.names, self.params, self._frozen = _named_parameters(model)
+        self.ema = ema
         self.tracker = tracker
         self.scaler = scaler
         self.sync: SyncControl = sync_control_for(model, average)
@@ -301,6 +307,8 @@ class GradientPipeline:
         else:
             optimizer.step()
         self.sync.after_step(self.params, skipped=skip, contributed=contributed)
+        if self.ema is not None and not skip:
+            self.ema.update()  # after local SGD's parameter averaging, if any: the weights as the step left them
         if self.tracker is not None:
             self.tracker.after_step(ctx, self.last)
         self._end_window()

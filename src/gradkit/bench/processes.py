@@ -53,7 +53,7 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
                 outs.append(out)
                 command = [*prefix, sys.executable, *WORKER, *args, "--out", str(out)]
                 # One thread per worker: the workers share the machine's cores.
-                environment = {**_same_gradkit(os.environ), "OMP_NUM_THREADS": "1", **env}
+                environment = {**same_gradkit_env(os.environ), "OMP_NUM_THREADS": "1", **env}
                 processes.append(
                     subprocess.Popen(
                         command, env=environment, stdout=subprocess.PIPE, stderr=None if index == show else subprocess.STDOUT,
@@ -83,7 +83,7 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
         return [json.loads(out.read_text()) for out in outs]
 
 
-def _same_gradkit(environ: dict[str, str]) -> dict[str, str]:
+def same_gradkit_env(environ: dict[str, str]) -> dict[str, str]:
     """The environment with which a worker imports this very gradkit (a checkout's src/ or an installed one)."""
     home = str(Path(gradkit.__file__).resolve().parents[1])
     if home in {str(Path(p).resolve()) for p in site.getsitepackages()}:

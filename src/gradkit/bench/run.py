@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gradkit.bench import averaging, clipping, fsdp, integrations, memory, network, quality, topk, tracking
+from gradkit.bench import averaging, clipping, ema, fsdp, integrations, memory, network, powersgd, quality, topk, tracking
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import Timing
 
@@ -35,6 +35,8 @@ BENCHMARKS = {
     "network": network,
     "quality": quality,
     "memory": memory,
+    "ema": ema,
+    "powersgd": powersgd,
     "fsdp": fsdp,
     "integrations": integrations,
 }

@@ -109,8 +109,9 @@ class PowerSGD(Compressor):
             if group is not None and summed_q.numel():
                 distributed.run(dist.all_reduce, f"{what} (PowerSGD second factor)", timeout, summed_q, group=group)
             q_sums = [q.view(lq.shape) for q, lq in zip(summed_q.split([lq.numel() for lq in local_q]), local_q)]
-            # What this rank's own approximation missed stays behind (error feedback).
-            new_residual = corrected.clone()
+            # What this rank's own approximation missed stays behind (error feedback). Every
+            # element of both is written below, straight from the matmuls (no clones, no temporaries).
+            new_residual = torch.empty_like(corrected)
             out = torch.empty_like(corrected)
             matrix_iter = iter(zip(matrices, p_hats, local_q, q_sums))
             dense_iter = iter(dense_flat.split([d.numel() for d in dense]))
@@ -124,8 +125,8 @@ class PowerSGD(Compressor):
                     new_residual[view] = 0
                     continue
                 (_, m, _), p_hat, lq, qs = next(matrix_iter)
-                out[view] = (p_hat @ qs.T).reshape(-1)
-                new_residual[view] = (m - p_hat @ lq.T).reshape(-1)
+                torch.mm(p_hat, qs.T, out=out[view].view(m.shape))
+                torch.addmm(m, p_hat, lq.T, beta=1, alpha=-1, out=new_residual[view].view(m.shape))
                 new_q[name] = qs
             self._deferred.add(residual, new_residual, new_q)
             return out
