@@ -214,8 +214,8 @@ class EMA:
                 the message names the first mismatching entry. Nothing changes then.
         """
         _checks.state_keys("EMA", state, {"module", "updates", "calls"})
-        updates = _checks.positive_int("updates", state["updates"], "pass the state from EMA.state_dict()", minimum=0)
-        calls = _checks.positive_int("calls", state["calls"], "pass the state from EMA.state_dict()", minimum=0)
+        updates = _checks.non_negative_int("updates", state["updates"], "pass the state from EMA.state_dict()")
+        calls = _checks.non_negative_int("calls", state["calls"], "pass the state from EMA.state_dict()")
         saved = state["module"]
         if not isinstance(saved, dict):
             raise TypeError(f"EMA.load_state_dict: 'module' must be a dict of tensors, got {type(saved).__name__}")
