@@ -1,6 +1,7 @@
 """Run every benchmark and print one markdown table of ratios against the anchors.
 
     python benchmarks/run.py [--quick] [--out FILE] [--threads N] [--only NAMES] [--quality-steps N]
+    python benchmarks/run.py --only gpu     # every [cuda] row, and nothing else
 
 All candidates of a row are measured side by side in the same run, so the
 ratios hold on whatever machine this runs on; absolute times do not travel.
@@ -21,6 +22,7 @@ import torch
 
 import bench_averaging
 import bench_clipping
+import bench_compressors
 import bench_memory
 import bench_network
 import bench_quality
@@ -29,7 +31,12 @@ import bench_tracking
 from common import Row, Settings
 from timing import Timing
 
-BENCHMARKS = [bench_clipping, bench_tracking, bench_topk, bench_averaging, bench_network, bench_quality, bench_memory]
+BENCHMARKS = [
+    bench_clipping, bench_tracking, bench_topk, bench_compressors, bench_averaging, bench_network, bench_quality,
+    bench_memory,
+]  # fmt: skip
+# `--only gpu`: the [cuda] rows of every module that has them (its `run_cuda(settings)`).
+GPU_GROUP = "gpu"
 
 FULL = Settings(warmup=5, repeats=101)
 QUICK = Settings(warmup=1, repeats=7)
@@ -47,16 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for the test suite; the numbers mean nothing")
     names = [module.__name__.removeprefix("bench_") for module in BENCHMARKS]
-    parser.add_argument("--only", help=f"comma-separated benchmarks to run (default: all): {', '.join(names)}")
+    only_help = f"comma-separated benchmarks to run (default: all): {', '.join(names)}; {GPU_GROUP}: all CUDA rows"
+    parser.add_argument("--only", help=only_help)
     parser.add_argument("--quality-steps", type=int, help=f"training steps of each quality run (default: {bench_quality.FULL_STEPS}: about an hour on 2 cores)")
     args = parser.parse_args(argv)
-    chosen = BENCHMARKS
+    wanted = names
     if args.only is not None:
         wanted = [name.strip() for name in args.only.split(",")]
-        unknown = [name for name in wanted if name not in names]
+        unknown = [name for name in wanted if name not in [*names, GPU_GROUP]]
         if unknown or not wanted:
-            parser.error(f"--only: unknown benchmark {', '.join(map(repr, unknown)) or repr(args.only)}; choose from {', '.join(names)}")
-        chosen = [module for module, name in zip(BENCHMARKS, names) if name in wanted]
+            bad, choices = ", ".join(map(repr, unknown)) or repr(args.only), ", ".join([*names, GPU_GROUP])
+            parser.error(f"--only: unknown benchmark {bad}; choose from {choices}")
+    # A named module runs all its rows (CPU and CUDA); `gpu` adds every module's CUDA rows.
+    plain = [module for module, name in zip(BENCHMARKS, names) if name in wanted]
+    on_gpu = [m for m in BENCHMARKS if hasattr(m, "run_cuda") and (m in plain or GPU_GROUP in wanted)]
+    if not plain and not torch.cuda.is_available():
+        print(f"--only {GPU_GROUP}: no CUDA GPU here (torch.cuda.is_available() is False); no CUDA row was run")
+        return 0
     if args.quality_steps is not None and args.quality_steps < 1:
         parser.error(f"--quality-steps must be >= 1, got {args.quality_steps}")
     if args.threads is not None and args.threads < 1:
@@ -67,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(warmup=base.warmup, repeats=base.repeats, tiny=args.tiny, quality_steps=args.quality_steps)
 
     rows = []
-    for module in chosen:
+    for module in [module for module in BENCHMARKS if module in plain or module in on_gpu]:
         # Progress on stderr: the full run takes over an hour; the report goes to stdout.
         started = time.monotonic()
         print(f"running {module.__name__} ...", file=sys.stderr, flush=True)
-        rows += module.run(settings)
+        if module in plain:
+            rows += module.run(settings)
+        if module in on_gpu:
+            rows += module.run_cuda(settings)
         print(f"{module.__name__} done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     report = "\n".join([machine(), "", f"command: {command(argv)}", "", table(rows), "", notes(rows)])
     print(report)
