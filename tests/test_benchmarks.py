@@ -75,6 +75,20 @@ def test_only_runs_the_named_benchmarks_and_rejects_unknown_names():
     assert "unknown benchmark 'netwrk'" in bad.stderr and "network" in bad.stderr
 
 
+def test_only_gpu_runs_the_cuda_rows_or_says_there_is_no_gpu():
+    harness = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1"]
+    done = subprocess.run([*harness, "--only", "gpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    if torch.cuda.is_available():
+        rows = _table(done.stdout)
+        assert rows and all(row["device"] != "cpu" for row in rows)
+        assert any(row["benchmark"].startswith("TopK(0.01, exactly_k=True)") for row in rows)
+    else:
+        assert done.stdout.strip() == (
+            "--only gpu: no CUDA GPU here (torch.cuda.is_available() is False); no CUDA row was run"
+        )
+
+
 def test_quality_steps_sets_the_length_of_the_quality_runs():
     harness = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1", "--only", "quality"]
     done = subprocess.run([*harness, "--quality-steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
