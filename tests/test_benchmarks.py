@@ -17,7 +17,12 @@ from gradkit.bench import processes
 from gradkit.bench.run import BENCHMARKS
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["clipping", "tracking", "topk", "averaging", "network", "quality", "memory"]
+NAMES = [
+    "clipping", "tracking", "topk", "compressors", "averaging", "network", "quality", "memory",
+    "ema", "powersgd", "fsdp", "integrations",
+]  # fmt: skip
+# The benchmarks that start worker processes or a trainer of their own run in a test of their own.
+PROCESS_HEAVY = ["ema", "powersgd", "fsdp", "integrations"]
 
 
 def _table(report: str) -> list[dict[str, str]]:
@@ -29,12 +34,13 @@ def _table(report: str) -> list[dict[str, str]]:
 def test_quick_run_prints_one_table_with_finite_ratios(tmp_path):
     out = tmp_path / "results.md"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1", "--out", str(out),
+         "--only", ",".join(name for name in NAMES if name not in PROCESS_HEAVY)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
-    )
+        timeout=600,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert out.read_text().strip() == result.stdout.strip()
     assert result.stdout.startswith("machine: CPU: ")
@@ -70,6 +76,26 @@ def test_quick_run_prints_one_table_with_finite_ratios(tmp_path):
         assert math.isfinite(ratio) and ratio > 0, row
 
 
+def test_the_newer_rows_run_against_their_own_anchors(tmp_path):
+    harness = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1"]
+    done = subprocess.run([*harness, "--only", ",".join(PROCESS_HEAVY)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = _table(done.stdout)
+    anchors = {
+        "EMA.update": "AveragedModel.update_parameters",
+        "Average(PowerSGD(": "DDP + powerSGD_hook",
+        "HF Trainer step": "Trainer without callback",
+        "FSDP2 pipeline step": "hand-written FSDP2 loop",
+    }
+    for prefix, reference in anchors.items():
+        found = [row for row in rows if row["benchmark"].startswith(prefix)]
+        assert found and all(row["reference"].startswith(reference) for row in found), (prefix, rows)
+    for row in rows:
+        ratio = float(row["reference / gradkit"])
+        assert math.isfinite(ratio) and ratio > 0, row
+
+
 def test_only_runs_the_named_benchmarks_and_rejects_unknown_names():
     harness = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1"]
     done = subprocess.run([*harness, "--only", "topk"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -79,6 +105,20 @@ def test_only_runs_the_named_benchmarks_and_rejects_unknown_names():
     bad = subprocess.run([*harness, "--only", "topk,netwrk"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert "unknown benchmark 'netwrk'" in bad.stderr and "network" in bad.stderr
+
+
+def test_only_gpu_runs_the_cuda_rows_or_says_there_is_no_gpu():
+    harness = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1"]
+    done = subprocess.run([*harness, "--only", "gpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    if torch.cuda.is_available():
+        rows = _table(done.stdout)
+        assert rows and all(row["device"] != "cpu" for row in rows)
+        assert any(row["benchmark"].startswith("TopK(0.01, exactly_k=True)") for row in rows)
+    else:
+        assert done.stdout.strip() == (
+            "--only gpu: no CUDA GPU here (torch.cuda.is_available() is False); no CUDA row was run"
+        )
 
 
 def test_quality_steps_sets_the_length_of_the_quality_runs():
@@ -136,7 +176,7 @@ def test_bench_help_lists_every_option_and_every_benchmark(tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--only", "foo"], "--only: unknown benchmark 'foo'; choose from " + ", ".join(NAMES)),
+    (["--only", "foo"], "--only: unknown benchmark 'foo'; choose from " + ", ".join([*NAMES, "gpu"])),
     (["--only", ","], "--only: unknown benchmark ','; choose from"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
 ])  # fmt: skip

@@ -16,7 +16,7 @@ import gradkit
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import measure
 
-__all__ = ["run", "gpt2_shapes"]
+__all__ = ["run", "run_cuda", "gpt2_shapes"]
 
 GPT2_SMALL = {"vocab": 50257, "context": 1024, "width": 768, "layers": 12}
 TINY = {"vocab": 256, "context": 32, "width": 16, "layers": 2}
@@ -46,6 +46,15 @@ def gpt2_shapes(vocab: int, context: int, width: int, layers: int) -> list[tuple
 
 
 def run(settings: Settings) -> list[Row]:
+    return _rows(settings, "cpu")
+
+
+def run_cuda(settings: Settings) -> list[Row]:
+    """The [cuda] twins of `run`'s rows (skipped, with a note, without a GPU)."""
+    return _rows(settings, "cuda")
+
+
+def _rows(settings: Settings, device: str) -> list[Row]:
     shapes = gpt2_shapes(**(TINY if settings.tiny else GPT2_SMALL))
     numel = sum(torch.Size(s).numel() for s in shapes)
     size = f"{numel / 1e3:.0f}k" if numel < 1e6 else f"{numel / 1e6:.1f}M"
@@ -55,12 +64,11 @@ def run(settings: Settings) -> list[Row]:
         (f"clip_grad_norm_, {len(shapes)} one-element grads (per-call overhead)", [(1,)] * len(shapes), False),
     ]
     rows = []
-    for device in ("cpu", "cuda"):
-        for label, case_shapes, with_copy in cases:
-            if device == "cuda" and not torch.cuda.is_available():
-                rows.append(Row(label, "cuda", REFERENCE, GOAL, note="skipped: torch.cuda.is_available() is False"))
-            else:
-                rows.append(_run_case(torch.device(device), label, case_shapes, with_copy, settings))
+    for label, case_shapes, with_copy in cases:
+        if device == "cuda" and not torch.cuda.is_available():
+            rows.append(Row(label, "cuda", REFERENCE, GOAL, note="skipped: torch.cuda.is_available() is False"))
+        else:
+            rows.append(_run_case(torch.device(device), label, case_shapes, with_copy, settings))
     return rows
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gradkit.bench import averaging, clipping, ema, fsdp, integrations, memory, network, powersgd, quality, topk, tracking
+from gradkit.bench import averaging, clipping, compressors, ema, fsdp, integrations, memory, network, powersgd, quality, topk, tracking
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import Timing
 
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "clipping": clipping,
     "tracking": tracking,
     "topk": topk,
+    "compressors": compressors,
     "averaging": averaging,
     "network": network,
     "quality": quality,
@@ -40,6 +41,9 @@ BENCHMARKS = {
     "fsdp": fsdp,
     "integrations": integrations,
 }
+
+# `--only gpu`: the [cuda] rows of every benchmark that has them (its `run_cuda(settings)`), and nothing else.
+GPU = "gpu"
 
 FULL = Settings(warmup=5, repeats=101)
 QUICK = Settings(warmup=1, repeats=7)
@@ -68,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the report (markdown) to this file")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for the test suite; the numbers mean nothing")
-    parser.add_argument("--only", metavar="NAMES", help=f"comma-separated benchmarks to run (default: all): {names}")
+    parser.add_argument("--only", metavar="NAMES", help=f"comma-separated benchmarks to run (default: all): {names}; {GPU}: every CUDA row")
     parser.add_argument(
         "--quality-steps", type=int, metavar="N",
         help=f"training steps of each quality run (default: {quality.FULL_STEPS}: about an hour on 2 cores)",
@@ -88,21 +92,27 @@ def run(args: argparse.Namespace, prog: str = "gradkit bench") -> int:
     A bad option prints one line, ``PROG: error: ...``, and returns 2 before anything runs.
     """
     try:
-        chosen = _check(args)
+        chosen, on_gpu = _check(args)
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    if not chosen and not torch.cuda.is_available():
+        print(f"--only {GPU}: no CUDA GPU here (torch.cuda.is_available() is False); no CUDA row was run")
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     base = QUICK if args.quick else FULL
     settings = Settings(warmup=base.warmup, repeats=base.repeats, tiny=args.tiny, quality_steps=args.quality_steps)
 
     rows = []
-    for name in chosen:
+    for name in [name for name in BENCHMARKS if name in chosen or name in on_gpu]:
         # Progress on stderr: the full run takes over an hour; the report goes to stdout.
         started = time.monotonic()
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows += BENCHMARKS[name].run(settings)
+        if name in chosen:
+            rows += BENCHMARKS[name].run(settings)
+        if name in on_gpu:
+            rows += BENCHMARKS[name].run_cuda(settings)
         print(f"{name} done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     report = "\n".join([machine(), "", f"command: {command(prog, args)}", "", table(rows), "", notes(rows)])
     print(report)
@@ -111,21 +121,23 @@ def run(args: argparse.Namespace, prog: str = "gradkit bench") -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> list[str]:
-    """The names of the benchmarks to run, in order; ValueError naming the bad option and the fix."""
-    chosen = list(BENCHMARKS)
+def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The benchmarks whose rows run, and those whose CUDA rows run (a named benchmark runs both;
+    `gpu` adds every CUDA row); ValueError naming the bad option and the fix."""
+    wanted = list(BENCHMARKS)
     if args.only is not None:
         wanted = [name.strip() for name in args.only.split(",") if name.strip()]
-        unknown = [name for name in wanted if name not in BENCHMARKS]
+        unknown = [name for name in wanted if name not in BENCHMARKS and name != GPU]
         if unknown or not wanted:
             shown = ", ".join(map(repr, unknown)) if unknown else repr(args.only)
-            raise ValueError(f"--only: unknown benchmark {shown}; choose from {', '.join(BENCHMARKS)}")
-        chosen = [name for name in BENCHMARKS if name in wanted]
+            raise ValueError(f"--only: unknown benchmark {shown}; choose from {', '.join([*BENCHMARKS, GPU])}")
+    chosen = [name for name in BENCHMARKS if name in wanted]
+    on_gpu = [name for name in BENCHMARKS if hasattr(BENCHMARKS[name], "run_cuda") and (name in chosen or GPU in wanted)]
     if args.quality_steps is not None and args.quality_steps < 1:
         raise ValueError(f"--quality-steps must be >= 1, got {args.quality_steps}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    return chosen
+    return chosen, on_gpu
 
 
 def machine() -> str:

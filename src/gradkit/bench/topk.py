@@ -7,17 +7,22 @@ approximates, and keep almost all of its energy (sum of squares of the kept
 entries) with a count close to k; the note reports both. The exact mode
 (``gk.TopK(0.01, exact=True)``: torch.topk plus a gather of the values) is the
 second row, to show the price of the compressor's bookkeeping around the same call.
+
+`run_cuda` gives the [cuda] twins on one GPU, at 10M and 100M entries: the fast path and
+``exactly_k=True`` (exactly k entries from the sampled threshold) against ``torch.topk``
+on the same device, each with the energy it keeps.
 """
 
 from __future__ import annotations
 
 import torch
 
+from gradkit.bench import gpu
 import gradkit
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import measure
 
-__all__ = ["run"]
+__all__ = ["run", "run_cuda"]
 
 FULL_NUMEL = 10_000_000
 # Above the fast path's minimum sample (16,384 entries), below which it falls back to torch.topk.
@@ -29,6 +34,8 @@ EXACT_GOAL = 0.95  # the exact mode is the same call plus a gather: at most ~5% 
 ENERGY_GOAL = 0.90
 COUNT_RANGE = (0.5, 1.5)
 MAX_REPEATS = 31  # a full-size torch.topk takes ~0.1 s on one core; more repeats only add time
+CUDA_NUMELS = (10_000_000, 100_000_000)
+CUDA_TINY_NUMELS = (200_000, 1_000_000)
 
 
 def run(settings: Settings) -> list[Row]:
@@ -109,3 +116,53 @@ def _quality(compressor: gradkit.TopK, x: torch.Tensor, k: int) -> tuple[float, 
 
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
+
+
+def run_cuda(settings: Settings) -> list[Row]:
+    """[cuda] twins: the fast path and exactly_k=True against torch.topk, at 10M and 100M fp32."""
+    numels = CUDA_TINY_NUMELS if settings.tiny else CUDA_NUMELS
+    labels = {
+        numel: (f"TopK(0.01) fast path, {_size(numel)} fp32", f"TopK(0.01, exactly_k=True), {_size(numel)} fp32")
+        for numel in numels
+    }
+    if not gpu.available():
+        return gpu.skipped([label for pair in labels.values() for label in pair], REFERENCE, FAST_GOAL)
+    rows = []
+    for numel in numels:
+        rows += _cuda_rows(numel, labels[numel], settings)
+        torch.cuda.empty_cache()  # the next size starts from a free device
+    return rows
+
+
+def _cuda_rows(numel: int, labels: tuple[str, str], settings: Settings) -> list[Row]:
+    torch.manual_seed(0)
+    x = torch.randn(numel, device="cuda")
+    k = max(1, int(numel * DENSITY))
+    fast, fixed = gradkit.TopK(DENSITY), gradkit.TopK(DENSITY, exactly_k=True)
+    timings = gpu.measure_cuda(
+        {
+            "fast": lambda: fast.compress(x),
+            "fixed": lambda: fixed.compress(x),
+            "torch": lambda: torch.topk(x.abs(), k, sorted=False),
+        },
+        settings,
+        number=10 if numel < 50_000_000 else 3,
+    )
+    rows = []
+    for name, compressor, label in (("fast", fast, labels[0]), ("fixed", fixed, labels[1])):
+        energy, count = _quality(compressor, x, k)
+        ratio = timings["torch"].median / timings[name].median
+        slots = compressor.compress(x).tensors[0].numel()
+        note = (
+            f"{gpu.device_name()}; {timings[name].median * 1e3:.3f} ms, "
+            f"torch.topk {timings['torch'].median * 1e3:.3f} ms "
+            f"({ratio:.2f}x, goal >= {FAST_GOAL:g}x: {'met' if ratio >= FAST_GOAL else 'MISSED'}); "
+            f"energy kept vs exact top-k {energy:.1%} (goal >= {ENERGY_GOAL:.0%}: "
+            f"{'met' if energy >= ENERGY_GOAL else 'MISSED'}); entries sent/k {count / k:.3f}, slots/k {slots / k:.2f}"
+        )
+        rows.append(Row(label, gpu.device_name(), REFERENCE, FAST_GOAL, timings[name], timings["torch"], note=note))
+    return rows
+
+
+def _size(numel: int) -> str:
+    return f"{numel / 1e6:.0f}M" if numel >= 1e6 else f"{numel / 1e3:.0f}k"

@@ -2,6 +2,7 @@
 
 - `base`: the `Compressor` interface and `Payload`.
 - `sparsify`: `TopK` (sampled threshold), `RandomK`, `Threshold`.
+- `selection`: choosing large entries with no host sync (sampled threshold, fixed-size buffers, exactly k).
 - `dgc`: Deep Gradient Compression.
 - `quantize`: `FP16`, `BF16`, `QSGD`, `SignSGD`.
 - `powersgd`: low-rank `PowerSGD`.

@@ -40,6 +40,9 @@ class DGC(Compressor):
         warmup_steps: steps over which the density falls from 25% to `density`
             in four equal phases (0: start at `density`).
         value_dtype: dtype of the sent values.
+        exactly_k: send exactly k entries per tensor, chosen as `TopK(exactly_k=True)`
+            chooses (a fixed size: no size exchange, no host sync), instead of the
+            default fast top-k's 1.5·k slots.
 
     Memory: two tensors (momentum and velocity) as large as the gradients.
 
@@ -60,6 +63,7 @@ class DGC(Compressor):
         clip_norm: float | None = None,
         warmup_steps: int = 0,
         value_dtype: torch.dtype | None = None,
+        exactly_k: bool = False,
     ) -> None:
         self.density = check_density(density)
         self.momentum = _checks.number_in_range("momentum", momentum, 0.0, 1.0, "pass e.g. 0.9 (0 for none)", low_open=False)
@@ -68,6 +72,9 @@ class DGC(Compressor):
         self.clip_norm = None if clip_norm is None else _checks.positive_number("clip_norm", clip_norm, "pass a norm, or None")
         self.warmup_steps = _checks.non_negative_int("warmup_steps", warmup_steps, "pass 0 for no warm-up")
         self.value_dtype = check_value_dtype(value_dtype)
+        self.exactly_k = _checks.flag(
+            "exactly_k", exactly_k, "pass exactly_k=True for exactly k entries, False for 1.5·k slots"
+        )
         self._state = KeyedState(["momentum", "velocity"])
         self._steps: dict[str, int] = {}
         self._deferred: Deferred[tuple[dict[str, Tensor], Tensor, Tensor, Layout]] = Deferred(self._keep)
@@ -89,7 +96,7 @@ class DGC(Compressor):
         momentum = state["momentum"] * self.momentum + grad
         velocity = state["velocity"] + momentum
         step = self._steps.get(layout[0][0], 0)
-        payload = TopK(self.density_at(step), value_dtype=self.value_dtype).compress(velocity)
+        payload = TopK(self.density_at(step), value_dtype=self.value_dtype, exactly_k=self.exactly_k).compress(velocity)
         sent = torch.zeros(velocity.numel(), dtype=torch.int32, device=velocity.device)
         indices, _ = payload.tensors
         valid = payload.meta.get("valid")

@@ -3,9 +3,11 @@
 `TopK` keeps the largest-magnitude entries. Its fast path estimates the
 threshold from a small random sample (as Deep Gradient Compression does) and
 selects with a fixed-capacity `nonzero_static`, so it never waits for the
-host; `exact=True` uses `torch.topk`. `RandomK` keeps random entries chosen
-from a seed all ranks share, so its payloads add up like dense ones.
-`Threshold` keeps every entry above a fixed magnitude.
+host; `exactly_k=True` then keeps exactly k entries (the exact top-k in all but
+rare calls), `exact=True` uses `torch.topk`. `RandomK` keeps random entries
+chosen from a seed all ranks share, so its payloads add up like dense ones.
+`Threshold` keeps every entry above a fixed magnitude; with `max_density` its
+payload has a fixed size too. The selection itself lives in `selection`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from torch import Tensor
 
 from gradkit import _checks
 from gradkit.compression.base import Compressor, Payload, check_density, check_value_dtype, count_for, index_dtype
+from gradkit.compression.selection import MIN_SAMPLE, positions_at_least, sampled_threshold, select_exactly_k
 
-__all__ = ["TopK", "RandomK", "Threshold", "sparse_payload", "scatter_sum"]
+__all__ = ["TopK", "RandomK", "Threshold", "positions_at_least", "sparse_payload", "scatter_sum"]
 
 # Capacity of the fast top-k payload, relative to k: the sampled threshold lands the
 # count within a few percent of k, and a fixed size lets ranks all-gather in one go.
@@ -27,11 +30,6 @@ _CAPACITY = 1.5
 # Aim the sampled threshold at 1.2·k: a count a little over k keeps at least top-k's
 # energy despite sampling noise, and stays well inside the capacity.
 _TARGET = 1.2
-# The sample holds about this many entries above the threshold: the count's relative
-# spread is then ~1/sqrt(256) = 6%, far inside the capacity's 25% margin at any density.
-_SAMPLE_HITS = 256
-_MIN_SAMPLE = 16384
-_CHUNK = 1 << 20  # entries per step of the CPU mask: a 4 MiB scratch for float32
 
 
 def sparse_payload(owner: Compressor, flat: Tensor, indices: Tensor, valid: Tensor | None, shape, value_dtype) -> Payload:
@@ -77,69 +75,53 @@ class TopK(_Sparsifier):
     which adds nothing). If the estimate is far off the count is cut at the
     capacity. No host sync on a GPU. `exact=True` selects exactly k with `torch.topk`.
 
+    `exactly_k=True` sends exactly k slots: the threshold is aimed at 1.3·k, up to
+    2·k candidates above it are collected and the k largest of them kept with a
+    `torch.topk` over that small buffer. These are exactly the top-k entries
+    whenever the candidates number between k and 2·k (the count spreads ~6% around
+    its aim: all but ~1e-4 of calls), so the energy kept is top-k's; in the rare
+    short call the unused slots are padding (``meta["valid"]`` False), and the
+    k largest are still all sent. A size known in advance lets ranks all-gather
+    without a size exchange, and k slots instead of 1.5·k send a third less. It
+    is an option, not the default, because the default's count (about 1.2·k of
+    real entries in 1.5·k slots) is part of its documented behaviour.
+
     Args:
         density: fraction of entries to keep, in (0, 1].
         exact: use `torch.topk` (slower, exactly k entries).
         value_dtype: dtype of the sent values (e.g. torch.float16 to halve them).
+        exactly_k: a payload of exactly k entries from the sampled threshold (see above).
 
     Example:
-        >>> pipe = gk.GradientPipeline(model, average=gk.Average(gk.TopK(0.01)))
+        >>> pipe = gk.GradientPipeline(model, average=gk.Average(gk.TopK(0.01, exactly_k=True)))
     """
 
-    def __init__(self, density: float, *, exact: bool = False, value_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, density: float, *, exact: bool = False, value_dtype: torch.dtype | None = None, exactly_k: bool = False
+    ) -> None:
         self.density = check_density(density)
         self.exact = _checks.flag("exact", exact, "pass exact=True for torch.topk, False for the sampled threshold")
         self.value_dtype = check_value_dtype(value_dtype)
+        self.exactly_k = _checks.flag(
+            "exactly_k", exactly_k, "pass exactly_k=True for a payload of exactly k entries, False for 1.5·k slots"
+        )
 
     def compress(self, tensor: Tensor) -> Payload:
         tensor = self._check_input(tensor)
         flat = tensor.reshape(-1)
         k = count_for(self.density, flat.numel())
-        if self.exact or k == flat.numel() or flat.numel() <= _MIN_SAMPLE:
+        if self.exact or k == flat.numel() or flat.numel() <= MIN_SAMPLE:
             indices = torch.topk(flat.abs(), k, sorted=False).indices
             return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
-        threshold = sampled_threshold(flat, k)
+        if self.exactly_k:
+            indices, valid = select_exactly_k(flat, k)
+            return sparse_payload(self, flat, indices, valid, tensor.shape, self.value_dtype)
+        threshold = sampled_threshold(flat, k, _TARGET)
         capacity = min(flat.numel(), math.ceil(_CAPACITY * k))
         indices = positions_at_least(flat, threshold, capacity)
-        valid = indices >= 0
-        return sparse_payload(self, flat, indices.clamp_(min=0), valid, tensor.shape, self.value_dtype)
-
-
-def positions_at_least(flat: Tensor, threshold: Tensor, capacity: int) -> Tensor:
-    """Positions of the entries with |x| >= threshold (NaN: never), the first `capacity`, padded with -1."""
-    if flat.device.type != "cpu":
-        # Filling with -1 marks the padding without counting the mask (a host sync on a GPU).
-        return torch.nonzero_static(flat.abs() >= threshold, size=capacity, fill_value=-1).view(-1)
-    n = flat.numel()
-    mask = torch.empty(-(-n // 8) * 8, dtype=torch.bool)  # whole 8-byte words, for the search below
-    mask[n:] = False
-    # A temporary as large as a bucket is fresh memory on every call (above malloc's mmap
-    # threshold): the kernel maps and zeroes each page, which took longer than the comparison
-    # itself. A chunk at a time reuses one small buffer, still in cache.
-    scratch = torch.empty(min(_CHUNK, n), dtype=flat.dtype)
-    for start in range(0, n, _CHUNK):
-        part = flat[start : start + _CHUNK]
-        torch.ge(torch.abs(part, out=scratch[: part.numel()]), threshold, out=mask[start : start + part.numel()])
-    # nonzero() over the 8-byte words first, then over the bytes of the words holding a True:
-    # at top-k densities about half the time of mask.nonzero() (a CPU has no host sync to avoid).
-    words = mask.view(torch.int64)
-    hit = words.nonzero().view(-1)
-    within = words[hit].view(torch.bool).nonzero().view(-1)
-    found = (hit[within >> 3] * 8 + (within & 7))[:capacity]
-    return torch.nn.functional.pad(found, (0, capacity - found.numel()), value=-1)
-
-
-def sampled_threshold(flat: Tensor, k: int) -> Tensor:
-    """A magnitude above which about k entries of `flat` lie, from a random sample."""
-    n = flat.numel()
-    size = min(n, max(_MIN_SAMPLE, math.ceil(_SAMPLE_HITS * n / (_TARGET * k))))
-    sample = flat[torch.randint(n, (size,), device=flat.device)].abs()
-    rank = max(1, min(size, size - int(round(_TARGET * k / n * size)) + 1))  # kthvalue is 1-based, ascending
-    threshold = torch.kthvalue(sample.float(), rank).values.to(flat.dtype)
-    # A threshold of 0 (many exact zeros) would select zeros: keep it strictly positive
-    # in flat's own dtype (float32's tiny rounds to 0 in float16), at its smallest subnormal.
-    finfo = torch.finfo(flat.dtype)
-    return threshold.clamp(min=finfo.tiny * finfo.eps)
+        # The device path of positions_at_least selects NaN: never send it (-1 reads the last entry).
+        valid = (indices >= 0) & ~flat[indices].isnan()
+        return sparse_payload(self, flat, indices * valid, valid, tensor.shape, self.value_dtype)
 
 
 class RandomK(Compressor):
@@ -149,7 +131,9 @@ class RandomK(Compressor):
     is scaled by n/k and repeated draws add up, so E[decompress] is exactly the
     input. All ranks draw the same indices from a shared seed and a step
     counter, so only the values travel and they are all-reduced like dense
-    gradients.
+    gradients. The indices are drawn on the tensor's own device (no host
+    work or copy per call, and no sync): ranks on the same kind of device draw
+    the same ones, and a payload is decompressed with the draw it was made with.
 
     Args:
         density: fraction of entries to keep, in (0, 1].
@@ -175,7 +159,7 @@ class RandomK(Compressor):
         flat = tensor.reshape(-1)
         indices = self._indices(flat.numel(), self._step, flat.device)
         values = flat[indices] * (flat.numel() / max(indices.numel(), 1) if self.scale else 1.0)
-        payload = Payload([values], tensor.shape, tensor.dtype, self, {"step": self._step})
+        payload = Payload([values], tensor.shape, tensor.dtype, self, {"step": self._step, "drawn_on": flat.device})
         self._step += 1
         return payload
 
@@ -183,7 +167,9 @@ class RandomK(Compressor):
         payload = self._check_payload(payload)
         (values,) = payload.tensors
         dense = torch.zeros(payload.numel, dtype=payload.dtype, device=values.device)
-        indices = self._indices(payload.numel, payload.meta["step"], values.device)
+        # Redrawn where compress drew them (a CPU and a CUDA generator give different draws).
+        drawn_on = payload.meta.get("drawn_on", values.device)
+        indices = self._indices(payload.numel, payload.meta["step"], drawn_on).to(values.device)
         if self.scale:
             dense.index_add_(0, indices, values)  # repeated draws add up: that keeps it unbiased
         else:
@@ -192,10 +178,11 @@ class RandomK(Compressor):
 
     def _indices(self, numel: int, step: int, device: torch.device) -> Tensor:
         k = count_for(self.density, numel)
-        generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
-        # Drawing on a CPU generator gives every device and rank the same indices.
+        # A generator on the tensor's device: seeding it is host bookkeeping (no sync), and the
+        # draw is one kernel, where a CPU draw of k indices and their copy cost more than a top-k.
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
         # (An empty tensor draws none; randint needs a non-empty range even for k = 0.)
-        return torch.randint(max(numel, 1), (k,), generator=generator).to(device)
+        return torch.randint(max(numel, 1), (k,), generator=generator, device=device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step}
@@ -208,23 +195,46 @@ class RandomK(Compressor):
 class Threshold(_Sparsifier):
     """Keep every entry whose magnitude is at least `tau` (the count varies per step).
 
+    With `max_density`, the payload has a fixed size instead: k = max_density·n
+    slots holding the entries >= tau, the largest k of them when more qualify
+    (chosen as `TopK(exactly_k=True)` chooses, from a sampled threshold); unused
+    slots are padding (index 0, value 0, ``meta["valid"]`` False). Ranks then
+    all-gather without a size exchange and with no host sync; without it, the
+    count is read on the host once per tensor.
+
     Args:
         tau: the magnitude threshold (> 0).
         value_dtype: dtype of the sent values.
+        max_density: the fraction of entries the payload holds, in (0, 1], or None
+            (every entry >= tau, a size that varies).
 
     Example:
-        >>> pipe = gk.GradientPipeline(model, average=gk.Average(gk.Threshold(1e-3)))
+        >>> pipe = gk.GradientPipeline(model, average=gk.Average(gk.Threshold(1e-3, max_density=0.01)))
     """
 
     variable_size = True
 
-    def __init__(self, tau: float, *, value_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, tau: float, *, value_dtype: torch.dtype | None = None, max_density: float | None = None) -> None:
         self.tau = _checks.positive_number("tau", tau, "pass the smallest magnitude to send, e.g. 1e-3")
         self.value_dtype = check_value_dtype(value_dtype)
+        self.max_density = None if max_density is None else check_density(max_density)
+        # A fixed number of slots: the all-gather needs no size exchange.
+        self.variable_size = self.max_density is None
 
     def compress(self, tensor: Tensor) -> Payload:
         tensor = self._check_input(tensor)
         flat = tensor.reshape(-1)
+        if self.max_density is not None:
+            indices, valid = self._fixed_size(flat)
+            return sparse_payload(self, flat, indices, valid, tensor.shape, self.value_dtype)
         # A variable count needs its size on the host: nonzero() syncs, once per tensor.
         indices = ((flat >= self.tau) | (flat <= -self.tau)).nonzero().view(-1)
         return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
+
+    def _fixed_size(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        k = count_for(self.max_density, flat.numel())
+        if k == flat.numel() or flat.numel() <= MIN_SAMPLE:
+            kept, indices = torch.topk(flat.abs(), k, sorted=False)
+            valid = kept >= self.tau  # NaN compares False: never sent
+            return indices * valid, valid  # padding sends index 0
+        return select_exactly_k(flat, k, floor=self.tau)

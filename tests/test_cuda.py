@@ -1,0 +1,210 @@
+"""On a CUDA GPU: compressors and clipping run without a single device sync, and match their definitions.
+
+Every test here is marked `cuda`: ``pytest -m cuda`` selects exactly these, and
+tests/conftest.py skips them where ``torch.cuda.is_available()`` is False. Each
+call under test runs inside ``torch.cuda.set_sync_debug_mode("error")``, which
+raises on any operation that waits for the device (``.item()``, a pageable copy,
+``nonzero()``); checks that read results run after the mode is restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import gradkit as gk
+from gradkit.compression.selection import positions_at_least
+
+pytestmark = pytest.mark.cuda
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # the sampled thresholds draw from the global generators (CUDA's included)
+
+
+@contextlib.contextmanager
+def no_syncs():
+    """Any synchronizing CUDA call inside raises RuntimeError; the previous mode is restored after."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_the_sync_trap_is_set():
+    x = torch.ones(4, device=CUDA)
+    with pytest.raises(RuntimeError), no_syncs():
+        x.sum().item()
+    assert torch.cuda.get_sync_debug_mode() == 0  # restored
+
+
+def gradient_like(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Heavy-tailed entries (Student's t with 3 degrees of freedom), drawn on the GPU."""
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    chi2 = torch.randn(3, n, generator=g, device=CUDA).square().sum(0) / 3
+    return (torch.randn(n, generator=g, device=CUDA) / chi2.sqrt()).to(dtype)
+
+
+def top_k_energy(x: torch.Tensor, k: int) -> float:
+    return float(torch.topk(x.abs().double(), k, sorted=False).values.square().sum())
+
+
+def sent(payload: gk.Payload) -> torch.Tensor:
+    indices = payload.tensors[0].long()
+    valid = payload.meta.get("valid")
+    return indices[valid] if valid is not None else indices
+
+
+K = 10_000  # 1% of the 1M entries below
+#: name -> (make, keyed, slots sent at each of the 4 steps)
+COMPRESSORS = {
+    "topk_exactly_k": (lambda: gk.TopK(0.01, exactly_k=True), False, [K] * 4),
+    "topk_fast": (lambda: gk.TopK(0.01), False, [15_000] * 4),
+    "topk_exactly_k_fp16_values": (lambda: gk.TopK(0.01, exactly_k=True, value_dtype=torch.float16), False, [K] * 4),
+    "threshold_fixed_size": (lambda: gk.Threshold(2.0, max_density=0.01), False, [K] * 4),
+    "randomk": (lambda: gk.RandomK(0.01, seed=1), False, [K] * 4),
+    "randomk_unscaled": (lambda: gk.RandomK(0.01, seed=1, scale=False), False, [K] * 4),
+    "dgc_exactly_k": (lambda: gk.DGC(0.01, exactly_k=True), True, [K] * 4),
+    # the warm-up's densities: 25%, 6.25%, 1.5625%, then the target
+    "dgc_warmup": (
+        lambda: gk.DGC(0.01, warmup_steps=4, exactly_k=True, clip_norm=1.0), True, [250_000, 62_500, 15_625, K]
+    ),
+    "error_feedback_topk_exactly_k": (lambda: gk.ErrorFeedback(gk.TopK(0.01, exactly_k=True)), True, [K] * 4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_compress_and_decompress_never_sync(name, dtype):
+    make, keyed, slots = COMPRESSORS[name]
+    compressor = make()
+    inputs = [gradient_like(1_000_000, seed, dtype) for seed in range(4)]
+    torch.cuda.synchronize()
+    payloads, dense = [], []
+    with no_syncs():
+        for x in inputs:
+            payload = compressor.compress(x, key="w") if keyed else compressor.compress(x)
+            payloads.append(payload)
+            dense.append(compressor.decompress(payload))
+    torch.cuda.synchronize()
+    for x, payload, out, size in zip(inputs, payloads, dense, slots):
+        assert out.shape == x.shape and out.dtype == x.dtype and out.device.type == "cuda"
+        assert all(t.device.type == "cuda" for t in payload.tensors)
+        assert payload.tensors[0].numel() == size
+        assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("n", [10_000_000, 1_000_003])
+@pytest.mark.parametrize("density", [0.01, 0.001])
+def test_exactly_k_payload_size_and_energy_on_the_gpu(n, density):
+    x = gradient_like(n, seed=n)
+    k = round(density * n)
+    compressor = gk.TopK(density, exactly_k=True)
+    with no_syncs():
+        payload = compressor.compress(x)
+        dense = compressor.decompress(payload)
+    indices, values = payload.tensors
+    assert indices.numel() == k and values.numel() == k
+    assert bool(payload.meta["valid"].all())
+    assert sent(payload).unique().numel() == k
+    kept = float(dense.double().square().sum())
+    assert kept >= 0.9 * top_k_energy(x, k)
+    assert torch.equal(dense[sent(payload)], x[sent(payload)])
+
+
+def test_threshold_fixed_size_on_the_gpu():
+    x = gradient_like(2_000_000, seed=3)
+    compressor = gk.Threshold(4.0, max_density=0.01)
+    with no_syncs():
+        payload = compressor.compress(x)
+    assert payload.tensors[0].numel() == 20_000
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=CUDA)
+    mask[sent(payload)] = True
+    above = x.abs() >= 4.0
+    if int(above.sum()) <= 20_000:
+        assert torch.equal(mask, above)
+    else:
+        assert bool(above[mask].all()) and int(mask.sum()) == 20_000
+
+
+def test_device_positions_match_the_plain_mask_on_the_gpu():
+    x = gradient_like(3_000_001, seed=5)
+    x[::100_003] = float("nan")
+    cut = torch.full((), 4.0, device=CUDA)  # about 2.8% of Student's t(3) entries lie above
+    with no_syncs():
+        got = positions_at_least(x, cut, 200_000)
+    expected = ((x.abs() >= cut) | x.isnan()).nonzero().view(-1)
+    assert expected.numel() < 200_000
+    assert torch.equal(got[: expected.numel()], expected)
+    assert bool((got[expected.numel() :] == -1).all())
+
+
+def test_randomk_on_the_gpu_is_unbiased_and_its_draw_is_shared():
+    x = gradient_like(100_000, seed=9, dtype=torch.float64)
+    a, b = gk.RandomK(0.05, seed=4), gk.RandomK(0.05, seed=4)  # two ranks with the same seed
+    total = torch.zeros_like(x)
+    draws = 400
+    with no_syncs():
+        for _ in range(draws):
+            pa, pb = a.compress(x), b.compress(x)
+            total += a.decompress(pa)
+    assert torch.equal(pa.tensors[0], pb.tensors[0])
+    # Per entry: Var = x²·(n/k)·(1 - 1/n) per draw; the mean over all entries of the z-scores squared is ~1.
+    n, k = x.numel(), 5000
+    variance = x.square() * (n / k) * (1 - 1 / n) / draws
+    z2 = ((total / draws - x).square() / variance).mean()
+    assert 0.8 < float(z2) < 1.2
+
+
+@pytest.mark.parametrize("make", [lambda: gk.TopK(0.01, exactly_k=True), lambda: gk.Threshold(2.0, max_density=0.01)])
+def test_error_feedback_loop_loses_nothing_without_a_sync(make):
+    compressor = gk.ErrorFeedback(make())
+    inputs = [gradient_like(500_000, seed, torch.float64) for seed in range(6)]
+    sent_sum = torch.zeros_like(inputs[0])
+    torch.cuda.synchronize()
+    with no_syncs():
+        for x in inputs:
+            sent_sum += compressor.decompress(compressor.compress(x, key="w"))
+    residual = compressor.residual("w").view(-1)
+    torch.testing.assert_close(sent_sum + residual, torch.stack(inputs).sum(0), rtol=0, atol=1e-9)
+
+
+def cuda_params(shapes, seed):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    params = [torch.nn.Parameter(torch.empty(shape, device=CUDA)) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, device=CUDA)
+    return params
+
+
+SHAPES = [(768, 768), (768,), (3072, 768), (1,), (50257, 64)]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])
+def test_clip_grad_norm_matches_torch_without_a_sync(norm_type, max_norm):
+    ours, theirs = cuda_params(SHAPES, seed=1), cuda_params(SHAPES, seed=1)
+    torch.cuda.synchronize()
+    with no_syncs():
+        total = gk.clip_grad_norm_(ours, max_norm, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=True)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_norms_match_torch_without_a_sync():
+    params = cuda_params(SHAPES, seed=2)
+    torch.cuda.synchronize()
+    with no_syncs():
+        norms = gk.grad_norms(params)
+    assert norms.device.type == "cuda"
+    expected = torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
+    torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0)
