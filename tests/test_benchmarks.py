@@ -141,7 +141,7 @@ def test_a_shown_worker_that_fails_points_to_its_stderr(capfd):
 
 def test_workers_import_the_same_gradkit_as_the_harness():
     home = str(Path(gradkit.__file__).resolve().parents[1])
-    env = processes._same_gradkit({"PATH": "/bin", "PYTHONPATH": "/elsewhere"})
+    env = processes.same_gradkit_env({"PATH": "/bin", "PYTHONPATH": "/elsewhere"})
     found = subprocess.run(
         [sys.executable, "-c", "import gradkit; print(gradkit.__file__)"],
         env=env, capture_output=True, text=True, timeout=60,

@@ -213,7 +213,8 @@ def _worker(args: argparse.Namespace) -> dict:
         }
     finally:
         dist.all_reduce = original_all_reduce
-        dist.destroy_process_group()
+        # No destroy_process_group(): the caller leaves with os._exit, and tearing gloo down while
+        # DDP's hook threads may still hold the group hung a finished rank now and then.
 
 
 def main() -> None:
