@@ -12,7 +12,6 @@ One optimizer step::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,49 +21,9 @@ from gradkit import _checks, _names
 from gradkit.accumulation import SyncControl, Window, check_num_items, sync_control_for
 from gradkit.clipping.stages import ClipStage
 from gradkit.context import GradContext
+from gradkit.step_report import NoiseSample, StepReport
 
 __all__ = ["GradientPipeline", "NoiseSample", "StepReport"]
-
-
-@dataclass
-class NoiseSample:
-    """Squared norms of one gradient at two batch sizes, for the gradient noise scale
-    (McCandlish et al. 2018). Batch sizes are in items, or in micro-batches in mean mode."""
-
-    small_sq: Tensor
-    small_batch: Tensor
-    big_sq: Tensor
-    big_batch: Tensor
-
-
-@dataclass
-class StepReport:
-    """What happened at one optimizer step; values are tensors, read them when you log.
-
-    Attributes:
-        step: optimizer steps finished so far, skipped ones included.
-        micro_steps: backward calls in the window.
-        items: items in the window summed over processes (micro-batches × processes in mean mode).
-        total_norm: global L2 norm of the normalized, unscaled gradient before clipping.
-        norm_after: global L2 norm after the clip stages (equal to `total_norm` without stages).
-        clip_coef: norm_after / total_norm (1 when nothing was clipped).
-        skipped: True when the step was skipped for a non-finite gradient.
-        bytes_sent: payload bytes this process sent to average the window (0 on one process).
-        dense_bytes: what the same gradients take uncompressed; ``dense_bytes / bytes_sent``
-            is the compression ratio.
-        noise: gradient norms at two batch sizes, on windows the tracker measures (else None).
-    """
-
-    step: int
-    micro_steps: int
-    items: Tensor
-    total_norm: Tensor
-    norm_after: Tensor
-    clip_coef: Tensor
-    skipped: Tensor
-    bytes_sent: int = 0
-    dense_bytes: int = 0
-    noise: NoiseSample | None = None
 
 
 class GradientPipeline:
@@ -334,7 +293,7 @@ class GradientPipeline:
         if small is None or (local is not None and self.sync.lossy and self._small is None):
             return None
         device = small[0].device
-        return NoiseSample(small[0], small[1].to(device), big[0].to(device), big[1].to(device))
+        return NoiseSample(small_sq=small[0], small_batch=small[1].to(device), big_sq=big[0].to(device), big_batch=big[1].to(device))
 
     def _must_skip(
         self, total_norm: Tensor, global_items: int | Tensor | None, missing: tuple[list[int], Tensor] | None

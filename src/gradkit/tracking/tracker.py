@@ -23,7 +23,7 @@ from gradkit import _checks, _dtensor, _foreach
 from gradkit import distributed as gdist
 from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
-from gradkit.pipeline import StepReport
+from gradkit.step_report import StepReport
 from gradkit.tracking import stats as _stats
 from gradkit.tracking.alerts import GLOBAL, Alert, AlertRules, logger
 from gradkit.tracking.noise_scale import NoiseScale, batch_advice
@@ -241,7 +241,15 @@ class Tracker:
         ctx.pre_clip_norms = ctx.norms() if len(ctx) else None
         total = ctx.total_norm()
         count = torch.tensor(math.nan if items is None else float(items), device=total.device)
-        report = StepReport(step, 1, count, total, total, torch.ones_like(total), ~torch.isfinite(total), 0, None)
+        report = StepReport(
+            step=step,
+            micro_steps=1,
+            items=count,
+            total_norm=total,
+            norm_after=total,
+            clip_coef=torch.ones_like(total),
+            skipped=~torch.isfinite(total),
+        )
         self.observe(ctx, report)
 
     def locate_nonfinite(self, closure: Callable[[], Tensor]) -> str | None:
