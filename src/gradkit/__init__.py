@@ -34,7 +34,7 @@ from gradkit.ema import EMA
 from gradkit.fsdp import FSDPSync
 from gradkit.integrations import ddp_comm_hook
 from gradkit.pipeline import GradientPipeline
-from gradkit.pipeline import StepReport
+from gradkit.step_report import StepReport
 from gradkit.tracking import Tracker
 
 __all__ = [

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["bare_name", "named_parameters", "unwrap"]
+__all__ = ["bare_name", "named_parameters", "sparse_gradient_names", "trainable", "unwrap"]
 
 _COMPILED = "_orig_mod"
 
@@ -53,3 +53,57 @@ def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     module = unwrap(model)
     assert isinstance(module, nn.Module)
     return [(bare_name(name), p) for name, p in module.named_parameters()]
+
+
+def trainable(model: object) -> tuple[list[str], list[nn.Parameter], list[tuple[str, nn.Parameter]]]:
+    """Names and parameters that require grad, and the (name, parameter) pairs that do not,
+    of an ``nn.Module`` (under bare names) or an iterable of parameters or (name, parameter) pairs.
+
+    Raises:
+        TypeError: `model` is a single tensor, not iterable, or holds something else than tensors.
+        ValueError: no parameter requires grad.
+
+    Example:
+        >>> names, params, frozen = trainable(nn.Linear(2, 3))
+        >>> names
+        ['weight', 'bias']
+    """
+    model = unwrap(model)
+    if isinstance(model, nn.Module):
+        pairs = named_parameters(model)
+    elif isinstance(model, Tensor):
+        raise TypeError(
+            "model must be an nn.Module or an iterable of parameters, got a single tensor; wrap it in a list: [param]"
+        )
+    else:
+        try:
+            items = list(model)  # type: ignore[call-overload]
+        except TypeError:
+            what = type(model).__name__
+            raise TypeError(f"model must be an nn.Module or an iterable of parameters, got {what}") from None
+        pairs = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(items)]
+    for name, p in pairs:
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                f"parameter {name!r} is a {type(p).__name__}, not a tensor; "
+                "pass model.parameters() or model.named_parameters()"
+            )
+    frozen = [(name, p) for name, p in pairs if not p.requires_grad]
+    pairs = [(name, p) for name, p in pairs if p.requires_grad]
+    if not pairs:
+        raise ValueError(
+            "the model has no parameters that require grad; pass the module being trained (or unfreeze some parameters)"
+        )
+    return [name for name, _ in pairs], [p for _, p in pairs], frozen
+
+
+def sparse_gradient_names(model: object) -> set[str]:
+    """Bare names of the parameters whose gradients are sparse (embeddings built with ``sparse=True``)."""
+    model = unwrap(model)
+    if not isinstance(model, nn.Module):
+        return set()
+    return {
+        bare_name(f"{prefix}.weight") if prefix else "weight"
+        for prefix, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+    }

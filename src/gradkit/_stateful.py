@@ -1,4 +1,5 @@
-"""The base of every configurable, stateful gradkit object (clip stages, compressors)."""
+"""The base of every configurable, stateful gradkit object (clip stages, compressors), and loading
+several such objects all or nothing."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from gradkit import _checks
 
-__all__ = ["Stateful"]
+__all__ = ["Stateful", "load_all_or_nothing"]
 
 
 class Stateful:
@@ -23,3 +24,19 @@ class Stateful:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+def load_all_or_nothing(parts: list[tuple[Any, dict[str, Any]]]) -> None:
+    """Load each (object, state) pair; if one fails, put every object back as it was and re-raise.
+
+    Example:
+        >>> load_all_or_nothing([(stage, state["clip"][0]), (scaler, state["scaler"])])
+    """
+    before = [obj.state_dict() for obj, _ in parts]
+    try:
+        for obj, obj_state in parts:
+            obj.load_state_dict(obj_state)
+    except Exception:
+        for (obj, _), obj_state in zip(parts, before):
+            obj.load_state_dict(obj_state)
+        raise

@@ -12,59 +12,19 @@ One optimizer step::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradkit import _checks, _names
+from gradkit import _checks, _names, _pipeline_state, _stateful
 from gradkit.accumulation import SyncControl, Window, check_num_items, sync_control_for
 from gradkit.clipping.stages import ClipStage
 from gradkit.context import GradContext
+from gradkit.step_report import NoiseSample, StepReport
+from gradkit.tracking.noise_scale import NoiseProbe
 
 __all__ = ["GradientPipeline", "NoiseSample", "StepReport"]
-
-
-@dataclass
-class NoiseSample:
-    """Squared norms of one gradient at two batch sizes, for the gradient noise scale
-    (McCandlish et al. 2018). Batch sizes are in items, or in micro-batches in mean mode."""
-
-    small_sq: Tensor
-    small_batch: Tensor
-    big_sq: Tensor
-    big_batch: Tensor
-
-
-@dataclass
-class StepReport:
-    """What happened at one optimizer step; values are tensors, read them when you log.
-
-    Attributes:
-        step: optimizer steps finished so far, skipped ones included.
-        micro_steps: backward calls in the window.
-        items: items in the window summed over processes (micro-batches × processes in mean mode).
-        total_norm: global L2 norm of the normalized, unscaled gradient before clipping.
-        norm_after: global L2 norm after the clip stages (equal to `total_norm` without stages).
-        clip_coef: norm_after / total_norm (1 when nothing was clipped).
-        skipped: True when the step was skipped for a non-finite gradient.
-        bytes_sent: payload bytes this process sent to average the window (0 on one process).
-        dense_bytes: what the same gradients take uncompressed; ``dense_bytes / bytes_sent``
-            is the compression ratio.
-        noise: gradient norms at two batch sizes, on windows the tracker measures (else None).
-    """
-
-    step: int
-    micro_steps: int
-    items: Tensor
-    total_norm: Tensor
-    norm_after: Tensor
-    clip_coef: Tensor
-    skipped: Tensor
-    bytes_sent: int = 0
-    dense_bytes: int = 0
-    noise: NoiseSample | None = None
 
 
 class GradientPipeline:
@@ -119,35 +79,34 @@ class GradientPipeline:
         )
         self.clip = _check_stages(clip)
         self.nonfinite = _checks.choice("nonfinite", nonfinite, ("skip", "raise"))
-        if average is not None and not isinstance(average, SyncControl):
-            raise TypeError(f"average must be gk.Average(...) or gk.ModelAverager(...), got {type(average).__name__}")
-        if average is not None and isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError(
-                "the model is wrapped in DistributedDataParallel, which already averages gradients; "
-                "pass average=None to let DDP do it, or pass the unwrapped module to average with gradkit"
-            )
-        if tracker is not None and not all(callable(getattr(tracker, m, None)) for m in ("wants", "observe", "after_step")):
-            raise TypeError(f"tracker must have wants(step), observe(ctx, report) and after_step(ctx, report) (e.g. gk.Tracker), got {type(tracker).__name__}")
-        if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in ("scale", "unscale_", "step", "update")):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if ema is not None and not callable(getattr(ema, "update", None)):
-            raise TypeError(f"ema must be gk.EMA(model, ...) or None, got {type(ema).__name__}")
-        self.names, self.params, self._frozen = _named_parameters(model)
+        _check_parts(model, average, tracker, scaler, ema)
+        self.names, self.params, self._frozen = _names.trainable(model)
         self.ema = ema
         self.tracker = tracker
         self.scaler = scaler
         self.sync: SyncControl = sync_control_for(model, average)
         module = _names.unwrap(model)
-        self.sync.attach(self.names, self.params, sparse=_sparse_gradient_names(model), module=module if isinstance(module, nn.Module) else None)
+        sparse = _names.sparse_gradient_names(model)
+        module = module if isinstance(module, nn.Module) else None
+        self.sync.attach(self.names, self.params, sparse=sparse, module=module)
         if tracker is not None and callable(getattr(tracker, "attach", None)):
+            # The tracker's hooks go on the module as the user runs it (compiled or not), DDP unwrapped.
             module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
             tracker.attach(module if isinstance(module, nn.Module) else None, self.names, self.params, clip=self.clip)
+        #: the tracker's noise-scale measurement, taken at two moments of the windows it logs
+        self.probe = NoiseProbe(
+            self.names,
+            self.params,
+            wants=tracker.wants if tracker is not None else None,
+            accumulation_steps=self.accumulation_steps,
+            scaler=scaler,
+            lossy=self.sync.lossy,
+            local_window=self.sync.local_grads_at_boundary,
+        )
         self.window = Window()
         self.steps = 0
         self.skipped_steps = 0
         self.last: StepReport | None = None
-        self._measure = False  # whether the tracker measures this window (noise-scale inputs)
-        self._small: tuple[Tensor, Tensor] | None = None
         # (global items or None in mean mode, scale, the window's global count for the report)
         self._reduction: tuple[int | Tensor | None, Tensor | float, int | Tensor] | None = None
         self._prepare_next_micro_step()
@@ -171,8 +130,8 @@ class GradientPipeline:
             raise TypeError(f"loss must be a scalar tensor, got {shape}; reduce it with .sum() or .mean() first")
         if not loss.requires_grad:
             raise ValueError(
-                "loss does not require grad (computed under torch.no_grad(), or from frozen parameters); nothing to backpropagate: "
-                "pass a loss computed with grad enabled from the parameters being trained"
+                "loss does not require grad (computed under torch.no_grad(), or from frozen parameters); "
+                "nothing to backpropagate: pass a loss computed with grad enabled from the parameters being trained"
             )
         if self.window.micro_steps >= self.accumulation_steps:
             raise RuntimeError(
@@ -181,20 +140,14 @@ class GradientPipeline:
             )
         items = check_num_items(num_items)
         self.window.check_mode(items)
-        self._check_frozen()
+        _check_frozen(self._frozen)
         if self.window.micro_steps + 1 == self.accumulation_steps:
             # The boundary backward may start communicating: settle the window's scale first.
             total = (items if self.window.items is None else self.window.items + items) if items is not None else None
             self._begin_reduction(total, self.window.micro_steps + 1, complete=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.window.micro_steps == 0:
-            self._measure = self.tracker is not None and bool(self.tracker.wants(self.steps + 1))
-            if self._measure and self.accumulation_steps > 1:
-                # The first micro-batch alone is the small batch; only on measured windows.
-                count = _batch(items if items is not None else 1)
-                sq = self._local_norms()[1].square().sum()
-                # A summed loss's gradient is count x the mean; a mean loss's already is the mean.
-                self._small = (sq / count.to(sq) ** 2 if items is not None else sq, count)
+            self.probe.after_first_backward(items, step=self.steps + 1)
         self.window.add(items)
         self._prepare_next_micro_step()
 
@@ -227,6 +180,63 @@ class GradientPipeline:
 
     # -- the boundary --------------------------------------------------------------
 
+    @torch.no_grad()
+    def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
+        _check_frozen(self._frozen)
+        complete = self.window.micro_steps == self.accumulation_steps
+        if self._reduction is None:  # a flushed window: its last backward was not the boundary
+            self._begin_reduction(self.window.items, self.window.micro_steps, complete=False)
+        global_items, scale, count = self._reduction
+
+        # Reduce: sum over processes, times the scale that makes it the window's mean gradient.
+        self.probe.before_reduction(self.window)
+        self.sync.reduce_(self.params, scale, complete=complete)
+        ctx = GradContext(self.names, self.params)
+
+        # Unscale: divide the AMP loss scale out, exactly once.
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+            ctx.modified()
+
+        # Norm and skip: the step's one host read (finite? gradients no process produced?).
+        total_norm = ctx.total_norm()
+        skip, contributed, ctx = self._read_boundary(ctx, total_norm, global_items)
+        ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
+        if skip and self.nonfinite == "raise":
+            self.skipped_steps += 1
+            self._abandon_window()
+            raise FloatingPointError(
+                f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
+                'pass nonfinite="skip" to skip such steps instead'
+            )
+
+        # Clip: the stages in order, on finite steps only.
+        if not skip:
+            for stage in self.clip:
+                stage.apply_(ctx)
+
+        # Report: what happened, as tensors; the tracker sees the final gradient and the old weights.
+        self.last = self._report(total_norm, ctx.total_norm() if self.clip and not skip else total_norm, skip, count)
+        if self.tracker is not None:
+            self.tracker.observe(ctx, self.last)
+
+        # Step: the optimizer (through the scaler), or only the scaler's update on a skipped step.
+        if skip:
+            self.skipped_steps += 1
+        elif self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()  # after a skip, it lowers the scale: unscale_ recorded the inf
+        self.sync.after_step(self.params, skipped=skip, contributed=contributed)
+        if self.ema is not None and not skip:
+            self.ema.update()  # after local SGD's parameter averaging, if any: the weights as the step left them
+        if self.tracker is not None:
+            self.tracker.after_step(ctx, self.last)
+        self._end_window()
+        return not skip
+
     def _begin_reduction(self, local_items: int | Tensor | None, micro_steps: int, *, complete: bool) -> None:
         if local_items is not None:
             global_items = count = self.sync.global_items(local_items)
@@ -244,46 +254,30 @@ class GradientPipeline:
         self.sync.begin_reduction(local_items if local_items is not None else micro_steps, scale, loss_scale)
         self._reduction = (global_items, scale, count)
 
-    @torch.no_grad()
-    def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
-        self._check_frozen()
-        if self._reduction is None:  # a flushed window: its last backward was not the boundary
-            self._begin_reduction(self.window.items, self.window.micro_steps, complete=False)
-        global_items, scale, count = self._reduction
-        local = self._measure_local_window() if self._measure and self.sync.local_grads_at_boundary else None
-        complete = self.window.micro_steps == self.accumulation_steps
-        self.sync.reduce_(self.params, scale, complete=complete)
-        ctx = GradContext(self.names, self.params)
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-            ctx.modified()
-        total_norm = ctx.total_norm()
-        skip, contributed, unused = self._must_skip(total_norm, global_items, self.sync.missing_grads())
+    def _read_boundary(
+        self, ctx: GradContext, total_norm: Tensor, global_items: int | Tensor | None
+    ) -> tuple[bool, bool, GradContext]:
+        """(skip the step, this process had items in the window, the context without the
+        gradients no process produced), from the step's one host read."""
+        missing = self.sync.missing_grads()
+        finite, counted, own, unused = _read_flags(total_norm, global_items, self.window.items, missing)
+        if not counted:
+            self._abandon_window()
+            raise ValueError(
+                f"the window's num_items add up to {int(global_items)} (must be > 0); "
+                "pass the count of items each summed loss covers"
+            )
         if unused:
             # No rank produced these gradients in the window: None, as DDP leaves them (zeros
-            # would move them under weight decay). Zeros add nothing to the norm above.
+            # would move them under weight decay). Zeros add nothing to the norm already taken.
             for position in unused:
                 self.params[position].grad = None
             ctx = GradContext(self.names, self.params)
-        ctx.pre_clip_norms = ctx.norms() if len(ctx) else None  # stages replace, never mutate, the cache
-        if local is not None and self.sync.lossy and len(ctx):
-            # Compressed averaging zeroes most entries: layer statistics and alerts should
-            # judge this rank's dense gradient, so the tracker gets its norms.
-            by_name = dict(zip(*local[:2]))
-            ctx.pre_clip_norms = torch.stack([by_name.get(n, torch.zeros_like(local[1][0])) for n in ctx.names]).to(ctx.norms())
-        if skip and self.nonfinite == "raise":
-            self.skipped_steps += 1
-            self._abandon_window()
-            raise FloatingPointError(
-                f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
-                'pass nonfinite="skip" to skip such steps instead'
-            )
-        if not skip:
-            for stage in self.clip:
-                stage.apply_(ctx)
-        norm_after = total_norm if skip or not self.clip else ctx.total_norm()
+        return not finite, own, ctx
+
+    def _report(self, total_norm: Tensor, norm_after: Tensor, skip: bool, count: int | Tensor) -> StepReport:
         items = torch.as_tensor(count, device=total_norm.device)
-        self.last = StepReport(
+        return StepReport(
             step=self.steps + 1,
             micro_steps=self.window.micro_steps,
             items=items,
@@ -293,95 +287,8 @@ class GradientPipeline:
             skipped=torch.tensor(skip),
             bytes_sent=self.sync.bytes_sent(),
             dense_bytes=self.sync.dense_bytes(),
-            noise=self._noise_sample(local, total_norm, items),
+            noise=self.probe.sample(total_norm, items),
         )
-        if self.tracker is not None:
-            self.tracker.observe(ctx, self.last)
-        if skip:
-            self.skipped_steps += 1
-            if self.scaler is not None:
-                self.scaler.update()  # lowers the scale: unscale_ recorded the inf
-        elif self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-        self.sync.after_step(self.params, skipped=skip, contributed=contributed)
-        if self.ema is not None and not skip:
-            self.ema.update()  # after local SGD's parameter averaging, if any: the weights as the step left them
-        if self.tracker is not None:
-            self.tracker.after_step(ctx, self.last)
-        self._end_window()
-        return not skip
-
-    def _local_norms(self) -> tuple[list[str], Tensor]:
-        """Names and L2 norms of this rank's gradients as they are now (loss scale divided out)."""
-        ctx = GradContext(self.names, self.params)
-        norms = ctx.norms().double() if len(ctx) else torch.zeros(0, dtype=torch.float64)
-        if self.scaler is not None and self.scaler.is_enabled():
-            norms = norms / self.scaler._get_scale_async().double().to(norms.device)
-        return ctx.names, norms
-
-    def _measure_local_window(self) -> tuple[list[str], Tensor, Tensor]:
-        """This rank's window gradient before averaging: names, per-parameter norms of its
-        mean, and its batch (items, or micro-steps in mean mode)."""
-        names, norms = self._local_norms()
-        count = _batch(self.window.items if self.window.item_mode else self.window.micro_steps).to(norms.device)
-        return names, norms / count, count
-
-    def _noise_sample(self, local: tuple[list[str], Tensor, Tensor] | None, total_norm: Tensor, items: Tensor) -> NoiseSample | None:
-        """Two batch sizes of one gradient: the first micro-batch or this rank's window (small),
-        and the averaged window (big) unless compression made it lossy, then this rank's window."""
-        small, big = self._small, (total_norm.double() ** 2, items.double())
-        if local is not None:
-            local_sq = (local[1].square().sum(), local[2])
-            if self.sync.lossy:
-                big = local_sq
-            elif small is None:
-                small = local_sq
-        if small is None or (local is not None and self.sync.lossy and self._small is None):
-            return None
-        device = small[0].device
-        return NoiseSample(small[0], small[1].to(device), big[0].to(device), big[1].to(device))
-
-    def _must_skip(
-        self, total_norm: Tensor, global_items: int | Tensor | None, missing: tuple[list[int], Tensor] | None
-    ) -> tuple[bool, bool, list[int]]:
-        """(skip the step, this process had items in the window, positions of parameters no
-        process had a gradient for)."""
-        # The one host read of the step: the optimizer cannot skip on a device flag, and
-        # leaving a gradient None is a host decision. Tensor item counts ride along.
-        device = total_norm.device
-        local_items = self.window.items
-        flags = [torch.isfinite(total_norm).reshape(1)]
-        if isinstance(global_items, Tensor):
-            flags.append((global_items.to(device) > 0).reshape(1))
-        if isinstance(local_items, Tensor):
-            flags.append((local_items.to(device) > 0).reshape(1))
-        if missing is not None:
-            flags.append(missing[1].to(device).reshape(-1) == 0)
-        read = torch.cat(flags).tolist()
-        finite = read.pop(0)
-        if isinstance(global_items, Tensor) and not read.pop(0):
-            self._abandon_window()
-            raise ValueError(
-                f"the window's num_items add up to {int(global_items)} (must be > 0); "
-                "pass the count of items each summed loss covers"
-            )
-        own = bool(read.pop(0)) if isinstance(local_items, Tensor) else local_items is None or local_items > 0
-        unused = [position for position, none in zip(missing[0], read) if none] if missing is not None else []
-        return not finite, own, unused
-
-    def _check_frozen(self) -> None:
-        """Refuse a parameter that was frozen when the pipeline was built and trains now: its
-        gradient would reach the optimizer unaveraged, unnormalized and never reset."""
-        for name, p in self._frozen:
-            if p.requires_grad:
-                raise RuntimeError(
-                    f"parameter {name!r} did not require grad when the GradientPipeline was built but requires it now; "
-                    "build a new GradientPipeline (and a new gk.Average) after unfreezing parameters, "
-                    "or freeze it again with requires_grad_(False)"
-                )
 
     def _abandon_window(self) -> None:
         # A step that raises is a skipped step for the averager: compressor state computed
@@ -392,7 +299,8 @@ class GradientPipeline:
     def _end_window(self) -> None:
         for p in self.params:
             p.grad = None
-        self._measure, self._small, self._reduction = False, None, None
+        self.probe.reset()
+        self._reduction = None
         self.window.reset()
         self.steps += 1
         self._prepare_next_micro_step()
@@ -414,15 +322,13 @@ class GradientPipeline:
         save ``torch.get_rng_state()`` with it for a bit-identical resume.
         Residuals differ per rank: under torch.distributed every rank saves its own.
         """
-        items = self.window.items
+        items, pairs = self.window.items, zip(self.names, self.params) if self.window.micro_steps else ()
         return {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "micro_steps": self.window.micro_steps,
             "items": items.clone() if isinstance(items, Tensor) else items,
-            "grads": {n: p.grad.detach().clone() for n, p in zip(self.names, self.params) if p.grad is not None}
-            if self.window.micro_steps
-            else {},
+            "grads": {n: p.grad.detach().clone() for n, p in pairs if p.grad is not None},
             "clip": [stage.state_dict() for stage in self.clip],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "average": self.sync.state_dict(),
@@ -437,121 +343,99 @@ class GradientPipeline:
                 parameter names or shapes, or stage states that do not fit; the
                 pipeline is unchanged then.
         """
-        _checks.state_keys("GradientPipeline", state, {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler", "average", "tracker"})
         # Every value is checked before anything is loaded: a bad one changes nothing.
-        steps = _checks.non_negative_int("steps", state["steps"], "pass the state from GradientPipeline.state_dict()")
-        skipped_steps = _checks.non_negative_int("skipped_steps", state["skipped_steps"], "pass the state from GradientPipeline.state_dict()")
-        grads = self._checked_grads(state["grads"])
-        if not isinstance(state["clip"], list) or len(state["clip"]) != len(self.clip):
-            raise ValueError(
-                f"GradientPipeline.load_state_dict: the state has {len(state['clip']) if isinstance(state['clip'], list) else state['clip']!r} "
-                f"clip stage states, this pipeline has {len(self.clip)} stages; build the pipeline with the same clip stages"
-            )
-        micro_steps = _checks.non_negative_int("micro_steps", state["micro_steps"], "pass the state from GradientPipeline.state_dict()")
-        if micro_steps >= self.accumulation_steps:
-            raise ValueError(f"micro_steps={micro_steps} does not fit accumulation_steps={self.accumulation_steps}; build the pipeline with the accumulation_steps it was saved with")
-        items = state["items"]
-        if not (items is None or isinstance(items, Tensor) or (isinstance(items, int) and not isinstance(items, bool))):
-            raise TypeError(f"GradientPipeline.load_state_dict: 'items' must be None, an int or a tensor, got {type(items).__name__}")
-        if items is not None:
-            try:
-                items = check_num_items(items)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"GradientPipeline.load_state_dict: 'items': {error}") from None
+        saved = _pipeline_state.check_window(
+            state, names=self.names, params=self.params, clip_stages=len(self.clip),
+            accumulation_steps=self.accumulation_steps,
+        )
         parts = list(zip(self.clip, state["clip"])) + [(self.sync, state["average"])]
         if self.scaler is not None and state["scaler"] is not None:
             parts.append((self.scaler, state["scaler"]))
         if state["tracker"] is not None and callable(getattr(self.tracker, "load_state_dict", None)):
             parts.append((self.tracker, state["tracker"]))
-        _load_all_or_nothing(parts)
-        self.steps = steps
-        self.skipped_steps = skipped_steps
-        self.window.micro_steps = micro_steps
-        self.window.items = items
+        _stateful.load_all_or_nothing(parts)
+        self.steps, self.skipped_steps = saved.steps, saved.skipped_steps
+        self.window.micro_steps, self.window.items = saved.micro_steps, saved.items
         by_name = dict(zip(self.names, self.params))
         for p in self.params:
             p.grad = None
-        for name, grad in grads.items():
+        for name, grad in saved.grads.items():
             by_name[name].grad = grad.to(by_name[name]).clone()
         self._prepare_next_micro_step()
 
-    def _checked_grads(self, grads: object) -> dict[str, Tensor]:
-        if not isinstance(grads, dict):
-            raise TypeError(f"GradientPipeline.load_state_dict: 'grads' must be a dict of tensors, got {type(grads).__name__}")
-        shapes = {n: p.shape for n, p in zip(self.names, self.params)}
-        for name, grad in grads.items():
-            if name not in shapes:
-                raise ValueError(f"GradientPipeline.load_state_dict: the state has a gradient for unknown parameter {name!r}; load it into the model it was saved from")
-            if not isinstance(grad, Tensor) or grad.shape != shapes[name]:
-                got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
-                raise ValueError(f"GradientPipeline.load_state_dict: gradient {name!r} has shape {got}, the parameter has {tuple(shapes[name])}")
-        return grads
+
+def _check_parts(model: object, average: object, tracker: object, scaler: object, ema: object) -> None:
+    if average is not None and not isinstance(average, SyncControl):
+        raise TypeError(f"average must be gk.Average(...) or gk.ModelAverager(...), got {type(average).__name__}")
+    if average is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "the model is wrapped in DistributedDataParallel, which already averages gradients; "
+            "pass average=None to let DDP do it, or pass the unwrapped module to average with gradkit"
+        )
+    if tracker is not None and not all(callable(getattr(tracker, m, None)) for m in ("wants", "observe", "after_step")):
+        raise TypeError(
+            "tracker must have wants(step), observe(ctx, report) and after_step(ctx, report) (e.g. gk.Tracker), "
+            f"got {type(tracker).__name__}"
+        )
+    scaler_methods = ("scale", "unscale_", "step", "update")
+    if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in scaler_methods):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if ema is not None and not callable(getattr(ema, "update", None)):
+        raise TypeError(f"ema must be gk.EMA(model, ...) or None, got {type(ema).__name__}")
 
 
-def _sparse_gradient_names(model: object) -> set[str]:
-    """Names of parameters whose gradients are sparse (embeddings built with sparse=True)."""
-    model = _names.unwrap(model)
-    if not isinstance(model, nn.Module):
-        return set()
-    return {
-        _names.bare_name(f"{prefix}.weight") if prefix else "weight"
-        for prefix, module in model.named_modules()
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
-    }
+def _read_flags(
+    total_norm: Tensor, global_items: int | Tensor | None, local_items: int | Tensor | None,
+    missing: tuple[list[int], Tensor] | None,
+) -> tuple[bool, bool, bool, list[int]]:
+    """(the gradient is finite, the window holds items, this process had items, positions of
+    the parameters no process had a gradient for), in one host read."""
+    # The one host read of the step: the optimizer cannot skip on a device flag, and
+    # leaving a gradient None is a host decision. Tensor item counts ride along.
+    device = total_norm.device
+    flags = [torch.isfinite(total_norm).reshape(1)]
+    if isinstance(global_items, Tensor):
+        flags.append((global_items.to(device) > 0).reshape(1))
+    if isinstance(local_items, Tensor):
+        flags.append((local_items.to(device) > 0).reshape(1))
+    if missing is not None:
+        flags.append(missing[1].to(device).reshape(-1) == 0)
+    read = torch.cat(flags).tolist()
+    finite = bool(read.pop(0))
+    counted = bool(read.pop(0)) if isinstance(global_items, Tensor) else True
+    own = bool(read.pop(0)) if isinstance(local_items, Tensor) else local_items is None or local_items > 0
+    unused = [position for position, none in zip(missing[0], read) if none] if missing is not None else []
+    return finite, counted, own, unused
 
 
-def _load_all_or_nothing(parts: list[tuple[Any, dict[str, Any]]]) -> None:
-    """Load each (object, state) pair; if one fails, put every object back as it was."""
-    before = [obj.state_dict() for obj, _ in parts]
-    try:
-        for obj, obj_state in parts:
-            obj.load_state_dict(obj_state)
-    except Exception:
-        for (obj, _), obj_state in zip(parts, before):
-            obj.load_state_dict(obj_state)
-        raise
-
-
-def _named_parameters(model: object) -> tuple[list[str], list[nn.Parameter], list[tuple[str, nn.Parameter]]]:
-    """Names and parameters that require grad, and the (name, parameter) pairs that do not;
-    DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are dropped so that state saved
-    with and without them is interchangeable."""
-    model = _names.unwrap(model)
-    if isinstance(model, nn.Module):
-        pairs = _names.named_parameters(model)
-    elif isinstance(model, Tensor):
-        raise TypeError("model must be an nn.Module or an iterable of parameters, got a single tensor; wrap it in a list: [param]")
-    else:
-        try:
-            items = list(model)  # type: ignore[call-overload]
-        except TypeError:
-            raise TypeError(f"model must be an nn.Module or an iterable of parameters, got {type(model).__name__}") from None
-        pairs = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(items)]
-    for name, p in pairs:
-        if not isinstance(p, Tensor):
-            raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor; pass model.parameters() or model.named_parameters()")
-    frozen = [(name, p) for name, p in pairs if not p.requires_grad]
-    pairs = [(name, p) for name, p in pairs if p.requires_grad]
-    if not pairs:
-        raise ValueError("the model has no parameters that require grad; pass the module being trained (or unfreeze some parameters)")
-    return [name for name, _ in pairs], [p for _, p in pairs], frozen
+def _check_frozen(frozen: Sequence[tuple[str, Tensor]]) -> None:
+    """Refuse a parameter that was frozen when the pipeline was built and trains now: its
+    gradient would reach the optimizer unaveraged, unnormalized and never reset."""
+    for name, p in frozen:
+        if p.requires_grad:
+            raise RuntimeError(
+                f"parameter {name!r} did not require grad when the GradientPipeline was built but requires it now; "
+                "build a new GradientPipeline (and a new gk.Average) after unfreezing parameters, "
+                "or freeze it again with requires_grad_(False)"
+            )
 
 
 def _check_optimizer(optimizer: object) -> None:
     # Checked before the boundary touches any gradient: a wrong argument changes nothing.
     if not callable(getattr(optimizer, "step", None)) or not hasattr(optimizer, "param_groups"):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; pass the optimizer of the model: pipe.step(optimizer)")
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+            "pass the optimizer of the model: pipe.step(optimizer)"
+        )
 
 
 def _check_stages(clip: object) -> list[ClipStage]:
     stages = [] if clip is None else [clip] if isinstance(clip, ClipStage) else clip
     if not isinstance(stages, (list, tuple)) or not all(isinstance(s, ClipStage) for s in stages):
-        raise TypeError(f"clip must be a clipping stage (e.g. gk.ClipByGlobalNorm(1.0)) or a list of them, got {clip!r}")
+        raise TypeError(
+            f"clip must be a clipping stage (e.g. gk.ClipByGlobalNorm(1.0)) or a list of them, got {clip!r}"
+        )
     return list(stages)
-
-
-def _batch(count: int | Tensor) -> Tensor:
-    return torch.as_tensor(count, dtype=torch.float64)
 
 
 def _first_nonfinite(ctx: GradContext) -> str:

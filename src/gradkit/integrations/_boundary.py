@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from gradkit.clipping import ClipStage
 from gradkit.context import GradContext
-from gradkit.pipeline import StepReport
+from gradkit.step_report import StepReport
 
 __all__ = ["Boundary", "check_clip", "check_tracker", "layer_group"]
 

@@ -17,7 +17,7 @@ except ImportError as error:  # the extra is optional: say which one to install
 from torch import nn
 
 from gradkit.integrations._boundary import Boundary
-from gradkit.pipeline import StepReport
+from gradkit.step_report import StepReport
 
 __all__ = ["GradkitStep"]
 

@@ -1,10 +1,13 @@
 """Gradient tracking: per-layer statistics over time, alerts, noise scale, logs and a report.
 
 - `tracker`: `Tracker`, the observer a `GradientPipeline` calls (or `tracker.track(model)` by hand).
+- `counters`: what the tracker counts on the device between logging steps.
+- `record`: a logged step's record, read from the device in one named host read.
 - `stats`: per-parameter statistics on the device, per-module summaries on the host.
 - `alerts`: `AlertRules` (vanishing, exploding, dead) and the `Alert` record.
-- `nonfinite`: hooks that name the first module, in backward order, producing NaN/Inf.
-- `noise_scale`: the gradient noise scale B_simple (McCandlish et al. 2018) and batch-size advice.
+- `nonfinite`: the non-finite alert, and hooks that name the first module, in backward order, producing NaN/Inf.
+- `noise_scale`: the gradient noise scale B_simple (McCandlish et al. 2018), the probe that samples it
+  for the pipeline, and batch-size advice.
 - `writers`: JSONL (the durable log and its schema) and TensorBoard.
 - `report`: the HTML report behind ``gradkit report RUN_DIR``.
 """

@@ -7,9 +7,9 @@ batch size, below which a larger batch cuts the number of steps almost
 proportionally and above which the returns diminish.
 
 Both quantities come from the squared norm of one gradient measured at two
-batch sizes b < B (the pipeline provides them on measured windows: the first
-micro-batch against the whole window, or this rank against the all-reduced
-gradient)::
+batch sizes b < B. `NoiseProbe` takes them for the pipeline on measured
+windows: the first micro-batch against the whole window, or this rank against
+the all-reduced gradient::
 
     |G|²  ≈ (B |G_B|² − b |G_b|²) / (B − b)
     tr(Σ) ≈ (|G_b|² − |G_B|²) / (1/b − 1/B)
@@ -21,14 +21,17 @@ Each estimate is unbiased but noisy, so each is smoothed with its own EMA
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradkit import _checks
+from gradkit import _checks, _dtensor
+from gradkit.context import GradContext
+from gradkit.step_report import NoiseSample
 
-__all__ = ["NoiseScale", "batch_advice"]
+__all__ = ["NoiseProbe", "NoiseScale", "batch_advice"]
 
 
 class NoiseScale:
@@ -99,6 +102,135 @@ class NoiseScale:
             if not isinstance(state[key], Tensor) or state[key].numel() != 1:
                 raise TypeError(f"NoiseScale.load_state_dict: {key!r} must be a one-element tensor from NoiseScale.state_dict()")
         self._g2, self._trace, self._count = (state[k].detach().double().reshape(()).clone() for k in ("g2", "trace", "count"))
+
+
+class NoiseProbe:
+    """Takes one window's gradient at two batch sizes for the noise scale, on the windows the tracker logs.
+
+    The pipeline calls it at two moments of each window, and asks it for the sample at the report:
+
+    - `after_first_backward`: ``p.grad`` holds the first micro-batch alone, the small batch
+      (with ``accumulation_steps > 1``);
+    - `before_reduction`: ``p.grad`` still holds this process's whole window when the sync
+      keeps it there (`gk.Average`): the small batch against the averaged one, or, when
+      compression makes the averaged gradient lossy, the big batch;
+    - `sample` (after the reduction and the unscale): the `NoiseSample`, or None.
+
+    Args:
+        names, params: the pipeline's parameters.
+        wants: ``wants(step) -> bool``, whether the window ending at optimizer step `step`
+            is measured (the tracker's); None measures nothing.
+        accumulation_steps: micro-batches per window.
+        scaler: the ``GradScaler`` whose loss scale the gradients carry until unscaled, or None.
+        lossy: whether the averaged gradient is an approximation (compressed averaging).
+        local_window: whether ``p.grad`` holds this process's own window before the reduction.
+
+    Sharded parameters (DTensor: FSDP2, tensor parallel) give no sample: after the first
+    micro-batch the gradient is already summed over processes (``reduce="every"``) or not in
+    ``p.grad`` yet (``reduce="boundary"``), and no process holds its own window before the
+    reduction. `unavailable` says so; the tracker's noise scale then stays unmeasured.
+
+    Cost: on measured windows only, one pass over the gradients per moment used (their
+    per-parameter norms); no host read.
+
+    Example:
+        >>> probe = NoiseProbe(names, params, wants=tracker.wants, accumulation_steps=4)
+        >>> probe.after_first_backward(num_items, step=1)      # after the first backward
+        >>> probe.before_reduction(window)                     # before the all-reduce
+        >>> report_noise = probe.sample(total_norm, items)     # NoiseSample or None
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        *,
+        wants: Callable[[int], bool] | None,
+        accumulation_steps: int = 1,
+        scaler: Any = None,
+        lossy: bool = False,
+        local_window: bool = False,
+    ) -> None:
+        self.names, self.params = list(names), list(params)
+        self.wants, self.accumulation_steps, self.scaler = wants, accumulation_steps, scaler
+        self.lossy, self.local_window = lossy, local_window
+        #: why no window is ever measured (sharded parameters), or None
+        self.unavailable: str | None = None
+        if _dtensor.any_dtensor(self.params):
+            self.unavailable = (
+                "sharded parameters (FSDP2 or tensor parallel): no process holds its own micro-batch "
+                "or window gradient, so no two batch sizes can be compared"
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the window in progress (the pipeline calls it when a window ends)."""
+        self._measuring = False
+        self._small: tuple[Tensor, Tensor] | None = None
+        self._local: tuple[list[str], Tensor, Tensor] | None = None  # names, norms of the mean, batch
+
+    def after_first_backward(self, num_items: int | Tensor | None, *, step: int) -> None:
+        """Decide whether the window ending at `step` is measured, and take its first micro-batch."""
+        self.reset()
+        self._measuring = self.wants is not None and self.unavailable is None and bool(self.wants(step))
+        if self._measuring and self.accumulation_steps > 1:
+            count = _batch(num_items if num_items is not None else 1)
+            sq = self._local_norms()[1].square().sum()
+            # A summed loss's gradient is count x the mean; a mean loss's already is the mean.
+            self._small = (sq / count.to(sq) ** 2 if num_items is not None else sq, count)
+
+    def before_reduction(self, window: Any) -> None:
+        """Take this process's whole window (a `Window`: items or micro-steps), if it is in ``p.grad``."""
+        if self._measuring and self.local_window:
+            names, norms = self._local_norms()
+            count = _batch(window.items if window.item_mode else window.micro_steps).to(norms.device)
+            self._local = (names, norms / count, count)
+
+    def pre_clip_norms(self, ctx: GradContext) -> Tensor | None:
+        """The per-parameter norms the tracker should judge (``ctx.pre_clip_norms``): the
+        averaged gradient's, or under compression this process's dense window's."""
+        if not len(ctx):
+            return None
+        if self._local is None or not self.lossy:
+            return ctx.norms()  # stages replace, never mutate, the cache
+        # Compressed averaging zeroes most entries: layer statistics and alerts should judge
+        # this process's dense gradient.
+        names, norms, _ = self._local
+        by_name = dict(zip(names, norms))
+        zero = norms.new_zeros(())
+        return torch.stack([by_name.get(name, zero) for name in ctx.names]).to(ctx.norms())
+
+    def sample(self, total_norm: Tensor, items: Tensor) -> NoiseSample | None:
+        """The window's sample: the first micro-batch or this process's window (small) against
+        the averaged window (big: `total_norm`, `items`), or this process's window when
+        compression made the averaged one lossy. None on windows not measured."""
+        small, big = self._small, (total_norm.double() ** 2, items.double())
+        if self._local is not None:
+            local_sq = (self._local[1].square().sum(), self._local[2])
+            if self.lossy:
+                if small is None:
+                    return None
+                big = local_sq
+            elif small is None:
+                small = local_sq
+        if small is None:
+            return None
+        device = small[0].device
+        return NoiseSample(
+            small_sq=small[0], small_batch=small[1].to(device), big_sq=big[0].to(device), big_batch=big[1].to(device)
+        )
+
+    def _local_norms(self) -> tuple[list[str], Tensor]:
+        """Names and L2 norms of this process's gradients as they are now (loss scale divided out)."""
+        ctx = GradContext(self.names, self.params)
+        norms = ctx.norms().double() if len(ctx) else torch.zeros(0, dtype=torch.float64)
+        if self.scaler is not None and self.scaler.is_enabled():
+            norms = norms / self.scaler._get_scale_async().double().to(norms.device)
+        return ctx.names, norms
+
+
+def _batch(count: int | Tensor) -> Tensor:
+    return torch.as_tensor(count, dtype=torch.float64)
 
 
 def batch_advice(b_simple: float | None, batch: float | None) -> str | None:

@@ -19,13 +19,17 @@ happens, so healthy training never pays for it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gradkit import _dtensor
+from gradkit.tracking import stats as _stats
+from gradkit.tracking.alerts import GLOBAL, Alert, logger
 from gradkit.tracking.stats import ROOT, module_of
 
-__all__ = ["NonfiniteLocator", "LOSS"]
+__all__ = ["LOSS", "NonfiniteLocator", "NonfiniteWatch", "nonfinite_counts"]
 
 #: the name given when the gradient was non-finite before reaching any module
 LOSS = "(loss)"
@@ -116,6 +120,131 @@ class NonfiniteLocator:
                     tensor.register_hook(self._recorder(name, "in"))
 
         return hook
+
+
+class NonfiniteWatch:
+    """The tracker's answer to non-finite gradients: an alert on the logged step, then the
+    locator armed to re-check the next step (logged out of turn), and the module it names.
+
+    Memory: nothing until a non-finite step; then one `NonfiniteLocator` armed for one step.
+
+    Example:
+        >>> watch = NonfiniteWatch()
+        >>> watch.attach(model, names, params)
+        >>> alerts = watch.alerts(step, names, param_stats, skipped_since=0, last_logged=0)
+        >>> watch.forces(step + 1)   # True after a non-finite step: log the re-checked step
+    """
+
+    def __init__(self) -> None:
+        self.locator: NonfiniteLocator | None = None
+        self.forced: set[int] = set()  # steps logged out of turn (after a non-finite step)
+
+    def attach(self, module: nn.Module | None, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        """Learn the model whose gradients the locator will hook."""
+        self.locator = NonfiniteLocator(module, names, params)
+
+    def forces(self, step: int) -> bool:
+        """Whether `step` is logged out of turn, to re-check a non-finite step."""
+        return step in self.forced
+
+    def alerts(
+        self, step: int, names: Sequence[str], params: dict[str, dict], *, skipped_since: int, last_logged: int
+    ) -> list[Alert]:
+        """The non-finite alert of logged step `step` (from its per-parameter NaN/Inf counts, the
+        armed locator's finding, or steps skipped since the last log), arming a re-check."""
+        locator = self.locator
+        bad = [name for name in names if params[name]["nan"] or params[name]["inf"]]
+        if locator is not None and locator.armed:
+            found = locator.result()
+            locator.disarm()
+            if found is not None:
+                name, how = found
+                message = (
+                    f"step {step}: first module in backward order with a non-finite gradient is {name!r}: "
+                    f"{how} (located by hooks)"
+                )
+                return [Alert(step, "nonfinite", name, message)]
+            if not bad:
+                logger.info(
+                    "step %d: the non-finite gradient did not recur on the re-checked step; to locate it, replay the "
+                    "offending batch with tracker.locate_nonfinite(lambda: loss_fn(model(x), y))", step,
+                )  # fmt: skip
+        if bad:
+            # Parameters are registered in forward order, so the last one hit is the first in backward order.
+            first = bad[-1]
+            module = module_of(first)
+            nan = sum(params[n]["nan"] for n in bad)
+            inf = sum(params[n]["inf"] for n in bad)
+            self._arm(step)
+            message = (
+                f"step {step}: non-finite gradient ({nan} NaN, {inf} Inf in {len(bad)} parameters); first in "
+                f"backward order by parameter: {first!r}. Hooks re-check step {step + 1} to name the module that "
+                "produced it"
+            )
+            return [Alert(step, "nonfinite", module, message, float(nan + inf))]
+        if skipped_since:
+            self._arm(step)
+            message = (
+                f"step {step}: {skipped_since} step(s) since step {last_logged} were skipped for a non-finite "
+                f"gradient; hooks re-check step {step + 1}"
+            )
+            return [Alert(step, "nonfinite", GLOBAL, message, float(skipped_since))]
+        return []
+
+    def replay(self, closure: Callable[[], Tensor], params: Sequence[Tensor], step: int) -> Alert | None:
+        """Run `closure`'s forward and backward with the hooks armed; the alert naming the origin, or None."""
+        if self.locator is None:
+            raise RuntimeError(
+                "the tracker is not attached to a model yet: pass it to GradientPipeline(tracker=...) "
+                "or call tracker.track(model) first"
+            )
+        locator, was_armed = self.locator, self.locator.armed
+        locator.arm()
+        try:
+            loss = closure()
+            if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                raise TypeError(
+                    "the closure must return the scalar loss of a forward pass with grad enabled, "
+                    "e.g. lambda: loss_fn(model(x), y)"
+                )
+            torch.autograd.grad(loss.reshape(()), [p for p in params if p.requires_grad], allow_unused=True)
+        finally:
+            if not was_armed:
+                locator.disarm()
+        found = locator.result()
+        if found is None:
+            logger.info("locate_nonfinite: every gradient of the replayed batch is finite")
+            return None
+        name, how = found
+        message = f"replay: first module in backward order with a non-finite gradient is {name!r}: {how}"
+        return Alert(step, "nonfinite", name, message)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"forced": sorted(self.forced), "armed": bool(self.locator is not None and self.locator.armed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.forced = {int(s) for s in state["forced"]}
+        if state["armed"] and self.locator is not None:
+            self.locator.arm()
+
+    def _arm(self, step: int) -> None:
+        if self.locator is not None:
+            self.locator.arm()
+            self.forced.add(step + 1)  # log the re-checked step, so its host read is on a logging step
+
+
+def nonfinite_counts(
+    sharded: bool, grads: Sequence[Tensor], local: Sequence[Tensor], bad: Sequence[int]
+) -> dict[int, tuple[int, int]]:
+    """(NaN, Inf) counts of the gradients at `bad` (`grads`, their `local` pieces), over full
+    parameters when `sharded` (norms are full-parameter values, so every rank has the same
+    `bad` and joins the reduction)."""
+    if not (sharded and bad):
+        return _stats.nonfinite_counts(local, bad)
+    counts = torch.stack([torch.stack([torch.isnan(local[i]).sum(), torch.isinf(local[i]).sum()]) for i in bad])
+    counts = counts.double()
+    total = _dtensor.reduce_sums(counts.T.reshape(-1), [grads[i] for i in bad] * 2).reshape(2, -1)
+    return {i: (int(nan), int(inf)) for i, nan, inf in zip(bad, total[0].tolist(), total[1].tolist())}
 
 
 def _tensors(value: object) -> list[Tensor]:

@@ -8,7 +8,6 @@ on the device (clipped steps, skipped steps) and reads nothing on the host.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,20 +18,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradkit import _checks, _dtensor, _foreach
-from gradkit import distributed as gdist
+from gradkit import _checks, _dtensor
+from gradkit._stateful import load_all_or_nothing
+from gradkit._version import __version__
 from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
-from gradkit.pipeline import StepReport
+from gradkit.step_report import StepReport
+from gradkit.tracking import record as _record
 from gradkit.tracking import stats as _stats
-from gradkit.tracking.alerts import GLOBAL, Alert, AlertRules, logger
-from gradkit.tracking.noise_scale import NoiseScale, batch_advice
-from gradkit.tracking.nonfinite import NonfiniteLocator
-from gradkit.tracking.writers import SCHEMA, check_log_dir, check_writers, clean, make_writers
+from gradkit.tracking.alerts import Alert, AlertRules, logger
+from gradkit.tracking.counters import SinceLastLog
+from gradkit.tracking.noise_scale import NoiseScale
+from gradkit.tracking.nonfinite import NonfiniteLocator, NonfiniteWatch, nonfinite_counts
+from gradkit.tracking.writers import SCHEMA, check_log_dir, check_meta, check_writers, clean, make_writers
 
 __all__ = ["Tracker"]
-
-_CLIP_TOLERANCE = 1e-6  # clip_coef below 1 - this counts as a clipped step (rounding leaves exact 1 alone)
 
 
 class Tracker:
@@ -125,13 +125,7 @@ class Tracker:
         self.update_ratio = _checks.flag("update_ratio", update_ratio, "pass False to skip the weight copy on logging steps")
         self.histogram_bins = _checks.positive_int("histogram_bins", histogram_bins, "pass a bin count, e.g. 64")
         self.gather = _checks.flag("gather", gather, "pass True to collect every rank's statistics on rank 0")
-        if meta is not None and not isinstance(meta, dict):
-            raise TypeError(f"meta must be a dict of run settings or None, got {type(meta).__name__} {meta!r}; pass e.g. {{'max_norm': 1.0}}")
-        self.meta = dict(meta or {})
-        try:
-            json.dumps(self.meta, allow_nan=False)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"meta must hold JSON values (numbers, strings, lists, dicts): {error}; convert the offending value, e.g. str(x)") from None
+        self.meta = check_meta(meta)
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.writes = self.rank == 0
         self.log_dir = check_log_dir(log_dir) if self.writes else None
@@ -146,14 +140,13 @@ class Tracker:
         self.step = 0
         self._names: list[str] | None = None
         self._params: list[Tensor] = []
-        self._locator: NonfiniteLocator | None = None
-        self._forced: set[int] = set()  # steps logged out of turn (after a non-finite step)
-        self._clipped: Tensor | None = None  # device counters since the last log
-        self._skipped: Tensor | None = None
-        self._since = 0
-        self._bytes = 0
-        self._last_logged = 0
+        self._nonfinite = NonfiniteWatch()
+        self._counters = SinceLastLog()
         self._pending: dict[str, Any] | None = None  # a logged record waiting for its update ratios
+
+    @property
+    def _locator(self) -> NonfiniteLocator | None:
+        return self._nonfinite.locator
 
     # -- the pipeline protocol -------------------------------------------------------
 
@@ -163,19 +156,15 @@ class Tracker:
         thresholds = [stage.max_norm for stage in clip if isinstance(stage, ClipByGlobalNorm)]
         if thresholds and "max_norm" not in self.meta:
             self.meta["max_norm"] = min(thresholds)  # the report draws it as the clip line
-        self._locator = NonfiniteLocator(module, self._names, self._params)
+        self._nonfinite.attach(module, self._names, self._params)
         modules = list(dict.fromkeys(_stats.module_of(n) for n in self._names))
-        from gradkit import _version as gradkit  # the version alone: its own module, no cycle with gradkit/__init__
-
-        header = {"type": "run", "schema": SCHEMA, "version": gradkit.__version__, "time": time.time(),
+        header = {"type": "run", "schema": SCHEMA, "version": __version__, "time": time.time(),
                   "every": self.every, "params": self._names, "modules": modules, "meta": self.meta}  # fmt: skip
-        for writer in self._writers:
-            if hasattr(writer, "path"):
-                writer.write(header)
+        self._write_to_files(header)
 
     def wants(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based) is a logging step: 1, every `every`-th, or one forced by a non-finite step."""
-        return step == 1 or step % self.every == 0 or step in self._forced
+        return step == 1 or step % self.every == 0 or self._nonfinite.forces(step)
 
     def observe(self, ctx: GradContext, report: StepReport) -> None:
         """Record the step's final gradients (after clipping, before ``optimizer.step``).
@@ -186,12 +175,12 @@ class Tracker:
         self._finish_pending()
         step = int(report.step)
         self.step = step
-        self._count(report)
+        self._counters.count(report)
         if not self.wants(step):
             return
-        self._forced.discard(step)
+        self._nonfinite.forced.discard(step)
         if not (self.writes or self.gather or ctx.sharded):  # sharded: every rank joins the reductions
-            self._reset_counters()
+            self._counters.reset(step)
             return
         self._log(ctx, report)
 
@@ -235,14 +224,16 @@ class Tracker:
         step = self.step + 1
         if not self.wants(step):
             self.step = step
-            self._since += 1
+            self._counters.since += 1
             return
         ctx = GradContext(self._names, self._params)
         ctx.pre_clip_norms = ctx.norms() if len(ctx) else None
         total = ctx.total_norm()
         count = torch.tensor(math.nan if items is None else float(items), device=total.device)
-        report = StepReport(step, 1, count, total, total, torch.ones_like(total), ~torch.isfinite(total), 0, None)
-        self.observe(ctx, report)
+        self.observe(ctx, StepReport(
+            step=step, micro_steps=1, items=count, total_norm=total, norm_after=total,
+            clip_coef=torch.ones_like(total), skipped=~torch.isfinite(total),
+        ))  # fmt: skip
 
     def locate_nonfinite(self, closure: Callable[[], Tensor]) -> str | None:
         """Replay one batch with hooks and name the first module, in backward order, making the gradient non-finite.
@@ -264,30 +255,12 @@ class Tracker:
             >>> tracker.locate_nonfinite(lambda: F.cross_entropy(model(x_bad), y_bad))
             '4.attn'
         """
-        if self._locator is None:
-            raise RuntimeError("the tracker is not attached to a model yet: pass it to GradientPipeline(tracker=...) or call tracker.track(model) first")
-        locator, was_armed = self._locator, self._locator.armed
-        locator.arm()
-        try:
-            loss = closure()
-            if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-                raise TypeError("the closure must return the scalar loss of a forward pass with grad enabled, e.g. lambda: loss_fn(model(x), y)")
-            params = [p for p in self._params if p.requires_grad]
-            torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-        finally:
-            if not was_armed:
-                locator.disarm()
-        found = locator.result()
-        if found is None:
-            logger.info("locate_nonfinite: every gradient of the replayed batch is finite")
+        alert = self._nonfinite.replay(closure, self._params, self.step)
+        if alert is None:
             return None
-        name, how = found
-        alert = Alert(self.step, "nonfinite", name, f"replay: first module in backward order with a non-finite gradient is {name!r}: {how}")
         self._raise_alerts([alert])
-        for writer in self._writers:
-            if hasattr(writer, "path"):
-                writer.write({"type": "alert", "schema": SCHEMA, **alert.to_dict()})
-        return name
+        self._write_to_files({"type": "alert", "schema": SCHEMA, **alert.to_dict()})
+        return alert.name
 
     def close(self) -> None:
         """Write a logged step still waiting for its update ratio, and close the writers."""
@@ -304,81 +277,27 @@ class Tracker:
 
     # -- the logging step ------------------------------------------------------------
 
-    def _count(self, report: StepReport) -> None:
-        # The only work of a non-logging step: device-side counters, no host read.
-        if self._clipped is None or self._clipped.device != report.clip_coef.device:
-            self._clipped = torch.zeros((), dtype=torch.int64, device=report.clip_coef.device)
-        if self._skipped is None or self._skipped.device != report.skipped.device:
-            self._skipped = torch.zeros((), dtype=torch.int64, device=report.skipped.device)
-        self._clipped += report.clip_coef < 1 - _CLIP_TOLERANCE
-        self._skipped += report.skipped
-        self._since += 1
-        self._bytes += int(report.bytes_sent)
-
-    def _reset_counters(self) -> None:
-        self._clipped.zero_()
-        self._skipped.zero_()
-        self._since, self._bytes, self._last_logged = 0, 0, self.step
-
     def _log(self, ctx: GradContext, report: StepReport) -> None:
         step = self.step
         if report.noise is not None:
             self.noise.update(report.noise)
-        g2, trace, b_simple = self.noise.estimate()
-        norms = ctx.norms() if len(ctx) else torch.zeros(0, device=report.total_norm.device)
-        device = norms.device
-        dtype = _stats.host_dtype(device)
         detail = step == 1 or step % self.detail_every == 0 or bool(report.skipped)
-        grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
-        table = (
-            _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail)
-            if len(ctx)
-            else torch.zeros(0, len(_stats.COLUMNS), device=device, dtype=dtype)
-        )
-        if ctx.sharded and detail and len(ctx):
-            table = _full_table(table, ctx)
-        ranks = self._gather(table)
-        noise = report.noise
-        scalars = [report.total_norm, report.norm_after, report.clip_coef, report.skipped, report.items, self._clipped, self._skipped, g2, trace, b_simple, self.noise.measured()]
-        if noise is not None:
-            scalars += [noise.small_sq, noise.small_batch, noise.big_sq, noise.big_batch]
-        parts = [table.reshape(-1), torch.stack([s.detach().to(device, dtype).reshape(()) for s in scalars])]
-        if ranks is not None:
-            parts.append(ranks.reshape(-1))
-        values = torch.cat(parts).tolist()  # the one host read of a logging step
-        width = len(_stats.COLUMNS)
-        p = len(ctx)
-        rows = [values[i * width : (i + 1) * width] for i in range(p)]
-        s = values[p * width : p * width + len(scalars)]
-        norm_pre, norm_after, clip_coef, skipped, items, clipped_n, skipped_n, g2_v, trace_v, bs_v, measured = s[:11]
-        bad = [i for i, row in enumerate(rows) if not (math.isfinite(row[0]) and math.isfinite(row[1]))]
-        counts = _nonfinite_counts(ctx, grads, bad)
+        table = _record.param_table(ctx, report.total_norm.device, detail=detail)
+        ranks = _record.gather_tables(table) if self.gather else None
+        counters = {"clipped": self._counters.clipped, "skipped_steps": self._counters.skipped}
+        got = _record.read_step(table, report, counters, self.noise, ranks)  # the one host read of a logging step
+        grads = _dtensor.locals_of(ctx.grads)
+        bad = [i for i, row in enumerate(got["table"]) if not (math.isfinite(row[0]) and math.isfinite(row[1]))]
+        counts = nonfinite_counts(ctx.sharded, ctx.grads, grads, bad)
         numels = [g.numel() for g in ctx.grads]
-        params, modules = _stats.summarize(ctx.names, numels, rows, counts)
-        dense = getattr(report, "dense_bytes", None)  # carried by reports of compressing averagers, if any
-        record = {
-            "type": "step",
-            "schema": SCHEMA,
-            "step": step,
-            "time": time.time(),
-            "steps_since_log": self._since,
-            "detail": detail,
-            "global": {
-                "norm_pre_clip": norm_pre, "norm": norm_after, "clip_coef": clip_coef,
-                "clipped_steps": int(clipped_n), "clip_rate": clipped_n / max(self._since, 1),
-                "skipped": bool(skipped), "skipped_steps": int(skipped_n), "items": items,
-                "bytes_sent": int(report.bytes_sent), "bytes_since_log": self._bytes,
-                "dense_bytes": None if dense is None else int(dense),
-                "compression_ratio": dense / report.bytes_sent if dense is not None and report.bytes_sent else None,
-            },  # fmt: skip
-            "modules": modules,
-            "params": params,
-            "noise": self._noise_record(s[11:], g2_v, trace_v, bs_v, items) if measured else None,
-            "alerts": [],
-            "ranks": None if ranks is None else self._rank_records(ctx, values[p * width + len(scalars) :], numels),
-        }
-        alerts = self.rules.check(step, {m: v["norm_pre_clip"] for m, v in modules.items()}, norm_pre)
-        alerts += self._nonfinite_alerts(step, ctx, params, int(skipped_n))
+        params, modules = _stats.summarize(ctx.names, numels, got["table"], counts)
+        rank_norms = None if ranks is None else _record.rank_norms(ctx.names, numels, got["ranks"])
+        since, last_logged = self._counters.since, self._counters.last_logged
+        record = _record.step_record(got, report, step=step, since=since, bytes_since=self._counters.bytes,
+                                     detail=detail, params=params, modules=modules, ranks=rank_norms)  # fmt: skip
+        alerts = self.rules.check(step, {m: v["norm_pre_clip"] for m, v in modules.items()}, got["total_norm"])
+        skipped_since = int(got["skipped_steps"])
+        alerts += self._nonfinite.alerts(step, ctx.names, params, skipped_since=skipped_since, last_logged=last_logged)
         record["alerts"] = [a.to_dict() for a in alerts]
         self._raise_alerts(alerts)
         self.last_alerts = alerts
@@ -386,91 +305,22 @@ class Tracker:
         if detail and self._writers and "tensorboard" in self.writer_names and len(ctx):
             histograms = _stats.histograms(ctx.names, grads, modules, self.histogram_bins)  # of this rank's shards
         before = None
-        if detail and self.update_ratio and not skipped and len(ctx):
-            before = [p.detach().clone() for p in weights]  # held until after_step: one copy of the weights (shards)
-        self._pending = {"record": record, "names": list(ctx.names), "params": list(ctx.params), "before": before, "histograms": histograms}
-        self._reset_counters()
-
-    def _noise_record(self, sample: list[float], g2: float, trace: float, b_simple: float, items: float) -> dict[str, Any]:
-        small_sq, small_batch, big_sq, big_batch = sample if sample else (math.nan, math.nan, math.nan, math.nan)
-        estimate = b_simple if math.isfinite(b_simple) else None
-        return {
-            "small_sq": small_sq, "small_batch": small_batch, "big_sq": big_sq, "big_batch": big_batch,
-            "g2": g2, "trace": trace, "b_simple": estimate,
-            "advice": batch_advice(estimate, _batch_of_step(items, big_batch)),
-        }  # fmt: skip
+        if detail and self.update_ratio and not record["global"]["skipped"] and len(ctx):
+            # Held until after_step: one copy of the weights (shards).
+            before = [p.detach().clone() for p in _dtensor.locals_of(ctx.params)]
+        self._pending = {"record": record, "names": list(ctx.names), "params": list(ctx.params), "before": before,
+                         "histograms": histograms}  # fmt: skip
+        self._counters.reset(step)
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        record, before = pending["record"], pending["before"]
-        if before is not None:
-            after = [_dtensor.local(p).detach() for p in pending["params"]]
-            for _, (members, positions) in _foreach.group_tensors(before).items():
-                torch._foreach_sub_(members, [after[i] for i in positions])
-            deltas = _foreach.per_tensor_norms(before, 2.0, at_least=torch.float32)
-            device = deltas[0].device
-            deltas = torch.stack([d.to(device) for d in deltas])
-            if _dtensor.any_dtensor(pending["params"]):  # norms of the full updates, from the shards'
-                deltas = _dtensor.reduce_sums(deltas.double().square(), pending["params"]).sqrt()
-            values = deltas.tolist()  # the update ratio's host read
-        elif record["global"]["skipped"]:
-            values = [0.0] * len(pending["names"])  # a skipped step does not move the weights
-        else:
-            values = None
-        if values is not None:
-            sums: dict[str, float] = {}
-            for name, delta in zip(pending["names"], values):
-                entry = record["params"][name]
-                entry["update_to_weight"] = delta / entry["weight_norm"] if entry["weight_norm"] > 0 else None
-                module = _stats.module_of(name)
-                sums[module] = sums.get(module, 0.0) + delta**2
-            for module, sq in sums.items():
-                entry = record["modules"][module]
-                entry["update_to_weight"] = math.sqrt(sq) / entry["weight_norm"] if entry["weight_norm"] > 0 else None
-        record = clean(record)
+        _record.complete_update_ratios(pending["record"], pending["names"], pending["params"], pending["before"])
+        record = clean(pending["record"])
         self.history.append(record)
         for writer in self._writers:
             writer.write(record, pending["histograms"])
-
-    # -- alerts ------------------------------------------------------------------------
-
-    def _nonfinite_alerts(self, step: int, ctx: GradContext, params: dict[str, dict], skipped_since: int) -> list[Alert]:
-        locator = self._locator
-        bad = [name for name in ctx.names if params[name]["nan"] or params[name]["inf"]]
-        if locator is not None and locator.armed:
-            found = locator.result()
-            locator.disarm()
-            if found is not None:
-                name, how = found
-                return [Alert(step, "nonfinite", name, f"step {step}: first module in backward order with a non-finite gradient is {name!r}: {how} (located by hooks)")]
-            if not bad:
-                logger.info(
-                    "step %d: the non-finite gradient did not recur on the re-checked step; to locate it, replay the "
-                    "offending batch with tracker.locate_nonfinite(lambda: loss_fn(model(x), y))", step,
-                )  # fmt: skip
-        if bad:
-            # Parameters are registered in forward order, so the last one hit is the first in backward order.
-            first = bad[-1]
-            module = _stats.module_of(first)
-            nan = sum(params[n]["nan"] for n in bad)
-            inf = sum(params[n]["inf"] for n in bad)
-            self._arm(step)
-            return [Alert(step, "nonfinite", module,
-                          f"step {step}: non-finite gradient ({nan} NaN, {inf} Inf in {len(bad)} parameters); first in backward "
-                          f"order by parameter: {first!r}. Hooks re-check step {step + 1} to name the module that produced it", float(nan + inf))]  # fmt: skip
-        if skipped_since:
-            self._arm(step)
-            return [Alert(step, "nonfinite", GLOBAL,
-                          f"step {step}: {skipped_since} step(s) since step {self._last_logged} were skipped for a non-finite gradient; "
-                          f"hooks re-check step {step + 1}", float(skipped_since))]  # fmt: skip
-        return []
-
-    def _arm(self, step: int) -> None:
-        if self._locator is not None:
-            self._locator.arm()
-            self._forced.add(step + 1)  # log the re-checked step, so its host read is on a logging step
 
     def _raise_alerts(self, alerts: list[Alert]) -> None:
         for alert in alerts:
@@ -478,24 +328,10 @@ class Tracker:
                 logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
         self.alerts.extend(alerts)
 
-    # -- ranks -----------------------------------------------------------------------
-
-    def _gather(self, table: Tensor) -> Tensor | None:
-        if not (self.gather and dist.is_available() and dist.is_initialized()):
-            return None
-        out = [torch.empty_like(table) for _ in range(dist.get_world_size())]
-        gdist.run(dist.all_gather, "Tracker(gather=True): all_gather of per-rank gradient statistics", None, out, table.contiguous())
-        return torch.stack(out)
-
-    def _rank_records(self, ctx: GradContext, values: list[float], numels: list[int]) -> list[dict[str, float]]:
-        width, p = len(_stats.COLUMNS), len(ctx)
-        out = []
-        for r in range(len(values) // max(width * p, 1)):
-            chunk = values[r * width * p : (r + 1) * width * p]
-            rows = [chunk[i * width : (i + 1) * width] for i in range(p)]
-            _, modules = _stats.summarize(ctx.names, numels, rows, {})
-            out.append({m: v["norm_pre_clip"] for m, v in modules.items()})
-        return out
+    def _write_to_files(self, entry: dict[str, Any]) -> None:
+        for writer in self._writers:
+            if hasattr(writer, "path"):  # the file writers: TensorBoard takes step records only
+                writer.write(entry)
 
     # -- state -------------------------------------------------------------------------
 
@@ -503,13 +339,8 @@ class Tracker:
         """Step, counters, noise EMAs and alert state, as plain tensors and numbers (history is in the log)."""
         return {
             "step": self.step,
-            "last_logged": self._last_logged,
-            "since": self._since,
-            "bytes": self._bytes,
-            "clipped": (self._clipped if self._clipped is not None else torch.zeros((), dtype=torch.int64)).clone(),
-            "skipped": (self._skipped if self._skipped is not None else torch.zeros((), dtype=torch.int64)).clone(),
-            "forced": sorted(self._forced),
-            "armed": bool(self._locator is not None and self._locator.armed),
+            **self._counters.state_dict(),
+            **self._nonfinite.state_dict(),
             "noise": self.noise.state_dict(),
             "rules": self.rules.state_dict(),
             "alerts": [a.to_dict() for a in self.alerts],
@@ -522,57 +353,11 @@ class Tracker:
             ValueError / TypeError: for missing or unexpected keys or bad values; the tracker is unchanged then.
         """
         _checks.state_keys("Tracker", state, {"step", "last_logged", "since", "bytes", "clipped", "skipped", "forced", "armed", "noise", "rules", "alerts"})
-        for key in ("step", "last_logged", "since", "bytes"):
-            _checks.non_negative_int(key, state[key], "pass the dict from Tracker.state_dict()")
-        for key in ("clipped", "skipped"):
-            if not isinstance(state[key], Tensor) or state[key].numel() != 1:
-                raise TypeError(f"Tracker.load_state_dict: {key!r} must be a one-element tensor from Tracker.state_dict()")
+        _checks.non_negative_int("step", state["step"], "pass the dict from Tracker.state_dict()")
+        SinceLastLog.check_state(state)
         alerts = [Alert(**a) for a in state["alerts"]]
-        noise_before, rules_before = self.noise.state_dict(), self.rules.state_dict()
-        try:
-            self.noise.load_state_dict(state["noise"])
-            self.rules.load_state_dict(state["rules"])
-        except Exception:
-            self.noise.load_state_dict(noise_before)
-            self.rules.load_state_dict(rules_before)
-            raise
-        self.step, self._last_logged, self._since, self._bytes = (int(state[k]) for k in ("step", "last_logged", "since", "bytes"))
-        self._clipped = state["clipped"].detach().long().reshape(()).clone()
-        self._skipped = state["skipped"].detach().long().reshape(()).clone()
-        self._forced = {int(s) for s in state["forced"]}
+        load_all_or_nothing([(self.noise, state["noise"]), (self.rules, state["rules"])])
+        self.step = int(state["step"])
+        self._counters.load_state_dict(state)
         self.alerts = alerts
-        if state["armed"] and self._locator is not None:
-            self._locator.arm()
-
-
-def _full_table(table: Tensor, ctx: GradContext) -> Tensor:
-    """The detail columns of a table computed from this rank's shards, made those of the full
-    parameters: max |g| as the max, nonzero counts and squared weight norms as sums (two collectives)."""
-    columns = list(_stats.COLUMNS)
-    at = {name: columns.index(name) for name in ("max_abs", "nonzero", "weight_norm")}
-    p = len(ctx)
-    sums = _dtensor.reduce_sums(torch.cat([table[:, at["nonzero"]], table[:, at["weight_norm"]].square()]), ctx.grads + ctx.params)
-    table = table.clone()
-    table[:, at["max_abs"]] = _dtensor.reduce_max(table[:, at["max_abs"]].contiguous(), ctx.grads)
-    table[:, at["nonzero"]] = sums[:p]
-    table[:, at["weight_norm"]] = sums[p:].sqrt()
-    return table
-
-
-def _nonfinite_counts(ctx: GradContext, grads: Sequence[Tensor], bad: Sequence[int]) -> dict[int, tuple[int, int]]:
-    """(NaN, Inf) counts of the parameters at `bad`, over full parameters when sharded (norms are
-    full-parameter values, so every rank has the same `bad` and joins the reduction)."""
-    if not (ctx.sharded and bad):
-        return _stats.nonfinite_counts(grads, bad)
-    local = torch.stack([torch.stack([torch.isnan(grads[i]).sum(), torch.isinf(grads[i]).sum()]) for i in bad]).double()
-    total = _dtensor.reduce_sums(local.T.reshape(-1), [ctx.grads[i] for i in bad] * 2).reshape(2, -1)
-    return {i: (int(nan), int(inf)) for i, nan, inf in zip(bad, total[0].tolist(), total[1].tolist())}
-
-
-def _batch_of_step(items: float, big_batch: float) -> float | None:
-    """The batch the advice speaks of: the step's items over all ranks (the measured big
-    batch can be one rank's window, when compressed averaging made the global one lossy)."""
-    for value in (items, big_batch):
-        if math.isfinite(value) and value > 0:
-            return value
-    return None
+        self._nonfinite.load_state_dict(state)

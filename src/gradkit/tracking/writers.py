@@ -144,6 +144,24 @@ def check_writers(writers: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(writers))
 
 
+def check_meta(meta: object) -> dict[str, Any]:
+    """A copy of `meta` (run settings for the log header), or an error if it is not a dict of JSON values."""
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(
+            f"meta must be a dict of run settings or None, got {type(meta).__name__} {meta!r}; "
+            "pass e.g. {'max_norm': 1.0}"
+        )
+    meta = dict(meta or {})
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"meta must hold JSON values (numbers, strings, lists, dicts): {error}; "
+            "convert the offending value, e.g. str(x)"
+        ) from None
+    return meta
+
+
 def check_log_dir(log_dir: object) -> Path | None:
     """Create `log_dir` and make sure a file can be written there."""
     if log_dir is None:

@@ -1,0 +1,228 @@
+"""One logged step's record: device values read in one named host transfer, assembled into the JSONL dict.
+
+A logging step reads everything it writes in a single ``.tolist()``: the
+per-parameter table, the step's scalars, the noise sample and, with
+``gather=True``, every rank's table. `HostRead` collects them under names and
+hands them back under the same names, so no code slices a flat list by offset.
+The update-to-weight ratios need the weights after ``optimizer.step``: they
+complete the record later (`complete_update_ratios`), with one more read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradkit import _dtensor, _foreach
+from gradkit import distributed as gdist
+from gradkit.context import GradContext
+from gradkit.step_report import StepReport
+from gradkit.tracking import stats as _stats
+from gradkit.tracking.noise_scale import NoiseScale, batch_advice
+from gradkit.tracking.writers import SCHEMA
+
+__all__ = [
+    "HostRead", "complete_update_ratios", "gather_tables", "param_table", "rank_norms", "read_step", "step_record",
+]
+
+
+class HostRead:
+    """Device tensors gathered under names and read to the host in one transfer.
+
+    Args:
+        device, dtype: where and as what the values are gathered (``float64`` keeps
+            element counts exact up to 2**53).
+
+    Example:
+        >>> read = HostRead(torch.device("cpu"), torch.float64)
+        >>> read.add("table", torch.zeros(3, 5))
+        >>> read.add("norm", torch.tensor(2.0))
+        >>> got = read.read()              # one .tolist()
+        >>> got["norm"], len(got["table"])
+        (2.0, 3)
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self._parts: list[Tensor] = []
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def add(self, name: str, value: Tensor) -> None:
+        """Queue `value` (any shape) to be read as `name`; no host sync."""
+        if name in self._shapes:
+            raise ValueError(f"HostRead: {name!r} was added twice; give each value its own name")
+        value = value.detach().to(self.device, self.dtype)
+        self._shapes[name] = tuple(value.shape)
+        self._parts.append(value.reshape(-1))
+
+    def read(self) -> dict[str, Any]:
+        """Every queued value by name, in one host transfer: a float for a 0-d tensor,
+        (nested) lists of floats otherwise."""
+        flat = torch.cat(self._parts).tolist() if self._parts else []
+        got, at = {}, 0
+        for name, shape in self._shapes.items():
+            size = math.prod(shape)
+            got[name] = _nest(flat[at : at + size], shape)
+            at += size
+        return got
+
+
+def _nest(values: list[float], shape: tuple[int, ...]) -> Any:
+    if not shape:
+        return values[0]
+    if len(shape) == 1:
+        return values
+    inner = math.prod(shape[1:])
+    return [_nest(values[i * inner : (i + 1) * inner], shape[1:]) for i in range(shape[0])]
+
+
+def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tensor:
+    """The (P, len(COLUMNS)) statistics of the step's gradients, of the full parameters when sharded."""
+    norms = ctx.norms() if len(ctx) else torch.zeros(0, device=device)
+    if not len(ctx):
+        return torch.zeros(0, len(_stats.COLUMNS), device=norms.device, dtype=_stats.host_dtype(norms.device))
+    grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
+    table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail)
+    return _full_table(table, ctx) if ctx.sharded and detail else table
+
+
+def _full_table(table: Tensor, ctx: GradContext) -> Tensor:
+    """The detail columns of a table computed from this rank's shards, made those of the full
+    parameters: max |g| as the max, nonzero counts and squared weight norms as sums (two collectives)."""
+    columns = list(_stats.COLUMNS)
+    at = {name: columns.index(name) for name in ("max_abs", "nonzero", "weight_norm")}
+    p = len(ctx)
+    sums = _dtensor.reduce_sums(
+        torch.cat([table[:, at["nonzero"]], table[:, at["weight_norm"]].square()]), ctx.grads + ctx.params
+    )
+    table = table.clone()
+    table[:, at["max_abs"]] = _dtensor.reduce_max(table[:, at["max_abs"]].contiguous(), ctx.grads)
+    table[:, at["nonzero"]] = sums[:p]
+    table[:, at["weight_norm"]] = sums[p:].sqrt()
+    return table
+
+
+def read_step(
+    table: Tensor, report: StepReport, counters: dict[str, Tensor], noise: NoiseScale, ranks: Tensor | None
+) -> dict[str, Any]:
+    """The step's table, scalars, noise sample and rank tables, read in the one host read of a logging step."""
+    read = HostRead(table.device, table.dtype)
+    read.add("table", table)
+    for name in ("total_norm", "norm_after", "clip_coef", "skipped", "items"):
+        read.add(name, getattr(report, name).reshape(()))
+    for name, counter in counters.items():
+        read.add(name, counter.reshape(()))
+    g2, trace, b_simple = noise.estimate()
+    read.add("g2", g2)
+    read.add("trace", trace)
+    read.add("b_simple", b_simple)
+    read.add("measured", noise.measured())
+    sample = report.noise
+    if sample is not None:
+        read.add("sample", torch.stack([t.detach().to(table.device, table.dtype).reshape(()) for t in (
+            sample.small_sq, sample.small_batch, sample.big_sq, sample.big_batch)]))  # fmt: skip
+    if ranks is not None:
+        read.add("ranks", ranks)
+    return read.read()
+
+
+def step_record(
+    got: dict[str, Any], report: StepReport, *, step: int, since: int, bytes_since: int, detail: bool,
+    params: dict[str, dict], modules: dict[str, dict], ranks: list[dict[str, float]] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The JSONL step record (alerts empty, update ratios None until completed)."""
+    dense = getattr(report, "dense_bytes", None)  # reports of foreign boundaries may not carry it
+    return {
+        "type": "step",
+        "schema": SCHEMA,
+        "step": step,
+        "time": time.time(),
+        "steps_since_log": since,
+        "detail": detail,
+        "global": {
+            "norm_pre_clip": got["total_norm"], "norm": got["norm_after"], "clip_coef": got["clip_coef"],
+            "clipped_steps": int(got["clipped"]), "clip_rate": got["clipped"] / max(since, 1),
+            "skipped": bool(got["skipped"]), "skipped_steps": int(got["skipped_steps"]), "items": got["items"],
+            "bytes_sent": int(report.bytes_sent), "bytes_since_log": bytes_since,
+            "dense_bytes": None if dense is None else int(dense),
+            "compression_ratio": dense / report.bytes_sent if dense is not None and report.bytes_sent else None,
+        },  # fmt: skip
+        "modules": modules,
+        "params": params,
+        "noise": _noise_record(got) if got["measured"] else None,
+        "alerts": [],
+        "ranks": ranks,
+    }
+
+
+def _noise_record(got: dict[str, Any]) -> dict[str, Any]:
+    small_sq, small_batch, big_sq, big_batch = got.get("sample", (math.nan,) * 4)
+    b_simple = got["b_simple"]
+    estimate = b_simple if math.isfinite(b_simple) else None
+    return {
+        "small_sq": small_sq, "small_batch": small_batch, "big_sq": big_sq, "big_batch": big_batch,
+        "g2": got["g2"], "trace": got["trace"], "b_simple": estimate,
+        "advice": batch_advice(estimate, _batch_of_step(got["items"], big_batch)),
+    }  # fmt: skip
+
+
+def _batch_of_step(items: float, big_batch: float) -> float | None:
+    """The batch the advice speaks of: the step's items over all ranks (the measured big
+    batch can be one rank's window, when compressed averaging made the global one lossy)."""
+    for value in (items, big_batch):
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def gather_tables(table: Tensor) -> Tensor | None:
+    """Every rank's table, stacked (R, P, C), by one all-gather; None outside torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    out = [torch.empty_like(table) for _ in range(dist.get_world_size())]
+    what = "Tracker(gather=True): all_gather of per-rank gradient statistics"
+    gdist.run(dist.all_gather, what, None, out, table.contiguous())
+    return torch.stack(out)
+
+
+def rank_norms(names: Sequence[str], numels: Sequence[int], tables: list[list[list[float]]]) -> list[dict[str, float]]:
+    """Per rank, module -> pre-clip gradient norm, from the gathered tables."""
+    if not names:
+        return []
+    return [{m: v["norm_pre_clip"] for m, v in _stats.summarize(names, numels, rows, {})[1].items()} for rows in tables]
+
+
+def complete_update_ratios(
+    record: dict[str, Any], names: Sequence[str], params: Sequence[Tensor], before: list[Tensor] | None
+) -> None:
+    """Fill ||Δw||/||w|| into `record` from the weights `before` the step and now (one host read);
+    zeros for a skipped step, nothing when the weights were not copied."""
+    if before is not None:
+        after = [_dtensor.local(p).detach() for p in params]
+        for _, (members, positions) in _foreach.group_tensors(before).items():
+            torch._foreach_sub_(members, [after[i] for i in positions])
+        deltas = _foreach.per_tensor_norms(before, 2.0, at_least=torch.float32)
+        device = deltas[0].device
+        deltas = torch.stack([d.to(device) for d in deltas])
+        if _dtensor.any_dtensor(params):  # norms of the full updates, from the shards'
+            deltas = _dtensor.reduce_sums(deltas.double().square(), params).sqrt()
+        values = deltas.tolist()  # the update ratio's host read
+    elif record["global"]["skipped"]:
+        values = [0.0] * len(names)  # a skipped step does not move the weights
+    else:
+        return
+    sums: dict[str, float] = {}
+    for name, delta in zip(names, values):
+        entry = record["params"][name]
+        entry["update_to_weight"] = delta / entry["weight_norm"] if entry["weight_norm"] > 0 else None
+        module = _stats.module_of(name)
+        sums[module] = sums.get(module, 0.0) + delta**2
+    for module, sq in sums.items():
+        entry = record["modules"][module]
+        entry["update_to_weight"] = math.sqrt(sq) / entry["weight_norm"] if entry["weight_norm"] > 0 else None

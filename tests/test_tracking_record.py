@@ -1,0 +1,51 @@
+"""The named host read behind a logged step's record, and the noise probe's moments."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from gradkit.tracking.noise_scale import NoiseProbe
+from gradkit.tracking.record import HostRead
+from host_reads import count_host_reads
+
+
+def test_host_read_gives_each_value_back_by_name_in_one_transfer(monkeypatch):
+    table = torch.arange(15, dtype=torch.float32).reshape(3, 5)
+    ranks = torch.arange(30, dtype=torch.float64).reshape(2, 3, 5)
+    read = HostRead(torch.device("cpu"), torch.float64)
+    read.add("table", table)
+    read.add("norm", torch.tensor(2.5))
+    read.add("empty", torch.zeros(0, 5))
+    read.add("ranks", ranks)
+    counter = count_host_reads(monkeypatch)
+    got = read.read()
+    assert counter["n"] == 1
+    assert got["table"] == table.double().tolist()
+    assert got["norm"] == 2.5 and got["empty"] == [] and got["ranks"] == ranks.tolist()
+
+
+def test_host_read_refuses_a_name_twice():
+    read = HostRead(torch.device("cpu"), torch.float64)
+    read.add("x", torch.zeros(()))
+    with pytest.raises(ValueError, match="'x' was added twice"):
+        read.add("x", torch.ones(()))
+
+
+def test_probe_measures_only_the_windows_asked_for():
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    probe = NoiseProbe(["w"], [w], wants=lambda step: step == 2, accumulation_steps=2)
+    window = SimpleNamespace(items=5, item_mode=True, micro_steps=1)  # what before_reduction reads of a Window
+    w.grad = torch.tensor([3.0, 0.0, 4.0], dtype=torch.float64)  # a summed loss over 5 items
+    probe.after_first_backward(5, step=1)
+    probe.before_reduction(window)
+    assert probe.sample(torch.tensor(1.0), torch.tensor(10)) is None
+    probe.reset()
+    probe.after_first_backward(5, step=2)
+    sample = probe.sample(torch.tensor(1.0), torch.tensor(10))
+    assert float(sample.small_sq) == pytest.approx(25.0 / 25) and float(sample.small_batch) == 5
+    assert float(sample.big_sq) == 1.0 and float(sample.big_batch) == 10
+    assert probe.unavailable is None
