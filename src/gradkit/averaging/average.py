@@ -1,4 +1,4 @@
-"""Gradient averaging across processes (`Average`) and parameter averaging (`ModelAverager`).
+"""gradkit's own gradient averaging across processes (`Average`).
 
 `Average` packs gradients into buckets and starts each bucket's all-reduce as
 soon as the boundary backward has produced its last gradient, so that
@@ -10,7 +10,6 @@ of the bucket.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -19,113 +18,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradkit import _checks, distributed
-from gradkit.accumulation import Items, SyncControl
+from gradkit.accumulation import Items
+from gradkit.averaging.buckets import MIB, Bucket, plan_buckets
+from gradkit.averaging.collectives import as_timeout, replicate
+from gradkit.averaging.compressed import effective_compressor, load_compressor_state
+from gradkit.averaging.payloads import compress_keyed, start_reduce
+from gradkit.averaging.sync import SyncControl
 from gradkit.compression.base import Compressor
-from gradkit.compression.collective import PendingReduce, compress_keyed, start_reduce
-from gradkit.compression.error_feedback import ErrorFeedback
 
-__all__ = ["Average", "ModelAverager"]
-
-_MIB = 1 << 20
-
-
-class Bucket:
-    """Gradients of some parameters of one (device, dtype), packed into one flat buffer."""
-
-    def __init__(self, index: int, positions: list[int], params: Sequence[Tensor], *, presence: bool = False) -> None:
-        self.index = index
-        self.positions = positions
-        self.sizes = [params[i].numel() for i in positions]
-        self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
-        first = params[positions[0]]
-        self.numel = sum(self.sizes)
-        # With `presence`, one slot per parameter after the gradients says whether this rank
-        # has its gradient (1) or not (0); summed with them, a slot is > 0 exactly when some
-        # rank has one (sums of ones never round to 0, even in bfloat16).
-        self.presence = presence
-        self.buffer = torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device)
-        self.missing: list[tuple[int, int]] = []  # (position, slot) of parameters without a gradient here
-        self.ready = 0
-        self.work: dist.Work | None = None
-        self.pending: PendingReduce | None = None
-
-    def pack(self, params: Sequence[Tensor], scale: Tensor | float = 1.0) -> None:
-        factor = scale.to(self.buffer) if isinstance(scale, Tensor) else scale
-        self.missing = []
-        if self.presence:
-            self.buffer[self.numel :].fill_(1)
-        for slot, (position, offset, size) in enumerate(zip(self.positions, self.offsets, self.sizes)):
-            view = self.buffer.narrow(0, offset, size)
-            grad = params[position].grad
-            if grad is None:  # unused in this window on this rank; others may have a gradient
-                view.zero_()
-                self.missing.append((position, slot))
-                if self.presence:
-                    self.buffer[self.numel + slot].fill_(0)
-            elif isinstance(factor, float) and factor == 1.0:
-                view.copy_(grad.reshape(-1))
-            else:
-                torch.mul(grad.reshape(-1), factor, out=view)
-
-    def presence_counts(self) -> Tensor:
-        """After the sum: how many ranks had each of this rank's missing gradients."""
-        return self.buffer[[self.numel + slot for _, slot in self.missing]]
-
-    def unpack(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
-        factor = scale.to(self.buffer.device) if isinstance(scale, Tensor) else scale
-        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
-            param = params[position]
-            view = self.buffer.narrow(0, offset, size).view(param.shape)
-            if param.grad is None:
-                param.grad = view * factor
-            else:
-                torch.mul(view, factor, out=param.grad)
-
-    def expose(self, params: Sequence[Tensor]) -> None:
-        """Make each parameter's gradient a view of the buffer: no copy.
-
-        Only for a finished reduction: the pipeline drops the gradients after the
-        step, so the next backward writes fresh ones and the buffer is free again."""
-        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
-            param = params[position]
-            param.grad = self.buffer.narrow(0, offset, size).view(param.shape)
-
-    def works(self) -> list[dist.Work]:
-        """The work handles of this bucket's collectives in the current window."""
-        if self.pending is not None:
-            return list(self.pending.works)
-        return [] if self.work is None else [self.work]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes sent: the gradients and the presence slots."""
-        return self.buffer.numel() * self.buffer.element_size()
-
-    @property
-    def grad_bytes(self) -> int:
-        """Bytes of the gradients alone, dense."""
-        return self.numel * self.buffer.element_size()
-
-
-def plan_buckets(params: Sequence[Tensor], positions: Sequence[int], bucket_bytes: int, first_bucket_bytes: int) -> list[list[int]]:
-    """Group parameter positions into buckets, in reverse order (gradients arrive roughly
-    last-layer first during backward), one (device, dtype) per bucket, the first one small so
-    that communication starts early."""
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    current_bytes = 0
-    for position in reversed(positions):
-        p = params[position]
-        limit = first_bucket_bytes if not buckets else bucket_bytes
-        same_kind = not current or (params[current[0]].device, params[current[0]].dtype) == (p.device, p.dtype)
-        if current and (not same_kind or current_bytes >= limit):
-            buckets.append(current)
-            current, current_bytes = [], 0
-        current.append(position)
-        current_bytes += p.numel() * p.element_size()
-    if current:
-        buckets.append(current)
-    return buckets
+__all__ = ["Average"]
 
 
 class Average(SyncControl):
@@ -194,12 +95,12 @@ class Average(SyncControl):
         timeout: float | None = None,
         broadcast_buffers: bool = True,
     ) -> None:
-        self.compressor = _effective_compressor(compressor, error_feedback)
+        self.compressor = effective_compressor(compressor, error_feedback)
         self.broadcast_buffers = _checks.flag("broadcast_buffers", broadcast_buffers, "pass True to copy rank 0's buffers at setup, False to keep each rank's")
         self.lossy = self.compressor is not None
         self.bucket_mb = _checks.positive_number("bucket_mb", bucket_mb, "pass a bucket size in MiB, e.g. 25")
         self.first_bucket_mb = _checks.positive_number("first_bucket_mb", first_bucket_mb, "pass a size in MiB, e.g. 1")
-        self.timeout = _timeout(timeout)
+        self.timeout = as_timeout(timeout)
         self._group = distributed.WeakGroup(distributed.resolve_group(group, "gk.Average"))
         self._group_arg = distributed.WeakGroup(group)
         self.world_size = distributed.world_size(self.group)
@@ -246,7 +147,7 @@ class Average(SyncControl):
         # Sparse gradients (nn.Embedding(sparse=True)) travel as (indices, rows), never densified.
         self._sparse = [i for i, name in enumerate(names) if name in sparse]
         dense = [i for i in range(len(self._params)) if i not in self._sparse]
-        plan = plan_buckets(self._params, dense, int(self.bucket_mb * _MIB), int(self.first_bucket_mb * _MIB))
+        plan = plan_buckets(self._params, dense, int(self.bucket_mb * MIB), int(self.first_bucket_mb * MIB))
         # Dense buckets carry presence slots; compressed payloads cannot, so presence rides
         # with the non-finite flag there.
         self.buckets = [Bucket(i, positions, self._params, presence=self.compressor is None) for i, positions in enumerate(plan)]
@@ -274,7 +175,7 @@ class Average(SyncControl):
             self._launch(self.buckets[self._next])
 
     def _launch(self, bucket: Bucket) -> None:
-        what = f"gk.Average: reduction of gradient bucket {bucket.index} ({bucket.nbytes / _MIB:.1f} MiB dense)"
+        what = f"gk.Average: reduction of gradient bucket {bucket.index} ({bucket.nbytes / MIB:.1f} MiB dense)"
         try:
             if self.compressor is None:
                 bucket.pack(self._params)
@@ -358,7 +259,7 @@ class Average(SyncControl):
         if self.compressor is None:
             for bucket in self.buckets:
                 assert bucket.work is not None
-                distributed.wait(bucket.work, f"gk.Average: all-reduce of gradient bucket {bucket.index} ({bucket.nbytes / _MIB:.1f} MiB)", self.timeout)
+                distributed.wait(bucket.work, f"gk.Average: all-reduce of gradient bucket {bucket.index} ({bucket.nbytes / MIB:.1f} MiB)", self.timeout)
                 bucket.unpack(self._params, scale)
             self._bytes = sum(bucket.nbytes for bucket in self.buckets)
             missing = [bucket for bucket in self.buckets if bucket.missing]
@@ -457,7 +358,7 @@ class Average(SyncControl):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         compressed = [self._names[i] for bucket in self.buckets for i in bucket.positions]  # every step, in every bucket
-        _load_compressor_state("Average", self.compressor, state, self._names, compressed)
+        load_compressor_state("Average", self.compressor, state, self._names, compressed)
 
     def bytes_sent(self) -> int:
         return self._bytes
@@ -471,166 +372,3 @@ class Average(SyncControl):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-class ModelAverager(SyncControl):
-    """Local SGD: each process steps on its own gradient; parameters are averaged
-    every `period` optimizer steps (Lin et al. 2020, "Don't Use Large Mini-Batches,
-    Use Local SGD"; torch's PeriodicModelAverager).
-
-    Pass it as ``GradientPipeline(average=gk.ModelAverager(8))``, or use it on its
-    own: call ``averager.after_step(model.parameters())`` after each optimizer step.
-    After the warm-up, parameters are averaged after steps warmup+1,
-    warmup+1+period, ... (counted from 1), the steps at which torch's
-    PeriodicModelAverager averages. During the first `warmup_steps` steps they
-    are averaged after every step, so the replicas move together while training
-    is most unstable; torch's averager does nothing then (its users run DDP's
-    gradient all-reduce during warm-up).
-    Steps are counted per window, skipped or not, so every rank averages at the
-    same steps.
-
-    Args:
-        period: average every `period` steps (>= 1).
-        warmup_steps: steps at the start that average every step (>= 0).
-        group: the process group (default: the whole world).
-        timeout: seconds to wait for a collective; None uses the group's.
-
-    Memory: one flat copy of the parameters of one (device, dtype) while averaging.
-
-    Example:
-        >>> pipe = gk.GradientPipeline(model, average=gk.ModelAverager(period=8, warmup_steps=100))
-    """
-
-    def __init__(self, period: int, *, warmup_steps: int = 0, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> None:
-        self.period = _checks.positive_int("period", period, "pass how many steps to take between averages, e.g. 8")
-        self.warmup_steps = _checks.non_negative_int("warmup_steps", warmup_steps, "pass 0 for no warm-up")
-        self.timeout = _timeout(timeout)
-        self._group = distributed.WeakGroup(distributed.resolve_group(group, "gk.ModelAverager"))
-        self._group_arg = distributed.WeakGroup(group)
-        self.step = 0
-        self._attached = False
-
-    @property
-    def group(self) -> dist.ProcessGroup | None:
-        """The process group (None: one process, or the group was destroyed); held weakly."""
-        return self._group()
-
-    def attach(
-        self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None, broadcast: bool = True
-    ) -> None:
-        """Check that the ranks hold the same parameters and (by default) copy rank 0's
-        values to all (with `module`: frozen parameters and buffers too), so the replicas
-        start equal; the pipeline calls it at setup."""
-        self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.ModelAverager"))
-        self._attached = True
-        if self.group is not None:
-            if broadcast:
-                replicate(names, params, module, self.group, self.timeout, "gk.ModelAverager", buffers=True)
-            else:
-                distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager")
-
-    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
-        """Count one optimizer step and average the parameters if the schedule says so."""
-        params = list(params)
-        if not self._attached:  # used on its own: the first step already ran, so only check
-            self.attach([str(i) for i in range(len(params))], params, broadcast=False)
-        self.step += 1
-        if self.group is None:
-            return
-        if self.averages_after(self.step):
-            self.average_now(params)
-
-    def averages_after(self, step: int) -> bool:
-        """Whether the parameters are averaged after optimizer step `step` (counted from 1).
-
-        Every step of the warm-up, then the first step after it and every `period`-th
-        step from there: steps warmup+1, warmup+1+period, ... (torch's
-        PeriodicModelAverager averages at those same steps; during its warm-up it
-        averages nothing, leaving that to DDP's gradient all-reduce)."""
-        return step <= self.warmup_steps or (step - 1 - self.warmup_steps) % self.period == 0
-
-    def average_now(self, params: Sequence[Tensor]) -> None:
-        """Replace every parameter by its mean over the group."""
-        if self.group is None:
-            return
-        size = dist.get_world_size(self.group)
-        with torch.no_grad():
-            # dict keeps first-appearance order: every rank must issue the same collectives in turn
-            for kind in dict.fromkeys((p.device, p.dtype) for p in params):
-                members = [p for p in params if (p.device, p.dtype) == kind]
-                flat = torch.cat([p.reshape(-1) for p in members])
-                distributed.run(dist.all_reduce, f"gk.ModelAverager: all-reduce of parameters at step {self.step}", self.timeout, flat, group=self.group)
-                flat.div_(size)
-                for p, chunk in zip(members, flat.split([p.numel() for p in members])):
-                    p.copy_(chunk.view_as(p))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _checks.state_keys("ModelAverager", state, {"step"})
-        self.step = _checks.non_negative_int("step", state["step"], "pass the state from ModelAverager.state_dict()")
-
-
-def replicate(
-    names: Sequence[str],
-    params: Sequence[Tensor],
-    module: nn.Module | None,
-    group: dist.ProcessGroup,
-    timeout: datetime.timedelta | None,
-    owner: str,
-    *,
-    buffers: bool,
-) -> None:
-    """Make the replicas equal, as DDP does at construction: check that every rank holds the
-    same tensors, then copy rank 0's values of every parameter (frozen ones included) and,
-    with `buffers`, every buffer of `module` to all ranks.
-
-    Raises:
-        ValueError: naming the first tensor whose name, shape or dtype differs across ranks.
-    """
-    entries = list(zip(names, params))
-    if module is not None:
-        managed = {id(p) for p in params}
-        entries += [(name, p) for name, p in module.named_parameters() if id(p) not in managed]
-        if buffers:
-            entries += [(f"buffer {name}", b) for name, b in module.named_buffers()]
-    tensors = [tensor for _, tensor in entries]
-    distributed.check_same_parameters([name for name, _ in entries], tensors, group, owner)
-    distributed.broadcast_parameters(tensors, group, timeout)
-
-
-def _load_compressor_state(
-    owner: str, compressor: Compressor | None, state: dict[str, Any], known: Sequence[str] = (), required: Sequence[str] = ()
-) -> None:
-    """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`; state kept under
-    names other than `known` (or lacking one of `required`) is refused, unless no names are known yet."""
-    _checks.state_keys(owner, state, {"compressor"})
-    if compressor is not None:
-        if known:
-            compressor.check_state_names(owner, state["compressor"], known, required)
-        compressor.load_state_dict(state["compressor"])
-    elif state["compressor"]:
-        raise ValueError(f"{owner}.load_state_dict: the state holds compressor state but this {owner} has no compressor; build it with the same compressor")
-
-
-def _effective_compressor(compressor: object, error_feedback: bool | None) -> Compressor | None:
-    """The compressor Average uses: biased ones get error feedback unless told otherwise."""
-    error_feedback = _checks.flag("error_feedback", error_feedback, "pass True, False, or None for the compressor's default", allow_none=True)
-    if compressor is None:
-        if error_feedback:
-            raise ValueError("error_feedback=True needs a compressor; pass e.g. gk.Average(gk.TopK(0.01))")
-        return None
-    if not isinstance(compressor, Compressor):
-        raise TypeError(f"compressor must be a gradkit compressor such as gk.TopK(0.01), got {compressor!r}")
-    if error_feedback is None:
-        error_feedback = compressor.biased and not compressor.keeps_residual
-    if error_feedback and not isinstance(compressor, ErrorFeedback):
-        return ErrorFeedback(compressor)
-    return compressor
-
-
-def _timeout(seconds: float | None) -> datetime.timedelta | None:
-    if seconds is None:
-        return None
-    return datetime.timedelta(seconds=_checks.positive_number("timeout", seconds, "pass seconds, e.g. 60, or None for the process group's timeout"))
