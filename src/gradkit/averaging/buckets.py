@@ -1,8 +1,8 @@
-"""Gradient buckets: parameters of one (device, dtype) packed into one flat buffer, planned as DDP plans them."""
+"""Gradient buckets: flat buffers planned as DDP plans them, launched as backward fills them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from gradkit.distributed import PendingReduce
 
-__all__ = ["Bucket", "plan_buckets", "MIB"]
+__all__ = ["Bucket", "BucketSchedule", "plan_buckets", "MIB"]
 
 MIB = 1 << 20
 
@@ -113,3 +113,105 @@ def plan_buckets(params: Sequence[Tensor], positions: Sequence[int], bucket_byte
         buckets.append(current)
     return buckets
 
+
+
+class BucketSchedule:
+    """When each bucket is launched: as soon as the boundary backward has produced the bucket's last
+    gradient, strictly in bucket order, once per window.
+
+    A hook on each parameter (``register_post_accumulate_grad_hook``) counts the gradients of
+    its bucket. Only an armed window (its boundary micro-step) launches, so the earlier
+    micro-steps never touch the network, and communication overlaps with the rest of backward.
+
+    Args:
+        params: the parameters, indexed by `positions`.
+        positions: the parameters to bucket (those with dense gradients).
+        bucket_bytes: bucket size; first_bucket_bytes: the first bucket's (the last layers).
+        presence: give each bucket one presence slot per parameter (see `Bucket`).
+        launch: starts a bucket's collectives; called in bucket order, on every rank the same.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        positions: Sequence[int],
+        bucket_bytes: int,
+        first_bucket_bytes: int,
+        *,
+        presence: bool,
+        launch: Callable[[Bucket], None],
+    ) -> None:
+        plan = plan_buckets(params, positions, bucket_bytes, first_bucket_bytes)
+        self.buckets = [Bucket(i, members, params, presence=presence) for i, members in enumerate(plan)]
+        self.launches: list[tuple[int, int]] = []  # (bucket, gradients ready at launch) of the last window
+        self._launch = launch
+        self._bucket_of = {position: bucket for bucket in self.buckets for position in bucket.positions}
+        self._launched: list[tuple[int, int]] = []
+        self._armed = False
+        self._next = 0
+        self._fired: set[int] = set()
+        self._handles = [params[i].register_post_accumulate_grad_hook(self._hook_for(i)) for i in positions]
+
+    def arm(self, enabled: bool) -> None:
+        """Say whether the next backward ends the window (and so launches the buckets)."""
+        if enabled and not self._armed:
+            self._start_window()
+        self._armed = enabled
+
+    def launch_rest(self, *, complete: bool) -> None:
+        """Launch the buckets the boundary backward did not fill (gradients unused in it, or a flushed
+        window, whose last backward ran unarmed and launched nothing)."""
+        if not complete:
+            self._start_window()
+        while self._next < len(self.buckets):
+            self._launch_next()
+
+    def end_window(self) -> list[dist.Work]:
+        """Forget this window's collectives; returns their work handles (see `gradkit.distributed.keep`)."""
+        works = [work for bucket in self.buckets for work in bucket.works()]
+        for bucket in self.buckets:
+            bucket.work, bucket.pending = None, None
+        self.launches = self._launched
+        self._fired.clear()
+        self._armed = False
+        return works
+
+    def detach(self) -> None:
+        """Remove the gradient hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook_for(self, position: int) -> Callable[[Tensor], None]:
+        def on_gradient_ready(_: Tensor) -> None:
+            # Only the boundary backward communicates; a gradient counts once per window.
+            if not self._armed or position in self._fired:
+                return
+            self._fired.add(position)
+            bucket = self._bucket_of[position]
+            bucket.ready += 1
+            if bucket.ready == len(bucket.positions):
+                self._launch_ready()
+
+        return on_gradient_ready
+
+    def _launch_ready(self) -> None:
+        # Strictly in bucket order, so that every rank issues the same collectives in the
+        # same sequence even if its gradients become ready in another order.
+        while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].positions):
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        bucket = self.buckets[self._next]
+        self._launch(bucket)
+        self._launched.append((bucket.index, len(self._fired)))
+        self._next += 1
+
+    def _start_window(self) -> None:
+        self._next = 0
+        self._fired.clear()
+        self._launched = []
+        for bucket in self.buckets:
+            bucket.ready = 0
+            bucket.work = None
+            bucket.pending = None
