@@ -13,14 +13,13 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradkit import _checks, distributed
 from gradkit.accumulation import Items
 from gradkit.averaging.buckets import MIB, Bucket, BucketSchedule
-from gradkit.averaging.collectives import as_timeout, replicate
+from gradkit.averaging.collectives import as_timeout, global_count, replicate
 from gradkit.averaging.compressed import CompressedReducer, effective_compressor, load_compressor_state
 from gradkit.averaging.reducers import DenseReducer, Reducer
 from gradkit.averaging.sync import SyncControl
@@ -96,9 +95,8 @@ class Average(SyncControl):
         broadcast_buffers: bool = True,
     ) -> None:
         self.compressor = effective_compressor(compressor, error_feedback)
-        self.broadcast_buffers = _checks.flag(
-            "broadcast_buffers", broadcast_buffers, "pass True to copy rank 0's buffers at setup, False to keep each rank's"
-        )
+        why = "pass True to copy rank 0's buffers at setup, False to keep each rank's"
+        self.broadcast_buffers = _checks.flag("broadcast_buffers", broadcast_buffers, why)
         self.lossy = self.compressor is not None
         self.bucket_mb = _checks.positive_number("bucket_mb", bucket_mb, "pass a bucket size in MiB, e.g. 25")
         self.first_bucket_mb = _checks.positive_number("first_bucket_mb", first_bucket_mb, "pass a size in MiB, e.g. 1")
@@ -131,7 +129,12 @@ class Average(SyncControl):
         return self._schedule.launches
 
     def attach(
-        self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None
+        self,
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        *,
+        sparse: Collection[str] = (),
+        module: nn.Module | None = None,
     ) -> None:
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.Average"))
         self.world_size = distributed.world_size(self.group)
@@ -173,10 +176,8 @@ class Average(SyncControl):
     def global_items(self, items: Items) -> Items:
         if self.group is None:
             return items
-        device = self.buckets[0].buffer.device
-        total = torch.as_tensor(items, dtype=torch.int64, device=device).clone()
-        distributed.run(dist.all_reduce, "gk.Average: all-reduce of the item count", self.timeout, total, group=self.group)
-        return total
+        device = self.buckets[0].buffer.device if self.buckets else self._params[0].device
+        return global_count(items, device, [self.group], "gk.Average: all-reduce of the item count", self.timeout)
 
     def global_micro_steps(self, micro_steps: int, *, complete: bool) -> Items:
         # Always reduced: a peer may flush a shorter last window while this rank's completes,
@@ -206,7 +207,8 @@ class Average(SyncControl):
         return {"compressor": self.reducer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        compressed = [self._names[i] for bucket in self.buckets for i in bucket.positions]  # every step, in every bucket
+        # Names compressed at every step, in every bucket: their state must be in a checkpoint.
+        compressed = [self._names[i] for bucket in self.buckets for i in bucket.positions]
         load_compressor_state("Average", self.compressor, state, self._names, compressed)
 
     def bytes_sent(self) -> int:

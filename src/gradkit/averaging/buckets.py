@@ -76,6 +76,11 @@ class Bucket:
             param = params[position]
             param.grad = self.buffer.narrow(0, offset, size).view(param.shape)
 
+    @property
+    def full(self) -> bool:
+        """Whether every gradient of this bucket is ready in this window."""
+        return self.ready == len(self.positions)
+
     def works(self) -> list[dist.Work]:
         """The work handles of this bucket's collectives in the current window."""
         if self.pending is not None:
@@ -190,7 +195,7 @@ class BucketSchedule:
             self._fired.add(position)
             bucket = self._bucket_of[position]
             bucket.ready += 1
-            if bucket.ready == len(bucket.positions):
+            if bucket.full:
                 self._launch_ready()
 
         return on_gradient_ready
@@ -198,7 +203,7 @@ class BucketSchedule:
     def _launch_ready(self) -> None:
         # Strictly in bucket order, so that every rank issues the same collectives in the
         # same sequence even if its gradients become ready in another order.
-        while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].positions):
+        while self._next < len(self.buckets) and self.buckets[self._next].full:
             self._launch_next()
 
     def _launch_next(self) -> None:

@@ -81,7 +81,9 @@ class CompressedReducer(Reducer):
             self.compressor, bucket.buffer, layout, group, self._weight, what, self.timeout, out=bucket.buffer  # type: ignore[arg-type]
         )
 
-    def _finish_buckets(self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float) -> Tensor:
+    def _finish_buckets(
+        self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float
+    ) -> Tensor:
         poison = self._reduce_flags(buckets, group)
         for bucket in buckets:
             assert bucket.pending is not None
@@ -105,7 +107,8 @@ class CompressedReducer(Reducer):
         slots = [self._dense_index[position] for bucket in buckets for position, _ in bucket.missing]
         for slot in slots:
             flags[slot] = 0
-        distributed.run(dist.all_reduce, "gk.Average: all-reduce of the non-finite flag", self.timeout, flags, group=group)
+        what = "gk.Average: all-reduce of the non-finite flag"
+        distributed.run(dist.all_reduce, what, self.timeout, flags, group=group)
         if slots:
             self.missing = ([position for bucket in buckets for position, _ in bucket.missing], flags[slots])
         # Stays on the device (the pipeline's check skips); float64, so that scaling the

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from gradkit import _foreach, distributed
 from gradkit.accumulation import Items
+from gradkit.averaging.collectives import global_count, sum_flat_
 from gradkit.averaging.sync import SyncControl, grads_of
 
 __all__ = ["DDPSync"]
@@ -36,9 +37,7 @@ class DDPSync(SyncControl):
 
     def global_items(self, items: Items) -> Items:
         device = next(self.ddp.parameters()).device
-        total = torch.as_tensor(items, dtype=torch.int64, device=device).clone()
-        distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of the item count", None, total, op=dist.ReduceOp.SUM, group=self.group)
-        return total
+        return global_count(items, device, [self.group], "DDP pipeline: all-reduce of the item count", None)
 
     def global_micro_steps(self, micro_steps: int, *, complete: bool) -> Items:
         # DDP needs every rank to run its synced backward together, so a complete window is
@@ -66,12 +65,8 @@ class DDPSync(SyncControl):
         for i in missing:
             params[i].grad = torch.zeros_like(params[i])
         try:
-            for kind in dict.fromkeys((p.device, p.dtype) for p in params):
-                grads = [p.grad for p in params if (p.device, p.dtype) == kind]
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of a flushed window's gradients", None, flat, group=self.group)
-                for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-                    grad.copy_(chunk.view_as(grad))
+            grads = [p.grad for p in params]
+            sum_flat_(grads, self.group, "DDP pipeline: all-reduce of a flushed window's gradients", None)
             present = torch.ones(len(params), dtype=torch.int32, device=params[0].device)
             for i in missing:
                 present[i] = 0

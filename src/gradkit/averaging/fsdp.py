@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradkit import _dtensor, _foreach, distributed
+from gradkit import _dtensor, _foreach
 from gradkit.accumulation import Items
+from gradkit.averaging.collectives import global_count
 from gradkit.averaging.sync import SyncControl, grads_of
 
 try:
@@ -130,11 +131,7 @@ class FSDPSync(SyncControl):
                 module.set_requires_gradient_sync(enabled, recurse=False)
 
     def global_items(self, items: Items) -> Items:
-        device = self._device()
-        total = torch.as_tensor(items, dtype=torch.int64, device=device).clone()
-        for group in self._groups:
-            distributed.run(dist.all_reduce, "FSDP pipeline: all-reduce of the item count", None, total, op=dist.ReduceOp.SUM, group=group)
-        return total
+        return global_count(items, self._device(), self._groups, "FSDP pipeline: all-reduce of the item count", None)
 
     def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
         if self.reduce == "boundary" and not complete:

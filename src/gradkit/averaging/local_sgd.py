@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradkit import _checks, distributed
-from gradkit.averaging.collectives import as_timeout, replicate
+from gradkit.averaging.collectives import as_timeout, replicate, sum_flat_
 from gradkit.averaging.sync import SyncControl
 
 __all__ = ["ModelAverager"]
@@ -96,16 +96,9 @@ class ModelAverager(SyncControl):
         """Replace every parameter by its mean over the group."""
         if self.group is None:
             return
-        size = dist.get_world_size(self.group)
+        what = f"gk.ModelAverager: all-reduce of parameters at step {self.step}"
         with torch.no_grad():
-            # dict keeps first-appearance order: every rank must issue the same collectives in turn
-            for kind in dict.fromkeys((p.device, p.dtype) for p in params):
-                members = [p for p in params if (p.device, p.dtype) == kind]
-                flat = torch.cat([p.reshape(-1) for p in members])
-                distributed.run(dist.all_reduce, f"gk.ModelAverager: all-reduce of parameters at step {self.step}", self.timeout, flat, group=self.group)
-                flat.div_(size)
-                for p, chunk in zip(members, flat.split([p.numel() for p in members])):
-                    p.copy_(chunk.view_as(p))
+            sum_flat_(list(params), self.group, what, self.timeout, divide_by=dist.get_world_size(self.group))
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

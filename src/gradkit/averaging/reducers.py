@@ -84,7 +84,9 @@ class Reducer:
     def _start(self, bucket: Bucket, group: dist.ProcessGroup | None, what: str) -> None:
         raise NotImplementedError
 
-    def _finish_buckets(self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float) -> Tensor | float:
+    def _finish_buckets(
+        self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float
+    ) -> Tensor | float:
         """Write the buckets' sums into ``p.grad``, set `bytes` and `missing`; returns the scale for the sparse rows."""
         raise NotImplementedError
 
@@ -98,7 +100,9 @@ class DenseReducer(Reducer):
         bucket.pack(self.params)
         bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
-    def _finish_buckets(self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float) -> Tensor | float:
+    def _finish_buckets(
+        self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float
+    ) -> Tensor | float:
         for bucket in buckets:
             assert bucket.work is not None
             what = f"gk.Average: all-reduce of gradient bucket {bucket.index} ({bucket.nbytes / MIB:.1f} MiB)"
