@@ -11,6 +11,8 @@ normalize once, at the boundary.
   micro-batches *and* processes. That is exactly the large-batch gradient of
   the mean loss over all items, for any split into micro-batches of any length
   (the mean of per-micro-batch means is not, when lengths differ).
+
+How the processes' gradients meet (DDP, FSDP2, `gk.Average`) is `gradkit.averaging`.
 """
 
 from __future__ import annotations

@@ -4,10 +4,12 @@
 - `ddp`: `DDPSync`, for a model wrapped in ``DistributedDataParallel``.
 - `fsdp`: `FSDPSync`, for a model sharded with FSDP2's ``fully_shard``.
 - `average`: `Average`, gradkit's own bucketed all-reduce overlapped with backward.
-- `buckets`: gradients packed into flat buckets, planned as DDP plans them.
+- `buckets`: gradients packed into flat buckets, planned as DDP plans them, launched in order.
+- `reducers`: the `Reducer` interface and `DenseReducer` (what a bucket sends, how sums come back).
+- `compressed`: `CompressedReducer`, which compressor averaging uses (error feedback by default), its state.
 - `payloads`: how compressed payloads meet (all-reduce if linear, all-gather otherwise).
-- `compressed`: which compressor averaging uses (error feedback by default) and its state.
-- `collectives`: what every sync control shares: timeouts, the setup broadcast.
+- `collectives`: what every sync control shares: the item-count all-reduce, flat sums,
+  the setup broadcast, timeouts.
 - `local_sgd`: `ModelAverager`, parameters averaged every few steps.
 - `choose`: `sync_control_for`, the sync control that fits a model.
 """

@@ -6,6 +6,10 @@ communication overlaps with the rest of backward (as DDP does). Earlier
 micro-steps of a window never touch the network. The pipeline then divides by
 the global item count (or micro-batches x processes), fused into the copy out
 of the bucket.
+
+`Average` itself is configuration and setup; when buckets launch is the
+`BucketSchedule`'s (`buckets`), what they send is the reducer's: dense
+(`reducers.DenseReducer`) or compressed (`compressed.CompressedReducer`).
 """
 
 from __future__ import annotations
