@@ -11,13 +11,14 @@ from __future__ import annotations
 import collections
 import datetime
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["resolve_group", "world_size", "wait", "run", "all_gather_varying", "check_same_parameters", "broadcast_parameters", "CollectiveError"]
+__all__ = ["resolve_group", "world_size", "wait", "run", "all_gather_varying", "check_same_parameters", "broadcast_parameters", "CollectiveError", "PendingReduce"]
 
 
 class CollectiveError(RuntimeError):
@@ -167,3 +168,37 @@ def _describe(entry: tuple[str, tuple[int, ...], str] | None) -> str:
         return "missing"
     name, shape, dtype = entry
     return f"{name!r} {list(shape)} {dtype}"
+
+
+class PendingReduce:
+    """Collectives in flight for one tensor; `wait()` gives their result (a compressed payload's
+    decompressed sum over ranks), naming `what` if a collective fails or times out.
+
+    The handle a compressor's ``start_reduce`` hook returns, and what `gk.Average` keeps per bucket.
+    """
+
+    def __init__(
+        self, works: list[dist.Work], finish: Callable[[], Tensor], nbytes: int, what: str, timeout: datetime.timedelta | None
+    ) -> None:
+        self.works = works
+        self._finish = finish
+        self.nbytes = nbytes
+        self._what = what
+        self._timeout = timeout
+
+    def wait(self) -> Tensor:
+        for work in self.works:
+            wait(work, self._what, self._timeout)
+        return self._finish()
+
+    def as_future(self, then: Callable[[Tensor], Tensor]) -> torch.futures.Future[Tensor]:
+        """A future of ``then(sum)`` that completes when the collectives do (no waiting here)."""
+        futures = [work.get_future() for work in self.works]
+        done: torch.futures.Future[list[Any]] = torch.futures.collect_all(futures) if futures else _completed([])
+        return done.then(lambda _: then(self._finish()))
+
+
+def _completed(value: Any) -> torch.futures.Future[Any]:
+    future: torch.futures.Future[Any] = torch.futures.Future()
+    future.set_result(value)
+    return future

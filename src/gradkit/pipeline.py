@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from gradkit import _checks, _names, _pipeline_state, _stateful
-from gradkit.accumulation import SyncControl, Window, check_num_items, sync_control_for
+from gradkit.accumulation import Window, check_num_items
+from gradkit.averaging import SyncControl, sync_control_for
 from gradkit.clipping.stages import ClipStage
 from gradkit.context import GradContext
 from gradkit.step_report import NoiseSample, StepReport

@@ -1,4 +1,4 @@
-"""Sparse gradients: compressors, error feedback, and how payloads meet across ranks.
+"""Sparse gradients: compressors and error feedback.
 
 - `base`: the `Compressor` interface and `Payload`.
 - `sparsify`: `TopK` (sampled threshold), `RandomK`, `Threshold`.
@@ -7,7 +7,9 @@
 - `quantize`: `FP16`, `BF16`, `QSGD`, `SignSGD`.
 - `powersgd`: low-rank `PowerSGD`.
 - `error_feedback`: `ErrorFeedback`, residual memory keyed by parameter name.
-- `collective`: all-reduce / all-gather of payloads, used by `gk.Average`.
+
+How payloads meet across ranks (all-reduce for linear ones, all-gather otherwise) is
+`gradkit.averaging.payloads`.
 """
 
 from gradkit.compression.base import Compressor, Payload

@@ -32,8 +32,8 @@ from gradkit._stateful import Stateful
 if TYPE_CHECKING:
     import torch.distributed as dist
 
-    from gradkit.compression.collective import PendingReduce
     from gradkit.compression.keyed_state import Layout
+    from gradkit.distributed import PendingReduce
 
 __all__ = ["Compressor", "Deferred", "Payload", "check_density", "check_value_dtype", "drain"]
 
@@ -75,7 +75,7 @@ class Compressor(Stateful):
     """Base of every compressor: ``compress(tensor) -> Payload``, ``decompress(payload) -> tensor``.
 
     The contract, declared here and read by `gk.Average`, `gk.ddp_comm_hook` and
-    `collective.start_reduce` (never probed with ``getattr``):
+    `averaging.payloads.start_reduce` (never probed with ``getattr``):
 
     - trait flags, class attributes a subclass sets when they hold (`linear`,
       `biased`, `sparse`, `variable_size`, `keyed`, `keeps_residual`): they pick
@@ -86,7 +86,7 @@ class Compressor(Stateful):
       (the step was taken) or `discard()` (it was skipped);
     - `start_reduce`, optional: a compressor whose communication is not one
       payload per rank (PowerSGD's two rounds) sets it to a method with the
-      signature of `collective.start_reduce` (without the compressor and `out`);
+      signature of `averaging.payloads.start_reduce` (without the compressor and `out`);
     - state saved by parameter name is listed by `named_state`, so that a
       checkpoint taken under other names is refused (`check_state_names`).
 

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from gradkit import _checks
 from gradkit.compression.base import Compressor, Deferred, Payload
-from gradkit.compression.collective import PendingReduce
 from gradkit.compression.keyed_state import KeyedState, Layout, check_named_tensors, layout_for, named_fields, sizes
+from gradkit.distributed import PendingReduce
 
 __all__ = ["PowerSGD"]
 

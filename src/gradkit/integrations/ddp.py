@@ -20,9 +20,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradkit import _names, distributed
-from gradkit.averaging import _effective_compressor, _load_compressor_state, _timeout
+from gradkit.averaging import as_timeout, effective_compressor, load_compressor_state, start_reduce
 from gradkit.compression.base import Compressor
-from gradkit.compression.collective import start_reduce
 
 __all__ = ["ddp_comm_hook", "CommHookState"]
 
@@ -53,7 +52,7 @@ class CommHookState:
         return {"compressor": self.compressor.state_dict() if self.compressor is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_compressor_state("CommHookState", self.compressor, state, self._known, self._required)
+        load_compressor_state("CommHookState", self.compressor, state, self._known, self._required)
 
 
 def ddp_comm_hook(
@@ -85,8 +84,8 @@ def ddp_comm_hook(
         >>> ddp_model.register_comm_hook(state, hook)
     """
     # Every argument is checked before the environment, so a bad value is named as such.
-    effective = _effective_compressor(compressor, error_feedback)
-    seconds = _timeout(timeout)
+    effective = effective_compressor(compressor, error_feedback)
+    seconds = as_timeout(timeout)
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be the DDP-wrapped nn.Module (to name residuals by parameter) or None, got {type(model).__name__}")
     distributed.check_group_type(group)

@@ -9,8 +9,6 @@ communication overlaps with backward as on the dense path.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,36 +17,9 @@ from torch import Tensor
 from gradkit import distributed
 from gradkit.compression.base import Compressor, Payload
 from gradkit.compression.keyed_state import Layout
+from gradkit.distributed import PendingReduce
 
-__all__ = ["PendingReduce", "start_reduce", "compress_keyed"]
-
-
-class PendingReduce:
-    """Collectives in flight for one tensor; `wait()` gives the decompressed sum over ranks."""
-
-    def __init__(self, works: list[dist.Work], finish: Callable[[], Tensor], nbytes: int, what: str, timeout: datetime.timedelta | None) -> None:
-        self.works = works
-        self._finish = finish
-        self.nbytes = nbytes
-        self._what = what
-        self._timeout = timeout
-
-    def wait(self) -> Tensor:
-        for work in self.works:
-            distributed.wait(work, self._what, self._timeout)
-        return self._finish()
-
-    def as_future(self, then: Callable[[Tensor], Tensor]) -> torch.futures.Future[Tensor]:
-        """A future of ``then(sum)`` that completes when the collectives do (no waiting here)."""
-        futures = [work.get_future() for work in self.works]
-        done: torch.futures.Future[list[Any]] = torch.futures.collect_all(futures) if futures else _completed([])
-        return done.then(lambda _: then(self._finish()))
-
-
-def _completed(value: Any) -> torch.futures.Future[Any]:
-    future: torch.futures.Future[Any] = torch.futures.Future()
-    future.set_result(value)
-    return future
+__all__ = ["start_reduce", "compress_keyed", "decompress_sum"]
 
 
 def compress_keyed(compressor: Compressor, flat: Tensor, layout: Layout) -> Payload:

@@ -1,0 +1,227 @@
+"""gradkit's own gradient averaging across processes (`Average`).
+
+`Average` packs gradients into buckets and starts each bucket's all-reduce as
+soon as the boundary backward has produced its last gradient, so that
+communication overlaps with the rest of backward (as DDP does). Earlier
+micro-steps of a window never touch the network. The pipeline then divides by
+the global item count (or micro-batches x processes), fused into the copy out
+of the bucket.
+
+`Average` itself is configuration and setup; when buckets launch is the
+`BucketSchedule`'s (`buckets`), what they send is the reducer's: dense
+(`reducers.DenseReducer`) or compressed (`compressed.CompressedReducer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gradkit import _checks, distributed
+from gradkit.accumulation import Items
+from gradkit.averaging.buckets import MIB, Bucket, BucketSchedule
+from gradkit.averaging.collectives import as_timeout, global_count, replicate
+from gradkit.averaging.compressed import CompressedReducer, effective_compressor, load_compressor_state
+from gradkit.averaging.reducers import DenseReducer, Reducer
+from gradkit.averaging.sync import SyncControl
+from gradkit.compression.base import Compressor
+
+__all__ = ["Average"]
+
+
+class Average(SyncControl):
+    """Average gradients across processes: bucketed all-reduce overlapped with backward.
+
+    Plug it into ``GradientPipeline(average=gk.Average())``. With `num_items`,
+    the result is the exact mean over every item of every rank's window (uneven
+    per-rank batches included); without, the mean over all ranks' micro-batches
+    (their count is all-reduced each window, so a last window of another length
+    on some rank gives every rank the same divisor).
+    Without an initialized process group it is a group of one and does nothing.
+
+    At setup (when the pipeline is built) the ranks check that they hold the
+    same parameter and buffer names, shapes and dtypes, and rank 0's values of
+    every parameter (frozen ones included) and every buffer are broadcast so
+    that the replicas start equal, as DDP does at construction (unlike DDP's
+    default, buffers are not broadcast again at each forward).
+
+    A parameter that no rank produced a gradient for in a window keeps
+    ``grad=None``, as under DDP(find_unused_parameters=True), so an optimizer
+    with weight decay leaves it alone; one that some rank used gets the average
+    with zeros from the others. Which ranks had a gradient rides in a slot per
+    parameter in the dense buckets (with the non-finite flag when compressing),
+    and is read with the pipeline's one host read of the step.
+
+    A NaN/inf on any rank reaches every rank (through the sum, or a flag
+    reduced with the payloads when compressing), so every rank skips the same
+    step, and error-feedback residuals stay as they were.
+
+    On one process a compressor still applies: only the selected coordinates
+    reach the optimizer (selective updates), and error feedback keeps the rest
+    for later steps.
+
+    Args:
+        compressor: how each bucket is compressed (``gk.TopK(0.01)``, ``gk.PowerSGD(2)``,
+            ...); None sends dense gradients. Non-linear payloads are all-gathered.
+        error_feedback: wrap the compressor in ``gk.ErrorFeedback``; by default
+            biased compressors (top-k, threshold, sign) are wrapped, the others
+            not (DGC and PowerSGD keep their own residual).
+        bucket_mb: bucket size in MiB (> 0); DDP's default is 25.
+        first_bucket_mb: size of the first bucket (the last layers), small so that
+            communication starts early in backward; DDP uses 1.
+        group: the process group (default: the whole world).
+        timeout: seconds to wait for a collective before raising; None uses the
+            process group's timeout.
+        broadcast_buffers: copy rank 0's buffers (BatchNorm statistics, ...) to every
+            rank at setup; False keeps each rank's own.
+
+    Memory: one flat buffer per bucket, as large as the gradients together. The
+    collectives of a step (and so a linear compressor's payloads, e.g. FP16's
+    half-size copy) are kept until the next step's reduction.
+
+    Example:
+        >>> dist.init_process_group("gloo")          # under torchrun
+        >>> pipe = gk.GradientPipeline(model, accumulation_steps=4, average=gk.Average())
+    """
+
+    def __init__(
+        self,
+        compressor: Compressor | None = None,
+        *,
+        error_feedback: bool | None = None,
+        bucket_mb: float = 25,
+        first_bucket_mb: float = 1,
+        group: dist.ProcessGroup | None = None,
+        timeout: float | None = None,
+        broadcast_buffers: bool = True,
+    ) -> None:
+        self.compressor = effective_compressor(compressor, error_feedback)
+        why = "pass True to copy rank 0's buffers at setup, False to keep each rank's"
+        self.broadcast_buffers = _checks.flag("broadcast_buffers", broadcast_buffers, why)
+        self.lossy = self.compressor is not None
+        self.bucket_mb = _checks.positive_number("bucket_mb", bucket_mb, "pass a bucket size in MiB, e.g. 25")
+        self.first_bucket_mb = _checks.positive_number("first_bucket_mb", first_bucket_mb, "pass a size in MiB, e.g. 1")
+        self.timeout = as_timeout(timeout)
+        self._group = distributed.WeakGroup(distributed.resolve_group(group, "gk.Average"))
+        self._group_arg = distributed.WeakGroup(group)
+        self.world_size = distributed.world_size(self.group)
+        # What differs between dense and compressed averaging is the reducer's, chosen once here.
+        self.reducer: Reducer = (
+            DenseReducer(self.timeout) if self.compressor is None else CompressedReducer(self.compressor, self.timeout)
+        )
+        self._schedule = BucketSchedule([], [], 0, 0, presence=False, launch=self._launch)  # until attached
+        self._names: list[str] = []
+        self._params: list[Tensor] = []
+        self._finished: list[dist.Work] = []  # the last window's work handles (see reduce_)
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (None: one process, or the group was destroyed); held weakly."""
+        return self._group()
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        """The gradient buckets, in launch order (none on one process)."""
+        return self._schedule.buckets
+
+    @property
+    def launches(self) -> list[tuple[int, int]]:
+        """(bucket index, gradients ready at its launch) for each bucket of the last window, in order."""
+        return self._schedule.launches
+
+    def attach(
+        self,
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        *,
+        sparse: Collection[str] = (),
+        module: nn.Module | None = None,
+    ) -> None:
+        self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.Average"))
+        self.world_size = distributed.world_size(self.group)
+        self._names = list(names)
+        if self.group is None:
+            # One process: a compressor still makes the gradient selective, and p.grad holds
+            # the dense one until the boundary.
+            self.local_grads_at_boundary = self.compressor is not None
+            self.reducer.bind(names, params)
+            return
+        # Buckets are copies: p.grad keeps the local gradient until the boundary.
+        self.local_grads_at_boundary = True
+        if self._params:
+            raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
+        replicate(names, params, module, self.group, self.timeout, "gk.Average", buffers=self.broadcast_buffers)
+        self._params = list(params)
+        # Sparse gradients (nn.Embedding(sparse=True)) travel as (indices, rows), never densified.
+        sparse_positions = [i for i, name in enumerate(names) if name in sparse]
+        dense = [i for i in range(len(self._params)) if i not in sparse_positions]
+        self.reducer.bind(names, params, sparse_positions)
+        self._schedule = BucketSchedule(
+            self._params,
+            dense,
+            int(self.bucket_mb * MIB),
+            int(self.first_bucket_mb * MIB),
+            presence=self.reducer.presence,
+            launch=self._launch,
+        )
+
+    def _launch(self, bucket: Bucket) -> None:
+        self.reducer.launch(bucket, self.group)
+
+    def set_sync(self, enabled: bool) -> None:
+        self._schedule.arm(enabled)
+
+    def begin_reduction(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None = None) -> None:
+        self.reducer.begin(local_count, scale, loss_scale)
+
+    def global_items(self, items: Items) -> Items:
+        if self.group is None:
+            return items
+        device = self.buckets[0].buffer.device if self.buckets else self._params[0].device
+        return global_count(items, device, [self.group], "gk.Average: all-reduce of the item count", self.timeout)
+
+    def global_micro_steps(self, micro_steps: int, *, complete: bool) -> Items:
+        # Always reduced: a peer may flush a shorter last window while this rank's completes,
+        # and both must divide by the same count (the collective is in the same place then).
+        return self.global_items(micro_steps)
+
+    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
+        if self.group is None:
+            self.reducer.reduce_locally(params, scale)
+            return
+        self._schedule.launch_rest(complete=complete)
+        self.reducer.finish(self.buckets, self.group, scale)
+        # Parameters no rank had a gradient for get one from the buffer here; the pipeline
+        # sets them back to None (it reads the presence counts with its one host read).
+        # This window's work handles stay until the next reduction (or exit) and the previous
+        # window's go now, long after gloo's worker thread let go of them: see
+        # distributed.keep for why that matters.
+        self._finished = self._schedule.end_window()
+
+    def missing_grads(self) -> tuple[list[int], Tensor] | None:
+        return self.reducer.missing
+
+    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
+        self.reducer.after_step(skipped=skipped, contributed=contributed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"compressor": self.reducer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Names compressed at every step, in every bucket: their state must be in a checkpoint.
+        compressed = [self._names[i] for bucket in self.buckets for i in bucket.positions]
+        load_compressor_state("Average", self.compressor, state, self._names, compressed)
+
+    def bytes_sent(self) -> int:
+        return self.reducer.bytes
+
+    def dense_bytes(self) -> int:
+        sparse = sum(self._params[i].numel() * self._params[i].element_size() for i in self.reducer.sparse)
+        return sum(bucket.grad_bytes for bucket in self.buckets) + sparse  # a sparse table, sent densely
+
+    def detach(self) -> None:
+        """Remove the gradient hooks (the pipeline no longer uses this Average)."""
+        self._schedule.detach()

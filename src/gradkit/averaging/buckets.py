@@ -1,0 +1,222 @@
+"""Gradient buckets: flat buffers planned as DDP plans them, launched as backward fills them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradkit.distributed import PendingReduce
+
+__all__ = ["Bucket", "BucketSchedule", "plan_buckets", "MIB"]
+
+MIB = 1 << 20
+
+
+class Bucket:
+    """Gradients of some parameters of one (device, dtype), packed into one flat buffer."""
+
+    def __init__(self, index: int, positions: list[int], params: Sequence[Tensor], *, presence: bool = False) -> None:
+        self.index = index
+        self.positions = positions
+        self.sizes = [params[i].numel() for i in positions]
+        self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
+        first = params[positions[0]]
+        self.numel = sum(self.sizes)
+        # With `presence`, one slot per parameter after the gradients says whether this rank
+        # has its gradient (1) or not (0); summed with them, a slot is > 0 exactly when some
+        # rank has one (sums of ones never round to 0, even in bfloat16).
+        self.presence = presence
+        self.buffer = torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device)
+        self.missing: list[tuple[int, int]] = []  # (position, slot) of parameters without a gradient here
+        self.ready = 0
+        self.work: dist.Work | None = None
+        self.pending: PendingReduce | None = None
+
+    def pack(self, params: Sequence[Tensor], scale: Tensor | float = 1.0) -> None:
+        factor = scale.to(self.buffer) if isinstance(scale, Tensor) else scale
+        self.missing = []
+        if self.presence:
+            self.buffer[self.numel :].fill_(1)
+        for slot, (position, offset, size) in enumerate(zip(self.positions, self.offsets, self.sizes)):
+            view = self.buffer.narrow(0, offset, size)
+            grad = params[position].grad
+            if grad is None:  # unused in this window on this rank; others may have a gradient
+                view.zero_()
+                self.missing.append((position, slot))
+                if self.presence:
+                    self.buffer[self.numel + slot].fill_(0)
+            elif isinstance(factor, float) and factor == 1.0:
+                view.copy_(grad.reshape(-1))
+            else:
+                torch.mul(grad.reshape(-1), factor, out=view)
+
+    def presence_counts(self) -> Tensor:
+        """After the sum: how many ranks had each of this rank's missing gradients."""
+        return self.buffer[[self.numel + slot for _, slot in self.missing]]
+
+    def unpack(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+        factor = scale.to(self.buffer.device) if isinstance(scale, Tensor) else scale
+        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
+            param = params[position]
+            view = self.buffer.narrow(0, offset, size).view(param.shape)
+            if param.grad is None:
+                param.grad = view * factor
+            else:
+                torch.mul(view, factor, out=param.grad)
+
+    def expose(self, params: Sequence[Tensor]) -> None:
+        """Make each parameter's gradient a view of the buffer: no copy.
+
+        Only for a finished reduction: the pipeline drops the gradients after the
+        step, so the next backward writes fresh ones and the buffer is free again."""
+        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
+            param = params[position]
+            param.grad = self.buffer.narrow(0, offset, size).view(param.shape)
+
+    @property
+    def full(self) -> bool:
+        """Whether every gradient of this bucket is ready in this window."""
+        return self.ready == len(self.positions)
+
+    def works(self) -> list[dist.Work]:
+        """The work handles of this bucket's collectives in the current window."""
+        if self.pending is not None:
+            return list(self.pending.works)
+        return [] if self.work is None else [self.work]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes sent: the gradients and the presence slots."""
+        return self.buffer.numel() * self.buffer.element_size()
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients alone, dense."""
+        return self.numel * self.buffer.element_size()
+
+
+def plan_buckets(params: Sequence[Tensor], positions: Sequence[int], bucket_bytes: int, first_bucket_bytes: int) -> list[list[int]]:
+    """Group parameter positions into buckets, in reverse order (gradients arrive roughly
+    last-layer first during backward), one (device, dtype) per bucket, the first one small so
+    that communication starts early."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for position in reversed(positions):
+        p = params[position]
+        limit = first_bucket_bytes if not buckets else bucket_bytes
+        same_kind = not current or (params[current[0]].device, params[current[0]].dtype) == (p.device, p.dtype)
+        if current and (not same_kind or current_bytes >= limit):
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(position)
+        current_bytes += p.numel() * p.element_size()
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+
+class BucketSchedule:
+    """When each bucket is launched: as soon as the boundary backward has produced the bucket's last
+    gradient, strictly in bucket order, once per window.
+
+    A hook on each parameter (``register_post_accumulate_grad_hook``) counts the gradients of
+    its bucket. Only an armed window (its boundary micro-step) launches, so the earlier
+    micro-steps never touch the network, and communication overlaps with the rest of backward.
+
+    Args:
+        params: the parameters, indexed by `positions`.
+        positions: the parameters to bucket (those with dense gradients).
+        bucket_bytes: bucket size; first_bucket_bytes: the first bucket's (the last layers).
+        presence: give each bucket one presence slot per parameter (see `Bucket`).
+        launch: starts a bucket's collectives; called in bucket order, on every rank the same.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        positions: Sequence[int],
+        bucket_bytes: int,
+        first_bucket_bytes: int,
+        *,
+        presence: bool,
+        launch: Callable[[Bucket], None],
+    ) -> None:
+        plan = plan_buckets(params, positions, bucket_bytes, first_bucket_bytes)
+        self.buckets = [Bucket(i, members, params, presence=presence) for i, members in enumerate(plan)]
+        self.launches: list[tuple[int, int]] = []  # (bucket, gradients ready at launch) of the last window
+        self._launch = launch
+        self._bucket_of = {position: bucket for bucket in self.buckets for position in bucket.positions}
+        self._launched: list[tuple[int, int]] = []
+        self._armed = False
+        self._next = 0
+        self._fired: set[int] = set()
+        self._handles = [params[i].register_post_accumulate_grad_hook(self._hook_for(i)) for i in positions]
+
+    def arm(self, enabled: bool) -> None:
+        """Say whether the next backward ends the window (and so launches the buckets)."""
+        if enabled and not self._armed:
+            self._start_window()
+        self._armed = enabled
+
+    def launch_rest(self, *, complete: bool) -> None:
+        """Launch the buckets the boundary backward did not fill (gradients unused in it, or a flushed
+        window, whose last backward ran unarmed and launched nothing)."""
+        if not complete:
+            self._start_window()
+        while self._next < len(self.buckets):
+            self._launch_next()
+
+    def end_window(self) -> list[dist.Work]:
+        """Forget this window's collectives; returns their work handles (see `gradkit.distributed.keep`)."""
+        works = [work for bucket in self.buckets for work in bucket.works()]
+        for bucket in self.buckets:
+            bucket.work, bucket.pending = None, None
+        self.launches = self._launched
+        self._fired.clear()
+        self._armed = False
+        return works
+
+    def detach(self) -> None:
+        """Remove the gradient hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook_for(self, position: int) -> Callable[[Tensor], None]:
+        def on_gradient_ready(_: Tensor) -> None:
+            # Only the boundary backward communicates; a gradient counts once per window.
+            if not self._armed or position in self._fired:
+                return
+            self._fired.add(position)
+            bucket = self._bucket_of[position]
+            bucket.ready += 1
+            if bucket.full:
+                self._launch_ready()
+
+        return on_gradient_ready
+
+    def _launch_ready(self) -> None:
+        # Strictly in bucket order, so that every rank issues the same collectives in the
+        # same sequence even if its gradients become ready in another order.
+        while self._next < len(self.buckets) and self.buckets[self._next].full:
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        bucket = self.buckets[self._next]
+        self._launch(bucket)
+        self._launched.append((bucket.index, len(self._fired)))
+        self._next += 1
+
+    def _start_window(self) -> None:
+        self._next = 0
+        self._fired.clear()
+        self._launched = []
+        for bucket in self.buckets:
+            bucket.ready = 0
+            bucket.work = None
+            bucket.pending = None

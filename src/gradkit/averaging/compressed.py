@@ -1,0 +1,174 @@
+"""Compressed averaging: the compressed reducer, which compressor averaging uses, and its state.
+
+`CompressedReducer` is `Average`'s reducer when it has a compressor; the DDP
+communication hook shares `effective_compressor` and `load_compressor_state`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradkit import _checks, distributed
+from gradkit.accumulation import Items
+from gradkit.averaging.buckets import Bucket
+from gradkit.averaging.payloads import compress_keyed, start_reduce
+from gradkit.averaging.reducers import Reducer
+from gradkit.compression.base import Compressor
+from gradkit.compression.error_feedback import ErrorFeedback
+
+__all__ = ["CompressedReducer", "effective_compressor", "load_compressor_state"]
+
+
+class CompressedReducer(Reducer):
+    """Compressed averaging: each bucket's payload is all-reduced (linear compressors) or all-gathered.
+
+    Each rank compresses its own mean gradient (stable units for the residuals) and weights
+    the payload by its share of the global items, so the sum is the global mean. A NaN/inf
+    (which a top-k may not even select) reaches every rank through a flag, reduced with one
+    presence count per dense parameter, since payloads have no room for presence slots.
+    On one process, the compressed gradient is what reaches the optimizer (selective updates).
+
+    Args:
+        compressor: the compressor (with error feedback already added, see `effective_compressor`).
+        timeout: for the collectives; None uses the group's.
+    """
+
+    def __init__(self, compressor: Compressor, timeout: datetime.timedelta | None) -> None:
+        super().__init__(timeout)
+        self.compressor = compressor
+        self._local_scale: Tensor | float = 1.0
+        self._weight: Tensor | float = 1.0
+        self._loss_scale: Tensor | None = None
+        self._bad: Tensor | None = None
+        self._dense_index: dict[int, int] = {}  # position -> its presence count's slot, after the flag
+
+    def bind(self, names: Sequence[str], params: Sequence[Tensor], sparse: Sequence[int] = ()) -> None:
+        super().bind(names, params, sparse)
+        dense = [i for i in range(len(self.params)) if i not in self.sparse]
+        self._dense_index = {position: 1 + k for k, position in enumerate(dense)}
+
+    def begin(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None) -> None:
+        # A rank may have no items in a window (the global total is checked): its gradients
+        # are zero and its weight is 0, and 1/0 would turn those zeros into NaN.
+        if isinstance(local_count, Tensor):
+            self._local_scale = 1.0 / local_count.to(torch.float64).clamp(min=1)
+        else:
+            self._local_scale = 1.0 / max(local_count, 1)
+        self._weight = local_count * scale
+        # Under AMP the gradients carry the loss scale, which GradScaler changes from step to
+        # step: compressor state (residuals, momentum) must not, so compression sees unscaled
+        # gradients and the weight puts the scale back for the sum (GradScaler unscales it).
+        self._loss_scale = loss_scale
+        if loss_scale is not None:
+            self._local_scale = self._local_scale / loss_scale.to(torch.float64)
+            self._weight = self._weight * loss_scale.to(torch.float64)
+
+    def _start(self, bucket: Bucket, group: dist.ProcessGroup | None, what: str) -> None:
+        bucket.pack(self.params, self._local_scale)
+        # NaN/inf reach the min or the max: one fast reduction, where isfinite(...).all()
+        # writes a boolean per entry first.
+        low, high = torch.aminmax(bucket.buffer)
+        bad = ~(torch.isfinite(low) & torch.isfinite(high))
+        self._bad = bad if self._bad is None else self._bad | bad
+        layout = tuple((self.names[i], tuple(self.params[i].shape)) for i in bucket.positions)
+        bucket.pending = start_reduce(
+            self.compressor, bucket.buffer, layout, group, self._weight, what, self.timeout, out=bucket.buffer  # type: ignore[arg-type]
+        )
+
+    def _finish_buckets(
+        self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float
+    ) -> Tensor:
+        poison = self._reduce_flags(buckets, group)
+        for bucket in buckets:
+            assert bucket.pending is not None
+            summed = bucket.pending.wait()
+            if summed.data_ptr() != bucket.buffer.data_ptr():
+                bucket.buffer.copy_(summed)
+            # One NaN entry per bucket is enough for the pipeline's global norm to skip the
+            # step on every rank; multiplying every entry would cost a pass over the bucket.
+            bucket.buffer[:1].mul_(poison.to(bucket.buffer.device))
+            bucket.expose(self.params)
+        self.bytes = sum(bucket.pending.nbytes for bucket in buckets if bucket.pending is not None)
+        self._bad = None
+        return poison * scale
+
+    def _reduce_flags(self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None) -> Tensor:
+        """All-reduce [non-finite flag, one presence count per dense parameter]; sets `missing` and
+        returns a float64 device scalar, NaN if any rank's gradient was not finite, else 1."""
+        device = buckets[0].buffer.device if buckets else torch.device("cpu")
+        flags = torch.ones(1 + len(self._dense_index), dtype=torch.float32, device=device)
+        flags[:1].copy_(self._bad.to(flags).reshape(1) if self._bad is not None else torch.zeros(1))
+        slots = [self._dense_index[position] for bucket in buckets for position, _ in bucket.missing]
+        for slot in slots:
+            flags[slot] = 0
+        what = "gk.Average: all-reduce of the non-finite flag"
+        distributed.run(dist.all_reduce, what, self.timeout, flags, group=group)
+        if slots:
+            self.missing = ([position for bucket in buckets for position, _ in bucket.missing], flags[slots])
+        # Stays on the device (the pipeline's check skips); float64, so that scaling the
+        # sparse rows by it keeps their precision.
+        return torch.where(flags[:1] > 0, float("nan"), 1.0).to(torch.float64)
+
+    def reduce_locally(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+        self.missing = None
+        with_grad = [(name, p) for name, p in zip(self.names, params) if p.grad is not None]
+        # Compression sees unscaled gradients (see begin).
+        unscaled = scale if self._loss_scale is None else scale / self._loss_scale.to(torch.float64)
+        for name, p in with_grad:
+            if p.grad.is_sparse:  # sparse embedding rows are already selective: send them as they are
+                p.grad.mul_(scale)
+                continue
+            flat = p.grad.reshape(-1) * (unscaled.to(p.grad) if isinstance(unscaled, Tensor) else unscaled)
+            payload = compress_keyed(self.compressor, flat, ((name, tuple(p.shape)),))
+            p.grad.copy_(self.compressor.decompress(payload).view_as(p.grad))
+            if self._loss_scale is not None:
+                p.grad.mul_(self._loss_scale.to(p.grad))
+        self.bytes = 0
+
+    def after_step(self, *, skipped: bool, contributed: bool) -> None:
+        # Residuals (and DGC/PowerSGD state) move on only with a step that was taken, and
+        # to which this rank contributed: at weight 0 what it "sent" reached nobody.
+        if skipped or not contributed:
+            self.compressor.discard()
+        else:
+            self.compressor.commit()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.compressor.state_dict()
+
+
+def load_compressor_state(
+    owner: str, compressor: Compressor | None, state: dict[str, Any], known: Sequence[str] = (), required: Sequence[str] = ()
+) -> None:
+    """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`; state kept under
+    names other than `known` (or lacking one of `required`) is refused, unless no names are known yet."""
+    _checks.state_keys(owner, state, {"compressor"})
+    if compressor is not None:
+        if known:
+            compressor.check_state_names(owner, state["compressor"], known, required)
+        compressor.load_state_dict(state["compressor"])
+    elif state["compressor"]:
+        raise ValueError(f"{owner}.load_state_dict: the state holds compressor state but this {owner} has no compressor; build it with the same compressor")
+
+
+def effective_compressor(compressor: object, error_feedback: bool | None) -> Compressor | None:
+    """The compressor Average uses: biased ones get error feedback unless told otherwise."""
+    error_feedback = _checks.flag("error_feedback", error_feedback, "pass True, False, or None for the compressor's default", allow_none=True)
+    if compressor is None:
+        if error_feedback:
+            raise ValueError("error_feedback=True needs a compressor; pass e.g. gk.Average(gk.TopK(0.01))")
+        return None
+    if not isinstance(compressor, Compressor):
+        raise TypeError(f"compressor must be a gradkit compressor such as gk.TopK(0.01), got {compressor!r}")
+    if error_feedback is None:
+        error_feedback = compressor.biased and not compressor.keeps_residual
+    if error_feedback and not isinstance(compressor, ErrorFeedback):
+        return ErrorFeedback(compressor)
+    return compressor
+

@@ -1,0 +1,99 @@
+"""The sync-control protocol: how the gradients of several processes meet.
+
+`GradientPipeline` asks a `SyncControl` when a backward may communicate, what
+the window's counts are summed over all processes, and to turn each gradient
+into the sum over processes times a scale. `LocalSync` is the one-process
+answer; `DDPSync`, `FSDPSync` and `Average` are the distributed ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from gradkit import _foreach
+from gradkit.accumulation import Items
+
+__all__ = ["SyncControl", "LocalSync", "grads_of"]
+
+
+class SyncControl:
+    """How gradients of several processes meet: the capability the pipeline needs from
+    DDP, from `gk.Average`, or from nothing (one process)."""
+
+    #: how many processes' gradients meet in `reduce_`
+    world_size: int = 1
+    #: whether p.grad still holds this process's own window gradient when `reduce_` starts
+    local_grads_at_boundary: bool = False
+    #: whether the reduced gradient is only an approximation (compressed averaging)
+    lossy: bool = False
+
+    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None) -> None:
+        """Called once by the pipeline with the parameters it manages, the names of those
+        whose gradients are sparse, and the module they belong to (None for bare parameters)."""
+
+    def set_sync(self, enabled: bool) -> None:
+        """Say whether the *next* forward/backward ends a window (and may communicate)."""
+
+    def global_items(self, items: Items) -> Items:
+        """The item count summed over all processes."""
+        return items
+
+    def global_micro_steps(self, micro_steps: int, *, complete: bool) -> Items:
+        """Mean mode's divisor: the window's micro-steps summed over all processes.
+
+        `complete` says whether this process's window reached its boundary (a
+        flushed one did not). Every process must get the same number, whatever
+        the length of its own last window."""
+        return micro_steps * self.world_size
+
+    def begin_reduction(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None = None) -> None:
+        """Called once per window before its gradients may be packed: this process's item
+        (or micro-step) count, the `scale` that `reduce_` will be called with, and, for a
+        `lossy` sync, the AMP loss scale the gradients carry (None without a GradScaler)."""
+
+    def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
+        """Make each parameter's gradient the sum over processes, times `scale`.
+
+        `complete` says whether the window reached its boundary, so that its last
+        backward ran with sync on; a flushed window's did not."""
+        _foreach.scale_(grads_of(params), scale)
+
+    def missing_grads(self) -> tuple[list[int], Tensor] | None:
+        """After `reduce_`: the positions (in its `params`) of the parameters this process
+        had no gradient for in the window, and a device tensor of how many processes had
+        one for each. The pipeline sets those that no process had back to None, as DDP
+        leaves them (an optimizer with weight decay must not see a zero). None: nothing to drop."""
+        return None
+
+    def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
+        """Called after every window's boundary, stepped or skipped; `contributed` is False
+        when this process had no items in the window."""
+
+    def bytes_sent(self) -> int:
+        """Payload bytes this process sent for the last window."""
+        return 0
+
+    def dense_bytes(self) -> int:
+        """What the last window's gradients would have taken uncompressed."""
+        return self.bytes_sent()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}; pass the state saved with the same average=")
+
+
+class LocalSync(SyncControl):
+    """One process, or gradients that are averaged elsewhere: nothing to control."""
+
+
+
+
+def grads_of(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
