@@ -7,6 +7,7 @@ checks, and no host sync on the hot path.
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import sys
 import time
@@ -434,11 +435,15 @@ def python_calls(fn):
         if event in ("call", "c_call"):
             count += 1
 
+    # Garbage collection during the call would run other objects' finalizers, which count too.
+    gc.collect()
+    gc.disable()
     sys.setprofile(profile)
     try:
         fn()
     finally:
         sys.setprofile(None)
+        gc.enable()
     return count
 
 
