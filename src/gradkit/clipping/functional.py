@@ -193,10 +193,6 @@ def check_group(group: object) -> None:
     distributed.check_group_type(group)
 
 
-def _grads_of(parameters: Parameters) -> list[Tensor]:
-    return _present_grads(_parameter_list(parameters))
-
-
 def _parameter_list(parameters: Parameters) -> list[Tensor]:
     """`check_parameters`, with the check made over the distinct types instead of a Python loop per tensor."""
     if isinstance(parameters, Tensor) or not hasattr(parameters, "__iter__"):
