@@ -6,21 +6,24 @@ checks, and no host sync on the hot path.
 
 from __future__ import annotations
 
+import functools
+import gc
 import math
+import sys
 import time
 
-import param_sets
 import pytest
 import torch
 import torch.distributed as dist
-from dist_helpers import WorkerError, run_workers
-from host_reads import forbid_host_sync
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from param_sets import clone_params, make_params
 from torch.testing import assert_close
 
 import gradkit as gk
+import param_sets
+from dist_helpers import WorkerError, run_workers
+from host_reads import forbid_host_sync
+from param_sets import clone_params, make_params
 
 INF = float("inf")
 NORM_TYPES = [1.0, 2.0, INF, 0.5, 3.7]
@@ -418,3 +421,124 @@ def test_clip_grad_value_clamps_sparse_gradients_after_summing_repeated_rows():
     dense = embedding.weight.grad.to_dense()
     assert dense.abs().max().item() == 0.5
     assert dense[1].tolist() == [0.5, 0.5, 0.5] and dense[0].abs().sum().item() == 0.0
+
+
+# -- per-call host work: once per group, not once per tensor --------------------------------
+
+
+def python_calls(fn):
+    """How many Python-level and C-level calls `fn()` makes from Python code (sys.setprofile events)."""
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    # Garbage collection during the call would run other objects' finalizers, which count too.
+    gc.collect()
+    gc.disable()
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+    return count
+
+
+def linear_params(layers, dtypes=(torch.float32,)):
+    """`layers` Linear(8, 8)-shaped (weight, bias) pairs with gradients, cycling through `dtypes`."""
+    gen = torch.Generator().manual_seed(layers)
+    params = []
+    for i in range(layers):
+        dtype = dtypes[i % len(dtypes)]
+        for shape in ((8, 8), (8,)):
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+            p.grad = torch.randn(shape, generator=gen).to(dtype)
+            params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "grad_norms"])
+def test_host_work_per_call_does_not_grow_with_the_number_of_tensors(call, dtypes):
+    # Warm calls (the grouping is cached after the first): the Python-level work is the same
+    # for 10 and 500 tensors; only the C loops (gradient reads, the foreach kernels) grow.
+    def run(params):
+        if call == "clip_grad_norm_":
+            return lambda: gk.clip_grad_norm_(params, 1.0)
+        return lambda: gk.grad_norms(params)
+
+    counts = []
+    for layers in (5, 250):
+        fn = run(linear_params(layers, dtypes))
+        fn()
+        counts.append(python_calls(fn))
+    assert counts[0] == counts[1], counts
+    # The check can fail: a per-tensor Python loop (here, torch's `norm.to(device)` per norm) shows up.
+    torch_counts = []
+    for layers in (5, 250):
+        params = linear_params(layers, dtypes)
+        torch_counts.append(python_calls(functools.partial(torch.nn.utils.clip_grad_norm_, params, 1.0, foreach=True)))
+    assert torch_counts[1] > torch_counts[0] + 400
+
+
+def test_groups_give_input_order_and_torch_results_for_mixed_kinds():
+    gen = torch.Generator().manual_seed(11)
+    f32, f64 = torch.float32, torch.float64
+    kinds = [((3,), f64), ((2, 2), f32), ((4,), torch.bfloat16), ((5,), f64), ((), f32)]
+    dense = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape, dtype in kinds]
+    embedding = torch.nn.Embedding(6, 2, sparse=True)
+    embedding(torch.tensor([1, 1, 4])).sum().backward()  # repeated row: the norm is that of the summed rows
+    tensors = dense[:2] + [embedding.weight.grad] + dense[2:]
+    groups = gk._foreach.Groups(tensors)
+    assert [(device.type, dtype) for device, dtype, _ in groups.split(tensors)] == [
+        ("cpu", torch.float64), ("cpu", torch.float32), ("cpu", torch.bfloat16)]  # first seen first
+    assert groups.sparse == (2,)
+    for norm_type in (2.0, 1.0, INF, 3.7):
+        expected = [torch.linalg.vector_norm(t.to_dense() if t.is_sparse else t, norm_type) for t in tensors]
+        got = groups.norms(tensors, norm_type)
+        assert [n.dtype for n in got] == [t.dtype for t in tensors]
+        for g, e in zip(got, expected):
+            assert_close(g, e, rtol=1e-2 if g.dtype == torch.bfloat16 else 1e-6, atol=0)
+        raised = groups.norms(tensors, norm_type, at_least=torch.float32)
+        assert raised[3].dtype == torch.float32  # bf16 reduced in float32
+        assert_close(groups.stacked_norms(tensors, norm_type), torch.stack(got))
+        assert_close(groups.total_norm(tensors, norm_type), torch.linalg.vector_norm(torch.stack(got), norm_type))
+    before = [t.to_dense().clone() if t.is_sparse else t.clone() for t in tensors]
+    groups.scale_(tensors, torch.tensor(0.5))
+    for t, b in zip(tensors, before):
+        assert_close(t.to_dense() if t.is_sparse else t, b * 0.5, rtol=0, atol=0)
+    # group_tensors keeps its contract: dense members by (device, dtype), with their positions.
+    grouped = gk._foreach.group_tensors(tensors)
+    assert {key: positions for key, (_, positions) in grouped.items()} == {
+        (torch.device("cpu"), torch.float64): [0, 4], (torch.device("cpu"), torch.float32): [1, 5],
+        (torch.device("cpu"), torch.bfloat16): [3]}
+    for members, positions in grouped.values():
+        assert all(m is tensors[i] for m, i in zip(members, positions))
+
+
+def test_groups_are_cached_by_kind_and_checked_by_matches():
+    a = linear_params(3)
+    grads = [p.grad for p in a]
+    groups = gk._foreach.Groups.of(grads)
+    assert gk._foreach.Groups.of([p.grad for p in linear_params(3)]) is groups  # same kinds, other tensors
+    assert groups.matches([p.grad for p in linear_params(3)])
+    mixed = [p.grad for p in linear_params(3, (torch.float32, torch.float64))]
+    assert not groups.matches(mixed) and not groups.matches(grads[:-1])
+    other = gk._foreach.Groups.of(mixed)
+    assert other is not groups and len(other.split(mixed)) == 2
+    # A held grouping applied to new tensors of the same kinds gives their results, not the old ones'.
+    fresh = [p.grad * 3 for p in a]
+    assert_close(groups.stacked_norms(fresh), 3 * groups.stacked_norms(grads))
+
+
+def test_bad_parameters_are_named_before_any_gradient_changes():
+    params = make_params([((3,), torch.float32, True, 2)] * 2, seed=0)
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(TypeError, match=r"item #1 is float 1\.5; pass model.parameters\(\)"):
+        gk.clip_grad_norm_([params[0], 1.5, params[1]], 1e-3)
+    with pytest.raises(TypeError, match=r"parameters must be a tensor or an iterable of tensors, got int"):
+        gk.grad_norms(3)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))

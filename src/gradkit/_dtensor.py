@@ -36,7 +36,8 @@ def is_dtensor(tensor: object) -> bool:
 
 
 def any_dtensor(tensors: Sequence[object]) -> bool:
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    # Over the distinct types, not the tensors: a model has a thousand gradients but one or two types.
+    return DTensor is not None and any(issubclass(kind, DTensor) for kind in set(map(type, tensors)))
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -55,7 +56,8 @@ def local(tensor: Tensor) -> Tensor:
 
 
 def locals_of(tensors: Sequence[Tensor]) -> list[Tensor]:
-    return [local(t) for t in tensors]
+    """`local` of each tensor; a new list of the same tensors when none is a DTensor."""
+    return [local(t) for t in tensors] if any_dtensor(tensors) else list(tensors)
 
 
 def reduce_sums(values: Tensor, tensors: Sequence[Tensor]) -> Tensor:

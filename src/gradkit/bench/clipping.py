@@ -1,11 +1,18 @@
 """Global-norm clipping: gradkit against torch's foreach path, and against a plain copy.
 
-Two regimes, both with GPT-2 small's 148 gradient tensors:
-- the real shapes (124M fp32): clipping streams over the gradients three
-  times (read for the norm, read and write for the multiply), so it is bound
-  by memory bandwidth, and a copy of the same bytes shows what the hardware allows;
-- one element per tensor: only the per-call host work is left (grouping, kernel
-  launches), which is what remains on a GPU once the bandwidth is fast.
+Three regimes:
+- GPT-2 small's real shapes (148 tensors, 124M fp32): clipping streams over the
+  gradients three times (read for the norm, read and write for the multiply), so it
+  is bound by memory bandwidth, and a copy of the same bytes shows what the hardware allows;
+- one element per tensor, 148 of them: only the per-call host work is left
+  (grouping, checks, kernel launches), which is what remains on a GPU once the
+  bandwidth is fast;
+- 1000 tiny tensors (500 ``Linear(8, 8)``): the host work per tensor, as in models
+  with thousands of parameter tensors (mixture of experts, per-head parameters).
+
+The two host-bound rows also time ``gk.grad_norms`` against torch's per-tensor norms
+(``torch.stack(torch._foreach_norm(grads))``), in the same interleaved rounds; the
+ratio is in the row's note.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import torch
 
 import gradkit
 from gradkit.bench.common import Row, Settings
-from gradkit.bench.timing import measure
+from gradkit.bench.timing import Timing, measure
 
 __all__ = ["run", "run_cuda", "gpt2_shapes"]
 
@@ -30,6 +37,8 @@ GOAL = 0.95
 # denormals, whose arithmetic is much slower on most CPUs (checked after timing).
 MAX_NORM = 1.0
 CLIP_PASSES = 3
+LINEARS = 500  # Linear(8, 8) layers of the per-tensor overhead row: 1000 gradient tensors
+TINY_LINEARS = 50
 
 
 def gpt2_shapes(vocab: int, context: int, width: int, layers: int) -> list[tuple[int, ...]]:
@@ -59,10 +68,13 @@ def _rows(settings: Settings, device: str) -> list[Row]:
     numel = sum(torch.Size(s).numel() for s in shapes)
     size = f"{numel / 1e3:.0f}k" if numel < 1e6 else f"{numel / 1e6:.1f}M"
     model = "tiny GPT-2" if settings.tiny else "GPT-2 small"
+    linears = TINY_LINEARS if settings.tiny else LINEARS
     cases = [
         (f"clip_grad_norm_, {model} ({size} fp32, {len(shapes)} tensors)", shapes, True),
         (f"clip_grad_norm_, {len(shapes)} one-element grads (per-call overhead)", [(1,)] * len(shapes), False),
-    ]
+        (f"clip_grad_norm_, {2 * linears} tiny grads ({linears} Linear(8,8), per-tensor overhead)",
+         [(8, 8), (8,)] * linears, False),
+    ]  # fmt: skip
     rows = []
     for label, case_shapes, with_copy in cases:
         if device == "cuda" and not torch.cuda.is_available():
@@ -87,6 +99,9 @@ def _run_case(
         src = torch.randn(sum(p.numel() for p in params), device=device)
         dst = torch.zeros_like(src)  # zeros, not empty: the pages are touched before timing
         candidates["copy"] = lambda: dst.copy_(src)
+    else:  # per-tensor norms: gradkit's against the hand-written torch equivalent
+        candidates["grad_norms"] = lambda: gradkit.grad_norms(params)
+        candidates["torch norms"] = lambda: torch.stack(torch._foreach_norm([p.grad for p in params]))
 
     cuda = device.type == "cuda"
     timings = measure(
@@ -107,7 +122,15 @@ def _run_case(
         reference_time=timings["torch"],
         copy_time=timings.get("copy"),
         passes=CLIP_PASSES if with_copy else None,
-        note=_value_check(params),
+        note=_value_check(params) + ("" if with_copy else _norms_note(timings)),
+    )
+
+
+def _norms_note(timings: dict[str, Timing]) -> str:
+    ours, theirs = timings["grad_norms"].median, timings["torch norms"].median
+    return (
+        f"; grad_norms {ours * 1e3:.3f} ms vs torch.stack(torch._foreach_norm(grads)) {theirs * 1e3:.3f} ms "
+        f"(ratio {theirs / ours:.3f})"
     )
 
 

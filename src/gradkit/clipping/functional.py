@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import partial
+from operator import attrgetter, is_not
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,9 @@ from gradkit.context import check_parameters
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "grad_norms", "check_norm_type", "clip_coefficient"]
 
 Parameters = Iterable[Tensor] | Tensor
+
+_GRAD = attrgetter("grad")
+_is_not_none = partial(is_not, None)
 
 
 @torch.no_grad()  # like torch: gradients that require grad (create_graph=True) are scaled in place too
@@ -66,15 +71,16 @@ def clip_grad_norm_(
     norm_type = check_norm_type(norm_type)
     check_group(group)
     _checks.flag("error_if_nonfinite", error_if_nonfinite, "pass True to raise on a NaN/inf norm, False to clip anyway")
-    params = check_parameters(parameters)
-    sharded = [p.grad for p in params if p.grad is not None]
-    grads = _dtensor.locals_of(sharded)  # DTensors: this rank's pieces (plain tensors stay as they are)
-    grouped = _foreach.Grouped(grads)  # once: both passes below reuse it
-    if grads:
-        norms = grouped.norms(norm_type)
-        if _dtensor.any_dtensor(sharded):
-            norms = list(_full_norms(torch.stack([n.to(norms[0].device) for n in norms]), sharded, norm_type))
-        total = _foreach.total_norm(norms, norm_type)
+    params = _parameter_list(parameters)
+    grads = _present_grads(params)
+    sharded = _dtensor.any_dtensor(grads)
+    local = _dtensor.locals_of(grads) if sharded else grads  # DTensors: this rank's pieces, which share storage
+    groups = _foreach.Groups.of(local)  # once: both passes below reuse it
+    if sharded:
+        norms = groups.stacked_norms(local, norm_type)
+        total = torch.linalg.vector_norm(_full_norms(norms, grads, norm_type), norm_type)
+    elif grads:
+        total = groups.total_norm(local, norm_type)
     elif group is None:
         return torch.tensor(0.0)
     else:
@@ -89,7 +95,7 @@ def clip_grad_norm_(
             f"the total norm of order {norm_type} of the gradients is non-finite ({total}); "
             "pass error_if_nonfinite=False to clip anyway"
         )
-    grouped.scale_(clip_coefficient(total, max_norm))
+    groups.scale_(local, clip_coefficient(total, max_norm))
     return total
 
 
@@ -129,14 +135,14 @@ def grad_norms(parameters: Parameters, norm_type: float = 2.0) -> Tensor:
         >>> norms = gk.grad_norms(model.parameters())   # norms[i] belongs to the i-th parameter with a grad
     """
     norm_type = check_norm_type(norm_type)
-    grads = _grads_of(parameters)
+    grads = _present_grads(_parameter_list(parameters))
     if not grads:
         return torch.zeros(0)
-    norms = _foreach.per_tensor_norms(_dtensor.locals_of(grads), norm_type)
-    device = norms[0].device
-    norms = torch.stack([n.to(device) for n in norms])
+    sharded = _dtensor.any_dtensor(grads)
+    local = _dtensor.locals_of(grads) if sharded else grads
+    norms = _foreach.Groups.of(local).stacked_norms(local, norm_type)
     # DTensor gradients: norms of the full gradients, one collective for all of them.
-    return _full_norms(norms, grads, norm_type) if _dtensor.any_dtensor(grads) else norms
+    return _full_norms(norms, grads, norm_type) if sharded else norms
 
 
 def _full_norms(local: Tensor, grads: list[Tensor], norm_type: float) -> Tensor:
@@ -187,5 +193,16 @@ def check_group(group: object) -> None:
     distributed.check_group_type(group)
 
 
-def _grads_of(parameters: Parameters) -> list[Tensor]:
-    return [p.grad for p in check_parameters(parameters) if p.grad is not None]
+def _parameter_list(parameters: Parameters) -> list[Tensor]:
+    """`check_parameters`, with the check made over the distinct types instead of a Python loop per tensor."""
+    if isinstance(parameters, Tensor) or not hasattr(parameters, "__iter__"):
+        return check_parameters(parameters)  # one tensor; or not an iterable, which it names in its error
+    params = list(parameters)
+    if all(issubclass(kind, Tensor) for kind in set(map(type, params))):
+        return params
+    return check_parameters(params)  # raises, naming the first item that is not a tensor
+
+
+def _present_grads(params: list[Tensor]) -> list[Tensor]:
+    """The gradients that are not None, in order (read once per parameter, filtered in C)."""
+    return list(filter(_is_not_none, map(_GRAD, params)))
