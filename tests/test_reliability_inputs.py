@@ -316,6 +316,7 @@ CASES: list[Case] = [
     ctor("GradientPipeline", "clip", st.one_of(st.text(min_size=1, max_size=3), st.integers(), st.just([gk.ClipByValue(1.0), 3]))),
     ctor("GradientPipeline", "tracker", st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.just(object()))),
     ctor("GradientPipeline", "ema", st.one_of(st.floats(), st.text(min_size=1, max_size=3), st.just(object()))),
+    ctor("FSDPSync", "model", st.one_of(st.integers(), st.none(), st.just(nn.Linear(2, 2)))),
     ctor("EMA", "model", st.one_of(st.integers(), st.none(), st.just([nn.Parameter(torch.zeros(2))]))),
     ctor("EMA", "decay", in_range(0.0, 1.0, high_open=True)),
     ctor("EMA", "warmup", flag()),

@@ -4,6 +4,7 @@ Public names, one per line; see DESIGN.md for the contract.
 """
 
 from gradkit._version import __version__  # first: modules imported below may read it
+from gradkit.averaging import EMA
 from gradkit.averaging import Average
 from gradkit.averaging import FSDPSync
 from gradkit.averaging import ModelAverager
@@ -31,7 +32,6 @@ from gradkit.compression import Threshold
 from gradkit.compression import TopK
 from gradkit.context import GradContext
 from gradkit.distributed import CollectiveError
-from gradkit.ema import EMA
 from gradkit.integrations import ddp_comm_hook
 from gradkit.pipeline import GradientPipeline
 from gradkit.step_report import StepReport

@@ -11,6 +11,7 @@
 - `collectives`: what every sync control shares: the item-count all-reduce, flat sums,
   the setup broadcast, timeouts.
 - `local_sgd`: `ModelAverager`, parameters averaged every few steps.
+- `ema`: `EMA`, parameters averaged over time (Polyak averaging), for evaluation.
 - `choose`: `sync_control_for`, the sync control that fits a model.
 """
 
@@ -19,6 +20,7 @@ from gradkit.averaging.choose import sync_control_for
 from gradkit.averaging.collectives import as_timeout, replicate
 from gradkit.averaging.compressed import effective_compressor, load_compressor_state
 from gradkit.averaging.ddp import DDPSync
+from gradkit.averaging.ema import EMA
 from gradkit.averaging.fsdp import FSDPSync
 from gradkit.averaging.local_sgd import ModelAverager
 from gradkit.averaging.payloads import start_reduce
@@ -27,6 +29,7 @@ from gradkit.averaging.sync import LocalSync, SyncControl
 __all__ = [
     "Average",
     "DDPSync",
+    "EMA",
     "FSDPSync",
     "LocalSync",
     "ModelAverager",
