@@ -164,7 +164,8 @@ def test_bfloat16_residual_loses_only_its_rounding(name, commit):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
     inner = build(name)
-    ef = gk.ErrorFeedback(inner.compressor if isinstance(inner, gk.ErrorFeedback) else inner, residual_dtype=torch.bfloat16)
+    inner = inner.compressor if isinstance(inner, gk.ErrorFeedback) else inner
+    ef = gk.ErrorFeedback(inner, residual_dtype=torch.bfloat16)
     grad_sum = torch.zeros(130, 131, dtype=F64)
     sent_sum = torch.zeros(130, 131, dtype=F64)
     bound = torch.zeros((), dtype=F64)

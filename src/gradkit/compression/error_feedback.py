@@ -61,7 +61,8 @@ class ErrorFeedback(Compressor):
                 f"ErrorFeedback wraps a stateless compressor such as gk.TopK(0.01), got {compressor!r}; "
                 "DGC and PowerSGD keep their own residual: use them without ErrorFeedback"
             )
-        if residual_dtype is not None and not (isinstance(residual_dtype, torch.dtype) and residual_dtype.is_floating_point):
+        floating = isinstance(residual_dtype, torch.dtype) and residual_dtype.is_floating_point
+        if residual_dtype is not None and not floating:
             raise TypeError(
                 f"residual_dtype must be a floating torch.dtype such as torch.bfloat16, or None for the "
                 f"gradient's own dtype; got {residual_dtype!r}"
