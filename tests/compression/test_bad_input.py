@@ -48,6 +48,8 @@ BAD_CONFIGS = [
     ("ErrorFeedback(object)", lambda: gk.ErrorFeedback(object()), TypeError, "compressor"),
     ("ErrorFeedback(TopK class)", lambda: gk.ErrorFeedback(gk.TopK), TypeError, "compressor"),
     ("ErrorFeedback(ErrorFeedback)", lambda: gk.ErrorFeedback(gk.ErrorFeedback(gk.TopK(0.1))), TypeError, "compressor"),
+    ("ErrorFeedback(residual_dtype=int8)", lambda: gk.ErrorFeedback(gk.TopK(0.1), residual_dtype=torch.int8), TypeError, "residual_dtype"),
+    ("ErrorFeedback(residual_dtype='bf16')", lambda: gk.ErrorFeedback(gk.TopK(0.1), residual_dtype="bf16"), TypeError, "residual_dtype"),
 ]
 
 

@@ -135,3 +135,65 @@ def test_error_feedback_discard_keeps_and_commit_applies_the_residual(name):
         assert not torch.equal(deferred.residual(key), before[key])
         total = grads[0][key] + grads[2][key]  # the discarded step left no trace
         assert_close(sent[key] + deferred.residual(key).view(total.shape), total, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", WRAPPABLE)
+def test_error_feedback_committed_at_once_keeps_one_buffer(name):
+    # Between steps only the residual is held: committing at once updates it in place,
+    # and a deferred call's buffer replaces the old one at commit (no spare stays behind).
+    torch.manual_seed(0)
+    ef = gk.ErrorFeedback(build(name))
+    grads = torch.randn(4, 130, 131, generator=torch.Generator().manual_seed(2))
+    ef.compress(grads[0], key="w")
+    held = ef._residuals._flat[(("w", (130, 131)),)]["residual"]
+    for grad in grads[1:3]:
+        ef.compress(grad, key="w")
+        assert ef._residuals._flat[(("w", (130, 131)),)]["residual"].data_ptr() == held.data_ptr()
+    ef.compress(grads[3], key="w", commit=False)
+    ef.commit()
+    now = ef._residuals._flat[(("w", (130, 131)),)]["residual"]
+    assert now.data_ptr() != held.data_ptr()  # the deferred buffer became the residual
+    assert [k for k in vars(ef) if isinstance(vars(ef)[k], dict) and vars(ef)[k]] == []  # no per-key spares
+
+
+@pytest.mark.parametrize("commit", [True, False])
+@pytest.mark.parametrize("name", ["topk_fast", "topk_exactly_k", "error_feedback_randomk", "signsgd"])
+def test_bfloat16_residual_loses_only_its_rounding(name, commit):
+    # sent + residual = sum of the gradients, up to the rounding of each step's residual to
+    # bfloat16 (8 bits of mantissa): at most half an ulp of the residual per step.
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    inner = build(name)
+    inner = inner.compressor if isinstance(inner, gk.ErrorFeedback) else inner
+    ef = gk.ErrorFeedback(inner, residual_dtype=torch.bfloat16)
+    grad_sum = torch.zeros(130, 131, dtype=F64)
+    sent_sum = torch.zeros(130, 131, dtype=F64)
+    bound = torch.zeros((), dtype=F64)
+    for _ in range(6):
+        grad = torch.randn(130, 131, generator=gen)
+        payload = ef.compress(grad, key="w", commit=commit)
+        if not commit:
+            ef.commit()
+        residual = ef.residual("w")
+        assert residual.dtype == torch.bfloat16 and residual.numel() == grad.numel()
+        sent_sum += ef.decompress(payload).double()
+        grad_sum += grad.double()
+        bound += residual.double().abs().max() * 2.0**-8
+    error = (sent_sum + ef.residual("w").double().view(130, 131) - grad_sum).abs().max()
+    assert 0 < error <= bound + 1e-5
+    assert ef.state_dict()["residuals"]["w"].dtype == torch.bfloat16
+
+
+def test_bfloat16_residual_discard_keeps_it_and_checkpoints_load():
+    torch.manual_seed(0)
+    ef = gk.ErrorFeedback(gk.TopK(0.1, exact=True), residual_dtype=torch.bfloat16)
+    grad = torch.randn(50, generator=torch.Generator().manual_seed(4))
+    ef.compress(grad, key="w")
+    before = ef.residual("w").clone()
+    ef.compress(grad * 1e3, key="w", commit=False)
+    ef.discard()
+    assert torch.equal(ef.residual("w"), before)
+    again = gk.ErrorFeedback(gk.TopK(0.1, exact=True), residual_dtype=torch.bfloat16)
+    again.load_state_dict(ef.state_dict())
+    assert torch.equal(again.decompress(again.compress(grad, key="w")), ef.decompress(ef.compress(grad, key="w")))
+    assert torch.equal(again.residual("w"), ef.residual("w")) and again.residual("w").dtype == torch.bfloat16

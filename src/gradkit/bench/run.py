@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gradkit.bench import averaging, clipping, compressors, ema, fsdp, integrations, memory, network, powersgd, quality, topk, tracking
+from gradkit.bench import averaging, clipping, compressors, ef_memory, ema, fsdp, integrations, memory, network, powersgd, quality, topk, tracking
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import Timing
 
@@ -36,6 +36,7 @@ BENCHMARKS = {
     "network": network,
     "quality": quality,
     "memory": memory,
+    "ef_memory": ef_memory,
     "ema": ema,
     "powersgd": powersgd,
     "fsdp": fsdp,

@@ -28,33 +28,52 @@ class ErrorFeedback(Compressor):
 
     Args:
         compressor: the compressor to wrap.
+        residual_dtype: the dtype the residual is kept in; None (default) keeps it in the
+            compressed tensor's dtype. ``torch.bfloat16`` halves the memory of float32
+            gradients; the sum ``tensor + residual`` is still formed in the tensor's dtype,
+            so only what stays behind is rounded (to bfloat16's 8 bits of mantissa).
 
-    Memory: one residual as large as the compressed tensors.
+    Memory: one residual as large as the compressed tensors, and nothing else between
+    steps: 4 B/param for float32 gradients, 2 B/param with ``residual_dtype=torch.bfloat16``.
+    A call with ``commit=True`` updates the residual in place. A deferred call
+    (``commit=False``, as `gk.Average` makes during backward) must keep the old residual
+    until `commit()` or `discard()`, so the new one is a second buffer until then (freed at
+    commit: the old one goes, the new one stays); at the step's peak that is twice the
+    residual for the tensors compressed in the window.
+
+    Raises:
+        TypeError: `compressor` is not a stateless compressor, or `residual_dtype` is not a
+            floating dtype.
 
     Example:
         >>> ef = gk.ErrorFeedback(gk.TopK(0.01))
         >>> payload = ef.compress(grad, key="layer1.weight")
         >>> sent = ef.decompress(payload)
+        >>> half = gk.Average(gk.ErrorFeedback(gk.TopK(0.01), residual_dtype=torch.bfloat16))
     """
 
     keyed = True
     keeps_residual = True
 
-    def __init__(self, compressor: Compressor) -> None:
+    def __init__(self, compressor: Compressor, *, residual_dtype: torch.dtype | None = None) -> None:
         if not isinstance(compressor, Compressor) or compressor.keyed:
             raise TypeError(
                 f"ErrorFeedback wraps a stateless compressor such as gk.TopK(0.01), got {compressor!r}; "
                 "DGC and PowerSGD keep their own residual: use them without ErrorFeedback"
             )
+        floating = isinstance(residual_dtype, torch.dtype) and residual_dtype.is_floating_point
+        if residual_dtype is not None and not floating:
+            raise TypeError(
+                f"residual_dtype must be a floating torch.dtype such as torch.bfloat16, or None for the "
+                f"gradient's own dtype; got {residual_dtype!r}"
+            )
         self.compressor = compressor
+        self.residual_dtype = residual_dtype
         self.linear = compressor.linear
         self.sparse = compressor.sparse
         self.variable_size = compressor.variable_size
         self._residuals = KeyedState(["residual"])
-        # A second buffer per key takes `tensor + residual` and becomes the residual on
-        # commit (a swap): no new tensor and no copy per step.
-        self._spares: dict[Layout, Tensor] = {}
-        self._deferred: Deferred[tuple[dict[str, Tensor], Layout]] = Deferred(self._keep)
+        self._deferred: Deferred[tuple[dict[str, Tensor], Tensor]] = Deferred(self._keep)
 
     def compress(self, tensor: Tensor, key: str | Layout | None = None, *, commit: bool = True) -> Payload:
         """Compress `tensor` plus the residual kept under `key`.
@@ -62,30 +81,41 @@ class ErrorFeedback(Compressor):
         Args:
             tensor: the tensor to compress (not modified).
             key: the parameter name (or a bucket layout) the residual belongs to.
-            commit: store the new residual now; with False it is kept aside
-                until `commit()` (a step that turns out non-finite calls
+            commit: store the new residual now (in place: no second buffer); with False it
+                is kept aside until `commit()` (a step that turns out non-finite calls
                 `discard()` and the residual stays as it was).
+
+        Returns:
+            The payload of ``tensor + residual``.
         """
         tensor = self._check_input(tensor)
+        flat = tensor.reshape(-1)
         layout = layout_for(key, tensor)
-        state = self._residuals.get(layout, tensor.reshape(-1))
+        dtype = self.residual_dtype or flat.dtype
+        state = self._residuals.get(layout, torch.empty(0, dtype=dtype, device=flat.device))
         residual = state["residual"]
-        spare = self._spares.get(layout)
-        if spare is None:  # a new layout: drop the spares of layouts it replaced (DDP's rebuild)
-            for known in [known for known in self._spares if known not in self._residuals]:
-                del self._spares[known]
-        if spare is None or spare.shape != residual.shape or spare.dtype != residual.dtype or spare.device != residual.device:
-            spare = self._spares[layout] = torch.empty_like(residual)
-        corrected = torch.add(tensor.reshape(-1), residual, out=spare)
-        payload = self.compressor.compress(corrected)
-        self.compressor.residual_(corrected, payload)  # in place: the spare now holds the new residual
+        if commit and residual.dtype == flat.dtype and residual.device == flat.device:
+            # In place: the residual becomes tensor + residual, is compressed (payloads never
+            # alias their input), and keeps what was not sent. One buffer, one dense pass.
+            residual.add_(flat)
+            payload = self.compressor.compress(residual)
+            self.compressor.residual_(residual, payload)
+        else:
+            # The sum in the tensor's dtype (also under a narrower residual), in a new buffer:
+            # the old residual must survive until commit() or discard().
+            corrected = torch.add(flat, residual, out=torch.empty_like(flat))
+            payload = self.compressor.compress(corrected)
+            self.compressor.residual_(corrected, payload)
+            if commit:
+                residual.copy_(corrected)
+            else:
+                self._deferred.add(state, corrected if corrected.dtype == dtype else corrected.to(dtype), now=False)
         payload.shape = tensor.shape
-        self._deferred.add(state, layout, now=commit)
         return payload
 
-    def _keep(self, state: dict[str, Tensor], layout: Layout) -> None:
-        # The spare holds the new residual: swap it in, the old residual becomes the spare.
-        state["residual"], self._spares[layout] = self._spares[layout], state["residual"]
+    def _keep(self, state: dict[str, Tensor], new: Tensor) -> None:
+        # The old residual is dropped here: between steps only one buffer per key remains.
+        state["residual"] = new
 
     def decompress(self, payload: Payload) -> Tensor:
         return self.compressor.decompress(payload)
