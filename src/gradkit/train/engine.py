@@ -281,8 +281,9 @@ def load_checkpoint(
 ) -> int:
     """Resume from the last complete checkpoint; returns the step to start from (0 without one).
 
-    Every tensor is loaded onto `device` (default: the model's), so a run saved on a GPU
-    resumes on the CPU and back; the random states go where torch keeps them.
+    The pipeline state is loaded onto `device` (default: the model's), the model and optimizer
+    state through the CPU, so a run saved on a GPU resumes on the CPU and back; the random
+    states go where torch keeps them.
     """
     step = checkpoint_step(run_path)
     if step is None:
@@ -295,7 +296,10 @@ def load_checkpoint(
             f"resume with workers = {saved_world}, or pick another name to start fresh"
         )
     device = device if device is not None else next(model.parameters()).device
-    state = torch.load(folder / "model.pt", map_location=device, weights_only=True)
+    # Through the CPU: load_state_dict copies the weights and moves the optimizer state onto the
+    # parameters' device, but leaves AdamW's `step` counts where they are, and they must stay on
+    # the CPU (a CUDA `step` would cost a host read per parameter per step).
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     mine = torch.load(folder / f"rank{rank}.pt", map_location=device, weights_only=True)
