@@ -98,6 +98,9 @@ clip = "zclip"
     finished = gradkit("train", "--config", str(config), "--steps", "9", cwd=tmp_path)
     assert finished.returncode == 0 and "is complete" in finished.stdout, finished.stderr[-3000:]
     assert (tmp_path / "runs/tiny/tracking.jsonl").read_text().count("\n") == lines
+    refused = gradkit("train", "--config", str(config), "--fresh", "--workers", "500", cwd=tmp_path, timeout=60)
+    assert refused.returncode == 2 and "more than this machine can use" in refused.stderr
+    assert json.loads((tmp_path / "runs/tiny/checkpoint/step.json").read_text())["step"] == 9  # checked before removing
     fresh = gradkit("train", "--config", str(config), "--fresh", cwd=tmp_path)
     assert fresh.returncode == 0 and "starting 'tiny'" in fresh.stdout, fresh.stderr[-3000:]
     assert "done: 6 steps on 1 worker(s)" in fresh.stdout

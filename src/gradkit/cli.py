@@ -90,11 +90,12 @@ def _train(args: argparse.Namespace) -> int:
             config = config_from({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
         else:
             config = load_config(args.config, **overrides)
+        requested = config.device
+        # Every user error is reported before the banner, before --fresh removes anything and before
+        # any worker starts; auto becomes cpu or cuda.
+        config = check_setup(config, fresh=args.fresh)
         if args.fresh and speaks:
             runs.start_over(config.run_path)
-        requested = config.device
-        # every user error is reported before the banner and before any worker starts; auto becomes cpu or cuda
-        config = check_setup(config)
         done = runs.checkpoint_step(config.run_path)
         if done is not None and done >= config.steps:
             if speaks:

@@ -48,8 +48,13 @@ class WorkerError(RuntimeError):
         self.log = log
 
 
-def check_setup(config: TrainConfig) -> TrainConfig:
+def check_setup(config: TrainConfig, *, fresh: bool = False) -> TrainConfig:
     """Everything a user can get wrong, checked before any process starts; the config on its resolved device.
+
+    Args:
+        config: the run's settings.
+        fresh: the run folder is about to start over (``--fresh``): whatever checkpoint it
+            holds does not need to fit these settings.
 
     Returns:
         `config` with ``device`` resolved to ``"cpu"`` or ``"cuda"`` (see `resolve_device`).
@@ -71,7 +76,8 @@ def check_setup(config: TrainConfig) -> TrainConfig:
         make_writable_dir(path)
     except OSError as error:
         raise ConfigError(f"cannot write to the run directory {str(path)!r}: {error.strerror}; pass a writable --run-dir") from None
-    check_resumable(config)
+    if not fresh:
+        check_resumable(config)
     return config
 
 
