@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,8 @@ def test_demo_quick_writes_every_artifact(demo_run):
         assert (run / artifact).exists(), artifact
     assert list(run.glob("events.out.tfevents.*")) or list(run.glob("**/events.out.tfevents.*"))
     assert "2 worker(s)" in done.stdout and "report:" in done.stdout and "x less" in done.stdout
+    if not torch.cuda.is_available():  # auto: the CPU here, and the CPU summary does not mention it
+        assert "with 2 worker(s) on cpu:" in done.stdout and "done: 30 steps on 2 worker(s) in" in done.stdout
     assert "training" in done.stderr  # the progress bar
 
 
@@ -63,6 +66,7 @@ def test_train_with_a_config_then_resume_from_its_checkpoint(tmp_path):
 name = "tiny"
 steps = 6
 workers = 1
+device = "cpu"
 checkpoint_every = 3
 eval_every = 3
 [data]
@@ -87,13 +91,16 @@ clip = "zclip"
     assert json.loads((tmp_path / "runs/tiny/checkpoint/step.json").read_text())["step"] == 6
     again = gradkit("train", "--config", str(config), "--steps", "9", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming at step 6" in again.stdout
+    assert "resuming at step 6" in again.stdout and "with 1 worker(s) on cpu:" in again.stdout
     assert json.loads((tmp_path / "runs/tiny/checkpoint/step.json").read_text())["step"] == 9
     assert "done: 3 steps (from step 6 to 9)" in again.stdout  # counts what this session trained
     lines = (tmp_path / "runs/tiny/tracking.jsonl").read_text().count("\n")
     finished = gradkit("train", "--config", str(config), "--steps", "9", cwd=tmp_path)
     assert finished.returncode == 0 and "is complete" in finished.stdout, finished.stderr[-3000:]
     assert (tmp_path / "runs/tiny/tracking.jsonl").read_text().count("\n") == lines
+    refused = gradkit("train", "--config", str(config), "--fresh", "--workers", "500", cwd=tmp_path, timeout=60)
+    assert refused.returncode == 2 and "more than this machine can use" in refused.stderr
+    assert json.loads((tmp_path / "runs/tiny/checkpoint/step.json").read_text())["step"] == 9  # checked before removing
     fresh = gradkit("train", "--config", str(config), "--fresh", cwd=tmp_path)
     assert fresh.returncode == 0 and "starting 'tiny'" in fresh.stdout, fresh.stderr[-3000:]
     assert "done: 6 steps on 1 worker(s)" in fresh.stdout
@@ -171,6 +178,7 @@ def test_bench_quick_runs_the_harness(tmp_path):
         ("text = 'empty.txt'", "is empty"),
         ("workers = 500", "more than this machine can use"),
         ("steps = [", "not valid TOML"),
+        ("device = 'gpu'", "device must be one of auto, cpu, cuda; got 'gpu'"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, config, words):
@@ -217,3 +225,68 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_checkpoint(tmp_path):
     assert "Traceback" not in err
     step = json.loads((tmp_path / "runs/stopped/checkpoint/step.json").read_text())["step"]
     assert 0 < step < 2000
+
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_device_cuda_without_cuda_is_one_line_before_anything_starts(tmp_path, how):
+    if how == "flag":
+        done = gradkit("demo", "--quick", "--device", "cuda", cwd=tmp_path, timeout=60)
+    else:
+        config = write_config(tmp_path / "gpu.toml", "device = 'cuda'\n")
+        done = gradkit("train", "--config", str(config), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0  # one line
+    assert "--device cuda: torch.cuda.is_available() is False" in done.stderr
+    assert f"torch {torch.__version__}" in done.stderr
+    assert "pass --device cpu" in done.stderr
+    assert not (tmp_path / "runs").exists()  # refused before the run folder was made
+
+
+def test_device_flag_takes_only_known_values(tmp_path):
+    done = gradkit("demo", "--device", "gpu", cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "invalid choice: 'gpu'" in done.stderr
+
+
+def test_more_workers_than_gpus_is_one_line(tmp_path, monkeypatch, capsys):
+    """Seen from the command: two GPUs, three workers (nothing runs on the pretended GPUs: the check comes first)."""
+    from gradkit import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--quick", "--device", "cuda", "--workers", "3"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "gradkit demo: error: --device cuda with 3 workers on this machine needs 3 GPUs (one per worker)" in err
+    assert "found 2; pass --workers 2" in err
+
+
+@pytest.mark.cuda
+def test_demo_on_cuda_end_to_end_and_resume_across_devices(tmp_path):
+    """On a GPU: the quick demo trains on CUDA, then the run resumes on the CPU and back on CUDA."""
+    done = gradkit("demo", "--quick", "--device", "cuda", "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "with 1 worker(s) on cuda (one GPU per worker):" in done.stdout
+    assert re.search(r"done: 30 steps on 1 worker\(s\) on cuda:0 \(.+\) in \d+ s", done.stdout), done.stdout
+    last, first = (float(v) for v in re.search(r"validation (\S+) \(from (\S+) at step 0\)", done.stdout).groups())
+    assert last < first - 1.0
+    run = tmp_path / "runs/demo"
+    assert json.loads((run / "checkpoint/step.json").read_text())["step"] == 30 and (run / "report.html").exists()
+    cpu = gradkit("demo", "--quick", "--device", "cpu", "--workers", "1", "--steps", "35", cwd=tmp_path)
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    assert "resuming at step 30" in cpu.stdout and "done: 5 steps (from step 30 to 35) on 1 worker(s) in" in cpu.stdout
+    back = gradkit("demo", "--quick", "--device", "cuda", "--workers", "1", "--steps", "40", cwd=tmp_path)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "resuming at step 35" in back.stdout and "on cuda:0" in back.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_demo_on_two_gpus_with_nccl(tmp_path):
+    done = gradkit("demo", "--quick", "--device", "cuda", "--workers", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done: 30 steps on 2 worker(s) on cuda:0" in done.stdout and "x less" in done.stdout

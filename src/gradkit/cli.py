@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--workers", type=int, help="local worker processes")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where to train: cuda (one GPU per worker, NCCL), cpu (gloo), or auto (default: "
+                        "cuda when there is a GPU per local worker, else cpu)")
     parser.add_argument("--name", help="run name: the folder under the run directory")
     parser.add_argument("--run-dir", dest="run_dir", help="where runs are written (default: runs)")
     parser.add_argument("--fresh", action="store_true",
@@ -78,7 +81,8 @@ def _train(args: argparse.Namespace) -> int:
     from gradkit.train.config import ConfigError, config_from, load_config
     from gradkit.train.launch import WorkerError, check_setup, run_training
 
-    overrides = {"steps": args.steps, "workers": args.workers, "name": args.name, "run_dir": args.run_dir}
+    overrides = {"steps": args.steps, "workers": args.workers, "name": args.name, "run_dir": args.run_dir,
+                 "device": args.device}
     speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first worker talks
     try:
         if args.command == "demo":
@@ -86,16 +90,19 @@ def _train(args: argparse.Namespace) -> int:
             config = config_from({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
         else:
             config = load_config(args.config, **overrides)
+        requested = config.device
+        # Every user error is reported before the banner, before --fresh removes anything and before
+        # any worker starts; auto becomes cpu or cuda.
+        config = check_setup(config, fresh=args.fresh)
         if args.fresh and speaks:
             runs.start_over(config.run_path)
-        check_setup(config)  # every user error is reported before the banner and before any worker starts
         done = runs.checkpoint_step(config.run_path)
         if done is not None and done >= config.steps:
             if speaks:
                 print(_complete(args.command, config, done))
             return 0
         if speaks:
-            print(_banner(config, done), flush=True)
+            print(_banner(config, done, requested), flush=True)
         summary = run_training(config, checked=True, verbose=args.verbose)
     except ConfigError as error:
         print(f"gradkit {args.command}: error: {error}", file=sys.stderr)
@@ -117,10 +124,14 @@ def _train(args: argparse.Namespace) -> int:
     return 130 if summary["interrupted"] else 0
 
 
-def _banner(config, resumed: int | None) -> str:
+def _banner(config, resumed: int | None, requested: str) -> str:
+    from gradkit.train.device import describe_device, local_workers
+
     start = f"resuming at step {resumed} of" if resumed else "starting"
+    device = describe_device(requested, config.device, local_workers(config.workers))
     return (
-        f"gradkit {gradkit.__version__}: {start} '{config.name}' with {config.workers} worker(s): {config.model} on "
+        f"gradkit {gradkit.__version__}: {start} '{config.name}' with {config.workers} worker(s) on {device}: "
+        f"{config.model} on "
         f"{config.text or 'the Python documentation'}, {config.steps} steps of {config.accumulation_steps} micro-batches, "
         f"compressor={config.compressor}, clip={config.clip}; writing {config.run_path}"
     )
@@ -167,11 +178,14 @@ def _summary(summary: dict, report: Path | None, heading: str = "done") -> str:
     ratio = summary["dense_bytes"] / summary["bytes_sent"] if summary["bytes_sent"] else None
     first, train, start = summary["first_val_loss"], summary["train_loss"], summary.get("start", 0)
     trained = summary["steps"] - start
+    device = summary.get("device", "cpu")  # the CPU summary reads as it always did
     where = f" (from step {start} to {summary['steps']})" if start else ""
     loss = f"train {train:.3f}, " if train is not None else ""
     lines = [
         "",
-        f"{heading}: {trained} steps{where} on {summary['workers']} worker(s) in {summary['seconds']:.0f} s"
+        f"{heading}: {trained} steps{where} on {summary['workers']} worker(s)"
+        + (f" on {device}" if device != "cpu" else "")
+        + f" in {summary['seconds']:.0f} s"
         + (" (interrupted)" if summary["interrupted"] else ""),
         f"  loss: {loss}validation {summary['val_loss']:.3f}"
         + (f" (from {first:.3f} at step 0)" if first is not None else ""),

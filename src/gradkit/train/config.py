@@ -37,6 +37,7 @@ SCHEDULES = ("constant", "cosine")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
 CLIPS = ("none", "global", "local", "value", "layer", "agc", "autoclip", "zclip")
 MODELS = ("transformer", "gru")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 300
     workers: int = 2
+    device: str = "auto"  # auto: CUDA when there is a GPU per local worker, else the CPU
     # model
     model: str = "transformer"
     width: int = 96
@@ -108,6 +110,7 @@ class TrainConfig:
         _choice("compressor", self.compressor, COMPRESSORS)
         _choice("clip", self.clip, CLIPS)
         _choice("model", self.model, MODELS)
+        _choice("device", self.device, DEVICES)
         for key in ("name", "run_dir", "text"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")

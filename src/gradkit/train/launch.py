@@ -1,10 +1,11 @@
 """Start the training engine on local worker processes, or join a torchrun job.
 
-`run_training` checks everything a user can get wrong first (config, text,
-run directory), so such errors never cost a process launch. Several local
+`run_training` checks everything a user can get wrong first (config, device,
+text, run directory), so such errors never cost a process launch. Several local
 workers are started through torch's own elastic launcher API (the engine
 behind torchrun), with a local rendezvous; under ``torchrun`` (multi-node),
-this process already is one worker and just joins the group.
+this process already is one worker and just joins the group. On CUDA each
+worker takes the GPU of its local rank and the group runs on NCCL; on the CPU, gloo.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from gradkit._files import make_writable_dir
 from gradkit.train.config import ConfigError, TrainConfig
 from gradkit.train.data import Corpus, load_text
+from gradkit.train.device import backend_for, local_workers, resolve_device, worker_device
 from gradkit.train.runs import ERROR_LOG, check_resumable
 
 __all__ = ["MAX_LOCAL_WORKERS", "WorkerError", "check_setup", "run_training", "under_torchrun"]
@@ -46,11 +48,20 @@ class WorkerError(RuntimeError):
         self.log = log
 
 
-def check_setup(config: TrainConfig) -> None:
-    """Everything a user can get wrong, checked before any process starts.
+def check_setup(config: TrainConfig, *, fresh: bool = False) -> TrainConfig:
+    """Everything a user can get wrong, checked before any process starts; the config on its resolved device.
+
+    Args:
+        config: the run's settings.
+        fresh: the run folder is about to start over (``--fresh``): whatever checkpoint it
+            holds does not need to fit these settings.
+
+    Returns:
+        `config` with ``device`` resolved to ``"cpu"`` or ``"cuda"`` (see `resolve_device`).
 
     Raises:
-        ConfigError: too many local workers, a missing or empty text, an unwritable
+        ConfigError: too many local workers, ``--device cuda`` without CUDA or with
+            fewer GPUs than local workers, a missing or empty text, an unwritable
             run folder, or a checkpoint there that these settings cannot resume.
     """
     if not under_torchrun() and config.workers > MAX_LOCAL_WORKERS:
@@ -58,20 +69,23 @@ def check_setup(config: TrainConfig) -> None:
             f"workers={config.workers} is more than this machine can use ({os.cpu_count()} cores); "
             f"pass at most {MAX_LOCAL_WORKERS}, or launch across machines with torchrun"
         )
+    config = dataclasses.replace(config, device=resolve_device(config.device, local_workers(config.workers)))
     Corpus(load_text(config.text), config.context)
     path = config.run_path
     try:
         make_writable_dir(path)
     except OSError as error:
         raise ConfigError(f"cannot write to the run directory {str(path)!r}: {error.strerror}; pass a writable --run-dir") from None
-    check_resumable(config)
+    if not fresh:
+        check_resumable(config)
+    return config
 
 
 def run_training(config: TrainConfig, *, checked: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Train with `config.workers` processes (or as one torchrun worker); rank 0's summary.
 
     Args:
-        config: the run's settings.
+        config: the run's settings; ``device = "auto"`` is resolved here, once, for every worker.
         checked: `check_setup(config)` already passed (the CLI checks before its banner).
         verbose: let torch's launcher log what it does (worker starts and failures).
 
@@ -80,7 +94,9 @@ def run_training(config: TrainConfig, *, checked: bool = False, verbose: bool = 
         WorkerError: a worker failed; its traceback is in ``RUN_DIR/error.log``.
     """
     if not checked:
-        check_setup(config)
+        config = check_setup(config)
+    elif config.device == "auto":
+        config = dataclasses.replace(config, device=resolve_device(config.device, local_workers(config.workers)))
     (config.run_path / ERROR_LOG).unlink(missing_ok=True)
     if under_torchrun():
         return _join_and_train(dataclasses.asdict(config))
@@ -167,11 +183,13 @@ def _join_and_train(values: dict[str, Any]) -> dict[str, Any]:
     from gradkit.train.engine import train_worker
 
     config = TrainConfig(**values)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     try:
+        # One GPU per local rank, chosen before the group starts: NCCL binds each rank to the current device.
+        device = worker_device(config.device)
+        dist.init_process_group(backend_for(device), timeout=timedelta(seconds=120))
         return train_worker(config)
     except Exception as error:
-        _log_failure(config, dist.get_rank(), error)
+        _log_failure(config, dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0")), error)
         if under_torchrun():
             raise  # torchrun's own launcher reports it
         # Leave without Python printing the traceback again: the launcher sees the exit code
