@@ -159,7 +159,8 @@ def test_report_command_rebuilds_the_page(demo_run, tmp_path):
 
 def test_bench_quick_runs_the_harness(tmp_path):
     out = tmp_path / "bench.md"
-    done = gradkit("bench", "--quick", "--out", str(out), cwd=ROOT, timeout=600)
+    # The whole harness runs in tests/test_benchmarks.py (tiny shapes); here, that the CLI reaches it.
+    done = gradkit("bench", "--quick", "--tiny", "--only", "clipping,topk", "--out", str(out), cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "|" in out.read_text()
 
