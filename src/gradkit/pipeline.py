@@ -397,7 +397,8 @@ class GradientPipeline:
 
     def _report(self, total_norm: Tensor, norm_after: Tensor, skip: bool | Tensor, count: int | Tensor) -> StepReport:
         # torch.full, not torch.as_tensor: a Python number copied to a GPU waits for the stream.
-        items = count.to(total_norm.device) if isinstance(count, Tensor) else torch.full((), count, device=total_norm.device)
+        device = total_norm.device
+        items = count.to(device) if isinstance(count, Tensor) else torch.full((), count, device=device)
         return StepReport(
             step=self.steps + 1,
             micro_steps=self.window.micro_steps,
