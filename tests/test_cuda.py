@@ -208,3 +208,71 @@ def test_grad_norms_match_torch_without_a_sync():
     assert norms.device.type == "cuda"
     expected = torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
     torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0)
+
+
+# -- the pipeline's step: no sync with a fused optimizer ------------------------------------------
+
+PIPELINE_CONFIGS = {
+    "plain": dict(),
+    "accumulation": dict(accumulation_steps=4),
+    "clip": dict(accumulation_steps=4, clip=gk.ClipByGlobalNorm(1.0)),
+    "scaler-bf16": dict(accumulation_steps=4, clip=gk.ClipByGlobalNorm(1.0), scaler=True),
+    "average-one-process": dict(accumulation_steps=2, average=True),
+    "tracker-every-10": dict(accumulation_steps=2, tracker=True),
+}
+
+
+def pipeline_step(model, pipe, opt, autocast: bool, nan: bool = False) -> None:
+    for _ in range(pipe.accumulation_steps):
+        x = torch.randn(8, 32, device=CUDA)
+        if nan:
+            x = x * float("nan")  # a multiply, not an indexed write: the NaN is made on the device
+        y = torch.randint(0, 4, (8,), device=CUDA)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+        pipe.backward(loss, num_items=torch.full((), 8, device=CUDA))
+        pipe.step(opt)
+
+
+def cuda_pipeline(config: str):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 4)).to(CUDA)
+    kwargs = dict(PIPELINE_CONFIGS[config])
+    if kwargs.pop("scaler", False):
+        kwargs["scaler"] = torch.amp.GradScaler("cuda")
+    if kwargs.pop("average", False):
+        kwargs["average"] = gk.Average()
+    if kwargs.pop("tracker", False):
+        kwargs["tracker"] = gk.Tracker(every=10)
+    pipe = gk.GradientPipeline(model, **kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    return model, pipe, opt
+
+
+# The tracker's logging step still reads its statistics on the host (2 reads every 10th step on
+# CPU) until its copies to pinned memory are asynchronous; expected to pass once they are.
+_TRACKER_READS = pytest.mark.xfail(reason="Tracker logging step reads on the host until it is asynchronous", strict=False)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(c, marks=_TRACKER_READS) if c.startswith("tracker") else c for c in sorted(PIPELINE_CONFIGS)],
+)
+def test_pipeline_steps_with_a_fused_optimizer_never_sync(config):
+    model, pipe, opt = cuda_pipeline(config)
+    autocast = config == "scaler-bf16"
+    pipeline_step(model, pipe, opt, autocast)  # the optimizer's first step creates its state (one read)
+    with no_syncs():
+        for _ in range(12):
+            pipeline_step(model, pipe, opt, autocast)
+    torch.cuda.synchronize()
+    assert pipe.steps == 13 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_nan_step_skips_on_the_gpu_without_a_sync():
+    model, pipe, opt = cuda_pipeline("clip")
+    pipeline_step(model, pipe, opt, autocast=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    with no_syncs():
+        pipeline_step(model, pipe, opt, autocast=False, nan=True)
+    assert bool(pipe.last.skipped) and pipe.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -67,8 +67,9 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, use_branch: bool
     return err.sum() if item_mode else err.mean()
 
 
-def optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+def optimizer(model: nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
+    # fused=True: the pipeline leaves the non-finite skip to the optimizer, on the device.
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1, fused=fused)
 
 
 # A scenario: K, item mode or not, and per window and rank the micro-batches as (rows, use_branch).
@@ -112,13 +113,15 @@ def reference_full_batch(scenario: dict) -> dict[str, torch.Tensor]:
     return _state(model)
 
 
-def run_pipeline(rank: int, scenario: dict, kind: str, reads: list[int] | None = None) -> dict[str, torch.Tensor]:
+def run_pipeline(
+    rank: int, scenario: dict, kind: str, reads: list[int] | None = None, fused: bool | None = None
+) -> dict[str, torch.Tensor]:
     """The same run through GradientPipeline with gk.Average or a DDP-wrapped model; each rank
     steps at its window's boundary or flushes a shorter window."""
     net = make_net(1 + rank)
     model = DDP(net, find_unused_parameters=True) if kind == "ddp" else net
     pipe = gk.GradientPipeline(model, accumulation_steps=scenario["k"], average=gk.Average() if kind == "average" else None)
-    opt = optimizer(net)
+    opt = optimizer(net, fused)
     if reads is not None:
         opt.step = _uncounted(opt.step)  # AdamW reads its step counts: not the pipeline's reads
     for w, window in enumerate(scenario["windows"]):
@@ -223,9 +226,11 @@ def fixed_worker(rank: int, world: int) -> dict:
             "full": reference_full_batch(scenario),
             "average": run_pipeline(rank, scenario, "average", reads),
             "reads": reads,
+            "average_fused": run_pipeline(rank, scenario, "average", fused=True),
         }
         if _complete_together(scenario):
             result["ddp_pipeline"] = run_pipeline(rank, scenario, "ddp")
+            result["ddp_pipeline_fused"] = run_pipeline(rank, scenario, "ddp", fused=True)
         out[name] = result
     out["setup"] = setup_broadcast(rank)
     out["averager"] = model_averager_vs_torch(rank)
@@ -293,11 +298,24 @@ def test_ddp_wrapped_pipeline_matches_ddp(fixed, name):
     assert _diff(fixed[0][name]["ddp_pipeline"], fixed[1][name]["ddp_pipeline"]) == 0.0
 
 
+@pytest.mark.parametrize("name", list(_fixed_scenarios()))
+def test_fused_optimizer_pipelines_match_the_full_batch(fixed, name):
+    """With fused AdamW the skip decision stays on the device: the result is the same."""
+    for rank_result in fixed:
+        result = rank_result[name]
+        for kind in ("average_fused", "ddp_pipeline_fused"):
+            if kind in result:
+                assert _diff(result[kind], result["full"]) < TOL, kind
+                assert _diff(fixed[0][name][kind], fixed[1][name][kind]) == 0.0, kind
+
+
 def test_a_layer_no_rank_used_keeps_no_gradient_and_does_not_move(fixed):
     for rank_result in fixed:
         for name in ("unused_mean", "unused_items"):
             result = rank_result[name]
-            for kind in ("average", "ddp_pipeline", "ddp"):
+            for kind in ("average", "ddp_pipeline", "ddp", "average_fused", "ddp_pipeline_fused"):
+                if kind not in result:
+                    continue
                 assert result[kind]["never.weight.moved"] == 0.0
                 assert torch.equal(result[kind]["never.weight"], rank_result["setup"]["with"]["never.weight"])
 

@@ -5,12 +5,19 @@ One optimizer step::
     micro-batch 1..K:  backward(loss, num_items)       grads sum in p.grad; DDP syncs only on the last
     boundary:          normalize by items or micro-batches
                        unscale (GradScaler), exactly once
-                       global norm -> finite?           the one host read of the step
+                       global norm -> finite?           the one host read of the step, or a device flag
                        clip stages (finite steps only)  -> optimizer.step -> report -> zero grads
+
+Two ways to skip a non-finite step (see `GradientPipeline`, "Skipping on the device"):
+the default reads one flag on the host and does not call the optimizer; with a fused
+torch optimizer (``fused=True`` Adam, AdamW, SGD, Adagrad) the flag stays on the device
+and the optimizer skips its own update, as under ``GradScaler``: no host sync at all.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -26,6 +33,10 @@ from gradkit.step_report import NoiseSample, StepReport
 from gradkit.tracking.noise_scale import NoiseProbe
 
 __all__ = ["GradientPipeline", "NoiseSample", "StepReport"]
+
+_log = logging.getLogger("gradkit")
+#: device types whose fused optimizer kernels skip an update on ``found_inf`` (torch 2.x)
+FLAG_SKIP_DEVICES = ("cpu", "cuda", "xpu")
 
 
 class GradientPipeline:
@@ -51,8 +62,34 @@ class GradientPipeline:
         ema: a ``gk.EMA`` (anything with ``update()``), updated after every real, not
             skipped, optimizer step. Its state is its own: save ``ema.state_dict()`` beside this one's.
 
-    The step reads one flag on the host (whether the gradient is finite): skipping
-    an optimizer step cannot be decided on the device. Nothing else syncs.
+    Skipping on the device:
+        By default the step reads one flag on the host (is the gradient finite?, and,
+        with item counts given as tensors, is the window's count > 0?) and does not call
+        the optimizer on a non-finite step. With a fused torch optimizer (``fused=True``
+        Adam, AdamW, SGD or Adagrad: those that take ``found_inf`` the way ``GradScaler``
+        passes it) on CPU, CUDA or XPU, the step makes no host read at all: the flag is
+        handed to the optimizer as ``optimizer.found_inf`` and the optimizer skips its
+        update (and its step counter) on the device. Under torch.distributed every rank
+        gets the same flag without an extra collective: a NaN/inf reaches every rank
+        through the gradient sum (DDP, ``gk.Average``) or the sharded norm's all-reduce
+        (FSDP2); a count <= 0 is the all-reduced count. The single read is kept when
+        the step needs a host decision: ``nonfinite="raise"``, an ``ema``, compressed
+        averaging (error feedback commits or discards on the host), a clip stage with
+        state (AutoClip, ZClip history), a parameter this process had no gradient for
+        (it may have to go back to None), and the first step of an optimizer whose state
+        is still empty (fused SGD would keep an uninitialized momentum buffer from a
+        skipped first step). A fused optimizer on another device type reads once, with a
+        one-time note in the log. Any other optimizer reads once per step.
+
+        What `step` returns: with the read, True when the optimizer stepped and False
+        when the step was skipped. Without it, True means "the optimizer was called; it
+        may have skipped on the device": ``pipe.last.skipped`` is then a device bool
+        tensor, and `skipped_steps` reads a device count when asked. An LR scheduler
+        driven by ``if pipe.step(optimizer): scheduler.step()`` then advances on a
+        device-skipped step too, as torch's own AMP recipe (``scaler.step`` then
+        ``scheduler.step()`` every iteration) does; to keep it exact, step it with
+        ``scheduler.step()`` on every True and accept that, or leave the optimizer
+        unfused to keep the read.
 
     Example:
         >>> pipe = gk.GradientPipeline(model, accumulation_steps=4, clip=gk.ClipByGlobalNorm(1.0))
@@ -106,11 +143,30 @@ class GradientPipeline:
         )
         self.window = Window()
         self.steps = 0
-        self.skipped_steps = 0
+        self._skipped = 0  # counted on the host (steps skipped after the read)
+        self._skipped_on_device: Tensor | None = None  # counted on the device (sync-free steps)
+        # Stages without state have no history that a non-finite step could change.
+        self._stateless_clip = all(not stage.state_dict() for stage in self.clip)
+        self._device_types = {p.device.type for p in self.params}
+        self._noted: weakref.WeakSet = weakref.WeakSet()  # optimizers whose fallback was logged
         self.last: StepReport | None = None
         # (global items or None in mean mode, scale, the window's global count for the report)
         self._reduction: tuple[int | Tensor | None, Tensor | float, int | Tensor] | None = None
         self._prepare_next_micro_step()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite gradient (or a count <= 0).
+
+        Steps skipped on the device are counted there: asking reads that count (a host
+        read; do it when you log, not every step)."""
+        if self._skipped_on_device is None:
+            return self._skipped
+        return self._skipped + int(self._skipped_on_device)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped, self._skipped_on_device = value, None
 
     # -- the loop ------------------------------------------------------------------
 
@@ -156,8 +212,11 @@ class GradientPipeline:
         """Step the optimizer if this micro-step ends a window.
 
         Returns:
-            True when the optimizer stepped; False before the boundary or when a
-            non-finite gradient made the step skip (see `last`).
+            False before the boundary. On the boundary, with the host read: True when
+            the optimizer stepped, False when a non-finite gradient made the step skip.
+            Skipping on the device (a fused optimizer, see the class docstring): True,
+            meaning the optimizer was called and may have skipped its update on the
+            device; ``last.skipped`` says which, as a device tensor.
 
         Raises:
             RuntimeError: when no `backward` came since the last step.
@@ -199,12 +258,15 @@ class GradientPipeline:
             self.scaler.unscale_(optimizer)
             ctx.modified()
 
-        # Norm and skip: the step's one host read (finite? gradients no process produced?).
         total_norm = ctx.total_norm()
+        if self._skips_on_device(optimizer):
+            return self._finish_on_device(optimizer, ctx, total_norm, global_items, count)
+
+        # Norm and skip: the step's one host read (finite? gradients no process produced?).
         skip, contributed, ctx = self._read_boundary(ctx, total_norm, global_items)
         ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
         if skip and self.nonfinite == "raise":
-            self.skipped_steps += 1
+            self._skipped += 1
             self._abandon_window()
             raise FloatingPointError(
                 f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
@@ -221,11 +283,11 @@ class GradientPipeline:
         if self.tracker is not None:
             self.tracker.observe(ctx, self.last)
 
-        # Step: the optimizer (through the scaler), or only the scaler's update on a skipped step.
+        # Step: the optimizer, or nothing on a skipped step. The gradients are unscaled and known
+        # to be finite, so the optimizer is called directly: ``scaler.step`` would read the
+        # scaler's own inf flag on the host a second time.
         if skip:
-            self.skipped_steps += 1
-        elif self.scaler is not None:
-            self.scaler.step(optimizer)
+            self._skipped += 1
         else:
             optimizer.step()
         if self.scaler is not None:
@@ -237,6 +299,63 @@ class GradientPipeline:
             self.tracker.after_step(ctx, self.last)
         self._end_window()
         return not skip
+
+    def _skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this step can leave the skip decision to the optimizer, on the device (no host read)."""
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False) and all(
+            group.get("fused") for group in optimizer.param_groups
+        )
+        if not fused or self.nonfinite != "skip" or self.ema is not None or self.sync.lossy or not self._stateless_clip:
+            return False
+        if not self._device_types <= set(FLAG_SKIP_DEVICES):
+            if optimizer not in self._noted:
+                self._noted.add(optimizer)
+                _log.warning(
+                    "gradkit: %s(fused=True) on device type %s cannot skip a step on a device flag here; "
+                    "the pipeline reads the finite flag on the host once per step instead",
+                    type(optimizer).__name__, sorted(self._device_types - set(FLAG_SKIP_DEVICES)),
+                )
+            return False
+        # An optimizer without state yet would create it on a skipped step (fused SGD: an
+        # uninitialized momentum buffer), and dropping never-produced gradients is a host decision.
+        return bool(optimizer.state) and self.sync.missing_grads() is None
+
+    def _finish_on_device(
+        self, optimizer: torch.optim.Optimizer, ctx: GradContext, total_norm: Tensor,
+        global_items: int | Tensor | None, count: int | Tensor,
+    ) -> bool:
+        """The rest of the boundary with the skip decision on the device: no host read."""
+        # Every rank holds the same flag: a NaN/inf anywhere reached the summed gradients (or
+        # the sharded norm's all-reduce), and the count is the all-reduced one.
+        skip = ~torch.isfinite(total_norm)
+        if isinstance(global_items, Tensor):
+            skip = skip | (global_items.to(skip.device) <= 0)
+        ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
+        # Clip stages run on every step (they have no state): a non-finite gradient stays
+        # non-finite, and the optimizer does not apply it.
+        for stage in self.clip:
+            stage.apply_(ctx)
+        self.last = self._report(total_norm, ctx.total_norm() if self.clip else total_norm, skip, count)
+        if self.tracker is not None:
+            self.tracker.observe(ctx, self.last)
+        # The fused kernels skip the update and undo the step count where found_inf is 1.0,
+        # as under GradScaler (which reads the same attribute); the gradients are unscaled.
+        optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+        if self.scaler is not None:
+            self.scaler.update()
+        if self._skipped_on_device is None or self._skipped_on_device.device != skip.device:
+            self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=skip.device)
+        self._skipped_on_device += skip
+        # Only exact syncs get here: their after_step does not depend on the skip.
+        self.sync.after_step(self.params, skipped=False, contributed=True)
+        if self.tracker is not None:
+            self.tracker.after_step(ctx, self.last)
+        self._end_window()
+        return True
 
     def _begin_reduction(self, local_items: int | Tensor | None, micro_steps: int, *, complete: bool) -> None:
         if local_items is not None:
@@ -276,8 +395,10 @@ class GradientPipeline:
             ctx = GradContext(self.names, self.params)
         return not finite, own, ctx
 
-    def _report(self, total_norm: Tensor, norm_after: Tensor, skip: bool, count: int | Tensor) -> StepReport:
-        items = torch.as_tensor(count, device=total_norm.device)
+    def _report(self, total_norm: Tensor, norm_after: Tensor, skip: bool | Tensor, count: int | Tensor) -> StepReport:
+        # torch.full, not torch.as_tensor: a Python number copied to a GPU waits for the stream.
+        device = total_norm.device
+        items = count.to(device) if isinstance(count, Tensor) else torch.full((), count, device=device)
         return StepReport(
             step=self.steps + 1,
             micro_steps=self.window.micro_steps,
@@ -285,7 +406,7 @@ class GradientPipeline:
             total_norm=total_norm,
             norm_after=norm_after,
             clip_coef=torch.where(total_norm > 0, norm_after / total_norm, torch.ones_like(total_norm)),
-            skipped=torch.tensor(skip),
+            skipped=skip if isinstance(skip, Tensor) else torch.tensor(skip),
             bytes_sent=self.sync.bytes_sent(),
             dense_bytes=self.sync.dense_bytes(),
             noise=self.probe.sample(total_norm, items),

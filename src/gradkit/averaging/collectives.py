@@ -37,7 +37,11 @@ def global_count(
     Example:
         >>> total = global_count(items, device, [group], "gk.Average: all-reduce of the item count", None)
     """
-    total = torch.as_tensor(count, dtype=torch.int64, device=device).clone()
+    # torch.full for a Python int: as_tensor would copy it from pageable memory and wait for the stream.
+    if isinstance(count, Tensor):
+        total = count.to(device=device, dtype=torch.int64, copy=True)
+    else:
+        total = torch.full((), count, dtype=torch.int64, device=device)
     for group in groups:
         distributed.run(dist.all_reduce, what, timeout, total, op=dist.ReduceOp.SUM, group=group)
     return total
