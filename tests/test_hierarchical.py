@@ -40,7 +40,8 @@ def make_model() -> Net:
 
 def data(rank: int, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(size, 6, generator=g, dtype=torch.float64), torch.randn(size, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(size, 6, generator=g, dtype=torch.float64)
+    return x, torch.randn(size, 3, generator=g, dtype=torch.float64)
 
 
 def sum_loss(model, x, y, side=False):

@@ -206,7 +206,8 @@ class HierarchicalReducer(Reducer):
             assert shard.scatter is not None
             if not wait and not shard.scatter.is_completed():
                 return
-            distributed.wait(shard.scatter, f"gk.Average: reduce-scatter of bucket {bucket.index} in the node", self.timeout)
+            what = f"gk.Average: reduce-scatter of bucket {bucket.index} in the node"
+            distributed.wait(shard.scatter, what, self.timeout)
             self._start_cross(bucket, shard)
             self._crossed += 1
 
@@ -254,7 +255,8 @@ class HierarchicalReducer(Reducer):
             shard.works.append(gather)
         for bucket in buckets:
             shard = self._shards[bucket.index]
-            distributed.wait(shard.works[-1], f"gk.Average: all-gather of bucket {bucket.index} in the node", self.timeout)
+            what = f"gk.Average: all-gather of bucket {bucket.index} in the node"
+            distributed.wait(shard.works[-1], what, self.timeout)
             distributed.keep(shard.works)
             shard.works, shard.scatter, shard.cross = [], None, None
             if poison is None:
@@ -285,7 +287,8 @@ class HierarchicalReducer(Reducer):
         absent = [position for bucket in buckets for position, _ in bucket.missing]
         for position in absent:
             flags[slot_of[position]] = 0
-        distributed.run(dist.all_reduce, "gk.Average: all-reduce of the non-finite flag", self.timeout, flags, group=group)
+        what = "gk.Average: all-reduce of the non-finite flag"
+        distributed.run(dist.all_reduce, what, self.timeout, flags, group=group)
         self._bad = None
         if absent:
             self.missing = (absent, flags[[slot_of[position] for position in absent]])

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gradkit.bench import averaging, clipping, compressors, ema, fsdp, integrations, memory, network, powersgd, quality, topk, tracking
+from gradkit.bench import hierarchical
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import Timing
 
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "compressors": compressors,
     "averaging": averaging,
     "network": network,
+    "hierarchical": hierarchical,
     "quality": quality,
     "memory": memory,
     "ema": ema,
