@@ -25,6 +25,7 @@ from gradkit.accumulation import Items
 from gradkit.averaging.buckets import MIB, Bucket, BucketSchedule
 from gradkit.averaging.collectives import as_timeout, global_count, replicate
 from gradkit.averaging.compressed import CompressedReducer, effective_compressor, load_compressor_state
+from gradkit.averaging.hierarchical import HierarchicalReducer, check_node_size, node_size_for
 from gradkit.averaging.reducers import DenseReducer, Reducer
 from gradkit.averaging.sync import SyncControl
 from gradkit.compression.base import Compressor
@@ -77,6 +78,10 @@ class Average(SyncControl):
             process group's timeout.
         broadcast_buffers: copy rank 0's buffers (BatchNorm statistics, ...) to every
             rank at setup; False keeps each rank's own.
+        node_size: processes per node, for hierarchical averaging (`averaging.hierarchical`):
+            full precision inside each node, the compressor only between nodes. None takes
+            torchrun's ``LOCAL_WORLD_SIZE`` when it is less than the world size; 1 is flat
+            averaging. The world size must be a multiple of it.
 
     Memory: one flat buffer per bucket, as large as the gradients together. The
     collectives of a step (and so a linear compressor's payloads, e.g. FP16's
@@ -97,8 +102,10 @@ class Average(SyncControl):
         group: dist.ProcessGroup | None = None,
         timeout: float | None = None,
         broadcast_buffers: bool = True,
+        node_size: int | None = None,
     ) -> None:
         self.compressor = effective_compressor(compressor, error_feedback)
+        self.node_size = check_node_size(node_size)
         why = "pass True to copy rank 0's buffers at setup, False to keep each rank's"
         self.broadcast_buffers = _checks.flag("broadcast_buffers", broadcast_buffers, why)
         self.lossy = self.compressor is not None
@@ -108,9 +115,15 @@ class Average(SyncControl):
         self._group = distributed.WeakGroup(distributed.resolve_group(group, "gk.Average"))
         self._group_arg = distributed.WeakGroup(group)
         self.world_size = distributed.world_size(self.group)
-        # What differs between dense and compressed averaging is the reducer's, chosen once here.
+        # A bad node size fails here when the world is known (else at attach).
+        node_size = node_size_for(self.node_size, self.group)
+        # What differs between dense, compressed and hierarchical averaging is the reducer's.
         self.reducer: Reducer = (
-            DenseReducer(self.timeout) if self.compressor is None else CompressedReducer(self.compressor, self.timeout)
+            HierarchicalReducer(node_size, self.compressor, self.timeout)
+            if node_size is not None
+            else DenseReducer(self.timeout)
+            if self.compressor is None
+            else CompressedReducer(self.compressor, self.timeout)
         )
         self._schedule = BucketSchedule([], [], 0, 0, presence=False, launch=self._launch)  # until attached
         self._names: list[str] = []
@@ -153,6 +166,11 @@ class Average(SyncControl):
         self.local_grads_at_boundary = True
         if self._params:
             raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
+        node_size = node_size_for(self.node_size, self.group)
+        if node_size is not None:  # two-level averaging; its groups are built once, here
+            if not isinstance(self.reducer, HierarchicalReducer):  # the world was not known at construction
+                self.reducer = HierarchicalReducer(node_size, self.compressor, self.timeout)
+            self.reducer.connect()
         replicate(names, params, module, self.group, self.timeout, "gk.Average", buffers=self.broadcast_buffers)
         self._params = list(params)
         # Sparse gradients (nn.Embedding(sparse=True)) travel as (indices, rows), never densified.
@@ -213,6 +231,8 @@ class Average(SyncControl):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Names compressed at every step, in every bucket: their state must be in a checkpoint.
         compressed = [self._names[i] for bucket in self.buckets for i in bucket.positions]
+        if isinstance(self.reducer, HierarchicalReducer):  # its state is this rank's shards'
+            compressed = self.reducer.shard_names(self.buckets)
         load_compressor_state("Average", self.compressor, state, self._names, compressed)
 
     def bytes_sent(self) -> int:

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from gradkit.bench import averaging, clipping, compressors, ef_memory, ema, fsdp, integrations, memory, network, powersgd, quality, topk, tracking
+from gradkit.bench import (
+    averaging, clipping, compressors, ef_memory, ema, fsdp, hierarchical, integrations, memory, network, powersgd,
+    quality, topk, tracking,
+)  # fmt: skip
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import Timing
 
@@ -34,6 +37,7 @@ BENCHMARKS = {
     "compressors": compressors,
     "averaging": averaging,
     "network": network,
+    "hierarchical": hierarchical,
     "quality": quality,
     "memory": memory,
     "ef_memory": ef_memory,

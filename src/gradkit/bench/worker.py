@@ -8,7 +8,9 @@
 step by step in this process (so a slow stretch hits both): ``ddp`` pairs a
 gradkit dense-averaging step (GradientPipeline + gk.Average()) with a
 DistributedDataParallel step; ``topk`` pairs gk.Average(gk.TopK(0.01)) with
-dense gk.Average(). Rank 0's samples are reported.
+dense gk.Average(); ``hier`` times gk.Average(node_size=N) and
+gk.Average(gk.TopK(0.01), node_size=N) against flat dense gk.Average().
+Rank 0's samples are reported.
 
 `memory` runs training steps on one batch (at once, or in K micro-batches through
 GradientPipeline(accumulation_steps=K)) in this fresh process, so its peak RSS
@@ -57,6 +59,12 @@ def average(args: argparse.Namespace) -> dict:
         if args.pair == "ddp":
             steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
             steps["reference"] = _ddp_step(copy.deepcopy(base), x, y)
+        elif args.pair == "hier":
+            # Hierarchical dense and hierarchical TopK against flat dense, all across the same nodes.
+            steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(node_size=args.node_size), x, y)
+            topk = gradkit.Average(gradkit.TopK(0.01), node_size=args.node_size)
+            steps["topk"] = _pipeline_step(copy.deepcopy(base), topk, x, y)
+            steps["reference"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
         else:
             steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(gradkit.TopK(0.01)), x, y)
             steps["reference"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
@@ -168,7 +176,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--init", default="")
-    parser.add_argument("--pair", choices=("ddp", "topk"), default="ddp")
+    parser.add_argument("--pair", choices=("ddp", "topk", "hier"), default="ddp")
+    parser.add_argument("--node-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
