@@ -98,8 +98,11 @@ class FusedStats:
             small = [i for i in positions if grads[i].numel() <= SMALL]
             large = [i for i in positions if grads[i].numel() > SMALL]
             if small:
-                sizes = torch.tensor([grads[i].numel() for i in small])
-                segments = torch.repeat_interleave(torch.arange(len(small)), sizes).to(device)
+                sizes = [grads[i].numel() for i in small]
+                # output_size: the total is known here, so CUDA need not read it back
+                segments = torch.repeat_interleave(
+                    torch.arange(len(small), device=device), _to_device(sizes, device), output_size=sum(sizes)
+                )
                 self.parts.append((device, _foreach._picker(small, self.groups.count), segments, len(small), None))
             if large:
                 self.parts.append((device, None, None, 0, _foreach._picker(large, self.groups.count)))
@@ -109,7 +112,7 @@ class FusedStats:
         inverse = [0] * len(order)
         for place, index in enumerate(order):
             inverse[index] = place
-        self._inverse = None if order == list(range(len(order))) else torch.tensor(inverse)
+        self._inverse = None if order == list(range(len(order))) else inverse
         self._moved: dict[torch.device, Tensor] = {}
 
     @classmethod
@@ -145,8 +148,16 @@ class FusedStats:
     def _moved_inverse(self, device: torch.device) -> Tensor:
         moved = self._moved.get(device)
         if moved is None:
-            moved = self._moved[device] = self._inverse.to(device)
+            moved = self._moved[device] = _to_device(self._inverse, device)
         return moved
+
+
+def _to_device(values: list[int], device: torch.device) -> Tensor:
+    """Host integers as an int64 tensor on `device`, without a wait (a pinned, non-blocking copy on CUDA)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _segment_stats(members: list[Tensor], segments: Tensor, count: int) -> Tensor:

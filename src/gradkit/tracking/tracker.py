@@ -373,7 +373,8 @@ class Tracker:
         queue = self._in_flight
         while queue and (wait or queue[0].done()):
             logged = queue.popleft()
-            logged.wait()
+            if wait:
+                logged.wait()
             self._write(logged)
 
     def _write(self, logged: _Logged) -> None:
