@@ -127,7 +127,9 @@ class FusedStats:
             cls._cache[key] = found
         return found
 
-    def table(self, grads: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    def table(
+        self, grads: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
         """(P, len(DETAIL)) on `device`, in input order; no host sync."""
         blocks = []
         for part_device, pick_small, segments, count, pick_large in self.parts:

@@ -383,12 +383,16 @@ class Tracker:
         counts = _host_counts(logged, got["table"]) if logged.grads is not None else {}
         params, modules = _stats.summarize(logged.names, logged.numels, got["table"], counts)
         rank_norms = _record.rank_norms(logged.names, logged.numels, got["ranks"]) if logged.gathered else None
-        record = _record.step_record(got, logged.report, step=step, since=logged.since, bytes_since=logged.bytes_since,
-                                     detail=logged.detail, params=params, modules=modules, ranks=rank_norms)  # fmt: skip
+        record = _record.step_record(
+            got, logged.report, step=step, since=logged.since, bytes_since=logged.bytes_since,
+            detail=logged.detail, params=params, modules=modules, ranks=rank_norms,
+        )  # fmt: skip
         alerts = self.rules.check(step, {m: v["norm_pre_clip"] for m, v in modules.items()}, got["total_norm"])
         recheck = None if logged.events is None else (logged.events, got.get("recheck", []))
-        alerts += self._nonfinite.alerts(step, logged.names, params, skipped_since=int(got["skipped_steps"]),
-                                         last_logged=logged.last_logged, recheck=recheck, next_step=self.step + 1)  # fmt: skip
+        alerts += self._nonfinite.alerts(
+            step, logged.names, params, skipped_since=int(got["skipped_steps"]), last_logged=logged.last_logged,
+            recheck=recheck, next_step=self.step + 1,
+        )  # fmt: skip
         record["alerts"] = [a.to_dict() for a in alerts]
         self._raise_alerts(alerts)
         self.last_alerts = alerts
