@@ -1,33 +1,49 @@
 """Tracking overhead: a training step through GradientPipeline with gk.Tracker against the same step without.
 
-A ~6M-parameter MLP on CPU (1024 -> 2048 -> 2048 -> 16, batch 64, SGD with
-momentum, global-norm clipping), timed interleaved with and without a tracker
-writing JSONL. With ``every=1`` every step is a logging step: three passes
-over gradients and weights (max |g|, nonzero count, weight norm), a copy of the
-weights and a subtract+norm for ||Δw||/||w||, two host reads and a JSON line.
-With ``every=10`` a sample is ten steps, one of them logged.
+Rows (CPU, timed interleaved with and without a tracker writing JSONL):
+
+- a ~6M-parameter MLP (1024 -> 2048 -> 2048 -> 16, batch 64, SGD with momentum,
+  global-norm clipping) at ``every=1`` and ``every=10`` (a sample is then ten steps,
+  one of them logged);
+- the cost against the number of parameter tensors: N = 10, 100, 1000, 3000 tensors
+  (N/2 ``Linear(8, 8)`` layers), ``Tracker(every=1)`` (ordinary logged steps, detail
+  every 10th), and at N = 1000 with ``detail_every=1`` (every step a detail step);
+  the note gives the tracker's cost per tensor.
+
+`run_cuda`: the [cuda] twin on a GPT-2-small-sized transformer (12 layers, width 768,
+50257-token vocabulary, bf16 autocast, fused AdamW), ``Tracker(every=1)`` against the
+untracked step.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import gradkit
+from gradkit.bench import gpu
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import measure
 
-__all__ = ["run"]
+__all__ = ["run", "run_cuda"]
 
 FULL_SIZES = (1024, 2048, 2048, 16)
 TINY_SIZES = (32, 64, 64, 4)
 BATCH = 64
 REFERENCE = "no tracker"
 GOAL = 0.95  # at most ~5% slower
+GOAL_MANY = 1 / 1.10  # at most 10% slower with many tiny tensors
+GOAL_CUDA = 1 / 1.03  # at most 3% slower on a GPU
 MAX_REPEATS = 21  # a step takes ~0.1 s on a laptop CPU; more repeats add minutes, not information
+TENSOR_COUNTS = (10, 100, 1000, 3000)
+TINY_TENSOR_COUNTS = (10, 100)
+DETAIL_TENSORS = 1000
+GPT = {"vocab": 50257, "context": 1024, "width": 768, "layers": 12, "heads": 12, "batch": 8, "seq": 512}
+TINY_GPT = {"vocab": 256, "context": 32, "width": 32, "layers": 2, "heads": 2, "batch": 2, "seq": 16}
 
 
 def _mlp(sizes: tuple[int, ...]) -> nn.Module:
@@ -38,6 +54,15 @@ def _mlp(sizes: tuple[int, ...]) -> nn.Module:
 
 
 def run(settings: Settings) -> list[Row]:
+    rows = _mlp_rows(settings)
+    counts = TINY_TENSOR_COUNTS if settings.tiny else TENSOR_COUNTS
+    for tensors in counts:
+        rows.append(_many_row(settings, tensors, detail=False))
+    rows.append(_many_row(settings, min(DETAIL_TENSORS, counts[-1]), detail=True))
+    return rows
+
+
+def _mlp_rows(settings: Settings) -> list[Row]:
     sizes = TINY_SIZES if settings.tiny else FULL_SIZES
     torch.manual_seed(0)
     base = _mlp(sizes)
@@ -46,18 +71,8 @@ def run(settings: Settings) -> list[Row]:
     rows = []
     with tempfile.TemporaryDirectory() as log_dir:
         for every in (1, 10):
-            steps = {}
-            for name, tracker in (("gradkit", gradkit.Tracker(f"{log_dir}/every{every}", every=every)), ("reference", None)):
-                model = copy.deepcopy(base)
-                opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-                pipe = gradkit.GradientPipeline(model, clip=gradkit.ClipByGlobalNorm(1.0), tracker=tracker)
-                steps[name] = _step(pipe, model, opt, x, y)
-            timings = measure(
-                steps,
-                warmup=min(settings.warmup, 2),
-                repeats=min(settings.repeats, MAX_REPEATS),
-                number=every,  # a sample spans one logging period
-            )
+            trackers = {"gradkit": gradkit.Tracker(f"{log_dir}/every{every}", every=every), "reference": None}
+            timings = _time_pair(settings, base, trackers, x, y, number=every)  # a sample spans one logging period
             rows.append(
                 Row(
                     f"training step + Tracker(every={every}), MLP {numel / 1e6:.1f}M params, batch {BATCH}",
@@ -74,9 +89,108 @@ def run(settings: Settings) -> list[Row]:
     return rows
 
 
-def _step(pipe, model, opt, x, y):
+def _many_row(settings: Settings, tensors: int, *, detail: bool) -> Row:
+    """Tracker(every=1) on N/2 Linear(8, 8) layers (N tensors): the per-tensor cost of the tracker."""
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(8, 8) for _ in range(tensors // 2)])
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    with tempfile.TemporaryDirectory() as log_dir:
+        tracker = gradkit.Tracker(log_dir, every=1, detail_every=1 if detail else None)
+        timings = _time_pair(settings, base, {"gradkit": tracker, "reference": None}, x, y, number=10)
+    with_tracker, without = timings["gradkit"].median, timings["reference"].median
+    what = "every step a detail step (detail_every=1)" if detail else "detail every 10th"
+    return Row(
+        f"training step + Tracker(every=1), {tensors} tiny tensors, {what}",
+        "cpu",
+        REFERENCE,
+        GOAL_MANY,
+        gradkit_time=timings["gradkit"],
+        reference_time=timings["reference"],
+        note=f"{tensors} tensors, {what}: with tracker {with_tracker * 1e3:.2f} ms/step, without "
+        f"{without * 1e3:.2f} ms/step ({with_tracker / without - 1:+.1%}); tracker "
+        f"{(with_tracker - without) / tensors * 1e6:.1f} us per tensor",
+    )
+
+
+def _time_pair(settings: Settings, base: nn.Module, trackers: dict, x, y, *, number: int) -> dict:
+    steps = {}
+    for name, tracker in trackers.items():
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        pipe = gradkit.GradientPipeline(model, clip=gradkit.ClipByGlobalNorm(1.0), tracker=tracker)
+        steps[name] = _step(pipe, model, opt, x, y)
+    try:
+        return measure(steps, warmup=min(settings.warmup, 2), repeats=min(settings.repeats, MAX_REPEATS), number=number)
+    finally:
+        for tracker in trackers.values():
+            if tracker is not None:
+                tracker.close()
+
+
+def _step(pipe, model, opt, x, y) -> Callable[[], None]:
     def step() -> None:
         pipe.backward(((model(x) - y) ** 2).mean())
+        pipe.step(opt)
+
+    return step
+
+
+class _GPT(nn.Module):
+    """A GPT-2-sized decoder (pre-norm blocks, tied embedding) for the [cuda] row."""
+
+    def __init__(self, vocab: int, context: int, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)  # fmt: skip
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.ln_f = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(seq, device=tokens.device)
+        h = self.wte(tokens) + self.wpe(torch.arange(seq, device=tokens.device))
+        h = self.ln_f(self.blocks(h, mask=mask, is_causal=True))
+        return h @ self.wte.weight.T
+
+
+def run_cuda(settings: Settings) -> list[Row]:
+    label = "[cuda] training step + Tracker(every=1), GPT-2-small-sized, bf16 autocast, fused AdamW"
+    if not gpu.available():
+        return gpu.skipped([label], REFERENCE, GOAL_CUDA)
+    shape = TINY_GPT if settings.tiny else GPT
+    batch, seq = shape["batch"], shape["seq"]
+    torch.manual_seed(0)
+    base = _GPT(**{k: shape[k] for k in ("vocab", "context", "width", "layers", "heads")}).cuda()
+    tokens = torch.randint(0, shape["vocab"], (batch, seq + 1), device="cuda")
+    steps = {}
+    with tempfile.TemporaryDirectory() as log_dir:
+        trackers = {"gradkit": gradkit.Tracker(log_dir, every=1), "reference": None}
+        for name, tracker in trackers.items():
+            model = copy.deepcopy(base)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            pipe = gradkit.GradientPipeline(model, clip=gradkit.ClipByGlobalNorm(1.0), tracker=tracker)
+            steps[name] = _gpt_step(pipe, model, opt, tokens)
+        timings = gpu.measure_cuda(steps, settings, number=5)
+        trackers["gradkit"].close()
+    params = sum(p.numel() for p in base.parameters())
+    with_tracker, without = timings["gradkit"].median, timings["reference"].median
+    return [
+        Row(
+            label, "cuda", REFERENCE, GOAL_CUDA, gradkit_time=timings["gradkit"], reference_time=timings["reference"],
+            note=f"{gpu.device_name()}, {params / 1e6:.0f}M params, batch {batch}x{seq}: with tracker "
+            f"{with_tracker * 1e3:.1f} ms/step, without {without * 1e3:.1f} ms/step "
+            f"({with_tracker / without - 1:+.1%})",
+        )  # fmt: skip
+    ]
+
+
+def _gpt_step(pipe, model, opt, tokens) -> Callable[[], None]:
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        pipe.backward(loss)
         pipe.step(opt)
 
     return step

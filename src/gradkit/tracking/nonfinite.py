@@ -18,6 +18,7 @@ happens, so healthy training never pays for it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,14 +81,25 @@ class NonfiniteLocator:
 
         Reads the recorded flags in one host transfer, and forgets them.
         """
+        events, flags = self.take()
+        return None if flags is None else self.decide(events, flags.tolist())
+
+    def take(self) -> tuple[list[tuple[str, str]], Tensor | None]:
+        """The recorded (module, kind) firings and their finite flags as one device tensor (None
+        when nothing fired), forgotten here; no host read. `decide` names the origin from them."""
         events, self._events = self._events, []
         if not events:
-            return None
+            return [], None
         device = events[0][2].device
-        finite = torch.stack([flag.to(device) for _, _, flag in events]).tolist()
+        return [(name, kind) for name, kind, _ in events], torch.stack([flag.to(device) for _, _, flag in events])
+
+    def decide(self, events: Sequence[tuple[str, str]], finite: Sequence[float | bool]) -> tuple[str, str] | None:
+        """The origin from `take`'s firings and their flags read to the host (see `result`)."""
+        if not events:
+            return None
         bad_output: set[str] = set()
         first_bad_output = None
-        for (name, kind, _), ok in zip(events, finite):
+        for (name, kind), ok in zip(events, finite):
             if ok:
                 continue
             if kind == "out":
@@ -147,16 +159,28 @@ class NonfiniteWatch:
         """Whether `step` is logged out of turn, to re-check a non-finite step."""
         return step in self.forced
 
-    def alerts(
-        self, step: int, names: Sequence[str], params: dict[str, dict], *, skipped_since: int, last_logged: int
-    ) -> list[Alert]:
-        """The non-finite alert of logged step `step` (from its per-parameter NaN/Inf counts, the
-        armed locator's finding, or steps skipped since the last log), arming a re-check."""
+    def take_recheck(self) -> tuple[list[tuple[str, str]], Tensor | None] | None:
+        """At a re-checked step (its backward done): the armed hooks' firings and flags (`NonfiniteLocator.take`),
+        the hooks removed; None when not armed. The flags ride with the step's host read."""
         locator = self.locator
-        bad = [name for name in names if params[name]["nan"] or params[name]["inf"]]
-        if locator is not None and locator.armed:
-            found = locator.result()
-            locator.disarm()
+        if locator is None or not locator.armed:
+            return None
+        taken = locator.take()
+        locator.disarm()
+        return taken
+
+    def alerts(
+        self, step: int, names: Sequence[str], params: dict[str, dict], *, skipped_since: int, last_logged: int,
+        recheck: tuple[Sequence[tuple[str, str]], Sequence[float]] | None = None, next_step: int | None = None,
+    ) -> list[Alert]:  # fmt: skip
+        """The non-finite alert of logged step `step` (from its per-parameter NaN/Inf counts or norms, the
+        re-check's hook firings and their read flags, or steps skipped since the last log), arming a
+        re-check of `next_step` (default ``step + 1``: the first step whose backward has not run yet)."""
+        locator = self.locator
+        next_step = step + 1 if next_step is None else next_step
+        bad = [name for name in names if _nonfinite(params[name])]
+        if recheck is not None and locator is not None:
+            found = locator.decide(*recheck)
             if found is not None:
                 name, how = found
                 message = (
@@ -173,20 +197,22 @@ class NonfiniteWatch:
             # Parameters are registered in forward order, so the last one hit is the first in backward order.
             first = bad[-1]
             module = module_of(first)
-            nan = sum(params[n]["nan"] for n in bad)
-            inf = sum(params[n]["inf"] for n in bad)
-            self._arm(step)
+            known = all(params[n]["nan"] is not None for n in bad)
+            nan = sum(params[n]["nan"] for n in bad) if known else None
+            inf = sum(params[n]["inf"] for n in bad) if known else None
+            counted = f"{nan} NaN, {inf} Inf in" if known else "NaN/Inf counts not measured;"
+            self._arm(next_step)
             message = (
-                f"step {step}: non-finite gradient ({nan} NaN, {inf} Inf in {len(bad)} parameters); first in "
-                f"backward order by parameter: {first!r}. Hooks re-check step {step + 1} to name the module that "
+                f"step {step}: non-finite gradient ({counted} {len(bad)} parameters); first in "
+                f"backward order by parameter: {first!r}. Hooks re-check step {next_step} to name the module that "
                 "produced it"
             )
-            return [Alert(step, "nonfinite", module, message, float(nan + inf))]
+            return [Alert(step, "nonfinite", module, message, float(nan + inf) if known else None)]
         if skipped_since:
-            self._arm(step)
+            self._arm(next_step)
             message = (
                 f"step {step}: {skipped_since} step(s) since step {last_logged} were skipped for a non-finite "
-                f"gradient; hooks re-check step {step + 1}"
+                f"gradient; hooks re-check step {next_step}"
             )
             return [Alert(step, "nonfinite", GLOBAL, message, float(skipped_since))]
         return []
@@ -230,7 +256,7 @@ class NonfiniteWatch:
     def _arm(self, step: int) -> None:
         if self.locator is not None:
             self.locator.arm()
-            self.forced.add(step + 1)  # log the re-checked step, so its host read is on a logging step
+            self.forced.add(step)  # log the re-checked step, so its flags ride on a logging step's read
 
 
 def nonfinite_counts(
@@ -245,6 +271,13 @@ def nonfinite_counts(
     counts = counts.double()
     total = _dtensor.reduce_sums(counts.T.reshape(-1), [grads[i] for i in bad] * 2).reshape(2, -1)
     return {i: (int(nan), int(inf)) for i, nan, inf in zip(bad, total[0].tolist(), total[1].tolist())}
+
+
+def _nonfinite(entry: dict) -> bool:
+    """Whether a parameter's record says non-finite: NaN/Inf counted, or (counts unknown) a non-finite norm."""
+    if entry["nan"] is None:
+        return not (math.isfinite(entry["norm_pre_clip"]) and math.isfinite(entry["norm"]))
+    return bool(entry["nan"] or entry["inf"])
 
 
 def _tensors(value: object) -> list[Tensor]:

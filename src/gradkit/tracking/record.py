@@ -1,18 +1,21 @@
 """One logged step's record: device values read in one named host transfer, assembled into the JSONL dict.
 
-A logging step reads everything it writes in a single ``.tolist()``: the
-per-parameter table, the step's scalars, the noise sample and, with
-``gather=True``, every rank's table. `HostRead` collects them under names and
-hands them back under the same names, so no code slices a flat list by offset.
-The update-to-weight ratios need the weights after ``optimizer.step``: they
-complete the record later (`complete_update_ratios`), with one more read.
+A logging step reads everything it writes in one transfer: the per-parameter
+table, the step's scalars, the noise sample and, with ``gather=True``, every
+rank's table. `HostRead` collects them under names and hands them back under
+the same names, so no code slices a flat list by offset. The transfer does not
+stall the step: `HostRead.start` copies the values into pinned host memory
+with a non-blocking copy and records an event (`InFlight`); the values are
+decoded once the event has completed. The update-to-weight ratios need the
+weights after ``optimizer.step``: their norms are computed then, on the device
+(`update_norms`), and read the same way.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +31,8 @@ from gradkit.tracking.noise_scale import NoiseScale, batch_advice
 from gradkit.tracking.writers import SCHEMA
 
 __all__ = [
-    "HostRead", "complete_update_ratios", "gather_tables", "param_table", "rank_norms", "read_step", "step_record",
+    "HostRead", "InFlight", "complete_update_ratios", "device_event", "gather_tables", "param_table", "rank_norms",
+    "read_step", "start_step", "step_record", "update_norms",
 ]
 
 
@@ -62,11 +66,84 @@ class HostRead:
         self._parts.append(value.reshape(-1))
 
     def read(self) -> dict[str, Any]:
-        """Every queued value by name, in one host transfer: a float for a 0-d tensor,
-        (nested) lists of floats otherwise."""
-        flat = torch.cat(self._parts).tolist() if self._parts else []
+        """Every queued value by name, in one host transfer that waits for the device: a float
+        for a 0-d tensor, (nested) lists of floats otherwise."""
+        flight = self.start(lambda device: READY)
+        flight.wait()
+        return flight.values()
+
+    def start(self, new_event: Callable[[torch.device], Any] | None = None) -> InFlight:
+        """Start the transfer without waiting: a non-blocking copy into pinned host memory on CUDA
+        (a plain one elsewhere), followed by an event; no host sync.
+
+        Args:
+            new_event: ``new_event(device)`` records and returns an object with ``query()``
+                (done yet?) and ``synchronize()`` (wait); default `device_event`.
+
+        Returns:
+            The `InFlight` read: ``done()`` polls, ``wait()`` waits, ``values()`` decodes.
+        """
+        flat = torch.cat(self._parts) if self._parts else torch.zeros(0, device=self.device, dtype=self.dtype)
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+        elif flat.device.type == "cpu":
+            host = flat  # torch.cat made it: a copy no later step writes to
+        else:  # other accelerators: a plain (waiting) copy, so the values are there when the event says so
+            host = flat.cpu()
+        event = (new_event or device_event)(flat.device)
+        return InFlight(host, dict(self._shapes), event)
+
+
+class _Ready:
+    """An event that has already completed: values on the host are there at once."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+READY = _Ready()
+
+
+def device_event(device: torch.device) -> Any:
+    """An event recorded now on `device`'s current stream (CUDA), or one already complete (elsewhere)."""
+    if device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
+    return READY
+
+
+class InFlight:
+    """A started `HostRead`: host memory the copy lands in, the names, and the event after the copy.
+
+    Example:
+        >>> flight = read.start()
+        >>> if flight.done():          # a poll, never a wait
+        ...     got = flight.values()
+    """
+
+    __slots__ = ("host", "shapes", "event")
+
+    def __init__(self, host: Tensor, shapes: dict[str, tuple[int, ...]], event: Any) -> None:
+        self.host, self.shapes, self.event = host, shapes, event
+
+    def done(self) -> bool:
+        """Whether the copy has completed (polls the event; no wait)."""
+        return bool(self.event.query())
+
+    def wait(self) -> None:
+        """Wait for the copy (close, flush, state_dict: off the step's path)."""
+        self.event.synchronize()
+
+    def values(self) -> dict[str, Any]:
+        """The values by name; only after `done()` or `wait()`."""
+        flat = self.host.tolist()
         got, at = {}, 0
-        for name, shape in self._shapes.items():
+        for name, shape in self.shapes.items():
             size = math.prod(shape)
             got[name] = _nest(flat[at : at + size], shape)
             at += size
@@ -94,24 +171,36 @@ def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tens
 
 def _full_table(table: Tensor, ctx: GradContext) -> Tensor:
     """The detail columns of a table computed from this rank's shards, made those of the full
-    parameters: max |g| as the max, nonzero counts and squared weight norms as sums (two collectives)."""
+    parameters: max |g| as the max, counts and squared weight norms as sums (two collectives)."""
     columns = list(_stats.COLUMNS)
-    at = {name: columns.index(name) for name in ("max_abs", "nonzero", "weight_norm")}
+    at = {name: columns.index(name) for name in ("max_abs", "nonzero", "weight_norm", "nan", "inf")}
     p = len(ctx)
+    counted = [at["nonzero"], at["nan"], at["inf"]]
     sums = _dtensor.reduce_sums(
-        torch.cat([table[:, at["nonzero"]], table[:, at["weight_norm"]].square()]), ctx.grads + ctx.params
+        torch.cat([table[:, counted].T.reshape(-1), table[:, at["weight_norm"]].square()]), ctx.grads * 3 + ctx.params
     )
     table = table.clone()
     table[:, at["max_abs"]] = _dtensor.reduce_max(table[:, at["max_abs"]].contiguous(), ctx.grads)
-    table[:, at["nonzero"]] = sums[:p]
-    table[:, at["weight_norm"]] = sums[p:].sqrt()
+    table[:, counted] = sums[: 3 * p].reshape(3, p).T
+    table[:, at["weight_norm"]] = sums[3 * p :].sqrt()
     return table
 
 
 def read_step(
     table: Tensor, report: StepReport, counters: dict[str, Tensor], noise: NoiseScale, ranks: Tensor | None
 ) -> dict[str, Any]:
-    """The step's table, scalars, noise sample and rank tables, read in the one host read of a logging step."""
+    """The step's table, scalars, noise sample and rank tables, read at once (waiting for the device)."""
+    flight = start_step(table, report, counters, noise, ranks, new_event=lambda device: READY)
+    flight.wait()
+    return flight.values()
+
+
+def start_step(
+    table: Tensor, report: StepReport, counters: dict[str, Tensor], noise: NoiseScale, ranks: Tensor | None, *,
+    extra: dict[str, Tensor] | None = None, new_event: Callable[[torch.device], Any] | None = None,
+) -> InFlight:  # fmt: skip
+    """Start the one host read of a logging step: the step's table, scalars, noise sample, rank
+    tables and any `extra` named values; no host sync (see `HostRead.start`)."""
     read = HostRead(table.device, table.dtype)
     read.add("table", table)
     for name in ("total_norm", "norm_after", "clip_coef", "skipped", "items"):
@@ -129,7 +218,9 @@ def read_step(
             sample.small_sq, sample.small_batch, sample.big_sq, sample.big_batch)]))  # fmt: skip
     if ranks is not None:
         read.add("ranks", ranks)
-    return read.read()
+    for name, value in (extra or {}).items():
+        read.add(name, value)
+    return read.start(new_event)
 
 
 def step_record(
@@ -198,31 +289,36 @@ def rank_norms(names: Sequence[str], numels: Sequence[int], tables: list[list[li
     return [{m: v["norm_pre_clip"] for m, v in _stats.summarize(names, numels, rows, {})[1].items()} for rows in tables]
 
 
-def complete_update_ratios(
-    record: dict[str, Any], names: Sequence[str], params: Sequence[Tensor], before: list[Tensor] | None
-) -> None:
-    """Fill ||Δw||/||w|| into `record` from the weights `before` the step and now (one host read);
-    zeros for a skipped step, nothing when the weights were not copied."""
-    if before is not None:
-        after = [_dtensor.local(p).detach() for p in params]
-        for _, (members, positions) in _foreach.group_tensors(before).items():
-            torch._foreach_sub_(members, [after[i] for i in positions])
-        deltas = _foreach.per_tensor_norms(before, 2.0, at_least=torch.float32)
-        device = deltas[0].device
-        deltas = torch.stack([d.to(device) for d in deltas])
-        if _dtensor.any_dtensor(params):  # norms of the full updates, from the shards'
-            deltas = _dtensor.reduce_sums(deltas.double().square(), params).sqrt()
-        values = deltas.tolist()  # the update ratio's host read
-    elif record["global"]["skipped"]:
+def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
+    """||Δw|| per parameter, from the weights `before` the step and now, as one 1-D device tensor;
+    no host sync. `before` is consumed (overwritten with the deltas)."""
+    after = [_dtensor.local(p).detach() for p in params]
+    for _, (members, positions) in _foreach.group_tensors(before).items():
+        torch._foreach_sub_(members, [after[i] for i in positions])
+    deltas = _foreach.per_tensor_norms(before, 2.0, at_least=torch.float32)
+    device = deltas[0].device
+    deltas = torch.stack([d.to(device) for d in deltas])
+    if _dtensor.any_dtensor(params):  # norms of the full updates, from the shards'
+        deltas = _dtensor.reduce_sums(deltas.double().square(), params).sqrt()
+    return deltas
+
+
+def complete_update_ratios(record: dict[str, Any], names: Sequence[str], deltas: list[float] | None) -> None:
+    """Fill ||Δw||/||w|| into `record` from the read ||Δw|| per parameter (`update_norms`); zeros
+    for a skipped step, nothing when the weights were not copied."""
+    if record["global"]["skipped"]:
         values = [0.0] * len(names)  # a skipped step does not move the weights
+    elif deltas is not None:
+        values = deltas
     else:
         return
+    params, modules = record["params"], record["modules"]
     sums: dict[str, float] = {}
     for name, delta in zip(names, values):
-        entry = record["params"][name]
+        entry = params[name]
         entry["update_to_weight"] = delta / entry["weight_norm"] if entry["weight_norm"] > 0 else None
-        module = _stats.module_of(name)
-        sums[module] = sums.get(module, 0.0) + delta**2
+        module = name.rpartition(".")[0] or _stats.ROOT
+        sums[module] = sums.get(module, 0.0) + delta * delta
     for module, sq in sums.items():
-        entry = record["modules"][module]
+        entry = modules[module]
         entry["update_to_weight"] = math.sqrt(sq) / entry["weight_norm"] if entry["weight_norm"] > 0 else None

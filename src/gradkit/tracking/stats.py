@@ -22,8 +22,14 @@ __all__ = ["module_of", "COLUMNS", "param_stats", "host_dtype", "nonfinite_count
 
 ROOT = "(root)"
 
-#: the columns of `param_stats`, in order
-COLUMNS = ("norm_pre_clip", "norm", "max_abs", "nonzero", "weight_norm")
+#: the columns of `param_stats`, in order; "nan" and "inf" are counts (NaN when not measured)
+COLUMNS = ("norm_pre_clip", "norm", "max_abs", "nonzero", "weight_norm", "nan", "inf")
+#: the columns a detail step measures (the others come from the step's cached norms)
+DETAIL = COLUMNS[2:]
+# Tensors up to this many elements are measured together, flattened into one buffer per
+# (device, dtype) group: their count, not their size, is what costs there. Larger ones are
+# measured one by one, where the launch per tensor is small next to the pass itself.
+SMALL = 1 << 16
 
 
 def module_of(name: str) -> str:
@@ -44,36 +50,143 @@ def param_stats(grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor
         params: the parameters (weights before the update).
         norms: per-parameter L2 norms of `grads` (the step's cached ``ctx.norms()``).
         pre_clip: the norms before clipping (``ctx.pre_clip_norms``), or None for `norms`.
-        detail: also max |g|, the nonzero count and the weight norm; otherwise
-            those columns are NaN and the call costs nothing but the cached norms.
+        detail: also max |g|, the nonzero, NaN and Inf counts and the weight norm;
+            otherwise those columns are NaN and the call costs nothing but the cached norms.
 
-    Cost: with `detail`, three passes (max |g|, nonzero count, weight norm), no copies.
+    Returns:
+        The table, in ``host_dtype(norms.device)``.
+
+    Cost: with `detail`, fused passes whose number does not grow with the number of
+    tensors (`FusedStats`), plus a foreach norm of the weights.
+
+    Example:
+        >>> table = param_stats(ctx.grads, ctx.params, ctx.norms(), None)
+        >>> table[:, COLUMNS.index("max_abs")]
     """
     device = norms.device
     dtype = host_dtype(device)
+    base = torch.stack([(pre_clip if pre_clip is not None else norms).to(device, dtype), norms.to(device, dtype)], 1)
     if not detail:
-        base = (pre_clip if pre_clip is not None else norms).to(device, dtype)
-        missing = torch.full((len(grads), len(COLUMNS) - 2), math.nan, device=device, dtype=dtype)
-        return torch.cat([base.unsqueeze(1), norms.to(device, dtype).unsqueeze(1), missing], dim=1)
-    max_abs = [_max_abs(g) for g in grads]
-    weight = _foreach.per_tensor_norms([p.detach() for p in params], 2.0, at_least=torch.float32)
-    nonzero = [torch.count_nonzero(g) for g in grads]
-    columns = [
-        (pre_clip if pre_clip is not None else norms).to(device, dtype),
-        norms.to(device, dtype),
-        torch.stack([m.to(device, dtype) for m in max_abs]),
-        torch.stack([n.to(device, dtype) for n in nonzero]),
-        torch.stack([w.to(device, dtype) for w in weight]),
-    ]
-    return torch.stack(columns, dim=1)
+        return torch.cat([base, torch.full((len(grads), len(DETAIL)), math.nan, device=device, dtype=dtype)], 1)
+    return torch.cat([base, FusedStats.of(grads).table(grads, params, device, dtype)], 1)
 
 
-def _max_abs(grad: Tensor) -> Tensor:
-    # aminmax is one fast pass on every backend; the foreach inf-norm is ~10x slower on CPU.
+class FusedStats:
+    """The detail columns (max |g|, nonzero, weight norm, NaN, Inf) of many tensors in a few fused passes.
+
+    Per (device, dtype) group (`_foreach.Groups`), the small tensors are flattened into one
+    buffer and reduced per segment (one amax and one index_add for all of them); large
+    tensors get one pass per statistic each. The weight norms are one foreach norm per group.
+    The layout (groups, segments, the order back to input order) is found once per kind of
+    tensor list and kept.
+
+    Args:
+        grads: the gradients whose layout to learn (device, dtype, layout and size of each).
+
+    Example:
+        >>> detail = FusedStats.of(grads).table(grads, params, device, torch.float64)   # (P, 5)
+    """
+
+    _cache: dict[tuple, FusedStats] = {}
+    _CACHE_SIZE = 16
+
+    def __init__(self, grads: Sequence[Tensor]) -> None:
+        self.groups = _foreach.Groups.of(grads)
+        self.parts: list[tuple[torch.device, _foreach._Pick, Tensor | None, int, _foreach._Pick]] = []
+        order: list[int] = []
+        for device, _, positions, _ in self.groups.dense:
+            small = [i for i in positions if grads[i].numel() <= SMALL]
+            large = [i for i in positions if grads[i].numel() > SMALL]
+            if small:
+                sizes = [grads[i].numel() for i in small]
+                # output_size: the total is known here, so CUDA need not read it back
+                segments = torch.repeat_interleave(
+                    torch.arange(len(small), device=device), _to_device(sizes, device), output_size=sum(sizes)
+                )
+                self.parts.append((device, _foreach._picker(small, self.groups.count), segments, len(small), None))
+            if large:
+                self.parts.append((device, None, None, 0, _foreach._picker(large, self.groups.count)))
+            order += small + large
+        self.sparse = self.groups.sparse
+        order += list(self.sparse)
+        inverse = [0] * len(order)
+        for place, index in enumerate(order):
+            inverse[index] = place
+        self._inverse = None if order == list(range(len(order))) else inverse
+        self._moved: dict[torch.device, Tensor] = {}
+
+    @classmethod
+    def of(cls, grads: Sequence[Tensor]) -> FusedStats:
+        """The layout of `grads`, from the cache when a list of the same kinds and sizes was seen before."""
+        key = (_foreach.Groups.of(grads), tuple(map(Tensor.numel, grads)))
+        found = cls._cache.get(key)
+        if found is None:
+            found = cls(grads)
+            if len(cls._cache) >= cls._CACHE_SIZE:
+                del cls._cache[next(iter(cls._cache))]
+            cls._cache[key] = found
+        return found
+
+    def table(
+        self, grads: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """(P, len(DETAIL)) on `device`, in input order; no host sync."""
+        blocks = []
+        for part_device, pick_small, segments, count, pick_large in self.parts:
+            if pick_small is not None:
+                block = _segment_stats(pick_small(grads), segments, count)
+            else:
+                block = torch.stack([_one_stats(g) for g in pick_large(grads)])
+            blocks.append(block.to(device, dtype))
+        blocks += [_one_stats(grads[i]).to(device, dtype) for i in self.sparse]
+        table = torch.cat(blocks) if blocks else torch.zeros(0, 4, device=device, dtype=dtype)
+        if self._inverse is not None:
+            table = table.index_select(0, self._moved_inverse(device))
+        weights = _foreach.per_tensor_norms([p.detach() for p in params], 2.0, at_least=torch.float32)
+        weight = torch.stack([w.to(device, dtype) for w in weights]) if weights else table[:, 0]
+        # columns: max_abs, nonzero, weight_norm, nan, inf
+        return torch.cat([table[:, :2], weight.unsqueeze(1), table[:, 2:]], 1)
+
+    def _moved_inverse(self, device: torch.device) -> Tensor:
+        moved = self._moved.get(device)
+        if moved is None:
+            moved = self._moved[device] = _to_device(self._inverse, device)
+        return moved
+
+
+def _to_device(values: list[int], device: torch.device) -> Tensor:
+    """Host integers as an int64 tensor on `device`, without a wait (a pinned, non-blocking copy on CUDA)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _segment_stats(members: list[Tensor], segments: Tensor, count: int) -> Tensor:
+    """(count, 4): max |g|, nonzero, NaN and Inf counts of each small tensor, over one flattened buffer."""
+    flat = torch._C._nn.flatten_dense_tensors([m.detach() for m in members])
+    out_dtype = torch.promote_types(flat.dtype, torch.float32)
+    if flat.numel() == 0:
+        return torch.zeros(count, 4, device=flat.device, dtype=out_dtype)
+    max_abs = torch.zeros(count, device=flat.device, dtype=out_dtype)
+    max_abs.scatter_reduce_(0, segments, flat.abs().to(out_dtype), "amax", include_self=False)
+    flags = torch.stack([flat != 0, torch.isnan(flat), torch.isinf(flat)], 1).to(out_dtype)
+    counts = torch.zeros(count, 3, device=flat.device, dtype=out_dtype).index_add_(0, segments, flags)
+    return torch.cat([max_abs.unsqueeze(1), counts], 1)
+
+
+def _one_stats(grad: Tensor) -> Tensor:
+    """(4,): max |g|, nonzero, NaN and Inf counts of one tensor (one pass each)."""
+    grad = grad.detach()
+    if grad.is_sparse:
+        grad = grad.coalesce().values()
+    dtype = torch.promote_types(grad.dtype, torch.float32)
     if grad.numel() == 0:
-        return torch.zeros((), device=grad.device)
-    low, high = torch.aminmax(grad.detach())
-    return torch.maximum(-low, high)
+        return torch.zeros(4, device=grad.device, dtype=dtype)
+    # aminmax is one fast pass on every backend; the foreach inf-norm is ~10x slower on CPU.
+    low, high = torch.aminmax(grad)
+    counts = [torch.count_nonzero(grad), torch.isnan(grad).sum(), torch.isinf(grad).sum()]
+    return torch.stack([torch.maximum(-low, high).to(dtype)] + [c.to(dtype) for c in counts])
 
 
 def nonfinite_counts(grads: Sequence[Tensor], indices: Sequence[int]) -> dict[int, tuple[int, int]]:
@@ -100,34 +213,50 @@ def summarize(
 
     Module values combine their parameters: L2 norms as the root of the summed
     squares, max |g| as the max, counts as sums, RMS and the zero fraction over
-    all of the module's elements.
+    all of the module's elements. NaN/Inf counts come from the rows (detail steps),
+    else from `counts`, else they are 0 for a parameter with finite norms and None
+    (unknown) for one without.
 
     Returns:
         (params, modules): name -> {norm_pre_clip, norm, max_abs, rms, zero_frac,
         nan, inf, numel, weight_norm, grad_to_weight}.
+
+    Example:
+        >>> params, modules = summarize(["0.weight"], [4], [[1.0, 1.0, 0.5, 4, 2.0, 0, 0]], {})
+        >>> modules["0"]["norm"]
+        1.0
     """
     params: dict[str, dict] = {}
-    sums: dict[str, dict] = {}
+    sums: dict[str, list] = {}
+    isnan, isfinite = math.isnan, math.isfinite
     for i, (name, numel, row) in enumerate(zip(names, numels, rows)):
-        pre, norm, max_abs, nonzero, weight = row
-        nan, inf = counts.get(i, (0, 0))
-        params[name] = _entry(pre**2, norm**2, max_abs, numel, numel - nonzero, nan, inf, weight**2)
-        acc = sums.setdefault(module_of(name), {"pre": 0.0, "sq": 0.0, "max": 0.0, "numel": 0, "zeros": 0.0, "nan": 0, "inf": 0, "w": 0.0})
-        acc["pre"] += pre**2
-        acc["sq"] += norm**2
-        acc["max"] = max(acc["max"], max_abs) if not math.isnan(max_abs) else max_abs
-        acc["numel"] += numel
-        acc["zeros"] += numel - nonzero
-        acc["nan"] += nan
-        acc["inf"] += inf
-        acc["w"] += weight**2
-    modules = {
-        name: _entry(a["pre"], a["sq"], a["max"], a["numel"], a["zeros"], a["nan"], a["inf"], a["w"]) for name, a in sums.items()
-    }
+        pre, norm, max_abs, nonzero, weight, nan, inf = row
+        if isnan(nan):
+            nan, inf = counts.get(i, (0, 0) if isfinite(pre) and isfinite(norm) else (None, None))
+        else:
+            nan, inf = int(nan), int(inf)
+        pre_sq, sq, w_sq = pre * pre, norm * norm, weight * weight
+        params[name] = _entry(pre_sq, sq, max_abs, numel, numel - nonzero, nan, inf, w_sq)
+        module = name.rpartition(".")[0] or ROOT
+        acc = sums.get(module)
+        if acc is None:
+            sums[module] = [pre_sq, sq, max_abs, numel, numel - nonzero, nan, inf, w_sq]
+            continue
+        acc[0] += pre_sq
+        acc[1] += sq
+        acc[2] = max_abs if isnan(max_abs) or isnan(acc[2]) else max(acc[2], max_abs)
+        acc[3] += numel
+        acc[4] += numel - nonzero
+        acc[5] = None if acc[5] is None or nan is None else acc[5] + nan
+        acc[6] = None if acc[6] is None or inf is None else acc[6] + inf
+        acc[7] += w_sq
+    modules = {name: _entry(*a) for name, a in sums.items()}
     return params, modules
 
 
-def _entry(pre_sq: float, sq: float, max_abs: float, numel: int, zeros: float, nan: int, inf: int, w_sq: float) -> dict:
+def _entry(
+    pre_sq: float, sq: float, max_abs: float, numel: int, zeros: float, nan: int | None, inf: int | None, w_sq: float
+) -> dict:
     norm, weight = math.sqrt(sq), math.sqrt(w_sq)
     return {
         "norm_pre_clip": math.sqrt(pre_sq),
@@ -135,8 +264,8 @@ def _entry(pre_sq: float, sq: float, max_abs: float, numel: int, zeros: float, n
         "max_abs": max_abs,
         "rms": norm / math.sqrt(numel) if numel else 0.0,
         "zero_frac": zeros / numel if numel else 0.0,
-        "nan": int(nan),
-        "inf": int(inf),
+        "nan": nan,
+        "inf": inf,
         "numel": int(numel),
         "weight_norm": weight,
         "grad_to_weight": _ratio(norm, weight),

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +77,25 @@ class Tracker:
             `log_dir`, or `meta` that is not JSON-serialisable.
         ImportError: "tensorboard" in `writers` without the tensorboard package.
 
-    Host reads happen on logging steps only: one transfer for all statistics,
-    one more for the update ratios, and one more on a step with NaN/Inf
-    gradients (their counts). Only rank 0 writes (torch.distributed rank when
-    initialised); other ranks do nothing on logging steps unless `gather`.
+    The tracker never stalls the step: a logging step queues its statistics
+    for the host with non-blocking copies (into pinned memory on CUDA) and an
+    event, and the record is written once the event has completed: at a later
+    step (the event is polled, never waited for), or at `flush` / `close` /
+    `state_dict` / `locate_nonfinite` (which wait). On CPU the values are
+    there at once, so each record is written at the end of its own step. On a
+    GPU a record, and the alerts drawn from it, can come one or a few steps
+    later than the step they describe: `history`, `alerts` and `last_alerts`
+    then lag by that much (call `flush()` to catch up). Records are never
+    lost, reordered or changed by this. Only rank 0 writes (torch.distributed
+    rank when initialised); other ranks do nothing on logging steps unless
+    `gather`.
+
+    NaN/Inf counts are measured on detail steps (and on a step logged to
+    re-check a non-finite one). On another logged step whose gradient is
+    non-finite they are counted when the record is read, if the step's
+    gradients are still there unchanged (on CPU, always); else they are null
+    in the record and the alert says so. TensorBoard histograms (detail steps
+    only) still read the host during the step.
 
     Memory: on logging steps only, one copy of the trainable weights held from
     ``observe`` to ``after_step`` (for ||Δw||; ``update_ratio=False`` removes
@@ -142,7 +160,11 @@ class Tracker:
         self._params: list[Tensor] = []
         self._nonfinite = NonfiniteWatch()
         self._counters = SinceLastLog()
-        self._pending: dict[str, Any] | None = None  # a logged record waiting for its update ratios
+        self._open: _Logged | None = None  # a logged step waiting for after_step (its update ratios)
+        self._in_flight: deque[_Logged] = deque()  # logged steps whose host copy may still be running
+        # How the host read of a logging step is marked done: an event recorded on the device.
+        # A test may swap in an event that completes later (the CPU's completes at once).
+        self._new_event: Callable[[torch.device], Any] = _record.device_event
 
     @property
     def _locator(self) -> NonfiniteLocator | None:
@@ -172,21 +194,38 @@ class Tracker:
         On non-logging steps: two small device ops (count clipped and skipped
         steps), no host read.
         """
-        self._finish_pending()
+        self._seal()
         step = int(report.step)
         self.step = step
         self._counters.count(report)
+        self._drain()  # after self.step moved: a re-check armed now is of the next step
         if not self.wants(step):
             return
+        forced = self._nonfinite.forces(step)
         self._nonfinite.forced.discard(step)
+        recheck = self._nonfinite.take_recheck() if forced else None
         if not (self.writes or self.gather or ctx.sharded):  # sharded: every rank joins the reductions
             self._counters.reset(step)
             return
-        self._log(ctx, report)
+        self._log(ctx, report, forced=forced, recheck=recheck)
 
     def after_step(self, ctx: GradContext | None = None, report: StepReport | None = None) -> None:
-        """Complete a logged step with ||Δw||/||w|| (the weights are updated now) and write it."""
-        self._finish_pending()
+        """Complete a logged step with ||Δw|| (the weights are updated now), start its host copy, and
+        write every record whose copy has completed (no wait)."""
+        self._seal()
+        self._drain()
+
+    def flush(self) -> None:
+        """Wait for every logged step's host copy and write its record (and alerts), in step order.
+
+        Off the step's path: call it before reading `history` or `alerts` on a GPU, where
+        records otherwise come a step or a few later. `close` and `state_dict` flush.
+
+        Example:
+            >>> tracker.flush(); tracker.history[-1]["step"] == pipe.steps   # if that step was logged
+        """
+        self._seal()
+        self._drain(wait=True)
 
     # -- standalone use --------------------------------------------------------------
 
@@ -220,16 +259,17 @@ class Tracker:
                 raise ValueError("track(model): the parameters differ from the ones this tracker was attached to; use one Tracker per model")
         elif self._names is None:
             raise RuntimeError("track() needs the model on its first call: tracker.track(model)")
-        self._finish_pending()
+        self._seal()
         step = self.step + 1
         if not self.wants(step):
             self.step = step
             self._counters.since += 1
+            self._drain()
             return
         ctx = GradContext(self._names, self._params)
         ctx.pre_clip_norms = ctx.norms() if len(ctx) else None
         total = ctx.total_norm()
-        count = torch.tensor(math.nan if items is None else float(items), device=total.device)
+        count = torch.full((), math.nan if items is None else float(items), device=total.device)  # no H2D copy
         self.observe(ctx, StepReport(
             step=step, micro_steps=1, items=count, total_norm=total, norm_after=total,
             clip_coef=torch.ones_like(total), skipped=~torch.isfinite(total),
@@ -255,6 +295,7 @@ class Tracker:
             >>> tracker.locate_nonfinite(lambda: F.cross_entropy(model(x_bad), y_bad))
             '4.attn'
         """
+        self.flush()  # the pending records' alerts (and hooks) first
         alert = self._nonfinite.replay(closure, self._params, self.step)
         if alert is None:
             return None
@@ -263,8 +304,8 @@ class Tracker:
         return alert.name
 
     def close(self) -> None:
-        """Write a logged step still waiting for its update ratio, and close the writers."""
-        self._finish_pending()
+        """Write every logged step still waiting (for its update ratio or its host copy), and close the writers."""
+        self.flush()
         for writer in self._writers:
             writer.close()
         self._writers = []
@@ -277,50 +318,90 @@ class Tracker:
 
     # -- the logging step ------------------------------------------------------------
 
-    def _log(self, ctx: GradContext, report: StepReport) -> None:
+    def _log(self, ctx: GradContext, report: StepReport, *, forced: bool, recheck: tuple | None) -> None:
+        """Queue a logging step's statistics for the host (no host sync); `_write` makes the record."""
         step = self.step
         if report.noise is not None:
             self.noise.update(report.noise)
-        detail = step == 1 or step % self.detail_every == 0 or bool(report.skipped)
+        # Full statistics (NaN/Inf counts included) on detail steps, and on a re-checked non-finite step.
+        detail = step == 1 or step % self.detail_every == 0 or forced
         table = _record.param_table(ctx, report.total_norm.device, detail=detail)
         ranks = _record.gather_tables(table) if self.gather else None
         counters = {"clipped": self._counters.clipped, "skipped_steps": self._counters.skipped}
-        got = _record.read_step(table, report, counters, self.noise, ranks)  # the one host read of a logging step
-        grads = _dtensor.locals_of(ctx.grads)
-        bad = [i for i, row in enumerate(got["table"]) if not (math.isfinite(row[0]) and math.isfinite(row[1]))]
-        counts = nonfinite_counts(ctx.sharded, ctx.grads, grads, bad)
-        numels = [g.numel() for g in ctx.grads]
-        params, modules = _stats.summarize(ctx.names, numels, got["table"], counts)
-        rank_norms = None if ranks is None else _record.rank_norms(ctx.names, numels, got["ranks"])
-        since, last_logged = self._counters.since, self._counters.last_logged
-        record = _record.step_record(got, report, step=step, since=since, bytes_since=self._counters.bytes,
-                                     detail=detail, params=params, modules=modules, ranks=rank_norms)  # fmt: skip
+        extra = {}
+        events = None if recheck is None else recheck[0]  # None: not a re-check with hooks
+        if recheck is not None and recheck[1] is not None:
+            extra["recheck"] = recheck[1]
+        flight = _record.start_step(table, report, counters, self.noise, ranks, extra=extra, new_event=self._new_event)
+        histograms = None
+        if detail and self._writers and "tensorboard" in self.writer_names and len(ctx):
+            # Histogram ranges are host values: this read waits (TensorBoard, detail steps only).
+            flight.wait()
+            got = flight.values()
+            _, modules = _stats.summarize(ctx.names, _numels(ctx.grads), got["table"], {})
+            histograms = _stats.histograms(ctx.names, _dtensor.locals_of(ctx.grads), modules, self.histogram_bins)
+        before = None
+        if detail and self.update_ratio and len(ctx):
+            # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
+            before = [p.detach().clone() for p in _dtensor.locals_of(ctx.params)]
+        # Without counts on the device, a non-finite record counts NaN/Inf on the host, if the
+        # gradients are still these (weak references: a gradient the step drops is freed).
+        grads = None if detail or ctx.sharded else (list(map(weakref.ref, ctx.grads)), list(map(_VERSION, ctx.grads)))
+        self._open = _Logged(
+            step=step, report=report, detail=detail, flight=flight, names=list(ctx.names), params=list(ctx.params),
+            numels=_numels(ctx.grads), before=before, histograms=histograms, grads=grads, events=events,
+            since=self._counters.since, bytes_since=self._counters.bytes, last_logged=self._counters.last_logged,
+            gathered=ranks is not None,
+        )  # fmt: skip
+        self._counters.reset(step)
+
+    def _seal(self) -> None:
+        """The open logged step is complete (the optimizer has stepped): read its ||Δw|| and queue it."""
+        logged, self._open = self._open, None
+        if logged is None:
+            return
+        if logged.before is not None:
+            deltas = _record.update_norms(logged.params, logged.before)
+            logged.before = None
+            read = _record.HostRead(deltas.device, _stats.host_dtype(deltas.device))
+            read.add("deltas", deltas)
+            logged.deltas = read.start(self._new_event)
+        self._in_flight.append(logged)
+
+    def _drain(self, *, wait: bool = False) -> None:
+        """Write the queued records whose host copies have completed, oldest first (all of them if `wait`)."""
+        queue = self._in_flight
+        while queue and (wait or queue[0].done()):
+            logged = queue.popleft()
+            if wait:
+                logged.wait()
+            self._write(logged)
+
+    def _write(self, logged: _Logged) -> None:
+        """Assemble the record of a logged step from its host values, raise its alerts, write it."""
+        got, step = logged.flight.values(), logged.step
+        counts = _host_counts(logged, got["table"]) if logged.grads is not None else {}
+        params, modules = _stats.summarize(logged.names, logged.numels, got["table"], counts)
+        rank_norms = _record.rank_norms(logged.names, logged.numels, got["ranks"]) if logged.gathered else None
+        record = _record.step_record(
+            got, logged.report, step=step, since=logged.since, bytes_since=logged.bytes_since,
+            detail=logged.detail, params=params, modules=modules, ranks=rank_norms,
+        )  # fmt: skip
         alerts = self.rules.check(step, {m: v["norm_pre_clip"] for m, v in modules.items()}, got["total_norm"])
-        skipped_since = int(got["skipped_steps"])
-        alerts += self._nonfinite.alerts(step, ctx.names, params, skipped_since=skipped_since, last_logged=last_logged)
+        recheck = None if logged.events is None else (logged.events, got.get("recheck", []))
+        alerts += self._nonfinite.alerts(
+            step, logged.names, params, skipped_since=int(got["skipped_steps"]), last_logged=logged.last_logged,
+            recheck=recheck, next_step=self.step + 1,
+        )  # fmt: skip
         record["alerts"] = [a.to_dict() for a in alerts]
         self._raise_alerts(alerts)
         self.last_alerts = alerts
-        histograms = None
-        if detail and self._writers and "tensorboard" in self.writer_names and len(ctx):
-            histograms = _stats.histograms(ctx.names, grads, modules, self.histogram_bins)  # of this rank's shards
-        before = None
-        if detail and self.update_ratio and not record["global"]["skipped"] and len(ctx):
-            # Held until after_step: one copy of the weights (shards).
-            before = [p.detach().clone() for p in _dtensor.locals_of(ctx.params)]
-        self._pending = {"record": record, "names": list(ctx.names), "params": list(ctx.params), "before": before,
-                         "histograms": histograms}  # fmt: skip
-        self._counters.reset(step)
-
-    def _finish_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        _record.complete_update_ratios(pending["record"], pending["names"], pending["params"], pending["before"])
-        record = clean(pending["record"])
+        deltas = logged.deltas.values()["deltas"] if logged.deltas is not None else None
+        _record.complete_update_ratios(record, logged.names, deltas)
+        record = clean(record)
         self.history.append(record)
         for writer in self._writers:
-            writer.write(record, pending["histograms"])
+            writer.write(record, logged.histograms)
 
     def _raise_alerts(self, alerts: list[Alert]) -> None:
         for alert in alerts:
@@ -336,7 +417,11 @@ class Tracker:
     # -- state -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Step, counters, noise EMAs and alert state, as plain tensors and numbers (history is in the log)."""
+        """Step, counters, noise EMAs and alert state, as plain tensors and numbers (history is in the log).
+
+        Flushes first (waits for the logged steps in flight), so that the alert state includes them.
+        """
+        self.flush()
         return {
             "step": self.step,
             **self._counters.state_dict(),
@@ -356,8 +441,46 @@ class Tracker:
         _checks.non_negative_int("step", state["step"], "pass the dict from Tracker.state_dict()")
         SinceLastLog.check_state(state)
         alerts = [Alert(**a) for a in state["alerts"]]
+        self.flush()  # records of the steps before the load are written as they were
         load_all_or_nothing([(self.noise, state["noise"]), (self.rules, state["rules"])])
         self.step = int(state["step"])
         self._counters.load_state_dict(state)
         self.alerts = alerts
         self._nonfinite.load_state_dict(state)
+
+
+_VERSION = attrgetter("_version")
+
+
+def _numels(tensors: Sequence[Tensor]) -> list[int]:
+    return list(map(Tensor.numel, tensors))
+
+
+class _Logged:
+    """A logged step between its statistics (observe) and its record (written once its host copies completed)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.deltas: _record.InFlight | None = None
+        self.__dict__.update(fields)
+
+    def done(self) -> bool:
+        return self.flight.done() and (self.deltas is None or self.deltas.done())
+
+    def wait(self) -> None:
+        self.flight.wait()
+        if self.deltas is not None:
+            self.deltas.wait()
+
+
+def _host_counts(logged: _Logged, rows: list[list[float]]) -> dict[int, tuple[int, int]]:
+    """NaN/Inf counts of the parameters whose norms the record says are non-finite, counted now,
+    if their gradients are still the step's (alive and not modified in place); one host read."""
+    bad = [i for i, row in enumerate(rows) if not (math.isfinite(row[0]) and math.isfinite(row[1]))]
+    if not bad:
+        return {}
+    refs, versions = logged.grads
+    grads = [refs[i]() for i in bad]
+    if any(g is None or g._version != versions[i] for g, i in zip(grads, bad)):
+        return {}  # gone or changed: the counts stay unknown (null in the record)
+    counted = nonfinite_counts(False, grads, grads, range(len(bad)))
+    return {bad[at]: value for at, value in counted.items()}

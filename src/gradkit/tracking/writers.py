@@ -38,7 +38,7 @@ GLOBAL_FIELDS = {
 #: keys of each entry of "modules" and "params"
 STAT_FIELDS = {
     "norm_pre_clip": (float, None), "norm": (float, None), "max_abs": (float, None), "rms": (float, None),
-    "zero_frac": (float, None), "nan": int, "inf": int, "numel": int, "weight_norm": (float, None),
+    "zero_frac": (float, None), "nan": (int, None), "inf": (int, None), "numel": int, "weight_norm": (float, None),
     "grad_to_weight": (float, None), "update_to_weight": (float, None),
 }  # fmt: skip
 NOISE_FIELDS = {
@@ -53,10 +53,15 @@ def clean(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
+        if value and all(type(v) in _FLAT for v in value.values()):  # a statistics entry: no call per value
+            return {k: None if type(v) is float and not math.isfinite(v) else v for k, v in value.items()}
         return {k: clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     return value
+
+
+_FLAT = (float, int, bool, str, type(None))
 
 
 class JsonlWriter:
@@ -73,7 +78,11 @@ class JsonlWriter:
     def write(self, record: dict[str, Any], histograms: dict | None = None) -> None:
         # One write call per line and a flush: a crash leaves whole lines plus at most one partial one,
         # which read_jsonl skips with a warning.
-        self._file.write(json.dumps(clean(record), allow_nan=False) + "\n")
+        try:  # records the tracker wrote are clean already: cleaning again costs as much as encoding
+            line = json.dumps(record, allow_nan=False)
+        except ValueError:
+            line = json.dumps(clean(record), allow_nan=False)
+        self._file.write(line + "\n")
         self._file.flush()
 
     def close(self) -> None:

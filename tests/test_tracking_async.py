@@ -1,0 +1,104 @@
+"""The tracker's host read does not stall the step: records are written once their copy has completed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradkit as gk
+from gradkit.tracking.writers import read_jsonl
+
+
+class LateEvent:
+    """An event that completes only when the test says so (a GPU's copy still running)."""
+
+    def __init__(self, log):
+        self.complete = False
+        self.waited = False
+        log.append(self)
+
+    def query(self):
+        return self.complete
+
+    def synchronize(self):
+        self.waited = True
+        self.complete = True
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2)).double()
+
+
+def run(tracker, steps, *, nan_at=None, on_step=None):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(0.5), tracker=tracker)
+    g = torch.Generator().manual_seed(1)
+    norms = []
+    for step in range(1, steps + 1):
+        x, y = torch.randn(8, 6, generator=g).double(), torch.randn(8, 2, generator=g).double()
+        loss = ((model(x) - y) ** 2).sum()
+        if step == nan_at:
+            loss = loss * float("nan")
+        pipe.backward(loss, num_items=8)
+        pipe.step(opt)
+        norms.append(float(pipe.last.total_norm))
+        if on_step is not None:
+            on_step(step)
+    return norms
+
+
+def test_records_wait_for_their_copy_and_come_in_order_none_lost(tmp_path):
+    events = []
+    tracker = gk.Tracker(tmp_path, every=1, detail_every=3)
+    tracker._new_event = lambda device: LateEvent(events)
+    seen = []
+
+    def on_step(step):
+        seen.append(len(tracker.history))
+        if step == 4:  # the copies of steps 1..3 complete: their records are written at the next step
+            for event in events:
+                event.complete = True
+
+    norms = run(tracker, 8, on_step=on_step)
+    assert seen[:4] == [0, 0, 0, 0]  # nothing written while every copy is still running
+    assert seen[4] >= 3  # written at a later step, by a poll
+    assert not any(e.waited for e in events)  # the step path never waited
+    tracker.close()  # waits for the rest
+    assert [r["step"] for r in tracker.history] == list(range(1, 9))
+    on_disk = [r for r in read_jsonl(tmp_path / "tracking.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in on_disk] == list(range(1, 9))
+    for record, norm in zip(on_disk, norms):
+        assert record["global"]["norm_pre_clip"] == pytest.approx(norm, rel=1e-12)
+    assert [r["detail"] for r in on_disk] == [True, False, True, False, False, True, False, False]
+    assert on_disk[2]["modules"]["0"]["update_to_weight"] > 0  # the ratio of a later-written detail step
+
+
+def test_late_records_equal_the_immediate_ones(tmp_path):
+    immediate = gk.Tracker(every=1, detail_every=2)
+    run(immediate, 6)
+    late = gk.Tracker(every=1, detail_every=2)
+    late._new_event = lambda device: LateEvent([])
+    run(late, 6)
+    assert late.history == []
+    late.flush()
+    strip = lambda r: {k: v for k, v in r.items() if k != "time"}  # noqa: E731
+    assert [strip(r) for r in late.history] == [strip(r) for r in immediate.history]
+
+
+def test_alerts_fire_from_the_late_record_and_state_dict_flushes():
+    events = []
+    tracker = gk.Tracker(every=1)
+    tracker._new_event = lambda device: LateEvent(events)
+    run(tracker, 4, nan_at=3)
+    assert tracker.alerts == []  # the copies have not completed: no record, no alert yet
+    state = tracker.state_dict()  # waits, so that the alert state includes every logged step
+    assert [r["step"] for r in tracker.history] == [1, 2, 3, 4]
+    nonfinite = [a for a in tracker.alerts if a.kind == "nonfinite"]
+    assert [a.step for a in nonfinite] == [3] and state["alerts"][0]["step"] == 3
+    assert tracker.history[2]["global"]["skipped"] is True
+    # Counted later, the gradients of step 3 were gone: the counts are unknown, not invented.
+    assert tracker.history[2]["params"]["0.weight"]["nan"] is None
+    assert "re-check step 5" in nonfinite[0].message  # the first step whose backward had not run yet
