@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -49,3 +50,16 @@ def test_probe_measures_only_the_windows_asked_for():
     assert float(sample.small_sq) == pytest.approx(25.0 / 25) and float(sample.small_batch) == 5
     assert float(sample.big_sq) == 1.0 and float(sample.big_batch) == 10
     assert probe.unavailable is None
+
+
+def test_host_values_are_read_where_they_are_when_the_read_targets_a_device():
+    # A value already on the host (e.g. the noise estimate before its first update) is not moved
+    # to the device: that copy would wait on the stream. Built for "cuda" without needing a GPU:
+    # nothing here touches the device, since every value is on the host.
+    from gradkit.tracking.record import HostRead
+
+    read = HostRead(torch.device("cuda"), torch.float64)
+    read.add("g2", torch.tensor(float("nan"), dtype=torch.float64))
+    read.add("table", torch.arange(6.0).reshape(2, 3))
+    got = read.read()
+    assert math.isnan(got["g2"]) and got["table"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]

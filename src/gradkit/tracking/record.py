@@ -56,11 +56,18 @@ class HostRead:
         self.device, self.dtype = device, dtype
         self._parts: list[Tensor] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._on_host: dict[str, Tensor] = {}  # values already on the host: no copy, no wait
 
     def add(self, name: str, value: Tensor) -> None:
         """Queue `value` (any shape) to be read as `name`; no host sync."""
         if name in self._shapes:
             raise ValueError(f"HostRead: {name!r} was added twice; give each value its own name")
+        if value.device.type == "cpu" and self.device.type != "cpu":
+            # Moving a host value to the device would copy from pageable memory and wait on the
+            # stream; it is on the host already, so it is read from where it is.
+            self._shapes[name] = tuple(value.shape)
+            self._on_host[name] = value.detach().to(self.dtype, copy=True)
+            return
         value = value.detach().to(self.device, self.dtype)
         self._shapes[name] = tuple(value.shape)
         self._parts.append(value.reshape(-1))
@@ -83,7 +90,8 @@ class HostRead:
         Returns:
             The `InFlight` read: ``done()`` polls, ``wait()`` waits, ``values()`` decodes.
         """
-        flat = torch.cat(self._parts) if self._parts else torch.zeros(0, device=self.device, dtype=self.dtype)
+        # Nothing on the device (every value was on the host): an empty host tensor, nothing to wait for.
+        flat = torch.cat(self._parts) if self._parts else torch.zeros(0, dtype=self.dtype)
         if flat.device.type == "cuda":
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             host.copy_(flat, non_blocking=True)
@@ -92,7 +100,7 @@ class HostRead:
         else:  # other accelerators: a plain (waiting) copy, so the values are there when the event says so
             host = flat.cpu()
         event = (new_event or device_event)(flat.device)
-        return InFlight(host, dict(self._shapes), event)
+        return InFlight(host, dict(self._shapes), event, dict(self._on_host))
 
 
 class _Ready:
@@ -126,10 +134,13 @@ class InFlight:
         ...     got = flight.values()
     """
 
-    __slots__ = ("host", "shapes", "event")
+    __slots__ = ("host", "shapes", "event", "on_host")
 
-    def __init__(self, host: Tensor, shapes: dict[str, tuple[int, ...]], event: Any) -> None:
+    def __init__(
+        self, host: Tensor, shapes: dict[str, tuple[int, ...]], event: Any, on_host: dict[str, Tensor] | None = None
+    ) -> None:
         self.host, self.shapes, self.event = host, shapes, event
+        self.on_host = on_host or {}
 
     def done(self) -> bool:
         """Whether the copy has completed (polls the event; no wait)."""
@@ -144,6 +155,9 @@ class InFlight:
         flat = self.host.tolist()
         got, at = {}, 0
         for name, shape in self.shapes.items():
+            if name in self.on_host:
+                got[name] = _nest(self.on_host[name].reshape(-1).tolist(), shape)
+                continue
             size = math.prod(shape)
             got[name] = _nest(flat[at : at + size], shape)
             at += size
