@@ -16,7 +16,12 @@ MIB = 1 << 20
 
 
 class Bucket:
-    """Gradients of some parameters of one (device, dtype), packed into one flat buffer."""
+    """Gradients of some parameters of one (device, dtype), packed into one flat buffer.
+
+    The buffer's views, one per parameter in its shape, are made once here: packing is one
+    fused copy into them, and a reduced bucket hands them out as the gradients (`expose`),
+    so no Python work per tensor remains but reading and setting ``p.grad``.
+    """
 
     def __init__(self, index: int, positions: list[int], params: Sequence[Tensor], *, presence: bool = False) -> None:
         self.index = index
@@ -30,51 +35,65 @@ class Bucket:
         # rank has one (sums of ones never round to 0, even in bfloat16).
         self.presence = presence
         self.buffer = torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device)
+        self.grads = self.buffer[: self.numel]  # the gradients' part, without the presence slots
+        self.views = [
+            self.buffer.narrow(0, offset, size).view(params[position].shape)
+            for position, offset, size in zip(self.positions, self.offsets, self.sizes)
+        ]
         self.missing: list[tuple[int, int]] = []  # (position, slot) of parameters without a gradient here
         self.ready = 0
         self.work: dist.Work | None = None
         self.pending: PendingReduce | None = None
 
     def pack(self, params: Sequence[Tensor], scale: Tensor | float = 1.0) -> None:
-        factor = scale.to(self.buffer) if isinstance(scale, Tensor) else scale
-        self.missing = []
+        """Copy this rank's gradients (times `scale`) into the buffer; a missing one packs as zeros."""
+        grads = [params[position].grad for position in self.positions]
+        present = [grad for grad in grads if grad is not None]
+        if len(present) == len(grads):
+            self.missing = []
+            torch._foreach_copy_(self.views, grads)
+        else:
+            self._pack_some(grads)
         if self.presence:
             self.buffer[self.numel :].fill_(1)
-        for slot, (position, offset, size) in enumerate(zip(self.positions, self.offsets, self.sizes)):
-            view = self.buffer.narrow(0, offset, size)
-            grad = params[position].grad
+            for _, slot in self.missing:
+                self.buffer[self.numel + slot].fill_(0)
+        # One pass over the bucket, bit for bit what a multiply per gradient would give.
+        if isinstance(scale, Tensor):
+            self.grads.mul_(scale.to(self.buffer))
+        elif scale != 1.0:
+            self.grads.mul_(scale)
+
+    def _pack_some(self, grads: list[Tensor | None]) -> None:
+        self.missing = []
+        for slot, (position, view, grad) in enumerate(zip(self.positions, self.views, grads)):
             if grad is None:  # unused in this window on this rank; others may have a gradient
                 view.zero_()
                 self.missing.append((position, slot))
-                if self.presence:
-                    self.buffer[self.numel + slot].fill_(0)
-            elif isinstance(factor, float) and factor == 1.0:
-                view.copy_(grad.reshape(-1))
             else:
-                torch.mul(grad.reshape(-1), factor, out=view)
+                view.copy_(grad)
 
     def presence_counts(self) -> Tensor:
         """After the sum: how many ranks had each of this rank's missing gradients."""
         return self.buffer[[self.numel + slot for _, slot in self.missing]]
 
     def unpack(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
-        factor = scale.to(self.buffer.device) if isinstance(scale, Tensor) else scale
-        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
-            param = params[position]
-            view = self.buffer.narrow(0, offset, size).view(param.shape)
-            if param.grad is None:
-                param.grad = view * factor
-            else:
-                torch.mul(view, factor, out=param.grad)
+        """Scale the reduced buffer in place and make it the gradients (see `expose`)."""
+        if isinstance(scale, Tensor):
+            self.grads.mul_(scale.to(self.buffer.device))
+        elif scale != 1.0:
+            self.grads.mul_(scale)
+        self.expose(params)
 
     def expose(self, params: Sequence[Tensor]) -> None:
         """Make each parameter's gradient a view of the buffer: no copy.
 
         Only for a finished reduction: the pipeline drops the gradients after the
-        step, so the next backward writes fresh ones and the buffer is free again."""
-        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
-            param = params[position]
-            param.grad = self.buffer.narrow(0, offset, size).view(param.shape)
+        step, so the next backward writes fresh ones and the buffer is free again
+        (a reference to an old ``p.grad`` kept past the step sees the next window's
+        sums, as under DDP's ``gradient_as_bucket_view=True``)."""
+        for position, view in zip(self.positions, self.views):
+            params[position].grad = view
 
     @property
     def full(self) -> bool:
