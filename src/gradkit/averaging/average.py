@@ -176,6 +176,9 @@ class Average(SyncControl):
 
     def begin_reduction(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None = None) -> None:
         self.reducer.begin(local_count, scale, loss_scale)
+        # The pipeline begins the reduction just before the boundary backward: the moment to
+        # see whether every gradient is still None (then one hook per bucket will do).
+        self._schedule.prime()
 
     def global_items(self, items: Items) -> Items:
         if self.group is None:
