@@ -210,7 +210,9 @@ class BucketSchedule:
         self._per_bucket = fresh and not self._relearn and bool(self._last)
         if not self._per_bucket and not self._each:
             self._order = []
-            self._each = [self._params[i].register_post_accumulate_grad_hook(self._hook_for(i)) for i in self._positions]
+            # A parameter frozen since attach gets no gradient, and cannot take a hook.
+            watched = [i for i in self._positions if self._params[i].requires_grad]
+            self._each = [self._params[i].register_post_accumulate_grad_hook(self._hook_for(i)) for i in watched]
 
     def launch_rest(self, *, complete: bool) -> None:
         """Launch the buckets the boundary backward did not fill (gradients unused in it, or a flushed
