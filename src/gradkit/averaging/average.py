@@ -78,6 +78,11 @@ class Average(SyncControl):
         broadcast_buffers: copy rank 0's buffers (BatchNorm statistics, ...) to every
             rank at setup; False keeps each rank's own.
 
+    After the reduction each dense ``p.grad`` is a view into its bucket (as DDP's
+    ``gradient_as_bucket_view=True``): no copy per tensor. The pipeline drops the
+    gradients after the step; a reference to an old ``p.grad`` kept past it sees
+    the next window's sums (clone it to keep it).
+
     Memory: one flat buffer per bucket, as large as the gradients together. The
     collectives of a step (and so a linear compressor's payloads, e.g. FP16's
     half-size copy) are kept until the next step's reduction.

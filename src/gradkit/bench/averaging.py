@@ -87,8 +87,7 @@ def step_rows(
     name = "Average(TopK(0.01))" if reference.startswith("dense") else "Average() step"
     return [
         Row(
-            f"{name}, {'MLP ' if 'tensors' not in where else ''}{params / 1e6:.{1 if params >= 1e5 else 3}f}M params, "
-            f"batch {batch}, {where}",
+            f"{name}, {'MLP ' if 'tensors' not in where else ''}{_count(params)} params, batch {batch}, {where}",
             device,
             reference,
             goal,
@@ -97,3 +96,7 @@ def step_rows(
             note=note,
         )
     ]
+
+
+def _count(params: int) -> str:
+    return f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.1f}k"
