@@ -142,7 +142,48 @@ def scenarios(rank: int, world: int) -> dict:
         stepped.append(pipe.step(opt))
     results["nan_stepped"] = stepped
     results["nan_params"] = [p.detach().clone() for p in model.parameters()]
+
+    # 6. Hooks per bucket under a changing graph: the order of two branches swaps from step to
+    # step and rank 1 leaves branch b out on some steps. Every bucket still gets its gradients.
+    results.update(changing_graph(rank))
     return results
+
+
+class Branches(nn.Module):
+    """Two branches whose backward order swaps with `swap`; branch b can be left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+        self.b = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+        self.swap, self.use_b = False, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = (self.b, self.a) if self.swap else (self.a, self.b)
+        if not self.use_b:
+            return self.a(x)
+        return second(first(x).tanh().sum(1, keepdim=True) * x)
+
+
+def changing_graph(rank: int) -> dict:
+    model, reference = Branches(), Branches()
+    ddp = DDP(reference, find_unused_parameters=True)
+    opt, ddp_opt = torch.optim.SGD(model.parameters(), lr=LR), torch.optim.SGD(ddp.parameters(), lr=LR)
+    average = gk.Average(bucket_mb=0.001, first_bucket_mb=0.0005)
+    pipe = gk.GradientPipeline(model, average=average)
+    per_bucket_windows = 0
+    for step in range(8):
+        x, y = data(rank, 300 + step, 4)
+        for m in (model, reference):
+            m.swap, m.use_b = step % 3 == 2, not (rank == 1 and step in (3, 4))
+        pipe.backward(sum_loss(model, x, y) / 4)
+        per_bucket_windows += average._schedule._per_bucket
+        pipe.step(opt)
+        ddp_opt.zero_grad(set_to_none=True)
+        (sum_loss(ddp, x, y) / 4).backward()
+        ddp_opt.step()
+    return {"graph_vs_ddp": max_diff(model, reference), "per_bucket_windows": per_bucket_windows}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +195,12 @@ def test_equal_batches_match_ddp(outcome):
     for rank in outcome:
         assert rank["vs_ddp"] < 1e-10
         assert rank["buckets"] >= 3  # several buckets really were used
+
+
+def test_hooks_per_bucket_follow_a_changing_graph_exactly(outcome):
+    for rank in outcome:
+        assert rank["graph_vs_ddp"] < 1e-10
+        assert rank["per_bucket_windows"] >= 2  # the hooks per bucket really watched some windows
 
 
 def test_first_bucket_launches_before_backward_finishes(outcome):

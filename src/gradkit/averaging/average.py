@@ -83,6 +83,11 @@ class Average(SyncControl):
             torchrun's ``LOCAL_WORLD_SIZE`` when it is less than the world size; 1 is flat
             averaging. The world size must be a multiple of it.
 
+    After the reduction each dense ``p.grad`` is a view into its bucket (as DDP's
+    ``gradient_as_bucket_view=True``): no copy per tensor. The pipeline drops the
+    gradients after the step; a reference to an old ``p.grad`` kept past it sees
+    the next window's sums (clone it to keep it).
+
     Memory: one flat buffer per bucket, as large as the gradients together. The
     collectives of a step (and so a linear compressor's payloads, e.g. FP16's
     half-size copy) are kept until the next step's reduction.
@@ -194,6 +199,9 @@ class Average(SyncControl):
 
     def begin_reduction(self, local_count: Items, scale: Tensor | float, loss_scale: Tensor | None = None) -> None:
         self.reducer.begin(local_count, scale, loss_scale)
+        # The pipeline begins the reduction just before the boundary backward: the moment to
+        # see whether every gradient is still None (then one hook per bucket will do).
+        self._schedule.prime()
 
     def global_items(self, items: Items) -> Items:
         if self.group is None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from gradkit.distributed import PendingReduce
 
@@ -16,7 +17,12 @@ MIB = 1 << 20
 
 
 class Bucket:
-    """Gradients of some parameters of one (device, dtype), packed into one flat buffer."""
+    """Gradients of some parameters of one (device, dtype), packed into one flat buffer.
+
+    The buffer's views, one per parameter in its shape, are made once here: packing is one
+    fused copy into them, and a reduced bucket hands them out as the gradients (`expose`),
+    so no Python work per tensor remains but reading and setting ``p.grad``.
+    """
 
     def __init__(self, index: int, positions: list[int], params: Sequence[Tensor], *, presence: bool = False) -> None:
         self.index = index
@@ -30,51 +36,65 @@ class Bucket:
         # rank has one (sums of ones never round to 0, even in bfloat16).
         self.presence = presence
         self.buffer = torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device)
+        self.grads = self.buffer[: self.numel]  # the gradients' part, without the presence slots
+        self.views = [
+            self.buffer.narrow(0, offset, size).view(params[position].shape)
+            for position, offset, size in zip(self.positions, self.offsets, self.sizes)
+        ]
         self.missing: list[tuple[int, int]] = []  # (position, slot) of parameters without a gradient here
         self.ready = 0
         self.work: dist.Work | None = None
         self.pending: PendingReduce | None = None
 
     def pack(self, params: Sequence[Tensor], scale: Tensor | float = 1.0) -> None:
-        factor = scale.to(self.buffer) if isinstance(scale, Tensor) else scale
-        self.missing = []
+        """Copy this rank's gradients (times `scale`) into the buffer; a missing one packs as zeros."""
+        grads = [params[position].grad for position in self.positions]
+        present = [grad for grad in grads if grad is not None]
+        if len(present) == len(grads):
+            self.missing = []
+            torch._foreach_copy_(self.views, grads)
+        else:
+            self._pack_some(grads)
         if self.presence:
             self.buffer[self.numel :].fill_(1)
-        for slot, (position, offset, size) in enumerate(zip(self.positions, self.offsets, self.sizes)):
-            view = self.buffer.narrow(0, offset, size)
-            grad = params[position].grad
+            for _, slot in self.missing:
+                self.buffer[self.numel + slot].fill_(0)
+        # One pass over the bucket, bit for bit what a multiply per gradient would give.
+        if isinstance(scale, Tensor):
+            self.grads.mul_(scale.to(self.buffer))
+        elif scale != 1.0:
+            self.grads.mul_(scale)
+
+    def _pack_some(self, grads: list[Tensor | None]) -> None:
+        self.missing = []
+        for slot, (position, view, grad) in enumerate(zip(self.positions, self.views, grads)):
             if grad is None:  # unused in this window on this rank; others may have a gradient
                 view.zero_()
                 self.missing.append((position, slot))
-                if self.presence:
-                    self.buffer[self.numel + slot].fill_(0)
-            elif isinstance(factor, float) and factor == 1.0:
-                view.copy_(grad.reshape(-1))
             else:
-                torch.mul(grad.reshape(-1), factor, out=view)
+                view.copy_(grad)
 
     def presence_counts(self) -> Tensor:
         """After the sum: how many ranks had each of this rank's missing gradients."""
         return self.buffer[[self.numel + slot for _, slot in self.missing]]
 
     def unpack(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
-        factor = scale.to(self.buffer.device) if isinstance(scale, Tensor) else scale
-        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
-            param = params[position]
-            view = self.buffer.narrow(0, offset, size).view(param.shape)
-            if param.grad is None:
-                param.grad = view * factor
-            else:
-                torch.mul(view, factor, out=param.grad)
+        """Scale the reduced buffer in place and make it the gradients (see `expose`)."""
+        if isinstance(scale, Tensor):
+            self.grads.mul_(scale.to(self.buffer.device))
+        elif scale != 1.0:
+            self.grads.mul_(scale)
+        self.expose(params)
 
     def expose(self, params: Sequence[Tensor]) -> None:
         """Make each parameter's gradient a view of the buffer: no copy.
 
         Only for a finished reduction: the pipeline drops the gradients after the
-        step, so the next backward writes fresh ones and the buffer is free again."""
-        for position, offset, size in zip(self.positions, self.offsets, self.sizes):
-            param = params[position]
-            param.grad = self.buffer.narrow(0, offset, size).view(param.shape)
+        step, so the next backward writes fresh ones and the buffer is free again
+        (a reference to an old ``p.grad`` kept past the step sees the next window's
+        sums, as under DDP's ``gradient_as_bucket_view=True``)."""
+        for position, view in zip(self.positions, self.views):
+            params[position].grad = view
 
     @property
     def full(self) -> bool:
@@ -124,9 +144,22 @@ class BucketSchedule:
     """When each bucket is launched: as soon as the boundary backward has produced the bucket's last
     gradient, strictly in bucket order, once per window.
 
-    A hook on each parameter (``register_post_accumulate_grad_hook``) counts the gradients of
-    its bucket. Only an armed window (its boundary micro-step) launches, so the earlier
-    micro-steps never touch the network, and communication overlaps with the rest of backward.
+    Only an armed window (its boundary micro-step) launches, so the earlier micro-steps never
+    touch the network, and communication overlaps with the rest of backward. Two ways to see
+    a bucket fill, chosen by `prime` just before the boundary backward:
+
+    - one hook per bucket, on the parameter whose gradient came last in that bucket when last
+      observed, which launches the bucket once every gradient of it is there. It needs every
+      gradient to be None when backward starts (the pipeline drops them after each step, so
+      this holds whenever a window is one micro-step): a gradient that is not None was then
+      produced by this backward;
+    - otherwise (accumulated windows, whose earlier micro-steps left gradients; the first
+      window, or one whose order changed, to learn the last parameters), a hook on every
+      parameter (``register_post_accumulate_grad_hook``), registered for that backward only,
+      counts the gradients of its bucket.
+
+    A bucket that no hook launched (unused gradients, an order that changed, no `prime`) is
+    launched by `launch_rest`, so the result never depends on which way was taken.
 
     Args:
         params: the parameters, indexed by `positions`.
@@ -149,13 +182,19 @@ class BucketSchedule:
         plan = plan_buckets(params, positions, bucket_bytes, first_bucket_bytes)
         self.buckets = [Bucket(i, members, params, presence=presence) for i, members in enumerate(plan)]
         self.launches: list[tuple[int, int]] = []  # (bucket, gradients ready at launch) of the last window
+        self._params = list(params)
+        self._positions = list(positions)
         self._launch = launch
         self._bucket_of = {position: bucket for bucket in self.buckets for position in bucket.positions}
         self._launched: list[tuple[int, int]] = []
         self._armed = False
         self._next = 0
         self._fired: set[int] = set()
-        self._handles = [params[i].register_post_accumulate_grad_hook(self._hook_for(i)) for i in positions]
+        self._order: list[int] = []  # positions in the order their hooks fired (per-parameter hooks)
+        self._per_bucket = False  # this window's backward is watched by the hooks per bucket
+        self._relearn = True  # the last parameter of each bucket is not known (yet, or any more)
+        self._each: list[RemovableHandle] = []  # hooks per parameter, for one backward
+        self._last: list[RemovableHandle] = []  # hooks per bucket
 
     def arm(self, enabled: bool) -> None:
         """Say whether the next backward ends the window (and so launches the buckets)."""
@@ -163,11 +202,26 @@ class BucketSchedule:
             self._start_window()
         self._armed = enabled
 
+    def prime(self) -> None:
+        """Called just before the boundary backward: choose the hooks that watch it (see the class)."""
+        if not self._armed or self._next or self._fired:
+            return
+        fresh = all(self._params[i].grad is None for i in self._positions)
+        self._per_bucket = fresh and not self._relearn and bool(self._last)
+        if not self._per_bucket and not self._each:
+            self._order = []
+            # A parameter frozen since attach gets no gradient, and cannot take a hook.
+            watched = [i for i in self._positions if self._params[i].requires_grad]
+            self._each = [self._params[i].register_post_accumulate_grad_hook(self._hook_for(i)) for i in watched]
+
     def launch_rest(self, *, complete: bool) -> None:
         """Launch the buckets the boundary backward did not fill (gradients unused in it, or a flushed
         window, whose last backward ran unarmed and launched nothing)."""
         if not complete:
             self._start_window()
+        elif self._per_bucket and any(self._filled(bucket) for bucket in self.buckets[self._next :]):
+            # A bucket was complete before backward ended but no hook saw it: the order changed.
+            self._relearn = True
         while self._next < len(self.buckets):
             self._launch_next()
 
@@ -177,15 +231,45 @@ class BucketSchedule:
         for bucket in self.buckets:
             bucket.work, bucket.pending = None, None
         self.launches = self._launched
+        if self._each:
+            self._learn()
         self._fired.clear()
         self._armed = False
+        self._per_bucket = False
         return works
 
     def detach(self) -> None:
         """Remove the gradient hooks."""
-        for handle in self._handles:
+        for handle in self._each + self._last:
             handle.remove()
-        self._handles = []
+        self._each, self._last = [], []
+
+    def _learn(self) -> None:
+        """After a backward watched per parameter: hook, per bucket, the parameter whose gradient came last."""
+        for handle in self._each:
+            handle.remove()
+        self._each = []
+        if not self._order:
+            return
+        last: dict[int, int] = {}
+        for position in self._order:
+            last[self._bucket_of[position].index] = position
+        for handle in self._last:
+            handle.remove()
+        self._last = [self._params[p].register_post_accumulate_grad_hook(self._bucket_hook) for p in last.values()]
+        self._relearn = False
+
+    def _filled(self, bucket: Bucket) -> bool:
+        params = self._params
+        return all(params[i].grad is not None for i in bucket.positions)
+
+    def _bucket_hook(self, _: Tensor) -> None:
+        # Every gradient was None when this backward started (see prime): one that is not None
+        # now was produced by it, so a bucket whose gradients are all there is complete.
+        if not self._per_bucket:
+            return
+        while self._next < len(self.buckets) and self._filled(self.buckets[self._next]):
+            self._launch_next()
 
     def _hook_for(self, position: int) -> Callable[[Tensor], None]:
         def on_gradient_ready(_: Tensor) -> None:
@@ -193,6 +277,7 @@ class BucketSchedule:
             if not self._armed or position in self._fired:
                 return
             self._fired.add(position)
+            self._order.append(position)
             bucket = self._bucket_of[position]
             bucket.ready += 1
             if bucket.full:
@@ -209,13 +294,18 @@ class BucketSchedule:
     def _launch_next(self) -> None:
         bucket = self.buckets[self._next]
         self._launch(bucket)
-        self._launched.append((bucket.index, len(self._fired)))
+        if self._per_bucket:  # no count kept: the gradients there now (all were None before backward)
+            ready = sum(self._params[i].grad is not None for i in self._positions)
+        else:
+            ready = len(self._fired)
+        self._launched.append((bucket.index, ready))
         self._next += 1
 
     def _start_window(self) -> None:
         self._next = 0
         self._fired.clear()
         self._launched = []
+        self._per_bucket = False
         for bucket in self.buckets:
             bucket.ready = 0
             bucket.work = None

@@ -7,6 +7,10 @@ both. A step is forward + backward (with the bucketed all-reduce overlapped) +
 optimizer step, timed on rank 0 after a barrier. The model is an MLP of a few
 wide Linear layers (~25M parameters, ~100 MB of gradients), so communication
 and the gradient passes matter, not just the matrix products.
+
+The per-tensor rows run the same pair on chains of tiny ``Linear(8, 8)`` layers
+holding N = 10, 100, 1000 and 3000 parameter tensors (all in one pair of worker
+processes), where the host work per tensor is what counts.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ TINY_SIZES = (32, 64, 64, 8)
 BATCH = 32
 REFERENCE = "DDP"
 GOAL = 1 / 1.05  # gradkit at most 5% slower than DDP
+TENSOR_COUNTS = (10, 100, 1000, 3000)
+TINY_TENSOR_COUNTS = (10, 100)
+TENSOR_GOAL = 1 / 1.2  # at most 20% slower than DDP's C++ reducer on tiny tensors
+TENSOR_BATCH = 8
 MAX_REPEATS = 25
 TIMEOUT = 300.0
 
@@ -31,7 +39,27 @@ def run(settings: Settings) -> list[Row]:
     init = f"tcp://127.0.0.1:{free_port()}"
     args = _worker_args(sizes, "ddp", init, settings)
     results = run_workers([(args + ["--rank", str(rank)], {"GLOO_SOCKET_IFNAME": "lo"}) for rank in (0, 1)], TIMEOUT)
-    return step_rows(results[0], "2 processes, gloo on loopback", "cpu", REFERENCE, GOAL, "gradkit / DDP", "<= 1.05")
+    where = "2 processes, gloo on loopback"
+    rows = step_rows(results[0], where, "cpu", REFERENCE, GOAL, "gradkit / DDP", "<= 1.05")
+    return rows + tensor_rows(settings)
+
+
+def tensor_rows(settings: Settings) -> list[Row]:
+    """`Average()` against DDP on chains of tiny layers, one row per tensor count."""
+    counts = TINY_TENSOR_COUNTS if settings.tiny else TENSOR_COUNTS
+    init = f"tcp://127.0.0.1:{free_port()}"
+    # Steps of a few milliseconds: more of them than for the large model, for stable medians.
+    repeats = min(settings.repeats * 4, 200)
+    args = [
+        "average", "--world", "2", "--init", init, "--pair", "ddp", "--tensors", ",".join(map(str, counts)),
+        "--batch", str(TENSOR_BATCH), "--warmup", str(max(min(settings.warmup, 5), 2)), "--repeats", str(repeats),
+    ]  # fmt: skip
+    results = run_workers([(args + ["--rank", str(rank)], {"GLOO_SOCKET_IFNAME": "lo"}) for rank in (0, 1)], TIMEOUT)
+    rows = []
+    for result in results[0]:
+        where = f"{result['tensors']} tensors (Linear(8, 8) chain), 2 processes, gloo on loopback"
+        rows += step_rows(result, where, "cpu", REFERENCE, TENSOR_GOAL, "gradkit / DDP", "<= 1.2", batch=TENSOR_BATCH)
+    return rows
 
 
 def _worker_args(sizes: tuple[int, ...], pair: str, init: str, settings: Settings) -> list[str]:
@@ -42,7 +70,9 @@ def _worker_args(sizes: tuple[int, ...], pair: str, init: str, settings: Setting
     ]  # fmt: skip
 
 
-def step_rows(result: dict, where: str, device: str, reference: str, goal: float, label: str, goal_text: str) -> list[Row]:
+def step_rows(
+    result: dict, where: str, device: str, reference: str, goal: float, label: str, goal_text: str, batch: int = BATCH
+) -> list[Row]:
     """One row from an `average` worker's result: gradkit's step against the reference step."""
     mine, theirs = summarize(result["samples"]["gradkit"]), summarize(result["samples"]["reference"])
     params = result["params"]
@@ -57,7 +87,7 @@ def step_rows(result: dict, where: str, device: str, reference: str, goal: float
     name = "Average(TopK(0.01))" if reference.startswith("dense") else "Average() step"
     return [
         Row(
-            f"{name}, MLP {params / 1e6:.1f}M params, batch {BATCH}, {where}",
+            f"{name}, {'MLP ' if 'tensors' not in where else ''}{_count(params)} params, batch {batch}, {where}",
             device,
             reference,
             goal,
@@ -66,3 +96,7 @@ def step_rows(result: dict, where: str, device: str, reference: str, goal: float
             note=note,
         )
     ]
+
+
+def _count(params: int) -> str:
+    return f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.1f}k"

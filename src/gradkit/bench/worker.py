@@ -1,6 +1,7 @@
 """One benchmark worker process (started by processes.run_workers), writing JSON to --out.
 
     python -m gradkit.bench.worker average --rank R --world W --init tcp://HOST:PORT --pair ddp|topk --sizes 1024,4096,... --batch B --warmup N --repeats N
+    python -m gradkit.bench.worker average ... --pair ddp --tensors 10,100,1000 --batch B --warmup N --repeats N
     python -m gradkit.bench.worker memory --sizes ... --batch B --accumulation K --repeats N
     python -m gradkit.bench.worker quality --rank R --world W --init tcp://HOST:PORT --configs FILE
 
@@ -10,7 +11,10 @@ gradkit dense-averaging step (GradientPipeline + gk.Average()) with a
 DistributedDataParallel step; ``topk`` pairs gk.Average(gk.TopK(0.01)) with
 dense gk.Average(); ``hier`` times gk.Average(node_size=N) and
 gk.Average(gk.TopK(0.01), node_size=N) against flat dense gk.Average().
-Rank 0's samples are reported.
+Rank 0's samples are reported. With ``--tensors``, the model is
+instead a chain of tiny ``Linear(8, 8)`` layers with that many parameter tensors, one
+model per count, all in the same process group: the result is then a list, one entry
+per count.
 
 `memory` runs training steps on one batch (at once, or in K micro-batches through
 GradientPipeline(accumulation_steps=K)) in this fresh process, so its peak RSS
@@ -48,43 +52,58 @@ def mlp(sizes: list[int]) -> nn.Module:
     return nn.Sequential(*layers[:-1])
 
 
-def average(args: argparse.Namespace) -> dict:
+def tiny_layers(tensors: int) -> nn.Module:
+    """A chain of ``Linear(8, 8)`` layers holding `tensors` parameter tensors (weight and bias each)."""
+    return nn.Sequential(*[nn.Linear(8, 8) for _ in range(max(tensors // 2, 1))])
+
+
+def average(args: argparse.Namespace) -> dict | list[dict]:
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world, timeout=TIMEOUT)
     try:
-        torch.manual_seed(0)  # the same initial model on every rank and for both candidates
-        base = mlp(args.sizes)
-        torch.manual_seed(1 + args.rank)  # each rank its own data, the same for both candidates
-        x, y = torch.randn(args.batch, args.sizes[0]), torch.randn(args.batch, args.sizes[-1])
-        steps = {}
-        if args.pair == "ddp":
-            steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
-            steps["reference"] = _ddp_step(copy.deepcopy(base), x, y)
-        elif args.pair == "hier":
-            # Hierarchical dense and hierarchical TopK against flat dense, all across the same nodes.
-            steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(node_size=args.node_size), x, y)
-            topk = gradkit.Average(gradkit.TopK(0.01), node_size=args.node_size)
-            steps["topk"] = _pipeline_step(copy.deepcopy(base), topk, x, y)
-            steps["reference"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
-        else:
-            steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(gradkit.TopK(0.01)), x, y)
-            steps["reference"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
-        samples: dict[str, list[float]] = {name: [] for name in steps}
-        sent: dict[str, int] = {}
-        names = list(steps)
-        for round_index in range(args.warmup + args.repeats):
-            shift = round_index % len(names)  # alternate which candidate goes first
-            for name in names[shift:] + names[:shift]:
-                # Line the ranks up outside the timed region: a rank that finished the previous
-                # step early must not count its wait for the peer as this step's time.
-                dist.barrier()
-                start = time.perf_counter()
-                sent[name] = steps[name]()
-                elapsed = time.perf_counter() - start
-                if round_index >= args.warmup:
-                    samples[name].append(elapsed)
-        return {"samples": samples, "bytes_sent": sent, "params": sum(p.numel() for p in base.parameters())}
+        results = []
+        for tensors in args.tensors or [0]:
+            torch.manual_seed(0)  # the same initial model on every rank and for both candidates
+            model = tiny_layers(tensors) if tensors else mlp(args.sizes)
+            fan_in, fan_out = (8, 8) if tensors else (args.sizes[0], args.sizes[-1])
+            results.append(_average_pair(args, model, fan_in, fan_out))
+        return results if args.tensors else results[0]
     finally:
         dist.destroy_process_group()
+
+
+def _average_pair(args: argparse.Namespace, base: nn.Module, fan_in: int, fan_out: int) -> dict:
+    """Time the two candidates of `args.pair` on copies of `base`, interleaved step by step."""
+    torch.manual_seed(1 + args.rank)  # each rank its own data, the same for both candidates
+    x, y = torch.randn(args.batch, fan_in), torch.randn(args.batch, fan_out)
+    steps = {}
+    if args.pair == "ddp":
+        steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
+        steps["reference"] = _ddp_step(copy.deepcopy(base), x, y)
+    elif args.pair == "hier":
+        # Hierarchical dense and hierarchical TopK against flat dense, all across the same nodes.
+        steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(node_size=args.node_size), x, y)
+        topk = gradkit.Average(gradkit.TopK(0.01), node_size=args.node_size)
+        steps["topk"] = _pipeline_step(copy.deepcopy(base), topk, x, y)
+        steps["reference"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
+    else:
+        steps["gradkit"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(gradkit.TopK(0.01)), x, y)
+        steps["reference"] = _pipeline_step(copy.deepcopy(base), gradkit.Average(), x, y)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    sent: dict[str, int] = {}
+    names = list(steps)
+    for round_index in range(args.warmup + args.repeats):
+        shift = round_index % len(names)  # alternate which candidate goes first
+        for name in names[shift:] + names[:shift]:
+            # Line the ranks up outside the timed region: a rank that finished the previous
+            # step early must not count its wait for the peer as this step's time.
+            dist.barrier()
+            start = time.perf_counter()
+            sent[name] = steps[name]()
+            elapsed = time.perf_counter() - start
+            if round_index >= args.warmup:
+                samples[name].append(elapsed)
+    params = list(base.parameters())
+    return {"samples": samples, "bytes_sent": sent, "params": sum(p.numel() for p in params), "tensors": len(params)}
 
 
 def _pipeline_step(model: nn.Module, averaging: gradkit.Average, x: torch.Tensor, y: torch.Tensor):
@@ -170,6 +189,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--tensors", type=lambda s: [int(v) for v in s.split(",")], default=[])
     parser.add_argument("--configs", type=Path)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
