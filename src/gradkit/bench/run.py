@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gradkit.bench import averaging, clipping, compressors, ef_memory, ema, fsdp, integrations, memory, network, powersgd, quality, topk, tracking
+from gradkit.bench import averaging, clipping, compressors, ef_memory, ema, fsdp, integrations, memory, network, powersgd, quality, step, topk, tracking
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import Timing
 
@@ -29,6 +29,7 @@ __all__ = ["BENCHMARKS", "add_arguments", "main", "run"]
 # name for --only -> module, in the order they run
 BENCHMARKS = {
     "clipping": clipping,
+    "step": step,
     "tracking": tracking,
     "topk": topk,
     "compressors": compressors,
