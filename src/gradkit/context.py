@@ -9,7 +9,6 @@ free instead of making another pass over every gradient.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 from operator import attrgetter
 
@@ -112,11 +111,9 @@ class GradContext:
             return torch.zeros(0)
         if self._norms is None:
             groups = self._groups if self._groups is not None else _foreach.Groups.of(self._local)
-            per_tensor = groups.norms(self._local, 2.0, at_least=torch.float32)
-            # At least float32, so that bf16 gradients do not get a bf16-rounded norm.
-            dtype = functools.reduce(torch.promote_types, (n.dtype for n in per_tensor), torch.float32)
-            device = per_tensor[0].device
-            norms = torch.stack([n.to(device, dtype) for n in per_tensor])
+            # At least float32, so that bf16 gradients do not get a bf16-rounded norm; one stack
+            # (it promotes mixed dtypes), with no Python work per tensor on one device.
+            norms = groups.stacked_norms(self._local, 2.0, at_least=torch.float32)
             if self.sharded:
                 norms = _dtensor.reduce_sums(norms.square(), self.grads).sqrt()
             if self._pending is not None:
