@@ -18,7 +18,7 @@ from gradkit.bench.run import BENCHMARKS
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [
-    "clipping", "tracking", "topk", "compressors", "averaging", "network", "hierarchical", "quality", "memory",
+    "clipping", "step", "tracking", "topk", "compressors", "averaging", "network", "hierarchical", "quality", "memory",
     "ef_memory", "ema", "powersgd", "fsdp", "integrations",
 ]  # fmt: skip
 # The benchmarks that start worker processes or a trainer of their own run in a test of their own.

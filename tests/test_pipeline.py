@@ -355,3 +355,136 @@ def test_a_parameter_unfrozen_after_setup_is_refused_naming_it():
     assert model[0].weight.grad is None
     model[0].weight.requires_grad_(False)  # frozen again: the pipeline goes on
     assert pipe.flush(opt)
+
+
+# -- one pass fewer: the window's scale folded into the global clip's multiply -------------------
+
+
+class GradRecorder:
+    """A tracker that keeps every report and the gradients it is shown, every step."""
+
+    def __init__(self):
+        self.reports, self.grads, self.pre_clip = [], [], []
+
+    def wants(self, step):
+        return True
+
+    def observe(self, ctx, report):
+        self.reports.append(report)
+        self.grads.append([g.clone() for g in ctx.grads])
+        self.pre_clip.append(ctx.pre_clip_norms.clone())
+
+    def after_step(self, ctx, report):
+        pass
+
+
+def fold_run(fold: bool, *, optimizer="sgd", num_items=None, max_norm=0.05, poison=None, steps=4):
+    model = make_model()
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:  # fused: the skip stays on the device
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    tracker = GradRecorder()
+    pipe = gk.GradientPipeline(model, accumulation_steps=3, clip=gk.ClipByGlobalNorm(max_norm), tracker=tracker)
+    assert pipe._fold
+    pipe._fold = fold
+    for i, (x, y) in enumerate(batches(3 * steps)):
+        loss = ((model(x) - y) ** 2).sum() if num_items is not None else loss_of(model, x, y)
+        if i == poison:
+            loss = loss * float("nan")
+        items = None if num_items is None else num_items(x)
+        pipe.backward(loss, num_items=items)
+        pipe.step(opt)
+    return model, tracker, pipe
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "fused"])
+@pytest.mark.parametrize(
+    "num_items", [None, lambda x: x.shape[0] * 2, lambda x: torch.tensor(x.shape[0] * 2)], ids=["mean", "int", "tensor"]
+)
+@pytest.mark.parametrize("max_norm", [0.05, 100.0], ids=["clipping", "not-clipping"])
+def test_folded_scale_sees_and_leaves_what_the_separate_pass_does(optimizer, num_items, max_norm):
+    kwargs = dict(optimizer=optimizer, num_items=num_items, max_norm=max_norm, poison=4)
+    (model_a, rec_a, pipe_a), (model_b, rec_b, pipe_b) = [fold_run(fold, **kwargs) for fold in (False, True)]
+    assert len(rec_a.reports) == len(rec_b.reports) == 4
+    seen = zip(rec_a.reports, rec_b.reports, rec_a.grads, rec_b.grads, rec_a.pre_clip, rec_b.pre_clip)
+    for ra, rb, ga, gb, na, nb in seen:
+        for field in ("total_norm", "norm_after", "clip_coef", "skipped", "items"):
+            torch.testing.assert_close(getattr(rb, field), getattr(ra, field), rtol=1e-12, atol=0, equal_nan=True)
+            assert getattr(rb, field).dtype == getattr(ra, field).dtype
+        torch.testing.assert_close(nb, na, rtol=1e-12, atol=0, equal_nan=True)
+        for a, b in zip(ga, gb):  # the tracker's gradients: scaled and clipped the same, skipped step included
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=0, equal_nan=True)
+    assert bool(rec_b.reports[1].skipped) and not bool(rec_b.reports[0].skipped)
+    assert pipe_b.skipped_steps == pipe_a.skipped_steps == 1
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-12, atol=1e-15)
+
+
+def test_folded_step_writes_every_gradient_once(monkeypatch):
+    calls = []
+    real = torch._foreach_mul_
+
+    def counting(tensors, *args, **kwargs):
+        calls.append(len(tensors))
+        return real(tensors, *args, **kwargs)
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(0.05))
+    data = batches(2)
+    monkeypatch.setattr(torch, "_foreach_mul_", counting)
+    run(pipe, model, opt, data)
+    assert calls == [4]  # one multiply over the four gradients: scale and clip together
+
+    calls.clear()
+    pipe._fold = False
+    run(pipe, model, opt, data)
+    assert calls == [4, 4]  # the separate scale pass, then the clip
+
+
+def test_folded_norm_overflow_of_the_sum_is_taken_again_scaled():
+    # A float32 sum whose norm overflows float32 (~1.8e19) while the scaled gradient is finite:
+    # the folded path must not skip where the separate pass would not.
+    results = []
+    for fold in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1).float()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-30)
+        pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(1.0))
+        pipe._fold = fold
+        loss = model(torch.full((2, 4), 1e20)).sum()
+        pipe.backward(loss, num_items=10**10)
+        assert pipe.step(opt)
+        results.append((pipe.last.total_norm, pipe.last.skipped, [p.detach().clone() for p in model.parameters()]))
+    (norm_a, skip_a, params_a), (norm_b, skip_b, params_b) = results
+    assert torch.isfinite(norm_a) and torch.isfinite(norm_b) and not skip_a and not skip_b
+    torch.testing.assert_close(norm_b, norm_a)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [[gk.ClipPerLayer(0.1), gk.ClipByGlobalNorm(0.05)], gk.ClipByGlobalNorm(0.05, norm_type=1.0), gk.ClipByValue(0.01)],
+)
+def test_no_fold_unless_a_global_l2_clip_comes_first(clip):
+    pipe = gk.GradientPipeline(make_model(), clip=clip)
+    assert not pipe._fold
+
+
+def test_context_defer_scale_folds_into_the_next_multiply():
+    grads = [torch.randn(5, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)]
+    params = [torch.zeros_like(g) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    ctx = gk.GradContext(["a", "b"], params)
+    ctx.defer_scale(torch.tensor(0.25, dtype=torch.float64))
+    expected = torch.linalg.vector_norm(torch.cat([0.25 * g.flatten() for g in grads]))
+    torch.testing.assert_close(ctx.total_norm(), expected, rtol=1e-12, atol=0)
+    assert torch.equal(params[0].grad, grads[0])  # nothing written yet
+    ctx.scale_(0.5)
+    assert ctx.pending_factor is None
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g * 0.125, rtol=1e-15, atol=0)
+    torch.testing.assert_close(ctx.total_norm(), expected * 0.5, rtol=1e-12, atol=0)

@@ -9,15 +9,17 @@ free instead of making another pass over every gradient.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
+from operator import attrgetter
 
 import torch
 from torch import Tensor
 
 from gradkit import _dtensor, _foreach
 
-__all__ = ["GradContext"]
+__all__ = ["GradContext", "Attached"]
+
+_GRAD = attrgetter("grad")
 
 
 class GradContext:
@@ -52,7 +54,14 @@ class GradContext:
         self.sharded: bool = _dtensor.any_dtensor(self.grads)
         # The pieces this rank holds (the gradients themselves when unsharded): every pass runs on them.
         self._local: list[Tensor] = _dtensor.locals_of(self.grads) if self.sharded else self.grads
+        self._init_cache(None)
+
+    def _init_cache(self, groups: _foreach.Groups | None) -> None:
+        # The grouping of `_local` by (device, dtype), when the caller knows it (see `Attached`).
+        self._groups = groups
         self._norms: Tensor | None = None
+        # A factor the gradients still have to be multiplied by (see `defer_scale`), or None.
+        self._pending: Tensor | float | None = None
         #: per-parameter norms before the clip stages ran (set by the pipeline), for trackers
         self.pre_clip_norms: Tensor | None = None
 
@@ -65,6 +74,31 @@ class GradContext:
     def __len__(self) -> int:
         return len(self.grads)
 
+    def defer_scale(self, factor: Tensor | float) -> None:
+        """Say that the true gradients are `factor` times what ``p.grad`` holds now, without a pass.
+
+        The norms account for it at once; the next `scale_` or `scale_each_` multiplies by
+        both factors in one pass (`materialize_` does it alone). Only for a caller whose next
+        gradient-reading stage scales through this context (``ClipByGlobalNorm``, as the
+        pipeline arranges), since ``grads`` keep the unscaled values until then.
+        """
+        if self._pending is not None:
+            factor = self._pending * factor
+        if self._norms is not None:
+            self._norms = self._norms * _magnitude(factor, self._norms)
+        self._pending = factor
+
+    @property
+    def pending_factor(self) -> Tensor | float | None:
+        """The factor from `defer_scale` still to be applied to the gradients, or None."""
+        return self._pending
+
+    def materialize_(self) -> None:
+        """Apply a deferred factor to the gradients now (one pass; the norms stay cached)."""
+        if self._pending is not None and self.grads:
+            self._scale_local(self._pending)
+        self._pending = None
+
     def norms(self) -> Tensor:
         """Per-parameter gradient L2 norms as one 1-D tensor (no host sync; cached).
 
@@ -76,13 +110,15 @@ class GradContext:
         if not self.grads:
             return torch.zeros(0)
         if self._norms is None:
-            per_tensor = _foreach.per_tensor_norms(self._local, 2.0, at_least=torch.float32)
-            # At least float32, so that bf16 gradients do not get a bf16-rounded norm.
-            dtype = functools.reduce(torch.promote_types, (n.dtype for n in per_tensor), torch.float32)
-            device = per_tensor[0].device
-            norms = torch.stack([n.to(device, dtype) for n in per_tensor])
+            groups = self._groups if self._groups is not None else _foreach.Groups.of(self._local)
+            # At least float32, so that bf16 gradients do not get a bf16-rounded norm; one stack
+            # (it promotes mixed dtypes), with no Python work per tensor on one device.
+            norms = groups.stacked_norms(self._local, 2.0, at_least=torch.float32)
             if self.sharded:
                 norms = _dtensor.reduce_sums(norms.square(), self.grads).sqrt()
+            if self._pending is not None:
+                # Homogeneous: the norm of factor x sum is |factor| x the norm of the sum.
+                norms = norms * _magnitude(self._pending, norms)
             self._norms = norms
         return self._norms
 
@@ -99,27 +135,81 @@ class GradContext:
         """Multiply every gradient by one factor, keeping the cached norms right."""
         if not self.grads:
             return
-        _foreach.scale_(self._local, factor)
+        # A deferred factor rides along: one pass writes both.
+        self._scale_local(factor if self._pending is None else self._pending * factor)
+        self._pending = None
         if self._norms is not None:
-            # |factor|: a norm is never negative, whatever the sign of the factor.
-            self._norms = self._norms * (factor.to(self._norms).abs() if isinstance(factor, Tensor) else abs(factor))
+            self._norms = self._norms * _magnitude(factor, self._norms)
+
+    def _scale_local(self, factor: Tensor | float) -> None:
+        groups = self._groups if self._groups is not None else _foreach.Groups.of(self._local)
+        groups.scale_(self._local, factor)
 
     def scale_each_(self, factors: Tensor) -> None:
         """Multiply gradient i by ``factors[i]`` (a 1-D tensor), keeping the cached norms right."""
         if not self.grads:
             return
+        if self._norms is not None:
+            self._norms = self._norms * factors.to(self._norms).abs()
+        if self._pending is not None:
+            factors, self._pending = factors * self._pending, None
         for (device, _), (members, positions) in _foreach.group_tensors(self._local).items():
             local = factors.to(device)
             torch._foreach_mul_(members, [local[i] for i in positions])
         for grad, factor in zip(self._local, factors):
             if grad.is_sparse:
                 grad.mul_(factor.to(grad.device))
-        if self._norms is not None:
-            self._norms = self._norms * factors.to(self._norms).abs()
 
     def modified(self) -> None:
         """Say that the gradients changed in a way the cache cannot follow (value clipping, AGC)."""
+        self.materialize_()
         self._norms = None
+
+
+class Attached:
+    """What every step's `GradContext` over one fixed parameter list needs, found once.
+
+    Names, parameters, whether any is a DTensor, and the (device, dtype) grouping of their
+    gradients: a step whose every parameter has a gradient builds its context with no
+    Python work per tensor beyond collecting the gradients (as torch's own clipping does).
+
+    Args:
+        names: one name per parameter.
+        params: the parameters (checked as `GradContext` checks them, once).
+
+    Example:
+        >>> attached = Attached(names, params)
+        >>> ctx = attached.context()   # each step, after backward
+    """
+
+    def __init__(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        GradContext(names, params)  # the checks, with their errors
+        self.names, self.params = list(names), list(params)
+        self.sharded = _dtensor.any_dtensor(self.params)
+        self._groups: _foreach.Groups | None = None
+
+    def context(self) -> GradContext:
+        """The context of the gradients the parameters hold now."""
+        grads = list(map(_GRAD, self.params))
+        # Not `None in grads`: that compares each tensor with None through Tensor.__eq__ (slow).
+        if self.sharded or any(grad is None for grad in grads):
+            # Some parameters have no gradient (or shards need unwrapping): the general path.
+            return GradContext(self.names, self.params)
+        groups = self._groups
+        if groups is None or groups.count != len(grads):
+            # Gradients keep their parameter's device and dtype (autograd enforces it) and
+            # their layout, so the grouping found on the first full step holds for the rest.
+            groups = self._groups = _foreach.Groups(grads)
+        ctx = GradContext.__new__(GradContext)
+        ctx.names, ctx.params, ctx.grads = self.names, self.params, grads
+        ctx.sharded, ctx._local = False, grads
+        ctx._init_cache(groups)
+        return ctx
+
+
+def _magnitude(factor: Tensor | float, like: Tensor) -> Tensor | float:
+    # |factor|: a norm is never negative, whatever the sign of the factor.
+    return factor.to(like).abs() if isinstance(factor, Tensor) else abs(factor)
 
 
 def check_parameters(parameters: object) -> list[Tensor]:

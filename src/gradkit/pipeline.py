@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from gradkit import _checks, _names, _pipeline_state, _stateful
 from gradkit.accumulation import Window, check_num_items
 from gradkit.averaging import SyncControl, sync_control_for
-from gradkit.clipping.stages import ClipStage
-from gradkit.context import GradContext
+from gradkit.clipping.stages import ClipByGlobalNorm, ClipStage
+from gradkit.context import Attached, GradContext
 from gradkit.step_report import NoiseSample, StepReport
 from gradkit.tracking.noise_scale import NoiseProbe
 
@@ -127,6 +127,12 @@ class GradientPipeline:
         sparse = _names.sparse_gradient_names(model)
         module = module if isinstance(module, nn.Module) else None
         self.sync.attach(self.names, self.params, sparse=sparse, module=module)
+        #: names, parameters and their gradients' grouping, found once for every step's context
+        self._attached = Attached(self.names, self.params)
+        # One pass fewer: a global L2 clip first multiplies every gradient anyway, so the
+        # window's 1/N rides along with its coefficient (see `_finish_window`).
+        first = self.clip[0] if self.clip else None
+        self._fold = self.sync.defers_scale and isinstance(first, ClipByGlobalNorm) and first.norm_type == 2.0
         if tracker is not None and callable(getattr(tracker, "attach", None)):
             # The tracker's hooks go on the module as the user runs it (compiled or not), DDP unwrapped.
             module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -250,8 +256,18 @@ class GradientPipeline:
 
         # Reduce: sum over processes, times the scale that makes it the window's mean gradient.
         self.probe.before_reduction(self.window)
-        self.sync.reduce_(self.params, scale, complete=complete)
-        ctx = GradContext(self.names, self.params)
+        # With a global clip first, the scale is folded into the clip's multiply: every norm below
+        # is |scale| x the norm of the sum (exactly what the scaled gradients give, up to rounding),
+        # and one pass writes scale x coefficient. A GradScaler's unscale_ must see the scaled
+        # gradients (its inf check and order), so with one enabled the scale is applied first.
+        fold = self._fold and (self.scaler is None or not self.scaler.is_enabled())
+        if fold:
+            pending = self.sync.reduce_sum_(self.params, scale, complete=complete)
+        else:
+            self.sync.reduce_(self.params, scale, complete=complete)
+        ctx = self._attached.context()
+        if fold:
+            ctx.defer_scale(pending)
 
         # Unscale: divide the AMP loss scale out, exactly once.
         if self.scaler is not None:
@@ -264,6 +280,16 @@ class GradientPipeline:
 
         # Norm and skip: the step's one host read (finite? gradients no process produced?).
         skip, contributed, ctx = self._read_boundary(ctx, total_norm, global_items)
+        if skip and ctx.pending_factor is not None:
+            # No clip will run: the tracker and the error path see the scaled gradients. The
+            # norm of the sum is taken in float32 (bf16/fp32 sums: float32's range; fp16 sums
+            # cannot overflow it), so a sum whose norm passed ~1.8e19 reads as non-finite even
+            # where the scaled gradient's would not: take the norm again, the way it was taken
+            # before the fold (a second read, on non-finite steps only).
+            ctx.materialize_()
+            ctx.modified()
+            total_norm = ctx.total_norm()
+            skip = not bool(torch.isfinite(total_norm))
         ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
         if skip and self.nonfinite == "raise":
             self._skipped += 1
@@ -332,7 +358,9 @@ class GradientPipeline:
             skip = skip | (global_items.to(skip.device) <= 0)
         ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
         # Clip stages run on every step (they have no state): a non-finite gradient stays
-        # non-finite, and the optimizer does not apply it.
+        # non-finite, and the optimizer does not apply it. With the scale folded into the clip,
+        # a sum whose float32 norm overflows (~1.8e19) skips here as non-finite (no host read to
+        # take the norm again, as the other path does).
         for stage in self.clip:
             stage.apply_(ctx)
         self.last = self._report(total_norm, ctx.total_norm() if self.clip else total_norm, skip, count)
@@ -392,7 +420,10 @@ class GradientPipeline:
             # would move them under weight decay). Zeros add nothing to the norm already taken.
             for position in unused:
                 self.params[position].grad = None
+            pending = ctx.pending_factor
             ctx = GradContext(self.names, self.params)
+            if pending is not None:
+                ctx.defer_scale(pending)
         return not finite, own, ctx
 
     def _report(self, total_norm: Tensor, norm_after: Tensor, skip: bool | Tensor, count: int | Tensor) -> StepReport:

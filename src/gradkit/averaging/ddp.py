@@ -46,16 +46,22 @@ class DDPSync(SyncControl):
             return micro_steps * self.world_size
         return self.global_items(micro_steps)
 
+    defers_scale = True
+
     def reduce_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> None:
+        factor = self.reduce_sum_(params, scale, complete=complete)
+        _foreach.scale_(grads_of(params), factor)
+
+    def reduce_sum_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> Tensor | float:
         self._missing = None
         if complete:
             # DDP already averaged over its world size during backward (and, with
             # find_unused_parameters=True, left globally unused gradients None): undo the mean.
-            _foreach.scale_(grads_of(params), scale * self.world_size)
-            return
-        self._reduce_flushed(params, scale)
+            return scale * self.world_size
+        self._sum_flushed(params)
+        return scale
 
-    def _reduce_flushed(self, params: Sequence[Tensor], scale: Tensor | float) -> None:
+    def _sum_flushed(self, params: Sequence[Tensor]) -> None:
         """A flushed window's last backward ran without DDP's all-reduce: sum by hand.
 
         Every rank issues the same collectives whatever gradients it holds: one per
@@ -75,7 +81,6 @@ class DDPSync(SyncControl):
             for i in missing:
                 params[i].grad = None
             raise
-        _foreach.scale_(grads_of(params), scale)
         self._missing = (missing, present[missing]) if missing else None
 
     def missing_grads(self) -> tuple[list[int], Tensor] | None:

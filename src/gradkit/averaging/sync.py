@@ -29,6 +29,9 @@ class SyncControl:
     local_grads_at_boundary: bool = False
     #: whether the reduced gradient is only an approximation (compressed averaging)
     lossy: bool = False
+    #: whether `reduce_sum_` can leave the multiplication by the scale to its caller: the
+    #: pipeline folds it into the clip's multiply, so that a step writes every gradient once
+    defers_scale: bool = False
 
     def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None) -> None:
         """Called once by the pipeline with the parameters it manages, the names of those
@@ -61,6 +64,17 @@ class SyncControl:
         backward ran with sync on; a flushed window's did not."""
         _foreach.scale_(grads_of(params), scale)
 
+    def reduce_sum_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> Tensor | float:
+        """`reduce_`, but the multiplication by a factor may be left to the caller.
+
+        Returns:
+            The factor each gradient still has to be multiplied by to equal what `reduce_`
+            leaves (1.0 when nothing is left). Controls with `defers_scale` return the
+            scale instead of making a pass that only multiplies.
+        """
+        self.reduce_(params, scale, complete=complete)
+        return 1.0
+
     def missing_grads(self) -> tuple[list[int], Tensor] | None:
         """After `reduce_`: the positions (in its `params`) of the parameters this process
         had no gradient for in the window, and a device tensor of how many processes had
@@ -91,6 +105,11 @@ class SyncControl:
 class LocalSync(SyncControl):
     """One process, or gradients that are averaged elsewhere: nothing to control."""
 
+    defers_scale = True
+
+    def reduce_sum_(self, params: Sequence[Tensor], scale: Tensor | float, *, complete: bool) -> Tensor | float:
+        # p.grad already holds the window's sum: the scale is all that is left.
+        return scale
 
 
 

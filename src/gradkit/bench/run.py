@@ -22,7 +22,7 @@ import torch
 
 from gradkit.bench import (
     averaging, clipping, compressors, ef_memory, ema, fsdp, hierarchical, integrations, memory, network, powersgd,
-    quality, topk, tracking,
+    quality, step, topk, tracking,
 )  # fmt: skip
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import Timing
@@ -32,6 +32,7 @@ __all__ = ["BENCHMARKS", "add_arguments", "main", "run"]
 # name for --only -> module, in the order they run
 BENCHMARKS = {
     "clipping": clipping,
+    "step": step,
     "tracking": tracking,
     "topk": topk,
     "compressors": compressors,

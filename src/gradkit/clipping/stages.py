@@ -77,8 +77,9 @@ class ClipByGlobalNorm(ClipStage):
 
     def apply_(self, ctx: GradContext) -> None:
         if self.norm_type == 2.0 or not ctx.grads:
-            total = ctx.total_norm()
+            total = ctx.total_norm()  # from the cache; a deferred factor is folded into the multiply below
         else:
+            ctx.materialize_()  # this norm reads the gradients themselves
             total = _foreach.total_norm(_foreach.per_tensor_norms(ctx.grads, self.norm_type), self.norm_type)
         if self.group is not None:
             total = reduce_norm(total, self.norm_type, self.group)
