@@ -35,16 +35,21 @@ class Bucket:
         # has its gradient (1) or not (0); summed with them, a slot is > 0 exactly when some
         # rank has one (sums of ones never round to 0, even in bfloat16).
         self.presence = presence
-        self.buffer = torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device)
-        self.grads = self.buffer[: self.numel]  # the gradients' part, without the presence slots
-        self.views = [
-            self.buffer.narrow(0, offset, size).view(params[position].shape)
-            for position, offset, size in zip(self.positions, self.offsets, self.sizes)
-        ]
+        self.shapes = [params[i].shape for i in positions]
+        self.use_buffer(torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device))
         self.missing: list[tuple[int, int]] = []  # (position, slot) of parameters without a gradient here
         self.ready = 0
         self.work: dist.Work | None = None
         self.pending: PendingReduce | None = None
+
+    def use_buffer(self, buffer: Tensor) -> None:
+        """Hold the bucket in `buffer` (its size; e.g. the front of a padded one that splits evenly),
+        with the gradients' part and one view per parameter made once, here."""
+        self.buffer = buffer
+        self.grads = buffer[: self.numel]  # the gradients' part, without the presence slots
+        self.views = [
+            buffer.narrow(0, offset, size).view(shape) for offset, size, shape in zip(self.offsets, self.sizes, self.shapes)
+        ]
 
     def pack(self, params: Sequence[Tensor], scale: Tensor | float = 1.0) -> None:
         """Copy this rank's gradients (times `scale`) into the buffer; a missing one packs as zeros."""

@@ -309,7 +309,7 @@ class HierarchicalReducer(Reducer):
         # The bucket's buffer becomes the front of a padded one (before anything was packed into it),
         # so that the reduce-scatter and the all-gather work on it without a copy.
         padded = bucket.buffer.new_zeros(per_shard * self.node_size)
-        bucket.buffer = padded[:size]
+        bucket.use_buffer(padded[:size])
         start = self.groups.local_rank * per_shard
         valid = max(0, min(per_shard, size - start))
         return _Shard(padded, padded.new_empty(per_shard), valid, self._layout(bucket, start, start + valid))
