@@ -95,7 +95,9 @@ def _join(context: mp.ProcessContext, deadline: float, timeout: float, folder: P
             if time.monotonic() >= deadline:
                 pids = [p.pid for p in context.processes if p.is_alive()]
                 _kill_alive(context)
-                raise TimeoutError(f"workers did not finish within {timeout} s; killed the ones still running (pids {pids})")
+                raise TimeoutError(
+                    f"workers did not finish within {timeout} s; killed the ones still running (pids {pids})"
+                )
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
         # When one rank dies its peers fail too ("connection closed"); the earliest
         # failure is the cause, so it comes first and names the rank.

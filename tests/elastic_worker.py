@@ -40,7 +40,9 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=world, timeout=timeout
+    )
     folder = os.path.join(args.out, "ckpt")
     os.makedirs(folder, exist_ok=True)
     latest = os.path.join(folder, "latest")
@@ -63,9 +65,14 @@ def main() -> None:
             open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
         train(objects, rank, micro, micro + 1)
-        save_atomically({"pipe": pipe.state_dict(), "rng": torch.get_rng_state()}, os.path.join(folder, f"rank{rank}-{micro + 1}.pt"))
+        save_atomically(
+            {"pipe": pipe.state_dict(), "rng": torch.get_rng_state()},
+            os.path.join(folder, f"rank{rank}-{micro + 1}.pt"),
+        )
         if rank == 0:
-            save_atomically({"model": model.state_dict(), "opt": opt.state_dict()}, os.path.join(folder, f"model-{micro + 1}.pt"))
+            save_atomically(
+                {"model": model.state_dict(), "opt": opt.state_dict()}, os.path.join(folder, f"model-{micro + 1}.pt")
+            )
         dist.barrier()  # every file of this micro-step is on disk
         if rank == 0:
             with open(latest + ".partial", "w") as f:

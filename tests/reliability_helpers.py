@@ -93,7 +93,10 @@ def checkpoint(objects) -> dict[str, Any]:
     sampled threshold draws from it), through bytes as on disk."""
     model, opt, pipe = objects
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "pipe": pipe.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "pipe": pipe.state_dict(), "rng": torch.get_rng_state()},
+        buffer,
+    )
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
 
@@ -126,7 +129,11 @@ def differences(a: Any, b: Any, where: str = "state") -> list[str]:
             return [f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"]
         if a.is_sparse:
             a, b = a.coalesce().to_dense(), b.coalesce().to_dense()
-        same = torch.equal(a, b) or (a.is_floating_point() and torch.equal(torch.nan_to_num(a, nan=1.5), torch.nan_to_num(b, nan=1.5)) and torch.equal(a.isnan(), b.isnan()))
+        same = torch.equal(a, b) or (
+            a.is_floating_point()
+            and torch.equal(torch.nan_to_num(a, nan=1.5), torch.nan_to_num(b, nan=1.5))
+            and torch.equal(a.isnan(), b.isnan())
+        )
         return [] if same else [f"{where}: tensors differ"]
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):

@@ -19,7 +19,10 @@ def make_model(seed: int = 0) -> nn.Module:
 def token_batches(lengths: list[int], seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Micro-batches of very different lengths (as with variable-length sequences)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)) for n in lengths]
+    return [
+        (torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64))
+        for n in lengths
+    ]
 
 
 def sum_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -213,7 +216,9 @@ def test_mixing_item_and_mean_mode_in_one_window_is_rejected(first, second):
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("4", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("4", TypeError), (True, TypeError)]
+)
 def test_bad_accumulation_steps(bad, error):
     with pytest.raises(error, match="accumulation_steps"):
         gk.GradientPipeline(make_model(), accumulation_steps=bad)

@@ -126,7 +126,16 @@ def test_only_gpu_runs_the_cuda_rows_or_says_there_is_no_gpu():
 
 
 def test_quality_steps_sets_the_length_of_the_quality_runs():
-    harness = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--tiny", "--threads", "1", "--only", "quality"]
+    harness = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "run.py"),
+        "--quick",
+        "--tiny",
+        "--threads",
+        "1",
+        "--only",
+        "quality",
+    ]
     done = subprocess.run([*harness, "--quality-steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = _table(done.stdout)

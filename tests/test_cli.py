@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def gradkit(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gradkit", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "gradkit", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -43,7 +45,14 @@ def test_version_and_help():
 def test_demo_quick_writes_every_artifact(demo_run):
     done, run = demo_run
     assert done.returncode == 0, done.stderr[-3000:]
-    for artifact in ("tracking.jsonl", "report.html", "checkpoint/model.pt", "checkpoint/rank0.pt", "checkpoint/rank1.pt", "checkpoint/step.json"):
+    for artifact in (
+        "tracking.jsonl",
+        "report.html",
+        "checkpoint/model.pt",
+        "checkpoint/rank0.pt",
+        "checkpoint/rank1.pt",
+        "checkpoint/step.json",
+    ):
         assert (run / artifact).exists(), artifact
     assert list(run.glob("events.out.tfevents.*")) or list(run.glob("**/events.out.tfevents.*"))
     assert "2 worker(s)" in done.stdout and "report:" in done.stdout and "x less" in done.stdout
@@ -62,7 +71,9 @@ def test_demo_loss_really_drops(demo_run):
 def test_train_with_a_config_then_resume_from_its_checkpoint(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    config = write_config(tmp_path / "run.toml", f"""
+    config = write_config(
+        tmp_path / "run.toml",
+        f"""
 name = "tiny"
 steps = 6
 workers = 1
@@ -85,7 +96,8 @@ schedule = "cosine"
 compressor = "none"
 [clipping]
 clip = "zclip"
-""")
+""",
+    )
     first = gradkit("train", "--config", str(config), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((tmp_path / "runs/tiny/checkpoint/step.json").read_text())["step"] == 6
@@ -198,7 +210,9 @@ def test_missing_config_and_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     done = gradkit("demo", "--quick", "--run-dir", str(blocker / "runs"), cwd=tmp_path, timeout=60)
-    assert done.returncode == 2 and "cannot write to the run directory" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        done.returncode == 2 and "cannot write to the run directory" in done.stderr and "Traceback" not in done.stderr
+    )
 
 
 def test_report_on_a_directory_without_a_run(tmp_path):
@@ -210,7 +224,12 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_checkpoint(tmp_path):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "gradkit", "demo", "--steps", "2000", "--name", "stopped"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     marker = tmp_path / "runs/stopped/tracking.jsonl"
     deadline = time.monotonic() + 120

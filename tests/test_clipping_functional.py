@@ -88,7 +88,12 @@ def test_clip_grad_norm_matches_torch(specs, seed, norm_type, max_norm):
 def test_clip_grad_norm_bf16_and_mixed_match_torch(norm_type):
     gen = torch.Generator().manual_seed(3)
     ours = []
-    for shape, dtype in [((4, 8), torch.bfloat16), ((8,), torch.bfloat16), ((3, 3), torch.float32), ((), torch.bfloat16)]:
+    for shape, dtype in [
+        ((4, 8), torch.bfloat16),
+        ((8,), torch.bfloat16),
+        ((3, 3), torch.float32),
+        ((), torch.bfloat16),
+    ]:
         p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
         p.grad = (torch.randn(shape, generator=gen) * 5).to(dtype)
         ours.append(p)
@@ -214,7 +219,11 @@ def test_clip_grad_value_single_tensor_and_bf16():
 
 
 @SETTINGS
-@given(specs=st.lists(tensor_specs, min_size=0, max_size=6), seed=st.integers(0, 2**31 - 1), norm_type=st.sampled_from(NORM_TYPES))
+@given(
+    specs=st.lists(tensor_specs, min_size=0, max_size=6),
+    seed=st.integers(0, 2**31 - 1),
+    norm_type=st.sampled_from(NORM_TYPES),
+)
 def test_grad_norms_are_per_parameter_vector_norms(specs, seed, norm_type):
     params = make_params(specs, seed)
     with_grad = [p for p in params if p.grad is not None]
@@ -399,7 +408,9 @@ def test_norm_type_accepts_the_string_inf_like_torch():
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, INF, 3.7])
 def test_clip_grad_norm_makes_no_host_sync(monkeypatch, norm_type):
-    params = make_params([((3, 4), torch.float32, True, 1), ((5,), torch.float64, True, 0), ((2,), torch.float32, False, 0)], seed=9)
+    params = make_params(
+        [((3, 4), torch.float32, True, 1), ((5,), torch.float64, True, 0), ((2,), torch.float32, False, 0)], seed=9
+    )
     theirs = clone_params(params)
     expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5, norm_type)
     with monkeypatch.context() as patch:
@@ -494,7 +505,10 @@ def test_groups_give_input_order_and_torch_results_for_mixed_kinds():
     tensors = dense[:2] + [embedding.weight.grad] + dense[2:]
     groups = gk._foreach.Groups(tensors)
     assert [(device.type, dtype) for device, dtype, _ in groups.split(tensors)] == [
-        ("cpu", torch.float64), ("cpu", torch.float32), ("cpu", torch.bfloat16)]  # first seen first
+        ("cpu", torch.float64),
+        ("cpu", torch.float32),
+        ("cpu", torch.bfloat16),
+    ]  # first seen first
     assert groups.sparse == (2,)
     for norm_type in (2.0, 1.0, INF, 3.7):
         expected = [torch.linalg.vector_norm(t.to_dense() if t.is_sparse else t, norm_type) for t in tensors]
@@ -513,8 +527,10 @@ def test_groups_give_input_order_and_torch_results_for_mixed_kinds():
     # group_tensors keeps its contract: dense members by (device, dtype), with their positions.
     grouped = gk._foreach.group_tensors(tensors)
     assert {key: positions for key, (_, positions) in grouped.items()} == {
-        (torch.device("cpu"), torch.float64): [0, 4], (torch.device("cpu"), torch.float32): [1, 5],
-        (torch.device("cpu"), torch.bfloat16): [3]}
+        (torch.device("cpu"), torch.float64): [0, 4],
+        (torch.device("cpu"), torch.float32): [1, 5],
+        (torch.device("cpu"), torch.bfloat16): [3],
+    }
     for members, positions in grouped.values():
         assert all(m is tensors[i] for m, i in zip(members, positions))
 

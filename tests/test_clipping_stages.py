@@ -11,16 +11,16 @@ import io
 import math
 
 import numpy as np
-import param_sets
 import pytest
 import torch
-from host_reads import forbid_host_sync
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from param_sets import clone_params, make_params
 from torch.testing import assert_close
 
 import gradkit as gk
+import param_sets
+from host_reads import forbid_host_sync
+from param_sets import clone_params, make_params
 
 INF = float("inf")
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,7 +65,10 @@ def two_param_step(stage, norm, angle=0.7, seed=0):
     Returns the gradient before and after, concatenated.
     """
     gen = torch.Generator().manual_seed(seed)
-    directions = [torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(2, 3, generator=gen, dtype=torch.float64)]
+    directions = [
+        torch.randn(5, generator=gen, dtype=torch.float64),
+        torch.randn(2, 3, generator=gen, dtype=torch.float64),
+    ]
     parts = [math.cos(angle), math.sin(angle)]
     params = []
     for direction, part in zip(directions, parts):
@@ -139,7 +142,9 @@ def test_clip_by_value_matches_torch(specs, seed, value):
 
 
 @SETTINGS
-@given(specs=st.lists(tensor_specs, min_size=0, max_size=6), seed=st.integers(0, 2**31 - 1), max_norm=st.floats(1e-2, 1e2))
+@given(
+    specs=st.lists(tensor_specs, min_size=0, max_size=6), seed=st.integers(0, 2**31 - 1), max_norm=st.floats(1e-2, 1e2)
+)
 def test_clip_per_layer_matches_torch_per_tensor(specs, seed, max_norm):
     ours = make_params(specs, seed)
     theirs = clone_params(ours)
@@ -306,7 +311,11 @@ def test_autoclip_history_is_a_bounded_ring(percentile):
         assert_close(after, before * bounded[t], **EXACT64)
     # The ring holds exactly the last five norms, in some order.
     kept = sorted(stage.state_dict()["norms"].tolist())
-    assert_close(torch.tensor(kept, dtype=torch.float64), torch.tensor(sorted(AUTOCLIP_NORMS[-5:]), dtype=torch.float64), **EXACT64)
+    assert_close(
+        torch.tensor(kept, dtype=torch.float64),
+        torch.tensor(sorted(AUTOCLIP_NORMS[-5:]), dtype=torch.float64),
+        **EXACT64,
+    )
     assert stage.state_dict()["count"] == len(AUTOCLIP_NORMS)
 
 
@@ -425,7 +434,7 @@ def test_nothing_changes_below_the_threshold(built, margin):
         (gk.ClipByGlobalNorm, total),
         (gk.ClipPerLayer, largest_layer),
         (gk.ClipByValue, largest_element),
-        (lambda m: (lambda p: gk.clip_grad_norm_(p, m)), total),
+        (lambda m: lambda p: gk.clip_grad_norm_(p, m), total),
     ]:
         params = make_params(specs, seed)
         expected = grads_of(params)
@@ -501,7 +510,10 @@ def test_context_modified_invalidates_the_cache():
 )
 def test_stages_keep_the_context_cache_right(stage):
     for step in range(3):
-        params = make_params([((3, 4), torch.float32, True, 0), ((5,), torch.float64, True, 1), ((2,), torch.float32, False, 0)], seed=step)
+        params = make_params(
+            [((3, 4), torch.float32, True, 0), ((5,), torch.float64, True, 1), ((2,), torch.float32, False, 0)],
+            seed=step,
+        )
         ctx = gk.GradContext.from_parameters(params)
         ctx.norms()
         stage(ctx)
@@ -509,10 +521,14 @@ def test_stages_keep_the_context_cache_right(stage):
 
 
 def test_context_skips_params_without_grad_and_handles_none_at_all():
-    params = make_params([((2,), torch.float32, True, 0), ((3,), torch.float32, False, 0), ((4,), torch.float32, True, 0)], seed=0)
+    params = make_params(
+        [((2,), torch.float32, True, 0), ((3,), torch.float32, False, 0), ((4,), torch.float32, True, 0)], seed=0
+    )
     ctx = gk.GradContext(["a", "b", "c"], params)
     assert ctx.names == ["a", "c"] and len(ctx) == 2
-    assert_close(ctx.norms(), torch.stack([torch.linalg.vector_norm(params[0].grad), torch.linalg.vector_norm(params[2].grad)]))
+    assert_close(
+        ctx.norms(), torch.stack([torch.linalg.vector_norm(params[0].grad), torch.linalg.vector_norm(params[2].grad)])
+    )
     empty = gk.GradContext(["x"], [torch.nn.Parameter(torch.ones(2))])
     assert len(empty) == 0
     assert empty.norms().shape == (0,)
@@ -690,7 +706,9 @@ def test_load_state_dict_rejects_a_non_dict(owner):
 )
 def test_stages_make_no_host_sync(monkeypatch, make):
     stage = make()
-    steps = [make_params([((3, 4), torch.float32, True, s % 3), ((5,), torch.float32, True, 0)], seed=s) for s in range(6)]
+    steps = [
+        make_params([((3, 4), torch.float32, True, s % 3), ((5,), torch.float32, True, 0)], seed=s) for s in range(6)
+    ]
     contexts = [gk.GradContext.from_parameters(p) for p in steps]
     with monkeypatch.context() as patch:
         forbid_host_sync(patch)

@@ -14,7 +14,9 @@ from test_averaging import LR, data, full_batch_reference, make_model, max_diff,
 WORLD = 2
 
 
-def train(rank: int, average: gk.Average | None, steps: int = 4, size: int = 6, model: nn.Module | None = None, lengths=None):
+def train(
+    rank: int, average: gk.Average | None, steps: int = 4, size: int = 6, model: nn.Module | None = None, lengths=None
+):
     model = model if model is not None else make_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     pipe = gk.GradientPipeline(model, average=average)
@@ -68,7 +70,10 @@ def scenarios(rank: int, world: int) -> dict:
 
     # AMP: compressor state in unscaled units while GradScaler doubles its scale every step.
     runs = {}
-    for label, scaler in [("plain", None), ("scaled", torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1))]:
+    for label, scaler in [
+        ("plain", None),
+        ("scaled", torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)),
+    ]:
         model = make_model().float()
         opt, average = torch.optim.SGD(model.parameters(), lr=LR), gk.Average(gk.TopK(0.1), bucket_mb=0.002)
         pipe = gk.GradientPipeline(model, average=average, scaler=scaler)
@@ -78,7 +83,9 @@ def scenarios(rank: int, world: int) -> dict:
             assert pipe.step(opt)
         runs[label] = (params_of(model), average.state_dict()["compressor"]["residuals"])
     results["amp_param_gap"] = max((a - b).abs().max().item() for a, b in zip(runs["scaled"][0], runs["plain"][0]))
-    results["amp_residual_gap"] = max((runs["scaled"][1][k] - runs["plain"][1][k]).abs().max().item() for k in runs["plain"][1])
+    results["amp_residual_gap"] = max(
+        (runs["scaled"][1][k] - runs["plain"][1][k]).abs().max().item() for k in runs["plain"][1]
+    )
 
     # PowerSGD of rank 2 is exact when each rank's weight gradients have rank 1 (batch of 1).
     power, _ = train(rank, gk.Average(gk.PowerSGD(rank=2)), size=1)
@@ -119,8 +126,17 @@ def scenarios(rank: int, world: int) -> dict:
             stepped.append(pipe.step(opt))
             if step == 1:
                 state_after = average.state_dict()["compressor"]
-        tensors = [(state_before[field][k], state_after[field][k]) for field in state_before if field != "steps" for k in state_before[field]]
-        kept = bool(tensors) and all(torch.equal(a, b) for a, b in tensors) and state_before.get("steps") == state_after.get("steps")
+        tensors = [
+            (state_before[field][k], state_after[field][k])
+            for field in state_before
+            if field != "steps"
+            for k in state_before[field]
+        ]
+        kept = (
+            bool(tensors)
+            and all(torch.equal(a, b) for a, b in tensors)
+            and state_before.get("steps") == state_after.get("steps")
+        )
         results["nan"][name] = (stepped, kept, params_of(model))
     return results
 
@@ -181,7 +197,12 @@ def ddp_hooks(rank: int, world: int) -> dict:
     plain = DDP(make_model())
     plain_opt = torch.optim.SGD(plain.parameters(), lr=LR)
     hooked = {}
-    for name, compressor in [("identity", None), ("topk_all", gk.TopK(1.0)), ("topk", gk.TopK(0.1)), ("powersgd", gk.PowerSGD(1))]:
+    for name, compressor in [
+        ("identity", None),
+        ("topk_all", gk.TopK(1.0)),
+        ("topk", gk.TopK(0.1)),
+        ("powersgd", gk.PowerSGD(1)),
+    ]:
         model = DDP(make_model(), bucket_cap_mb=0.002)
         state, hook = gk.ddp_comm_hook(compressor, model=model)
         model.register_comm_hook(state, hook)
@@ -330,7 +351,9 @@ def sparse_embeddings(rank: int, world: int, compressor) -> dict:
     for sparse in (True, False):
         model = Bag(sparse)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(gk.TopK(1.0) if compressor == "topk" else None))
+        pipe = gk.GradientPipeline(
+            model, accumulation_steps=2, average=gk.Average(gk.TopK(1.0) if compressor == "topk" else None)
+        )
         g = torch.Generator().manual_seed(50 + rank)
         for _ in range(6):
             tokens = torch.randint(0, 40 + 400 * rank, (4, 5), generator=g)  # ranks touch overlapping rows

@@ -74,7 +74,9 @@ COMPRESSORS = {
     "dgc_exactly_k": (lambda: gk.DGC(0.01, exactly_k=True), True, [K] * 4),
     # the warm-up's densities: 25%, 6.25%, 1.5625%, then the target
     "dgc_warmup": (
-        lambda: gk.DGC(0.01, warmup_steps=4, exactly_k=True, clip_norm=1.0), True, [250_000, 62_500, 15_625, K]
+        lambda: gk.DGC(0.01, warmup_steps=4, exactly_k=True, clip_norm=1.0),
+        True,
+        [250_000, 62_500, 15_625, K],
     ),
     "error_feedback_topk_exactly_k": (lambda: gk.ErrorFeedback(gk.TopK(0.01, exactly_k=True)), True, [K] * 4),
 }
@@ -269,6 +271,7 @@ def test_a_nan_step_skips_on_the_gpu_without_a_sync():
     assert bool(pipe.last.skipped) and pipe.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+
 # --- Tracker: logging steps never wait for the device --------------------------------------------------------
 
 
@@ -296,8 +299,15 @@ def test_tracker_protocol_makes_no_sync_and_writes_every_record(tmp_path):
             ctx = GradContext(names, params)
             ctx.pre_clip_norms = ctx.norms()
             total = ctx.total_norm()
-            report = StepReport(step=step, micro_steps=1, items=torch.full((), 64.0, device=CUDA), total_norm=total,
-                                norm_after=total, clip_coef=torch.ones_like(total), skipped=~torch.isfinite(total))
+            report = StepReport(
+                step=step,
+                micro_steps=1,
+                items=torch.full((), 64.0, device=CUDA),
+                total_norm=total,
+                norm_after=total,
+                clip_coef=torch.ones_like(total),
+                skipped=~torch.isfinite(total),
+            )
             tracker.observe(ctx, report)
             opt.step()
             tracker.after_step(ctx, report)

@@ -56,7 +56,15 @@ def test_block_runs_as_written(name, code, tmp_path, monkeypatch):
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
         processes = torchrun.group(1)
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", processes, str(script)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            processes,
+            str(script),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         out = done.stdout

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_helpers import run_workers
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import gradkit as gk
+from dist_helpers import run_workers
 
 
 def _model(dtype: torch.dtype = torch.float64) -> nn.Module:

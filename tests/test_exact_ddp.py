@@ -59,7 +59,9 @@ def make_net(seed: int) -> Net:
 
 def batch(rank: int, window: int, micro: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(10_000 * rank + 100 * window + micro)
-    return torch.randn(rows, 5, generator=g, dtype=torch.float64), torch.randn(rows, 3, generator=g, dtype=torch.float64)
+    return torch.randn(rows, 5, generator=g, dtype=torch.float64), torch.randn(
+        rows, 3, generator=g, dtype=torch.float64
+    )
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, use_branch: bool, item_mode: bool) -> torch.Tensor:
@@ -120,7 +122,9 @@ def run_pipeline(
     steps at its window's boundary or flushes a shorter window."""
     net = make_net(1 + rank)
     model = DDP(net, find_unused_parameters=True) if kind == "ddp" else net
-    pipe = gk.GradientPipeline(model, accumulation_steps=scenario["k"], average=gk.Average() if kind == "average" else None)
+    pipe = gk.GradientPipeline(
+        model, accumulation_steps=scenario["k"], average=gk.Average() if kind == "average" else None
+    )
     opt = optimizer(net, fused)
     if reads is not None:
         opt.step = _uncounted(opt.step)  # AdamW reads its step counts: not the pipeline's reads
@@ -196,8 +200,18 @@ def _fixed_scenarios() -> dict[str, dict]:
     t, f = True, False
     return {
         # branch on some micro-batches only, a layer never used, frozen after window 2
-        "unused_mean": {"k": 2, "item_mode": False, "freeze_after": 2, "windows": [[[(3, t), (3, f)], [(3, f), (3, f)]]] * 4},
-        "unused_items": {"k": 2, "item_mode": True, "freeze_after": 2, "windows": [[[(2, f), (4, t)], [(5, f), (1, f)]]] * 4},
+        "unused_mean": {
+            "k": 2,
+            "item_mode": False,
+            "freeze_after": 2,
+            "windows": [[[(3, t), (3, f)], [(3, f), (3, f)]]] * 4,
+        },
+        "unused_items": {
+            "k": 2,
+            "item_mode": True,
+            "freeze_after": 2,
+            "windows": [[[(2, f), (4, t)], [(5, f), (1, f)]]] * 4,
+        },
         # mean mode, rank 0 has 10 micro-batches and rank 1 has 9, K=4: last windows 2 and 1
         "uneven_mean": {
             "k": 4,
@@ -205,9 +219,17 @@ def _fixed_scenarios() -> dict[str, dict]:
             "windows": [[[(2, t)] * 4, [(2, f)] * 4]] * 2 + [[[(2, t), (2, f)], [(2, f)]]],
         },
         # a gradient on one rank only in a flushed window, equal shapes (the silent mismatch)
-        "flush_one_rank_branch": {"k": 3, "item_mode": True, "windows": [[[(2, f)] * 3, [(3, f)] * 3], [[(2, t), (1, f)], [(4, f)]]]},
+        "flush_one_rank_branch": {
+            "k": 3,
+            "item_mode": True,
+            "windows": [[[(2, f)] * 3, [(3, f)] * 3], [[(2, t), (1, f)], [(4, f)]]],
+        },
         # one rank's last window completes while the other's is flushed
-        "complete_and_flushed": {"k": 3, "item_mode": False, "windows": [[[(2, t)] * 3, [(2, f)] * 3], [[(2, t)] * 3, [(2, t)]]]},
+        "complete_and_flushed": {
+            "k": 3,
+            "item_mode": False,
+            "windows": [[[(2, t)] * 3, [(2, f)] * 3], [[(2, t)] * 3, [(2, t)]]],
+        },
     }
 
 
@@ -351,7 +373,13 @@ def property_worker(rank: int, world: int, scenarios: list[dict]) -> list[tuple[
         ddp = reference_ddp(rank, scenario)
         average = run_pipeline(rank, scenario, "average")
         wrapped = run_pipeline(rank, scenario, "ddp") if _complete_together(scenario) else None
-        out.append((_diff(average, ddp), _diff(average, reference_full_batch(scenario)), None if wrapped is None else _diff(wrapped, ddp)))
+        out.append(
+            (
+                _diff(average, ddp),
+                _diff(average, reference_full_batch(scenario)),
+                None if wrapped is None else _diff(wrapped, ddp),
+            )
+        )
     return out
 
 
@@ -360,7 +388,9 @@ def scenario_strategy(draw) -> dict:
     k = draw(st.integers(2, 3))
     item_mode = draw(st.booleans())
     micro = st.tuples(st.integers(1, 4), st.booleans())  # (rows, uses the branch)
-    windows = [[draw(st.lists(micro, min_size=k, max_size=k)) for _ in range(WORLD)] for _ in range(draw(st.integers(0, 2)))]
+    windows = [
+        [draw(st.lists(micro, min_size=k, max_size=k)) for _ in range(WORLD)] for _ in range(draw(st.integers(0, 2)))
+    ]
     windows.append([draw(st.lists(micro, min_size=1, max_size=k)) for _ in range(WORLD)])  # each rank's last window
     return {"k": k, "item_mode": item_mode, "windows": windows, "freeze_after": draw(st.sampled_from([None, 1]))}
 

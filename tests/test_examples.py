@@ -44,7 +44,18 @@ def test_compression_example_converges():
 
 
 def test_averaging_example_under_torchrun():
-    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "averaging.py"), "--steps", "10", "--compressor", "topk")
+    out = run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(EXAMPLES / "averaging.py"),
+        "--steps",
+        "10",
+        "--compressor",
+        "topk",
+    )
     # The two ranks share the pipe: one's line may run into the other's, so match the number exactly.
     checksums = re.findall(r"rank (\d): done, parameter checksum (-?\d+\.\d{6})", out)
     assert sorted(rank for rank, _ in checksums) == ["0", "1"]
@@ -58,7 +69,18 @@ def test_tracking_example_names_the_vanishing_layer(tmp_path):
 
 
 def test_fsdp_example_under_torchrun():
-    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "fsdp.py"), "--steps", "20", "--reduce", "boundary")
+    out = run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(EXAMPLES / "fsdp.py"),
+        "--steps",
+        "20",
+        "--reduce",
+        "boundary",
+    )
     done = re.findall(r"rank (\d): done, grad norm (\d+\.\d{6}), parameter checksum (-?\d+\.\d{6})", out)
     assert sorted(rank for rank, _, _ in done) == ["0", "1"]
     assert done[0][1:] == done[1][1:]  # every rank reports the full norm and the full parameters

@@ -13,12 +13,12 @@ import math
 
 import pytest
 import torch
-from dist_helpers import run_workers
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import gradkit as gk
+from dist_helpers import run_workers
 
 STEPS, ACCUM, LR = 3, 3, 0.1
 TOL = 1e-10
@@ -94,7 +94,9 @@ def _full(model):
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
 
-def _train(rank, data, *, reduce="every", clip=None, mesh=None, tracker=None, mp=None, flush_last=False, dtype=torch.float64):
+def _train(
+    rank, data, *, reduce="every", clip=None, mesh=None, tracker=None, mp=None, flush_last=False, dtype=torch.float64
+):
     model = _shard(_model(dtype), mesh, mp)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     sync = gk.FSDPSync(model, reduce=reduce)
@@ -167,25 +169,36 @@ def _checks(rank: int, world: int) -> dict:
     for reduce in ("every", "boundary"):
         model, norms, _ = _train(rank, data, reduce=reduce, mp=mp, dtype=torch.float32)
         ref, _ = _reference(data, None)
-        out[f"mp/{reduce}"] = (_close({n: t.double() for n, t in _full(model).items()}, dict(ref.named_parameters())), all(map(torch.isfinite, norms)))
+        out[f"mp/{reduce}"] = (
+            _close({n: t.double() for n, t in _full(model).items()}, dict(ref.named_parameters())),
+            all(map(torch.isfinite, norms)),
+        )
     # gk.clip_grad_norm_ on DTensor gradients: torch's semantics, a plain tensor back.
     model = _shard(_model())
     x, y = data[0][0][rank]
     _loss(model, x, y).backward()
     twin = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
     per = gk.grad_norms(model.parameters())
-    out["grad_norms"] = (type(per) is torch.Tensor, float((per - torch.stack([g.norm() for g in twin.values()])).abs().max()))
+    out["grad_norms"] = (
+        type(per) is torch.Tensor,
+        float((per - torch.stack([g.norm() for g in twin.values()])).abs().max()),
+    )
     total = gk.clip_grad_norm_(model.parameters(), 0.01)
     expected = torch.linalg.vector_norm(torch.stack([g.norm() for g in twin.values()]))
     out["clip_fn"] = (type(total) is torch.Tensor, abs(float(total) - float(expected)))
     coef = min(1.0, 0.01 / (float(expected) + 1e-6))
-    out["clip_fn_grads"] = _close({n: p.grad.full_tensor() for n, p in model.named_parameters()}, {n: g * coef for n, g in twin.items()})
+    out["clip_fn_grads"] = _close(
+        {n: p.grad.full_tensor() for n, p in model.named_parameters()}, {n: g * coef for n, g in twin.items()}
+    )
     if world == 4:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         for reduce in ("every", "boundary"):
             model, norms, _ = _train(rank, data, reduce=reduce, clip="global", mesh=mesh)
             ref, ref_norms = _reference(data, "global")
-            out[f"hsdp/{reduce}"] = (_close(_full(model), dict(ref.named_parameters())), max(abs(float(n) - float(r[0])) for n, r in zip(norms, ref_norms)))
+            out[f"hsdp/{reduce}"] = (
+                _close(_full(model), dict(ref.named_parameters())),
+                max(abs(float(n) - float(r[0])) for n, r in zip(norms, ref_norms)),
+            )
     return out
 
 
@@ -193,7 +206,9 @@ def _resume(rank: int, data, reduce: str) -> bool:
     def build():
         model = _shard(_model())
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-        pipe = gk.GradientPipeline(model, accumulation_steps=ACCUM, average=gk.FSDPSync(model, reduce=reduce), clip=gk.ClipByGlobalNorm(0.5))
+        pipe = gk.GradientPipeline(
+            model, accumulation_steps=ACCUM, average=gk.FSDPSync(model, reduce=reduce), clip=gk.ClipByGlobalNorm(0.5)
+        )
         return model, opt, pipe
 
     def feed(model, opt, pipe, micro_batches):

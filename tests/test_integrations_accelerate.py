@@ -71,7 +71,14 @@ def test_bad_accelerator_is_a_clear_error():
 
 def test_accelerate_example_runs(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, str(ROOT / "examples" / "accelerate_loop.py"), "--steps", "10", "--log-dir", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "accelerate_loop.py"),
+        "--steps",
+        "10",
+        "--log-dir",
+        str(tmp_path / "run"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"rank 0: done, 10 steps, loss [\d.]+", done.stdout)

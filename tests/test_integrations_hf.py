@@ -36,8 +36,13 @@ def train(tmp_path, callback=None, *, steps: int = 6, optimizers=None, **overrid
     settings = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": steps, "logging_steps": 1,
                     "report_to": [], "save_strategy": "no", "use_cpu": True, "seed": 0, "disable_tqdm": True}  # fmt: skip
     args = TrainingArguments(str(tmp_path / "out"), **{**settings, **overrides})
-    trainer = Trainer(model=model, args=args, train_dataset=tokens(), callbacks=[callback] if callback else None,
-                      optimizers=optimizers(model) if optimizers else (None, None))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokens(),
+        callbacks=[callback] if callback else None,
+        optimizers=optimizers(model) if optimizers else (None, None),
+    )
     trainer.train()
     return model, trainer
 
@@ -141,7 +146,12 @@ def test_missing_packages_name_the_extra():
         "        raise SystemExit('no error for ' + name)\n"
         "print('ok')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
 
 

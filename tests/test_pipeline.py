@@ -20,7 +20,9 @@ def make_model(seed: int = 0, dtype=torch.float64) -> nn.Module:
 
 def batches(count: int, size: int = 8, seed: int = 1, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 6, generator=g).to(dtype), torch.randn(size, 2, generator=g).to(dtype)) for _ in range(count)]
+    return [
+        (torch.randn(size, 6, generator=g).to(dtype), torch.randn(size, 2, generator=g).to(dtype)) for _ in range(count)
+    ]
 
 
 def loss_of(model, x, y):
@@ -196,7 +198,9 @@ def test_noise_sample_on_measured_windows_is_first_micro_batch_vs_window():
         pipe.step(opt)
     noise = tracker.calls[1][3]
     first = torch.autograd.grad(((reference(x[0]) - y[0]) ** 2).sum() / 5, list(reference.parameters()))
-    window = torch.autograd.grad(((reference(torch.cat(x)) - torch.cat(y)) ** 2).sum() / 15, list(reference.parameters()))
+    window = torch.autograd.grad(
+        ((reference(torch.cat(x)) - torch.cat(y)) ** 2).sum() / 15, list(reference.parameters())
+    )
     sq = lambda gs: sum(float((g.double() ** 2).sum()) for g in gs)
     assert float(noise.small_sq) == pytest.approx(sq(first), rel=1e-9)
     assert float(noise.big_sq) == pytest.approx(sq(window), rel=1e-9)
@@ -261,7 +265,9 @@ def test_state_dict_with_scaler_and_tensor_items_round_trips():
     torch.save(pipe.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    other = gk.GradientPipeline(make_model(dtype=torch.float32), accumulation_steps=2, scaler=torch.amp.GradScaler("cpu"))
+    other = gk.GradientPipeline(
+        make_model(dtype=torch.float32), accumulation_steps=2, scaler=torch.amp.GradScaler("cpu")
+    )
     other.load_state_dict(state)
     assert other.scaler.get_scale() == 64.0
     assert int(other.window.items) == 8 and other.window.micro_steps == 1
@@ -292,7 +298,9 @@ def test_bad_state_dict_is_rejected_and_changes_nothing(mutate, words):
     after = pipe.state_dict()
     assert after["steps"] == before["steps"] and after["micro_steps"] == before["micro_steps"]
     assert all(torch.equal(after["grads"][k], v) for k, v in before["grads"].items())
-    assert all(torch.equal(torch.as_tensor(after["clip"][0][k]), torch.as_tensor(v)) for k, v in before["clip"][0].items())
+    assert all(
+        torch.equal(torch.as_tensor(after["clip"][0][k]), torch.as_tensor(v)) for k, v in before["clip"][0].items()
+    )
 
 
 @pytest.mark.parametrize(

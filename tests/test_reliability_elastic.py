@@ -24,7 +24,9 @@ def launch(out: Path, kill_at: int | None) -> subprocess.Popen:
         command += ["--kill-at", str(kill_at)]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     # A session of its own, so that a timeout kills the launcher and every worker together.
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def finish(process: subprocess.Popen) -> str:

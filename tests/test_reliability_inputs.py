@@ -26,7 +26,9 @@ NAN, INF = float("nan"), float("inf")
 
 # -- strategies of invalid values ---------------------------------------------------------
 
-NOT_A_NUMBER = st.one_of(st.booleans(), st.text(max_size=4), st.none(), st.just([1.0]), st.just(object()), st.just(torch.tensor(1.0)))
+NOT_A_NUMBER = st.one_of(
+    st.booleans(), st.text(max_size=4), st.none(), st.just([1.0]), st.just(object()), st.just(torch.tensor(1.0))
+)
 NON_INTEGRAL = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.just(2.0))  # 2.0 too: counts are ints
 NAN_INF = st.sampled_from([NAN, INF, -INF])
 HUGE_INT = st.integers(min_value=10**6, max_value=10**30)
@@ -43,7 +45,9 @@ def in_range(low: float, high: float, *, low_open: bool = True, high_open: bool 
     """Bad values for a number in (low, high] (or the variants)."""
     below = st.floats(max_value=low, exclude_max=not low_open)
     above = st.floats(min_value=high, exclude_min=not high_open)
-    return st.one_of(below, above, st.just(NAN), st.integers(min_value=int(math.floor(high)) + 1), HUGE_INT, NOT_A_NUMBER)
+    return st.one_of(
+        below, above, st.just(NAN), st.integers(min_value=int(math.floor(high)) + 1), HUGE_INT, NOT_A_NUMBER
+    )
 
 
 def count(minimum: int = 1) -> st.SearchStrategy:
@@ -57,13 +61,22 @@ def flag(allow_none: bool = False) -> st.SearchStrategy:
     return bad if allow_none else st.one_of(bad, st.none())
 
 
-NORM_TYPE = st.one_of(st.floats(max_value=0.0), st.just(NAN), st.booleans(), st.none(), st.just("two"), st.just(object()))
-NOT_A_TENSOR = st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=4), st.just([1.0, 2.0]), st.just(object()))
+NORM_TYPE = st.one_of(
+    st.floats(max_value=0.0), st.just(NAN), st.booleans(), st.none(), st.just("two"), st.just(object())
+)
+NOT_A_TENSOR = st.one_of(
+    st.none(), st.integers(), st.floats(), st.text(max_size=4), st.just([1.0, 2.0]), st.just(object())
+)
 BAD_TENSOR = st.one_of(
     NOT_A_TENSOR,
     st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool]).map(lambda dtype: torch.ones(4, dtype=dtype)),
 )
-BAD_DTYPE = st.one_of(st.sampled_from([torch.int32, torch.int64, torch.bool, torch.uint8]), st.just("float16"), st.just(float), st.integers())
+BAD_DTYPE = st.one_of(
+    st.sampled_from([torch.int32, torch.int64, torch.bool, torch.uint8]),
+    st.just("float16"),
+    st.just(float),
+    st.integers(),
+)
 NOT_A_COMPRESSOR = st.one_of(st.text(max_size=4), st.integers(), st.just(object()), st.just(gk.ClipByValue(1.0)))
 NOT_A_GROUP = st.one_of(st.text(max_size=4), st.integers(min_value=1), st.just(object()))
 NOT_PARAMETERS = st.one_of(st.integers(), st.floats(), st.none(), st.just(object()), st.just([1, 2]), st.just(["w"]))
@@ -109,7 +122,11 @@ class Pipe:
         return ((self.model(torch.randn(3, 4, generator=g, dtype=torch.float64)) - 1) ** 2).sum()
 
     def state(self) -> dict[str, Any]:
-        return {"pipe": self.pipe.state_dict(), "opt": self.opt.state_dict(), "params": [p.detach().clone() for p in self.model.parameters()]}
+        return {
+            "pipe": self.pipe.state_dict(),
+            "opt": self.opt.state_dict(),
+            "params": [p.detach().clone() for p in self.model.parameters()],
+        }
 
 
 def trained(stage_factory: Callable[[], Any]) -> Any:
@@ -169,20 +186,43 @@ class Case:
 
 def ctor(owner: str, param: str, bad: st.SearchStrategy, **fixed: Any) -> Case:
     cls = getattr(gk, owner)
-    positional = [name for name, p in inspect.signature(cls).parameters.items() if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)]
+    positional = [
+        name
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)
+    ]
 
     def build(_target, value):
         kwargs = dict(fixed)
         kwargs[param] = value
         for name in positional:
-            kwargs.setdefault(name, {"density": 0.1, "tau": 0.1, "max_norm": 1.0, "value": 1.0, "period": 2, "compressor": gk.TopK(0.1), "model": small_model()}[name])
+            kwargs.setdefault(
+                name,
+                {
+                    "density": 0.1,
+                    "tau": 0.1,
+                    "max_norm": 1.0,
+                    "value": 1.0,
+                    "period": 2,
+                    "compressor": gk.TopK(0.1),
+                    "model": small_model(),
+                }[name],
+            )
         return cls(**kwargs)
 
     build.__name__ = "init"
     return Case(owner, param, bad, build)
 
 
-def method(owner: str, param: str, bad: st.SearchStrategy, factory: Callable[[], Any], name: str, call: Callable[[Any, Any], Any], state: Callable[[Any], Any] = state_of) -> Case:
+def method(
+    owner: str,
+    param: str,
+    bad: st.SearchStrategy,
+    factory: Callable[[], Any],
+    name: str,
+    call: Callable[[Any, Any], Any],
+    state: Callable[[Any], Any] = state_of,
+) -> Case:
     call.__name__ = name
     return Case(owner, param, bad, call, factory, state)
 
@@ -191,9 +231,35 @@ def compressor_cases(owner: str, factory: Callable[[], Any]) -> list[Case]:
     made = factory()
     keyed = made.keyed
     return [
-        method(owner, "tensor", BAD_TENSOR, lambda: trained(factory), "compress", (lambda c, v: c.compress(v, key="w")) if keyed else (lambda c, v: c.compress(v))),
-        method(owner, "payload", st.one_of(NOT_A_TENSOR, st.just(gk.FP16().compress(torch.ones(3))) if owner != "FP16" else st.just(gk.BF16().compress(torch.ones(3)))), lambda: trained(factory), "decompress", lambda c, v: c.decompress(v)),
-        method(owner, "load_state_dict", NOT_A_DICT_STATE, lambda: trained(factory), "load_state_dict", lambda c, v: c.load_state_dict(v)),
+        method(
+            owner,
+            "tensor",
+            BAD_TENSOR,
+            lambda: trained(factory),
+            "compress",
+            (lambda c, v: c.compress(v, key="w")) if keyed else (lambda c, v: c.compress(v)),
+        ),
+        method(
+            owner,
+            "payload",
+            st.one_of(
+                NOT_A_TENSOR,
+                st.just(gk.FP16().compress(torch.ones(3)))
+                if owner != "FP16"
+                else st.just(gk.BF16().compress(torch.ones(3))),
+            ),
+            lambda: trained(factory),
+            "decompress",
+            lambda c, v: c.decompress(v),
+        ),
+        method(
+            owner,
+            "load_state_dict",
+            NOT_A_DICT_STATE,
+            lambda: trained(factory),
+            "load_state_dict",
+            lambda c, v: c.load_state_dict(v),
+        ),
     ]
 
 
@@ -221,22 +287,40 @@ CASES: list[Case] = [
     ctor("RandomK", "seed", count(0)),
     ctor("RandomK", "scale", flag()),
     *compressor_cases("RandomK", lambda: gk.RandomK(0.3)),
-    *state_cases("RandomK", lambda: gk.RandomK(0.3), [("step", ("step",), -1), ("step", ("step",), "3"), ("missing keys", ("step",), DELETE)]),
+    *state_cases(
+        "RandomK",
+        lambda: gk.RandomK(0.3),
+        [("step", ("step",), -1), ("step", ("step",), "3"), ("missing keys", ("step",), DELETE)],
+    ),
     ctor("Threshold", "tau", positive()),
     ctor("Threshold", "value_dtype", BAD_DTYPE),
     *compressor_cases("Threshold", lambda: gk.Threshold(0.5)),
     ctor("DGC", "density", in_range(0, 1)),
-    ctor("DGC", "momentum", in_range(0, 1, low_open=False, high_open=False).filter(lambda v: not (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0))),
+    ctor(
+        "DGC",
+        "momentum",
+        in_range(0, 1, low_open=False, high_open=False).filter(
+            lambda v: not (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
+        ),
+    ),
     ctor("DGC", "clip_norm", positive(allow_none=True)),
     ctor("DGC", "warmup_steps", count(0)),
     ctor("DGC", "value_dtype", BAD_DTYPE),
     *compressor_cases("DGC", lambda: gk.DGC(0.3)),
-    *state_cases("DGC", lambda: gk.DGC(0.3), [("steps", ("steps", "w"), -2), ("steps", ("steps", "w"), True), ("velocity", ("velocity", "w"), [1.0])]),
+    *state_cases(
+        "DGC",
+        lambda: gk.DGC(0.3),
+        [("steps", ("steps", "w"), -2), ("steps", ("steps", "w"), True), ("velocity", ("velocity", "w"), [1.0])],
+    ),
     ctor("QSGD", "levels", st.one_of(count(1), st.integers(min_value=128))),
     ctor("QSGD", "block", count(1)),
     ctor("QSGD", "seed", st.one_of(st.integers(max_value=-1), NON_INTEGRAL, st.booleans(), st.text(max_size=3))),
     *compressor_cases("QSGD", lambda: gk.QSGD(4, seed=1)),
-    *state_cases("QSGD", lambda: gk.QSGD(4, seed=1), [("generator", ("generator",), torch.zeros(3, dtype=torch.uint8)), ("generator", ("generator",), 5)]),
+    *state_cases(
+        "QSGD",
+        lambda: gk.QSGD(4, seed=1),
+        [("generator", ("generator",), torch.zeros(3, dtype=torch.uint8)), ("generator", ("generator",), 5)],
+    ),
     *compressor_cases("SignSGD", gk.SignSGD),
     *compressor_cases("FP16", gk.FP16),
     *compressor_cases("BF16", gk.BF16),
@@ -244,11 +328,26 @@ CASES: list[Case] = [
     ctor("PowerSGD", "warm_start", flag()),
     ctor("PowerSGD", "seed", count(0)),
     *compressor_cases("PowerSGD", lambda: gk.PowerSGD(1)),
-    *state_cases("PowerSGD", lambda: gk.PowerSGD(1), [("'q'", ("q", "w"), torch.zeros(5, 3)), ("residuals", ("residuals", "w"), "x"), ("keys", ("q",), DELETE)]),
+    *state_cases(
+        "PowerSGD",
+        lambda: gk.PowerSGD(1),
+        [("'q'", ("q", "w"), torch.zeros(5, 3)), ("residuals", ("residuals", "w"), "x"), ("keys", ("q",), DELETE)],
+    ),
     ctor("ErrorFeedback", "compressor", st.one_of(NOT_A_COMPRESSOR, st.just(gk.ErrorFeedback(gk.TopK(0.1))))),
     *compressor_cases("ErrorFeedback", lambda: gk.ErrorFeedback(gk.TopK(0.3))),
-    method("ErrorFeedback", "key", st.one_of(st.integers(), st.just(object()), st.just([("w", (3,))])), lambda: trained(lambda: gk.ErrorFeedback(gk.TopK(0.3))), "compress-key", lambda c, v: c.compress(torch.ones(30, dtype=torch.float64), key=v)),
-    *state_cases("ErrorFeedback", lambda: gk.ErrorFeedback(gk.TopK(0.3)), [("residuals", ("residuals", "w"), 3.0), ("unexpected keys", ("compressor",), {"x": 1})]),
+    method(
+        "ErrorFeedback",
+        "key",
+        st.one_of(st.integers(), st.just(object()), st.just([("w", (3,))])),
+        lambda: trained(lambda: gk.ErrorFeedback(gk.TopK(0.3))),
+        "compress-key",
+        lambda c, v: c.compress(torch.ones(30, dtype=torch.float64), key=v),
+    ),
+    *state_cases(
+        "ErrorFeedback",
+        lambda: gk.ErrorFeedback(gk.TopK(0.3)),
+        [("residuals", ("residuals", "w"), 3.0), ("unexpected keys", ("compressor",), {"x": 1})],
+    ),
     # clipping
     ctor("ClipByGlobalNorm", "max_norm", positive()),
     ctor("ClipByGlobalNorm", "norm_type", NORM_TYPE),
@@ -257,16 +356,45 @@ CASES: list[Case] = [
     ctor("ClipPerLayer", "max_norm", positive()),
     ctor("AGC", "clip", positive()),
     ctor("AGC", "eps", positive()),
-    ctor("AGC", "exclude", st.one_of(st.text(min_size=1, max_size=4), st.integers(), st.none(), st.just([1, 2]), st.just([None]))),
+    ctor(
+        "AGC",
+        "exclude",
+        st.one_of(st.text(min_size=1, max_size=4), st.integers(), st.none(), st.just([1, 2]), st.just([None])),
+    ),
     ctor("AutoClip", "percentile", in_range(0, 100)),
     ctor("AutoClip", "history", count(1)),
-    *state_cases("AutoClip", lambda: gk.AutoClip(history=3), [("norms", ("norms",), torch.zeros(4)), ("norms", ("norms",), [0.0] * 3), ("count", ("count",), -1), ("count", ("count",), 1.5)]),
+    *state_cases(
+        "AutoClip",
+        lambda: gk.AutoClip(history=3),
+        [
+            ("norms", ("norms",), torch.zeros(4)),
+            ("norms", ("norms",), [0.0] * 3),
+            ("count", ("count",), -1),
+            ("count", ("count",), 1.5),
+        ],
+    ),
     ctor("ZClip", "alpha", in_range(0, 1, high_open=True)),
     ctor("ZClip", "z_thresh", positive()),
     ctor("ZClip", "warmup", count(1)),
     ctor("ZClip", "eps", positive()),
-    *state_cases("ZClip", lambda: gk.ZClip(warmup=2), [("warmup_norms", ("warmup_norms",), torch.zeros(3)), ("mean", ("mean",), torch.zeros(2)), ("var", ("var",), 1.0), ("count", ("count",), None)]),
-    method("ClipStage", "load_state_dict", NOT_A_DICT_STATE, lambda: trained(lambda: gk.ZClip(warmup=2)), "load_state_dict", lambda s, v: s.load_state_dict(v)),
+    *state_cases(
+        "ZClip",
+        lambda: gk.ZClip(warmup=2),
+        [
+            ("warmup_norms", ("warmup_norms",), torch.zeros(3)),
+            ("mean", ("mean",), torch.zeros(2)),
+            ("var", ("var",), 1.0),
+            ("count", ("count",), None),
+        ],
+    ),
+    method(
+        "ClipStage",
+        "load_state_dict",
+        NOT_A_DICT_STATE,
+        lambda: trained(lambda: gk.ZClip(warmup=2)),
+        "load_state_dict",
+        lambda s, v: s.load_state_dict(v),
+    ),
     *[
         method(name, param, strategy, with_grads, "call", call, grads_of)
         for name, param, strategy, call in [
@@ -274,7 +402,12 @@ CASES: list[Case] = [
             ("clip_grad_norm_", "max_norm", positive(), lambda ps, v: gk.clip_grad_norm_(ps, v)),
             ("clip_grad_norm_", "norm_type", NORM_TYPE, lambda ps, v: gk.clip_grad_norm_(ps, 0.01, v)),
             ("clip_grad_norm_", "group", NOT_A_GROUP, lambda ps, v: gk.clip_grad_norm_(ps, 0.01, group=v)),
-            ("clip_grad_norm_", "error_if_nonfinite", flag(), lambda ps, v: gk.clip_grad_norm_(ps, 0.01, error_if_nonfinite=v)),
+            (
+                "clip_grad_norm_",
+                "error_if_nonfinite",
+                flag(),
+                lambda ps, v: gk.clip_grad_norm_(ps, 0.01, error_if_nonfinite=v),
+            ),
             ("clip_grad_value_", "parameters", NOT_PARAMETERS, lambda ps, v: gk.clip_grad_value_(v, 0.01)),
             ("clip_grad_value_", "clip_value", positive(), lambda ps, v: gk.clip_grad_value_(ps, v)),
             ("grad_norms", "parameters", NOT_PARAMETERS, lambda ps, v: gk.grad_norms(v)),
@@ -292,7 +425,14 @@ CASES: list[Case] = [
     ctor("ModelAverager", "warmup_steps", count(0)),
     ctor("ModelAverager", "timeout", positive(allow_none=True)),
     ctor("ModelAverager", "group", NOT_A_GROUP),
-    method("ModelAverager", "step", st.one_of(st.integers(max_value=-1), NON_INTEGRAL, NOT_A_NUMBER), lambda: gk.ModelAverager(2), "load_state_dict", lambda m, v: m.load_state_dict({"step": v})),
+    method(
+        "ModelAverager",
+        "step",
+        st.one_of(st.integers(max_value=-1), NON_INTEGRAL, NOT_A_NUMBER),
+        lambda: gk.ModelAverager(2),
+        "load_state_dict",
+        lambda m, v: m.load_state_dict({"step": v}),
+    ),
     ctor("ddp_comm_hook", "compressor", NOT_A_COMPRESSOR),
     ctor("ddp_comm_hook", "error_feedback", flag(allow_none=True), compressor=gk.TopK(0.1)),
     ctor("ddp_comm_hook", "timeout", positive(allow_none=True)),
@@ -307,13 +447,29 @@ CASES: list[Case] = [
     ctor("Tracker", "histogram_bins", count(1)),
     ctor("Tracker", "update_ratio", flag()),
     ctor("Tracker", "gather", flag()),
-    ctor("Tracker", "meta", st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.just({"x": object()}), st.just({"x": NAN}))),
+    ctor(
+        "Tracker",
+        "meta",
+        st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.just({"x": object()}), st.just({"x": NAN})),
+    ),
     ctor("Tracker", "log_dir", st.one_of(st.integers(), st.just(object()), st.just(["runs"]))),
     # the pipeline and its context
-    ctor("GradientPipeline", "model", st.one_of(st.integers(), st.none(), st.just(torch.zeros(2, requires_grad=True)), st.just([1, 2]), st.just([]))),
+    ctor(
+        "GradientPipeline",
+        "model",
+        st.one_of(st.integers(), st.none(), st.just(torch.zeros(2, requires_grad=True)), st.just([1, 2]), st.just([])),
+    ),
     ctor("GradientPipeline", "accumulation_steps", count(1)),
-    ctor("GradientPipeline", "average", st.one_of(st.integers(min_value=1), st.text(min_size=1, max_size=3), st.just(gk.TopK(0.1)))),
-    ctor("GradientPipeline", "clip", st.one_of(st.text(min_size=1, max_size=3), st.integers(), st.just([gk.ClipByValue(1.0), 3]))),
+    ctor(
+        "GradientPipeline",
+        "average",
+        st.one_of(st.integers(min_value=1), st.text(min_size=1, max_size=3), st.just(gk.TopK(0.1))),
+    ),
+    ctor(
+        "GradientPipeline",
+        "clip",
+        st.one_of(st.text(min_size=1, max_size=3), st.integers(), st.just([gk.ClipByValue(1.0), 3])),
+    ),
     ctor("GradientPipeline", "tracker", st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.just(object()))),
     ctor("GradientPipeline", "ema", st.one_of(st.floats(), st.text(min_size=1, max_size=3), st.just(object()))),
     ctor("FSDPSync", "model", st.one_of(st.integers(), st.none(), st.just(nn.Linear(2, 2)))),
@@ -322,15 +478,73 @@ CASES: list[Case] = [
     ctor("EMA", "warmup", flag()),
     ctor("EMA", "every", count(1)),
     ctor("EMA", "buffers", st.one_of(st.text(max_size=4), st.integers(), st.none())),
-    method("EMA", "updates", st.one_of(st.integers(max_value=-1), NON_INTEGRAL, NOT_A_NUMBER), lambda: gk.EMA(small_model()), "load_state_dict", lambda e, v: e.load_state_dict({**e.state_dict(), "updates": v})),
+    method(
+        "EMA",
+        "updates",
+        st.one_of(st.integers(max_value=-1), NON_INTEGRAL, NOT_A_NUMBER),
+        lambda: gk.EMA(small_model()),
+        "load_state_dict",
+        lambda e, v: e.load_state_dict({**e.state_dict(), "updates": v}),
+    ),
     ctor("GradientPipeline", "scaler", st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.just(object()))),
-    ctor("GradientPipeline", "nonfinite", st.one_of(st.text(max_size=6).filter(lambda s: s not in ("skip", "raise")), st.integers(), st.booleans())),
-    method("GradientPipeline", "num_items", st.one_of(st.integers(max_value=0), NON_INTEGRAL, st.booleans(), st.text(max_size=3), st.just(torch.tensor([3, 4])), st.just(torch.tensor(2.5))), Pipe, "backward", lambda p, v: p.pipe.backward(p.loss(), num_items=v), lambda p: p.state()),
-    method("GradientPipeline", "loss", st.one_of(NOT_A_TENSOR, st.just(torch.ones(3, requires_grad=True)), st.just(torch.tensor(1.0))), Pipe, "backward-loss", lambda p, v: p.pipe.backward(v), lambda p: p.state()),
-    method("GradientPipeline", "optimizer", st.one_of(NOT_A_TENSOR, st.just(nn.Linear(2, 2))), Pipe, "flush", lambda p, v: p.pipe.flush(v), lambda p: p.state()),
-    method("GradientPipeline", "optimizer", st.one_of(NOT_A_TENSOR, st.just(nn.Linear(2, 2))), Pipe, "step", lambda p, v: p.pipe.step(v), lambda p: p.state()),
+    ctor(
+        "GradientPipeline",
+        "nonfinite",
+        st.one_of(st.text(max_size=6).filter(lambda s: s not in ("skip", "raise")), st.integers(), st.booleans()),
+    ),
+    method(
+        "GradientPipeline",
+        "num_items",
+        st.one_of(
+            st.integers(max_value=0),
+            NON_INTEGRAL,
+            st.booleans(),
+            st.text(max_size=3),
+            st.just(torch.tensor([3, 4])),
+            st.just(torch.tensor(2.5)),
+        ),
+        Pipe,
+        "backward",
+        lambda p, v: p.pipe.backward(p.loss(), num_items=v),
+        lambda p: p.state(),
+    ),
+    method(
+        "GradientPipeline",
+        "loss",
+        st.one_of(NOT_A_TENSOR, st.just(torch.ones(3, requires_grad=True)), st.just(torch.tensor(1.0))),
+        Pipe,
+        "backward-loss",
+        lambda p, v: p.pipe.backward(v),
+        lambda p: p.state(),
+    ),
+    method(
+        "GradientPipeline",
+        "optimizer",
+        st.one_of(NOT_A_TENSOR, st.just(nn.Linear(2, 2))),
+        Pipe,
+        "flush",
+        lambda p, v: p.pipe.flush(v),
+        lambda p: p.state(),
+    ),
+    method(
+        "GradientPipeline",
+        "optimizer",
+        st.one_of(NOT_A_TENSOR, st.just(nn.Linear(2, 2))),
+        Pipe,
+        "step",
+        lambda p, v: p.pipe.step(v),
+        lambda p: p.state(),
+    ),
     *[
-        method("GradientPipeline", word, st.just((path, value)), Pipe, "load_state_dict", lambda p, edit: p.pipe.load_state_dict(edited(p.pipe.state_dict(), *edit)), lambda p: p.state())
+        method(
+            "GradientPipeline",
+            word,
+            st.just((path, value)),
+            Pipe,
+            "load_state_dict",
+            lambda p, edit: p.pipe.load_state_dict(edited(p.pipe.state_dict(), *edit)),
+            lambda p: p.state(),
+        )
         for word, path, value in [
             ("missing keys", ("tracker",), DELETE),
             ("unexpected keys", ("extra",), 1),
@@ -349,8 +563,24 @@ CASES: list[Case] = [
             ("Tracker", ("tracker", "step"), "x"),
         ]
     ],
-    method("GradContext", "names", st.one_of(st.just(["a"]), st.just([1, 2, 3, 4]), st.just(["a"] * 9)), with_grads, "init", lambda ps, v: gk.GradContext(v, ps), grads_of),
-    method("GradContext", "params", st.one_of(st.just([1, 2, 3, 4]), st.just([None] * 4)), with_grads, "init-params", lambda ps, v: gk.GradContext(["a", "b", "c", "d"], v), grads_of),
+    method(
+        "GradContext",
+        "names",
+        st.one_of(st.just(["a"]), st.just([1, 2, 3, 4]), st.just(["a"] * 9)),
+        with_grads,
+        "init",
+        lambda ps, v: gk.GradContext(v, ps),
+        grads_of,
+    ),
+    method(
+        "GradContext",
+        "params",
+        st.one_of(st.just([1, 2, 3, 4]), st.just([None] * 4)),
+        with_grads,
+        "init-params",
+        lambda ps, v: gk.GradContext(["a", "b", "c", "d"], v),
+        grads_of,
+    ),
 ]
 
 EXEMPT = {
@@ -370,8 +600,12 @@ def test_every_public_name_is_catalogued():
         obj = getattr(gk, name)
         if name in EXEMPT:
             continue
-        assert inspect.isclass(obj) or inspect.isfunction(obj), f"{name}: neither class nor function; exempt it with a reason"
-        assert name in covered, f"gk.{name} has no bad-input catalogue entry (add one to CASES, or to EXEMPT with a reason)"
+        assert inspect.isclass(obj) or inspect.isfunction(obj), (
+            f"{name}: neither class nor function; exempt it with a reason"
+        )
+        assert name in covered, (
+            f"gk.{name} has no bad-input catalogue entry (add one to CASES, or to EXEMPT with a reason)"
+        )
     assert not set(EXEMPT) - set(gk.__all__), "EXEMPT lists names that are no longer public"
 
 
@@ -385,6 +619,8 @@ def test_bad_input_is_rejected_by_name_and_changes_nothing(case, data):
     with pytest.raises((ValueError, TypeError)) as raised:
         case.call(target, value)
     message = str(raised.value)
-    assert case.param.lower() in message.lower(), f"{type(raised.value).__name__} does not name {case.param!r}: {message}"
+    assert case.param.lower() in message.lower(), (
+        f"{type(raised.value).__name__} does not name {case.param!r}: {message}"
+    )
     assert any(word in message for word in FIX_WORDS), f"no fix in: {message}"
     assert differences(before, case.state(target)) == [], "a failed call changed state"

@@ -36,7 +36,9 @@ def _start(rank: int, init_method: str, interface: str, out: Path, namespace: st
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     env = {**os.environ, "GLOO_SOCKET_IFNAME": interface, "OMP_NUM_THREADS": "1"}
     command = [*prefix, sys.executable, str(HERE / "netns_worker.py"), str(rank), init_method, str(out)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 NETEM = ("netem", "delay", "50ms", "loss", "1%")
@@ -82,7 +84,9 @@ def namespaces():
             detail = getattr(error, "stderr", "") or error
             pytest.skip(f"cannot set up network namespaces here: {detail}")
         if shaping != NETEM:
-            warnings.warn(f"this kernel has no netem qdisc: the link was shaped with `{' '.join(shaping)}` instead (rate and queueing, no loss)")
+            warnings.warn(
+                f"this kernel has no netem qdisc: the link was shaped with `{' '.join(shaping)}` instead (rate and queueing, no loss)"
+            )
         yield sides
     finally:
         for ns in created:  # deleting a namespace deletes its end of the veth pair, and so the pair

@@ -73,7 +73,9 @@ def skip_on_one_rank(rank: int, world: int) -> dict:
         results[f"{mode}/skipped_steps"] = pipe.skipped_steps
         results[f"{mode}/scales"] = scales
         results[f"{mode}/params"] = params_of(model)
-        results[f"{mode}/residual_names"] = sorted(pipe.state_dict()["average"].get("compressor", {}).get("residuals", {}))
+        results[f"{mode}/residual_names"] = sorted(
+            pipe.state_dict()["average"].get("compressor", {}).get("residuals", {})
+        )
         pipe.sync.detach()
     return results
 

@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from dist_helpers import run_workers
-from reliability_helpers import build, checkpoint, differences, items_at, one_thread, params_of, restore, save_atomically, train
+from reliability_helpers import (
+    build,
+    checkpoint,
+    differences,
+    items_at,
+    one_thread,
+    params_of,
+    restore,
+    save_atomically,
+    train,
+)
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 

@@ -117,7 +117,8 @@ def test_a_device_skip_leaves_the_optimizer_where_the_read_skip_leaves_it(optimi
     twin = model_of()
     twin_pipe = gk.GradientPipeline(twin, accumulation_steps=ACCUMULATION, clip=gk.ClipByGlobalNorm(0.5))
     twin_opt = (
-        torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=True) if optimizer == "fused-adamw"
+        torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=True)
+        if optimizer == "fused-adamw"
         else torch.optim.SGD(twin.parameters(), lr=1e-2, momentum=0.9, foreach=True)
     )
     twin_returned = run(twin, twin_pipe, twin_opt, data)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import gradkit as gk
+from gradkit.tracking.writers import GLOBAL_FIELDS, NOISE_FIELDS, STAT_FIELDS, STEP_FIELDS, read_jsonl, schema_errors
 from host_reads import count_host_reads
-from gradkit.tracking.writers import STAT_FIELDS, STEP_FIELDS, GLOBAL_FIELDS, NOISE_FIELDS, read_jsonl, schema_errors
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tracking.md"
 
@@ -24,7 +24,9 @@ def make_model(seed: int = 0) -> nn.Module:
 
 def batches(count: int, size: int = 8, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 6, generator=g).double(), torch.randn(size, 2, generator=g).double()) for _ in range(count)]
+    return [
+        (torch.randn(size, 6, generator=g).double(), torch.randn(size, 2, generator=g).double()) for _ in range(count)
+    ]
 
 
 def train(pipe, model, opt, data):
@@ -94,7 +96,9 @@ def test_statistics_equal_a_direct_per_parameter_and_per_module_computation():
             assert got["norm"] == pytest.approx(math.sqrt(sum(e["sq"] for e in members)), rel=1e-9)
             assert got["max_abs"] == pytest.approx(max(e["max_abs"] for e in members), rel=1e-12)
             assert got["rms"] == pytest.approx(math.sqrt(sum(e["sq"] for e in members) / numel), rel=1e-9)
-            assert got["zero_frac"] == pytest.approx(sum(e["zero_frac"] * e["numel"] for e in members) / numel, rel=1e-12)
+            assert got["zero_frac"] == pytest.approx(
+                sum(e["zero_frac"] * e["numel"] for e in members) / numel, rel=1e-12
+            )
             w = math.sqrt(sum(e["w_sq"] for e in members))
             assert got["update_to_weight"] == pytest.approx(math.sqrt(sum(e["d_sq"] for e in members)) / w, rel=1e-9)
     assert tracker.history[0]["params"]["0.weight"]["zero_frac"] > 0
@@ -132,7 +136,9 @@ def test_non_logging_steps_make_no_host_reads(monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = gk.Tracker(every=4)
-    pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=[gk.ClipByGlobalNorm(0.5), gk.ZClip(warmup=1)], tracker=tracker)
+    pipe = gk.GradientPipeline(
+        model, accumulation_steps=2, clip=[gk.ClipByGlobalNorm(0.5), gk.ZClip(warmup=1)], tracker=tracker
+    )
     data = batches(16)
     losses_per_step = []
     counter = count_host_reads(monkeypatch)
@@ -209,7 +215,15 @@ def test_state_dict_round_trips_and_resumes_identically(tmp_path):
 
     model, opt, tracker, pipe = fresh()
     train(pipe, model, opt, data[:6])
-    torch.save({"tracker": tracker.state_dict(), "pipe": pipe.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    torch.save(
+        {
+            "tracker": tracker.state_dict(),
+            "pipe": pipe.state_dict(),
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+        },
+        tmp_path / "ck.pt",
+    )
     state = torch.load(tmp_path / "ck.pt", weights_only=True)
     model, opt, tracker, pipe = fresh()
     model.load_state_dict(state["model"])

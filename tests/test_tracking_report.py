@@ -76,7 +76,9 @@ def test_cli_report_writes_the_page_and_python_m_works(tmp_path, capsys):
 
 
 def test_cli_report_on_an_empty_directory_fails_with_a_message(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gradkit", "report", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "gradkit", "report", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert "no run in" in result.stderr and "tracking.jsonl" in result.stderr
     assert "Traceback" not in result.stderr

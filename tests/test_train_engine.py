@@ -54,7 +54,9 @@ def test_cosine_schedule_falls_from_lr_to_zero():
 
 
 def test_dgc_warmup_and_sparse_value_dtype_come_from_the_config():
-    config = config_from({"compressor": "dgc", "density": 0.001, "steps": 400, "dgc_warmup": 0.025, "sparse_values": "float16"})
+    config = config_from(
+        {"compressor": "dgc", "density": 0.001, "steps": 400, "dgc_warmup": 0.025, "sparse_values": "float16"}
+    )
     dgc = make_compressor(config)
     assert isinstance(dgc, gk.DGC)
     assert dgc.warmup_steps == 10 and dgc.value_dtype == torch.float16

@@ -4,32 +4,33 @@ Public names, one per line; see DESIGN.md for the contract.
 """
 
 from gradkit._version import __version__  # first: modules imported below may read it
-from gradkit.averaging import EMA
-from gradkit.averaging import Average
-from gradkit.averaging import FSDPSync
-from gradkit.averaging import ModelAverager
-from gradkit.clipping import AGC
-from gradkit.clipping import AutoClip
-from gradkit.clipping import ClipByGlobalNorm
-from gradkit.clipping import ClipByValue
-from gradkit.clipping import ClipPerLayer
-from gradkit.clipping import ClipStage
-from gradkit.clipping import ZClip
-from gradkit.clipping import clip_grad_norm_
-from gradkit.clipping import clip_grad_value_
-from gradkit.clipping import grad_norms
-from gradkit.compression import BF16
-from gradkit.compression import DGC
-from gradkit.compression import FP16
-from gradkit.compression import QSGD
-from gradkit.compression import Compressor
-from gradkit.compression import ErrorFeedback
-from gradkit.compression import Payload
-from gradkit.compression import PowerSGD
-from gradkit.compression import RandomK
-from gradkit.compression import SignSGD
-from gradkit.compression import Threshold
-from gradkit.compression import TopK
+from gradkit.averaging import EMA, Average, FSDPSync, ModelAverager
+from gradkit.clipping import (
+    AGC,
+    AutoClip,
+    ClipByGlobalNorm,
+    ClipByValue,
+    ClipPerLayer,
+    ClipStage,
+    ZClip,
+    clip_grad_norm_,
+    clip_grad_value_,
+    grad_norms,
+)
+from gradkit.compression import (
+    BF16,
+    DGC,
+    FP16,
+    QSGD,
+    Compressor,
+    ErrorFeedback,
+    Payload,
+    PowerSGD,
+    RandomK,
+    SignSGD,
+    Threshold,
+    TopK,
+)
 from gradkit.context import GradContext
 from gradkit.distributed import CollectiveError
 from gradkit.integrations import ddp_comm_hook

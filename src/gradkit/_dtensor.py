@@ -96,7 +96,9 @@ def _reduce(values: Tensor, tensors: Sequence[Tensor], op: dist.ReduceOp.RedOpTy
         for mesh, indices in meshes.values():
             coordinate = mesh.get_coordinate()
             for index in indices:
-                keep[index] = all(c == 0 for c, p in zip(coordinate, tensors[index].placements) if isinstance(p, Replicate))
+                keep[index] = all(
+                    c == 0 for c, p in zip(coordinate, tensors[index].placements) if isinstance(p, Replicate)
+                )
         out = torch.where(keep.to(out.device), out, torch.zeros_like(out))
     world = dist.get_world_size()
     if all(mesh.size() == world for mesh, _ in meshes.values()):
@@ -109,6 +111,13 @@ def _reduce(values: Tensor, tensors: Sequence[Tensor], op: dist.ReduceOp.RedOpTy
     for mesh, indices in meshes.values():
         part = out[indices].contiguous()
         for dim in range(mesh.ndim):  # sums (or maxima) along each mesh dimension in turn cover the mesh
-            distributed.run(dist.all_reduce, f"DTensor statistics: all-reduce along mesh dimension {dim}", None, part, op=op, group=mesh.get_group(dim))
+            distributed.run(
+                dist.all_reduce,
+                f"DTensor statistics: all-reduce along mesh dimension {dim}",
+                None,
+                part,
+                op=op,
+                group=mesh.get_group(dim),
+            )
         out[indices] = part
     return out

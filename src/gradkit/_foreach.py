@@ -140,9 +140,7 @@ class Groups:
             tensor = tensors[index]
             tensor.mul_(factor.to(tensor.device) if isinstance(factor, Tensor) else factor)
 
-    def _grouped_norms(
-        self, tensors: Sequence[Tensor], norm_type: float, at_least: torch.dtype | None
-    ) -> list[Tensor]:
+    def _grouped_norms(self, tensors: Sequence[Tensor], norm_type: float, at_least: torch.dtype | None) -> list[Tensor]:
         """Per-tensor norms group by group (dense groups, then the sparse tensors)."""
         norms: list[Tensor] = []
         for device, dtype, _, pick in self.dense:

@@ -36,7 +36,12 @@ def check_num_items(num_items: object) -> Items | None:
     if num_items is None:
         return None
     if isinstance(num_items, Tensor):
-        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.is_complex() or num_items.dtype == torch.bool:
+        if (
+            num_items.numel() != 1
+            or num_items.is_floating_point()
+            or num_items.is_complex()
+            or num_items.dtype == torch.bool
+        ):
             raise TypeError(
                 f"num_items must be an int or a 1-element integer tensor, got a {num_items.dtype} tensor of shape "
                 f"{tuple(num_items.shape)}; pass the number of items (e.g. tokens) the summed loss covers"

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradkit {gradkit.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="train a small character-level model on 2 local workers, with every part of gradkit on")
+    demo = commands.add_parser(
+        "demo", help="train a small character-level model on 2 local workers, with every part of gradkit on"
+    )
     _run_options(demo)
     demo.add_argument("--quick", action="store_true", help=f"a short run ({QUICK_STEPS} steps) to check the setup")
 
@@ -52,15 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--workers", type=int, help="local worker processes")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                        help="where to train: cuda (one GPU per worker, NCCL), cpu (gloo), or auto (default: "
-                        "cuda when there is a GPU per local worker, else cpu)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="where to train: cuda (one GPU per worker, NCCL), cpu (gloo), or auto (default: "
+        "cuda when there is a GPU per local worker, else cpu)",
+    )
     parser.add_argument("--name", help="run name: the folder under the run directory")
     parser.add_argument("--run-dir", dest="run_dir", help="where runs are written (default: runs)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="start over: remove the run folder's checkpoint, logs and report first")
-    parser.add_argument("--verbose", action="store_true",
-                        help="on a worker failure, print the full traceback (always kept in RUN_DIR/error.log)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start over: remove the run folder's checkpoint, logs and report first"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="on a worker failure, print the full traceback (always kept in RUN_DIR/error.log)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +90,19 @@ def _train(args: argparse.Namespace) -> int:
     from gradkit.train.config import ConfigError, config_from, load_config
     from gradkit.train.launch import WorkerError, check_setup, run_training
 
-    overrides = {"steps": args.steps, "workers": args.workers, "name": args.name, "run_dir": args.run_dir,
-                 "device": args.device}
+    overrides = {
+        "steps": args.steps,
+        "workers": args.workers,
+        "name": args.name,
+        "run_dir": args.run_dir,
+        "device": args.device,
+    }
     speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first worker talks
     try:
         if args.command == "demo":
-            defaults = {"steps": QUICK_STEPS, "eval_every": 10, "checkpoint_every": 10, "track_every": 5} if args.quick else {}
+            defaults = (
+                {"steps": QUICK_STEPS, "eval_every": 10, "checkpoint_every": 10, "track_every": 5} if args.quick else {}
+            )
             config = config_from({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
         else:
             config = load_config(args.config, **overrides)
@@ -114,7 +130,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"gradkit {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ngradkit {args.command}: interrupted; the last checkpoint is kept, run the same command to resume", file=sys.stderr)
+        print(
+            f"\ngradkit {args.command}: interrupted; the last checkpoint is kept, run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     if speaks:
         summary = _carry_over(runs.load_summary(config.run_path), summary)
@@ -192,7 +211,8 @@ def _summary(summary: dict, report: Path | None, heading: str = "done") -> str:
         f"  sent: {summary['bytes_sent'] / 1e6:.2f} MB per worker vs {summary['dense_bytes'] / 1e6:.2f} MB dense"
         + (f" ({ratio:.0f}x less)" if ratio else " (nothing sent)")
         + (" in these steps" if start else ""),
-        f"  alerts: {len(summary['alerts'])}" + "".join(f"\n    step {a['step']}: {a['kind']} in {a['name']}: {a['message']}" for a in summary["alerts"][:5]),
+        f"  alerts: {len(summary['alerts'])}"
+        + "".join(f"\n    step {a['step']}: {a['kind']} in {a['name']}: {a['message']}" for a in summary["alerts"][:5]),
         f"  noise scale: {describe_noise(summary['noise'])}",
         f"  run directory: {summary['run_dir']} (tracking.jsonl, TensorBoard events, checkpoint/)",
     ]

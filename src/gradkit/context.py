@@ -40,12 +40,18 @@ class GradContext:
     def __init__(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
         names, params = list(names), list(params)
         if len(names) != len(params):
-            raise ValueError(f"names has {len(names)} entries but params has {len(params)}; pass one name per parameter")
+            raise ValueError(
+                f"names has {len(names)} entries but params has {len(params)}; pass one name per parameter"
+            )
         for name, p in zip(names, params):
             if not isinstance(name, str):
-                raise TypeError(f"names must be strings, got {type(name).__name__} {name!r}; pass the parameter names, e.g. from model.named_parameters()")
+                raise TypeError(
+                    f"names must be strings, got {type(name).__name__} {name!r}; pass the parameter names, e.g. from model.named_parameters()"
+                )
             if not isinstance(p, Tensor):
-                raise TypeError(f"params must be tensors, got {type(p).__name__} for {name!r}; pass the parameters, e.g. list(model.parameters())")
+                raise TypeError(
+                    f"params must be tensors, got {type(p).__name__} for {name!r}; pass the parameters, e.g. list(model.parameters())"
+                )
         kept = [(name, p) for name, p in zip(names, params) if p.grad is not None]
         self.names: list[str] = [name for name, _ in kept]
         self.params: list[Tensor] = [p for _, p in kept]
@@ -219,8 +225,12 @@ def check_parameters(parameters: object) -> list[Tensor]:
     try:
         params = list(parameters)  # type: ignore[call-overload]
     except TypeError:
-        raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass model.parameters()") from None
+        raise TypeError(
+            f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass model.parameters()"
+        ) from None
     for index, p in enumerate(params):
         if not isinstance(p, Tensor):
-            raise TypeError(f"parameters must hold tensors, but item #{index} is {type(p).__name__} {p!r}; pass model.parameters()")
+            raise TypeError(
+                f"parameters must hold tensors, but item #{index} is {type(p).__name__} {p!r}; pass model.parameters()"
+            )
     return params

@@ -18,7 +18,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["resolve_group", "world_size", "wait", "run", "all_gather_varying", "check_same_parameters", "broadcast_parameters", "CollectiveError", "PendingReduce"]
+__all__ = [
+    "resolve_group",
+    "world_size",
+    "wait",
+    "run",
+    "all_gather_varying",
+    "check_same_parameters",
+    "broadcast_parameters",
+    "CollectiveError",
+    "PendingReduce",
+]
 
 
 class CollectiveError(RuntimeError):
@@ -51,7 +61,9 @@ def resolve_group(group: dist.ProcessGroup | None, owner: str) -> dist.ProcessGr
 def check_group_type(group: object) -> None:
     """`group` must be a torch.distributed process group or None."""
     if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__} {group!r}; pass e.g. dist.new_group(ranks), or None")
+        raise TypeError(
+            f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__} {group!r}; pass e.g. dist.new_group(ranks), or None"
+        )
 
 
 class WeakGroup:
@@ -116,7 +128,9 @@ def run(collective, what: str, timeout: datetime.timedelta | None, *args, **kwar
     keep([work])
 
 
-def all_gather_varying(tensor: Tensor, group: dist.ProcessGroup, what: str, timeout: datetime.timedelta | None) -> list[Tensor]:
+def all_gather_varying(
+    tensor: Tensor, group: dist.ProcessGroup, what: str, timeout: datetime.timedelta | None
+) -> list[Tensor]:
     """Every rank's 1-D `tensor`, whose lengths differ between ranks (two collectives:
     the lengths, then the padded data)."""
     world = dist.get_world_size(group)
@@ -155,12 +169,16 @@ def check_same_parameters(names: Sequence[str], params: Sequence[Tensor], group:
                 )
 
 
-def broadcast_parameters(params: Sequence[Tensor], group: dist.ProcessGroup, timeout: datetime.timedelta | None) -> None:
+def broadcast_parameters(
+    params: Sequence[Tensor], group: dist.ProcessGroup, timeout: datetime.timedelta | None
+) -> None:
     """Copy rank 0's parameter values to every rank, so the replicas start equal (as DDP does)."""
     source = dist.get_global_rank(group, 0)
     with torch.no_grad():
         for index, p in enumerate(params):
-            run(dist.broadcast, f"broadcast of parameter #{index} from rank 0", timeout, p.data, src=source, group=group)
+            run(
+                dist.broadcast, f"broadcast of parameter #{index} from rank 0", timeout, p.data, src=source, group=group
+            )
 
 
 def _describe(entry: tuple[str, tuple[int, ...], str] | None) -> str:
@@ -178,7 +196,12 @@ class PendingReduce:
     """
 
     def __init__(
-        self, works: list[dist.Work], finish: Callable[[], Tensor], nbytes: int, what: str, timeout: datetime.timedelta | None
+        self,
+        works: list[dist.Work],
+        finish: Callable[[], Tensor],
+        nbytes: int,
+        what: str,
+        timeout: datetime.timedelta | None,
     ) -> None:
         self.works = works
         self._finish = finish

@@ -339,7 +339,8 @@ class GradientPipeline:
                 _log.warning(
                     "gradkit: %s(fused=True) on device type %s cannot skip a step on a device flag here; "
                     "the pipeline reads the finite flag on the host once per step instead",
-                    type(optimizer).__name__, sorted(self._device_types - set(FLAG_SKIP_DEVICES)),
+                    type(optimizer).__name__,
+                    sorted(self._device_types - set(FLAG_SKIP_DEVICES)),
                 )
             return False
         # An optimizer without state yet would create it on a skipped step (fused SGD: an
@@ -347,8 +348,12 @@ class GradientPipeline:
         return bool(optimizer.state) and self.sync.missing_grads() is None
 
     def _finish_on_device(
-        self, optimizer: torch.optim.Optimizer, ctx: GradContext, total_norm: Tensor,
-        global_items: int | Tensor | None, count: int | Tensor,
+        self,
+        optimizer: torch.optim.Optimizer,
+        ctx: GradContext,
+        total_norm: Tensor,
+        global_items: int | Tensor | None,
+        count: int | Tensor,
     ) -> bool:
         """The rest of the boundary with the skip decision on the device: no host read."""
         # Every rank holds the same flag: a NaN/inf anywhere reached the summed gradients (or
@@ -498,7 +503,10 @@ class GradientPipeline:
         """
         # Every value is checked before anything is loaded: a bad one changes nothing.
         saved = _pipeline_state.check_window(
-            state, names=self.names, params=self.params, clip_stages=len(self.clip),
+            state,
+            names=self.names,
+            params=self.params,
+            clip_stages=len(self.clip),
             accumulation_steps=self.accumulation_steps,
         )
         parts = list(zip(self.clip, state["clip"])) + [(self.sync, state["average"])]
@@ -538,7 +546,9 @@ def _check_parts(model: object, average: object, tracker: object, scaler: object
 
 
 def _read_flags(
-    total_norm: Tensor, global_items: int | Tensor | None, local_items: int | Tensor | None,
+    total_norm: Tensor,
+    global_items: int | Tensor | None,
+    local_items: int | Tensor | None,
     missing: tuple[list[int], Tensor] | None,
 ) -> tuple[bool, bool, bool, list[int]]:
     """(the gradient is finite, the window holds items, this process had items, positions of

@@ -36,7 +36,9 @@ class Bucket:
         # rank has one (sums of ones never round to 0, even in bfloat16).
         self.presence = presence
         self.shapes = [params[i].shape for i in positions]
-        self.use_buffer(torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device))
+        self.use_buffer(
+            torch.empty(self.numel + (len(positions) if presence else 0), dtype=first.dtype, device=first.device)
+        )
         self.missing: list[tuple[int, int]] = []  # (position, slot) of parameters without a gradient here
         self.ready = 0
         self.work: dist.Work | None = None
@@ -48,7 +50,8 @@ class Bucket:
         self.buffer = buffer
         self.grads = buffer[: self.numel]  # the gradients' part, without the presence slots
         self.views = [
-            buffer.narrow(0, offset, size).view(shape) for offset, size, shape in zip(self.offsets, self.sizes, self.shapes)
+            buffer.narrow(0, offset, size).view(shape)
+            for offset, size, shape in zip(self.offsets, self.sizes, self.shapes)
         ]
 
     def pack(self, params: Sequence[Tensor], scale: Tensor | float = 1.0) -> None:
@@ -123,7 +126,9 @@ class Bucket:
         return self.numel * self.buffer.element_size()
 
 
-def plan_buckets(params: Sequence[Tensor], positions: Sequence[int], bucket_bytes: int, first_bucket_bytes: int) -> list[list[int]]:
+def plan_buckets(
+    params: Sequence[Tensor], positions: Sequence[int], bucket_bytes: int, first_bucket_bytes: int
+) -> list[list[int]]:
     """Group parameter positions into buckets, in reverse order (gradients arrive roughly
     last-layer first during backward), one (device, dtype) per bucket, the first one small so
     that communication starts early."""
@@ -142,7 +147,6 @@ def plan_buckets(params: Sequence[Tensor], positions: Sequence[int], bucket_byte
     if current:
         buckets.append(current)
     return buckets
-
 
 
 class BucketSchedule:

@@ -76,7 +76,13 @@ class DDPSync(SyncControl):
             present = torch.ones(len(params), dtype=torch.int32, device=params[0].device)
             for i in missing:
                 present[i] = 0
-            distributed.run(dist.all_reduce, "DDP pipeline: all-reduce of which parameters have gradients", None, present, group=self.group)
+            distributed.run(
+                dist.all_reduce,
+                "DDP pipeline: all-reduce of which parameters have gradients",
+                None,
+                present,
+                group=self.group,
+            )
         except BaseException:
             for i in missing:
                 params[i].grad = None
@@ -88,4 +94,3 @@ class DDPSync(SyncControl):
 
     def bytes_sent(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.ddp.parameters() if p.requires_grad)
-

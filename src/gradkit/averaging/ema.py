@@ -229,8 +229,7 @@ class EMA:
             if not isinstance(value, Tensor) or value.shape != target.shape or value.dtype != target.dtype:
                 got = _describe(value) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(
-                    f"EMA.load_state_dict: {name!r} is {got} in the state but {_describe(target)} here; "
-                    f"{_SAME_MODEL}"
+                    f"EMA.load_state_dict: {name!r} is {got} in the state but {_describe(target)} here; {_SAME_MODEL}"
                 )
         with torch.no_grad():
             for name, target in own.items():

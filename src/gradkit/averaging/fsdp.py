@@ -43,7 +43,11 @@ MODES = ("every", "boundary")
 
 def is_fsdp(model: object) -> bool:
     """Whether `model` is, or holds, a module wrapped by FSDP2's ``fully_shard``."""
-    return FSDPModule is not None and isinstance(model, nn.Module) and any(isinstance(m, FSDPModule) for m in model.modules())
+    return (
+        FSDPModule is not None
+        and isinstance(model, nn.Module)
+        and any(isinstance(m, FSDPModule) for m in model.modules())
+    )
 
 
 def check_average(average: SyncControl) -> SyncControl:
@@ -100,7 +104,9 @@ class FSDPSync(SyncControl):
                 "call fully_shard(module) on the model (and its layers) first, or pass average=gk.Average() for a replicated model"
             )
         if reduce not in MODES:
-            raise ValueError(f"reduce must be one of {MODES}, got {reduce!r}; pass 'every' (least memory) or 'boundary' (least communication)")
+            raise ValueError(
+                f"reduce must be one of {MODES}, got {reduce!r}; pass 'every' (least memory) or 'boundary' (least communication)"
+            )
         self.model = model
         self.reduce = reduce
         self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -122,7 +128,14 @@ class FSDPSync(SyncControl):
             module.set_gradient_divide_factor(1.0)
         self._names: dict[int, str] = {}
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None) -> None:
+    def attach(
+        self,
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        *,
+        sparse: Collection[str] = (),
+        module: nn.Module | None = None,
+    ) -> None:
         self._names = {id(p): name for name, p in zip(names, params)}
 
     def set_sync(self, enabled: bool) -> None:
@@ -197,15 +210,21 @@ class FSDPSync(SyncControl):
                 p.unsharded_accumulated_grad = None
             return
         if set(state) != {"unsharded_grads"} or not isinstance(state["unsharded_grads"], dict):
-            raise ValueError(f"FSDPSync.load_state_dict: expected {{'unsharded_grads': {{name: tensor}}}}, got keys {sorted(state)}; pass the state saved with the same FSDP model")
+            raise ValueError(
+                f"FSDPSync.load_state_dict: expected {{'unsharded_grads': {{name: tensor}}}}, got keys {sorted(state)}; pass the state saved with the same FSDP model"
+            )
         by_name = {self._names.get(id(p.sharded_param)): p for p in self._fsdp_params()}
         grads = state["unsharded_grads"]
         for name, grad in grads.items():
             p = by_name.get(name)
             if p is None or not isinstance(grad, Tensor) or tuple(grad.shape) != tuple(p._orig_size):
-                raise ValueError(f"FSDPSync.load_state_dict: partial gradient {name!r} does not fit this model; load it into the model it was saved from")
+                raise ValueError(
+                    f"FSDPSync.load_state_dict: partial gradient {name!r} does not fit this model; load it into the model it was saved from"
+                )
         if self.reduce != "boundary":
-            raise ValueError("FSDPSync.load_state_dict: the state holds unsharded partial gradients of reduce='boundary'; build FSDPSync with reduce='boundary'")
+            raise ValueError(
+                "FSDPSync.load_state_dict: the state holds unsharded partial gradients of reduce='boundary'; build FSDPSync with reduce='boundary'"
+            )
         for name, grad in grads.items():
             p = by_name[name]
             dtype = getattr(p, "reduce_dtype", None) or p.sharded_param.dtype

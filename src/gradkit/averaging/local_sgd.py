@@ -44,7 +44,14 @@ class ModelAverager(SyncControl):
         >>> pipe = gk.GradientPipeline(model, average=gk.ModelAverager(period=8, warmup_steps=100))
     """
 
-    def __init__(self, period: int, *, warmup_steps: int = 0, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        period: int,
+        *,
+        warmup_steps: int = 0,
+        group: dist.ProcessGroup | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.period = _checks.positive_int("period", period, "pass how many steps to take between averages, e.g. 8")
         self.warmup_steps = _checks.non_negative_int("warmup_steps", warmup_steps, "pass 0 for no warm-up")
         self.timeout = as_timeout(timeout)
@@ -59,7 +66,13 @@ class ModelAverager(SyncControl):
         return self._group()
 
     def attach(
-        self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None, broadcast: bool = True
+        self,
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        *,
+        sparse: Collection[str] = (),
+        module: nn.Module | None = None,
+        broadcast: bool = True,
     ) -> None:
         """Check that the ranks hold the same parameters and (by default) copy rank 0's
         values to all (with `module`: frozen parameters and buffers too), so the replicas
@@ -106,4 +119,3 @@ class ModelAverager(SyncControl):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("ModelAverager", state, {"step"})
         self.step = _checks.non_negative_int("step", state["step"], "pass the state from ModelAverager.state_dict()")
-

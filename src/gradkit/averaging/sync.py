@@ -33,7 +33,14 @@ class SyncControl:
     #: pipeline folds it into the clip's multiply, so that a step writes every gradient once
     defers_scale: bool = False
 
-    def attach(self, names: Sequence[str], params: Sequence[Tensor], *, sparse: Collection[str] = (), module: nn.Module | None = None) -> None:
+    def attach(
+        self,
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        *,
+        sparse: Collection[str] = (),
+        module: nn.Module | None = None,
+    ) -> None:
         """Called once by the pipeline with the parameters it manages, the names of those
         whose gradients are sparse, and the module they belong to (None for bare parameters)."""
 
@@ -99,7 +106,9 @@ class SyncControl:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}; pass the state saved with the same average=")
+            raise ValueError(
+                f"{type(self).__name__} has no state, got keys {sorted(state)}; pass the state saved with the same average="
+            )
 
 
 class LocalSync(SyncControl):
@@ -112,7 +121,5 @@ class LocalSync(SyncControl):
         return scale
 
 
-
 def grads_of(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.grad for p in params if p.grad is not None]
-

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from gradkit.bench import gpu
 import gradkit
+from gradkit.bench import gpu
 from gradkit.bench.common import Row, Settings
 
 __all__ = ["run", "run_cuda"]

@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import summarize
 
@@ -37,7 +38,15 @@ def run(settings: Settings) -> list[Row]:
     if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
         rows.append(_row(settings, "cuda"))
     else:
-        rows.append(Row("[cuda] FSDP2 pipeline step, 2 processes", "cuda", "hand-written FSDP2 loop", GOAL, note="[cuda] FSDP2 step: skipped, needs 2 GPUs"))
+        rows.append(
+            Row(
+                "[cuda] FSDP2 pipeline step, 2 processes",
+                "cuda",
+                "hand-written FSDP2 loop",
+                GOAL,
+                note="[cuda] FSDP2 step: skipped, needs 2 GPUs",
+            )
+        )
     return rows
 
 
@@ -46,7 +55,12 @@ def _row(settings: Settings, device: str) -> Row:
     repeats = min(settings.repeats, MAX_REPEATS)
     with tempfile.TemporaryDirectory() as folder:
         results = mp.get_context("spawn").Manager().dict()
-        mp.start_processes(_worker, args=(2, folder, device, sizes, min(settings.warmup, 3), repeats, results), nprocs=2, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(2, folder, device, sizes, min(settings.warmup, 3), repeats, results),
+            nprocs=2,
+            start_method="spawn",
+        )
         mine, theirs = summarize(results["gradkit"]), summarize(results["reference"])
     params = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
     tag = "[cuda] " if device == "cuda" else ""
@@ -68,7 +82,9 @@ def _worker(rank, world, folder, device, sizes, warmup, repeats, results):
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        backend, init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
 
     def build():
@@ -106,7 +122,11 @@ def _worker(rank, world, folder, device, sizes, warmup, repeats, results):
 
     samples = {"gradkit": [], "reference": []}
     for i in range(warmup + repeats):
-        for name, step in (("gradkit", gradkit_step), ("reference", reference_step)) if i % 2 else (("reference", reference_step), ("gradkit", gradkit_step)):
+        for name, step in (
+            (("gradkit", gradkit_step), ("reference", reference_step))
+            if i % 2
+            else (("reference", reference_step), ("gradkit", gradkit_step))
+        ):
             dist.barrier()
             if device == "cuda":
                 torch.cuda.synchronize()

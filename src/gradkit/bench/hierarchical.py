@@ -54,7 +54,9 @@ def run(settings: Settings) -> list[Row]:
     topk["bytes_sent"] = {**result["bytes_sent"], "gradkit": result["bytes_sent"]["topk"]}
     dense_goal = f"<= 1/{DENSE_GOAL:g}"
     rows = step_rows(result, where, "cpu", "flat Average()", DENSE_GOAL, "hierarchical / flat", dense_goal)
-    rows += step_rows(topk, where, "cpu", "flat Average()", TOPK_GOAL, "hierarchical TopK / flat", f"<= 1/{TOPK_GOAL:g}")
+    rows += step_rows(
+        topk, where, "cpu", "flat Average()", TOPK_GOAL, "hierarchical TopK / flat", f"<= 1/{TOPK_GOAL:g}"
+    )
     rows[0] = _renamed(rows[0], f"Average(node_size={NODE_SIZE})")
     rows[1] = _renamed(rows[1], f"Average(TopK(0.01), node_size={NODE_SIZE})")
     return rows

@@ -13,10 +13,10 @@ import os
 import tempfile
 
 import torch
-from gradkit.bench.common import Row, Settings
-from gradkit.bench.timing import measure
 
 import gradkit
+from gradkit.bench.common import Row, Settings
+from gradkit.bench.timing import measure
 
 __all__ = ["run"]
 

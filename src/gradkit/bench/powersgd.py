@@ -35,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from gradkit.bench.common import Row, Settings
-from gradkit.bench.processes import same_gradkit_env, free_port
+from gradkit.bench.processes import free_port, same_gradkit_env
 from gradkit.bench.timing import summarize
 
 __all__ = ["run"]
@@ -102,7 +102,11 @@ def _launch(rank: int, shape: dict) -> dict:
                 env = {**same_gradkit_env(os.environ), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
                 processes.append(
                     subprocess.Popen(
-                        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        command,
+                        env=env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
                         start_new_session=True,
                     )
                 )

@@ -33,7 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float, *, show: int | None = None) -> list[dict[str, Any]]:
+def run_workers(
+    commands: list[tuple[list[str], dict[str, str]]], timeout: float, *, show: int | None = None
+) -> list[dict[str, Any]]:
     """Run `gradkit.bench.worker` once per (arguments, extra environment), all at once; each one's JSON result.
 
     `arguments` may start with a prefix ending in ``--`` (e.g. ``["ip", "netns", "exec", NS, "--"]``);
@@ -56,8 +58,12 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
                 environment = {**same_gradkit_env(os.environ), "OMP_NUM_THREADS": "1", **env}
                 processes.append(
                     subprocess.Popen(
-                        command, env=environment, stdout=subprocess.PIPE, stderr=None if index == show else subprocess.STDOUT,
-                        text=True, start_new_session=True,
+                        command,
+                        env=environment,
+                        stdout=subprocess.PIPE,
+                        stderr=None if index == show else subprocess.STDOUT,
+                        text=True,
+                        start_new_session=True,
                     )
                 )
             deadline = time.monotonic() + timeout
@@ -66,7 +72,9 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
                 try:
                     outputs.append(process.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
                 except subprocess.TimeoutExpired:
-                    raise TimeoutError(f"benchmark workers did not finish within {timeout:.0f} s; killed them") from None
+                    raise TimeoutError(
+                        f"benchmark workers did not finish within {timeout:.0f} s; killed them"
+                    ) from None
         finally:
             for process in processes:
                 if process.poll() is None:
@@ -77,7 +85,8 @@ def run_workers(commands: list[tuple[list[str], dict[str, str]]], timeout: float
             # A peer of a crashed worker fails too; every failure's tail is shown, in order.
             # The shown worker's stderr (its traceback) went to the terminal, above this message.
             detail = "\n".join(
-                f"--- worker {i} (exit {rc}{'; its stderr is above' if i == show else ''}) ---\n{out[-2000:]}" for i, rc, out in failed
+                f"--- worker {i} (exit {rc}{'; its stderr is above' if i == show else ''}) ---\n{out[-2000:]}"
+                for i, rc, out in failed
             )
             raise RuntimeError(f"benchmark worker failed:\n{detail}")
         return [json.loads(out.read_text()) for out in outs]

@@ -96,10 +96,17 @@ def run(settings: Settings) -> list[Row]:
         # 2-process group: one start-up instead of three launches.
         init = f"tcp://127.0.0.1:{free_port()}"
         commands = [
-            (["quality", "--rank", str(rank), "--world", "2", "--init", init, "--configs", str(config_file)], {"GLOO_SOCKET_IFNAME": "lo"})
+            (
+                ["quality", "--rank", str(rank), "--world", "2", "--init", init, "--configs", str(config_file)],
+                {"GLOO_SOCKET_IFNAME": "lo"},
+            )
             for rank in (0, 1)
         ]
-        print(f"quality: {len(configs)} training runs of {steps} steps, one after the other ({', '.join(names)})", file=sys.stderr, flush=True)
+        print(
+            f"quality: {len(configs)} training runs of {steps} steps, one after the other ({', '.join(names)})",
+            file=sys.stderr,
+            flush=True,
+        )
         summaries = run_workers(commands, 300 + len(configs) * steps * SECONDS_PER_STEP, show=0)[0]
         results = {}
         for compressor, summary in zip(names, summaries):
@@ -146,7 +153,9 @@ def _note(compressor: str, mine: dict, dense: dict, quick: bool) -> str:
 def write_source_corpus(path: Path, max_chars: int) -> Path:
     """CPython's standard library source (tests left out), in a fixed order, up to `max_chars` characters."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "site-packages"} & set(p.relative_to(root).parts))
+    files = sorted(
+        p for p in root.rglob("*.py") if not {"test", "tests", "site-packages"} & set(p.relative_to(root).parts)
+    )
     parts, total = [], 0
     for file in files:
         if total >= max_chars:
@@ -155,7 +164,9 @@ def write_source_corpus(path: Path, max_chars: int) -> Path:
         parts.append(part)
         total += len(part) + 1
     if total < 10_000:
-        raise RuntimeError(f"found only {total} characters of Python source under {root}; the quality benchmark needs the standard library's .py files")
+        raise RuntimeError(
+            f"found only {total} characters of Python source under {root}; the quality benchmark needs the standard library's .py files"
+        )
     path.write_text("\n".join(parts)[:max_chars], encoding="utf-8")
     return path
 

@@ -21,8 +21,21 @@ from pathlib import Path
 import torch
 
 from gradkit.bench import (
-    averaging, clipping, compressors, ef_memory, ema, fsdp, hierarchical, integrations, memory, network, powersgd,
-    quality, step, topk, tracking,
+    averaging,
+    clipping,
+    compressors,
+    ef_memory,
+    ema,
+    fsdp,
+    hierarchical,
+    integrations,
+    memory,
+    network,
+    powersgd,
+    quality,
+    step,
+    topk,
+    tracking,
 )  # fmt: skip
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import Timing
@@ -78,7 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the report (markdown) to this file")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for the test suite; the numbers mean nothing")
-    parser.add_argument("--only", metavar="NAMES", help=f"comma-separated benchmarks to run (default: all): {names}; {GPU}: every CUDA row")
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help=f"comma-separated benchmarks to run (default: all): {names}; {GPU}: every CUDA row",
+    )
     parser.add_argument(
         "--quality-steps", type=int, metavar="N",
         help=f"training steps of each quality run (default: {quality.FULL_STEPS}: about an hour on 2 cores)",
@@ -138,7 +155,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             shown = ", ".join(map(repr, unknown)) if unknown else repr(args.only)
             raise ValueError(f"--only: unknown benchmark {shown}; choose from {', '.join([*BENCHMARKS, GPU])}")
     chosen = [name for name in BENCHMARKS if name in wanted]
-    on_gpu = [name for name in BENCHMARKS if hasattr(BENCHMARKS[name], "run_cuda") and (name in chosen or GPU in wanted)]
+    on_gpu = [
+        name for name in BENCHMARKS if hasattr(BENCHMARKS[name], "run_cuda") and (name in chosen or GPU in wanted)
+    ]
     if args.quality_steps is not None and args.quality_steps < 1:
         raise ValueError(f"--quality-steps must be >= 1, got {args.quality_steps}")
     if args.threads is not None and args.threads < 1:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from gradkit.bench import gpu
 import gradkit
+from gradkit.bench import gpu
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.timing import measure
 

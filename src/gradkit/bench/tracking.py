@@ -177,7 +177,12 @@ def run_cuda(settings: Settings) -> list[Row]:
     with_tracker, without = timings["gradkit"].median, timings["reference"].median
     return [
         Row(
-            label, "cuda", REFERENCE, GOAL_CUDA, gradkit_time=timings["gradkit"], reference_time=timings["reference"],
+            label,
+            "cuda",
+            REFERENCE,
+            GOAL_CUDA,
+            gradkit_time=timings["gradkit"],
+            reference_time=timings["reference"],
             note=f"{gpu.device_name()}, {params / 1e6:.0f}M params, batch {batch}x{seq}: with tracker "
             f"{with_tracker * 1e3:.1f} ms/step, without {without * 1e3:.1f} ms/step "
             f"({with_tracker / without - 1:+.1%})",

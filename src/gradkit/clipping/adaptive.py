@@ -48,11 +48,15 @@ class AGC(ClipStage):
         self.clip = _checks.positive_number("clip", clip, "pass λ, e.g. 0.01")
         self.eps = _checks.positive_number("eps", eps, "pass the weight-norm floor, e.g. 1e-3")
         if isinstance(exclude, str):
-            raise TypeError(f"exclude must be a list of name patterns, got the string {exclude!r}; wrap it: ({exclude!r},)")
+            raise TypeError(
+                f"exclude must be a list of name patterns, got the string {exclude!r}; wrap it: ({exclude!r},)"
+            )
         try:
             patterns = tuple(exclude)
         except TypeError:
-            raise TypeError(f"exclude must be a list of name patterns, got {type(exclude).__name__} {exclude!r}; pass e.g. ('fc.*',), or () for none") from None
+            raise TypeError(
+                f"exclude must be a list of name patterns, got {type(exclude).__name__} {exclude!r}; pass e.g. ('fc.*',), or () for none"
+            ) from None
         if not all(isinstance(p, str) for p in patterns):
             raise TypeError(f"exclude must hold name patterns (strings), got {patterns!r}; pass e.g. ('fc.*',)")
         self.exclude = patterns
@@ -94,7 +98,9 @@ class AutoClip(ClipStage):
     """
 
     def __init__(self, percentile: float = 10, *, history: int = 10_000) -> None:
-        self.percentile = _checks.number_in_range("percentile", percentile, 0.0, 100.0, "pass e.g. 10 for the 10th percentile")
+        self.percentile = _checks.number_in_range(
+            "percentile", percentile, 0.0, 100.0, "pass e.g. 10 for the 10th percentile"
+        )
         self.history = _checks.positive_int("history", history, "pass how many recent norms to keep, e.g. 10000")
         self._norms = torch.zeros(self.history)
         self._count = 0
@@ -115,7 +121,9 @@ class AutoClip(ClipStage):
         super().load_state_dict(state)
         norms = state_tensor(state["norms"], "norms", "AutoClip")
         if norms.shape != (self.history,):
-            raise ValueError(f"AutoClip.load_state_dict: norms has shape {tuple(norms.shape)}, expected ({self.history},); build AutoClip with the history it was saved with")
+            raise ValueError(
+                f"AutoClip.load_state_dict: norms has shape {tuple(norms.shape)}, expected ({self.history},); build AutoClip with the history it was saved with"
+            )
         count = _checks.non_negative_int("count", state["count"], "pass the count from AutoClip.state_dict()")
         self._norms, self._count = norms.clone(), count
 
@@ -178,17 +186,26 @@ class ZClip(ClipStage):
         self._count += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warmup_norms": self._warmup_norms.clone(), "mean": self._mean.clone(), "var": self._var.clone(), "count": self._count}
+        return {
+            "warmup_norms": self._warmup_norms.clone(),
+            "mean": self._mean.clone(),
+            "var": self._var.clone(),
+            "count": self._count,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         warmup_norms = state_tensor(state["warmup_norms"], "warmup_norms", "ZClip")
         if warmup_norms.shape != (self.warmup,):
-            raise ValueError(f"ZClip.load_state_dict: warmup_norms has shape {tuple(warmup_norms.shape)}, expected ({self.warmup},); build ZClip with the warmup it was saved with")
+            raise ValueError(
+                f"ZClip.load_state_dict: warmup_norms has shape {tuple(warmup_norms.shape)}, expected ({self.warmup},); build ZClip with the warmup it was saved with"
+            )
         mean = state_tensor(state["mean"], "mean", "ZClip")
         var = state_tensor(state["var"], "var", "ZClip")
         for name, value in (("mean", mean), ("var", var)):
             if value.shape != ():
-                raise ValueError(f"ZClip.load_state_dict: {name} has shape {tuple(value.shape)}, expected a 0-d tensor; pass the state from ZClip.state_dict()")
+                raise ValueError(
+                    f"ZClip.load_state_dict: {name} has shape {tuple(value.shape)}, expected a 0-d tensor; pass the state from ZClip.state_dict()"
+                )
         count = _checks.non_negative_int("count", state["count"], "pass the count from ZClip.state_dict()")
         self._warmup_norms, self._mean, self._var, self._count = warmup_norms.clone(), mean.clone(), var.clone(), count

@@ -163,10 +163,24 @@ def reduce_norm(local_norm: Tensor, norm_type: float, group: dist.ProcessGroup) 
     if math.isinf(norm_type):
         # double on every rank, as below: shards may hold gradients of different dtypes.
         combined = local_norm.double()
-        distributed.run(dist.all_reduce, "gradient clipping: all-reduce of the sharded max-norm", None, combined, op=dist.ReduceOp.MAX, group=group)
+        distributed.run(
+            dist.all_reduce,
+            "gradient clipping: all-reduce of the sharded max-norm",
+            None,
+            combined,
+            op=dist.ReduceOp.MAX,
+            group=group,
+        )
         return combined.to(local_norm.dtype)
     powered = local_norm.double() ** norm_type  # double: p-th powers of large norms overflow float32
-    distributed.run(dist.all_reduce, "gradient clipping: all-reduce of the sharded norm", None, powered, op=dist.ReduceOp.SUM, group=group)
+    distributed.run(
+        dist.all_reduce,
+        "gradient clipping: all-reduce of the sharded norm",
+        None,
+        powered,
+        op=dist.ReduceOp.SUM,
+        group=group,
+    )
     return (powered ** (1.0 / norm_type)).to(local_norm.dtype)
 
 
@@ -179,7 +193,9 @@ def check_norm_type(norm_type: object) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}; use 2.0 for the L2 norm") from None
     if math.isnan(p) or p <= 0:
-        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}; use 2.0 for the L2 norm or 'inf' for the max")
+        raise ValueError(
+            f"norm_type must be > 0 or inf, got {norm_type!r}; use 2.0 for the L2 norm or 'inf' for the max"
+        )
     return p
 
 

@@ -14,12 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradkit import _checks
+from gradkit import _checks, _foreach
 from gradkit._stateful import Stateful
 from gradkit.clipping.functional import check_group, check_norm_type, clip_coefficient, clip_grad_value_, reduce_norm
 from gradkit.context import GradContext
 from gradkit.distributed import WeakGroup
-from gradkit import _foreach
 
 __all__ = ["ClipStage", "ClipByGlobalNorm", "ClipByValue", "ClipPerLayer"]
 
@@ -38,7 +37,6 @@ class ClipStage(Stateful):
     def apply_(self, ctx: GradContext) -> None:
         """Change ``ctx.grads`` in place (and update this stage's state)."""
         raise NotImplementedError
-
 
 
 class ClipByGlobalNorm(ClipStage):

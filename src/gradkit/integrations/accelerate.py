@@ -1,6 +1,6 @@
 """gradkit in a Hugging Face Accelerate loop: clip stages and a tracker between ``backward`` and ``step``.
 
-    pip install gradkit[accelerate]
+pip install gradkit[accelerate]
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class GradkitStep:
         self.steps += 1
         micro = self.accelerator.gradient_accumulation_steps
         self._pending = True
-        return self.boundary.before_step(step=self.steps, micro_steps=micro, items=micro * self.accelerator.num_processes)
+        return self.boundary.before_step(
+            step=self.steps, micro_steps=micro, items=micro * self.accelerator.num_processes
+        )
 
     def after_step(self) -> None:
         """After ``optimizer.step()``: completes the tracker's logged step (a no-op between sync steps)."""

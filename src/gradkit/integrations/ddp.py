@@ -30,7 +30,11 @@ class CommHookState:
     """The hook's state: the compressor (with its residuals), the group, parameter names."""
 
     def __init__(
-        self, compressor: Compressor | None, group: dist.ProcessGroup | None, names: dict[int, str], timeout: datetime.timedelta | None,
+        self,
+        compressor: Compressor | None,
+        group: dist.ProcessGroup | None,
+        names: dict[int, str],
+        timeout: datetime.timedelta | None,
         required: tuple[str, ...] = (),
     ) -> None:
         self.compressor = compressor
@@ -87,11 +91,15 @@ def ddp_comm_hook(
     effective = effective_compressor(compressor, error_feedback)
     seconds = as_timeout(timeout)
     if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"model must be the DDP-wrapped nn.Module (to name residuals by parameter) or None, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be the DDP-wrapped nn.Module (to name residuals by parameter) or None, got {type(model).__name__}"
+        )
     distributed.check_group_type(group)
     resolved = distributed.resolve_group(group, "gk.ddp_comm_hook")
     if resolved is None:
-        raise ValueError("gk.ddp_comm_hook needs an initialized process group (DDP does too); call torch.distributed.init_process_group first")
+        raise ValueError(
+            "gk.ddp_comm_hook needs an initialized process group (DDP does too); call torch.distributed.init_process_group first"
+        )
     pairs = _names.named_parameters(model) if model is not None else []
     names = {id(p): name for name, p in pairs}
     # DDP buckets every parameter that requires grad: each one's state is saved.

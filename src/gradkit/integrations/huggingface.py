@@ -1,6 +1,6 @@
 """gradkit inside Hugging Face ``transformers.Trainer``: tracking and clip stages as a callback.
 
-    pip install gradkit[hf]
+pip install gradkit[hf]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """gradkit inside ``lightning.Trainer``: tracking and clip stages as a callback.
 
-    pip install gradkit[lightning]
+pip install gradkit[lightning]
 """
 
 from __future__ import annotations
@@ -95,4 +95,3 @@ class GradkitCallback(Callback):
     def close(self) -> None:
         """Flush the tracker's log (also done at the end of fit)."""
         self.boundary.close()
-

@@ -77,12 +77,18 @@ class AlertRules:
         warmup: int = 5,
     ) -> None:
         self.vanish_abs = _checks.positive_number("vanish_abs", vanish_abs, "pass an absolute norm floor, e.g. 1e-10")
-        self.vanish_ratio = _checks.number_in_range("vanish_ratio", vanish_ratio, 0.0, 1.0, "pass a fraction of the median module norm, e.g. 1e-3")
+        self.vanish_ratio = _checks.number_in_range(
+            "vanish_ratio", vanish_ratio, 0.0, 1.0, "pass a fraction of the median module norm, e.g. 1e-3"
+        )
         self.patience = _checks.positive_int("patience", patience, "pass how many consecutive logged steps, e.g. 3")
-        self.explode_factor = _checks.positive_number("explode_factor", explode_factor, "pass a multiple of the running average above 1, e.g. 10")
+        self.explode_factor = _checks.positive_number(
+            "explode_factor", explode_factor, "pass a multiple of the running average above 1, e.g. 10"
+        )
         if self.explode_factor <= 1:
             raise ValueError(f"explode_factor must be > 1, got {explode_factor!r}; pass e.g. 10")
-        self.explode_beta = _checks.number_in_range("explode_beta", explode_beta, 0.0, 1.0, "pass an EMA decay in (0, 1), e.g. 0.9")
+        self.explode_beta = _checks.number_in_range(
+            "explode_beta", explode_beta, 0.0, 1.0, "pass an EMA decay in (0, 1), e.g. 0.9"
+        )
         self.warmup = _checks.non_negative_int("warmup", warmup, "pass how many logged steps of history, e.g. 5")
         # name -> {"ema": float, "seen": int, "vanish": int, "dead": int}
         self._state: dict[str, dict[str, float]] = {}
@@ -113,7 +119,9 @@ class AlertRules:
             alerts += self._edge(step, "exploding", name, exploding, norm,
                                  f"gradient norm of {name!r} jumped to {norm:.3g}, {norm / state['ema'] if state['ema'] else math.inf:.3g}x "
                                  "its running average: lower the learning rate or clip (gk.ClipByGlobalNorm / gk.ZClip)")  # fmt: skip
-            state["ema"] = norm if state["seen"] == 0 else self.explode_beta * state["ema"] + (1 - self.explode_beta) * norm
+            state["ema"] = (
+                norm if state["seen"] == 0 else self.explode_beta * state["ema"] + (1 - self.explode_beta) * norm
+            )
             state["seen"] += 1
         return alerts
 
@@ -136,7 +144,11 @@ class AlertRules:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("AlertRules", state, {"modules", "active"})
         modules = state["modules"]
-        if not isinstance(modules, dict) or not all(isinstance(v, dict) and set(v) == {"ema", "seen", "vanish", "dead"} for v in modules.values()):
-            raise ValueError("AlertRules.load_state_dict: 'modules' must map module names to {ema, seen, vanish, dead}; pass AlertRules.state_dict()")
+        if not isinstance(modules, dict) or not all(
+            isinstance(v, dict) and set(v) == {"ema", "seen", "vanish", "dead"} for v in modules.values()
+        ):
+            raise ValueError(
+                "AlertRules.load_state_dict: 'modules' must map module names to {ema, seen, vanish, dead}; pass AlertRules.state_dict()"
+            )
         self._state = {name: {k: float(v[k]) if k == "ema" else int(v[k]) for k in v} for name, v in modules.items()}
         self._active = {(str(kind), str(name)) for kind, name in state["active"]}

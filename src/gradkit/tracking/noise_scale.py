@@ -50,7 +50,9 @@ class NoiseScale:
     """
 
     def __init__(self, beta: float = 0.95) -> None:
-        self.beta = _checks.number_in_range("noise_beta", beta, 0.0, 1.0, "pass an EMA decay in [0, 1), e.g. 0.95", low_open=False)
+        self.beta = _checks.number_in_range(
+            "noise_beta", beta, 0.0, 1.0, "pass an EMA decay in [0, 1), e.g. 0.95", low_open=False
+        )
         if self.beta >= 1.0:
             raise ValueError(f"noise_beta must be < 1, got {beta!r}; pass an EMA decay in [0, 1), e.g. 0.95")
         self._g2 = torch.zeros((), dtype=torch.float64)
@@ -100,8 +102,12 @@ class NoiseScale:
         _checks.state_keys("NoiseScale", state, {"g2", "trace", "count"})
         for key in ("g2", "trace", "count"):
             if not isinstance(state[key], Tensor) or state[key].numel() != 1:
-                raise TypeError(f"NoiseScale.load_state_dict: {key!r} must be a one-element tensor from NoiseScale.state_dict()")
-        self._g2, self._trace, self._count = (state[k].detach().double().reshape(()).clone() for k in ("g2", "trace", "count"))
+                raise TypeError(
+                    f"NoiseScale.load_state_dict: {key!r} must be a one-element tensor from NoiseScale.state_dict()"
+                )
+        self._g2, self._trace, self._count = (
+            state[k].detach().double().reshape(()).clone() for k in ("g2", "trace", "count")
+        )
 
 
 class NoiseProbe:

@@ -110,8 +110,14 @@ class NonfiniteLocator:
         if first_bad_output is None:
             return None
         if ROOT in bad_output or self.module is None:
-            return LOSS, "the gradient was already non-finite where backward started (the loss, or an operation after the model)"
-        return first_bad_output, "the gradient reaching its output was non-finite: an operation outside the modules, after it, produced it"
+            return (
+                LOSS,
+                "the gradient was already non-finite where backward started (the loss, or an operation after the model)",
+            )
+        return (
+            first_bad_output,
+            "the gradient reaching its output was non-finite: an operation outside the modules, after it, produced it",
+        )
 
     def _recorder(self, name: str, kind: str) -> Callable[[Tensor], None]:
         def record(grad: Tensor) -> None:

@@ -31,8 +31,17 @@ from gradkit.tracking.noise_scale import NoiseScale, batch_advice
 from gradkit.tracking.writers import SCHEMA
 
 __all__ = [
-    "HostRead", "InFlight", "complete_update_ratios", "device_event", "gather_tables", "param_table", "rank_norms",
-    "read_step", "start_step", "step_record", "update_norms",
+    "HostRead",
+    "InFlight",
+    "complete_update_ratios",
+    "device_event",
+    "gather_tables",
+    "param_table",
+    "rank_norms",
+    "read_step",
+    "start_step",
+    "step_record",
+    "update_norms",
 ]
 
 
@@ -251,10 +260,16 @@ def step_record(
         "steps_since_log": since,
         "detail": detail,
         "global": {
-            "norm_pre_clip": got["total_norm"], "norm": got["norm_after"], "clip_coef": got["clip_coef"],
-            "clipped_steps": int(got["clipped"]), "clip_rate": got["clipped"] / max(since, 1),
-            "skipped": bool(got["skipped"]), "skipped_steps": int(got["skipped_steps"]), "items": got["items"],
-            "bytes_sent": int(report.bytes_sent), "bytes_since_log": bytes_since,
+            "norm_pre_clip": got["total_norm"],
+            "norm": got["norm_after"],
+            "clip_coef": got["clip_coef"],
+            "clipped_steps": int(got["clipped"]),
+            "clip_rate": got["clipped"] / max(since, 1),
+            "skipped": bool(got["skipped"]),
+            "skipped_steps": int(got["skipped_steps"]),
+            "items": got["items"],
+            "bytes_sent": int(report.bytes_sent),
+            "bytes_since_log": bytes_since,
             "dense_bytes": None if dense is None else int(dense),
             "compression_ratio": dense / report.bytes_sent if dense is not None and report.bytes_sent else None,
         },  # fmt: skip

@@ -51,7 +51,9 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
         raise RunError(f"{str(path)!r} is not a directory; pass the log_dir given to gk.Tracker")
     log = path / JSONL_NAME
     if not log.is_file():
-        raise RunError(f"no run in {str(path)!r}: {JSONL_NAME} is missing; pass the log_dir of a gk.Tracker(log_dir, writers=('jsonl', ...)) run")
+        raise RunError(
+            f"no run in {str(path)!r}: {JSONL_NAME} is missing; pass the log_dir of a gk.Tracker(log_dir, writers=('jsonl', ...)) run"
+        )
     records = read_jsonl(log)
     headers = [r for r in records if r.get("type") == "run"]
     steps = {r["step"]: r for r in records if r.get("type") == "step" and isinstance(r.get("step"), int)}
@@ -114,7 +116,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as error:
-        raise ImportError("gradkit report needs matplotlib: pip install 'gradkit[viz]' (or pip install matplotlib)") from error
+        raise ImportError(
+            "gradkit report needs matplotlib: pip install 'gradkit[viz]' (or pip install matplotlib)"
+        ) from error
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -281,7 +285,7 @@ def _step_batch(record: dict) -> float:
 def _advice(steps: list[dict]) -> str:
     for r in reversed(steps):
         if r.get("noise") and r["noise"].get("advice"):
-            return f'<p>At step {r["step"]}: {html.escape(r["noise"]["advice"])}. B_simple (McCandlish et al. 2018) is a noisy proxy of the critical batch size and grows as the loss falls.</p>'
+            return f"<p>At step {r['step']}: {html.escape(r['noise']['advice'])}. B_simple (McCandlish et al. 2018) is a noisy proxy of the critical batch size and grows as the loss falls.</p>"
     return (
         '<p class="note">No noise-scale estimate: it needs two batch sizes per step, so accumulation_steps > 1 '
         "or several workers, and a few logged steps.</p>"

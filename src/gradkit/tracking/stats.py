@@ -42,7 +42,9 @@ def host_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def param_stats(grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor, pre_clip: Tensor | None, *, detail: bool = True) -> Tensor:
+def param_stats(
+    grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor, pre_clip: Tensor | None, *, detail: bool = True
+) -> Tensor:
     """A (P, len(COLUMNS)) tensor of statistics, one row per parameter, on ``norms.device``; no host sync.
 
     Args:
@@ -198,7 +200,9 @@ def nonfinite_counts(grads: Sequence[Tensor], indices: Sequence[int]) -> dict[in
     if not indices:
         return {}
     device = grads[indices[0]].device
-    counts = torch.stack([torch.stack([torch.isnan(grads[i]).sum(), torch.isinf(grads[i]).sum()]).to(device) for i in indices])
+    counts = torch.stack(
+        [torch.stack([torch.isnan(grads[i]).sum(), torch.isinf(grads[i]).sum()]).to(device) for i in indices]
+    )
     return {i: (int(nan), int(inf)) for i, (nan, inf) in zip(indices, counts.tolist())}
 
 
@@ -273,9 +277,7 @@ def _entry(
     }
 
 
-def histograms(
-    names: Sequence[str], grads: Sequence[Tensor], modules: dict[str, dict], bins: int
-) -> dict[str, dict]:
+def histograms(names: Sequence[str], grads: Sequence[Tensor], modules: dict[str, dict], bins: int) -> dict[str, dict]:
     """Histograms of gradient values per module, binned on the device (``torch.histc``); one host read.
 
     Each module's range is ``[-max|g|, max|g|]`` from its statistics; modules
@@ -321,4 +323,11 @@ def histograms(
 def _combine(rows: list[Tensor], device: torch.device) -> Tensor:
     stacked = torch.stack([r.to(device) for r in rows])
     bins = stacked.shape[1] - 3
-    return torch.cat([stacked[:, :bins].sum(0), stacked[:, bins].min().reshape(1), stacked[:, bins + 1].max().reshape(1), stacked[:, bins + 2].sum().reshape(1)])
+    return torch.cat(
+        [
+            stacked[:, :bins].sum(0),
+            stacked[:, bins].min().reshape(1),
+            stacked[:, bins + 1].max().reshape(1),
+            stacked[:, bins + 2].sum().reshape(1),
+        ]
+    )

@@ -133,14 +133,18 @@ class Tracker:
         self.detail_every = (
             max(self.every, 10)
             if detail_every is None
-            else _checks.positive_int("detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10")
+            else _checks.positive_int(
+                "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
+            )
         )
         self.writer_names = check_writers(writers)
         if alerts is not None and not isinstance(alerts, AlertRules):
             raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(alerts).__name__}")
         self.rules = alerts if alerts is not None else AlertRules()
         self.noise = NoiseScale(noise_beta)
-        self.update_ratio = _checks.flag("update_ratio", update_ratio, "pass False to skip the weight copy on logging steps")
+        self.update_ratio = _checks.flag(
+            "update_ratio", update_ratio, "pass False to skip the weight copy on logging steps"
+        )
         self.histogram_bins = _checks.positive_int("histogram_bins", histogram_bins, "pass a bin count, e.g. 64")
         self.gather = _checks.flag("gather", gather, "pass True to collect every rank's statistics on rank 0")
         self.meta = check_meta(meta)
@@ -172,7 +176,9 @@ class Tracker:
 
     # -- the pipeline protocol -------------------------------------------------------
 
-    def attach(self, module: nn.Module | None, names: Sequence[str], params: Sequence[Tensor], *, clip: Sequence[Any] = ()) -> None:
+    def attach(
+        self, module: nn.Module | None, names: Sequence[str], params: Sequence[Tensor], *, clip: Sequence[Any] = ()
+    ) -> None:
         """Learn the model (once, at setup) and write the run header (with the clip threshold, if any)."""
         self._names, self._params = list(names), list(params)
         thresholds = [stage.max_norm for stage in clip if isinstance(stage, ClipByGlobalNorm)]
@@ -254,9 +260,13 @@ class Tracker:
             pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
             names = [n for n, p in pairs if p.requires_grad]
             if self._names is None:
-                self.attach(model if isinstance(model, nn.Module) else None, names, [p for n, p in pairs if p.requires_grad])
+                self.attach(
+                    model if isinstance(model, nn.Module) else None, names, [p for n, p in pairs if p.requires_grad]
+                )
             elif names != self._names:
-                raise ValueError("track(model): the parameters differ from the ones this tracker was attached to; use one Tracker per model")
+                raise ValueError(
+                    "track(model): the parameters differ from the ones this tracker was attached to; use one Tracker per model"
+                )
         elif self._names is None:
             raise RuntimeError("track() needs the model on its first call: tracker.track(model)")
         self._seal()
@@ -437,7 +447,23 @@ class Tracker:
         Raises:
             ValueError / TypeError: for missing or unexpected keys or bad values; the tracker is unchanged then.
         """
-        _checks.state_keys("Tracker", state, {"step", "last_logged", "since", "bytes", "clipped", "skipped", "forced", "armed", "noise", "rules", "alerts"})
+        _checks.state_keys(
+            "Tracker",
+            state,
+            {
+                "step",
+                "last_logged",
+                "since",
+                "bytes",
+                "clipped",
+                "skipped",
+                "forced",
+                "armed",
+                "noise",
+                "rules",
+                "alerts",
+            },
+        )
         _checks.non_negative_int("step", state["step"], "pass the dict from Tracker.state_dict()")
         SinceLastLog.check_state(state)
         alerts = [Alert(**a) for a in state["alerts"]]

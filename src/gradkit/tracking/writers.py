@@ -17,14 +17,34 @@ from typing import Any
 
 from gradkit._files import make_writable_dir
 
-__all__ = ["JSONL_NAME", "SCHEMA", "RUN_FIELDS", "STEP_FIELDS", "STAT_FIELDS", "JsonlWriter", "TensorBoardWriter", "make_writers", "read_jsonl", "clean"]
+__all__ = [
+    "JSONL_NAME",
+    "SCHEMA",
+    "RUN_FIELDS",
+    "STEP_FIELDS",
+    "STAT_FIELDS",
+    "JsonlWriter",
+    "TensorBoardWriter",
+    "make_writers",
+    "read_jsonl",
+    "clean",
+]
 
 JSONL_NAME = "tracking.jsonl"
 SCHEMA = "gradkit.tracking/1"
 WRITERS = ("jsonl", "tensorboard")
 
 #: keys of the first record of a run ("type": "run") and their JSON types
-RUN_FIELDS = {"type": str, "schema": str, "version": str, "time": float, "every": int, "params": list, "modules": list, "meta": dict}
+RUN_FIELDS = {
+    "type": str,
+    "schema": str,
+    "version": str,
+    "time": float,
+    "every": int,
+    "params": list,
+    "modules": list,
+    "meta": dict,
+}
 #: keys of a step record ("type": "step"); None marks fields that may be null
 STEP_FIELDS = {
     "type": str, "schema": str, "step": int, "time": float, "steps_since_log": int, "detail": bool,
@@ -113,7 +133,15 @@ class TensorBoardWriter:
     def write(self, record: dict[str, Any], histograms: dict | None = None) -> None:
         step = record["step"]
         add = self._writer.add_scalar
-        for key in ("norm_pre_clip", "norm", "clip_coef", "clip_rate", "skipped_steps", "bytes_sent", "compression_ratio"):
+        for key in (
+            "norm_pre_clip",
+            "norm",
+            "clip_coef",
+            "clip_rate",
+            "skipped_steps",
+            "bytes_sent",
+            "compression_ratio",
+        ):
             value = record["global"].get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 add(f"global/{key}", value, step)
@@ -122,7 +150,11 @@ class TensorBoardWriter:
             if isinstance(value, float) and math.isfinite(value):
                 add(f"noise/{key}", value, step)
         for name, stats in record["modules"].items():
-            for key, tag in (("norm_pre_clip", "grad_norm"), ("grad_to_weight", "grad_to_weight"), ("update_to_weight", "update_to_weight")):
+            for key, tag in (
+                ("norm_pre_clip", "grad_norm"),
+                ("grad_to_weight", "grad_to_weight"),
+                ("update_to_weight", "update_to_weight"),
+            ):
                 value = stats.get(key)
                 if isinstance(value, float) and math.isfinite(value):
                     add(f"{tag}/{name}", value, step)
@@ -146,10 +178,14 @@ def check_writers(writers: object) -> tuple[str, ...]:
     if isinstance(writers, str):
         writers = (writers,)
     if not isinstance(writers, (list, tuple)):
-        raise TypeError(f"writers must be a tuple of names from {WRITERS}, got {writers!r}; e.g. writers=('jsonl', 'tensorboard')")
+        raise TypeError(
+            f"writers must be a tuple of names from {WRITERS}, got {writers!r}; e.g. writers=('jsonl', 'tensorboard')"
+        )
     unknown = [w for w in writers if w not in WRITERS]
     if unknown:
-        raise ValueError(f"unknown writer {unknown[0]!r} in writers={tuple(writers)!r}; choose from {WRITERS}, e.g. writers=('jsonl', 'tensorboard')")
+        raise ValueError(
+            f"unknown writer {unknown[0]!r} in writers={tuple(writers)!r}; choose from {WRITERS}, e.g. writers=('jsonl', 'tensorboard')"
+        )
     return tuple(dict.fromkeys(writers))
 
 
@@ -192,7 +228,9 @@ def _open_for_append(path: Path):
     try:
         return path.open("a", encoding="utf-8")
     except OSError as error:
-        raise ValueError(f"cannot open {str(path)!r} for writing ({error.strerror or error}); pass a writable log_dir") from None
+        raise ValueError(
+            f"cannot open {str(path)!r} for writing ({error.strerror or error}); pass a writable log_dir"
+        ) from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -205,7 +243,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                warnings.warn(f"{path}: line {number} is not valid JSON ({error.msg}), skipped; the run was probably interrupted while writing it", stacklevel=2)
+                warnings.warn(
+                    f"{path}: line {number} is not valid JSON ({error.msg}), skipped; the run was probably interrupted while writing it",
+                    stacklevel=2,
+                )
                 continue
             if isinstance(record, dict):
                 records.append(record)

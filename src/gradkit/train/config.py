@@ -99,8 +99,13 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
                 raise ConfigError(f"{key} must be a positive number, got {value!r}")
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
-            raise ConfigError(f"density must be in (0, 1], got {self.density!r}; e.g. density = 0.01 keeps 1% of the entries")
-        for key, hint in (("momentum", "e.g. momentum = 0.9, or 0 for none"), ("dgc_warmup", "e.g. dgc_warmup = 0.05, or 0 for none")):
+            raise ConfigError(
+                f"density must be in (0, 1], got {self.density!r}; e.g. density = 0.01 keeps 1% of the entries"
+            )
+        for key, hint in (
+            ("momentum", "e.g. momentum = 0.9, or 0 for none"),
+            ("dgc_warmup", "e.g. dgc_warmup = 0.05, or 0 for none"),
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"{key} must be in [0, 1), got {value!r}; {hint}")

@@ -29,9 +29,13 @@ def load_text(path: str) -> str:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"text file {path!r} does not exist; pass a UTF-8 text file, or leave text out for the built-in corpus") from None
+        raise ConfigError(
+            f"text file {path!r} does not exist; pass a UTF-8 text file, or leave text out for the built-in corpus"
+        ) from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"text file {path!r} is not UTF-8 ({error.reason} at byte {error.start}); convert it, e.g. iconv -t UTF-8") from None
+        raise ConfigError(
+            f"text file {path!r} is not UTF-8 ({error.reason} at byte {error.start}); convert it, e.g. iconv -t UTF-8"
+        ) from None
     except OSError as error:
         raise ConfigError(f"cannot read text file {path!r}: {error.strerror}") from None
     if not text.strip():

@@ -16,6 +16,7 @@ from gradkit.train.config import DEVICES, ConfigError
 
 __all__ = ["DEVICES", "backend_for", "describe_device", "local_workers", "resolve_device", "worker_device"]
 
+
 def local_workers(workers: int) -> int:
     """How many workers this machine runs: torchrun's ``LOCAL_WORLD_SIZE`` under torchrun, else `workers`."""
     value = os.environ.get("LOCAL_WORLD_SIZE")

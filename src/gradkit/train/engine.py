@@ -157,10 +157,16 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
     model = build_model(config.model, corpus.vocab, config.width, config.layers, config.context).to(device)
     optimizer = make_optimizer(config, model.parameters())
     writers = ("jsonl", "tensorboard") if _has_tensorboard() else ("jsonl",)
-    meta = {"name": config.name, "workers": world, "batch_size": config.micro_batch * config.context * config.accumulation_steps * world}
+    meta = {
+        "name": config.name,
+        "workers": world,
+        "batch_size": config.micro_batch * config.context * config.accumulation_steps * world,
+    }
     tracker = gk.Tracker(config.run_path, every=config.track_every, writers=writers, meta=meta)
     average = gk.Average(make_compressor(config, world))
-    pipe = gk.GradientPipeline(model, accumulation_steps=config.accumulation_steps, average=average, clip=make_clip(config), tracker=tracker)
+    pipe = gk.GradientPipeline(
+        model, accumulation_steps=config.accumulation_steps, average=average, clip=make_clip(config), tracker=tracker
+    )
     start = load_checkpoint(config.run_path, rank, world, model, optimizer, pipe, device)
     progress = _progress(rank, start, config.steps)
     first_eval = evaluate(model, corpus, config) if start == 0 else None
@@ -172,8 +178,17 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
     sent = dense = 0
     began, tokens = time.perf_counter(), 0
     step = start
-    checkpoint = functools.partial(save_checkpoint, config.run_path, rank=rank, model=model, optimizer=optimizer,
-                                   pipe=pipe, distributed=distributed, settings=shape_settings(config), group=group)
+    checkpoint = functools.partial(
+        save_checkpoint,
+        config.run_path,
+        rank=rank,
+        model=model,
+        optimizer=optimizer,
+        pipe=pipe,
+        distributed=distributed,
+        settings=shape_settings(config),
+        group=group,
+    )
     while step < config.steps:
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr_at(config, step)
@@ -250,8 +265,15 @@ def _seed(seed: int, rank: int, step: int, micro: int) -> int:
 
 
 def save_checkpoint(
-    run_path: Path, step: int, rank: int, model, optimizer, pipe: gk.GradientPipeline, distributed: bool,
-    settings: dict[str, Any] | None = None, group: dist.ProcessGroup | None = None,
+    run_path: Path,
+    step: int,
+    rank: int,
+    model,
+    optimizer,
+    pipe: gk.GradientPipeline,
+    distributed: bool,
+    settings: dict[str, Any] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> None:
     """Write this rank's state, then (rank 0) the marker naming the step and the shape settings.
 
@@ -276,7 +298,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    run_path: Path, rank: int, world: int, model, optimizer, pipe: gk.GradientPipeline,
+    run_path: Path,
+    rank: int,
+    world: int,
+    model,
+    optimizer,
+    pipe: gk.GradientPipeline,
     device: torch.device | None = None,
 ) -> int:
     """Resume from the last complete checkpoint; returns the step to start from (0 without one).

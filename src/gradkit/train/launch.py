@@ -75,7 +75,9 @@ def check_setup(config: TrainConfig, *, fresh: bool = False) -> TrainConfig:
     try:
         make_writable_dir(path)
     except OSError as error:
-        raise ConfigError(f"cannot write to the run directory {str(path)!r}: {error.strerror}; pass a writable --run-dir") from None
+        raise ConfigError(
+            f"cannot write to the run directory {str(path)!r}: {error.strerror}; pass a writable --run-dir"
+        ) from None
     if not fresh:
         check_resumable(config)
     return config
