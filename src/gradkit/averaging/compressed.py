@@ -121,7 +121,7 @@ class CompressedReducer(Reducer):
         No temporary as large as a gradient: the gradient is scaled (or, under error feedback,
         moved into the residual) where it lies, and the sent values are written back into it.
         A NaN/inf that the compressor does not send still skips the step: each gradient's
-        largest magnitude is read first (one pass, no host read), its first entry is set to
+        extremes are read first (one read-only pass, no host read), its first entry is set to
         NaN when it was not finite, and error feedback then leaves every residual as it was
         (the other compressors' state is deferred to `after_step`, which discards it).
         """
@@ -138,18 +138,21 @@ class CompressedReducer(Reducer):
             unscaled = scale if self._loss_scale is None else scale / self._loss_scale.to(torch.float64)
             bad = self._not_finite([grad for _, grad in dense], unscaled)
             absorb = isinstance(self.compressor, ErrorFeedback)
-            keep = ~bad.any()
+            keep = ~bad.any()  # on the first gradient's device
             for (name, grad), poisoned in zip(dense, torch.where(bad, float("nan"), 1.0).unbind()):
                 factor = torch.as_tensor(unscaled, dtype=grad.dtype, device=grad.device)
                 if absorb and grad.is_contiguous():
-                    payload = self.compressor.absorb_(grad, name, scale=factor, keep=keep)  # type: ignore[attr-defined]
+                    payload = self.compressor.absorb_(  # type: ignore[attr-defined]
+                        grad, name, scale=factor, keep=keep.to(grad.device)
+                    )
                     self._write(grad, payload, zeroed=True)
                 else:
-                    payload = compress_keyed(self.compressor, grad.mul_(factor).view(-1) if grad.is_contiguous()
-                                             else grad.mul_(factor).reshape(-1), ((name, tuple(grad.shape)),))
+                    # Scaled in place: the gradient is overwritten with what is sent anyway.
+                    flat = grad.mul_(factor).reshape(-1)  # a view unless the gradient is not contiguous
+                    payload = compress_keyed(self.compressor, flat, ((name, tuple(grad.shape)),))
                     self._write(grad, payload, zeroed=False)
                 # The step is skipped on every non-finite gradient, also where nothing non-finite was sent.
-                grad.view(-1)[:1].mul_(poisoned.to(grad.dtype))
+                grad.view(-1)[:1].mul_(poisoned.to(grad))
         self.bytes = 0
 
     def _not_finite(self, grads: list[Tensor], unscaled: Tensor | float) -> Tensor:
@@ -157,10 +160,15 @@ class CompressedReducer(Reducer):
         # NaN and inf reach the min or the max: one read-only pass (isfinite().all() writes a bool
         # per entry first; an inf-norm was measured 40x slower on a CPU); overflow of the scaled
         # gradient shows in its scaled extremes.
+        device = grads[0].device
         flags = []
         for grad in grads:
+            if grad.numel() == 0:
+                flags.append(torch.zeros((), dtype=torch.bool, device=device))
+                continue
             extremes = torch.stack(torch.aminmax(grad))
-            flags.append(~torch.isfinite(extremes * torch.as_tensor(unscaled, dtype=grad.dtype, device=grad.device)).all())
+            factor = torch.as_tensor(unscaled, dtype=grad.dtype, device=grad.device)
+            flags.append((~torch.isfinite(extremes * factor).all()).to(device))
         return torch.stack(flags)
 
     def _write(self, grad: Tensor, payload: Payload, *, zeroed: bool) -> None:

@@ -137,7 +137,9 @@ class ErrorFeedback(Compressor):
         """
         tensor = self._check_input(tensor)
         if not tensor.is_contiguous():
-            raise ValueError("ErrorFeedback.absorb_ needs a contiguous tensor (it zeroes it in place); pass tensor.contiguous()")
+            raise ValueError(
+                "ErrorFeedback.absorb_ needs a contiguous tensor (it zeroes it in place); pass tensor.contiguous()"
+            )
         flat = tensor.view(-1)
         layout = layout_for(key, tensor)
         dtype = self.residual_dtype or flat.dtype

@@ -105,7 +105,9 @@ def _positions_of_marks(mask: Tensor, capacity: int) -> Tensor:
     return torch.nn.functional.pad(found, (0, capacity - found.numel()), value=-1)
 
 
-def add_then_positions_at_least(into: Tensor, addend: Tensor, scale: Tensor, threshold: Tensor, capacity: int) -> Tensor:
+def add_then_positions_at_least(
+    into: Tensor, addend: Tensor, scale: Tensor, threshold: Tensor, capacity: int
+) -> Tensor:
     """``into += nan_to_num(addend) * scale`` and ``addend.zero_()``, then `positions_at_least(into, ...)`.
 
     One pass over both tensors on a CPU: each chunk is added, zeroed and compared while it

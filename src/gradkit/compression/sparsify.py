@@ -133,8 +133,14 @@ class TopK(_Sparsifier):
 
     def _payload_of(self, flat: Tensor, indices: Tensor, shape: torch.Size) -> Payload:
         # The device path of positions_at_least selects NaN: never send it (-1 reads the last entry).
-        valid = (indices >= 0) & ~flat[indices].isnan()
-        return sparse_payload(self, flat, indices * valid, valid, shape, self.value_dtype)
+        # One gather serves the check and the values (each gather of scattered entries is a cache
+        # miss per entry: as long as a dense pass over a 4M-entry tensor).
+        values = flat[indices]
+        valid = (indices >= 0) & ~values.isnan()
+        values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        values = values.to(self.value_dtype) if self.value_dtype is not None else values
+        return Payload([(indices * valid).to(index_dtype(flat.numel())), values], torch.Size(shape), flat.dtype, self,
+                       {"valid": valid})
 
     def compress_sum_(self, into: Tensor, addend: Tensor, scale: Tensor) -> Payload:
         """`Compressor.compress_sum_`, fused on the sampled paths: the threshold comes from a
