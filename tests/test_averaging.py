@@ -439,3 +439,109 @@ def test_backward_past_the_window_is_refused():
     pipe.backward(sum_loss(model, x, y) / 3)
     with pytest.raises(RuntimeError, match="call pipe.step"):
         pipe.backward(sum_loss(model, x, y) / 3)
+
+
+# -- one process with a compressor: selective updates, error feedback, non-finite steps ------
+
+
+class _Recording(torch.optim.SGD):
+    """SGD that keeps a copy of every gradient it steps with."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.seen: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return super().step(closure)
+
+
+def _wide_model(dtype=torch.float32) -> nn.Module:
+    # 200x100 weights: above TopK's sampling threshold (its fast path); the bias takes torch.topk.
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(40, 200), nn.Tanh(), nn.Linear(200, 100)).to(dtype)
+
+
+def _wide_loss(model, step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(50 + step)
+    x, y = torch.randn(8, 40, generator=g, dtype=dtype), torch.randn(8, 100, generator=g, dtype=dtype)
+    return ((model(x) - y) ** 2).sum()
+
+
+ONE_PROCESS_COMPRESSORS = {
+    "topk": lambda: gk.TopK(0.01),
+    "topk-exactly-k": lambda: gk.TopK(0.01, exactly_k=True),
+    "topk-bf16-residual": lambda: gk.ErrorFeedback(gk.TopK(0.01), residual_dtype=torch.bfloat16),
+    "threshold": lambda: gk.Threshold(0.5),
+    "dgc": lambda: gk.DGC(0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_PROCESS_COMPRESSORS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_process_nonfinite_at_an_unselected_position_skips_and_keeps_the_state(name, bad):
+    # A top-k need not select the bad entry (on a CPU the sampled path never selects NaN), so
+    # the sent gradient alone can look finite: the step must still be skipped and the
+    # compressor's state (residual, DGC's momentum) stay as it was, as on several processes.
+    model = _wide_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(ONE_PROCESS_COMPRESSORS[name]()))
+    for step in range(3):
+        for micro in range(2):
+            pipe.backward(_wide_loss(model, 2 * step + micro))
+        assert pipe.step(opt)
+    before_state = {k: v.clone() for k, v in _flat_state(pipe.state_dict()["average"]).items()}
+    before_params = [p.detach().clone() for p in model.parameters()]
+    for micro in range(2):
+        pipe.backward(_wide_loss(model, 10 + micro))
+    weight = model[2].weight.grad
+    quiet = weight.abs().argmin()  # the smallest entry: never among the selected ones
+    weight.view(-1)[quiet] = bad
+    assert not pipe.step(opt)
+    assert bool(pipe.last.skipped) and pipe.skipped_steps == 1
+    after_state = _flat_state(pipe.state_dict()["average"])
+    assert before_state.keys() == after_state.keys() and before_state
+    for key, value in before_state.items():
+        assert torch.equal(value, after_state[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(before_params, model.parameters()))
+    # and the next finite step is taken normally
+    for micro in range(2):
+        pipe.backward(_wide_loss(model, 20 + micro))
+    assert pipe.step(opt)
+
+
+def _flat_state(state, prefix=""):
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update(_flat_state(value, f"{prefix}{key}/"))
+        elif isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("residual_dtype", [None, torch.bfloat16])
+def test_one_process_error_feedback_sends_what_it_does_not_keep(residual_dtype):
+    # Over the steps, what reached the optimizer plus the final residual is the sum of the
+    # window-mean gradients (float64: exact up to rounding), and only ~1% of entries move.
+    model = _wide_model(torch.float64)
+    opt = _Recording(model.parameters(), lr=0.0)  # lr 0: the same gradients every step
+    average = gk.Average(gk.ErrorFeedback(gk.TopK(0.01), residual_dtype=residual_dtype))
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, average=average)
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for step in range(4):
+        for micro in range(2):
+            loss = _wide_loss(model, 2 * step + micro, torch.float64)
+            for t, g in zip(total, torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)):
+                t += g / 2
+            pipe.backward(loss)
+        assert pipe.step(opt)
+    residuals = pipe.state_dict()["average"]["compressor"]["residuals"]
+    names = [name for name, _ in model.named_parameters()]
+    for position, (name, t) in enumerate(zip(names, total)):
+        sent = sum(seen[position] for seen in opt.seen)
+        kept = residuals[name].to(torch.float64)
+        tolerance = 1e-12 if residual_dtype is None else 2e-2 * t.abs().max().item()
+        torch.testing.assert_close(sent + kept.view_as(t), t, rtol=0, atol=tolerance)
+    weight_sent = opt.seen[0][names.index("2.weight")]
+    assert 0 < int((weight_sent != 0).sum()) <= int(0.015 * weight_sent.numel()) + 1

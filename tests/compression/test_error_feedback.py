@@ -197,3 +197,39 @@ def test_bfloat16_residual_discard_keeps_it_and_checkpoints_load():
     again.load_state_dict(ef.state_dict())
     assert torch.equal(again.decompress(again.compress(grad, key="w")), ef.decompress(ef.compress(grad, key="w")))
     assert torch.equal(again.residual("w"), ef.residual("w")) and again.residual("w").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("residual_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("name", WRAPPABLE)
+def test_absorb_is_compress_of_the_scaled_tensor_committed_in_place(name, residual_dtype):
+    # The one-process step: same payload and residual as compress(tensor * scale) with the
+    # same random draw, the residual updated in its own buffer, and the tensor left zeroed.
+    grads = torch.randn(3, 130, 131, generator=torch.Generator().manual_seed(4))
+    scale = torch.tensor(0.25)
+    by_hand, absorbing = (gk.ErrorFeedback(build(name), residual_dtype=residual_dtype) for _ in range(2))
+    keep = torch.tensor(True)
+    for step, grad in enumerate(grads):
+        torch.manual_seed(step)
+        expected = by_hand.compress(grad * scale, key="w")
+        torch.manual_seed(step)
+        consumed = grad.clone()
+        got = absorbing.absorb_(consumed, "w", scale=scale, keep=keep)
+        buffer = absorbing._residuals._flat[(("w", (130, 131)),)]["residual"]
+        held = buffer.data_ptr() if step == 0 else held
+        assert buffer.data_ptr() == held  # one buffer, updated in place
+        assert torch.count_nonzero(consumed) == 0
+        assert_close(absorbing.decompress(got), by_hand.decompress(expected), rtol=1e-6, atol=1e-6)
+        assert_close(absorbing.residual("w"), by_hand.residual("w"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", WRAPPABLE)
+def test_absorb_with_keep_false_changes_nothing_even_for_nan(name):
+    ef = gk.ErrorFeedback(build(name))
+    torch.manual_seed(0)
+    ef.absorb_(torch.randn(130, 131), "w", scale=torch.tensor(1.0), keep=torch.tensor(True))
+    before = ef.residual("w").clone()
+    bad = torch.randn(130, 131)
+    bad[3, 4], bad[7, 9] = float("nan"), float("inf")
+    payload = ef.absorb_(bad, "w", scale=torch.tensor(1.0), keep=torch.tensor(False))
+    assert torch.equal(ef.residual("w"), before)
+    assert torch.count_nonzero(ef.decompress(payload)) == 0 and torch.count_nonzero(bad) == 0

@@ -131,6 +131,26 @@ class Compressor(Stateful):
         """Turn `corrected` in place into ``corrected - decompress(payload)`` (what was not sent)."""
         return corrected.sub_(self.decompress(payload).view_as(corrected))
 
+    def compress_sum_(self, into: Tensor, addend: Tensor, scale: Tensor) -> Payload:
+        """Add ``addend * scale`` into `into` in place, zero `addend`, and compress the new `into`.
+
+        Error feedback's one-process step: the gradient (`addend`) moves into the residual
+        (`into`), which is compressed where it lies; the sent values then move back into the
+        zeroed gradient. Non-finite entries of `addend` count as 0 (the caller flags such a
+        step), so that ``scale == 0`` leaves `into` exactly as it was. A compressor may fuse
+        these passes (`TopK` does, on a CPU); the result is that of ``compress(into)``.
+
+        Args:
+            into: a 1-d tensor (the residual); addend: one of its size, dtype and device.
+            scale: a 0-d tensor in their dtype.
+
+        Returns:
+            The payload of the new `into`.
+        """
+        into.addcmul_(addend.nan_to_num_(0.0, 0.0, 0.0), scale)
+        addend.zero_()
+        return self.compress(into)
+
     def payload_for(self, tensors: list[Tensor], like: Payload) -> Payload:
         """A payload with other wire tensors (e.g. the sum over ranks) and `like`'s local facts."""
         return Payload(tensors, like.shape, like.dtype, like.owner, dict(like.meta))

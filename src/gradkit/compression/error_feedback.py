@@ -35,7 +35,8 @@ class ErrorFeedback(Compressor):
 
     Memory: one residual as large as the compressed tensors, and nothing else between
     steps: 4 B/param for float32 gradients, 2 B/param with ``residual_dtype=torch.bfloat16``.
-    A call with ``commit=True`` updates the residual in place. A deferred call
+    A call with ``commit=True`` (and `absorb_`, `gk.Average`'s one-process step) updates the
+    residual in place. A deferred call
     (``commit=False``, as `gk.Average` makes during backward) must keep the old residual
     until `commit()` or `discard()`, so the new one is a second buffer until then (freed at
     commit: the old one goes, the new one stays); at the step's peak that is twice the
@@ -110,6 +111,54 @@ class ErrorFeedback(Compressor):
                 residual.copy_(corrected)
             else:
                 self._deferred.add(state, corrected if corrected.dtype == dtype else corrected.to(dtype), now=False)
+        payload.shape = tensor.shape
+        return payload
+
+    def absorb_(self, tensor: Tensor, key: str | None = None, *, scale: Tensor, keep: Tensor) -> Payload:
+        """Move ``tensor * scale`` into the residual, compress it, and keep what was not sent.
+
+        The one-process step: the residual is updated at once and in place (no second buffer,
+        no temporary as large as the tensor) and `tensor` (the gradient) is left zeroed, for
+        the caller to write the sent values into. Where `keep` is False the call changes no
+        state: the residual stays as it was and the payload's values are zeros (a non-finite
+        gradient, whose step is skipped; its non-finite entries count as 0).
+
+        Args:
+            tensor: a contiguous floating tensor; its values are consumed (zeroed).
+            key: the parameter name its residual is kept under.
+            scale: a 0-d tensor in tensor's dtype, multiplying it (the window's mean).
+            keep: a 0-d bool tensor: False leaves the residual untouched (no host read).
+
+        Returns:
+            The payload of ``tensor * scale + residual``.
+
+        Raises:
+            ValueError: `tensor` is not contiguous (it could not be zeroed in place).
+        """
+        tensor = self._check_input(tensor)
+        if not tensor.is_contiguous():
+            raise ValueError(
+                "ErrorFeedback.absorb_ needs a contiguous tensor (it zeroes it in place); pass tensor.contiguous()"
+            )
+        flat = tensor.view(-1)
+        layout = layout_for(key, tensor)
+        dtype = self.residual_dtype or flat.dtype
+        residual = self._residuals.get(layout, torch.empty(0, dtype=dtype, device=flat.device))["residual"]
+        scale = torch.where(keep, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
+        if residual.dtype == flat.dtype and residual.device == flat.device:
+            payload = self.compressor.compress_sum_(residual, flat, scale)
+            target = residual
+        else:
+            # A narrower residual: the sum is formed in the tensor's dtype, in the tensor itself.
+            target = flat.nan_to_num_(0.0, 0.0, 0.0).mul_(scale).add_(residual)
+            payload = self.compressor.compress(target)
+        for part in payload.tensors:
+            if part.is_floating_point():
+                part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
+        self.compressor.residual_(target, payload)
+        if target is flat:
+            residual.copy_(flat)
+            flat.zero_()
         payload.shape = tensor.shape
         return payload
 

@@ -20,7 +20,18 @@ from torch import Tensor
 
 from gradkit import _checks
 from gradkit.compression.base import Compressor, Payload, check_density, check_value_dtype, count_for, index_dtype
-from gradkit.compression.selection import MIN_SAMPLE, positions_at_least, sampled_threshold, select_exactly_k
+from gradkit.compression.selection import (
+    EXACT_K_TARGET,
+    MIN_SAMPLE,
+    add_then_positions_at_least,
+    exactly_k_capacity,
+    exactly_k_of,
+    positions_at_least,
+    sample_positions,
+    sampled_threshold,
+    select_exactly_k,
+    threshold_of_sample,
+)
 
 __all__ = ["TopK", "RandomK", "Threshold", "positions_at_least", "sparse_payload", "scatter_sum"]
 
@@ -118,10 +129,37 @@ class TopK(_Sparsifier):
             return sparse_payload(self, flat, indices, valid, tensor.shape, self.value_dtype)
         threshold = sampled_threshold(flat, k, _TARGET)
         capacity = min(flat.numel(), math.ceil(_CAPACITY * k))
-        indices = positions_at_least(flat, threshold, capacity)
+        return self._payload_of(flat, positions_at_least(flat, threshold, capacity), tensor.shape)
+
+    def _payload_of(self, flat: Tensor, indices: Tensor, shape: torch.Size) -> Payload:
         # The device path of positions_at_least selects NaN: never send it (-1 reads the last entry).
-        valid = (indices >= 0) & ~flat[indices].isnan()
-        return sparse_payload(self, flat, indices * valid, valid, tensor.shape, self.value_dtype)
+        # One gather serves the check and the values (each gather of scattered entries is a cache
+        # miss per entry: as long as a dense pass over a 4M-entry tensor).
+        values = flat[indices]
+        valid = (indices >= 0) & ~values.isnan()
+        values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        values = values.to(self.value_dtype) if self.value_dtype is not None else values
+        return Payload([(indices * valid).to(index_dtype(flat.numel())), values], torch.Size(shape), flat.dtype, self,
+                       {"valid": valid})
+
+    def compress_sum_(self, into: Tensor, addend: Tensor, scale: Tensor) -> Payload:
+        """`Compressor.compress_sum_`, fused on the sampled paths: the threshold comes from a
+        sample of the sum (read at the sampled positions of both tensors), then one pass adds,
+        zeroes the addend and marks the entries above it (`add_then_positions_at_least`).
+        The entries chosen are those `compress` chooses on the sum, with the same random draw."""
+        n = into.numel()
+        k = count_for(self.density, n)
+        if self.exact or k == n or n <= MIN_SAMPLE:
+            return super().compress_sum_(into, addend, scale)
+        target = EXACT_K_TARGET if self.exactly_k else _TARGET
+        drawn = sample_positions(n, k, target, into.device)
+        threshold = threshold_of_sample(into[drawn] + addend[drawn].nan_to_num(0.0, 0.0, 0.0) * scale, n, k, target)
+        capacity = exactly_k_capacity(n, k) if self.exactly_k else min(n, math.ceil(_CAPACITY * k))
+        candidates = add_then_positions_at_least(into, addend, scale, threshold, capacity)
+        if self.exactly_k:
+            indices, valid = exactly_k_of(into, candidates, k)
+            return sparse_payload(self, into, indices, valid, into.shape, self.value_dtype)
+        return self._payload_of(into, candidates, into.shape)
 
 
 class RandomK(Compressor):
