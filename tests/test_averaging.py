@@ -23,12 +23,16 @@ LR = 0.1
 
 def make_model(seed: int = 0, hidden: int = 32) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
+    return nn.Sequential(
+        nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 3)
+    ).double()
 
 
 def data(rank: int, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(size, 6, generator=g, dtype=torch.float64), torch.randn(size, 3, generator=g, dtype=torch.float64)
+    return torch.randn(size, 6, generator=g, dtype=torch.float64), torch.randn(
+        size, 3, generator=g, dtype=torch.float64
+    )
 
 
 def sum_loss(model, x, y):
@@ -102,9 +106,7 @@ def scenarios(rank: int, world: int) -> dict:
         pipe.backward(sum_loss(model, x, y), num_items=n)
         pipe.step(opt)
     pipe.flush(opt)
-    windows = [
-        [data(r, 100 + k, lengths[r][k]) for r in range(world) for k in ks] for ks in ([0, 1], [2, 3], [4])
-    ]
+    windows = [[data(r, 100 + k, lengths[r][k]) for r in range(world) for k in ks] for ks in ([0, 1], [2, 3], [4])]
     results["uneven_vs_full_batch"] = max_diff(model, full_batch_reference(windows))
     results["uneven_items"] = int(pipe.last.items)
 
@@ -331,7 +333,11 @@ def test_dead_peer_is_a_clear_error_within_the_timeout(tmp_path):
 def destroy_while_the_pipeline_lives(rank, world):
     group = dist.new_group(list(range(world)))
     model = nn.Linear(4, 2)
-    average, clip, averager = gk.Average(group=group), gk.ClipByGlobalNorm(1.0, group=group), gk.ModelAverager(2, group=group)
+    average, clip, averager = (
+        gk.Average(group=group),
+        gk.ClipByGlobalNorm(1.0, group=group),
+        gk.ModelAverager(2, group=group),
+    )
     pipe = gk.GradientPipeline(model, average=average, clip=clip)
     pipe.backward(model(torch.randn(3, 4)).square().sum())
     pipe.step(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -339,7 +345,11 @@ def destroy_while_the_pipeline_lives(rank, world):
     del group
     dist.destroy_process_group(ref())
     gc.collect()
-    return {"destroyed": ref() is None, "forgotten": [x.group is None for x in (average, clip, averager)], "pipe": pipe is not None}
+    return {
+        "destroyed": ref() is None,
+        "forgotten": [x.group is None for x in (average, clip, averager)],
+        "pipe": pipe is not None,
+    }
 
 
 def test_a_live_pipeline_keeps_no_destroyed_group_alive():
@@ -382,7 +392,11 @@ def test_finished_work_handles_are_released_by_this_thread_later():
     # Average until the next reduction, those of other collectives (and the DDP hook's) in a bounded queue.
     for result in run_workers(hold_work_handles, WORLD):
         assert result["dense"] == {"held": [2, 2], "completed": True, "replaced": True}  # an all-reduce per bucket
-        assert result["topk"] == {"held": [4, 4], "completed": True, "replaced": True}  # all-gathers of indices and values
+        assert result["topk"] == {
+            "held": [4, 4],
+            "completed": True,
+            "replaced": True,
+        }  # all-gathers of indices and values
         assert 0 < len(result["run"]) <= 16 and all(result["run"])
         assert result["ddp"] == [2, True]  # the hook's all-gathers (one bucket) are kept
 

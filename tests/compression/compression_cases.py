@@ -98,6 +98,7 @@ DETERMINISTIC = sorted(case.name for case in CASES if case.deterministic)
 
 # -- helpers ---------------------------------------------------------------------------------
 
+
 def z_bound(tests: int, alpha: float = 1e-6) -> float:
     """Two-sided z-score bound for `tests` simultaneous tests at family-wise error `alpha` (Bonferroni)."""
     return NormalDist().inv_cdf(1.0 - alpha / (2 * tests))
@@ -132,7 +133,9 @@ def assert_same_state(a, b, path="state"):
         for key in a:
             assert_same_state(a[key], b[key], f"{path}[{key!r}]")
     elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{path}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+        )
         assert torch.equal(a, b), f"{path}: values differ"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
@@ -140,7 +143,6 @@ def assert_same_state(a, b, path="state"):
 
 def energy(t: torch.Tensor) -> float:
     return float((t.double() ** 2).sum())
-
 
 
 def gaussian(n, seed=0, dtype=torch.float32):
@@ -157,13 +159,13 @@ def with_zeros(n, nonzeros, seed=0, dtype=torch.float32):
     return x.to(dtype)
 
 
-
 def inner(compressor):
     """The compressor that makes the payloads (error feedback hands them over from the one it wraps)."""
     return compressor.compressor if isinstance(compressor, gk.ErrorFeedback) else compressor
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
+
 
 def checkpoint_inputs(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -172,7 +174,9 @@ def checkpoint_inputs(seed):
 
 
 def run_steps(compressor, inputs, keyed):
-    return [compressor.decompress(compressor.compress(x, key=key) if keyed else compressor.compress(x)) for key, x in inputs]
+    return [
+        compressor.decompress(compressor.compress(x, key=key) if keyed else compressor.compress(x)) for key, x in inputs
+    ]
 
 
 BUCKET = (("w", (4, 3)), ("b", (3,)))

@@ -20,9 +20,22 @@ from compression_cases import (
 )
 from gradkit.compression.keyed_state import KeyedState
 
-BAD_DENSITIES = [(0, ValueError), (0.0, ValueError), (-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.1", TypeError), (None, TypeError), (True, TypeError)]
+BAD_DENSITIES = [
+    (0, ValueError),
+    (0.0, ValueError),
+    (-0.1, ValueError),
+    (1.5, ValueError),
+    (float("nan"), ValueError),
+    ("0.1", TypeError),
+    (None, TypeError),
+    (True, TypeError),
+]
 BAD_CONFIGS = [
-    *[(f"{cls.__name__}(density={d!r})", lambda cls=cls, d=d: cls(d), error, "density") for cls in (gk.TopK, gk.RandomK, gk.DGC) for d, error in BAD_DENSITIES],
+    *[
+        (f"{cls.__name__}(density={d!r})", lambda cls=cls, d=d: cls(d), error, "density")
+        for cls in (gk.TopK, gk.RandomK, gk.DGC)
+        for d, error in BAD_DENSITIES
+    ],
     ("QSGD(levels=0)", lambda: gk.QSGD(0), ValueError, "levels"),
     ("QSGD(levels=128)", lambda: gk.QSGD(128), ValueError, "levels"),
     ("QSGD(levels=2.5)", lambda: gk.QSGD(2.5), TypeError, "levels"),
@@ -39,17 +52,30 @@ BAD_CONFIGS = [
     ("DGC(warmup_steps=-1)", lambda: gk.DGC(0.01, warmup_steps=-1), ValueError, "warmup_steps"),
     ("DGC(clip_norm=0)", lambda: gk.DGC(0.01, clip_norm=0.0), ValueError, "clip_norm"),
     ("RandomK(seed=-1)", lambda: gk.RandomK(0.1, seed=-1), ValueError, "seed"),
-    *[(f"{name}(value_dtype=int8)", make, TypeError, "value_dtype") for name, make in [
-        ("TopK", lambda: gk.TopK(0.1, value_dtype=torch.int8)),
-        ("Threshold", lambda: gk.Threshold(0.1, value_dtype=torch.int8)),
-        ("DGC", lambda: gk.DGC(0.1, value_dtype=torch.int8)),
-        ("TopK", lambda: gk.TopK(0.1, value_dtype="float16")),
-    ]],
+    *[
+        (f"{name}(value_dtype=int8)", make, TypeError, "value_dtype")
+        for name, make in [
+            ("TopK", lambda: gk.TopK(0.1, value_dtype=torch.int8)),
+            ("Threshold", lambda: gk.Threshold(0.1, value_dtype=torch.int8)),
+            ("DGC", lambda: gk.DGC(0.1, value_dtype=torch.int8)),
+            ("TopK", lambda: gk.TopK(0.1, value_dtype="float16")),
+        ]
+    ],
     ("ErrorFeedback(object)", lambda: gk.ErrorFeedback(object()), TypeError, "compressor"),
     ("ErrorFeedback(TopK class)", lambda: gk.ErrorFeedback(gk.TopK), TypeError, "compressor"),
     ("ErrorFeedback(ErrorFeedback)", lambda: gk.ErrorFeedback(gk.ErrorFeedback(gk.TopK(0.1))), TypeError, "compressor"),
-    ("ErrorFeedback(residual_dtype=int8)", lambda: gk.ErrorFeedback(gk.TopK(0.1), residual_dtype=torch.int8), TypeError, "residual_dtype"),
-    ("ErrorFeedback(residual_dtype='bf16')", lambda: gk.ErrorFeedback(gk.TopK(0.1), residual_dtype="bf16"), TypeError, "residual_dtype"),
+    (
+        "ErrorFeedback(residual_dtype=int8)",
+        lambda: gk.ErrorFeedback(gk.TopK(0.1), residual_dtype=torch.int8),
+        TypeError,
+        "residual_dtype",
+    ),
+    (
+        "ErrorFeedback(residual_dtype='bf16')",
+        lambda: gk.ErrorFeedback(gk.TopK(0.1), residual_dtype="bf16"),
+        TypeError,
+        "residual_dtype",
+    ),
 ]
 
 
@@ -59,7 +85,9 @@ def test_bad_configuration_is_refused_by_name(make, error, name):
         make()
 
 
-@pytest.mark.parametrize("bad", [torch.arange(6), torch.ones(3, dtype=torch.int32), torch.ones(2, dtype=torch.bool), [1.0, 2.0], 3.0, None])
+@pytest.mark.parametrize(
+    "bad", [torch.arange(6), torch.ones(3, dtype=torch.int32), torch.ones(2, dtype=torch.bool), [1.0, 2.0], 3.0, None]
+)
 @pytest.mark.parametrize("name", ALL)
 def test_compress_refuses_non_floating_tensors(name, bad):
     with pytest.raises(TypeError, match="tensor"):
@@ -154,7 +182,14 @@ def test_keyed_state_refuses_bad_state_and_keeps_its_own():
     keyed = KeyedState(["momentum", "velocity"])
     keyed.get(BUCKET, torch.zeros(15))["momentum"].fill_(1.0)
     before = keyed.state_dict()
-    for bad in ({}, {"momentum": {}}, {"momentum": {}, "velocity": {}, "x": {}}, {"momentum": {"w": 1}, "velocity": {}}, {"momentum": [], "velocity": {}}, None):
+    for bad in (
+        {},
+        {"momentum": {}},
+        {"momentum": {}, "velocity": {}, "x": {}},
+        {"momentum": {"w": 1}, "velocity": {}},
+        {"momentum": [], "velocity": {}},
+        None,
+    ):
         with pytest.raises((ValueError, TypeError), match="load_state_dict"):
             keyed.load_state_dict(bad, "Owner")
         assert_same_state(keyed.state_dict(), before)

@@ -41,8 +41,6 @@ def test_restored_state_continues_bit_identically(name, split):
     assert_same_state(restored.state_dict(), straight.state_dict())
 
 
-
-
 def test_keyed_state_loads_across_bucket_layouts():
     bucket = KeyedState(["residual"])
     state = bucket.get(BUCKET, torch.zeros(15, dtype=F64))
@@ -53,8 +51,12 @@ def test_keyed_state_loads_across_bucket_layouts():
 
     single = KeyedState(["residual"])
     single.load_state_dict(saved, "test")
-    assert torch.equal(single.get((("b", (3,)),), torch.zeros(3, dtype=F64))["residual"], torch.arange(12, 15, dtype=F64))
-    assert torch.equal(single.get((("w", (4, 3)),), torch.zeros(12, dtype=F64))["residual"], torch.arange(12, dtype=F64))
+    assert torch.equal(
+        single.get((("b", (3,)),), torch.zeros(3, dtype=F64))["residual"], torch.arange(12, 15, dtype=F64)
+    )
+    assert torch.equal(
+        single.get((("w", (4, 3)),), torch.zeros(12, dtype=F64))["residual"], torch.arange(12, dtype=F64)
+    )
 
     # And back, into a bucket with the other order.
     again = KeyedState(["residual"])
@@ -69,7 +71,10 @@ def test_keyed_state_loads_across_bucket_layouts():
 def test_error_feedback_checkpoint_loads_on_another_bucket_layout(make, saved_as):
     # Casting is entry by entry, so a bucket and its parameters one by one give the same numbers.
     gen = torch.Generator().manual_seed(0)
-    grads = [{"w": torch.randn(4, 3, generator=gen, dtype=F64), "b": torch.randn(3, generator=gen, dtype=F64)} for _ in range(6)]
+    grads = [
+        {"w": torch.randn(4, 3, generator=gen, dtype=F64), "b": torch.randn(3, generator=gen, dtype=F64)}
+        for _ in range(6)
+    ]
 
     def step(ef, grad, as_bucket):
         if as_bucket:
@@ -96,12 +101,18 @@ def test_error_feedback_checkpoint_loads_on_another_bucket_layout(make, saved_as
     assert_same_state(restored.state_dict(), straight.state_dict())
 
 
-@pytest.mark.parametrize("make", [lambda: gk.ErrorFeedback(gk.FP16()), lambda: gk.DGC(0.3, value_dtype=torch.float64), lambda: gk.PowerSGD(1)])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: gk.ErrorFeedback(gk.FP16()), lambda: gk.DGC(0.3, value_dtype=torch.float64), lambda: gk.PowerSGD(1)],
+)
 def test_state_follows_each_parameter_when_the_bucket_layout_changes(make):
     # DDP rebuilds its buckets after the first iteration: the same compressor object then sees
     # new layouts. Its per-parameter state must move with the parameters, as a checkpoint would.
     gen = torch.Generator().manual_seed(0)
-    grads = [{"w": torch.randn(4, 3, generator=gen, dtype=F64), "b": torch.randn(3, generator=gen, dtype=F64)} for _ in range(5)]
+    grads = [
+        {"w": torch.randn(4, 3, generator=gen, dtype=F64), "b": torch.randn(3, generator=gen, dtype=F64)}
+        for _ in range(5)
+    ]
     flipped = (("b", (3,)), ("w", (4, 3)))
 
     def step(compressor, grad, layout):
@@ -128,7 +139,6 @@ def test_a_key_that_changes_shape_is_refused_and_keeps_its_state():
     assert_same_state(ef.state_dict(), before)
 
 
-
 @pytest.mark.parametrize("bad", ["nan", "zero_items"])
 @pytest.mark.parametrize("make", [lambda: gk.TopK(0.25, exact=True), lambda: gk.DGC(0.25), lambda: gk.PowerSGD(1)])
 def test_a_step_that_raises_leaves_the_compressor_state_as_before(make, bad):
@@ -145,14 +155,19 @@ def test_a_step_that_raises_leaves_the_compressor_state_as_before(make, bad):
             x = torch.randn(5, 4, generator=gen, dtype=F64)
             if with_failed_step and step == 1:
                 with pytest.raises(FloatingPointError if bad == "nan" else ValueError):
-                    pipe.backward(model(x).pow(2).sum() * (float("nan") if bad == "nan" else 1.0), num_items=torch.tensor(0 if bad == "zero_items" else 5))
+                    pipe.backward(
+                        model(x).pow(2).sum() * (float("nan") if bad == "nan" else 1.0),
+                        num_items=torch.tensor(0 if bad == "zero_items" else 5),
+                    )
                     pipe.step(opt)
             pipe.backward(model(x).pow(2).sum(), num_items=torch.tensor(5))
             pipe.step(opt)
-        return {"compressor": average.state_dict(), "params": {str(i): p.detach().clone() for i, p in enumerate(model.parameters())}}
+        return {
+            "compressor": average.state_dict(),
+            "params": {str(i): p.detach().clone() for i, p in enumerate(model.parameters())},
+        }
 
     assert_same_state(run(True), run(False))
-
 
 
 @pytest.mark.parametrize("make", [lambda: gk.TopK(0.25, exact=True), lambda: gk.DGC(0.25), lambda: gk.PowerSGD(1)])
@@ -179,7 +194,6 @@ def test_compressor_state_does_not_carry_the_amp_loss_scale(make):
     assert_close(scaled_state["compressor"][key], plain_state["compressor"][key], rtol=1e-6, atol=1e-9)
 
 
-
 def test_ddp_hook_state_refuses_state_it_cannot_hold():
     from gradkit.integrations.ddp import CommHookState
 
@@ -193,7 +207,6 @@ def test_ddp_hook_state_refuses_state_it_cannot_hold():
     assert torch.equal(hooked.state_dict()["compressor"]["residuals"]["w"], torch.ones(3))
 
 
-
 def test_a_float16_overflow_skips_the_step():
     model = torch.nn.Linear(2, 1)
     pipe = gk.GradientPipeline(model, average=gk.Average(gk.FP16()))
@@ -201,7 +214,6 @@ def test_a_float16_overflow_skips_the_step():
     pipe.backward(model(torch.full((1, 2), 1e5)).sum() * 1e3)  # gradients of 1e8: beyond float16's 65504
     assert not pipe.step(torch.optim.SGD(model.parameters(), lr=0.1))
     assert pipe.last.skipped and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
 
 
 @pytest.mark.parametrize("make", [lambda: gk.ErrorFeedback(gk.TopK(0.5, exact=True)), lambda: gk.DGC(0.5)])
@@ -228,7 +240,7 @@ def test_commit_from_several_threads_commits_each_entry_once():
             for i in range(100):
                 ef.compress(torch.tensor([2.0, 1.0]), key=f"p{i}", commit=False)
 
-            def commit():
+            def commit(ef=ef, errors=errors):
                 try:
                     ef.commit()
                 except Exception as error:  # noqa: BLE001 - reported below

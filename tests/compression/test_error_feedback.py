@@ -208,6 +208,7 @@ def test_absorb_is_compress_of_the_scaled_tensor_committed_in_place(name, residu
     scale = torch.tensor(0.25)
     by_hand, absorbing = (gk.ErrorFeedback(build(name), residual_dtype=residual_dtype) for _ in range(2))
     keep = torch.tensor(True)
+    held = None
     for step, grad in enumerate(grads):
         torch.manual_seed(step)
         expected = by_hand.compress(grad * scale, key="w")
@@ -215,7 +216,7 @@ def test_absorb_is_compress_of_the_scaled_tensor_committed_in_place(name, residu
         consumed = grad.clone()
         got = absorbing.absorb_(consumed, "w", scale=scale, keep=keep)
         buffer = absorbing._residuals._flat[(("w", (130, 131)),)]["residual"]
-        held = buffer.data_ptr() if step == 0 else held
+        held = buffer.data_ptr() if held is None else held
         assert buffer.data_ptr() == held  # one buffer, updated in place
         assert torch.count_nonzero(consumed) == 0
         assert_close(absorbing.decompress(got), by_hand.decompress(expected), rtol=1e-6, atol=1e-6)

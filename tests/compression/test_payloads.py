@@ -41,8 +41,6 @@ SPARSE_INPUTS = {
     "numel_2": lambda: torch.tensor([0.5, -3.0]),
     "scalar": lambda: torch.tensor(1.75),
     "float64_3d": lambda: gaussian(120, seed=4, dtype=F64).view(4, 5, 6),
-
-
 }
 
 
@@ -75,7 +73,17 @@ def test_sparse_payload_has_exact_values_at_its_indices_and_zeros_elsewhere(comp
 
 @pytest.mark.parametrize(
     "n, density",
-    [(1, 0.5), (1, 0.001), (2, 0.01), (2, 1.0), (37, 0.3), (1000, 0.01), (1000, 0.0004), (40_000, 0.001), (40_000, 0.02)],
+    [
+        (1, 0.5),
+        (1, 0.001),
+        (2, 0.01),
+        (2, 1.0),
+        (37, 0.3),
+        (1000, 0.01),
+        (1000, 0.0004),
+        (40_000, 0.001),
+        (40_000, 0.02),
+    ],
 )
 def test_exact_topk_keeps_exactly_k_largest_magnitudes(n, density):
     x = gaussian(n, seed=n)
@@ -92,8 +100,16 @@ def test_exact_topk_keeps_exactly_k_largest_magnitudes(n, density):
     [
         ("gaussian", lambda g: torch.randn(1_000_000, generator=g)),
         ("cauchy", lambda g: torch.empty(1_000_000).cauchy_(generator=g)),
-        ("pareto_1.5", lambda g: (1 - torch.rand(1_000_000, generator=g)).pow_(-1 / 1.5) * torch.randn(1_000_000, generator=g).sign()),
-        ("lognormal_signs", lambda g: torch.randn(1_000_000, generator=g).exp_().pow_(3) * torch.randn(1_000_000, generator=g).sign()),
+        (
+            "pareto_1.5",
+            lambda g: (
+                (1 - torch.rand(1_000_000, generator=g)).pow_(-1 / 1.5) * torch.randn(1_000_000, generator=g).sign()
+            ),
+        ),
+        (
+            "lognormal_signs",
+            lambda g: torch.randn(1_000_000, generator=g).exp_().pow_(3) * torch.randn(1_000_000, generator=g).sign(),
+        ),
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
@@ -179,7 +195,12 @@ def test_topk_density_one_returns_the_tensor_exactly(exact, shape):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda dt: gk.TopK(0.01, value_dtype=dt), lambda dt: gk.TopK(0.01, exact=True, value_dtype=dt), lambda dt: gk.Threshold(1.0, value_dtype=dt), lambda dt: gk.DGC(0.01, value_dtype=dt)],
+    [
+        lambda dt: gk.TopK(0.01, value_dtype=dt),
+        lambda dt: gk.TopK(0.01, exact=True, value_dtype=dt),
+        lambda dt: gk.Threshold(1.0, value_dtype=dt),
+        lambda dt: gk.DGC(0.01, value_dtype=dt),
+    ],
 )
 def test_float16_values_halve_the_value_bytes(make):
     torch.manual_seed(0)
@@ -204,8 +225,6 @@ def test_index_dtype_is_int32_below_2_to_the_31():
     assert count_for(0.01, 0) == 0 and count_for(0.01, 1) == 1 and count_for(0.01, 1000) == 10
 
 
-
-
 @pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0)])
 @pytest.mark.parametrize("name", ALL)
 def test_empty_tensors_round_trip(name, shape):
@@ -223,7 +242,9 @@ def qsgd_variance(x: torch.Tensor, levels: int, block: int) -> tuple[torch.Tenso
     norms = torch.linalg.vector_norm(padded, dim=1, keepdim=True)
     scaled = padded.abs() / norms * levels
     p = scaled - scaled.floor()
-    return ((norms / levels) ** 2 * p * (1 - p)).view(-1)[: flat.numel()], (norms / levels).expand_as(padded).reshape(-1)[: flat.numel()]
+    return ((norms / levels) ** 2 * p * (1 - p)).view(-1)[: flat.numel()], (norms / levels).expand_as(padded).reshape(
+        -1
+    )[: flat.numel()]
 
 
 def assert_unbiased(mean: torch.Tensor, x: torch.Tensor, variance: torch.Tensor, draws: int, slack: torch.Tensor):
@@ -349,7 +370,11 @@ def test_powersgd_error_feedback_tracks_the_sum_of_inputs(rank):
 
 def test_powersgd_warm_start_and_error_feedback_match_a_plain_power_iteration():
     gen = torch.Generator().manual_seed(5)
-    inputs = [torch.randn(16, 9, generator=gen, dtype=F64) + 3 * torch.outer(torch.ones(16, dtype=F64), torch.arange(9, dtype=F64)) for _ in range(6)]
+    inputs = [
+        torch.randn(16, 9, generator=gen, dtype=F64)
+        + 3 * torch.outer(torch.ones(16, dtype=F64), torch.arange(9, dtype=F64))
+        for _ in range(6)
+    ]
     compressor = gk.PowerSGD(rank=2)
     compressor.compress(inputs[0], key="w")
     state = compressor.state_dict()
@@ -430,7 +455,19 @@ def test_dgc_matches_plain_momentum_correction(n, density, momentum, clip_norm, 
 
 def test_dgc_density_warmup_schedule():
     dgc = gk.DGC(0.001, warmup_steps=8)
-    assert [dgc.density_at(s) for s in range(11)] == [0.25, 0.25, 0.0625, 0.0625, 0.015625, 0.015625, 0.004, 0.004, 0.001, 0.001, 0.001]
+    assert [dgc.density_at(s) for s in range(11)] == [
+        0.25,
+        0.25,
+        0.0625,
+        0.0625,
+        0.015625,
+        0.015625,
+        0.004,
+        0.004,
+        0.001,
+        0.001,
+        0.001,
+    ]
     assert [gk.DGC(0.1, warmup_steps=4).density_at(s) for s in range(6)] == [0.25, 0.1, 0.1, 0.1, 0.1, 0.1]
     assert [gk.DGC(0.01).density_at(s) for s in range(3)] == [0.01] * 3
     # The schedule is what compress uses, counted per key (n = 2000: 500, 125, 31, 8, 2 entries).

@@ -91,9 +91,21 @@ def test_missing_and_unknown_names_are_refused_by_the_ddp_hook_state():
 @pytest.mark.parametrize(
     "compressor, state, message",
     [
-        (gk.DGC(0.5), {"momentum": {"w": torch.ones(2)}, "velocity": {"w": torch.ones(2)}, "steps": {"v": 1}}, "'steps' for parameter 'v'"),
-        (gk.DGC(0.5), {"momentum": {"w": torch.ones(2)}, "velocity": {"w": torch.ones(2)}, "steps": {}}, "no 'momentum' for parameter 'b'"),
-        (gk.PowerSGD(1), {"residuals": {"w": torch.ones(2), "b": torch.ones(2)}, "q": {"v": torch.ones(2, 1)}}, "'q' for parameter 'v'"),
+        (
+            gk.DGC(0.5),
+            {"momentum": {"w": torch.ones(2)}, "velocity": {"w": torch.ones(2)}, "steps": {"v": 1}},
+            "'steps' for parameter 'v'",
+        ),
+        (
+            gk.DGC(0.5),
+            {"momentum": {"w": torch.ones(2)}, "velocity": {"w": torch.ones(2)}, "steps": {}},
+            "no 'momentum' for parameter 'b'",
+        ),
+        (
+            gk.PowerSGD(1),
+            {"residuals": {"w": torch.ones(2), "b": torch.ones(2)}, "q": {"v": torch.ones(2, 1)}},
+            "'q' for parameter 'v'",
+        ),
         (gk.PowerSGD(1), {"residuals": {"b": torch.ones(2)}, "q": {}}, "no 'residuals' for parameter 'w'"),
     ],
 )
@@ -101,7 +113,12 @@ def test_every_named_part_of_a_compressor_state_is_checked(compressor, state, me
     with pytest.raises(ValueError, match=message):
         compressor.check_state_names("Owner", state, {"w", "b"}, ["w", "b"])
     # Parts that need not name every parameter (DGC's step counts, PowerSGD's Q) may name fewer.
-    compressor.check_state_names("Owner", {**state, "steps": {}, "q": {}, "momentum": {}, "velocity": {}, "residuals": {}}, {"w", "b"}, ["w", "b"])
+    compressor.check_state_names(
+        "Owner",
+        {**state, "steps": {}, "q": {}, "momentum": {}, "velocity": {}, "residuals": {}},
+        {"w", "b"},
+        ["w", "b"],
+    )
 
 
 def test_compiled_submodule_names_are_bare():
@@ -113,9 +130,17 @@ def test_compiled_submodule_names_are_bare():
 
     net = Net()
     assert [name for name, _ in net.named_parameters()][0] == "block._orig_mod.weight"
-    assert [name for name, _ in _names.named_parameters(net)] == ["block.weight", "block.bias", "head.weight", "head.bias"]
+    assert [name for name, _ in _names.named_parameters(net)] == [
+        "block.weight",
+        "block.bias",
+        "head.weight",
+        "head.bias",
+    ]
     assert [name for name, _ in _names.named_parameters(torch.compile(net, backend="eager"))] == [
-        "block.weight", "block.bias", "head.weight", "head.bias"
+        "block.weight",
+        "block.bias",
+        "head.weight",
+        "head.bias",
     ]
     assert _names.bare_name("a._orig_mod_x.w") == "a._orig_mod_x.w"  # only the whole part is dropped
 

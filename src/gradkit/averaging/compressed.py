@@ -78,7 +78,14 @@ class CompressedReducer(Reducer):
         self._bad = bad if self._bad is None else self._bad | bad
         layout = tuple((self.names[i], tuple(self.params[i].shape)) for i in bucket.positions)
         bucket.pending = start_reduce(
-            self.compressor, bucket.buffer, layout, group, self._weight, what, self.timeout, out=bucket.buffer  # type: ignore[arg-type]
+            self.compressor,
+            bucket.buffer,
+            layout,
+            group,
+            self._weight,
+            what,
+            self.timeout,
+            out=bucket.buffer,  # type: ignore[arg-type]
         )
 
     def _finish_buckets(
@@ -201,7 +208,11 @@ class CompressedReducer(Reducer):
 
 
 def load_compressor_state(
-    owner: str, compressor: Compressor | None, state: dict[str, Any], known: Sequence[str] = (), required: Sequence[str] = ()
+    owner: str,
+    compressor: Compressor | None,
+    state: dict[str, Any],
+    known: Sequence[str] = (),
+    required: Sequence[str] = (),
 ) -> None:
     """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`; state kept under
     names other than `known` (or lacking one of `required`) is refused, unless no names are known yet."""
@@ -211,12 +222,17 @@ def load_compressor_state(
             compressor.check_state_names(owner, state["compressor"], known, required)
         compressor.load_state_dict(state["compressor"])
     elif state["compressor"]:
-        raise ValueError(f"{owner}.load_state_dict: the state holds compressor state but this {owner} has no compressor; build it with the same compressor")
+        raise ValueError(
+            f"{owner}.load_state_dict: the state holds compressor state but this {owner} has no compressor; "
+            "build it with the same compressor"
+        )
 
 
 def effective_compressor(compressor: object, error_feedback: bool | None) -> Compressor | None:
     """The compressor Average uses: biased ones get error feedback unless told otherwise."""
-    error_feedback = _checks.flag("error_feedback", error_feedback, "pass True, False, or None for the compressor's default", allow_none=True)
+    error_feedback = _checks.flag(
+        "error_feedback", error_feedback, "pass True, False, or None for the compressor's default", allow_none=True
+    )
     if compressor is None:
         if error_feedback:
             raise ValueError("error_feedback=True needs a compressor; pass e.g. gk.Average(gk.TopK(0.01))")
@@ -228,4 +244,3 @@ def effective_compressor(compressor: object, error_feedback: bool | None) -> Com
     if error_feedback and not isinstance(compressor, ErrorFeedback):
         return ErrorFeedback(compressor)
     return compressor
-

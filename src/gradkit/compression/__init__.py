@@ -19,4 +19,17 @@ from gradkit.compression.powersgd import PowerSGD
 from gradkit.compression.quantize import BF16, FP16, QSGD, SignSGD
 from gradkit.compression.sparsify import RandomK, Threshold, TopK
 
-__all__ = ["BF16", "DGC", "FP16", "QSGD", "Compressor", "ErrorFeedback", "Payload", "PowerSGD", "RandomK", "SignSGD", "Threshold", "TopK"]
+__all__ = [
+    "BF16",
+    "DGC",
+    "FP16",
+    "QSGD",
+    "Compressor",
+    "ErrorFeedback",
+    "Payload",
+    "PowerSGD",
+    "RandomK",
+    "SignSGD",
+    "Threshold",
+    "TopK",
+]

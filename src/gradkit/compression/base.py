@@ -115,7 +115,9 @@ class Compressor(Stateful):
     #: optional hook: ``start_reduce(flat, layout, group, weight, what, timeout) -> PendingReduce``
     #: replaces compress, weight and all-reduce/all-gather (None: the generic path)
     start_reduce: (
-        Callable[[Tensor, Layout, dist.ProcessGroup | None, Tensor | float, str, datetime.timedelta | None], PendingReduce]
+        Callable[
+            [Tensor, Layout, dist.ProcessGroup | None, Tensor | float, str, datetime.timedelta | None], PendingReduce
+        ]
         | None
     ) = None
     #: the state of ``compress(..., commit=False)`` calls, for commit()/discard() (keyed compressors)
@@ -176,7 +178,9 @@ class Compressor(Stateful):
         """
         return []
 
-    def check_state_names(self, owner: str, state: object, known: Collection[str], required: Collection[str] = ()) -> None:
+    def check_state_names(
+        self, owner: str, state: object, known: Collection[str], required: Collection[str] = ()
+    ) -> None:
         """Refuse a saved `state` whose per-parameter entries are kept under other names.
 
         Args:
@@ -197,9 +201,10 @@ class Compressor(Stateful):
             if unknown:
                 raise ValueError(
                     f"{owner}.load_state_dict: the compressor state holds {part!r} for parameter {unknown[0]!r}, "
-                    f"which this model does not have (it has {_some(sorted(known))}); load the state into a model whose "
-                    "parameters have the names it was saved with (a model wrapped in another module, e.g. "
-                    "nn.Sequential, prefixes every name; DDP's 'module.' and torch.compile's '_orig_mod.' are dropped)"
+                    f"which this model does not have (it has {_some(sorted(known))}); "
+                    "load the state into a model whose parameters have the names it was saved with "
+                    "(a model wrapped in another module, e.g. nn.Sequential, prefixes every name; "
+                    "DDP's 'module.' and torch.compile's '_orig_mod.' are dropped)"
                 )
         for part, by_name, complete in parts:
             missing = [name for name in required if name not in by_name] if complete and by_name else []
@@ -224,7 +229,9 @@ class Compressor(Stateful):
 
     def _check_payload(self, payload: object) -> Payload:
         if not isinstance(payload, Payload):
-            raise TypeError(f"{type(self).__name__}.decompress expects a Payload from compress(), got {type(payload).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}.decompress expects a Payload from compress(), got {type(payload).__name__}"
+            )
         if payload.owner is not self and type(payload.owner) is not type(self):
             raise ValueError(
                 f"{type(self).__name__}.decompress got a payload made by {type(payload.owner).__name__}; "
@@ -286,7 +293,9 @@ def check_density(density: object) -> float:
 def check_value_dtype(value_dtype: object) -> torch.dtype | None:
     """`value_dtype` if it is a floating torch.dtype (the dtype of sent values) or None."""
     if value_dtype is not None and not (isinstance(value_dtype, torch.dtype) and value_dtype.is_floating_point):
-        raise TypeError(f"value_dtype must be a floating torch.dtype such as torch.float16, or None; got {value_dtype!r}")
+        raise TypeError(
+            f"value_dtype must be a floating torch.dtype such as torch.float16, or None; got {value_dtype!r}"
+        )
     return value_dtype  # type: ignore[return-value]
 
 

@@ -66,10 +66,14 @@ class DGC(Compressor):
         exactly_k: bool = False,
     ) -> None:
         self.density = check_density(density)
-        self.momentum = _checks.number_in_range("momentum", momentum, 0.0, 1.0, "pass e.g. 0.9 (0 for none)", low_open=False)
+        self.momentum = _checks.number_in_range(
+            "momentum", momentum, 0.0, 1.0, "pass e.g. 0.9 (0 for none)", low_open=False
+        )
         if self.momentum == 1.0:
             raise ValueError("momentum must be < 1; pass e.g. 0.9")
-        self.clip_norm = None if clip_norm is None else _checks.positive_number("clip_norm", clip_norm, "pass a norm, or None")
+        self.clip_norm = (
+            None if clip_norm is None else _checks.positive_number("clip_norm", clip_norm, "pass a norm, or None")
+        )
         self.warmup_steps = _checks.non_negative_int("warmup_steps", warmup_steps, "pass 0 for no warm-up")
         self.value_dtype = check_value_dtype(value_dtype)
         self.exactly_k = _checks.flag(
@@ -100,7 +104,9 @@ class DGC(Compressor):
         sent = torch.zeros(velocity.numel(), dtype=torch.int32, device=velocity.device)
         indices, _ = payload.tensors
         valid = payload.meta.get("valid")
-        sent.index_add_(0, indices.long(), valid.int() if valid is not None else torch.ones_like(indices, dtype=torch.int32))
+        sent.index_add_(
+            0, indices.long(), valid.int() if valid is not None else torch.ones_like(indices, dtype=torch.int32)
+        )
         keep = sent == 0
         velocity.mul_(keep)  # momentum factor masking: what was sent starts over
         momentum.mul_(keep)
@@ -128,7 +134,9 @@ class DGC(Compressor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("DGC", state, {"momentum", "velocity", "steps"})
         steps = state["steps"]
-        if not isinstance(steps, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps.values()):
+        if not isinstance(steps, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps.values()
+        ):
             raise TypeError("DGC.load_state_dict: 'steps' must map parameter names to step counts >= 0")
         self._state.load_state_dict({"momentum": state["momentum"], "velocity": state["velocity"]}, "DGC")
         self._steps = dict(steps)

@@ -36,18 +36,29 @@ def layout_for(key: str | Layout | None, tensor: Tensor) -> Layout:
         return (("", tuple(tensor.shape)),)
     if isinstance(key, str):
         return ((key, tuple(tensor.shape)),)
-    if not (isinstance(key, tuple) and all(isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], str) for part in key)):
-        raise TypeError(f"key must be a parameter name (str), a layout of (name, shape) pairs, or None; got {type(key).__name__} {key!r}")
+    if not (
+        isinstance(key, tuple)
+        and all(isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], str) for part in key)
+    ):
+        raise TypeError(
+            "key must be a parameter name (str), a layout of (name, shape) pairs, or None; "
+            f"got {type(key).__name__} {key!r}"
+        )
     total = sum(sizes(key))
     if total != tensor.numel():
-        raise ValueError(f"key layout covers {total} entries but the tensor has {tensor.numel()}; pass the bucket's own layout")
+        raise ValueError(
+            f"key layout covers {total} entries but the tensor has {tensor.numel()}; pass the bucket's own layout"
+        )
     return tuple(key)
 
 
 def check_named_tensors(owner: str, key: str, value: object) -> None:
     """A saved state entry must map parameter names to tensors; the error names `key`."""
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()):
-        raise TypeError(f"{owner}.load_state_dict: {key!r} must map parameter names to tensors; pass the dict from {owner}.state_dict()")
+        raise TypeError(
+            f"{owner}.load_state_dict: {key!r} must map parameter names to tensors; "
+            f"pass the dict from {owner}.state_dict()"
+        )
 
 
 def named_fields(state: object, **complete: bool) -> list[tuple[str, Any, bool]]:
@@ -101,7 +112,8 @@ class KeyedState:
                 count = saved.numel() if saved is not None else held.get(name)
                 if count is not None and count != size:
                     raise ValueError(
-                        f"the {field} kept for {name!r} has {count} entries but {name!r} has shape {tuple(shape)} here; "
+                        f"the {field} kept for {name!r} has {count} entries "
+                        f"but {name!r} has shape {tuple(shape)} here; "
                         "a parameter keeps its shape (load a checkpoint saved with the same parameters)"
                     )
 
@@ -110,7 +122,11 @@ class KeyedState:
         for (name, _), size in zip(layout, sizes(layout)):
             saved = self._unplaced.get(field, {}).pop(name, None)
             fresh = fresh and saved is None
-            pieces.append(saved.reshape(-1).to(like) if saved is not None else torch.zeros(size, dtype=like.dtype, device=like.device))
+            pieces.append(
+                saved.reshape(-1).to(like)
+                if saved is not None
+                else torch.zeros(size, dtype=like.dtype, device=like.device)
+            )
         if len(pieces) > 1:
             return torch.cat(pieces)
         # New zeros are the state itself: a clone would leave a freed block as large as the state,
@@ -118,7 +134,9 @@ class KeyedState:
         return pieces[0] if fresh else pieces[0].clone()
 
     def state_dict(self) -> dict[str, Any]:
-        saved: dict[str, dict[str, Tensor]] = {field: {k: v.clone() for k, v in self._unplaced.get(field, {}).items()} for field in self.fields}
+        saved: dict[str, dict[str, Tensor]] = {
+            field: {k: v.clone() for k, v in self._unplaced.get(field, {}).items()} for field in self.fields
+        }
         for layout, state in self._flat.items():
             for field, flat in state.items():
                 for (name, _), piece in zip(layout, flat.split(sizes(layout))):

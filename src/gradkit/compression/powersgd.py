@@ -94,16 +94,25 @@ class PowerSGD(Compressor):
             else:
                 matrices.append((name, matrix, self._q_for(name, matrix)))
         w = weight.to(corrected) if isinstance(weight, Tensor) else weight
-        first = torch.cat([(m @ q).reshape(-1) * w for _, m, q in matrices] + [d * w for d in dense]) if (matrices or dense) else corrected.new_zeros(0)
+        first = (
+            torch.cat([(m @ q).reshape(-1) * w for _, m, q in matrices] + [d * w for d in dense])
+            if (matrices or dense)
+            else corrected.new_zeros(0)
+        )
         works = [] if group is None else [dist.all_reduce(first, group=group, async_op=True)]
-        nbytes = first.numel() * first.element_size() + sum(m.shape[1] * self.rank for _, m, _ in matrices) * corrected.element_size()
+        nbytes = (
+            first.numel() * first.element_size()
+            + sum(m.shape[1] * self.rank for _, m, _ in matrices) * corrected.element_size()
+        )
 
         def finish() -> Tensor:
             from gradkit import distributed
 
             p_sizes = [m.shape[0] * q.shape[1] for _, m, q in matrices]
             p_flat, dense_flat = first.split([sum(p_sizes), first.numel() - sum(p_sizes)])
-            p_hats = [_orthonormal(p.view(m.shape[0], q.shape[1])) for p, (_, m, q) in zip(p_flat.split(p_sizes), matrices)]
+            p_hats = [
+                _orthonormal(p.view(m.shape[0], q.shape[1])) for p, (_, m, q) in zip(p_flat.split(p_sizes), matrices)
+            ]
             local_q = [m.T @ p_hat for (_, m, _), p_hat in zip(matrices, p_hats)]
             summed_q = torch.cat([(q * w).reshape(-1) for q in local_q]) if local_q else corrected.new_zeros(0)
             if group is not None and summed_q.numel():
@@ -166,8 +175,13 @@ class PowerSGD(Compressor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _checks.state_keys("PowerSGD", state, {"residuals", "q"})
         q = state["q"]
-        if not isinstance(q, dict) or not all(isinstance(v, Tensor) and v.ndim == 2 and v.shape[1] == self.rank for v in q.values()):
-            raise ValueError(f"PowerSGD.load_state_dict: 'q' must map names to (m, {self.rank}) tensors; build PowerSGD with the rank it was saved with")
+        if not isinstance(q, dict) or not all(
+            isinstance(v, Tensor) and v.ndim == 2 and v.shape[1] == self.rank for v in q.values()
+        ):
+            raise ValueError(
+                f"PowerSGD.load_state_dict: 'q' must map names to (m, {self.rank}) tensors; "
+                "build PowerSGD with the rank it was saved with"
+            )
         check_named_tensors("PowerSGD", "residuals", state["residuals"])
         self._residuals.load_state_dict({"residual": state["residuals"]}, "PowerSGD")
         self._q = {k: v.clone() for k, v in q.items()}

@@ -76,7 +76,9 @@ class QSGD(Compressor):
             raise ValueError(f"levels must be <= 127 (one signed byte per entry), got {levels}; pass e.g. 16")
         self.block = _checks.positive_int("block", block, "pass the entries per norm, e.g. 512")
         if seed is not None:
-            seed = _checks.non_negative_int("seed", seed, "pass an integer >= 0, or None to draw from torch's global generator")
+            seed = _checks.non_negative_int(
+                "seed", seed, "pass an integer >= 0, or None to draw from torch's global generator"
+            )
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def compress(self, tensor: Tensor) -> Payload:
@@ -84,7 +86,11 @@ class QSGD(Compressor):
         blocks = _blocks(tensor.reshape(-1).float(), self.block)
         norms = torch.linalg.vector_norm(blocks, dim=1, keepdim=True)
         scaled = blocks.abs() / norms.clamp(min=torch.finfo(torch.float32).tiny) * self.levels
-        noise = torch.rand(scaled.shape, generator=self._generator).to(scaled.device) if self._generator else torch.rand_like(scaled)
+        noise = (
+            torch.rand(scaled.shape, generator=self._generator).to(scaled.device)
+            if self._generator
+            else torch.rand_like(scaled)
+        )
         levels = torch.floor(scaled + noise).clamp(max=self.levels) * torch.sign(blocks)
         return Payload([norms.view(-1), levels.to(torch.int8)], tensor.shape, tensor.dtype, self)
 
@@ -103,9 +109,19 @@ class QSGD(Compressor):
         super().load_state_dict(state)
         if self._generator is not None:
             generator = state["generator"]
-            if not isinstance(generator, Tensor) or generator.dtype != torch.uint8 or generator.shape != self._generator.get_state().shape:
-                got = f"{generator.dtype} {tuple(generator.shape)}" if isinstance(generator, Tensor) else type(generator).__name__
-                raise ValueError(f"QSGD.load_state_dict: 'generator' must be the uint8 state from QSGD.state_dict(), got {got}")
+            if (
+                not isinstance(generator, Tensor)
+                or generator.dtype != torch.uint8
+                or generator.shape != self._generator.get_state().shape
+            ):
+                got = (
+                    f"{generator.dtype} {tuple(generator.shape)}"
+                    if isinstance(generator, Tensor)
+                    else type(generator).__name__
+                )
+                raise ValueError(
+                    f"QSGD.load_state_dict: 'generator' must be the uint8 state from QSGD.state_dict(), got {got}"
+                )
             self._generator.set_state(generator)
 
 

@@ -43,7 +43,9 @@ _CAPACITY = 1.5
 _TARGET = 1.2
 
 
-def sparse_payload(owner: Compressor, flat: Tensor, indices: Tensor, valid: Tensor | None, shape, value_dtype) -> Payload:
+def sparse_payload(
+    owner: Compressor, flat: Tensor, indices: Tensor, valid: Tensor | None, shape, value_dtype
+) -> Payload:
     """(indices, values) of `flat`; entries where `valid` is False are padding (index 0, value 0)."""
     values = flat[indices]
     if valid is not None:
@@ -139,8 +141,13 @@ class TopK(_Sparsifier):
         valid = (indices >= 0) & ~values.isnan()
         values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
         values = values.to(self.value_dtype) if self.value_dtype is not None else values
-        return Payload([(indices * valid).to(index_dtype(flat.numel())), values], torch.Size(shape), flat.dtype, self,
-                       {"valid": valid})
+        return Payload(
+            [(indices * valid).to(index_dtype(flat.numel())), values],
+            torch.Size(shape),
+            flat.dtype,
+            self,
+            {"valid": valid},
+        )
 
     def compress_sum_(self, into: Tensor, addend: Tensor, scale: Tensor) -> Payload:
         """`Compressor.compress_sum_`, fused on the sampled paths: the threshold comes from a
