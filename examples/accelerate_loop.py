@@ -1,6 +1,7 @@
 """gradkit in an Accelerate loop with accumulation: a tracker and ZClip between backward and step.
 
-    python examples/accelerate_loop.py --steps 30 --log-dir runs/acc    # or: accelerate launch --cpu --num_processes 2 ...
+    python examples/accelerate_loop.py --steps 30 --log-dir runs/acc
+    accelerate launch --cpu --num_processes 2 examples/accelerate_loop.py --steps 30 --log-dir runs/acc
 """
 
 import argparse
@@ -23,7 +24,7 @@ model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
 accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
 model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
 step = GradkitStep(accelerator, model, tracker=gk.Tracker(args.log_dir, every=5), clip=gk.ZClip(warmup=5))
-for i, (xb, yb) in zip(range(2 * args.steps), loader):
+for _, (xb, yb) in zip(range(2 * args.steps), loader):
     with accelerator.accumulate(model):
         loss = nn.functional.mse_loss(model(xb), yb)
         accelerator.backward(loss)

@@ -20,7 +20,7 @@ model = torch.nn.Sequential(torch.nn.Embedding(vocab, width), torch.nn.Linear(wi
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 pipe = gk.GradientPipeline(model, accumulation_steps=4)
 
-for step in range(args.steps * 4):
+for _ in range(args.steps * 4):
     length = int(torch.randint(2, 64, ()))  # sequences of very different lengths
     tokens = torch.randint(vocab, (length + 1,)) // 2 * 2  # a learnable pattern: even tokens only
     logits = model(tokens[:-1])

@@ -31,4 +31,5 @@ for step in range(args.steps):
     pipe.step(optimizer)
     if step % 37 == 36 or step == args.steps - 1:
         last = pipe.last
-        print(f"step {last.step}: norm {last.total_norm.item():.2f} -> {last.norm_after.item():.2f}, skipped steps {pipe.skipped_steps}")
+        print(f"step {last.step}: norm {last.total_norm.item():.2f} -> {last.norm_after.item():.2f}, "
+              f"skipped steps {pipe.skipped_steps}")

@@ -1,5 +1,4 @@
 """Train an FSDP2-sharded model through gradkit; run with torchrun (CPU + gloo works):
-
     torchrun --nproc_per_node 2 examples/fsdp.py --steps 30
     torchrun --nproc_per_node 2 examples/fsdp.py --reduce boundary   # one reduce-scatter per window
 """
@@ -25,15 +24,16 @@ for module in (model[0], model[2], model):  # each Linear, then the root
     fully_shard(module)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 sync = gk.FSDPSync(model, reduce=args.reduce)  # without average=, the pipeline picks reduce="every" itself
-pipe = gk.GradientPipeline(model, accumulation_steps=2, average=sync, clip=gk.ClipByGlobalNorm(1.0), tracker=gk.Tracker(None, every=10))
-
-generator, teacher = torch.Generator().manual_seed(1 + rank), torch.randn(32, 4, generator=torch.Generator().manual_seed(7))
+pipe = gk.GradientPipeline(model, accumulation_steps=2, average=sync, clip=gk.ClipByGlobalNorm(1.0),
+                           tracker=gk.Tracker(None, every=10))
+generator = torch.Generator().manual_seed(1 + rank)  # each rank reads its own data
+teacher = torch.randn(32, 4, generator=torch.Generator().manual_seed(7))
 for _ in range(args.steps * 2):
     x = torch.randn(16 + 8 * rank, 32, generator=generator)  # uneven batches: weighted by items
     loss = F.mse_loss(model(x), x @ teacher, reduction="sum")
     pipe.backward(loss, num_items=x.shape[0])
     if pipe.step(optimizer) and rank == 0 and pipe.steps % 10 == 0:
-        print(f"step {pipe.steps}: loss/item {loss.item() / x.shape[0]:.4f}, grad norm {pipe.last.total_norm.item():.4f}")
+        print(f"step {pipe.steps}: loss/item {loss.item() / len(x):.4f}, grad norm {pipe.last.total_norm.item():.4f}")
 checksum = sum(p.full_tensor().sum().item() for p in model.parameters())  # full parameters, and the full norm:
 print(f"rank {rank}: done, grad norm {pipe.last.total_norm.item():.6f}, parameter checksum {checksum:.6f}", flush=True)
 dist.destroy_process_group()

@@ -33,4 +33,5 @@ train_args = TrainingArguments(
 trainer = Trainer(model=model, args=train_args, train_dataset=data, callbacks=[callback])
 trainer.train()
 checksum = sum(p.double().sum().item() for p in model.parameters())
-print(f"rank {trainer.args.process_index}: done, loss {trainer.state.log_history[-2]['loss']:.4f}, checksum {checksum:.6f}")
+print(f"rank {trainer.args.process_index}: done, loss {trainer.state.log_history[-2]['loss']:.4f}, "
+      f"checksum {checksum:.6f}")

@@ -22,7 +22,7 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 tracker = gk.Tracker(args.log_dir, every=10)  # full statistics every 10th step, cheap ones in between
 pipe = gk.GradientPipeline(model, accumulation_steps=2, clip=gk.ClipByGlobalNorm(1.0), tracker=tracker)
 
-for step in range(args.steps * 2):
+for _ in range(args.steps * 2):
     x = torch.randn(16, 32)
     loss = F.mse_loss(model(x), x.sum(dim=1, keepdim=True), reduction="sum")
     pipe.backward(loss, num_items=16)

@@ -294,7 +294,7 @@ def test_autoclip_matches_percentile_reference(percentile, history):
     stage = gk.AutoClip(percentile, history=history)
     for t, norm in enumerate(AUTOCLIP_NORMS):
         before, after = two_param_step(stage, norm, seed=t)
-        assert_close(after, before * coefficients[t], **EXACT64, msg=lambda m: f"step {t}: {m}")
+        assert_close(after, before * coefficients[t], **EXACT64, msg=lambda m, t=t: f"step {t}: {m}")
     if history > 1 and percentile <= 50:  # with history 1 the threshold is the current norm
         assert min(coefficients) < 0.5  # the sequence does make it clip
 
@@ -369,7 +369,7 @@ def test_zclip_matches_reference(alpha, z_thresh, warmup, scale):
         if coefficient == 1.0:
             assert torch.equal(after, before), f"step {t} is no spike and must be left alone"
         else:
-            assert_close(after, before * coefficient, **EXACT64, msg=lambda m: f"step {t}: {m}")
+            assert_close(after, before * coefficient, **EXACT64, msg=lambda m, t=t: f"step {t}: {m}")
     state = stage.state_dict()
     assert_close(state["mean"], torch.tensor(reference.mean, dtype=torch.float64), **EXACT64)
     assert_close(state["var"], torch.tensor(reference.var, dtype=torch.float64), rtol=1e-10, atol=1e-30)

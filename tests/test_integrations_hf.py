@@ -33,8 +33,9 @@ def train(tmp_path, callback=None, *, steps: int = 6, optimizers=None, **overrid
     """Train the tiny GPT-2; `optimizers(model)`, if given, returns the (optimizer, scheduler) to use."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
-    settings = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": steps, "logging_steps": 1,
-                    "report_to": [], "save_strategy": "no", "use_cpu": True, "seed": 0, "disable_tqdm": True}  # fmt: skip
+    settings = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": steps,
+                "logging_steps": 1, "report_to": [], "save_strategy": "no", "use_cpu": True, "seed": 0,
+                "disable_tqdm": True}  # fmt: skip
     args = TrainingArguments(str(tmp_path / "out"), **{**settings, **overrides})
     trainer = Trainer(
         model=model,
@@ -172,7 +173,8 @@ def test_example_runs_and_gradkit_report_reads_it(tmp_path):
 
 def test_example_under_torchrun_two_processes(tmp_path):
     out = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "examples" / "hf_trainer.py"), "--steps", "6", "--log-dir", str(tmp_path / "run"))  # fmt: skip
+               str(ROOT / "examples" / "hf_trainer.py"), "--steps", "6",
+               "--log-dir", str(tmp_path / "run"))  # fmt: skip
     checksums = re.findall(r"rank (\d): done, loss [\d.]+, checksum (-?\d+\.\d{6})", out)
     assert sorted(rank for rank, _ in checksums) == ["0", "1"], out
     assert checksums[0][1] == checksums[1][1]  # ZClip scaled both replicas the same

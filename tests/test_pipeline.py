@@ -193,7 +193,7 @@ def test_noise_sample_on_measured_windows_is_first_micro_batch_vs_window():
     reference = copy.deepcopy(model)
     x = [b[0] for b in data[3:]]
     y = [b[1] for b in data[3:]]
-    for i, (xi, yi) in enumerate(zip(x, y)):
+    for xi, yi in zip(x, y):
         pipe.backward(((model(xi) - yi) ** 2).sum(), num_items=5)
         pipe.step(opt)
     noise = tracker.calls[1][3]
@@ -201,7 +201,10 @@ def test_noise_sample_on_measured_windows_is_first_micro_batch_vs_window():
     window = torch.autograd.grad(
         ((reference(torch.cat(x)) - torch.cat(y)) ** 2).sum() / 15, list(reference.parameters())
     )
-    sq = lambda gs: sum(float((g.double() ** 2).sum()) for g in gs)
+
+    def sq(gs):
+        return sum(float((g.double() ** 2).sum()) for g in gs)
+
     assert float(noise.small_sq) == pytest.approx(sq(first), rel=1e-9)
     assert float(noise.big_sq) == pytest.approx(sq(window), rel=1e-9)
     assert float(noise.small_batch) == 5 and float(noise.big_batch) == 15

@@ -18,8 +18,8 @@ LIMIT = 240  # seconds per job, start-up and restart included
 
 def launch(out: Path, kill_at: int | None) -> subprocess.Popen:
     out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts=1", "--monitor-interval=0.5",
-               str(HERE / "elastic_worker.py"), str(out)]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--max-restarts=1", "--monitor-interval=0.5", str(HERE / "elastic_worker.py"), str(out)]  # fmt: skip
     if kill_at is not None:
         command += ["--kill-at", str(kill_at)]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}

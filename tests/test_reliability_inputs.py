@@ -584,7 +584,10 @@ CASES: list[Case] = [
 ]
 
 EXEMPT = {
-    "Compressor": "abstract base with no arguments; every concrete compressor is catalogued (compress, decompress, load_state_dict)",
+    "Compressor": (
+        "abstract base with no arguments; "
+        "every concrete compressor is catalogued (compress, decompress, load_state_dict)"
+    ),
     "Payload": "a record that compress() makes; decompress() checks it, catalogued under each compressor's 'payload'",
     "StepReport": "a record the pipeline makes for the user to read; users never build one",
     "CollectiveError": "an exception class, raised by gradkit",

@@ -85,7 +85,9 @@ def namespaces():
             pytest.skip(f"cannot set up network namespaces here: {detail}")
         if shaping != NETEM:
             warnings.warn(
-                f"this kernel has no netem qdisc: the link was shaped with `{' '.join(shaping)}` instead (rate and queueing, no loss)"
+                f"this kernel has no netem qdisc: the link was shaped with `{' '.join(shaping)}` instead (rate and "
+                "queueing, no loss)",
+                stacklevel=1,  # the fixture itself is where the shaping was chosen
             )
         yield sides
     finally:

@@ -65,7 +65,8 @@ def direct(grads, before, after):
             "norm": float(g.norm()), "max_abs": float(g.abs().max()), "rms": float(g.pow(2).mean().sqrt()),
             "zero_frac": float((g == 0).double().mean()), "weight_norm": float(w0.norm()),
             "grad_to_weight": float(g.norm() / w0.norm()), "update_to_weight": float((w1 - w0).norm() / w0.norm()),
-            "sq": float(g.pow(2).sum()), "w_sq": float(w0.pow(2).sum()), "d_sq": float((w1 - w0).pow(2).sum()), "numel": g.numel(),
+            "sq": float(g.pow(2).sum()), "w_sq": float(w0.pow(2).sum()), "d_sq": float((w1 - w0).pow(2).sum()),
+            "numel": g.numel(),
         })  # fmt: skip
     return out
 

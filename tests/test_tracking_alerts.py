@@ -18,7 +18,7 @@ def data(count, d_in=8, d_out=2, size=16, seed=1):
 
 
 def train(pipe, model, opt, batches, before_step=None):
-    for i, (x, y) in enumerate(batches):
+    for x, y in batches:
         if before_step is not None:
             before_step(pipe.steps + 1)
         pipe.backward(((model(x) - y) ** 2).mean())

@@ -50,7 +50,8 @@ def local(tensor: Tensor) -> Tensor:
     if any(isinstance(p, Partial) for p in tensor.placements):
         raise ValueError(
             f"a DTensor gradient with placements {tensor.placements} holds partial sums, whose norm is undefined; "
-            "redistribute it to Shard or Replicate placements before clipping or tracking (FSDP2 does this in its reduce-scatter)"
+            "redistribute it to Shard or Replicate placements before clipping or tracking (FSDP2 does this in its "
+            "reduce-scatter)"
         )
     return tensor._local_tensor  # to_local() would add an autograd node for nothing
 

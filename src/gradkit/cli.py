@@ -25,7 +25,9 @@ DEMO_STEPS, QUICK_STEPS = 300, 30
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradkit",
-        description="gradkit: gradient accumulation, sparse gradients, averaging, norm scaling and tracking for PyTorch.",
+        description=(
+            "gradkit: gradient accumulation, sparse gradients, averaging, norm scaling and tracking for PyTorch."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"gradkit {gradkit.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -150,8 +152,8 @@ def _banner(config, resumed: int | None, requested: str) -> str:
     device = describe_device(requested, config.device, local_workers(config.workers))
     return (
         f"gradkit {gradkit.__version__}: {start} '{config.name}' with {config.workers} worker(s) on {device}: "
-        f"{config.model} on "
-        f"{config.text or 'the Python documentation'}, {config.steps} steps of {config.accumulation_steps} micro-batches, "
+        f"{config.model} on {config.text or 'the Python documentation'}, "
+        f"{config.steps} steps of {config.accumulation_steps} micro-batches, "
         f"compressor={config.compressor}, clip={config.clip}; writing {config.run_path}"
     )
 

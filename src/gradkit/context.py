@@ -46,11 +46,13 @@ class GradContext:
         for name, p in zip(names, params):
             if not isinstance(name, str):
                 raise TypeError(
-                    f"names must be strings, got {type(name).__name__} {name!r}; pass the parameter names, e.g. from model.named_parameters()"
+                    f"names must be strings, got {type(name).__name__} {name!r}; pass the parameter names, e.g. from "
+                    "model.named_parameters()"
                 )
             if not isinstance(p, Tensor):
                 raise TypeError(
-                    f"params must be tensors, got {type(p).__name__} for {name!r}; pass the parameters, e.g. list(model.parameters())"
+                    f"params must be tensors, got {type(p).__name__} for {name!r}; pass the parameters, e.g. "
+                    "list(model.parameters())"
                 )
         kept = [(name, p) for name, p in zip(names, params) if p.grad is not None]
         self.names: list[str] = [name for name, _ in kept]
@@ -226,7 +228,8 @@ def check_parameters(parameters: object) -> list[Tensor]:
         params = list(parameters)  # type: ignore[call-overload]
     except TypeError:
         raise TypeError(
-            f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass model.parameters()"
+            f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}; pass "
+            "model.parameters()"
         ) from None
     for index, p in enumerate(params):
         if not isinstance(p, Tensor):

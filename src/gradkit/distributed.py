@@ -62,7 +62,8 @@ def check_group_type(group: object) -> None:
     """`group` must be a torch.distributed process group or None."""
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(
-            f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__} {group!r}; pass e.g. dist.new_group(ranks), or None"
+            f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__} {group!r}; pass e.g. "
+            "dist.new_group(ranks), or None"
         )
 
 

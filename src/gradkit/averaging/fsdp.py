@@ -56,9 +56,10 @@ def check_average(average: SyncControl) -> SyncControl:
         return average
     what = "compression" if getattr(average, "compressor", None) is not None else "gradkit's own averaging"
     raise ValueError(
-        f"average={type(average).__name__}(...) cannot drive a model wrapped with fully_shard: FSDP2 reduce-scatters the "
-        f"gradients itself into shards, and {what} needs replicated gradients (a DDP-wrapped model, or gk.Average on an "
-        "unsharded one); pass average=None (or gk.FSDPSync(model, reduce='boundary')) to let FSDP2 reduce them"
+        f"average={type(average).__name__}(...) cannot drive a model wrapped with fully_shard: "
+        f"FSDP2 reduce-scatters the gradients itself into shards, and {what} needs replicated gradients "
+        "(a DDP-wrapped model, or gk.Average on an unsharded one); "
+        "pass average=None (or gk.FSDPSync(model, reduce='boundary')) to let FSDP2 reduce them"
     )
 
 
@@ -101,11 +102,13 @@ class FSDPSync(SyncControl):
         if not is_fsdp(model):
             raise TypeError(
                 f"FSDPSync needs a model wrapped with torch.distributed.fsdp.fully_shard, got {type(model).__name__}; "
-                "call fully_shard(module) on the model (and its layers) first, or pass average=gk.Average() for a replicated model"
+                "call fully_shard(module) on the model (and its layers) first, or pass average=gk.Average() for a "
+                "replicated model"
             )
         if reduce not in MODES:
             raise ValueError(
-                f"reduce must be one of {MODES}, got {reduce!r}; pass 'every' (least memory) or 'boundary' (least communication)"
+                f"reduce must be one of {MODES}, got {reduce!r}; pass 'every' (least memory) or 'boundary' (least "
+                "communication)"
             )
         self.model = model
         self.reduce = reduce
@@ -211,7 +214,8 @@ class FSDPSync(SyncControl):
             return
         if set(state) != {"unsharded_grads"} or not isinstance(state["unsharded_grads"], dict):
             raise ValueError(
-                f"FSDPSync.load_state_dict: expected {{'unsharded_grads': {{name: tensor}}}}, got keys {sorted(state)}; pass the state saved with the same FSDP model"
+                "FSDPSync.load_state_dict: expected {'unsharded_grads': {name: tensor}}, got keys "
+                f"{sorted(state)}; pass the state saved with the same FSDP model"
             )
         by_name = {self._names.get(id(p.sharded_param)): p for p in self._fsdp_params()}
         grads = state["unsharded_grads"]
@@ -219,11 +223,13 @@ class FSDPSync(SyncControl):
             p = by_name.get(name)
             if p is None or not isinstance(grad, Tensor) or tuple(grad.shape) != tuple(p._orig_size):
                 raise ValueError(
-                    f"FSDPSync.load_state_dict: partial gradient {name!r} does not fit this model; load it into the model it was saved from"
+                    f"FSDPSync.load_state_dict: partial gradient {name!r} does not fit this model; load it into the "
+                    "model it was saved from"
                 )
         if self.reduce != "boundary":
             raise ValueError(
-                "FSDPSync.load_state_dict: the state holds unsharded partial gradients of reduce='boundary'; build FSDPSync with reduce='boundary'"
+                "FSDPSync.load_state_dict: the state holds unsharded partial gradients of reduce='boundary'; build "
+                "FSDPSync with reduce='boundary'"
             )
         for name, grad in grads.items():
             p = by_name[name]

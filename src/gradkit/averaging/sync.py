@@ -107,7 +107,8 @@ class SyncControl:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(
-                f"{type(self).__name__} has no state, got keys {sorted(state)}; pass the state saved with the same average="
+                f"{type(self).__name__} has no state, got keys {sorted(state)}; pass the state saved with the same "
+                "average="
             )
 
 

@@ -68,7 +68,8 @@ def _row(settings: Settings, device: str) -> Row:
     return Row(
         f"{tag}FSDP2 pipeline step (accumulation {ACCUM}, clip), MLP {params / 1e6:.1f}M params, 2 processes",
         device, "hand-written FSDP2 loop", GOAL, mine, theirs,
-        note=f"{tag}FSDP2: gradkit / hand-written step time {ratio:.3f} (goal <= 1.05: {'met' if ratio <= 1.05 else 'MISSED'}); {repeats} interleaved steps each",
+        note=f"{tag}FSDP2: gradkit / hand-written step time {ratio:.3f} "
+             f"(goal <= 1.05: {'met' if ratio <= 1.05 else 'MISSED'}); {repeats} interleaved steps each",
     )  # fmt: skip
 
 

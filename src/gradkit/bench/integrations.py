@@ -34,7 +34,8 @@ def _trainer(callback, out_dir: str, tiny: bool):
     rows = torch.randint(0, 1024, (8 * 2 * STEPS, 64), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": r, "labels": r} for r in rows]
     args = TrainingArguments(out_dir, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=STEPS,
-                             logging_steps=STEPS, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)  # fmt: skip
+                             logging_steps=STEPS, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback] if callback else None)
     return trainer, sum(p.numel() for p in model.parameters())
 
@@ -59,7 +60,8 @@ def run(settings: Settings) -> list[Row]:
     g, r = timings["gradkit"].median / STEPS, timings["reference"].median / STEPS
     return [Row(f"{label}, GPT-2 {numel / 1e6:.1f}M params", "cpu", "Trainer without callback", GOAL,
                 gradkit_time=timings["gradkit"], reference_time=timings["reference"],
-                note=f"HF callback: {g * 1e3:.1f} ms/step with, {r * 1e3:.1f} ms/step without ({g / r - 1:+.1%})")]  # fmt: skip
+                note=f"HF callback: {g * 1e3:.1f} ms/step with, "
+                     f"{r * 1e3:.1f} ms/step without ({g / r - 1:+.1%})")]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -36,15 +36,18 @@ def run(settings: Settings) -> list[Row]:
         added_full = max(full["peak_bytes"] - full["before_bytes"], 1)
         rows.append(
             Row(
-                f"accumulation K={k} vs full batch {shape['batch']}, peak memory, MLP {len(shape['sizes']) - 1}x{shape['sizes'][0]}",
+                f"accumulation K={k} vs full batch {shape['batch']}, peak memory, MLP "
+                f"{len(shape['sizes']) - 1}x{shape['sizes'][0]}",
                 "cpu",
                 "full batch (K=1)",
                 0.0,  # no time goal: the measure here is memory (note)
                 gradkit_time=summarize(mine["times"]),
                 reference_time=summarize(full["times"]),
                 note=(
-                    f"peak RSS {mine['peak_bytes'] / mib:.0f} MiB vs {full['peak_bytes'] / mib:.0f} MiB (ratio {peak_ratio:.3f}); "
-                    f"added by the step {added / mib:.0f} MiB vs {added_full / mib:.0f} MiB (ratio {added / added_full:.3f}); "
+                    f"peak RSS {mine['peak_bytes'] / mib:.0f} MiB vs {full['peak_bytes'] / mib:.0f} MiB "
+                    f"(ratio {peak_ratio:.3f}); "
+                    f"added by the step {added / mib:.0f} MiB vs {added_full / mib:.0f} MiB "
+                    f"(ratio {added / added_full:.3f}); "
                     f"process before the step {mine['before_bytes'] / mib:.0f} MiB"
                 ),
             )

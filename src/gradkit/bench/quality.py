@@ -165,7 +165,8 @@ def write_source_corpus(path: Path, max_chars: int) -> Path:
         total += len(part) + 1
     if total < 10_000:
         raise RuntimeError(
-            f"found only {total} characters of Python source under {root}; the quality benchmark needs the standard library's .py files"
+            f"found only {total} characters of Python source under {root}; the quality benchmark needs the standard "
+            "library's .py files"
         )
     path.write_text("\n".join(parts)[:max_chars], encoding="utf-8")
     return path

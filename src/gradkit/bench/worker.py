@@ -1,6 +1,7 @@
 """One benchmark worker process (started by processes.run_workers), writing JSON to --out.
 
-    python -m gradkit.bench.worker average --rank R --world W --init tcp://HOST:PORT --pair ddp|topk --sizes 1024,4096,... --batch B --warmup N --repeats N
+    python -m gradkit.bench.worker average --rank R --world W --init tcp://HOST:PORT --pair ddp|topk \\
+        --sizes 1024,4096,... --batch B --warmup N --repeats N
     python -m gradkit.bench.worker average ... --pair ddp --tensors 10,100,1000 --batch B --warmup N --repeats N
     python -m gradkit.bench.worker memory --sizes ... --batch B --accumulation K --repeats N
     python -m gradkit.bench.worker quality --rank R --world W --init tcp://HOST:PORT --configs FILE

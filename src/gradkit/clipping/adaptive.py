@@ -55,7 +55,8 @@ class AGC(ClipStage):
             patterns = tuple(exclude)
         except TypeError:
             raise TypeError(
-                f"exclude must be a list of name patterns, got {type(exclude).__name__} {exclude!r}; pass e.g. ('fc.*',), or () for none"
+                f"exclude must be a list of name patterns, got {type(exclude).__name__} {exclude!r}; pass e.g. "
+                "('fc.*',), or () for none"
             ) from None
         if not all(isinstance(p, str) for p in patterns):
             raise TypeError(f"exclude must hold name patterns (strings), got {patterns!r}; pass e.g. ('fc.*',)")
@@ -122,7 +123,8 @@ class AutoClip(ClipStage):
         norms = state_tensor(state["norms"], "norms", "AutoClip")
         if norms.shape != (self.history,):
             raise ValueError(
-                f"AutoClip.load_state_dict: norms has shape {tuple(norms.shape)}, expected ({self.history},); build AutoClip with the history it was saved with"
+                f"AutoClip.load_state_dict: norms has shape {tuple(norms.shape)}, expected ({self.history},); build "
+                "AutoClip with the history it was saved with"
             )
         count = _checks.non_negative_int("count", state["count"], "pass the count from AutoClip.state_dict()")
         self._norms, self._count = norms.clone(), count
@@ -198,14 +200,16 @@ class ZClip(ClipStage):
         warmup_norms = state_tensor(state["warmup_norms"], "warmup_norms", "ZClip")
         if warmup_norms.shape != (self.warmup,):
             raise ValueError(
-                f"ZClip.load_state_dict: warmup_norms has shape {tuple(warmup_norms.shape)}, expected ({self.warmup},); build ZClip with the warmup it was saved with"
+                f"ZClip.load_state_dict: warmup_norms has shape {tuple(warmup_norms.shape)}, expected "
+                f"({self.warmup},); build ZClip with the warmup it was saved with"
             )
         mean = state_tensor(state["mean"], "mean", "ZClip")
         var = state_tensor(state["var"], "var", "ZClip")
         for name, value in (("mean", mean), ("var", var)):
             if value.shape != ():
                 raise ValueError(
-                    f"ZClip.load_state_dict: {name} has shape {tuple(value.shape)}, expected a 0-d tensor; pass the state from ZClip.state_dict()"
+                    f"ZClip.load_state_dict: {name} has shape {tuple(value.shape)}, expected a 0-d tensor; pass the "
+                    "state from ZClip.state_dict()"
                 )
         count = _checks.non_negative_int("count", state["count"], "pass the count from ZClip.state_dict()")
         self._warmup_norms, self._mean, self._var, self._count = warmup_norms.clone(), mean.clone(), var.clone(), count

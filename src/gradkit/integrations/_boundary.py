@@ -42,7 +42,8 @@ def check_tracker(tracker: object) -> Any:
     """`tracker` (None or an object with the tracker protocol), or a TypeError naming it."""
     if tracker is not None and not all(callable(getattr(tracker, m, None)) for m in ("wants", "observe", "after_step")):
         raise TypeError(
-            f"tracker must have wants(step), observe(ctx, report) and after_step(ctx, report), e.g. gk.Tracker('runs/x'), "
+            "tracker must have wants(step), observe(ctx, report) and after_step(ctx, report), e.g. "
+            "gk.Tracker('runs/x'), "
             f"got {type(tracker).__name__} {tracker!r}"
         )
     return tracker

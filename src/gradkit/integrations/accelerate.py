@@ -11,7 +11,8 @@ try:
     from accelerate import Accelerator
 except ImportError as error:  # the extra is optional: say which one to install
     raise ImportError(
-        f"gradkit.integrations.accelerate needs the accelerate package ({error}); install it with: pip install gradkit[accelerate]"
+        f"gradkit.integrations.accelerate needs the accelerate package ({error}); install it with: pip install "
+        "gradkit[accelerate]"
     ) from error
 
 from torch import nn

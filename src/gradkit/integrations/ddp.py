@@ -92,13 +92,15 @@ def ddp_comm_hook(
     seconds = as_timeout(timeout)
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(
-            f"model must be the DDP-wrapped nn.Module (to name residuals by parameter) or None, got {type(model).__name__}"
+            "model must be the DDP-wrapped nn.Module (to name residuals by parameter) or None, got "
+            f"{type(model).__name__}"
         )
     distributed.check_group_type(group)
     resolved = distributed.resolve_group(group, "gk.ddp_comm_hook")
     if resolved is None:
         raise ValueError(
-            "gk.ddp_comm_hook needs an initialized process group (DDP does too); call torch.distributed.init_process_group first"
+            "gk.ddp_comm_hook needs an initialized process group (DDP does too); call "
+            "torch.distributed.init_process_group first"
         )
     pairs = _names.named_parameters(model) if model is not None else []
     names = {id(p): name for name, p in pairs}

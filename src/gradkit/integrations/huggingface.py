@@ -14,7 +14,8 @@ try:
     from transformers import TrainerCallback
 except ImportError as error:  # the extra is optional: say which one to install
     raise ImportError(
-        f"gradkit.integrations.huggingface needs the transformers package ({error}); install it with: pip install gradkit[hf]"
+        f"gradkit.integrations.huggingface needs the transformers package ({error}); install it with: pip install "
+        "gradkit[hf]"
     ) from error
 
 from gradkit.integrations._boundary import Boundary

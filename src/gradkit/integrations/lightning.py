@@ -11,7 +11,8 @@ try:
     from lightning.pytorch import Callback
 except ImportError as error:  # the extra is optional: say which one to install
     raise ImportError(
-        f"gradkit.integrations.lightning needs the lightning package ({error}); install it with: pip install gradkit[lightning]"
+        f"gradkit.integrations.lightning needs the lightning package ({error}); install it with: pip install "
+        "gradkit[lightning]"
     ) from error
 
 from gradkit.integrations._boundary import Boundary

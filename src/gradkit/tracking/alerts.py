@@ -110,15 +110,18 @@ class AlertRules:
                 state["vanish"] = state["vanish"] + 1 if vanishing else 0
                 alerts += self._edge(step, "dead", name, state["dead"] >= self.patience, norm,
                                      f"gradient of {name!r} is exactly zero for {int(state['dead'])} logged steps: "
-                                     "the layer does not learn (dead units, a detached path or a zero-initialised gate?)")  # fmt: skip
+                                     "the layer does not learn (dead units, a detached path "
+                                     "or a zero-initialised gate?)")  # fmt: skip
                 alerts += self._edge(step, "vanishing", name, state["vanish"] >= self.patience, norm,
                                      f"gradient norm of {name!r} is {norm:.3g} (median layer {median:.3g}) for "
                                      f"{int(state['vanish'])} logged steps: the layer barely learns (saturating "
                                      "activations, depth without residuals or normalisation?)")  # fmt: skip
             exploding = state["seen"] >= self.warmup and norm > self.explode_factor * state["ema"] > 0
             alerts += self._edge(step, "exploding", name, exploding, norm,
-                                 f"gradient norm of {name!r} jumped to {norm:.3g}, {norm / state['ema'] if state['ema'] else math.inf:.3g}x "
-                                 "its running average: lower the learning rate or clip (gk.ClipByGlobalNorm / gk.ZClip)")  # fmt: skip
+                                 f"gradient norm of {name!r} jumped to {norm:.3g}, "
+                                 f"{norm / state['ema'] if state['ema'] else math.inf:.3g}x "
+                                 "its running average: lower the learning rate or clip "
+                                 "(gk.ClipByGlobalNorm / gk.ZClip)")  # fmt: skip
             state["ema"] = (
                 norm if state["seen"] == 0 else self.explode_beta * state["ema"] + (1 - self.explode_beta) * norm
             )
@@ -148,7 +151,8 @@ class AlertRules:
             isinstance(v, dict) and set(v) == {"ema", "seen", "vanish", "dead"} for v in modules.values()
         ):
             raise ValueError(
-                "AlertRules.load_state_dict: 'modules' must map module names to {ema, seen, vanish, dead}; pass AlertRules.state_dict()"
+                "AlertRules.load_state_dict: 'modules' must map module names to {ema, seen, vanish, dead}; pass "
+                "AlertRules.state_dict()"
             )
         self._state = {name: {k: float(v[k]) if k == "ema" else int(v[k]) for k in v} for name, v in modules.items()}
         self._active = {(str(kind), str(name)) for kind, name in state["active"]}

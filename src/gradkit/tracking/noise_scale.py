@@ -254,7 +254,10 @@ def batch_advice(b_simple: float | None, batch: float | None) -> str | None:
             "the number of steps nearly proportionally (scale the learning rate with it)"
         )
     if batch <= 2 * b_simple:
-        return f"{head}: the batch is near the noise scale; larger batches now give diminishing returns in steps saved per example"
+        return (
+            f"{head}: the batch is near the noise scale; "
+            "larger batches now give diminishing returns in steps saved per example"
+        )
     return (
         f"{head}: the batch is well above the noise scale; much of it averages noise that was already small, "
         f"so a batch near ~{b_simple:.3g} would need about as many steps for less compute"

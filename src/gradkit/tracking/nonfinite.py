@@ -112,7 +112,8 @@ class NonfiniteLocator:
         if ROOT in bad_output or self.module is None:
             return (
                 LOSS,
-                "the gradient was already non-finite where backward started (the loss, or an operation after the model)",
+                "the gradient was already non-finite where backward started (the loss, or an operation after the "
+                "model)",
             )
         return (
             first_bad_output,

@@ -52,7 +52,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
     log = path / JSONL_NAME
     if not log.is_file():
         raise RunError(
-            f"no run in {str(path)!r}: {JSONL_NAME} is missing; pass the log_dir of a gk.Tracker(log_dir, writers=('jsonl', ...)) run"
+            f"no run in {str(path)!r}: {JSONL_NAME} is missing; pass the log_dir of a gk.Tracker(log_dir, "
+            "writers=('jsonl', ...)) run"
         )
     records = read_jsonl(log)
     headers = [r for r in records if r.get("type") == "run"]
@@ -93,7 +94,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     summary = (
         f"{len(steps)} logged step{'s' if len(steps) != 1 else ''} ({steps[0]['step']} to {steps[-1]['step']}), "
         f"every {header.get('every', '?')}; "
-        f"{len(header.get('modules', steps[-1]['modules']))} layers; gradkit {html.escape(str(header.get('version', '?')))}"
+        f"{len(header.get('modules', steps[-1]['modules']))} layers; gradkit "
+        f"{html.escape(str(header.get('version', '?')))}"
         + (f"; settings: {html.escape(', '.join(f'{k}={v}' for k, v in meta.items()))}" if meta else "")
     )
     page = f"""<!DOCTYPE html>
@@ -101,7 +103,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
 section {{ margin-bottom: 2.5em; }} img {{ max-width: 100%; }}
-table {{ border-collapse: collapse; font-size: 0.9em; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }} \
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }}
 .note {{ color: #555; }}
 </style></head><body>
 <h1>Gradient report</h1><p class="note">{html.escape(str(Path(run_dir).resolve()))}: {summary}</p>
@@ -285,7 +288,10 @@ def _step_batch(record: dict) -> float:
 def _advice(steps: list[dict]) -> str:
     for r in reversed(steps):
         if r.get("noise") and r["noise"].get("advice"):
-            return f"<p>At step {r['step']}: {html.escape(r['noise']['advice'])}. B_simple (McCandlish et al. 2018) is a noisy proxy of the critical batch size and grows as the loss falls.</p>"
+            return (
+                f"<p>At step {r['step']}: {html.escape(r['noise']['advice'])}. B_simple (McCandlish et al. 2018) "
+                "is a noisy proxy of the critical batch size and grows as the loss falls.</p>"
+            )
     return (
         '<p class="note">No noise-scale estimate: it needs two batch sizes per step, so accumulation_steps > 1 '
         "or several workers, and a few logged steps.</p>"

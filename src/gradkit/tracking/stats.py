@@ -134,7 +134,7 @@ class FusedStats:
     ) -> Tensor:
         """(P, len(DETAIL)) on `device`, in input order; no host sync."""
         blocks = []
-        for part_device, pick_small, segments, count, pick_large in self.parts:
+        for _part_device, pick_small, segments, count, pick_large in self.parts:
             if pick_small is not None:
                 block = _segment_stats(pick_small(grads), segments, count)
             else:

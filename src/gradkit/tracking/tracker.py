@@ -191,7 +191,10 @@ class Tracker:
         self._write_to_files(header)
 
     def wants(self, step: int) -> bool:
-        """Whether optimizer step `step` (1-based) is a logging step: 1, every `every`-th, or one forced by a non-finite step."""
+        """Whether optimizer step `step` (1-based) is a logging step.
+
+        That is step 1, every `every`-th step, or one forced by a non-finite step.
+        """
         return step == 1 or step % self.every == 0 or self._nonfinite.forces(step)
 
     def observe(self, ctx: GradContext, report: StepReport) -> None:
@@ -265,7 +268,8 @@ class Tracker:
                 )
             elif names != self._names:
                 raise ValueError(
-                    "track(model): the parameters differ from the ones this tracker was attached to; use one Tracker per model"
+                    "track(model): the parameters differ from the ones this tracker was attached to; use one Tracker "
+                    "per model"
                 )
         elif self._names is None:
             raise RuntimeError("track() needs the model on its first call: tracker.track(model)")

@@ -184,7 +184,8 @@ def check_writers(writers: object) -> tuple[str, ...]:
     unknown = [w for w in writers if w not in WRITERS]
     if unknown:
         raise ValueError(
-            f"unknown writer {unknown[0]!r} in writers={tuple(writers)!r}; choose from {WRITERS}, e.g. writers=('jsonl', 'tensorboard')"
+            f"unknown writer {unknown[0]!r} in writers={tuple(writers)!r}; choose from {WRITERS}, e.g. "
+            "writers=('jsonl', 'tensorboard')"
         )
     return tuple(dict.fromkeys(writers))
 
@@ -244,7 +245,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 warnings.warn(
-                    f"{path}: line {number} is not valid JSON ({error.msg}), skipped; the run was probably interrupted while writing it",
+                    f"{path}: line {number} is not valid JSON ({error.msg}), skipped; the run was probably interrupted "
+                    "while writing it",
                     stacklevel=2,
                 )
                 continue
