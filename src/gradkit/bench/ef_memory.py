@@ -22,11 +22,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from gradkit.bench.common import Row, Settings
 from gradkit.bench.processes import same_gradkit_env
 from gradkit.bench.timing import summarize
+from gradkit.bench.worker import proc_status, reset_peak
 
 __all__ = ["run", "CONFIGS"]
 
@@ -102,28 +102,19 @@ def child(name: str, layers: int, width: int, steps: int) -> dict:
     pipe = gk.GradientPipeline(model, average=gk.Average(compressor))
     x, y = torch.randn(8, width), torch.randn(8, width)
     params = sum(p.numel() for p in model.parameters())
-    _reset_peak()
+    reset_peak()
     times = []
     for _ in range(steps):
         pipe.backward(nn.functional.mse_loss(model(x), y))
         start = time.perf_counter()
         pipe.step(optimizer)
         times.append(time.perf_counter() - start)
-    return {"params": params, "peak_bytes": _status("VmHWM"), "after_bytes": _status("VmRSS"), "times": times[1:]}
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} line; the memory benchmark needs Linux")
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    return {
+        "params": params,
+        "peak_bytes": proc_status("VmHWM"),
+        "after_bytes": proc_status("VmRSS"),
+        "times": times[1:],
+    }
 
 
 if __name__ == "__main__":

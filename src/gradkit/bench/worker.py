@@ -142,8 +142,8 @@ def memory(args: argparse.Namespace) -> dict:
     x, y = torch.randn(args.batch, args.sizes[0]), torch.randn(args.batch, args.sizes[-1])
     micro_x, micro_y = x.chunk(args.accumulation), y.chunk(args.accumulation)
     # Model and data only: what the step adds on top (gradients, activations, temporaries) is peak - before.
-    before = _status("VmRSS")
-    _reset_peak()  # so that transient peaks of start-up (imports) do not count
+    before = proc_status("VmRSS")
+    reset_peak()  # so that transient peaks of start-up (imports) do not count
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -154,10 +154,10 @@ def memory(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's RSS at fork into the child's
     # ru_maxrss across exec, so a large parent (the harness) would mask the child's own peak.
-    return {"times": times, "peak_bytes": _status("VmHWM"), "before_bytes": before}
+    return {"times": times, "peak_bytes": proc_status("VmHWM"), "before_bytes": before}
 
 
-def _status(field: str) -> int:
+def proc_status(field: str) -> int:
     """A memory figure of this process from /proc/self/status, in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -165,7 +165,7 @@ def _status(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line; the memory benchmark needs Linux")
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     """Set the peak RSS (VmHWM) back to the current RSS (Linux >= 4.0); keep it where not allowed."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
