@@ -121,13 +121,19 @@ def run_pipeline(
     """The same run through GradientPipeline with gk.Average or a DDP-wrapped model; each rank
     steps at its window's boundary or flushes a shorter window."""
     net = make_net(1 + rank)
-    model = DDP(net, find_unused_parameters=True) if kind == "ddp" else net
+    # DDP broadcasts buffers in the forward after a synced backward: a rank whose last window
+    # is empty runs no such forward, so those runs need broadcast_buffers=False (as under DDP itself).
+    buffers = _no_empty_window(scenario)
+    model = DDP(net, find_unused_parameters=True, broadcast_buffers=buffers) if kind == "ddp" else net
+    if kind == "ddp" and not buffers:
+        dist.broadcast(net.shift, src=0)  # what DDP's construction would have copied
     pipe = gk.GradientPipeline(
         model, accumulation_steps=scenario["k"], average=gk.Average() if kind == "average" else None
     )
     opt = optimizer(net, fused)
     if reads is not None:
         opt.step = _uncounted(opt.step)  # AdamW reads its step counts: not the pipeline's reads
+    _empty_flush(pipe, opt, net)  # before any data: empty on every rank
     for w, window in enumerate(scenario["windows"]):
         mine = window[rank]
         for m, (rows, use_branch) in enumerate(mine):
@@ -140,12 +146,25 @@ def run_pipeline(
                 reads.append(_COUNTER["n"] - before)
             assert not stepped or m + 1 == scenario["k"]
         if len(mine) < scenario["k"]:
-            assert pipe.flush(opt)
+            assert pipe.flush(opt)  # an empty window too: this rank joins the others' flush
         else:
-            assert not pipe.flush(opt)  # empty: the window already stepped
+            _empty_flush(pipe, opt, net)  # the window already stepped
         if w + 1 == scenario.get("freeze_after"):
             net.late.requires_grad_(False)
     return _state(net)
+
+
+def _empty_flush(pipe: gk.GradientPipeline, opt: torch.optim.Optimizer, net: nn.Module) -> None:
+    """A flush that must do nothing: False, and no parameter, gradient, optimizer state or count changed."""
+    before, steps, state = _state(net), pipe.steps, _optimizer_state(opt)
+    assert not pipe.flush(opt)
+    assert _diff(_state(net), before) == 0.0
+    assert pipe.steps == steps and _diff(_optimizer_state(opt), state) == 0.0
+    assert all(p.grad is None for p in net.parameters())
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v.detach().clone() for i, entry in opt.state_dict()["state"].items() for k, v in entry.items()}
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -189,7 +208,7 @@ def _install_read_counter() -> None:
 
 def _diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return max(((a[k] - b[k]).abs().max().item() for k in a), default=0.0)
 
 
 # -- the fixed scenarios ------------------------------------------------------------------
@@ -224,6 +243,17 @@ def _fixed_scenarios() -> dict[str, dict]:
             "item_mode": True,
             "windows": [[[(2, f)] * 3, [(3, f)] * 3], [[(2, t), (1, f)], [(4, f)]]],
         },
+        # rank 0 has 9 micro-batches and rank 1 has 8, K=4: rank 1's last window is empty
+        "empty_last_mean": {
+            "k": 4,
+            "item_mode": False,
+            "windows": [[[(2, t)] * 4, [(2, f)] * 4]] * 2 + [[[(2, t)], []]],
+        },
+        "empty_last_items": {
+            "k": 4,
+            "item_mode": True,
+            "windows": [[[(2, f), (3, t), (1, f), (2, f)], [(1, f), (4, f), (2, t), (2, f)]]] * 2 + [[[(3, t)], []]],
+        },
         # one rank's last window completes while the other's is flushed
         "complete_and_flushed": {
             "k": 3,
@@ -231,6 +261,10 @@ def _fixed_scenarios() -> dict[str, dict]:
             "windows": [[[(2, t)] * 3, [(2, f)] * 3], [[(2, t)] * 3, [(2, t)]]],
         },
     }
+
+
+def _no_empty_window(scenario: dict) -> bool:
+    return all(mine for window in scenario["windows"] for mine in window)
 
 
 def _complete_together(scenario: dict) -> bool:
@@ -244,7 +278,8 @@ def fixed_worker(rank: int, world: int) -> dict:
     for name, scenario in _fixed_scenarios().items():
         reads: list[int] = []
         result = {
-            "ddp": reference_ddp(rank, scenario),
+            # DDP cannot run a window empty on one rank (its backward all-reduces): the full batch stands in
+            "ddp": reference_ddp(rank, scenario) if _no_empty_window(scenario) else reference_full_batch(scenario),
             "full": reference_full_batch(scenario),
             "average": run_pipeline(rank, scenario, "average", reads),
             "reads": reads,

@@ -158,6 +158,8 @@ class GradientPipeline:
         self.last: StepReport | None = None
         # (global items or None in mean mode, scale, the window's global count for the report)
         self._reduction: tuple[int | Tensor | None, Tensor | float, int | Tensor] | None = None
+        #: device flag of the last boundary: some rank flushed in it (read only by an empty flush)
+        self._flushed_last: Tensor | None = None
         self._prepare_next_micro_step()
 
     @property
@@ -237,12 +239,47 @@ class GradientPipeline:
     def flush(self, optimizer: torch.optim.Optimizer) -> bool:
         """Step on an incomplete window (end of data), normalized by what it holds.
 
-        Returns False, and does nothing, when the window is empty.
+        On one process: returns False, and does nothing, when the window is empty.
+        Under several processes (``gk.Average``, DDP) every rank calls it at the end of
+        its data: a rank whose window is empty joins the others' flush with no gradients
+        (they count as missing, as a parameter this rank never used does), and when the
+        window is empty on every rank, every rank returns False having changed nothing.
+        An empty flush after a boundary in which some rank already flushed (a full last
+        window on this rank, a shorter one flushed elsewhere) has nothing left to join
+        and returns False without communicating.
+
+        Returns:
+            True when the optimizer stepped (see `step`), False when nothing was done.
+
+        Example:
+            >>> for x, y in loader:
+            ...     pipe.backward(loss_fn(model(x), y), num_items=y.numel())
+            ...     pipe.step(optimizer)
+            >>> pipe.flush(optimizer)   # on every rank, whatever its last window holds
         """
         _check_optimizer(optimizer)
-        if self.window.micro_steps == 0:
+        if self.window.micro_steps == 0 and not self._join_empty_flush():
             return False
         return self._finish_window(optimizer)
+
+    def _join_empty_flush(self) -> bool:
+        """An empty window under several processes: take part in the other ranks' flush.
+
+        Runs the count all-reduce a flushing rank runs and reads it on the host (this
+        read is the flush path's own; stepping windows keep their one read). Returns
+        False, with nothing changed, when no rank holds a micro-batch."""
+        if self.sync.world_size == 1 or not self.sync.joins_empty_flush:
+            return False
+        if self._flushed_last is not None and bool(self._flushed_last):
+            return False  # the last boundary was already every rank's last (some rank flushed in it)
+        counts = self.sync.global_items(self._local_counts(None, 0, complete=False))
+        micro_steps, item_ranks = counts[1:3].tolist()
+        if micro_steps == 0:
+            return False
+        # The mode is the flushing ranks': zero items (or micro-steps) from this rank.
+        self.window.items = 0 if item_ranks else None
+        self._settle(counts, self.window.items, 0)
+        return True
 
     # -- the boundary --------------------------------------------------------------
 
@@ -280,6 +317,7 @@ class GradientPipeline:
 
         # Norm and skip: the step's one host read (finite? gradients no process produced?).
         skip, contributed, ctx = self._read_boundary(ctx, total_norm, global_items)
+        contributed = contributed and self.window.micro_steps > 0  # an empty window joined a flush
         if skip and ctx.pending_factor is not None:
             # No clip will run: the tracker and the error path see the scaled gradients. The
             # norm of the sum is taken in float32 (bf16/fp32 sums: float32's range; fp16 sums
@@ -391,20 +429,60 @@ class GradientPipeline:
         return True
 
     def _begin_reduction(self, local_items: int | Tensor | None, micro_steps: int, *, complete: bool) -> None:
+        if self.sync.world_size > 1:
+            # One vector rides the count all-reduce: see `_local_counts`.
+            local = self._local_counts(local_items, micro_steps, complete=complete)
+            if local_items is not None:
+                counts = self.sync.global_items(local)
+            else:
+                # Mean mode: one divisor for every rank, the micro-steps of all ranks' windows,
+                # also when their last windows differ in length.
+                counts = self.sync.global_micro_steps(local, complete=complete)  # type: ignore[arg-type]
+            self._settle(counts, local_items, micro_steps)
+            return
         if local_items is not None:
             global_items = count = self.sync.global_items(local_items)
             scale = Window.scale_for(global_items, micro_steps, self.sync.world_size)
         else:
-            # Mean mode: one divisor for every rank, the micro-steps of all ranks' windows,
-            # also when their last windows differ in length.
             global_items, count = None, self.sync.global_micro_steps(micro_steps, complete=complete)
             scale = 1.0 / count.to(torch.float64) if isinstance(count, Tensor) else 1.0 / count
+        self._begin(global_items, scale, count, local_items if local_items is not None else micro_steps)
+
+    def _local_counts(self, local_items: int | Tensor | None, micro_steps: int, *, complete: bool) -> Tensor:
+        """This rank's [count, micro-steps, in item mode, flushing] as an int64 device vector.
+
+        Summed over ranks it gives the window's count (items, or micro-steps in mean mode),
+        whether any rank holds a micro-batch and in which mode (what a rank with an empty
+        window joining a flush needs), and whether some rank flushed (after which an empty
+        flush has nothing left to join)."""
+        # Filled slot by slot: a Python list copied to a GPU would wait for the stream.
+        local = torch.zeros(4, dtype=torch.int64, device=self.params[0].device)
+        if local_items is not None:
+            local[0] = local_items.to(local) if isinstance(local_items, Tensor) else local_items
+            local[2] = 1
+        else:
+            local[0] = micro_steps
+        local[1] = micro_steps
+        local[3] = 0 if complete else 1
+        return local
+
+    def _settle(self, counts: Tensor, local_items: int | Tensor | None, micro_steps: int) -> None:
+        """The window's reduction from the summed `_local_counts` vector (no host read)."""
+        self._flushed_last = counts[3] > 0
+        count = counts[0]
+        global_items = count if local_items is not None else None
+        local_count = local_items if local_items is not None else micro_steps
+        self._begin(global_items, 1.0 / count.to(torch.float64), count, local_count)
+
+    def _begin(
+        self, global_items: int | Tensor | None, scale: Tensor | float, count: int | Tensor, local_count: int | Tensor
+    ) -> None:
         loss_scale = None
         if self.sync.lossy and self.scaler is not None and self.scaler.is_enabled():
             # Only compression needs it. The scale as a device tensor, read without a host
             # sync (and created on the parameters' device if this is the scaler's first use).
             loss_scale = self.scaler.scale(torch.ones((), device=self.params[0].device))
-        self.sync.begin_reduction(local_items if local_items is not None else micro_steps, scale, loss_scale)
+        self.sync.begin_reduction(local_count, scale, loss_scale)
         self._reduction = (global_items, scale, count)
 
     def _read_boundary(

@@ -98,6 +98,10 @@ class FSDPSync(SyncControl):
         >>> pipe = gk.GradientPipeline(model, accumulation_steps=4, average=gk.FSDPSync(model, reduce="boundary"))
     """
 
+    #: FSDP all-gathers in every forward, so every rank runs the same micro-batches: when one
+    #: rank's window is empty, all are, and an empty flush has nothing to join.
+    joins_empty_flush = False
+
     def __init__(self, model: nn.Module, *, reduce: str = "every") -> None:
         if not is_fsdp(model):
             raise TypeError(

@@ -32,6 +32,9 @@ class SyncControl:
     #: whether `reduce_sum_` can leave the multiplication by the scale to its caller: the
     #: pipeline folds it into the clip's multiply, so that a step writes every gradient once
     defers_scale: bool = False
+    #: whether a rank whose window is empty takes part in the other ranks' `flush` (several
+    #: processes whose collectives must match whatever the length of each rank's last window)
+    joins_empty_flush: bool = True
 
     def attach(
         self,
