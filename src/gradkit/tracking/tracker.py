@@ -74,18 +74,14 @@ class Tracker:
             `log_dir`, or `meta` that is not JSON-serialisable.
         ImportError: "tensorboard" in `writers` without the tensorboard package.
 
-    The tracker never stalls the step: a logging step queues its statistics
-    for the host with non-blocking copies (into pinned memory on CUDA) and an
-    event, and the record is written once the event has completed: at a later
-    step (the event is polled, never waited for), or at `flush` / `close` /
-    `state_dict` / `locate_nonfinite` (which wait). On CPU the values are
-    there at once, so each record is written at the end of its own step. On a
-    GPU a record, and the alerts drawn from it, can come one or a few steps
-    later than the step they describe: `history`, `alerts` and `last_alerts`
-    then lag by that much (call `flush()` to catch up). Records are never
-    lost, reordered or changed by this. Only rank 0 writes (torch.distributed
-    rank when initialised); other ranks do nothing on logging steps unless
-    `gather`.
+    The tracker never stalls the step: a logging step copies its statistics to
+    the host without waiting (pinned memory and an event on CUDA); its record is
+    written once the copy has completed, as polled at a later step, or by
+    `flush` / `close` / `state_dict` / `locate_nonfinite` (which wait). On CPU
+    each record is written at the end of its own step; on a GPU `history`,
+    `alerts` and `last_alerts` can lag one or a few steps (`flush()` catches
+    up). Records are never lost, reordered or changed by this. Only rank 0
+    (torch.distributed) writes; other ranks do nothing on logging steps unless `gather`.
 
     NaN/Inf counts are measured on detail steps (and on a step logged to
     re-check a non-finite one). On another logged step whose gradient is
@@ -127,17 +123,9 @@ class Tracker:
         meta: dict[str, Any] | None = None,
     ) -> None:
         self.every = _checks.positive_int("every", every, "log every N-th optimizer step, e.g. every=10")
-        self.detail_every = (
-            max(self.every, 10)
-            if detail_every is None
-            else _checks.positive_int(
-                "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
-            )
-        )
+        self.detail_every = _check_detail_every(detail_every, self.every)
         self.writer_names = check_writers(writers)
-        if alerts is not None and not isinstance(alerts, AlertRules):
-            raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(alerts).__name__}")
-        self.rules = alerts if alerts is not None else AlertRules()
+        self.rules = _check_rules(alerts)
         self.noise = NoiseScale(noise_beta)
         self.update_ratio = _checks.flag(
             "update_ratio", update_ratio, "pass False to skip the weight copy on logging steps"
@@ -201,16 +189,21 @@ class Tracker:
         """
         step = int(report.step)
         self.step = step
+        # Every step: count clipped and skipped steps on the device.
         self._counters.count(report)
-        self._drain()  # after self.step moved: a re-check armed now is of the next step
+        # Write the records whose copies completed; after self.step moved, a re-check armed now is of the next step.
+        self._drain()
         if not self.wants(step):
             return
+        # A step logged to re-check a non-finite one takes the armed hooks' findings along.
         forced = self._nonfinite.forces(step)
         self._nonfinite.forced.discard(step)
         recheck = self._nonfinite.take_recheck() if forced else None
-        if not (self.writes or self.gather or ctx.sharded):  # sharded: every rank joins the reductions
+        # Ranks that neither write nor gather skip the statistics, unless sharded (every rank joins the reductions).
+        if not (self.writes or self.gather or ctx.sharded):
             self._counters.reset(step)
             return
+        # Start the step's host read; its record is written once the copy has completed.
         self._log(ctx, report, forced=forced, recheck=recheck)
 
     def after_step(self, ctx: GradContext | None = None, report: StepReport | None = None) -> None:
@@ -253,12 +246,9 @@ class Tracker:
             >>> loss.backward(); tracker.track(model); optimizer.step(); tracker.after_step()
         """
         if model is not None:
-            pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
-            names = [n for n, p in pairs if p.requires_grad]
+            module, names, params = _trainable(model)
             if self._names is None:
-                self.attach(
-                    model if isinstance(model, nn.Module) else None, names, [p for n, p in pairs if p.requires_grad]
-                )
+                self.attach(module, names, params)
             elif names != self._names:
                 raise ValueError(
                     "track(model): the parameters differ from the ones this tracker was attached to; use one Tracker "
@@ -408,23 +398,7 @@ class Tracker:
         Raises:
             ValueError / TypeError: for missing or unexpected keys or bad values; the tracker is unchanged then.
         """
-        _checks.state_keys(
-            "Tracker",
-            state,
-            {
-                "step",
-                "last_logged",
-                "since",
-                "bytes",
-                "clipped",
-                "skipped",
-                "forced",
-                "armed",
-                "noise",
-                "rules",
-                "alerts",
-            },
-        )
+        _checks.state_keys("Tracker", state, _STATE_KEYS)
         _checks.non_negative_int("step", state["step"], "pass the dict from Tracker.state_dict()")
         SinceLastLog.check_state(state)
         alerts = [Alert(**a) for a in state["alerts"]]
@@ -434,3 +408,28 @@ class Tracker:
         self._counters.load_state_dict(state)
         self.alerts = alerts
         self._nonfinite.load_state_dict(state)
+
+
+# What state_dict holds: the tracker's own, SinceLastLog's and NonfiniteWatch's keys.
+_STATE_KEYS = set("step noise rules alerts last_logged since bytes clipped skipped forced armed".split())
+
+
+def _check_detail_every(detail_every: int | None, every: int) -> int:
+    if detail_every is None:
+        return max(every, 10)
+    return _checks.positive_int(
+        "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
+    )
+
+
+def _check_rules(alerts: AlertRules | None) -> AlertRules:
+    if alerts is not None and not isinstance(alerts, AlertRules):
+        raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(alerts).__name__}")
+    return alerts if alerts is not None else AlertRules()
+
+
+def _trainable(model: nn.Module | Sequence[tuple[str, Tensor]]) -> tuple[nn.Module | None, list[str], list[Tensor]]:
+    """The module (None for ``named_parameters()`` pairs) and the names and tensors of its trainable parameters."""
+    pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
+    trainable = [(n, p) for n, p in pairs if p.requires_grad]
+    return (model if isinstance(model, nn.Module) else None), [n for n, _ in trainable], [p for _, p in trainable]
