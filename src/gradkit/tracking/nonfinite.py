@@ -19,7 +19,9 @@ happens, so healthy training never pays for it.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from gradkit.tracking import stats as _stats
 from gradkit.tracking.alerts import GLOBAL, Alert, logger
 from gradkit.tracking.stats import ROOT, module_of
 
-__all__ = ["LOSS", "NonfiniteLocator", "NonfiniteWatch", "nonfinite_counts"]
+__all__ = ["LOSS", "GradRefs", "NonfiniteLocator", "NonfiniteWatch", "nonfinite_counts"]
 
 #: the name given when the gradient was non-finite before reaching any module
 LOSS = "(loss)"
@@ -264,6 +266,38 @@ class NonfiniteWatch:
         if self.locator is not None:
             self.locator.arm()
             self.forced.add(step)  # log the re-checked step, so its flags ride on a logging step's read
+
+
+_VERSION = attrgetter("_version")
+
+
+class GradRefs:
+    """A logged step's gradients, held weakly with their versions, to count NaN/Inf on the host later.
+
+    A logged step without counts on the device (not a detail step) may turn out non-finite when its
+    record is read; its counts are then taken from the gradients if they are still the step's (alive
+    and not modified in place). Weak references: a gradient the step drops is freed.
+
+    Example:
+        >>> refs = GradRefs(ctx.grads)              # at the logging step
+        >>> refs.counts(table_rows)                 # later: {index: (nan, inf)} of the non-finite rows
+    """
+
+    def __init__(self, grads: Sequence[Tensor]) -> None:
+        self.refs = list(map(weakref.ref, grads))
+        self.versions = list(map(_VERSION, grads))
+
+    def counts(self, rows: list[list[float]]) -> dict[int, tuple[int, int]]:
+        """NaN/Inf counts of the parameters whose norms (`rows` of the read table) are non-finite; one host
+        read. Empty when all are finite, or when a gradient is gone or changed (counts unknown: null)."""
+        bad = [i for i, row in enumerate(rows) if not (math.isfinite(row[0]) and math.isfinite(row[1]))]
+        if not bad:
+            return {}
+        grads = [self.refs[i]() for i in bad]
+        if any(g is None or g._version != self.versions[i] for g, i in zip(grads, bad)):
+            return {}
+        counted = nonfinite_counts(False, grads, grads, range(len(bad)))
+        return {bad[at]: value for at, value in counted.items()}
 
 
 def nonfinite_counts(

@@ -33,12 +33,15 @@ from gradkit.tracking.writers import SCHEMA
 __all__ = [
     "HostRead",
     "InFlight",
+    "assemble",
     "complete_update_ratios",
     "device_event",
     "gather_tables",
+    "histograms",
     "param_table",
     "rank_norms",
     "read_step",
+    "standalone_report",
     "start_step",
     "step_record",
     "update_norms",
@@ -279,6 +282,42 @@ def step_record(
         "alerts": [],
         "ranks": ranks,
     }
+
+
+def assemble(
+    got: dict[str, Any], report: StepReport, *, step: int, names: Sequence[str], numels: Sequence[int],
+    counts: dict[int, tuple[int, int]], since: int, bytes_since: int, detail: bool, gathered: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The JSONL record of a logged step from its read values `got` (`start_step`): per-parameter and
+    per-module statistics (with host-counted NaN/Inf `counts`), the step's scalars and, if `gathered`,
+    every rank's module norms. Alerts empty, update ratios None until completed."""
+    params, modules = _stats.summarize(names, numels, got["table"], counts)
+    ranks = rank_norms(names, numels, got["ranks"]) if gathered else None
+    return step_record(
+        got, report, step=step, since=since, bytes_since=bytes_since, detail=detail, params=params, modules=modules,
+        ranks=ranks,
+    )  # fmt: skip
+
+
+def standalone_report(ctx: GradContext, step: int, items: int | None) -> StepReport:
+    """The `StepReport` of a step observed without a pipeline: no clipping, skipped when non-finite.
+
+    Sets ``ctx.pre_clip_norms`` (the norms before and after clipping are the same); no host sync."""
+    ctx.pre_clip_norms = ctx.norms() if len(ctx) else None
+    total = ctx.total_norm()
+    count = torch.full((), math.nan if items is None else float(items), device=total.device)  # no H2D copy
+    return StepReport(
+        step=step, micro_steps=1, items=count, total_norm=total, norm_after=total, clip_coef=torch.ones_like(total),
+        skipped=~torch.isfinite(total),
+    )  # fmt: skip
+
+
+def histograms(ctx: GradContext, flight: InFlight, bins: int) -> dict[str, dict]:
+    """TensorBoard histograms of the step's gradients per module. Their ranges are host values: this waits
+    for the step's read (`flight`)."""
+    flight.wait()
+    _, modules = _stats.summarize(ctx.names, list(map(Tensor.numel, ctx.grads)), flight.values()["table"], {})
+    return _stats.histograms(ctx.names, _dtensor.locals_of(ctx.grads), modules, bins)
 
 
 def _noise_record(got: dict[str, Any]) -> dict[str, Any]:

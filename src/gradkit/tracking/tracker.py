@@ -8,12 +8,8 @@ on the device (clipped steps, skipped steps) and reads nothing on the host.
 
 from __future__ import annotations
 
-import math
 import time
-import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +28,8 @@ from gradkit.tracking import stats as _stats
 from gradkit.tracking.alerts import Alert, AlertRules, logger
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.noise_scale import NoiseScale
-from gradkit.tracking.nonfinite import NonfiniteLocator, NonfiniteWatch, nonfinite_counts
+from gradkit.tracking.nonfinite import GradRefs, NonfiniteLocator, NonfiniteWatch
+from gradkit.tracking.pending import Logged, Pending, numels
 from gradkit.tracking.writers import SCHEMA, check_log_dir, check_meta, check_writers, clean, make_writers
 
 __all__ = ["Tracker"]
@@ -77,18 +74,14 @@ class Tracker:
             `log_dir`, or `meta` that is not JSON-serialisable.
         ImportError: "tensorboard" in `writers` without the tensorboard package.
 
-    The tracker never stalls the step: a logging step queues its statistics
-    for the host with non-blocking copies (into pinned memory on CUDA) and an
-    event, and the record is written once the event has completed: at a later
-    step (the event is polled, never waited for), or at `flush` / `close` /
-    `state_dict` / `locate_nonfinite` (which wait). On CPU the values are
-    there at once, so each record is written at the end of its own step. On a
-    GPU a record, and the alerts drawn from it, can come one or a few steps
-    later than the step they describe: `history`, `alerts` and `last_alerts`
-    then lag by that much (call `flush()` to catch up). Records are never
-    lost, reordered or changed by this. Only rank 0 writes (torch.distributed
-    rank when initialised); other ranks do nothing on logging steps unless
-    `gather`.
+    The tracker never stalls the step: a logging step copies its statistics to
+    the host without waiting (pinned memory and an event on CUDA); its record is
+    written once the copy has completed, as polled at a later step, or by
+    `flush` / `close` / `state_dict` / `locate_nonfinite` (which wait). On CPU
+    each record is written at the end of its own step; on a GPU `history`,
+    `alerts` and `last_alerts` can lag one or a few steps (`flush()` catches
+    up). Records are never lost, reordered or changed by this. Only rank 0
+    (torch.distributed) writes; other ranks do nothing on logging steps unless `gather`.
 
     NaN/Inf counts are measured on detail steps (and on a step logged to
     re-check a non-finite one). On another logged step whose gradient is
@@ -130,17 +123,9 @@ class Tracker:
         meta: dict[str, Any] | None = None,
     ) -> None:
         self.every = _checks.positive_int("every", every, "log every N-th optimizer step, e.g. every=10")
-        self.detail_every = (
-            max(self.every, 10)
-            if detail_every is None
-            else _checks.positive_int(
-                "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
-            )
-        )
+        self.detail_every = _check_detail_every(detail_every, self.every)
         self.writer_names = check_writers(writers)
-        if alerts is not None and not isinstance(alerts, AlertRules):
-            raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(alerts).__name__}")
-        self.rules = alerts if alerts is not None else AlertRules()
+        self.rules = _check_rules(alerts)
         self.noise = NoiseScale(noise_beta)
         self.update_ratio = _checks.flag(
             "update_ratio", update_ratio, "pass False to skip the weight copy on logging steps"
@@ -164,8 +149,7 @@ class Tracker:
         self._params: list[Tensor] = []
         self._nonfinite = NonfiniteWatch()
         self._counters = SinceLastLog()
-        self._open: _Logged | None = None  # a logged step waiting for after_step (its update ratios)
-        self._in_flight: deque[_Logged] = deque()  # logged steps whose host copy may still be running
+        self._pending = Pending()  # logged steps waiting for after_step (||Δw||) or for their host copies
         # How the host read of a logging step is marked done: an event recorded on the device.
         # A test may swap in an event that completes later (the CPU's completes at once).
         self._new_event: Callable[[torch.device], Any] = _record.device_event
@@ -203,25 +187,28 @@ class Tracker:
         On non-logging steps: two small device ops (count clipped and skipped
         steps), no host read.
         """
-        self._seal()
         step = int(report.step)
         self.step = step
+        # Every step: count clipped and skipped steps on the device.
         self._counters.count(report)
-        self._drain()  # after self.step moved: a re-check armed now is of the next step
+        # Write the records whose copies completed; after self.step moved, a re-check armed now is of the next step.
+        self._drain()
         if not self.wants(step):
             return
+        # A step logged to re-check a non-finite one takes the armed hooks' findings along.
         forced = self._nonfinite.forces(step)
         self._nonfinite.forced.discard(step)
         recheck = self._nonfinite.take_recheck() if forced else None
-        if not (self.writes or self.gather or ctx.sharded):  # sharded: every rank joins the reductions
+        # Ranks that neither write nor gather skip the statistics, unless sharded (every rank joins the reductions).
+        if not (self.writes or self.gather or ctx.sharded):
             self._counters.reset(step)
             return
+        # Start the step's host read; its record is written once the copy has completed.
         self._log(ctx, report, forced=forced, recheck=recheck)
 
     def after_step(self, ctx: GradContext | None = None, report: StepReport | None = None) -> None:
         """Complete a logged step with ||Δw|| (the weights are updated now), start its host copy, and
         write every record whose copy has completed (no wait)."""
-        self._seal()
         self._drain()
 
     def flush(self) -> None:
@@ -233,7 +220,6 @@ class Tracker:
         Example:
             >>> tracker.flush(); tracker.history[-1]["step"] == pipe.steps   # if that step was logged
         """
-        self._seal()
         self._drain(wait=True)
 
     # -- standalone use --------------------------------------------------------------
@@ -260,12 +246,9 @@ class Tracker:
             >>> loss.backward(); tracker.track(model); optimizer.step(); tracker.after_step()
         """
         if model is not None:
-            pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
-            names = [n for n, p in pairs if p.requires_grad]
+            module, names, params = _trainable(model)
             if self._names is None:
-                self.attach(
-                    model if isinstance(model, nn.Module) else None, names, [p for n, p in pairs if p.requires_grad]
-                )
+                self.attach(module, names, params)
             elif names != self._names:
                 raise ValueError(
                     "track(model): the parameters differ from the ones this tracker was attached to; use one Tracker "
@@ -273,7 +256,6 @@ class Tracker:
                 )
         elif self._names is None:
             raise RuntimeError("track() needs the model on its first call: tracker.track(model)")
-        self._seal()
         step = self.step + 1
         if not self.wants(step):
             self.step = step
@@ -281,13 +263,7 @@ class Tracker:
             self._drain()
             return
         ctx = GradContext(self._names, self._params)
-        ctx.pre_clip_norms = ctx.norms() if len(ctx) else None
-        total = ctx.total_norm()
-        count = torch.full((), math.nan if items is None else float(items), device=total.device)  # no H2D copy
-        self.observe(ctx, StepReport(
-            step=step, micro_steps=1, items=count, total_norm=total, norm_after=total,
-            clip_coef=torch.ones_like(total), skipped=~torch.isfinite(total),
-        ))  # fmt: skip
+        self.observe(ctx, _record.standalone_report(ctx, step, items))
 
     def locate_nonfinite(self, closure: Callable[[], Tensor]) -> str | None:
         """Replay one batch with hooks and name the first module, in backward order, making the gradient non-finite.
@@ -333,7 +309,7 @@ class Tracker:
     # -- the logging step ------------------------------------------------------------
 
     def _log(self, ctx: GradContext, report: StepReport, *, forced: bool, recheck: tuple | None) -> None:
-        """Queue a logging step's statistics for the host (no host sync); `_write` makes the record."""
+        """Start a logging step's host read (no host sync) and hold the step open until after_step."""
         step = self.step
         if report.noise is not None:
             self.noise.update(report.noise)
@@ -342,65 +318,37 @@ class Tracker:
         table = _record.param_table(ctx, report.total_norm.device, detail=detail)
         ranks = _record.gather_tables(table) if self.gather else None
         counters = {"clipped": self._counters.clipped, "skipped_steps": self._counters.skipped}
-        extra = {}
-        events = None if recheck is None else recheck[0]  # None: not a re-check with hooks
-        if recheck is not None and recheck[1] is not None:
-            extra["recheck"] = recheck[1]
+        extra = {} if recheck is None or recheck[1] is None else {"recheck": recheck[1]}
         flight = _record.start_step(table, report, counters, self.noise, ranks, extra=extra, new_event=self._new_event)
         histograms = None
         if detail and self._writers and "tensorboard" in self.writer_names and len(ctx):
-            # Histogram ranges are host values: this read waits (TensorBoard, detail steps only).
-            flight.wait()
-            got = flight.values()
-            _, modules = _stats.summarize(ctx.names, _numels(ctx.grads), got["table"], {})
-            histograms = _stats.histograms(ctx.names, _dtensor.locals_of(ctx.grads), modules, self.histogram_bins)
+            histograms = _record.histograms(ctx, flight, self.histogram_bins)  # waits: TensorBoard, detail steps
         before = None
         if detail and self.update_ratio and len(ctx):
             # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
             before = [p.detach().clone() for p in _dtensor.locals_of(ctx.params)]
-        # Without counts on the device, a non-finite record counts NaN/Inf on the host, if the
-        # gradients are still these (weak references: a gradient the step drops is freed).
-        grads = None if detail or ctx.sharded else (list(map(weakref.ref, ctx.grads)), list(map(_VERSION, ctx.grads)))
-        self._open = _Logged(
+        # Without counts on the device, a non-finite record counts NaN/Inf on the host (if the grads are unchanged).
+        grads = None if detail or ctx.sharded else GradRefs(ctx.grads)
+        self._pending.open = Logged(
             step=step, report=report, detail=detail, flight=flight, names=list(ctx.names), params=list(ctx.params),
-            numels=_numels(ctx.grads), before=before, histograms=histograms, grads=grads, events=events,
-            since=self._counters.since, bytes_since=self._counters.bytes, last_logged=self._counters.last_logged,
-            gathered=ranks is not None,
+            numels=numels(ctx.grads), before=before, histograms=histograms, grads=grads,
+            events=None if recheck is None else recheck[0], since=self._counters.since,
+            bytes_since=self._counters.bytes, last_logged=self._counters.last_logged, gathered=ranks is not None,
         )  # fmt: skip
         self._counters.reset(step)
 
-    def _seal(self) -> None:
-        """The open logged step is complete (the optimizer has stepped): read its ||Δw|| and queue it."""
-        logged, self._open = self._open, None
-        if logged is None:
-            return
-        if logged.before is not None:
-            deltas = _record.update_norms(logged.params, logged.before)
-            logged.before = None
-            read = _record.HostRead(deltas.device, _stats.host_dtype(deltas.device))
-            read.add("deltas", deltas)
-            logged.deltas = read.start(self._new_event)
-        self._in_flight.append(logged)
-
     def _drain(self, *, wait: bool = False) -> None:
-        """Write the queued records whose host copies have completed, oldest first (all of them if `wait`)."""
-        queue = self._in_flight
-        while queue and (wait or queue[0].done()):
-            logged = queue.popleft()
-            if wait:
-                logged.wait()
+        """Seal the open step (the optimizer has stepped) and write the records whose host copies have
+        completed, oldest first (all of them, waiting, if `wait`)."""
+        self._pending.seal(self._new_event)
+        for logged in self._pending.completed(wait=wait):
             self._write(logged)
 
-    def _write(self, logged: _Logged) -> None:
+    def _write(self, logged: Logged) -> None:
         """Assemble the record of a logged step from its host values, raise its alerts, write it."""
         got, step = logged.flight.values(), logged.step
-        counts = _host_counts(logged, got["table"]) if logged.grads is not None else {}
-        params, modules = _stats.summarize(logged.names, logged.numels, got["table"], counts)
-        rank_norms = _record.rank_norms(logged.names, logged.numels, got["ranks"]) if logged.gathered else None
-        record = _record.step_record(
-            got, logged.report, step=step, since=logged.since, bytes_since=logged.bytes_since,
-            detail=logged.detail, params=params, modules=modules, ranks=rank_norms,
-        )  # fmt: skip
+        record = logged.record(got)
+        modules, params = record["modules"], record["params"]
         alerts = self.rules.check(step, {m: v["norm_pre_clip"] for m, v in modules.items()}, got["total_norm"])
         recheck = None if logged.events is None else (logged.events, got.get("recheck", []))
         alerts += self._nonfinite.alerts(
@@ -410,8 +358,7 @@ class Tracker:
         record["alerts"] = [a.to_dict() for a in alerts]
         self._raise_alerts(alerts)
         self.last_alerts = alerts
-        deltas = logged.deltas.values()["deltas"] if logged.deltas is not None else None
-        _record.complete_update_ratios(record, logged.names, deltas)
+        _record.complete_update_ratios(record, logged.names, logged.update_norms())
         record = clean(record)
         self.history.append(record)
         for writer in self._writers:
@@ -451,23 +398,7 @@ class Tracker:
         Raises:
             ValueError / TypeError: for missing or unexpected keys or bad values; the tracker is unchanged then.
         """
-        _checks.state_keys(
-            "Tracker",
-            state,
-            {
-                "step",
-                "last_logged",
-                "since",
-                "bytes",
-                "clipped",
-                "skipped",
-                "forced",
-                "armed",
-                "noise",
-                "rules",
-                "alerts",
-            },
-        )
+        _checks.state_keys("Tracker", state, _STATE_KEYS)
         _checks.non_negative_int("step", state["step"], "pass the dict from Tracker.state_dict()")
         SinceLastLog.check_state(state)
         alerts = [Alert(**a) for a in state["alerts"]]
@@ -479,38 +410,26 @@ class Tracker:
         self._nonfinite.load_state_dict(state)
 
 
-_VERSION = attrgetter("_version")
+# What state_dict holds: the tracker's own, SinceLastLog's and NonfiniteWatch's keys.
+_STATE_KEYS = set("step noise rules alerts last_logged since bytes clipped skipped forced armed".split())
 
 
-def _numels(tensors: Sequence[Tensor]) -> list[int]:
-    return list(map(Tensor.numel, tensors))
+def _check_detail_every(detail_every: int | None, every: int) -> int:
+    if detail_every is None:
+        return max(every, 10)
+    return _checks.positive_int(
+        "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
+    )
 
 
-class _Logged:
-    """A logged step between its statistics (observe) and its record (written once its host copies completed)."""
-
-    def __init__(self, **fields: Any) -> None:
-        self.deltas: _record.InFlight | None = None
-        self.__dict__.update(fields)
-
-    def done(self) -> bool:
-        return self.flight.done() and (self.deltas is None or self.deltas.done())
-
-    def wait(self) -> None:
-        self.flight.wait()
-        if self.deltas is not None:
-            self.deltas.wait()
+def _check_rules(alerts: AlertRules | None) -> AlertRules:
+    if alerts is not None and not isinstance(alerts, AlertRules):
+        raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(alerts).__name__}")
+    return alerts if alerts is not None else AlertRules()
 
 
-def _host_counts(logged: _Logged, rows: list[list[float]]) -> dict[int, tuple[int, int]]:
-    """NaN/Inf counts of the parameters whose norms the record says are non-finite, counted now,
-    if their gradients are still the step's (alive and not modified in place); one host read."""
-    bad = [i for i, row in enumerate(rows) if not (math.isfinite(row[0]) and math.isfinite(row[1]))]
-    if not bad:
-        return {}
-    refs, versions = logged.grads
-    grads = [refs[i]() for i in bad]
-    if any(g is None or g._version != versions[i] for g, i in zip(grads, bad)):
-        return {}  # gone or changed: the counts stay unknown (null in the record)
-    counted = nonfinite_counts(False, grads, grads, range(len(bad)))
-    return {bad[at]: value for at, value in counted.items()}
+def _trainable(model: nn.Module | Sequence[tuple[str, Tensor]]) -> tuple[nn.Module | None, list[str], list[Tensor]]:
+    """The module (None for ``named_parameters()`` pairs) and the names and tensors of its trainable parameters."""
+    pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
+    trainable = [(n, p) for n, p in pairs if p.requires_grad]
+    return (model if isinstance(model, nn.Module) else None), [n for n, _ in trainable], [p for _, p in trainable]

@@ -1,0 +1,99 @@
+"""Logged steps on their way to a record: the open step, then the host copies in flight, in step order.
+
+A logging step copies its statistics to the host without waiting (`record.HostRead.start`).
+It stays open until ``optimizer.step`` has run (its ||Δw|| needs the updated weights), is
+then sealed into the queue, and is handed out for writing once its copies have completed,
+oldest first: records are never reordered, and the step's path never waits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradkit.tracking import record as _record
+from gradkit.tracking.stats import host_dtype
+
+__all__ = ["Logged", "Pending", "numels"]
+
+
+def numels(tensors: Sequence[Tensor]) -> list[int]:
+    """Element counts of `tensors`."""
+    return list(map(Tensor.numel, tensors))
+
+
+class Logged:
+    """A logged step between its statistics (observe) and its record (written once its host copies completed).
+
+    Its fields are those of the step: ``step``, ``report``, ``detail``, ``flight`` (the `record.InFlight` read
+    of its statistics), ``names``, ``params``, ``numels``, ``before`` (the weights before the step, or None),
+    ``histograms``, ``grads`` (`nonfinite.GradRefs` or None), ``events`` (a re-check's hook firings, or None),
+    ``since``, ``bytes_since``, ``last_logged`` and ``gathered``.
+    """
+
+    def __init__(self, **fields: Any) -> None:
+        self.deltas: _record.InFlight | None = None
+        self.__dict__.update(fields)
+
+    def done(self) -> bool:
+        return self.flight.done() and (self.deltas is None or self.deltas.done())
+
+    def wait(self) -> None:
+        self.flight.wait()
+        if self.deltas is not None:
+            self.deltas.wait()
+
+    def record(self, got: dict[str, Any]) -> dict[str, Any]:
+        """The step's JSONL record from its read values `got` (alerts empty, update ratios not yet filled)."""
+        counts = self.grads.counts(got["table"]) if self.grads is not None else {}
+        return _record.assemble(
+            got, self.report, step=self.step, names=self.names, numels=self.numels, counts=counts, since=self.since,
+            bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered,
+        )  # fmt: skip
+
+    def update_norms(self) -> list[float] | None:
+        """The read ||Δw|| per parameter, or None when the weights were not copied."""
+        return self.deltas.values()["deltas"] if self.deltas is not None else None
+
+
+class Pending:
+    """The logged steps not yet written: at most one open (waiting for ``optimizer.step``), the rest in flight.
+
+    Example:
+        >>> pending = Pending()
+        >>> pending.open = Logged(step=1, flight=flight, before=None, ...)
+        >>> pending.seal(record.device_event)        # after optimizer.step
+        >>> for logged in pending.completed():       # polls, never waits
+        ...     write(logged)
+    """
+
+    def __init__(self) -> None:
+        self.open: Logged | None = None
+        self._queue: deque[Logged] = deque()
+
+    def seal(self, new_event: Callable[[torch.device], Any]) -> None:
+        """The open step is complete (the optimizer has stepped): start the read of its ||Δw|| and queue it."""
+        logged, self.open = self.open, None
+        if logged is None:
+            return
+        if logged.before is not None:
+            deltas = _record.update_norms(logged.params, logged.before)
+            logged.before = None
+            read = _record.HostRead(deltas.device, host_dtype(deltas.device))
+            read.add("deltas", deltas)
+            logged.deltas = read.start(new_event)
+        self._queue.append(logged)
+
+    def completed(self, *, wait: bool = False) -> Iterator[Logged]:
+        """The queued steps whose host copies have completed, oldest first, each removed as it is handed out
+        (every one, after waiting for it, if `wait`)."""
+        queue = self._queue
+        while queue and (wait or queue[0].done()):
+            logged = queue.popleft()
+            if wait:
+                logged.wait()
+            yield logged
