@@ -3,7 +3,8 @@
 A pipeline's state is its window in progress (counters, item count and partial
 gradients by parameter name) plus the states of its parts (clip stages, sync,
 scaler, tracker). Every value of the window is checked here first, so that a bad
-one raises before any part changes.
+one raises before any part changes. `save` and `load` hold the bodies of the pipeline's
+``state_dict`` and ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 from torch import Tensor
 
-from gradkit import _checks
+from gradkit import _checks, _stateful
 from gradkit.accumulation import check_num_items
 
-__all__ = ["KEYS", "SavedWindow", "check_window"]
+__all__ = ["KEYS", "SavedWindow", "check_window", "load", "save"]
 
 #: the keys of `GradientPipeline.state_dict()`
 KEYS = {"steps", "skipped_steps", "micro_steps", "items", "grads", "clip", "scaler", "average", "tracker"}
@@ -96,3 +97,44 @@ def _check_grads(grads: object, names: Sequence[str], params: Sequence[Tensor]) 
                 f"the parameter has {tuple(shapes[name])}"
             )
     return grads
+
+
+def save(pipe: Any) -> dict[str, Any]:
+    """The state of `pipe` (a `GradientPipeline`): its window in progress and its parts' states."""
+    items, pairs = pipe.window.items, zip(pipe.names, pipe.params) if pipe.window.micro_steps else ()
+    return {
+        "steps": pipe.steps,
+        "skipped_steps": pipe.skipped_steps,
+        "micro_steps": pipe.window.micro_steps,
+        "items": items.clone() if isinstance(items, Tensor) else items,
+        "grads": {n: p.grad.detach().clone() for n, p in pairs if p.grad is not None},
+        "clip": [stage.state_dict() for stage in pipe.clip],
+        "scaler": pipe.scaler.state_dict() if pipe.scaler is not None else None,
+        "average": pipe.sync.state_dict(),
+        "tracker": pipe.tracker.state_dict() if callable(getattr(pipe.tracker, "state_dict", None)) else None,
+    }
+
+
+def load(pipe: Any, state: Any) -> None:
+    """Restore `state` into `pipe` (a `GradientPipeline`), all or nothing."""
+    # Every value is checked before anything is loaded: a bad one changes nothing.
+    saved = check_window(
+        state,
+        names=pipe.names,
+        params=pipe.params,
+        clip_stages=len(pipe.clip),
+        accumulation_steps=pipe.accumulation_steps,
+    )
+    parts = list(zip(pipe.clip, state["clip"])) + [(pipe.sync, state["average"])]
+    if pipe.scaler is not None and state["scaler"] is not None:
+        parts.append((pipe.scaler, state["scaler"]))
+    if state["tracker"] is not None and callable(getattr(pipe.tracker, "load_state_dict", None)):
+        parts.append((pipe.tracker, state["tracker"]))
+    _stateful.load_all_or_nothing(parts)
+    pipe.steps, pipe.skipped_steps = saved.steps, saved.skipped_steps
+    pipe.window.micro_steps, pipe.window.items = saved.micro_steps, saved.items
+    by_name = dict(zip(pipe.names, pipe.params))
+    for p in pipe.params:
+        p.grad = None
+    for name, grad in saved.grads.items():
+        by_name[name].grad = grad.to(by_name[name]).clone()

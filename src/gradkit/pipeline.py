@@ -16,15 +16,15 @@ and the optimizer skips its own update, as under ``GradScaler``: no host sync at
 
 from __future__ import annotations
 
-import logging
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradkit import _checks, _names, _pipeline_state, _stateful
+from gradkit import _checks, _names, _pipeline_state
+from gradkit._reduction import WindowReduction
+from gradkit._skip import FLAG_SKIP_DEVICES, Skips, device_flag, read_flags
 from gradkit.accumulation import Window, check_num_items
 from gradkit.averaging import SyncControl, sync_control_for
 from gradkit.clipping.stages import ClipByGlobalNorm, ClipStage
@@ -32,11 +32,7 @@ from gradkit.context import Attached, GradContext
 from gradkit.step_report import NoiseSample, StepReport
 from gradkit.tracking.noise_scale import NoiseProbe
 
-__all__ = ["GradientPipeline", "NoiseSample", "StepReport"]
-
-_log = logging.getLogger("gradkit")
-#: device types whose fused optimizer kernels skip an update on ``found_inf`` (torch 2.x)
-FLAG_SKIP_DEVICES = ("cpu", "cuda", "xpu")
+__all__ = ["FLAG_SKIP_DEVICES", "GradientPipeline", "NoiseSample", "StepReport"]
 
 
 class GradientPipeline:
@@ -149,17 +145,11 @@ class GradientPipeline:
         )
         self.window = Window()
         self.steps = 0
-        self._skipped = 0  # counted on the host (steps skipped after the read)
-        self._skipped_on_device: Tensor | None = None  # counted on the device (sync-free steps)
         # Stages without state have no history that a non-finite step could change.
-        self._stateless_clip = all(not stage.state_dict() for stage in self.clip)
-        self._device_types = {p.device.type for p in self.params}
-        self._noted: weakref.WeakSet = weakref.WeakSet()  # optimizers whose fallback was logged
+        self.skips = Skips(self.params, stateless_clip=all(not stage.state_dict() for stage in self.clip))
         self.last: StepReport | None = None
-        # (global items or None in mean mode, scale, the window's global count for the report)
-        self._reduction: tuple[int | Tensor | None, Tensor | float, int | Tensor] | None = None
-        #: device flag of the last boundary: some rank flushed in it (read only by an empty flush)
-        self._flushed_last: Tensor | None = None
+        #: the window's global count and scale, settled before any gradient is communicated
+        self.reduction = WindowReduction(self.sync, self.params, scaler)
         self._prepare_next_micro_step()
 
     @property
@@ -168,13 +158,11 @@ class GradientPipeline:
 
         Steps skipped on the device are counted there: asking reads that count (a host
         read; do it when you log, not every step)."""
-        if self._skipped_on_device is None:
-            return self._skipped
-        return self._skipped + int(self._skipped_on_device)
+        return self.skips.count
 
     @skipped_steps.setter
     def skipped_steps(self, value: int) -> None:
-        self._skipped, self._skipped_on_device = value, None
+        self.skips.count = value
 
     # -- the loop ------------------------------------------------------------------
 
@@ -209,7 +197,7 @@ class GradientPipeline:
         if self.window.micro_steps + 1 == self.accumulation_steps:
             # The boundary backward may start communicating: settle the window's scale first.
             total = (items if self.window.items is None else self.window.items + items) if items is not None else None
-            self._begin_reduction(total, self.window.micro_steps + 1, complete=True)
+            self.reduction.begin(total, self.window.micro_steps + 1, complete=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.window.micro_steps == 0:
             self.probe.after_first_backward(items, step=self.steps + 1)
@@ -258,28 +246,9 @@ class GradientPipeline:
             >>> pipe.flush(optimizer)   # on every rank, whatever its last window holds
         """
         _check_optimizer(optimizer)
-        if self.window.micro_steps == 0 and not self._join_empty_flush():
+        if self.window.micro_steps == 0 and not self.reduction.join_empty_flush(self.window):
             return False
         return self._finish_window(optimizer)
-
-    def _join_empty_flush(self) -> bool:
-        """An empty window under several processes: take part in the other ranks' flush.
-
-        Runs the count all-reduce a flushing rank runs and reads it on the host (this
-        read is the flush path's own; stepping windows keep their one read). Returns
-        False, with nothing changed, when no rank holds a micro-batch."""
-        if self.sync.world_size == 1 or not self.sync.joins_empty_flush:
-            return False
-        if self._flushed_last is not None and bool(self._flushed_last):
-            return False  # the last boundary was already every rank's last (some rank flushed in it)
-        counts = self.sync.global_items(self._local_counts(None, 0, complete=False))
-        micro_steps, item_ranks = counts[1:3].tolist()
-        if micro_steps == 0:
-            return False
-        # The mode is the flushing ranks': zero items (or micro-steps) from this rank.
-        self.window.items = 0 if item_ranks else None
-        self._settle(counts, self.window.items, 0)
-        return True
 
     # -- the boundary --------------------------------------------------------------
 
@@ -287,9 +256,9 @@ class GradientPipeline:
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
         _check_frozen(self._frozen)
         complete = self.window.micro_steps == self.accumulation_steps
-        if self._reduction is None:  # a flushed window: its last backward was not the boundary
-            self._begin_reduction(self.window.items, self.window.micro_steps, complete=False)
-        global_items, scale, count = self._reduction
+        if self.reduction.current is None:  # a flushed window: its last backward was not the boundary
+            self.reduction.begin(self.window.items, self.window.micro_steps, complete=False)
+        global_items, scale, count = self.reduction.current
 
         # Reduce: sum over processes, times the scale that makes it the window's mean gradient.
         self.probe.before_reduction(self.window)
@@ -312,7 +281,10 @@ class GradientPipeline:
             ctx.modified()
 
         total_norm = ctx.total_norm()
-        if self._skips_on_device(optimizer):
+        skips_on_device = self.skips.on_device(
+            optimizer, nonfinite=self.nonfinite, ema=self.ema, sync=self.sync, devices=FLAG_SKIP_DEVICES
+        )
+        if skips_on_device:
             return self._finish_on_device(optimizer, ctx, total_norm, global_items, count)
 
         # Norm and skip: the step's one host read (finite? gradients no process produced?).
@@ -330,7 +302,7 @@ class GradientPipeline:
             skip = not bool(torch.isfinite(total_norm))
         ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
         if skip and self.nonfinite == "raise":
-            self._skipped += 1
+            self.skips.on_host += 1
             self._abandon_window()
             raise FloatingPointError(
                 f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
@@ -351,7 +323,7 @@ class GradientPipeline:
         # to be finite, so the optimizer is called directly: ``scaler.step`` would read the
         # scaler's own inf flag on the host a second time.
         if skip:
-            self._skipped += 1
+            self.skips.on_host += 1
         else:
             optimizer.step()
         if self.scaler is not None:
@@ -364,27 +336,6 @@ class GradientPipeline:
         self._end_window()
         return not skip
 
-    def _skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether this step can leave the skip decision to the optimizer, on the device (no host read)."""
-        fused = getattr(optimizer, "_step_supports_amp_scaling", False) and all(
-            group.get("fused") for group in optimizer.param_groups
-        )
-        if not fused or self.nonfinite != "skip" or self.ema is not None or self.sync.lossy or not self._stateless_clip:
-            return False
-        if not self._device_types <= set(FLAG_SKIP_DEVICES):
-            if optimizer not in self._noted:
-                self._noted.add(optimizer)
-                _log.warning(
-                    "gradkit: %s(fused=True) on device type %s cannot skip a step on a device flag here; "
-                    "the pipeline reads the finite flag on the host once per step instead",
-                    type(optimizer).__name__,
-                    sorted(self._device_types - set(FLAG_SKIP_DEVICES)),
-                )
-            return False
-        # An optimizer without state yet would create it on a skipped step (fused SGD: an
-        # uninitialized momentum buffer), and dropping never-produced gradients is a host decision.
-        return bool(optimizer.state) and self.sync.missing_grads() is None
-
     def _finish_on_device(
         self,
         optimizer: torch.optim.Optimizer,
@@ -394,11 +345,7 @@ class GradientPipeline:
         count: int | Tensor,
     ) -> bool:
         """The rest of the boundary with the skip decision on the device: no host read."""
-        # Every rank holds the same flag: a NaN/inf anywhere reached the summed gradients (or
-        # the sharded norm's all-reduce), and the count is the all-reduced one.
-        skip = ~torch.isfinite(total_norm)
-        if isinstance(global_items, Tensor):
-            skip = skip | (global_items.to(skip.device) <= 0)
+        skip = device_flag(total_norm, global_items)
         ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
         # Clip stages run on every step (they have no state): a non-finite gradient stays
         # non-finite, and the optimizer does not apply it. With the scale folded into the clip,
@@ -409,18 +356,9 @@ class GradientPipeline:
         self.last = self._report(total_norm, ctx.total_norm() if self.clip else total_norm, skip, count)
         if self.tracker is not None:
             self.tracker.observe(ctx, self.last)
-        # The fused kernels skip the update and undo the step count where found_inf is 1.0,
-        # as under GradScaler (which reads the same attribute); the gradients are unscaled.
-        optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf  # type: ignore[attr-defined]
+        self.skips.step_on_device(optimizer, skip)
         if self.scaler is not None:
             self.scaler.update()
-        if self._skipped_on_device is None or self._skipped_on_device.device != skip.device:
-            self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=skip.device)
-        self._skipped_on_device += skip
         # Only exact syncs get here: their after_step does not depend on the skip.
         self.sync.after_step(self.params, skipped=False, contributed=True)
         if self.tracker is not None:
@@ -428,70 +366,13 @@ class GradientPipeline:
         self._end_window()
         return True
 
-    def _begin_reduction(self, local_items: int | Tensor | None, micro_steps: int, *, complete: bool) -> None:
-        if self.sync.world_size > 1:
-            # One vector rides the count all-reduce: see `_local_counts`.
-            local = self._local_counts(local_items, micro_steps, complete=complete)
-            if local_items is not None:
-                counts = self.sync.global_items(local)
-            else:
-                # Mean mode: one divisor for every rank, the micro-steps of all ranks' windows,
-                # also when their last windows differ in length.
-                counts = self.sync.global_micro_steps(local, complete=complete)  # type: ignore[arg-type]
-            self._settle(counts, local_items, micro_steps)
-            return
-        if local_items is not None:
-            global_items = count = self.sync.global_items(local_items)
-            scale = Window.scale_for(global_items, micro_steps, self.sync.world_size)
-        else:
-            global_items, count = None, self.sync.global_micro_steps(micro_steps, complete=complete)
-            scale = 1.0 / count.to(torch.float64) if isinstance(count, Tensor) else 1.0 / count
-        self._begin(global_items, scale, count, local_items if local_items is not None else micro_steps)
-
-    def _local_counts(self, local_items: int | Tensor | None, micro_steps: int, *, complete: bool) -> Tensor:
-        """This rank's [count, micro-steps, in item mode, flushing] as an int64 device vector.
-
-        Summed over ranks it gives the window's count (items, or micro-steps in mean mode),
-        whether any rank holds a micro-batch and in which mode (what a rank with an empty
-        window joining a flush needs), and whether some rank flushed (after which an empty
-        flush has nothing left to join)."""
-        # Filled slot by slot: a Python list copied to a GPU would wait for the stream.
-        local = torch.zeros(4, dtype=torch.int64, device=self.params[0].device)
-        if local_items is not None:
-            local[0] = local_items.to(local) if isinstance(local_items, Tensor) else local_items
-            local[2] = 1
-        else:
-            local[0] = micro_steps
-        local[1] = micro_steps
-        local[3] = 0 if complete else 1
-        return local
-
-    def _settle(self, counts: Tensor, local_items: int | Tensor | None, micro_steps: int) -> None:
-        """The window's reduction from the summed `_local_counts` vector (no host read)."""
-        self._flushed_last = counts[3] > 0
-        count = counts[0]
-        global_items = count if local_items is not None else None
-        local_count = local_items if local_items is not None else micro_steps
-        self._begin(global_items, 1.0 / count.to(torch.float64), count, local_count)
-
-    def _begin(
-        self, global_items: int | Tensor | None, scale: Tensor | float, count: int | Tensor, local_count: int | Tensor
-    ) -> None:
-        loss_scale = None
-        if self.sync.lossy and self.scaler is not None and self.scaler.is_enabled():
-            # Only compression needs it. The scale as a device tensor, read without a host
-            # sync (and created on the parameters' device if this is the scaler's first use).
-            loss_scale = self.scaler.scale(torch.ones((), device=self.params[0].device))
-        self.sync.begin_reduction(local_count, scale, loss_scale)
-        self._reduction = (global_items, scale, count)
-
     def _read_boundary(
         self, ctx: GradContext, total_norm: Tensor, global_items: int | Tensor | None
     ) -> tuple[bool, bool, GradContext]:
         """(skip the step, this process had items in the window, the context without the
         gradients no process produced), from the step's one host read."""
         missing = self.sync.missing_grads()
-        finite, counted, own, unused = _read_flags(total_norm, global_items, self.window.items, missing)
+        finite, counted, own, unused = read_flags(total_norm, global_items, self.window.items, missing)
         if not counted:
             self._abandon_window()
             raise ValueError(
@@ -536,7 +417,7 @@ class GradientPipeline:
         for p in self.params:
             p.grad = None
         self.probe.reset()
-        self._reduction = None
+        self.reduction.reset()
         self.window.reset()
         self.steps += 1
         self._prepare_next_micro_step()
@@ -558,18 +439,7 @@ class GradientPipeline:
         save ``torch.get_rng_state()`` with it for a bit-identical resume.
         Residuals differ per rank: under torch.distributed every rank saves its own.
         """
-        items, pairs = self.window.items, zip(self.names, self.params) if self.window.micro_steps else ()
-        return {
-            "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
-            "micro_steps": self.window.micro_steps,
-            "items": items.clone() if isinstance(items, Tensor) else items,
-            "grads": {n: p.grad.detach().clone() for n, p in pairs if p.grad is not None},
-            "clip": [stage.state_dict() for stage in self.clip],
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "average": self.sync.state_dict(),
-            "tracker": self.tracker.state_dict() if callable(getattr(self.tracker, "state_dict", None)) else None,
-        }
+        return _pipeline_state.save(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned; all or nothing.
@@ -579,27 +449,7 @@ class GradientPipeline:
                 parameter names or shapes, or stage states that do not fit; the
                 pipeline is unchanged then.
         """
-        # Every value is checked before anything is loaded: a bad one changes nothing.
-        saved = _pipeline_state.check_window(
-            state,
-            names=self.names,
-            params=self.params,
-            clip_stages=len(self.clip),
-            accumulation_steps=self.accumulation_steps,
-        )
-        parts = list(zip(self.clip, state["clip"])) + [(self.sync, state["average"])]
-        if self.scaler is not None and state["scaler"] is not None:
-            parts.append((self.scaler, state["scaler"]))
-        if state["tracker"] is not None and callable(getattr(self.tracker, "load_state_dict", None)):
-            parts.append((self.tracker, state["tracker"]))
-        _stateful.load_all_or_nothing(parts)
-        self.steps, self.skipped_steps = saved.steps, saved.skipped_steps
-        self.window.micro_steps, self.window.items = saved.micro_steps, saved.items
-        by_name = dict(zip(self.names, self.params))
-        for p in self.params:
-            p.grad = None
-        for name, grad in saved.grads.items():
-            by_name[name].grad = grad.to(by_name[name]).clone()
+        _pipeline_state.load(self, state)
         self._prepare_next_micro_step()
 
 
@@ -621,32 +471,6 @@ def _check_parts(model: object, average: object, tracker: object, scaler: object
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     if ema is not None and not callable(getattr(ema, "update", None)):
         raise TypeError(f"ema must be gk.EMA(model, ...) or None, got {type(ema).__name__}")
-
-
-def _read_flags(
-    total_norm: Tensor,
-    global_items: int | Tensor | None,
-    local_items: int | Tensor | None,
-    missing: tuple[list[int], Tensor] | None,
-) -> tuple[bool, bool, bool, list[int]]:
-    """(the gradient is finite, the window holds items, this process had items, positions of
-    the parameters no process had a gradient for), in one host read."""
-    # The one host read of the step: the optimizer cannot skip on a device flag, and
-    # leaving a gradient None is a host decision. Tensor item counts ride along.
-    device = total_norm.device
-    flags = [torch.isfinite(total_norm).reshape(1)]
-    if isinstance(global_items, Tensor):
-        flags.append((global_items.to(device) > 0).reshape(1))
-    if isinstance(local_items, Tensor):
-        flags.append((local_items.to(device) > 0).reshape(1))
-    if missing is not None:
-        flags.append(missing[1].to(device).reshape(-1) == 0)
-    read = torch.cat(flags).tolist()
-    finite = bool(read.pop(0))
-    counted = bool(read.pop(0)) if isinstance(global_items, Tensor) else True
-    own = bool(read.pop(0)) if isinstance(local_items, Tensor) else local_items is None or local_items > 0
-    unused = [position for position, none in zip(missing[0], read) if none] if missing is not None else []
-    return finite, counted, own, unused
 
 
 def _check_frozen(frozen: Sequence[tuple[str, Tensor]]) -> None:

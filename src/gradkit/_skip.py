@@ -1,0 +1,126 @@
+"""The skip decision of a step: is the window's gradient finite and its count > 0?
+
+Made in one of two places (see `GradientPipeline`, "Skipping on the device"): on the host,
+from one read of a few flags (`read_flags`), or on the device, where a fused torch optimizer
+takes the flag as ``found_inf`` and skips its own update (`Skips.step_on_device`). `Skips`
+decides which applies to a step and counts the skipped steps of both.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["FLAG_SKIP_DEVICES", "Skips", "device_flag", "read_flags"]
+
+_log = logging.getLogger("gradkit")
+#: device types whose fused optimizer kernels skip an update on ``found_inf`` (torch 2.x)
+FLAG_SKIP_DEVICES = ("cpu", "cuda", "xpu")
+
+
+class Skips:
+    """Where a step's skip decision is made, and how many steps skipped.
+
+    Args:
+        params: the trained parameters (their device types decide whether a fused kernel can skip).
+        stateless_clip: no clip stage holds state (a non-finite step could not change its history).
+
+    Example:
+        >>> if skips.on_device(optimizer, nonfinite="skip", ema=None, sync=sync, devices=FLAG_SKIP_DEVICES):
+        ...     skips.step_on_device(optimizer, device_flag(total_norm, global_items))
+    """
+
+    def __init__(self, params: Sequence[Tensor], *, stateless_clip: bool) -> None:
+        self.stateless_clip = stateless_clip
+        self.device_types = {p.device.type for p in params}
+        self.noted: weakref.WeakSet = weakref.WeakSet()  # optimizers whose fallback was logged
+        self.on_host = 0  # counted on the host (steps skipped after the read)
+        self.counted_on_device: Tensor | None = None  # counted on the device (sync-free steps)
+
+    @property
+    def count(self) -> int:
+        """Skipped steps; reads the device count, if any, on the host."""
+        if self.counted_on_device is None:
+            return self.on_host
+        return self.on_host + int(self.counted_on_device)
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.on_host, self.counted_on_device = value, None
+
+    def on_device(
+        self, optimizer: torch.optim.Optimizer, *, nonfinite: str, ema: Any, sync: Any, devices: Sequence[str]
+    ) -> bool:
+        """Whether this step can leave the skip decision to the optimizer, on the device (no host read)."""
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False) and all(
+            group.get("fused") for group in optimizer.param_groups
+        )
+        if not fused or nonfinite != "skip" or ema is not None or sync.lossy or not self.stateless_clip:
+            return False
+        if not self.device_types <= set(devices):
+            if optimizer not in self.noted:
+                self.noted.add(optimizer)
+                _log.warning(
+                    "gradkit: %s(fused=True) on device type %s cannot skip a step on a device flag here; "
+                    "the pipeline reads the finite flag on the host once per step instead",
+                    type(optimizer).__name__,
+                    sorted(self.device_types - set(devices)),
+                )
+            return False
+        # An optimizer without state yet would create it on a skipped step (fused SGD: an
+        # uninitialized momentum buffer), and dropping never-produced gradients is a host decision.
+        return bool(optimizer.state) and sync.missing_grads() is None
+
+    def step_on_device(self, optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+        """Call the fused optimizer with the device flag `skip`, and count it (no host read)."""
+        # The fused kernels skip the update and undo the step count where found_inf is 1.0,
+        # as under GradScaler (which reads the same attribute); the gradients are unscaled.
+        optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+        if self.counted_on_device is None or self.counted_on_device.device != skip.device:
+            self.counted_on_device = torch.zeros((), dtype=torch.int64, device=skip.device)
+        self.counted_on_device += skip
+
+
+def device_flag(total_norm: Tensor, global_items: int | Tensor | None) -> Tensor:
+    """The step's skip flag as a device bool: a non-finite norm or a window count <= 0."""
+    # Every rank holds the same flag: a NaN/inf anywhere reached the summed gradients (or
+    # the sharded norm's all-reduce), and the count is the all-reduced one.
+    skip = ~torch.isfinite(total_norm)
+    if isinstance(global_items, Tensor):
+        skip = skip | (global_items.to(skip.device) <= 0)
+    return skip
+
+
+def read_flags(
+    total_norm: Tensor,
+    global_items: int | Tensor | None,
+    local_items: int | Tensor | None,
+    missing: tuple[list[int], Tensor] | None,
+) -> tuple[bool, bool, bool, list[int]]:
+    """(the gradient is finite, the window holds items, this process had items, positions of
+    the parameters no process had a gradient for), in one host read."""
+    # The one host read of the step: the optimizer cannot skip on a device flag, and
+    # leaving a gradient None is a host decision. Tensor item counts ride along.
+    device = total_norm.device
+    flags = [torch.isfinite(total_norm).reshape(1)]
+    if isinstance(global_items, Tensor):
+        flags.append((global_items.to(device) > 0).reshape(1))
+    if isinstance(local_items, Tensor):
+        flags.append((local_items.to(device) > 0).reshape(1))
+    if missing is not None:
+        flags.append(missing[1].to(device).reshape(-1) == 0)
+    read = torch.cat(flags).tolist()
+    finite = bool(read.pop(0))
+    counted = bool(read.pop(0)) if isinstance(global_items, Tensor) else True
+    own = bool(read.pop(0)) if isinstance(local_items, Tensor) else local_items is None or local_items > 0
+    unused = [position for position, none in zip(missing[0], read) if none] if missing is not None else []
+    return finite, counted, own, unused
