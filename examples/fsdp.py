@@ -1,7 +1,6 @@
 """Train an FSDP2-sharded model through gradkit; run with torchrun (CPU + gloo works):
     torchrun --nproc_per_node 2 examples/fsdp.py --steps 30
-    torchrun --nproc_per_node 2 examples/fsdp.py --reduce boundary   # one reduce-scatter per window
-"""
+    torchrun --nproc_per_node 2 examples/fsdp.py --reduce boundary   # one reduce-scatter per window"""
 
 import argparse
 
@@ -36,4 +35,5 @@ for _ in range(args.steps * 2):
         print(f"step {pipe.steps}: loss/item {loss.item() / len(x):.4f}, grad norm {pipe.last.total_norm.item():.4f}")
 checksum = sum(p.full_tensor().sum().item() for p in model.parameters())  # full parameters, and the full norm:
 print(f"rank {rank}: done, grad norm {pipe.last.total_norm.item():.6f}, parameter checksum {checksum:.6f}", flush=True)
+dist.barrier()  # every rank done with its collectives before any tears gloo down
 dist.destroy_process_group()
