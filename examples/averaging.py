@@ -32,8 +32,8 @@ for _ in range(args.steps * 2):
     if pipe.step(optimizer) and rank == 0 and pipe.steps % 10 == 0:
         with torch.no_grad():  # the held-out loss moves with the model alone, not with the batch drawn
             held = F.mse_loss(model(held_out), held_out @ teacher).item()
-        print(f"step {pipe.steps}: held-out loss {held:.4f}, "
-              f"sent {pipe.last.bytes_sent} B of {pipe.last.dense_bytes} B")
+        print(f"step {pipe.steps}: held-out loss {held:.4f}, sent {pipe.last.bytes_sent} of {pipe.last.dense_bytes} B")
 checksum = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).sum().item()
 print(f"rank {rank}: done, parameter checksum {checksum:.6f}", flush=True)
+dist.barrier()  # every rank done with its collectives before any tears gloo down
 dist.destroy_process_group()

@@ -8,6 +8,7 @@ import argparse
 import os
 
 import torch
+import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import gradkit as gk
@@ -21,8 +22,7 @@ parser.add_argument("--no-zclip", action="store_true")
 args = parser.parse_args()
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
-tokens = [torch.randint(0, 64, (16,)) for _ in range(256)]
-data = [{"input_ids": t, "labels": t} for t in tokens]
+data = [{"input_ids": t, "labels": t} for t in torch.randint(0, 64, (256, 16))]  # 256 random sequences of 16
 tracker = gk.Tracker(args.log_dir, every=5)
 callback = GradkitCallback(tracker, clip=None if args.no_zclip else gk.ZClip())
 train_args = TrainingArguments(
@@ -32,6 +32,8 @@ train_args = TrainingArguments(
 )  # fmt: skip
 trainer = Trainer(model=model, args=train_args, train_dataset=data, callbacks=[callback])
 trainer.train()
-checksum = sum(p.double().sum().item() for p in model.parameters())
-print(f"rank {trainer.args.process_index}: done, loss {trainer.state.log_history[-2]['loss']:.4f}, "
-      f"checksum {checksum:.6f}")
+checksum, loss = sum(p.double().sum().item() for p in model.parameters()), trainer.state.log_history[-2]["loss"]
+print(f"rank {trainer.args.process_index}: done, loss {loss:.4f}, checksum {checksum:.6f}")
+if dist.is_initialized():  # the Trainer leaves its group up; taken down in order, gloo exits cleanly
+    dist.barrier()
+    dist.destroy_process_group()
