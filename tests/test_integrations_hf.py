@@ -137,8 +137,9 @@ def test_bad_input_is_a_clear_error():
 def test_missing_packages_name_the_extra():
     code = (
         "import sys; sys.modules['transformers'] = None; sys.modules['lightning'] = None\n"
-        "import gradkit.integrations\n"  # the package itself needs neither
-        "for name, extra in (('huggingface', 'hf'), ('lightning', 'lightning')):\n"
+        "sys.modules['accelerate'] = None\n"
+        "import gradkit.integrations\n"  # the package itself needs none of them
+        "for name, extra in (('huggingface', 'hf'), ('lightning', 'lightning'), ('accelerate', 'accelerate')):\n"
         "    try:\n"
         "        __import__('gradkit.integrations.' + name)\n"
         "    except ImportError as e:\n"

@@ -7,18 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-try:
-    from accelerate import Accelerator
-except ImportError as error:  # the extra is optional: say which one to install
-    raise ImportError(
-        f"gradkit.integrations.accelerate needs the accelerate package ({error}); install it with: pip install "
-        "gradkit[accelerate]"
-    ) from error
-
 from torch import nn
 
 from gradkit.integrations._boundary import Boundary
+from gradkit.integrations._optional import require
 from gradkit.step_report import StepReport
+
+Accelerator = require("accelerate", "Accelerator", integration="accelerate", extra="accelerate")
 
 __all__ = ["GradkitStep"]
 

@@ -10,15 +10,10 @@ from typing import Any
 
 import torch
 
-try:
-    from transformers import TrainerCallback
-except ImportError as error:  # the extra is optional: say which one to install
-    raise ImportError(
-        f"gradkit.integrations.huggingface needs the transformers package ({error}); install it with: pip install "
-        "gradkit[hf]"
-    ) from error
-
 from gradkit.integrations._boundary import Boundary
+from gradkit.integrations._optional import require
+
+TrainerCallback = require("transformers", "TrainerCallback", integration="huggingface", extra="hf")
 
 __all__ = ["GradkitCallback"]
 

@@ -7,15 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-try:
-    from lightning.pytorch import Callback
-except ImportError as error:  # the extra is optional: say which one to install
-    raise ImportError(
-        f"gradkit.integrations.lightning needs the lightning package ({error}); install it with: pip install "
-        "gradkit[lightning]"
-    ) from error
-
 from gradkit.integrations._boundary import Boundary
+from gradkit.integrations._optional import require
+
+Callback = require("lightning.pytorch", "Callback", integration="lightning", extra="lightning")
 
 __all__ = ["GradkitCallback"]
 
