@@ -189,7 +189,9 @@ def _join_and_train(values: dict[str, Any]) -> dict[str, Any]:
         # One GPU per local rank, chosen before the group starts: NCCL binds each rank to the current device.
         device = worker_device(config.device)
         dist.init_process_group(backend_for(device), timeout=timedelta(seconds=120))
-        return train_worker(config)
+        summary = train_worker(config)
+        dist.barrier()  # every rank done with its collectives before any tears the group down
+        return summary
     except Exception as error:
         _log_failure(config, dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0")), error)
         if under_torchrun():
