@@ -83,6 +83,26 @@ def against_ddp(rank: int, compressor) -> dict:
     }
 
 
+def ddp_hook(rank: int) -> dict:
+    """DDP with gradkit's two-level hook against DDP's own all-reduce: 5 SGD steps, several buckets."""
+    ddp = DDP(
+        make_model(), bucket_cap_mb=0.002, find_unused_parameters=True
+    )  # several buckets, shards that split parameters
+    state, hook = gk.ddp_comm_hook(model=ddp, node_size=NODE)
+    ddp.register_comm_hook(state, hook)
+    reference = DDP(make_model(), bucket_cap_mb=0.002, find_unused_parameters=True)
+    opt, ref_opt = torch.optim.SGD(ddp.parameters(), lr=LR), torch.optim.SGD(reference.parameters(), lr=LR)
+    sent = []
+    for step in range(5):
+        x, y = data(rank, 400 + step, 8)
+        for model, optimizer in ((ddp, opt), (reference, ref_opt)):
+            optimizer.zero_grad()
+            (sum_loss(model, x, y) / 8).backward()
+            optimizer.step()
+        sent.append(state.bytes_sent)
+    return {"diff": max_diff(ddp.module, reference.module), "two_level": state.nodes is not None, "sent": sent}
+
+
 def uneven(rank: int, compressor) -> float:
     """Uneven item counts per rank, accumulation and a flushed last window: the full-batch mean."""
     lengths = {0: [1, 9, 4, 2, 7], 1: [13, 2, 5, 3, 1], 2: [3, 3, 8, 1, 2], 3: [6, 1, 1, 10, 4]}
@@ -188,6 +208,7 @@ def scenarios(rank: int, world: int) -> dict:
         "nan_topk": nan_skip(rank, gk.TopK(0.5)),
         "resume": resume(rank),
         "bad": bad_world(rank),
+        "hook": ddp_hook(rank),
     }
 
 
@@ -204,6 +225,21 @@ def test_hierarchical_equals_ddp_over_all_processes(outcome, kind):
         assert result["buckets"] >= 3
         assert result["diff"] < 1e-12
         assert result["never_none"] == [True] * 5  # no rank used it: None, as under DDP
+
+
+def test_two_level_ddp_hook_equals_ddp(outcome):
+    for rank in outcome:
+        result = rank["hook"]
+        assert result["two_level"]
+        assert result["diff"] < 1e-12
+        assert all(0 < sent for sent in result["sent"])  # the last bucket's shard crossed nodes
+
+
+def test_two_level_ddp_hook_refuses_a_compressor_before_any_process():
+    with pytest.raises(ValueError, match=r"node_size=2\) averages in full precision only.*gk.Average"):
+        gk.ddp_comm_hook(gk.TopK(0.1), node_size=2)
+    with pytest.raises(ValueError, match="node_size must be >= 1"):
+        gk.ddp_comm_hook(node_size=0)
 
 
 def test_cross_node_bytes_are_a_shard(outcome):

@@ -9,6 +9,10 @@ over ranks. The hook compresses with the same machinery as `gk.Average`;
 error-feedback residuals are keyed by parameter name (or, without `model=`,
 by the order in which parameters are first seen), never by bucket index, so
 they survive DDP's bucket rebuild after the first iteration.
+
+With ``node_size=L`` (dense only) each bucket is averaged in two levels, as by
+``gk.Average(node_size=L)``: reduce-scatter inside the node, all-reduce of the
+shard across nodes, all-gather inside the node.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 
 from gradkit import _names, distributed
 from gradkit.averaging import as_timeout, effective_compressor, load_compressor_state, start_reduce
+from gradkit.averaging.hierarchical import NodeGroups, check_node_size, node_size_for
 from gradkit.compression.base import Compressor
 
 __all__ = ["ddp_comm_hook", "CommHookState"]
@@ -45,6 +50,7 @@ class CommHookState:
         self._known = tuple(names.values())
         self._required = required
         self.bytes_sent = 0
+        self.nodes: NodeGroups | None = None  # set for two-level averaging (node_size=)
 
     def name_of(self, param: Tensor) -> str:
         name = self._names.get(id(param))
@@ -66,6 +72,7 @@ def ddp_comm_hook(
     model: nn.Module | None = None,
     error_feedback: bool | None = None,
     timeout: float | None = None,
+    node_size: int | None = None,
 ) -> tuple[CommHookState, Any]:
     """Build ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
 
@@ -75,6 +82,12 @@ def ddp_comm_hook(
         model: the DDP model, to key residuals by parameter name (recommended).
         error_feedback: as in `gk.Average`: biased compressors get it by default.
         timeout: seconds to wait for a collective; None uses the group's.
+        node_size: processes per node for two-level averaging, as in `gk.Average`: full precision
+            inside each node, 1/node_size of each bucket across nodes. None takes torchrun's
+            ``LOCAL_WORLD_SIZE`` when it is less than the world size (dense hooks only); 1 is flat.
+            Dense only, and without overlap: each bucket's three hops run inside the hook, so that
+            every rank issues them in one order. For compression between nodes use
+            ``gk.GradientPipeline(model, average=gk.Average(compressor, node_size=...))``.
 
     Returns:
         The state (with ``state_dict()``) and the hook.
@@ -90,6 +103,13 @@ def ddp_comm_hook(
     # Every argument is checked before the environment, so a bad value is named as such.
     effective = effective_compressor(compressor, error_feedback)
     seconds = as_timeout(timeout)
+    node_size = check_node_size(node_size)
+    if node_size is not None and node_size > 1 and effective is not None:
+        raise ValueError(
+            f"gk.ddp_comm_hook(node_size={node_size}) averages in full precision only; for "
+            f"{type(compressor).__name__} between nodes use gk.GradientPipeline(model, "
+            "average=gk.Average(compressor, node_size=...)) in place of DDP, or node_size=None for a flat hook"
+        )
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(
             "model must be the DDP-wrapped nn.Module (to name residuals by parameter) or None, got "
@@ -106,7 +126,42 @@ def ddp_comm_hook(
     names = {id(p): name for name, p in pairs}
     # DDP buckets every parameter that requires grad: each one's state is saved.
     state = CommHookState(effective, resolved, names, seconds, tuple(name for name, p in pairs if p.requires_grad))
+    if effective is None:
+        # Dense: two levels where there are several nodes (torchrun's LOCAL_WORLD_SIZE by default).
+        levels = node_size_for(node_size, resolved)
+        if levels is not None:
+            state.nodes = NodeGroups.build(levels, seconds)
+            return state, _two_level_hook
     return state, _hook
+
+
+def _two_level_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """The bucket's mean in three hops: reduce-scatter in the node, all-reduce across nodes, all-gather.
+
+    Run here, one hop after another: started from a future's callback thread, the cross-node
+    all-reduces of two buckets could reach the cross group in a different order on each rank.
+    """
+    nodes = state.nodes
+    assert nodes is not None
+    flat = bucket.buffer()
+    size = flat.numel()
+    per_shard = -(-size // nodes.node_size)
+    padded = flat.new_zeros(per_shard * nodes.node_size)  # equal shards; the padding adds zeros
+    padded[:size].copy_(flat)
+    shard = padded.new_empty(per_shard)
+    what = f"gk.ddp_comm_hook: bucket {bucket.index()}"
+    distributed.run(dist.reduce_scatter_tensor, f"{what}, reduce-scatter in the node", state.timeout, shard, padded,
+                    group=nodes.node)  # fmt: skip
+    if nodes.nodes > 1:
+        distributed.run(dist.all_reduce, f"{what}, all-reduce across nodes", state.timeout, shard, group=nodes.cross)
+    shard.div_(dist.get_world_size(state.group))
+    distributed.run(dist.all_gather_into_tensor, f"{what}, all-gather in the node", state.timeout, padded, shard,
+                    group=nodes.node)  # fmt: skip
+    flat.copy_(padded[:size])
+    state.bytes_sent = shard.numel() * shard.element_size() if nodes.nodes > 1 else 0  # across nodes
+    done: torch.futures.Future[Tensor] = torch.futures.Future()
+    done.set_result(flat)
+    return done
 
 
 def _hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
