@@ -421,6 +421,7 @@ CASES: list[Case] = [
     ctor("Average", "first_bucket_mb", positive()),
     ctor("Average", "timeout", positive(allow_none=True)),
     ctor("Average", "group", NOT_A_GROUP),
+    ctor("Average", "node_size", count(1).filter(lambda v: v is not None)),
     ctor("ModelAverager", "period", count(1)),
     ctor("ModelAverager", "warmup_steps", count(0)),
     ctor("ModelAverager", "timeout", positive(allow_none=True)),
@@ -438,6 +439,7 @@ CASES: list[Case] = [
     ctor("ddp_comm_hook", "timeout", positive(allow_none=True)),
     ctor("ddp_comm_hook", "model", st.one_of(st.integers(), st.text(max_size=3), st.just(object()))),
     ctor("ddp_comm_hook", "group", NOT_A_GROUP),
+    ctor("ddp_comm_hook", "node_size", count(1).filter(lambda v: v is not None)),
     # tracking
     ctor("Tracker", "every", count(1)),
     ctor("Tracker", "detail_every", count(1).filter(lambda v: v is not None)),
