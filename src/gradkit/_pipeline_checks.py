@@ -20,23 +20,23 @@ __all__ = ["arguments", "backward_call", "frozen", "optimizer"]
 
 def arguments(
     model: object,
-    *,
     accumulation_steps: object,
-    average: object,
     clip: object,
+    nonfinite: object,
+    average: object,
     tracker: object,
     scaler: object,
-    nonfinite: object,
     ema: object,
 ) -> tuple[int, list[ClipStage], str]:
     """(accumulation steps, clip stages as a list, the non-finite policy), checked with the other parts.
+
+    The arguments are `GradientPipeline`'s, in this order; they are checked in it too.
 
     Raises:
         TypeError / ValueError: for the first argument that does not fit, naming it and the fix.
 
     Example:
-        >>> steps, stages, nonfinite = arguments(model, accumulation_steps=4, average=None, clip=None,
-        ...                                      tracker=None, scaler=None, nonfinite="skip", ema=None)
+        >>> steps, stages, nonfinite = arguments(model, 4, gk.ClipByGlobalNorm(1.0), "skip", None, None, None, None)
     """
     steps = _checks.positive_int(
         "accumulation_steps", accumulation_steps, "pass how many micro-batches make one optimizer step, e.g. 4"

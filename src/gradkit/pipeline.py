@@ -110,14 +110,7 @@ class GradientPipeline:
         ema: Any = None,
     ) -> None:
         self.accumulation_steps, self.clip, self.nonfinite = _pipeline_checks.arguments(
-            model,
-            accumulation_steps=accumulation_steps,
-            average=average,
-            clip=clip,
-            tracker=tracker,
-            scaler=scaler,
-            nonfinite=nonfinite,
-            ema=ema,
+            model, accumulation_steps, clip, nonfinite, average, tracker, scaler, ema
         )
         self.names, self.params, self._frozen = _names.trainable(model)
         self.ema = ema
@@ -249,6 +242,7 @@ class GradientPipeline:
 
     @torch.no_grad()
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The boundary, in order; True when the optimizer was called (see `step`)."""
         _pipeline_checks.frozen(self._frozen)
         global_items, scale, count = self.reduction.settled(self.window)
 
@@ -262,13 +256,7 @@ class GradientPipeline:
             ctx.modified()
 
         # Norm and skip: a device flag the fused optimizer skips on, or the step's one host read.
-        total_norm = ctx.total_norm()
-        if self.skips.on_device(
-            optimizer, nonfinite=self.nonfinite, ema=self.ema, sync=self.sync, devices=FLAG_SKIP_DEVICES
-        ):
-            skip, contributed = device_flag(total_norm, global_items), True
-        else:
-            ctx, total_norm, skip, contributed = self._read_skip(ctx, total_norm, global_items)
+        ctx, total_norm, skip, contributed = self._norm_and_skip(optimizer, ctx, global_items)
         ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
 
         # Clip: the stages in order, on finite steps; with a device flag on every step (they have no
@@ -310,11 +298,19 @@ class GradientPipeline:
         self.sync.reduce_(self.params, scale, complete=complete)
         return self._attached.context()
 
-    def _read_skip(
-        self, ctx: GradContext, total_norm: Tensor, global_items: int | Tensor | None
-    ) -> tuple[GradContext, Tensor, bool, bool]:
-        """(the context without the gradients no process produced, the total norm, skip the step,
-        this process contributed items), from the step's one host read."""
+    def _norm_and_skip(
+        self, optimizer: torch.optim.Optimizer, ctx: GradContext, global_items: int | Tensor | None
+    ) -> tuple[GradContext, Tensor, bool | Tensor, bool]:
+        """(the context without the gradients no process produced, its total norm, the skip decision,
+        this process contributed items). The decision is a device flag when the fused optimizer can
+        skip on the device (no host read), else a host bool from the step's one read."""
+        total_norm = ctx.total_norm()
+        if self.skips.on_device(
+            optimizer, nonfinite=self.nonfinite, ema=self.ema, sync=self.sync, devices=FLAG_SKIP_DEVICES
+        ):
+            # Only exact syncs skip on the device: every gradient was produced, and their after_step
+            # does not depend on the skip.
+            return ctx, total_norm, device_flag(total_norm, global_items), True
         ctx, total_norm, skip, own = self.skips.decide_on_host(
             ctx,
             total_norm,
