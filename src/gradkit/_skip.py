@@ -125,7 +125,7 @@ class Skips:
         if not counted:
             abandon()
             raise ValueError(
-                f"the window's num_items add up to {int(global_items)} (must be > 0); "  # type: ignore[arg-type]
+                f"the window's num_items add up to {int(global_items)} (must be > 0); "
                 "pass the count of items each summed loss covers"
             )
         if unused:
