@@ -28,8 +28,8 @@ class WindowReduction:
         scaler: the pipeline's ``GradScaler`` or None (compression needs its scale).
 
     Example:
-        >>> reduction.begin(window.items, window.micro_steps, complete=True)
-        >>> global_items, scale, count = reduction.current
+        >>> reduction.begin(window.items, window.micro_steps, complete=True)  # the boundary backward
+        >>> global_items, scale, count = reduction.settled(window)
     """
 
     def __init__(self, sync: Any, params: Sequence[Tensor], scaler: Any) -> None:
@@ -44,6 +44,15 @@ class WindowReduction:
     def reset(self) -> None:
         """Forget the finished window's count."""
         self.current = None
+
+    def settled(self, window: Window) -> tuple[int | Tensor | None, Tensor | float, int | Tensor]:
+        """The window's (global items or None in mean mode, scale, count) at its boundary.
+
+        Settled by the boundary backward (`begin`), or here for a flushed window, whose
+        last backward was not the boundary."""
+        if self.current is None:
+            self.begin(window.items, window.micro_steps, complete=False)
+        return self.current  # type: ignore[return-value]
 
     def join_empty_flush(self, window: Window) -> bool:
         """An empty window under several processes: take part in the other ranks' flush.

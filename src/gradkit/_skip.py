@@ -1,20 +1,23 @@
 """The skip decision of a step: is the window's gradient finite and its count > 0?
 
 Made in one of two places (see `GradientPipeline`, "Skipping on the device"): on the host,
-from one read of a few flags (`read_flags`), or on the device, where a fused torch optimizer
-takes the flag as ``found_inf`` and skips its own update (`Skips.step_on_device`). `Skips`
-decides which applies to a step and counts the skipped steps of both.
+from one read of a few flags (`Skips.decide_on_host`, through `read_flags`), or on the device,
+where a fused torch optimizer takes the flag as ``found_inf`` and skips its own update
+(`device_flag`, `Skips.step_on_device`). `Skips` decides which applies to a step, steps the
+optimizer accordingly (`Skips.step`) and counts the skipped steps of both.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from gradkit.context import GradContext
 
 __all__ = ["FLAG_SKIP_DEVICES", "Skips", "device_flag", "read_flags"]
 
@@ -27,15 +30,20 @@ class Skips:
     """Where a step's skip decision is made, and how many steps skipped.
 
     Args:
+        names: the trained parameters' names (for the error naming a non-finite gradient).
         params: the trained parameters (their device types decide whether a fused kernel can skip).
         stateless_clip: no clip stage holds state (a non-finite step could not change its history).
 
     Example:
         >>> if skips.on_device(optimizer, nonfinite="skip", ema=None, sync=sync, devices=FLAG_SKIP_DEVICES):
-        ...     skips.step_on_device(optimizer, device_flag(total_norm, global_items))
+        ...     skip = device_flag(total_norm, global_items)
+        ... else:
+        ...     ctx, total_norm, skip, own = skips.decide_on_host(ctx, total_norm, ...)
+        >>> stepped = skips.step(optimizer, skip)
     """
 
-    def __init__(self, params: Sequence[Tensor], *, stateless_clip: bool) -> None:
+    def __init__(self, names: Sequence[str], params: Sequence[Tensor], *, stateless_clip: bool) -> None:
+        self.names, self.params = names, params
         self.stateless_clip = stateless_clip
         self.device_types = {p.device.type for p in params}
         self.noted: weakref.WeakSet = weakref.WeakSet()  # optimizers whose fallback was logged
@@ -75,6 +83,94 @@ class Skips:
         # An optimizer without state yet would create it on a skipped step (fused SGD: an
         # uninitialized momentum buffer), and dropping never-produced gradients is a host decision.
         return bool(optimizer.state) and sync.missing_grads() is None
+
+    def decide_on_host(
+        self,
+        ctx: GradContext,
+        total_norm: Tensor,
+        *,
+        global_items: int | Tensor | None,
+        local_items: int | Tensor | None,
+        missing: tuple[list[int], Tensor] | None,
+        nonfinite: str,
+        step: int,
+        abandon: Callable[[], None],
+    ) -> tuple[GradContext, Tensor, bool, bool]:
+        """The skip decision from the step's one host read (`read_flags`).
+
+        Args:
+            ctx: the step's context, the window's gradients reduced (and unscaled).
+            total_norm: its global norm.
+            global_items: the window's global item count (None in mean mode).
+            local_items: this process's item count (None in mean mode).
+            missing: the sync's ``missing_grads()``: gradients some process may not have produced.
+            nonfinite: the pipeline's policy, ``"skip"`` or ``"raise"``.
+            step: the optimizer step this boundary finishes (for the error message).
+            abandon: called before either error is raised (the pipeline drops the window).
+
+        Returns:
+            (the context without the gradients no process produced, the total norm, skip the
+            step, this process had items in the window).
+
+        Raises:
+            ValueError: when the window's item count is <= 0.
+            FloatingPointError: on a non-finite gradient with ``nonfinite="raise"`` (counted as skipped).
+
+        Example:
+            >>> ctx, total_norm, skip, own = skips.decide_on_host(
+            ...     ctx, ctx.total_norm(), global_items=None, local_items=None, missing=None, nonfinite="skip", step=1,
+            ...     abandon=pipe._abandon_window)
+        """
+        finite, counted, own, unused = read_flags(total_norm, global_items, local_items, missing)
+        if not counted:
+            abandon()
+            raise ValueError(
+                f"the window's num_items add up to {int(global_items)} (must be > 0); "
+                "pass the count of items each summed loss covers"
+            )
+        if unused:
+            # No rank produced these gradients in the window: None, as DDP leaves them (zeros
+            # would move them under weight decay). Zeros add nothing to the norm already taken.
+            for position in unused:
+                self.params[position].grad = None
+            pending = ctx.pending_factor
+            ctx = GradContext(self.names, self.params)
+            if pending is not None:
+                ctx.defer_scale(pending)
+        if not finite and ctx.pending_factor is not None:
+            # No clip will run: the tracker and the error path see the scaled gradients. The
+            # norm of the sum is taken in float32 (bf16/fp32 sums: float32's range; fp16 sums
+            # cannot overflow it), so a sum whose norm passed ~1.8e19 reads as non-finite even
+            # where the scaled gradient's would not: take the norm again, the way it was taken
+            # before the fold (a second read, on non-finite steps only).
+            ctx.materialize_()
+            ctx.modified()
+            total_norm = ctx.total_norm()
+            finite = bool(torch.isfinite(total_norm))
+        if not finite and nonfinite == "raise":
+            self.on_host += 1
+            abandon()
+            raise FloatingPointError(
+                f"non-finite gradient at step {step}, first in parameter {_first_nonfinite(ctx)!r}; "
+                'pass nonfinite="skip" to skip such steps instead'
+            )
+        return ctx, total_norm, not finite, own
+
+    def step(self, optimizer: torch.optim.Optimizer, skip: bool | Tensor) -> bool:
+        """Step the optimizer as the decision `skip` says, count a skip, and say whether it was called.
+
+        A host bool skips by not calling the optimizer; a device flag is handed to the fused
+        optimizer, which is always called and skips its own update (`step_on_device`).
+        The gradients are unscaled and their finiteness decided, so the optimizer is called
+        directly: ``scaler.step`` would read the scaler's own inf flag on the host a second time."""
+        if isinstance(skip, Tensor):
+            self.step_on_device(optimizer, skip)
+            return True
+        if skip:
+            self.on_host += 1
+            return False
+        optimizer.step()
+        return True
 
     def step_on_device(self, optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
         """Call the fused optimizer with the device flag `skip`, and count it (no host read)."""
@@ -124,3 +220,11 @@ def read_flags(
     own = bool(read.pop(0)) if isinstance(local_items, Tensor) else local_items is None or local_items > 0
     unused = [position for position, none in zip(missing[0], read) if none] if missing is not None else []
     return finite, counted, own, unused
+
+
+def _first_nonfinite(ctx: GradContext) -> str:
+    # Only on the error path: reads each gradient's finiteness on the host.
+    for name, grad in zip(ctx.names, ctx.grads):
+        if not bool(torch.isfinite(grad).all()):
+            return name
+    return "<none: the norm overflowed>"

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradkit import _checks, _names, _pipeline_state
+from gradkit import _names, _pipeline_checks, _pipeline_state
+from gradkit._pipeline_report import step_report
 from gradkit._reduction import WindowReduction
-from gradkit._skip import FLAG_SKIP_DEVICES, Skips, device_flag, read_flags
+from gradkit._skip import FLAG_SKIP_DEVICES, Skips, device_flag
 from gradkit.accumulation import Window, check_num_items
 from gradkit.averaging import SyncControl, sync_control_for
 from gradkit.clipping.stages import ClipByGlobalNorm, ClipStage
@@ -108,12 +109,9 @@ class GradientPipeline:
         nonfinite: str = "skip",
         ema: Any = None,
     ) -> None:
-        self.accumulation_steps = _checks.positive_int(
-            "accumulation_steps", accumulation_steps, "pass how many micro-batches make one optimizer step, e.g. 4"
+        self.accumulation_steps, self.clip, self.nonfinite = _pipeline_checks.arguments(
+            model, accumulation_steps, clip, nonfinite, average, tracker, scaler, ema
         )
-        self.clip = _check_stages(clip)
-        self.nonfinite = _checks.choice("nonfinite", nonfinite, ("skip", "raise"))
-        _check_parts(model, average, tracker, scaler, ema)
         self.names, self.params, self._frozen = _names.trainable(model)
         self.ema = ema
         self.tracker = tracker
@@ -146,7 +144,7 @@ class GradientPipeline:
         self.window = Window()
         self.steps = 0
         # Stages without state have no history that a non-finite step could change.
-        self.skips = Skips(self.params, stateless_clip=all(not stage.state_dict() for stage in self.clip))
+        self.skips = Skips(self.names, self.params, stateless_clip=all(not stage.state_dict() for stage in self.clip))
         self.last: StepReport | None = None
         #: the window's global count and scale, settled before any gradient is communicated
         self.reduction = WindowReduction(self.sync, self.params, scaler)
@@ -178,22 +176,12 @@ class GradientPipeline:
             ValueError / TypeError: for a bad loss or `num_items`, or for mixing
                 item and mean mode within a window; nothing changes then.
         """
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise TypeError(f"loss must be a scalar tensor, got {shape}; reduce it with .sum() or .mean() first")
-        if not loss.requires_grad:
-            raise ValueError(
-                "loss does not require grad (computed under torch.no_grad(), or from frozen parameters); "
-                "nothing to backpropagate: pass a loss computed with grad enabled from the parameters being trained"
-            )
-        if self.window.micro_steps >= self.accumulation_steps:
-            raise RuntimeError(
-                f"backward() was called {self.window.micro_steps + 1} times in a window of "
-                f"accumulation_steps={self.accumulation_steps}; call pipe.step(optimizer) after each backward()"
-            )
+        _pipeline_checks.backward_call(
+            loss, micro_steps=self.window.micro_steps, accumulation_steps=self.accumulation_steps
+        )
         items = check_num_items(num_items)
         self.window.check_mode(items)
-        _check_frozen(self._frozen)
+        _pipeline_checks.frozen(self._frozen)
         if self.window.micro_steps + 1 == self.accumulation_steps:
             # The boundary backward may start communicating: settle the window's scale first.
             total = (items if self.window.items is None else self.window.items + items) if items is not None else None
@@ -217,7 +205,7 @@ class GradientPipeline:
         Raises:
             RuntimeError: when no `backward` came since the last step.
         """
-        _check_optimizer(optimizer)
+        _pipeline_checks.optimizer(optimizer)
         if self.window.micro_steps == 0:
             raise RuntimeError("step() was called before any backward() in this window; call pipe.backward(loss) first")
         if self.window.micro_steps < self.accumulation_steps:
@@ -245,7 +233,7 @@ class GradientPipeline:
             ...     pipe.step(optimizer)
             >>> pipe.flush(optimizer)   # on every rank, whatever its last window holds
         """
-        _check_optimizer(optimizer)
+        _pipeline_checks.optimizer(optimizer)
         if self.window.micro_steps == 0 and not self.reduction.join_empty_flush(self.window):
             return False
         return self._finish_window(optimizer)
@@ -254,158 +242,87 @@ class GradientPipeline:
 
     @torch.no_grad()
     def _finish_window(self, optimizer: torch.optim.Optimizer) -> bool:
-        _check_frozen(self._frozen)
-        complete = self.window.micro_steps == self.accumulation_steps
-        if self.reduction.current is None:  # a flushed window: its last backward was not the boundary
-            self.reduction.begin(self.window.items, self.window.micro_steps, complete=False)
-        global_items, scale, count = self.reduction.current
+        """The boundary, in order; True when the optimizer was called (see `step`)."""
+        _pipeline_checks.frozen(self._frozen)
+        global_items, scale, count = self.reduction.settled(self.window)
 
         # Reduce: sum over processes, times the scale that makes it the window's mean gradient.
         self.probe.before_reduction(self.window)
-        # With a global clip first, the scale is folded into the clip's multiply: every norm below
-        # is |scale| x the norm of the sum (exactly what the scaled gradients give, up to rounding),
-        # and one pass writes scale x coefficient. A GradScaler's unscale_ must see the scaled
-        # gradients (its inf check and order), so with one enabled the scale is applied first.
-        fold = self._fold and (self.scaler is None or not self.scaler.is_enabled())
-        if fold:
-            pending = self.sync.reduce_sum_(self.params, scale, complete=complete)
-        else:
-            self.sync.reduce_(self.params, scale, complete=complete)
-        ctx = self._attached.context()
-        if fold:
-            ctx.defer_scale(pending)
+        ctx = self._reduce(scale)
 
         # Unscale: divide the AMP loss scale out, exactly once.
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
             ctx.modified()
 
-        total_norm = ctx.total_norm()
-        skips_on_device = self.skips.on_device(
-            optimizer, nonfinite=self.nonfinite, ema=self.ema, sync=self.sync, devices=FLAG_SKIP_DEVICES
-        )
-        if skips_on_device:
-            return self._finish_on_device(optimizer, ctx, total_norm, global_items, count)
-
-        # Norm and skip: the step's one host read (finite? gradients no process produced?).
-        skip, contributed, ctx = self._read_boundary(ctx, total_norm, global_items)
-        contributed = contributed and self.window.micro_steps > 0  # an empty window joined a flush
-        if skip and ctx.pending_factor is not None:
-            # No clip will run: the tracker and the error path see the scaled gradients. The
-            # norm of the sum is taken in float32 (bf16/fp32 sums: float32's range; fp16 sums
-            # cannot overflow it), so a sum whose norm passed ~1.8e19 reads as non-finite even
-            # where the scaled gradient's would not: take the norm again, the way it was taken
-            # before the fold (a second read, on non-finite steps only).
-            ctx.materialize_()
-            ctx.modified()
-            total_norm = ctx.total_norm()
-            skip = not bool(torch.isfinite(total_norm))
+        # Norm and skip: a device flag the fused optimizer skips on, or the step's one host read.
+        ctx, total_norm, skip, contributed = self._norm_and_skip(optimizer, ctx, global_items)
         ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
-        if skip and self.nonfinite == "raise":
-            self.skips.on_host += 1
-            self._abandon_window()
-            raise FloatingPointError(
-                f"non-finite gradient at step {self.steps}, first in parameter {_first_nonfinite(ctx)!r}; "
-                'pass nonfinite="skip" to skip such steps instead'
-            )
 
-        # Clip: the stages in order, on finite steps only.
-        if not skip:
-            for stage in self.clip:
-                stage.apply_(ctx)
+        # Clip: the stages in order, on finite steps; with a device flag on every step (they have no
+        # state, and a non-finite gradient stays non-finite for the optimizer to skip).
+        clipped = bool(self.clip) and (isinstance(skip, Tensor) or not skip)
+        for stage in self.clip if clipped else ():
+            stage.apply_(ctx)
 
         # Report: what happened, as tensors; the tracker sees the final gradient and the old weights.
-        self.last = self._report(total_norm, ctx.total_norm() if self.clip and not skip else total_norm, skip, count)
+        norm_after = ctx.total_norm() if clipped else total_norm
+        self.last = step_report(self, total_norm=total_norm, norm_after=norm_after, skip=skip, count=count)
         if self.tracker is not None:
             self.tracker.observe(ctx, self.last)
 
-        # Step: the optimizer, or nothing on a skipped step. The gradients are unscaled and known
-        # to be finite, so the optimizer is called directly: ``scaler.step`` would read the
-        # scaler's own inf flag on the host a second time.
-        if skip:
-            self.skips.on_host += 1
-        else:
-            optimizer.step()
+        # Step: the optimizer (which may skip on the device), or nothing on a skipped step.
+        stepped = self.skips.step(optimizer, skip)
         if self.scaler is not None:
             self.scaler.update()  # after a skip, it lowers the scale: unscale_ recorded the inf
-        self.sync.after_step(self.params, skipped=skip, contributed=contributed)
-        if self.ema is not None and not skip:
+        self.sync.after_step(self.params, skipped=not stepped, contributed=contributed)
+        if self.ema is not None and stepped:
             self.ema.update()  # after local SGD's parameter averaging, if any: the weights as the step left them
         if self.tracker is not None:
             self.tracker.after_step(ctx, self.last)
         self._end_window()
-        return not skip
+        return stepped
 
-    def _finish_on_device(
-        self,
-        optimizer: torch.optim.Optimizer,
-        ctx: GradContext,
-        total_norm: Tensor,
-        global_items: int | Tensor | None,
-        count: int | Tensor,
-    ) -> bool:
-        """The rest of the boundary with the skip decision on the device: no host read."""
-        skip = device_flag(total_norm, global_items)
-        ctx.pre_clip_norms = self.probe.pre_clip_norms(ctx)
-        # Clip stages run on every step (they have no state): a non-finite gradient stays
-        # non-finite, and the optimizer does not apply it. With the scale folded into the clip,
-        # a sum whose float32 norm overflows (~1.8e19) skips here as non-finite (no host read to
-        # take the norm again, as the other path does).
-        for stage in self.clip:
-            stage.apply_(ctx)
-        self.last = self._report(total_norm, ctx.total_norm() if self.clip else total_norm, skip, count)
-        if self.tracker is not None:
-            self.tracker.observe(ctx, self.last)
-        self.skips.step_on_device(optimizer, skip)
-        if self.scaler is not None:
-            self.scaler.update()
-        # Only exact syncs get here: their after_step does not depend on the skip.
-        self.sync.after_step(self.params, skipped=False, contributed=True)
-        if self.tracker is not None:
-            self.tracker.after_step(ctx, self.last)
-        self._end_window()
-        return True
+    def _reduce(self, scale: Tensor | float) -> GradContext:
+        """Sum the gradients over processes, times `scale`, and return them as the step's context."""
+        complete = self.window.micro_steps == self.accumulation_steps
+        # With a global clip first, the scale is folded into the clip's multiply: every norm below
+        # is |scale| x the norm of the sum (exactly what the scaled gradients give, up to rounding),
+        # and one pass writes scale x coefficient. A GradScaler's unscale_ must see the scaled
+        # gradients (its inf check and order), so with one enabled the scale is applied first.
+        if self._fold and (self.scaler is None or not self.scaler.is_enabled()):
+            pending = self.sync.reduce_sum_(self.params, scale, complete=complete)
+            ctx = self._attached.context()
+            ctx.defer_scale(pending)
+            return ctx
+        self.sync.reduce_(self.params, scale, complete=complete)
+        return self._attached.context()
 
-    def _read_boundary(
-        self, ctx: GradContext, total_norm: Tensor, global_items: int | Tensor | None
-    ) -> tuple[bool, bool, GradContext]:
-        """(skip the step, this process had items in the window, the context without the
-        gradients no process produced), from the step's one host read."""
-        missing = self.sync.missing_grads()
-        finite, counted, own, unused = read_flags(total_norm, global_items, self.window.items, missing)
-        if not counted:
-            self._abandon_window()
-            raise ValueError(
-                f"the window's num_items add up to {int(global_items)} (must be > 0); "
-                "pass the count of items each summed loss covers"
-            )
-        if unused:
-            # No rank produced these gradients in the window: None, as DDP leaves them (zeros
-            # would move them under weight decay). Zeros add nothing to the norm already taken.
-            for position in unused:
-                self.params[position].grad = None
-            pending = ctx.pending_factor
-            ctx = GradContext(self.names, self.params)
-            if pending is not None:
-                ctx.defer_scale(pending)
-        return not finite, own, ctx
-
-    def _report(self, total_norm: Tensor, norm_after: Tensor, skip: bool | Tensor, count: int | Tensor) -> StepReport:
-        # torch.full, not torch.as_tensor: a Python number copied to a GPU waits for the stream.
-        device = total_norm.device
-        items = count.to(device) if isinstance(count, Tensor) else torch.full((), count, device=device)
-        return StepReport(
+    def _norm_and_skip(
+        self, optimizer: torch.optim.Optimizer, ctx: GradContext, global_items: int | Tensor | None
+    ) -> tuple[GradContext, Tensor, bool | Tensor, bool]:
+        """(the context without the gradients no process produced, its total norm, the skip decision,
+        this process contributed items). The decision is a device flag when the fused optimizer can
+        skip on the device (no host read), else a host bool from the step's one read."""
+        total_norm = ctx.total_norm()
+        if self.skips.on_device(
+            optimizer, nonfinite=self.nonfinite, ema=self.ema, sync=self.sync, devices=FLAG_SKIP_DEVICES
+        ):
+            # Only exact syncs skip on the device: every gradient was produced, and their after_step
+            # does not depend on the skip.
+            return ctx, total_norm, device_flag(total_norm, global_items), True
+        ctx, total_norm, skip, own = self.skips.decide_on_host(
+            ctx,
+            total_norm,
+            global_items=global_items,
+            local_items=self.window.items,
+            missing=self.sync.missing_grads(),
+            nonfinite=self.nonfinite,
             step=self.steps + 1,
-            micro_steps=self.window.micro_steps,
-            items=items,
-            total_norm=total_norm,
-            norm_after=norm_after,
-            clip_coef=torch.where(total_norm > 0, norm_after / total_norm, torch.ones_like(total_norm)),
-            skipped=skip if isinstance(skip, Tensor) else torch.tensor(skip),
-            bytes_sent=self.sync.bytes_sent(),
-            dense_bytes=self.sync.dense_bytes(),
-            noise=self.probe.sample(total_norm, items),
+            abandon=self._abandon_window,
         )
+        # An empty window that joined another rank's flush contributed nothing.
+        return ctx, total_norm, skip, own and self.window.micro_steps > 0
 
     def _abandon_window(self) -> None:
         # A step that raises is a skipped step for the averager: compressor state computed
@@ -451,61 +368,3 @@ class GradientPipeline:
         """
         _pipeline_state.load(self, state)
         self._prepare_next_micro_step()
-
-
-def _check_parts(model: object, average: object, tracker: object, scaler: object, ema: object) -> None:
-    if average is not None and not isinstance(average, SyncControl):
-        raise TypeError(f"average must be gk.Average(...) or gk.ModelAverager(...), got {type(average).__name__}")
-    if average is not None and isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "the model is wrapped in DistributedDataParallel, which already averages gradients; "
-            "pass average=None to let DDP do it, or pass the unwrapped module to average with gradkit"
-        )
-    if tracker is not None and not all(callable(getattr(tracker, m, None)) for m in ("wants", "observe", "after_step")):
-        raise TypeError(
-            "tracker must have wants(step), observe(ctx, report) and after_step(ctx, report) (e.g. gk.Tracker), "
-            f"got {type(tracker).__name__}"
-        )
-    scaler_methods = ("scale", "unscale_", "step", "update")
-    if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in scaler_methods):
-        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-    if ema is not None and not callable(getattr(ema, "update", None)):
-        raise TypeError(f"ema must be gk.EMA(model, ...) or None, got {type(ema).__name__}")
-
-
-def _check_frozen(frozen: Sequence[tuple[str, Tensor]]) -> None:
-    """Refuse a parameter that was frozen when the pipeline was built and trains now: its
-    gradient would reach the optimizer unaveraged, unnormalized and never reset."""
-    for name, p in frozen:
-        if p.requires_grad:
-            raise RuntimeError(
-                f"parameter {name!r} did not require grad when the GradientPipeline was built but requires it now; "
-                "build a new GradientPipeline (and a new gk.Average) after unfreezing parameters, "
-                "or freeze it again with requires_grad_(False)"
-            )
-
-
-def _check_optimizer(optimizer: object) -> None:
-    # Checked before the boundary touches any gradient: a wrong argument changes nothing.
-    if not callable(getattr(optimizer, "step", None)) or not hasattr(optimizer, "param_groups"):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
-            "pass the optimizer of the model: pipe.step(optimizer)"
-        )
-
-
-def _check_stages(clip: object) -> list[ClipStage]:
-    stages = [] if clip is None else [clip] if isinstance(clip, ClipStage) else clip
-    if not isinstance(stages, (list, tuple)) or not all(isinstance(s, ClipStage) for s in stages):
-        raise TypeError(
-            f"clip must be a clipping stage (e.g. gk.ClipByGlobalNorm(1.0)) or a list of them, got {clip!r}"
-        )
-    return list(stages)
-
-
-def _first_nonfinite(ctx: GradContext) -> str:
-    # Only on the error path: reads each gradient's finiteness on the host.
-    for name, grad in zip(ctx.names, ctx.grads):
-        if not bool(torch.isfinite(grad).all()):
-            return name
-    return "<none: the norm overflowed>"
