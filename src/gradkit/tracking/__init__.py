@@ -4,6 +4,8 @@
 - `counters`: what the tracker counts on the device between logging steps.
 - `record`: a logged step's record, read from the device in one named host read.
 - `stats`: per-parameter statistics on the device, per-module summaries on the host.
+- `pending`: logged steps between their statistics and their record (the host copies in flight).
+- `sink`: where a logged step's record and alerts go (history, writers, the log).
 - `alerts`: `AlertRules` (vanishing, exploding, dead) and the `Alert` record.
 - `nonfinite`: the non-finite alert, and hooks that name the first module, in backward order, producing NaN/Inf.
 - `noise_scale`: the gradient noise scale B_simple (McCandlish et al. 2018), the probe that samples it

@@ -94,6 +94,13 @@ class AlertRules:
         self._state: dict[str, dict[str, float]] = {}
         self._active: set[tuple[str, str]] = set()
 
+    @staticmethod
+    def or_default(rules: AlertRules | None) -> AlertRules:
+        """`rules`, or the default rules for None; a TypeError for anything else."""
+        if rules is not None and not isinstance(rules, AlertRules):
+            raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(rules).__name__}")
+        return rules if rules is not None else AlertRules()
+
     def check(self, step: int, norms: dict[str, float], global_norm: float) -> list[Alert]:
         """Alerts for one logged step from the module norms (before clipping) and the global norm."""
         finite = [n for n in norms.values() if math.isfinite(n) and n > 0]

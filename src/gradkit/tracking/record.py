@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradkit import _dtensor, _foreach
 from gradkit import distributed as gdist
@@ -44,6 +44,7 @@ __all__ = [
     "standalone_report",
     "start_step",
     "step_record",
+    "trainable",
     "update_norms",
 ]
 
@@ -310,6 +311,13 @@ def standalone_report(ctx: GradContext, step: int, items: int | None) -> StepRep
         step=step, micro_steps=1, items=count, total_norm=total, norm_after=total, clip_coef=torch.ones_like(total),
         skipped=~torch.isfinite(total),
     )  # fmt: skip
+
+
+def trainable(model: nn.Module | Sequence[tuple[str, Tensor]]) -> tuple[nn.Module | None, list[str], list[Tensor]]:
+    """The module (None for ``named_parameters()`` pairs) and the names and tensors of its trainable parameters."""
+    pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
+    kept = [(n, p) for n, p in pairs if p.requires_grad]
+    return (model if isinstance(model, nn.Module) else None), [n for n, _ in kept], [p for _, p in kept]
 
 
 def histograms(ctx: GradContext, flight: InFlight, bins: int) -> dict[str, dict]:
