@@ -93,11 +93,11 @@ class Logged:
             self.deltas.wait()
 
     def record(self, got: dict[str, Any]) -> dict[str, Any]:
-        """The step's JSONL record from its read values `got` (alerts empty, update ratios not yet filled)."""
+        """The step's JSONL record from its read values `got` (alerts empty), strict JSON as built."""
         counts = self.grads.counts(got["table"]) if self.grads is not None else {}
         return _record.assemble(
             got, self.report, step=self.step, names=self.names, numels=self.numels, counts=counts, since=self.since,
-            bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered,
+            bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered, deltas=self.update_norms(),
         )  # fmt: skip
 
     def update_norms(self) -> list[float] | None:

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradkit.tracking import record as _record
 from gradkit.tracking.alerts import Alert, AlertRules, logger
 from gradkit.tracking.nonfinite import NonfiniteWatch
 from gradkit.tracking.pending import Logged
-from gradkit.tracking.writers import SCHEMA, clean, make_writers
+from gradkit.tracking.writers import SCHEMA, make_writers
 
 __all__ = ["RecordSink"]
 
@@ -71,8 +70,6 @@ class RecordSink:
         record["alerts"] = [a.to_dict() for a in alerts]
         self.raise_alerts(alerts)
         self.last_alerts = alerts
-        _record.complete_update_ratios(record, logged.names, logged.update_norms())
-        record = clean(record)
         self.history.append(record)
         for writer in self.writers:
             writer.write(record, logged.histograms)
