@@ -3,7 +3,10 @@
 - `tracker`: `Tracker`, the observer a `GradientPipeline` calls (or `tracker.track(model)` by hand).
 - `counters`: what the tracker counts on the device between logging steps.
 - `record`: a logged step's record, read from the device in one named host read.
-- `stats`: per-parameter statistics on the device, per-module summaries on the host.
+- `stats`: per-parameter statistics on the device.
+- `summary`: a logged step's per-parameter and per-module entries, built on the host column by column.
+- `pending`: logged steps between their statistics and their record (the host copies in flight).
+- `sink`: where a logged step's record and alerts go (history, writers, the log).
 - `alerts`: `AlertRules` (vanishing, exploding, dead) and the `Alert` record.
 - `nonfinite`: the non-finite alert, and hooks that name the first module, in backward order, producing NaN/Inf.
 - `noise_scale`: the gradient noise scale B_simple (McCandlish et al. 2018), the probe that samples it

@@ -48,6 +48,21 @@ class Alert:
         return asdict(self)
 
 
+# The alert messages; formatted (str.format) only when an alert fires.
+_DEAD = (
+    "gradient of {0!r} is exactly zero for {1} logged steps: the layer does not learn (dead units, a detached path "
+    "or a zero-initialised gate?)"
+)
+_VANISHING = (
+    "gradient norm of {0!r} is {1:.3g} (median layer {2:.3g}) for {3} logged steps: the layer barely learns "
+    "(saturating activations, depth without residuals or normalisation?)"
+)
+_EXPLODING = (
+    "gradient norm of {0!r} jumped to {1:.3g}, {2:.3g}x its running average: lower the learning rate or clip "
+    "(gk.ClipByGlobalNorm / gk.ZClip)"
+)
+
+
 class AlertRules:
     """Thresholds and per-module state of the alert rules (plain numbers).
 
@@ -94,14 +109,21 @@ class AlertRules:
         self._state: dict[str, dict[str, float]] = {}
         self._active: set[tuple[str, str]] = set()
 
-    def check(self, step: int, norms: dict[str, float], global_norm: float) -> list[Alert]:
-        """Alerts for one logged step from the module norms (before clipping) and the global norm."""
-        finite = [n for n in norms.values() if math.isfinite(n) and n > 0]
+    @staticmethod
+    def or_default(rules: AlertRules | None) -> AlertRules:
+        """`rules`, or the default rules for None; a TypeError for anything else."""
+        if rules is not None and not isinstance(rules, AlertRules):
+            raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(rules).__name__}")
+        return rules if rules is not None else AlertRules()
+
+    def check(self, step: int, norms: dict[str, float | None], global_norm: float) -> list[Alert]:
+        """Alerts for one logged step from the module norms (pre-clip; None if non-finite) and the global norm."""
+        finite = [n for n in norms.values() if n is not None and math.isfinite(n) and n > 0]
         median = statistics.median(finite) if finite else 0.0
         alerts = []
         for name, norm in list(norms.items()) + [(GLOBAL, global_norm)]:
-            if not math.isfinite(norm):
-                continue  # non-finite values are the nonfinite rule's
+            if norm is None or not math.isfinite(norm):
+                continue  # non-finite values (None in a record) are the nonfinite rule's
             state = self._state.setdefault(name, {"ema": 0.0, "seen": 0, "vanish": 0, "dead": 0})
             if name != GLOBAL:
                 dead = norm == 0.0
@@ -109,26 +131,20 @@ class AlertRules:
                 state["dead"] = state["dead"] + 1 if dead else 0
                 state["vanish"] = state["vanish"] + 1 if vanishing else 0
                 alerts += self._edge(step, "dead", name, state["dead"] >= self.patience, norm,
-                                     f"gradient of {name!r} is exactly zero for {int(state['dead'])} logged steps: "
-                                     "the layer does not learn (dead units, a detached path "
-                                     "or a zero-initialised gate?)")  # fmt: skip
+                                     _DEAD, name, int(state["dead"]))  # fmt: skip
                 alerts += self._edge(step, "vanishing", name, state["vanish"] >= self.patience, norm,
-                                     f"gradient norm of {name!r} is {norm:.3g} (median layer {median:.3g}) for "
-                                     f"{int(state['vanish'])} logged steps: the layer barely learns (saturating "
-                                     "activations, depth without residuals or normalisation?)")  # fmt: skip
+                                     _VANISHING, name, norm, median, int(state["vanish"]))  # fmt: skip
             exploding = state["seen"] >= self.warmup and norm > self.explode_factor * state["ema"] > 0
             alerts += self._edge(step, "exploding", name, exploding, norm,
-                                 f"gradient norm of {name!r} jumped to {norm:.3g}, "
-                                 f"{norm / state['ema'] if state['ema'] else math.inf:.3g}x "
-                                 "its running average: lower the learning rate or clip "
-                                 "(gk.ClipByGlobalNorm / gk.ZClip)")  # fmt: skip
+                                 _EXPLODING, name, norm, norm / state["ema"] if state["ema"] else math.inf)  # fmt: skip
             state["ema"] = (
                 norm if state["seen"] == 0 else self.explode_beta * state["ema"] + (1 - self.explode_beta) * norm
             )
             state["seen"] += 1
         return alerts
 
-    def _edge(self, step: int, kind: str, name: str, on: bool, value: float, message: str) -> list[Alert]:
+    def _edge(self, step: int, kind: str, name: str, on: bool, value: float, message: str, *args: Any) -> list[Alert]:
+        # The message is formatted only for an alert that fires: the rules run over every module each logged step.
         key = (kind, name)
         if not on:
             self._active.discard(key)
@@ -136,7 +152,7 @@ class AlertRules:
         if key in self._active:
             return []
         self._active.add(key)
-        return [Alert(step, kind, name, f"step {step}: {message}", value)]
+        return [Alert(step, kind, name, f"step {step}: " + message.format(*args), value)]
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -316,8 +316,9 @@ def nonfinite_counts(
 
 def _nonfinite(entry: dict) -> bool:
     """Whether a parameter's record says non-finite: NaN/Inf counted, or (counts unknown) a non-finite norm."""
-    if entry["nan"] is None:
-        return not (math.isfinite(entry["norm_pre_clip"]) and math.isfinite(entry["norm"]))
+    if entry["nan"] is None:  # a record's non-finite norms are None
+        pre, norm = entry["norm_pre_clip"], entry["norm"]
+        return pre is None or norm is None or not (math.isfinite(pre) and math.isfinite(norm))
     return bool(entry["nan"] or entry["inf"])
 
 

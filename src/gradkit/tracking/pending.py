@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradkit import _dtensor
+from gradkit.context import GradContext
+from gradkit.step_report import StepReport
 from gradkit.tracking import record as _record
+from gradkit.tracking.counters import SinceLastLog
+from gradkit.tracking.noise_scale import NoiseScale
+from gradkit.tracking.nonfinite import GradRefs
 from gradkit.tracking.stats import host_dtype
 
 __all__ = ["Logged", "Pending", "numels"]
@@ -39,6 +45,45 @@ class Logged:
         self.deltas: _record.InFlight | None = None
         self.__dict__.update(fields)
 
+    @classmethod
+    def start(
+        cls, ctx: GradContext, report: StepReport, *, step: int, detail: bool, counters: SinceLastLog,
+        noise: NoiseScale, gather: bool, histogram_bins: int | None, update_ratio: bool, recheck: tuple | None,
+        new_event: Callable[[torch.device], Any],
+    ) -> Logged:  # fmt: skip
+        """Start logged step `step`'s host read (no host sync) and return it, open until ``optimizer.step``.
+
+        Args:
+            ctx, report: the step's gradients and report.
+            detail: measure the detail statistics (and copy the weights for ||Δw||, if `update_ratio`).
+            counters: what was counted since the last log (read with the step).
+            noise: the noise-scale EMAs (read with the step).
+            gather: all-gather every rank's table.
+            histogram_bins: make TensorBoard histograms on a detail step (this waits), or None.
+            recheck: a re-check's hook firings and flags (`NonfiniteWatch.take_recheck`), or None.
+            new_event: marks the host copy done (`record.device_event`).
+        """
+        table = _record.param_table(ctx, report.total_norm.device, detail=detail)
+        ranks = _record.gather_tables(table) if gather else None
+        read = {"clipped": counters.clipped, "skipped_steps": counters.skipped}
+        extra = {} if recheck is None or recheck[1] is None else {"recheck": recheck[1]}
+        flight = _record.start_step(table, report, read, noise, ranks, extra=extra, new_event=new_event)
+        histograms = None
+        if detail and histogram_bins is not None and len(ctx):
+            histograms = _record.histograms(ctx, flight, histogram_bins)  # waits: TensorBoard, detail steps
+        before = None
+        if detail and update_ratio and len(ctx):
+            # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
+            before = [p.detach().clone() for p in _dtensor.locals_of(ctx.params)]
+        # Without counts on the device, a non-finite record counts NaN/Inf on the host (if the grads are unchanged).
+        grads = None if detail or ctx.sharded else GradRefs(ctx.grads)
+        return cls(
+            step=step, report=report, detail=detail, flight=flight, names=list(ctx.names), params=list(ctx.params),
+            numels=numels(ctx.grads), before=before, histograms=histograms, grads=grads,
+            events=None if recheck is None else recheck[0], since=counters.since, bytes_since=counters.bytes,
+            last_logged=counters.last_logged, gathered=ranks is not None,
+        )  # fmt: skip
+
     def done(self) -> bool:
         return self.flight.done() and (self.deltas is None or self.deltas.done())
 
@@ -48,11 +93,11 @@ class Logged:
             self.deltas.wait()
 
     def record(self, got: dict[str, Any]) -> dict[str, Any]:
-        """The step's JSONL record from its read values `got` (alerts empty, update ratios not yet filled)."""
+        """The step's JSONL record from its read values `got` (alerts empty), strict JSON as built."""
         counts = self.grads.counts(got["table"]) if self.grads is not None else {}
         return _record.assemble(
             got, self.report, step=self.step, names=self.names, numels=self.numels, counts=counts, since=self.since,
-            bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered,
+            bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered, deltas=self.update_norms(),
         )  # fmt: skip
 
     def update_norms(self) -> list[float] | None:

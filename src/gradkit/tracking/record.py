@@ -20,21 +20,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradkit import _dtensor, _foreach
 from gradkit import distributed as gdist
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import stats as _stats
+from gradkit.tracking import summary as _summary
 from gradkit.tracking.noise_scale import NoiseScale, batch_advice
-from gradkit.tracking.writers import SCHEMA
+from gradkit.tracking.writers import SCHEMA, clean
 
 __all__ = [
     "HostRead",
     "InFlight",
     "assemble",
-    "complete_update_ratios",
     "device_event",
     "gather_tables",
     "histograms",
@@ -44,6 +44,7 @@ __all__ = [
     "standalone_report",
     "start_step",
     "step_record",
+    "trainable",
     "update_norms",
 ]
 
@@ -287,16 +288,23 @@ def step_record(
 def assemble(
     got: dict[str, Any], report: StepReport, *, step: int, names: Sequence[str], numels: Sequence[int],
     counts: dict[int, tuple[int, int]], since: int, bytes_since: int, detail: bool, gathered: bool,
+    deltas: list[float] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The JSONL record of a logged step from its read values `got` (`start_step`): per-parameter and
-    per-module statistics (with host-counted NaN/Inf `counts`), the step's scalars and, if `gathered`,
-    every rank's module norms. Alerts empty, update ratios None until completed."""
-    params, modules = _stats.summarize(names, numels, got["table"], counts)
+    per-module statistics (with host-counted NaN/Inf `counts`, and ||Δw||/||w|| from the read ||Δw|| per
+    parameter `deltas`: zeros for a skipped step, None when the weights were not copied), the step's
+    scalars and, if `gathered`, every rank's module norms. Alerts empty.
+
+    The record is strict JSON as built (non-finite numbers are None), so no pass cleans it again."""
+    if got["skipped"]:
+        deltas = [0.0] * len(names)  # a skipped step does not move the weights
+    params, modules = _summary.summarize(names, numels, got["table"], counts, deltas=deltas, strict=True)
     ranks = rank_norms(names, numels, got["ranks"]) if gathered else None
-    return step_record(
+    record = step_record(
         got, report, step=step, since=since, bytes_since=bytes_since, detail=detail, params=params, modules=modules,
         ranks=ranks,
     )  # fmt: skip
+    return {key: value if key in ("params", "modules") else clean(value) for key, value in record.items()}
 
 
 def standalone_report(ctx: GradContext, step: int, items: int | None) -> StepReport:
@@ -312,11 +320,18 @@ def standalone_report(ctx: GradContext, step: int, items: int | None) -> StepRep
     )  # fmt: skip
 
 
+def trainable(model: nn.Module | Sequence[tuple[str, Tensor]]) -> tuple[nn.Module | None, list[str], list[Tensor]]:
+    """The module (None for ``named_parameters()`` pairs) and the names and tensors of its trainable parameters."""
+    pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
+    kept = [(n, p) for n, p in pairs if p.requires_grad]
+    return (model if isinstance(model, nn.Module) else None), [n for n, _ in kept], [p for _, p in kept]
+
+
 def histograms(ctx: GradContext, flight: InFlight, bins: int) -> dict[str, dict]:
     """TensorBoard histograms of the step's gradients per module. Their ranges are host values: this waits
     for the step's read (`flight`)."""
     flight.wait()
-    _, modules = _stats.summarize(ctx.names, list(map(Tensor.numel, ctx.grads)), flight.values()["table"], {})
+    _, modules = _summary.summarize(ctx.names, list(map(Tensor.numel, ctx.grads)), flight.values()["table"], {})
     return _stats.histograms(ctx.names, _dtensor.locals_of(ctx.grads), modules, bins)
 
 
@@ -354,7 +369,9 @@ def rank_norms(names: Sequence[str], numels: Sequence[int], tables: list[list[li
     """Per rank, module -> pre-clip gradient norm, from the gathered tables."""
     if not names:
         return []
-    return [{m: v["norm_pre_clip"] for m, v in _stats.summarize(names, numels, rows, {})[1].items()} for rows in tables]
+    return [
+        {m: v["norm_pre_clip"] for m, v in _summary.summarize(names, numels, rows, {})[1].items()} for rows in tables
+    ]
 
 
 def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
@@ -369,24 +386,3 @@ def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
     if _dtensor.any_dtensor(params):  # norms of the full updates, from the shards'
         deltas = _dtensor.reduce_sums(deltas.double().square(), params).sqrt()
     return deltas
-
-
-def complete_update_ratios(record: dict[str, Any], names: Sequence[str], deltas: list[float] | None) -> None:
-    """Fill ||Δw||/||w|| into `record` from the read ||Δw|| per parameter (`update_norms`); zeros
-    for a skipped step, nothing when the weights were not copied."""
-    if record["global"]["skipped"]:
-        values = [0.0] * len(names)  # a skipped step does not move the weights
-    elif deltas is not None:
-        values = deltas
-    else:
-        return
-    params, modules = record["params"], record["modules"]
-    sums: dict[str, float] = {}
-    for name, delta in zip(names, values):
-        entry = params[name]
-        entry["update_to_weight"] = delta / entry["weight_norm"] if entry["weight_norm"] > 0 else None
-        module = name.rpartition(".")[0] or _stats.ROOT
-        sums[module] = sums.get(module, 0.0) + delta * delta
-    for module, sq in sums.items():
-        entry = modules[module]
-        entry["update_to_weight"] = math.sqrt(sq) / entry["weight_norm"] if entry["weight_norm"] > 0 else None

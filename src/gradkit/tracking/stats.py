@@ -18,7 +18,7 @@ from torch import Tensor
 
 from gradkit import _foreach
 
-__all__ = ["module_of", "COLUMNS", "param_stats", "host_dtype", "nonfinite_counts", "summarize", "histograms"]
+__all__ = ["module_of", "COLUMNS", "param_stats", "host_dtype", "nonfinite_counts", "histograms"]
 
 ROOT = "(root)"
 
@@ -204,77 +204,6 @@ def nonfinite_counts(grads: Sequence[Tensor], indices: Sequence[int]) -> dict[in
         [torch.stack([torch.isnan(grads[i]).sum(), torch.isinf(grads[i]).sum()]).to(device) for i in indices]
     )
     return {i: (int(nan), int(inf)) for i, (nan, inf) in zip(indices, counts.tolist())}
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den > 0 and math.isfinite(num) and math.isfinite(den) else None
-
-
-def summarize(
-    names: Sequence[str], numels: Sequence[int], rows: Sequence[Sequence[float]], counts: dict[int, tuple[int, int]]
-) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Per-parameter and per-module statistics as plain dicts (host side).
-
-    Module values combine their parameters: L2 norms as the root of the summed
-    squares, max |g| as the max, counts as sums, RMS and the zero fraction over
-    all of the module's elements. NaN/Inf counts come from the rows (detail steps),
-    else from `counts`, else they are 0 for a parameter with finite norms and None
-    (unknown) for one without.
-
-    Returns:
-        (params, modules): name -> {norm_pre_clip, norm, max_abs, rms, zero_frac,
-        nan, inf, numel, weight_norm, grad_to_weight}.
-
-    Example:
-        >>> params, modules = summarize(["0.weight"], [4], [[1.0, 1.0, 0.5, 4, 2.0, 0, 0]], {})
-        >>> modules["0"]["norm"]
-        1.0
-    """
-    params: dict[str, dict] = {}
-    sums: dict[str, list] = {}
-    isnan, isfinite = math.isnan, math.isfinite
-    for i, (name, numel, row) in enumerate(zip(names, numels, rows)):
-        pre, norm, max_abs, nonzero, weight, nan, inf = row
-        if isnan(nan):
-            nan, inf = counts.get(i, (0, 0) if isfinite(pre) and isfinite(norm) else (None, None))
-        else:
-            nan, inf = int(nan), int(inf)
-        pre_sq, sq, w_sq = pre * pre, norm * norm, weight * weight
-        params[name] = _entry(pre_sq, sq, max_abs, numel, numel - nonzero, nan, inf, w_sq)
-        module = name.rpartition(".")[0] or ROOT
-        acc = sums.get(module)
-        if acc is None:
-            sums[module] = [pre_sq, sq, max_abs, numel, numel - nonzero, nan, inf, w_sq]
-            continue
-        acc[0] += pre_sq
-        acc[1] += sq
-        acc[2] = max_abs if isnan(max_abs) or isnan(acc[2]) else max(acc[2], max_abs)
-        acc[3] += numel
-        acc[4] += numel - nonzero
-        acc[5] = None if acc[5] is None or nan is None else acc[5] + nan
-        acc[6] = None if acc[6] is None or inf is None else acc[6] + inf
-        acc[7] += w_sq
-    modules = {name: _entry(*a) for name, a in sums.items()}
-    return params, modules
-
-
-def _entry(
-    pre_sq: float, sq: float, max_abs: float, numel: int, zeros: float, nan: int | None, inf: int | None, w_sq: float
-) -> dict:
-    norm, weight = math.sqrt(sq), math.sqrt(w_sq)
-    return {
-        "norm_pre_clip": math.sqrt(pre_sq),
-        "norm": norm,
-        "max_abs": max_abs,
-        "rms": norm / math.sqrt(numel) if numel else 0.0,
-        "zero_frac": zeros / numel if numel else 0.0,
-        "nan": nan,
-        "inf": inf,
-        "numel": int(numel),
-        "weight_norm": weight,
-        "grad_to_weight": _ratio(norm, weight),
-        "update_to_weight": None,
-    }
 
 
 def histograms(names: Sequence[str], grads: Sequence[Tensor], modules: dict[str, dict], bins: int) -> dict[str, dict]:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradkit import _checks, _dtensor
+from gradkit import _checks
 from gradkit._stateful import load_all_or_nothing
 from gradkit._version import __version__
 from gradkit.clipping import ClipByGlobalNorm
@@ -25,12 +25,13 @@ from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import record as _record
 from gradkit.tracking import stats as _stats
-from gradkit.tracking.alerts import Alert, AlertRules, logger
+from gradkit.tracking.alerts import Alert, AlertRules
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.noise_scale import NoiseScale
-from gradkit.tracking.nonfinite import GradRefs, NonfiniteLocator, NonfiniteWatch
-from gradkit.tracking.pending import Logged, Pending, numels
-from gradkit.tracking.writers import SCHEMA, check_log_dir, check_meta, check_writers, clean, make_writers
+from gradkit.tracking.nonfinite import NonfiniteLocator, NonfiniteWatch
+from gradkit.tracking.pending import Logged, Pending
+from gradkit.tracking.sink import RecordSink
+from gradkit.tracking.writers import SCHEMA, check_log_dir, check_meta, check_writers
 
 __all__ = ["Tracker"]
 
@@ -123,9 +124,15 @@ class Tracker:
         meta: dict[str, Any] | None = None,
     ) -> None:
         self.every = _checks.positive_int("every", every, "log every N-th optimizer step, e.g. every=10")
-        self.detail_every = _check_detail_every(detail_every, self.every)
+        self.detail_every = (
+            max(self.every, 10)
+            if detail_every is None
+            else _checks.positive_int(
+                "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
+            )
+        )
         self.writer_names = check_writers(writers)
-        self.rules = _check_rules(alerts)
+        self.rules = AlertRules.or_default(alerts)
         self.noise = NoiseScale(noise_beta)
         self.update_ratio = _checks.flag(
             "update_ratio", update_ratio, "pass False to skip the weight copy on logging steps"
@@ -136,23 +143,36 @@ class Tracker:
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.writes = self.rank == 0
         self.log_dir = check_log_dir(log_dir) if self.writes else None
-        self._writers = make_writers(self.writer_names, self.log_dir) if self.writes else []
-        #: one dict per logged step (the JSONL record), for notebooks
-        self.history: list[dict[str, Any]] = []
-        #: every alert so far, oldest first
-        self.alerts: list[Alert] = []
-        #: the alerts of the latest logged step
-        self.last_alerts: list[Alert] = []
+        self._nonfinite = NonfiniteWatch()
+        # The writers, history and alerts; ranks that only join sharded reductions write nothing and stay quiet.
+        self._sink = RecordSink(
+            self.writer_names if self.writes else (), self.log_dir, self.rules, self._nonfinite,
+            loud=self.writes or self.gather,
+        )  # fmt: skip
         #: the last optimizer step observed
         self.step = 0
         self._names: list[str] | None = None
         self._params: list[Tensor] = []
-        self._nonfinite = NonfiniteWatch()
         self._counters = SinceLastLog()
         self._pending = Pending()  # logged steps waiting for after_step (||Δw||) or for their host copies
         # How the host read of a logging step is marked done: an event recorded on the device.
         # A test may swap in an event that completes later (the CPU's completes at once).
         self._new_event: Callable[[torch.device], Any] = _record.device_event
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per logged step (the JSONL record), for notebooks."""
+        return self._sink.history
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first."""
+        return self._sink.alerts
+
+    @property
+    def last_alerts(self) -> list[Alert]:
+        """The alerts of the latest logged step."""
+        return self._sink.last_alerts
 
     @property
     def _locator(self) -> NonfiniteLocator | None:
@@ -172,7 +192,7 @@ class Tracker:
         modules = list(dict.fromkeys(_stats.module_of(n) for n in self._names))
         header = {"type": "run", "schema": SCHEMA, "version": __version__, "time": time.time(),
                   "every": self.every, "params": self._names, "modules": modules, "meta": self.meta}  # fmt: skip
-        self._write_to_files(header)
+        self._sink.header(header)
 
     def wants(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based) is a logging step.
@@ -246,7 +266,7 @@ class Tracker:
             >>> loss.backward(); tracker.track(model); optimizer.step(); tracker.after_step()
         """
         if model is not None:
-            module, names, params = _trainable(model)
+            module, names, params = _record.trainable(model)
             if self._names is None:
                 self.attach(module, names, params)
             elif names != self._names:
@@ -289,16 +309,13 @@ class Tracker:
         alert = self._nonfinite.replay(closure, self._params, self.step)
         if alert is None:
             return None
-        self._raise_alerts([alert])
-        self._write_to_files({"type": "alert", "schema": SCHEMA, **alert.to_dict()})
+        self._sink.alert(alert)
         return alert.name
 
     def close(self) -> None:
         """Write every logged step still waiting (for its update ratio or its host copy), and close the writers."""
         self.flush()
-        for writer in self._writers:
-            writer.close()
-        self._writers = []
+        self._sink.close()
 
     def __enter__(self) -> Tracker:
         return self
@@ -315,25 +332,10 @@ class Tracker:
             self.noise.update(report.noise)
         # Full statistics (NaN/Inf counts included) on detail steps, and on a re-checked non-finite step.
         detail = step == 1 or step % self.detail_every == 0 or forced
-        table = _record.param_table(ctx, report.total_norm.device, detail=detail)
-        ranks = _record.gather_tables(table) if self.gather else None
-        counters = {"clipped": self._counters.clipped, "skipped_steps": self._counters.skipped}
-        extra = {} if recheck is None or recheck[1] is None else {"recheck": recheck[1]}
-        flight = _record.start_step(table, report, counters, self.noise, ranks, extra=extra, new_event=self._new_event)
-        histograms = None
-        if detail and self._writers and "tensorboard" in self.writer_names and len(ctx):
-            histograms = _record.histograms(ctx, flight, self.histogram_bins)  # waits: TensorBoard, detail steps
-        before = None
-        if detail and self.update_ratio and len(ctx):
-            # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
-            before = [p.detach().clone() for p in _dtensor.locals_of(ctx.params)]
-        # Without counts on the device, a non-finite record counts NaN/Inf on the host (if the grads are unchanged).
-        grads = None if detail or ctx.sharded else GradRefs(ctx.grads)
-        self._pending.open = Logged(
-            step=step, report=report, detail=detail, flight=flight, names=list(ctx.names), params=list(ctx.params),
-            numels=numels(ctx.grads), before=before, histograms=histograms, grads=grads,
-            events=None if recheck is None else recheck[0], since=self._counters.since,
-            bytes_since=self._counters.bytes, last_logged=self._counters.last_logged, gathered=ranks is not None,
+        self._pending.open = Logged.start(
+            ctx, report, step=step, detail=detail, counters=self._counters, noise=self.noise, gather=self.gather,
+            histogram_bins=self.histogram_bins if self._sink.has_tensorboard() else None,
+            update_ratio=self.update_ratio, recheck=recheck, new_event=self._new_event,
         )  # fmt: skip
         self._counters.reset(step)
 
@@ -342,38 +344,7 @@ class Tracker:
         completed, oldest first (all of them, waiting, if `wait`)."""
         self._pending.seal(self._new_event)
         for logged in self._pending.completed(wait=wait):
-            self._write(logged)
-
-    def _write(self, logged: Logged) -> None:
-        """Assemble the record of a logged step from its host values, raise its alerts, write it."""
-        got, step = logged.flight.values(), logged.step
-        record = logged.record(got)
-        modules, params = record["modules"], record["params"]
-        alerts = self.rules.check(step, {m: v["norm_pre_clip"] for m, v in modules.items()}, got["total_norm"])
-        recheck = None if logged.events is None else (logged.events, got.get("recheck", []))
-        alerts += self._nonfinite.alerts(
-            step, logged.names, params, skipped_since=int(got["skipped_steps"]), last_logged=logged.last_logged,
-            recheck=recheck, next_step=self.step + 1,
-        )  # fmt: skip
-        record["alerts"] = [a.to_dict() for a in alerts]
-        self._raise_alerts(alerts)
-        self.last_alerts = alerts
-        _record.complete_update_ratios(record, logged.names, logged.update_norms())
-        record = clean(record)
-        self.history.append(record)
-        for writer in self._writers:
-            writer.write(record, logged.histograms)
-
-    def _raise_alerts(self, alerts: list[Alert]) -> None:
-        for alert in alerts:
-            if self.writes or self.gather:  # ranks that only join sharded reductions stay quiet
-                logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
-        self.alerts.extend(alerts)
-
-    def _write_to_files(self, entry: dict[str, Any]) -> None:
-        for writer in self._writers:
-            if hasattr(writer, "path"):  # the file writers: TensorBoard takes step records only
-                writer.write(entry)
+            self._sink.write(logged, next_step=self.step + 1)
 
     # -- state -------------------------------------------------------------------------
 
@@ -389,7 +360,7 @@ class Tracker:
             **self._nonfinite.state_dict(),
             "noise": self.noise.state_dict(),
             "rules": self.rules.state_dict(),
-            "alerts": [a.to_dict() for a in self.alerts],
+            "alerts": [a.to_dict() for a in self._sink.alerts],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -406,30 +377,9 @@ class Tracker:
         load_all_or_nothing([(self.noise, state["noise"]), (self.rules, state["rules"])])
         self.step = int(state["step"])
         self._counters.load_state_dict(state)
-        self.alerts = alerts
+        self._sink.alerts = alerts
         self._nonfinite.load_state_dict(state)
 
 
 # What state_dict holds: the tracker's own, SinceLastLog's and NonfiniteWatch's keys.
 _STATE_KEYS = set("step noise rules alerts last_logged since bytes clipped skipped forced armed".split())
-
-
-def _check_detail_every(detail_every: int | None, every: int) -> int:
-    if detail_every is None:
-        return max(every, 10)
-    return _checks.positive_int(
-        "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
-    )
-
-
-def _check_rules(alerts: AlertRules | None) -> AlertRules:
-    if alerts is not None and not isinstance(alerts, AlertRules):
-        raise TypeError(f"alerts must be gradkit.tracking.AlertRules(...) or None, got {type(alerts).__name__}")
-    return alerts if alerts is not None else AlertRules()
-
-
-def _trainable(model: nn.Module | Sequence[tuple[str, Tensor]]) -> tuple[nn.Module | None, list[str], list[Tensor]]:
-    """The module (None for ``named_parameters()`` pairs) and the names and tensors of its trainable parameters."""
-    pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
-    trainable = [(n, p) for n, p in pairs if p.requires_grad]
-    return (model if isinstance(model, nn.Module) else None), [n for n, _ in trainable], [p for _, p in trainable]

@@ -1,0 +1,103 @@
+"""Where a logged step ends: its alerts decided, its record kept in memory and written, the alerts logged.
+
+A `Tracker` hands each logged step to its `RecordSink` once the step's host copies have
+completed (`pending.Pending.completed`). The sink turns the read values into the step's
+record, runs the alert rules and the non-finite watch on it, fills in the update ratios,
+appends the record to `history` and passes it to every writer. The run header and the
+alerts of a replay (`Tracker.locate_nonfinite`) go to the file writers through it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradkit.tracking.alerts import Alert, AlertRules, logger
+from gradkit.tracking.nonfinite import NonfiniteWatch
+from gradkit.tracking.pending import Logged
+from gradkit.tracking.writers import SCHEMA, make_writers
+
+__all__ = ["RecordSink"]
+
+
+class RecordSink:
+    """The writers, the in-memory `history` and `alerts`, and the rules that decide a step's alerts.
+
+    Args:
+        writer_names: validated writer names (`writers.check_writers`).
+        log_dir: where the writers write, or None (history in memory only).
+        rules: the alert rules (their state lives on across steps).
+        nonfinite: the tracker's non-finite watch (it arms the re-check a non-finite step asks for).
+        loud: log alerts at WARNING (False on ranks that only join sharded reductions).
+
+    Example:
+        >>> sink = RecordSink(("jsonl",), Path("runs/a"), AlertRules(), NonfiniteWatch(), loud=True)
+        >>> sink.header({"type": "run", ...})
+        >>> sink.write(logged, next_step=8)        # a logged step whose host copies completed
+        >>> sink.history[-1]["step"], sink.last_alerts
+    """
+
+    def __init__(
+        self,
+        writer_names: Sequence[str],
+        log_dir: Path | None,
+        rules: AlertRules,
+        nonfinite: NonfiniteWatch,
+        *,
+        loud: bool,
+    ) -> None:
+        self.writers = make_writers(writer_names, log_dir)
+        self.rules, self.nonfinite, self.loud = rules, nonfinite, loud
+        self.history: list[dict[str, Any]] = []
+        self.alerts: list[Alert] = []
+        self.last_alerts: list[Alert] = []
+
+    def write(self, logged: Logged, *, next_step: int) -> None:
+        """Assemble the record of a logged step from its host values, raise its alerts, keep and write it.
+
+        `next_step` is the first step whose backward has not run yet: the one a non-finite step re-checks.
+        """
+        got, step = logged.flight.values(), logged.step
+        record = logged.record(got)
+        modules, params = record["modules"], record["params"]
+        alerts = self.rules.check(step, {m: v["norm_pre_clip"] for m, v in modules.items()}, got["total_norm"])
+        recheck = None if logged.events is None else (logged.events, got.get("recheck", []))
+        alerts += self.nonfinite.alerts(
+            step, logged.names, params, skipped_since=int(got["skipped_steps"]), last_logged=logged.last_logged,
+            recheck=recheck, next_step=next_step,
+        )  # fmt: skip
+        record["alerts"] = [a.to_dict() for a in alerts]
+        self.raise_alerts(alerts)
+        self.last_alerts = alerts
+        self.history.append(record)
+        for writer in self.writers:
+            writer.write(record, logged.histograms)
+
+    def alert(self, alert: Alert) -> None:
+        """An alert found outside a logged step (a replay): logged, kept, and written to the file writers."""
+        self.raise_alerts([alert])
+        self.header({"type": "alert", "schema": SCHEMA, **alert.to_dict()})
+
+    def raise_alerts(self, alerts: list[Alert]) -> None:
+        """Log `alerts` at WARNING (if loud) and keep them in `alerts`."""
+        for alert in alerts:
+            if self.loud:
+                logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
+        self.alerts.extend(alerts)
+
+    def header(self, entry: dict[str, Any]) -> None:
+        """Write a non-step entry (the run header, a replay's alert) to the file writers."""
+        for writer in self.writers:
+            if hasattr(writer, "path"):  # the file writers: TensorBoard takes step records only
+                writer.write(entry)
+
+    def has_tensorboard(self) -> bool:
+        """Whether a TensorBoard writer is open (histograms are then made on detail steps)."""
+        return any(not hasattr(writer, "path") for writer in self.writers)
+
+    def close(self) -> None:
+        """Close every writer (records written later go to history only)."""
+        for writer in self.writers:
+            writer.close()
+        self.writers = []

@@ -1,0 +1,62 @@
+"""The host-side entries of a logged step (tracking/summary.py): module sums, counts, update ratios, strict JSON."""
+
+import json
+import math
+
+import pytest
+
+from gradkit.tracking.summary import KEYS, summarize
+from gradkit.tracking.writers import STAT_FIELDS, clean
+
+NAMES = ["a.weight", "a.bias", "b.weight", "top"]
+NUMELS = [6, 2, 4, 3]
+NAN, INF = math.nan, math.inf
+
+
+def rows(detail=True):
+    # columns: norm_pre_clip, norm, max_abs, nonzero, weight_norm, nan, inf
+    table = [[3.0, 1.5, 2.0, 5, 4.0, 0, 0], [4.0, 2.0, 3.0, 2, 0.0, 0, 0], [0.0, 0.0, 0.0, 0, 2.0, 0, 0],
+             [1.0, 0.5, 0.7, 3, 1.0, 0, 0]]  # fmt: skip
+    if not detail:
+        table = [r[:2] + [NAN] * 5 for r in table]
+    return table
+
+
+def test_modules_combine_their_parameters():
+    params, modules = summarize(NAMES, NUMELS, rows(), {}, deltas=[0.3, 0.4, 0.0, 0.1])
+    assert list(params) == NAMES and list(modules) == ["a", "b", "(root)"]
+    assert set(params["a.weight"]) == set(KEYS) == set(STAT_FIELDS)
+    a = modules["a"]
+    assert a["norm_pre_clip"] == pytest.approx(5.0) and a["norm"] == pytest.approx(2.5)
+    assert a["max_abs"] == 3.0 and a["numel"] == 8 and a["zero_frac"] == pytest.approx(1 / 8)
+    assert a["rms"] == pytest.approx(2.5 / math.sqrt(8)) and a["weight_norm"] == pytest.approx(4.0)
+    assert a["update_to_weight"] == pytest.approx(0.5 / 4.0) and a["grad_to_weight"] == pytest.approx(2.5 / 4.0)
+    assert params["a.bias"]["update_to_weight"] is None and params["a.bias"]["grad_to_weight"] is None  # ||w|| = 0
+    assert modules["b"]["zero_frac"] == 1.0 and modules["b"]["nan"] == 0 and isinstance(modules["b"]["nan"], int)
+
+
+def test_counts_unknown_without_device_counts_and_non_finite_norms():
+    table = rows(detail=False)
+    table[1][0] = NAN
+    params, modules = summarize(NAMES, NUMELS, table, {})
+    assert params["a.weight"]["nan"] == 0 and params["a.bias"]["nan"] is None and modules["a"]["nan"] is None
+    params, modules = summarize(NAMES, NUMELS, table, {1: (2, 1)})  # counted on the host
+    assert params["a.bias"]["nan"] == 2 and modules["a"]["inf"] == 1
+
+
+@pytest.mark.parametrize("detail", [True, False])
+@pytest.mark.parametrize("bad", [None, (0, 0, NAN), (1, 2, INF), (3, 4, 1e308)])
+def test_strict_entries_equal_the_cleaned_ones_and_are_strict_json(detail, bad):
+    table = rows(detail)
+    if bad is not None:
+        row, column, value = bad
+        table[row][column] = value
+    deltas = [0.3, INF, 0.0, 0.1]
+    loose = summarize(NAMES, NUMELS, table, {}, deltas=deltas)
+    strict = summarize(NAMES, NUMELS, table, {}, deltas=deltas, strict=True)
+    assert list(strict) == clean(loose)
+    json.dumps(strict, allow_nan=False)  # raises on NaN/Infinity
+
+
+def test_no_parameters():
+    assert summarize([], [], [], {}) == ({}, {})
