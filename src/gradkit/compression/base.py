@@ -153,7 +153,7 @@ class Compressor(Stateful):
         addend.zero_()
         return self.compress(into)
 
-    def compress_residual_(self, tensor: Tensor) -> Payload:
+    def compress_residual_(self, tensor: Tensor, *, sum_of: tuple[Tensor, Tensor] | None = None) -> Payload:
         """Compress `tensor` and leave in it, in place, what was not sent (error feedback's residual).
 
         Equals ``payload = compress(tensor)`` then ``residual_(tensor, payload)``, which is what this
@@ -161,11 +161,16 @@ class Compressor(Stateful):
         taken out while the pass that finds them has them in cache).
 
         Args:
-            tensor: a floating tensor, changed in place.
+            tensor: a contiguous floating tensor, changed in place.
+            sum_of: two tensors of tensor's size whose sum is written into `tensor` first (its
+                old values are not read; either may be `tensor` itself), so that forming the
+                sum joins the same pass.
 
         Returns:
-            The payload of `tensor` as it was.
+            The payload of `tensor` as it was (after the sum, if any).
         """
+        if sum_of is not None:
+            torch.add(sum_of[0].view_as(tensor), sum_of[1].view_as(tensor), out=tensor)
         payload = self.compress(tensor)
         self.residual_(tensor, payload)
         return payload

@@ -98,13 +98,12 @@ class ErrorFeedback(Compressor):
         if commit and residual.dtype == flat.dtype and residual.device == flat.device:
             # In place: the residual becomes tensor + residual, is compressed (payloads never
             # alias their input), and keeps what was not sent. One buffer, one dense pass.
-            residual.add_(flat)
-            payload = self.compressor.compress_residual_(residual)
+            payload = self.compressor.compress_residual_(residual, sum_of=(residual, flat))
         else:
             # The sum in the tensor's dtype (also under a narrower residual), in a new buffer:
             # the old residual must survive until commit() or discard().
-            corrected = torch.add(flat, residual, out=torch.empty_like(flat))
-            payload = self.compressor.compress_residual_(corrected)
+            corrected = torch.empty_like(flat)
+            payload = self.compressor.compress_residual_(corrected, sum_of=(flat, residual))
             if commit:
                 residual.copy_(corrected)
             else:

@@ -130,15 +130,26 @@ class TopK(_Sparsifier):
             return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
         return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape)
 
-    def compress_residual_(self, tensor: Tensor) -> Payload:
-        """`Compressor.compress_residual_`, fused on a CPU: the sent entries leave `tensor` in the
-        pass that finds them, while they are in cache (no scattered write after the pass)."""
+    def compress_residual_(self, tensor: Tensor, *, sum_of: tuple[Tensor, Tensor] | None = None) -> Payload:
+        """`Compressor.compress_residual_`, fused on a CPU: the sum is formed, and the sent entries
+        leave `tensor`, in the pass that selects them, a chunk at a time while it is in cache."""
         tensor = self._check_input(tensor)
         if not self._sampled(tensor.numel()) or not tensor.is_contiguous():
-            return super().compress_residual_(tensor)
+            return super().compress_residual_(tensor, sum_of=sum_of)
         flat = tensor.view(-1)
-        threshold = sampled_threshold(flat, count_for(self.density, flat.numel()), self._target)
-        return self._select(flat, threshold, tensor.shape, residual=True)
+        n = flat.numel()
+        k = count_for(self.density, n)
+        if sum_of is None:
+            return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape, residual=True)
+        first, second = (part.reshape(-1) for part in sum_of)
+        drawn = sample_positions(n, k, self._target, flat.device)
+        sample = torch.add(first.index_select(0, drawn), second.index_select(0, drawn), out=flat.new_empty(drawn.shape))
+        threshold = threshold_of_sample(sample, n, k, self._target)
+
+        def add(start: int, end: int) -> None:
+            torch.add(first[start:end], second[start:end], out=flat[start:end])
+
+        return self._select(flat, threshold, tensor.shape, prepare=add, residual=True)
 
     def compress_sum_(self, into: Tensor, addend: Tensor, scale: Tensor) -> Payload:
         """`Compressor.compress_sum_`, fused on the sampled paths: the threshold comes from a
