@@ -153,6 +153,51 @@ class Compressor(Stateful):
         addend.zero_()
         return self.compress(into)
 
+    def compress_residual_(self, tensor: Tensor, *, sum_of: tuple[Tensor, Tensor] | None = None) -> Payload:
+        """Compress `tensor` and leave in it, in place, what was not sent (error feedback's residual).
+
+        Equals ``payload = compress(tensor)`` then ``residual_(tensor, payload)``, which is what this
+        default does; a compressor may fuse the two (`TopK` does, on a CPU: the sent entries are
+        taken out while the pass that finds them has them in cache).
+
+        Args:
+            tensor: a contiguous floating tensor, changed in place.
+            sum_of: two tensors of tensor's size whose sum is written into `tensor` first (its
+                old values are not read; either may be `tensor` itself), so that forming the
+                sum joins the same pass.
+
+        Returns:
+            The payload of `tensor` as it was (after the sum, if any).
+        """
+        if sum_of is not None:
+            torch.add(sum_of[0].view_as(tensor), sum_of[1].view_as(tensor), out=tensor)
+        payload = self.compress(tensor)
+        self.residual_(tensor, payload)
+        return payload
+
+    def absorb_sum_(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor) -> Payload:
+        """`compress_sum_`, then `into` keeps what was not sent; where `keep` is False nothing is sent.
+
+        Error feedback's whole one-process step on a residual `into`: ``into += addend * scale``,
+        ``addend`` zeroed, the new `into` compressed, its sent part taken out of it. With `keep`
+        False (a skipped step; the caller passes ``scale == 0``) the payload's values are zeros
+        and `into` is left as it was. This default is `compress_sum_`, a multiply and
+        `residual_`; `TopK` does it in one pass on a CPU.
+
+        Args:
+            into: a 1-d tensor (the residual); addend: one of its size, dtype and device.
+            scale: a 0-d tensor in their dtype; keep: a 0-d bool tensor (no host read).
+
+        Returns:
+            The payload of the new `into`, its values times `keep`.
+        """
+        payload = self.compress_sum_(into, addend, scale)
+        for part in payload.tensors:
+            if part.is_floating_point():
+                part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
+        self.residual_(into, payload)
+        return payload
+
     def payload_for(self, tensors: list[Tensor], like: Payload) -> Payload:
         """A payload with other wire tensors (e.g. the sum over ranks) and `like`'s local facts."""
         return Payload(tensors, like.shape, like.dtype, like.owner, dict(like.meta))

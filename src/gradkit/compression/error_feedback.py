@@ -98,15 +98,12 @@ class ErrorFeedback(Compressor):
         if commit and residual.dtype == flat.dtype and residual.device == flat.device:
             # In place: the residual becomes tensor + residual, is compressed (payloads never
             # alias their input), and keeps what was not sent. One buffer, one dense pass.
-            residual.add_(flat)
-            payload = self.compressor.compress(residual)
-            self.compressor.residual_(residual, payload)
+            payload = self.compressor.compress_residual_(residual, sum_of=(residual, flat))
         else:
             # The sum in the tensor's dtype (also under a narrower residual), in a new buffer:
             # the old residual must survive until commit() or discard().
-            corrected = torch.add(flat, residual, out=torch.empty_like(flat))
-            payload = self.compressor.compress(corrected)
-            self.compressor.residual_(corrected, payload)
+            corrected = torch.empty_like(flat)
+            payload = self.compressor.compress_residual_(corrected, sum_of=(flat, residual))
             if commit:
                 residual.copy_(corrected)
             else:
@@ -146,17 +143,16 @@ class ErrorFeedback(Compressor):
         residual = self._residuals.get(layout, torch.empty(0, dtype=dtype, device=flat.device))["residual"]
         scale = torch.where(keep, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
         if residual.dtype == flat.dtype and residual.device == flat.device:
-            payload = self.compressor.compress_sum_(residual, flat, scale)
-            target = residual
+            # One call: add, select, and keep the rest (one pass on a CPU for TopK).
+            payload = self.compressor.absorb_sum_(residual, flat, scale, keep)
         else:
             # A narrower residual: the sum is formed in the tensor's dtype, in the tensor itself.
             target = flat.nan_to_num_(0.0, 0.0, 0.0).mul_(scale).add_(residual)
             payload = self.compressor.compress(target)
-        for part in payload.tensors:
-            if part.is_floating_point():
-                part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
-        self.compressor.residual_(target, payload)
-        if target is flat:
+            for part in payload.tensors:
+                if part.is_floating_point():
+                    part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
+            self.compressor.residual_(target, payload)
             residual.copy_(flat)
             flat.zero_()
         payload.shape = tensor.shape

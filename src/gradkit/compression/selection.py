@@ -11,18 +11,19 @@ value: the same code runs on CPU and CUDA.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "add_then_positions_at_least",
     "exactly_k_of",
     "positions_at_least",
     "positions_at_least_device",
     "sample_positions",
     "sampled_threshold",
     "select_exactly_k",
+    "select_in_chunks",
     "threshold_of_sample",
 ]
 
@@ -34,10 +35,14 @@ MIN_SAMPLE = 16384
 # lands below k only 3.7 standard deviations (of 6%) under its aim, above 2·k never in practice.
 EXACT_K_TARGET = 1.3
 EXACT_K_CAPACITY = 2.0
+# Devices whose sparsifiers select with `select_in_chunks` (a chunk loop driven from Python);
+# the others take one `positions_at_least_device` pass (a GPU runs it without waiting for the host).
+CHUNKED_DEVICES = ("cpu",)
 _CHUNK = 1 << 20  # entries per step of the CPU mask: a 4 MiB scratch for float32
-# Entries per step of the fused add-and-mark loop: its chunks of both tensors stay in cache
-# between the add and the comparison (measured: 2**16 to 2**18 alike; fewer steps, less Python).
-_FUSED_CHUNK = 1 << 17
+# Entries per step of `select_in_chunks`: a chunk stays in cache from the add to the gather of
+# its selected values (measured on 5 x 4M entries: 2**16 44 ms, 2**17 37 ms, 2**18 32 ms; each
+# step is ~15 small calls, so fewer steps cost less Python).
+_SELECT_CHUNK = 1 << 18
 
 
 def sampled_threshold(flat: Tensor, k: int, target: float) -> Tensor:
@@ -52,7 +57,8 @@ def sampled_threshold(flat: Tensor, k: int, target: float) -> Tensor:
     """
     n = flat.numel()
     drawn = sample_positions(n, k, target, flat.device)
-    return threshold_of_sample(flat[drawn], n, k, target)
+    # index_select, not flat[drawn]: advanced indexing took twice as long for these scattered reads.
+    return threshold_of_sample(flat.index_select(0, drawn), n, k, target)
 
 
 def sample_positions(n: int, k: int, target: float, device: torch.device) -> Tensor:
@@ -90,56 +96,78 @@ def positions_at_least(flat: Tensor, threshold: Tensor, capacity: int) -> Tensor
     for start in range(0, n, _CHUNK):
         part = flat[start : start + _CHUNK]
         torch.ge(torch.abs(part, out=scratch[: part.numel()]), threshold, out=mask[start : start + part.numel()])
-    return _positions_of_marks(mask, capacity)
+    found = _positions_of_marks(mask, capacity)
+    return torch.nn.functional.pad(found, (0, capacity - found.numel()), value=-1)
 
 
 def _positions_of_marks(mask: Tensor, capacity: int) -> Tensor:
-    """The first `capacity` positions where `mask` (a bool tensor padded to whole 8-byte words) is
-    True, padded with -1."""
+    """The first `capacity` positions (int64, ascending, no padding) where `mask`, a bool tensor
+    padded to whole 8-byte words, is True."""
     # nonzero() over the 8-byte words first, then over the bytes of the words holding a True:
     # at top-k densities about half the time of mask.nonzero() (a CPU has no host sync to avoid).
     words = mask.view(torch.int64)
     hit = words.nonzero().view(-1)
-    within = words[hit].view(torch.bool).nonzero().view(-1)
-    found = (hit[within >> 3] * 8 + (within & 7))[:capacity]
-    return torch.nn.functional.pad(found, (0, capacity - found.numel()), value=-1)
+    within = words.index_select(0, hit).view(torch.bool).nonzero().view(-1)
+    return (hit.index_select(0, within >> 3) * 8 + (within & 7))[:capacity]
 
 
-def add_then_positions_at_least(
-    into: Tensor, addend: Tensor, scale: Tensor, threshold: Tensor, capacity: int
-) -> Tensor:
-    """``into += nan_to_num(addend) * scale`` and ``addend.zero_()``, then `positions_at_least(into, ...)`.
+def select_in_chunks(
+    flat: Tensor,
+    threshold: Tensor,
+    capacity: int,
+    *,
+    prepare: Callable[[int, int], None] | None = None,
+    take: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The first `capacity` entries of a CPU tensor with |x| >= threshold (or NaN): positions and values.
 
-    One pass over both tensors on a CPU: each chunk is added, zeroed and compared while it
-    is in cache, where separate calls stream `into` from memory three times. The comparison
-    is ``trunc(x / threshold) != 0`` (exactly ``|x| >= threshold``, see
-    `positions_at_least_device`) cast to bool, several times faster on a CPU than ``ge``'s
-    bool output; so NaN in `into` is selected, as on the device path (callers drop it).
-    Other devices take `positions_at_least` after full-size adds.
+    One pass, a chunk at a time, so that each chunk is read from memory once: `prepare`
+    writes it (e.g. adds the gradient into the residual), it is compared with the threshold,
+    its selected positions are found and their values gathered while it is in cache, and
+    `take` may change them there (e.g. remove what is sent from the residual). The same
+    gathers and writes after a whole pass miss the cache at every selected entry (measured:
+    each as long as a dense pass over the tensor). The comparison is ``trunc(x / threshold)
+    != 0`` (exactly ``|x| >= threshold``, see `positions_at_least_device`), several times
+    faster on a CPU than ``ge``'s bool output; so NaN is selected, as on the device path:
+    callers drop it from what they send.
 
     Args:
-        into, addend: 1-d tensors of one size, dtype and device (`into` is the residual, `addend`
-            the gradient it takes in; non-finite entries of `addend` count as 0).
-        scale: a 0-d tensor in their dtype; threshold: a 0-d tensor; capacity: positions returned.
+        flat: a contiguous 1-d CPU tensor (written in place by `prepare` and `take` only).
+        threshold: a 0-d tensor; capacity: at most this many entries are returned.
+        prepare: ``prepare(start, end)`` fills or updates ``flat[start:end]`` before it is read.
+        take: ``take(chunk, local, values)``: the chunk (a view of flat), the chunk's selected
+            positions and their values, called for every chunk that selects any.
 
     Returns:
-        int64 positions, the first `capacity` (by position), padded with -1.
+        (positions, values): int64 positions in ascending order and flat's values there,
+        at most `capacity` of each (host-side sizes: a CPU has no device to wait for).
     """
-    if into.device.type != "cpu":
-        into.addcmul_(addend.nan_to_num_(0.0, 0.0, 0.0), scale)
-        addend.zero_()
-        return positions_at_least(into, threshold, capacity)
-    n = into.numel()
-    mask = torch.empty(-(-n // 8) * 8, dtype=torch.bool)
-    mask[n:] = False
-    scratch = torch.empty(min(_FUSED_CHUNK, n), dtype=into.dtype)
-    for start in range(0, n, _FUSED_CHUNK):
-        end = min(n, start + _FUSED_CHUNK)
-        part, taken = into[start:end], addend[start:end]
-        part.addcmul_(taken.nan_to_num_(0.0, 0.0, 0.0), scale)
-        taken.zero_()
-        mask[start:end].copy_(torch.div(part, threshold, rounding_mode="trunc", out=scratch[: end - start]))
-    return _positions_of_marks(mask, capacity)
+    n = flat.numel()
+    step = min(_SELECT_CHUNK, n)
+    marks = torch.empty(-(-step // 8) * 8, dtype=torch.bool)  # whole 8-byte words, for _positions_of_marks
+    scratch = torch.empty(step, dtype=flat.dtype)
+    positions, values, room = [], [], capacity
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        if prepare is not None:
+            prepare(start, end)
+        if room == 0:
+            continue  # full: the rest is only prepared
+        part, size = flat[start:end], end - start
+        marks[size:] = False  # the last chunk's tail, and the padding to a whole word
+        marks[:size].copy_(torch.div(part, threshold, rounding_mode="trunc", out=scratch[:size]))
+        local = _positions_of_marks(marks, room)
+        if local.numel() == 0:
+            continue
+        room -= local.numel()
+        found = part.index_select(0, local)
+        if take is not None:
+            take(part, local, found)
+        positions.append(local + start)
+        values.append(found)
+    if not positions:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=flat.dtype)
+    return torch.cat(positions), torch.cat(values)
 
 
 def positions_at_least_device(flat: Tensor, threshold: Tensor, capacity: int) -> Tensor:

@@ -13,23 +13,25 @@ payload has a fixed size too. The selection itself lives in `selection`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradkit import _checks
+from gradkit.compression import selection
 from gradkit.compression.base import Compressor, Payload, check_density, check_value_dtype, count_for, index_dtype
 from gradkit.compression.selection import (
     EXACT_K_TARGET,
     MIN_SAMPLE,
-    add_then_positions_at_least,
     exactly_k_capacity,
     exactly_k_of,
     positions_at_least,
     sample_positions,
     sampled_threshold,
     select_exactly_k,
+    select_in_chunks,
     threshold_of_sample,
 )
 
@@ -123,15 +125,143 @@ class TopK(_Sparsifier):
         tensor = self._check_input(tensor)
         flat = tensor.reshape(-1)
         k = count_for(self.density, flat.numel())
-        if self.exact or k == flat.numel() or flat.numel() <= MIN_SAMPLE:
+        if not self._sampled(flat.numel()):
             indices = torch.topk(flat.abs(), k, sorted=False).indices
             return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
+        return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape)
+
+    def compress_residual_(self, tensor: Tensor, *, sum_of: tuple[Tensor, Tensor] | None = None) -> Payload:
+        """`Compressor.compress_residual_`, fused on a CPU: the sum is formed, and the sent entries
+        leave `tensor`, in the pass that selects them, a chunk at a time while it is in cache."""
+        tensor = self._check_input(tensor)
+        if not self._sampled(tensor.numel()) or not tensor.is_contiguous():
+            return super().compress_residual_(tensor, sum_of=sum_of)
+        flat = tensor.view(-1)
+        n = flat.numel()
+        k = count_for(self.density, n)
+        if sum_of is None:
+            return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape, residual=True)
+        first, second = (part.reshape(-1) for part in sum_of)
+        drawn = sample_positions(n, k, self._target, flat.device)
+        sample = torch.add(first.index_select(0, drawn), second.index_select(0, drawn), out=flat.new_empty(drawn.shape))
+        threshold = threshold_of_sample(sample, n, k, self._target)
+
+        def add(start: int, end: int) -> None:
+            torch.add(first[start:end], second[start:end], out=flat[start:end])
+
+        return self._select(flat, threshold, tensor.shape, prepare=add, residual=True)
+
+    def compress_sum_(self, into: Tensor, addend: Tensor, scale: Tensor) -> Payload:
+        """`Compressor.compress_sum_`, fused on the sampled paths: the threshold comes from a
+        sample of the sum (read at the sampled positions of both tensors), then one pass adds,
+        zeroes the addend and selects (`select_in_chunks` on a CPU).
+        The entries chosen are those `compress` chooses on the sum, with the same random draw."""
+        if not self._sampled(into.numel()):
+            return super().compress_sum_(into, addend, scale)
+        return self._select_sum(into, addend, scale, None)
+
+    def absorb_sum_(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor) -> Payload:
+        """`Compressor.absorb_sum_` in one pass on a CPU: add, zero the addend, select, gather the
+        values and take them out of `into`, a chunk at a time (`select_in_chunks`)."""
+        if not self._sampled(into.numel()):
+            return super().absorb_sum_(into, addend, scale, keep)
+        return self._select_sum(into, addend, scale, keep)
+
+    @property
+    def _target(self) -> float:
+        return EXACT_K_TARGET if self.exactly_k else _TARGET
+
+    def _sampled(self, n: int) -> bool:
+        """Whether the sampled threshold selects (else `torch.topk` does)."""
+        return not (self.exact or count_for(self.density, n) == n or n <= MIN_SAMPLE)
+
+    def _select_sum(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor | None) -> Payload:
+        n = into.numel()
+        k = count_for(self.density, n)
+        drawn = sample_positions(n, k, self._target, into.device)
+        sample = into.index_select(0, drawn) + addend.index_select(0, drawn).nan_to_num(0.0, 0.0, 0.0) * scale
+        threshold = threshold_of_sample(sample, n, k, self._target)
+
+        def add(start: int, end: int) -> None:
+            taken = addend[start:end]
+            into[start:end].addcmul_(taken.nan_to_num_(0.0, 0.0, 0.0), scale)
+            taken.zero_()
+
+        return self._select(into, threshold, into.shape, prepare=add, keep=keep, residual=keep is not None)
+
+    def _select(
+        self,
+        flat: Tensor,
+        threshold: Tensor,
+        shape: torch.Size,
+        *,
+        prepare: Callable[[int, int], None] | None = None,
+        keep: Tensor | None = None,
+        residual: bool = False,
+    ) -> Payload:
+        """The payload of the entries of `flat` at or above `threshold` (after ``prepare(0, n)``);
+        values times `keep` if given; with `residual`, what is sent is taken out of `flat`."""
+        n = flat.numel()
+        k = count_for(self.density, n)
+        capacity = exactly_k_capacity(n, k) if self.exactly_k else min(n, math.ceil(_CAPACITY * k))
+        if flat.device.type not in selection.CHUNKED_DEVICES:
+            if prepare is not None:
+                prepare(0, n)
+            candidates = positions_at_least(flat, threshold, capacity)
+            if self.exactly_k:
+                indices, valid = exactly_k_of(flat, candidates, k)
+                payload = sparse_payload(self, flat, indices, valid, shape, self.value_dtype)
+            else:
+                payload = self._payload_of(flat, candidates, shape)
+            return self._kept(flat, payload, keep, residual)
+        take = None
+        if residual and not self.exactly_k:
+
+            def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
+                sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
+                # found - found * 1 is exactly 0: what is sent leaves nothing behind.
+                chunk.index_put_((local,), found - (sent if keep is None else sent * keep))
+
+        positions, values = select_in_chunks(flat, threshold, capacity, prepare=prepare, take=take)
         if self.exactly_k:
-            indices, valid = select_exactly_k(flat, k)
-            return sparse_payload(self, flat, indices, valid, tensor.shape, self.value_dtype)
-        threshold = sampled_threshold(flat, k, _TARGET)
-        capacity = min(flat.numel(), math.ceil(_CAPACITY * k))
-        return self._payload_of(flat, positions_at_least(flat, threshold, capacity), tensor.shape)
+            payload = self._exactly_k_payload(positions, values, k, n, shape)
+            return self._kept(flat, payload, keep, residual)
+        payload = self._padded_payload(positions, values, capacity, n, shape)
+        return self._kept(flat, payload, keep, False)
+
+    def _kept(self, flat: Tensor, payload: Payload, keep: Tensor | None, residual: bool) -> Payload:
+        """`payload` with its values times `keep`; with `residual`, taken out of `flat`."""
+        if keep is not None:
+            payload.tensors[1].mul_(keep)
+        if residual:
+            self.residual_(flat, payload)
+        return payload
+
+    def _padded_payload(self, positions: Tensor, values: Tensor, capacity: int, n: int, shape) -> Payload:
+        """`capacity` slots from `select_in_chunks`'s entries; NaN and unused slots are padding."""
+        count = positions.numel()
+        valid = torch.zeros(capacity, dtype=torch.bool)
+        ok = valid[:count]
+        torch.logical_not(values.isnan(), out=ok)
+        indices = torch.zeros(capacity, dtype=index_dtype(n))
+        indices[:count] = positions * ok
+        sent = torch.zeros(capacity, dtype=self.value_dtype or values.dtype)
+        sent[:count] = torch.where(ok, values, torch.zeros((), dtype=values.dtype))
+        return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid})
+
+    def _exactly_k_payload(self, positions: Tensor, values: Tensor, k: int, n: int, shape) -> Payload:
+        """The k largest of `select_in_chunks`'s candidates (`exactly_k_of` on gathered values)."""
+        short = k - positions.numel()
+        if short > 0:  # fewer candidates than slots: padding, whose magnitude -1 loses to any entry
+            positions = torch.nn.functional.pad(positions, (0, short))
+            values = torch.nn.functional.pad(values, (0, short), value=math.nan)
+        magnitudes = values.abs().nan_to_num_(nan=-1.0, posinf=math.inf)
+        kept, top = torch.topk(magnitudes, k, sorted=False)
+        valid = kept >= 0
+        indices = (positions.index_select(0, top) * valid).to(index_dtype(n))
+        sent = torch.where(valid, values.index_select(0, top), torch.zeros((), dtype=values.dtype))
+        sent = sent.to(self.value_dtype) if self.value_dtype is not None else sent
+        return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid})
 
     def _payload_of(self, flat: Tensor, indices: Tensor, shape: torch.Size) -> Payload:
         # The device path of positions_at_least selects NaN: never send it (-1 reads the last entry).
@@ -148,25 +278,6 @@ class TopK(_Sparsifier):
             self,
             {"valid": valid},
         )
-
-    def compress_sum_(self, into: Tensor, addend: Tensor, scale: Tensor) -> Payload:
-        """`Compressor.compress_sum_`, fused on the sampled paths: the threshold comes from a
-        sample of the sum (read at the sampled positions of both tensors), then one pass adds,
-        zeroes the addend and marks the entries above it (`add_then_positions_at_least`).
-        The entries chosen are those `compress` chooses on the sum, with the same random draw."""
-        n = into.numel()
-        k = count_for(self.density, n)
-        if self.exact or k == n or n <= MIN_SAMPLE:
-            return super().compress_sum_(into, addend, scale)
-        target = EXACT_K_TARGET if self.exactly_k else _TARGET
-        drawn = sample_positions(n, k, target, into.device)
-        threshold = threshold_of_sample(into[drawn] + addend[drawn].nan_to_num(0.0, 0.0, 0.0) * scale, n, k, target)
-        capacity = exactly_k_capacity(n, k) if self.exactly_k else min(n, math.ceil(_CAPACITY * k))
-        candidates = add_then_positions_at_least(into, addend, scale, threshold, capacity)
-        if self.exactly_k:
-            indices, valid = exactly_k_of(into, candidates, k)
-            return sparse_payload(self, into, indices, valid, into.shape, self.value_dtype)
-        return self._payload_of(into, candidates, into.shape)
 
 
 class RandomK(Compressor):

@@ -1,0 +1,130 @@
+"""The CPU's one-pass selection (`select_in_chunks`) and the fused compressor calls built on it.
+
+Each fused call is checked against the plain composition it replaces: the same random draw
+must choose the same entries, send the same values and leave the same residual.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import gradkit as gk
+from compression_cases import F64
+from gradkit.compression import selection
+from gradkit.compression.base import Compressor
+
+N = 700_003  # above the sampled path's minimum, over two 2**18-entry chunks and a short last one
+TOPKS = {
+    "fast": lambda: gk.TopK(0.01),
+    "fp16_values": lambda: gk.TopK(0.01, value_dtype=torch.float16),
+    "exactly_k": lambda: gk.TopK(0.01, exactly_k=True),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 2**19 + 13),  # across 2**18-entry chunks and 8-entry words
+    threshold=st.floats(0.01, 4.0),
+    capacity_share=st.floats(0.001, 1.0),
+    nans=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+@example(n=7, threshold=0.1, capacity_share=1.0, nans=0, seed=0)
+@example(n=2**18 + 1, threshold=3.0, capacity_share=0.5, nans=2, seed=1)
+def test_select_in_chunks_matches_the_plain_mask_and_gathers_the_values(n, threshold, capacity_share, nans, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    x[torch.randint(n, (nans,), generator=g)] = float("nan")
+    cut = torch.tensor(threshold)
+    capacity = max(1, round(capacity_share * n))
+    expected = ((x.abs() >= cut) | x.isnan()).nonzero().view(-1)[:capacity]  # NaN is selected, as on a GPU
+    positions, values = selection.select_in_chunks(x, cut, capacity)
+    assert torch.equal(positions, expected)
+    torch.testing.assert_close(values, x[expected], rtol=0, atol=0, equal_nan=True)
+
+
+def test_select_in_chunks_prepares_every_chunk_and_takes_only_what_it_returns():
+    x = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    addend = torch.randn(N, generator=torch.Generator().manual_seed(4))
+    into = x.clone()
+    capacity = 900  # full within the first chunk: the later ones are still prepared
+
+    def prepare(start, end):
+        into[start:end] += addend[start:end]
+
+    def take(chunk, local, found):
+        chunk.index_fill_(0, local, 0.0)
+
+    positions, values = selection.select_in_chunks(into, torch.tensor(2.5), capacity, prepare=prepare, take=take)
+    total = x + addend
+    expected = (total.abs() >= 2.5).nonzero().view(-1)[:capacity]
+    assert torch.equal(positions, expected) and torch.equal(values, total[expected])
+    total[expected] = 0.0
+    assert torch.equal(into, total)
+
+
+@pytest.mark.parametrize("name", list(TOPKS))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fused_compress_residual_equals_compress_then_residual(name, dtype):
+    x = torch.randn(N, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    fused, plain = x.clone(), x.clone()
+    torch.manual_seed(0)
+    got = TOPKS[name]().compress_residual_(fused)
+    torch.manual_seed(0)
+    compressor = TOPKS[name]()
+    expected = Compressor.compress_residual_(compressor, plain)
+    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
+    assert torch.equal(fused, plain)
+    assert int(got.meta["valid"].sum()) >= 0.99 * round(0.01 * N)
+
+
+@pytest.mark.parametrize("name", list(TOPKS))
+def test_fused_compress_residual_of_a_sum_equals_it_on_the_sum(name):
+    a = torch.randn(N, generator=torch.Generator().manual_seed(6))
+    b = torch.randn(N, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)  # a narrower residual
+    out = torch.full((N,), float("nan"))  # its old values are never read
+    torch.manual_seed(1)
+    got = TOPKS[name]().compress_residual_(out, sum_of=(a, b))
+    plain = a + b
+    torch.manual_seed(1)
+    compressor = TOPKS[name]()
+    expected = Compressor.compress_residual_(compressor, plain)
+    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
+    assert torch.equal(out, plain)
+    assert torch.equal(a, torch.randn(N, generator=torch.Generator().manual_seed(6)))  # inputs untouched
+
+
+@pytest.mark.parametrize("name", list(TOPKS))
+@pytest.mark.parametrize("keep", [True, False])
+def test_fused_absorb_sum_equals_the_default_composition(name, keep):
+    residual = torch.randn(N, generator=torch.Generator().manual_seed(8)) * 0.1
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(9))
+    if not keep:
+        grad[[5, 400_000]] = torch.tensor([float("nan"), float("inf")])  # a refused step: the caller's scale is 0
+    scale = torch.tensor(0.5 if keep else 0.0)
+    into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
+    torch.manual_seed(2)
+    got = TOPKS[name]().absorb_sum_(into, addend, scale, torch.tensor(keep))
+    torch.manual_seed(2)
+    compressor = TOPKS[name]()
+    expected = Compressor.absorb_sum_(compressor, into_plain, addend_plain, scale, torch.tensor(keep))
+    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
+    assert torch.equal(into, into_plain) and torch.count_nonzero(addend) == 0
+    if keep:
+        assert torch.count_nonzero(compressor.decompress(got)) > 0
+    else:
+        assert torch.equal(into, residual) and torch.count_nonzero(compressor.decompress(got)) == 0
+
+
+def test_fast_topk_drops_nan_from_what_it_sends():
+    x = torch.randn(N, generator=torch.Generator().manual_seed(10))
+    x[[3, 300_000, 600_000]] = float("nan")
+    payload = gk.TopK(0.01).compress(x)
+    indices, values = payload.tensors
+    valid = payload.meta["valid"]
+    assert not bool(values.isnan().any())
+    assert not set(indices[valid].tolist()) & {3, 300_000, 600_000}
+    assert torch.equal(values[valid], x[indices[valid].long()])
