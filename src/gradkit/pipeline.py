@@ -60,33 +60,16 @@ class GradientPipeline:
             skipped, optimizer step. Its state is its own: save ``ema.state_dict()`` beside this one's.
 
     Skipping on the device:
-        By default the step reads one flag on the host (is the gradient finite?, and,
-        with item counts given as tensors, is the window's count > 0?) and does not call
-        the optimizer on a non-finite step. With a fused torch optimizer (``fused=True``
-        Adam, AdamW, SGD or Adagrad: those that take ``found_inf`` the way ``GradScaler``
-        passes it) on CPU, CUDA or XPU, the step makes no host read at all: the flag is
-        handed to the optimizer as ``optimizer.found_inf`` and the optimizer skips its
-        update (and its step counter) on the device. Under torch.distributed every rank
-        gets the same flag without an extra collective: a NaN/inf reaches every rank
-        through the gradient sum (DDP, ``gk.Average``) or the sharded norm's all-reduce
-        (FSDP2); a count <= 0 is the all-reduced count. The single read is kept when
-        the step needs a host decision: ``nonfinite="raise"``, an ``ema``, compressed
-        averaging (error feedback commits or discards on the host), a clip stage with
-        state (AutoClip, ZClip history), a parameter this process had no gradient for
-        (it may have to go back to None), and the first step of an optimizer whose state
-        is still empty (fused SGD would keep an uninitialized momentum buffer from a
-        skipped first step). A fused optimizer on another device type reads once, with a
-        one-time note in the log. Any other optimizer reads once per step.
-
-        What `step` returns: with the read, True when the optimizer stepped and False
-        when the step was skipped. Without it, True means "the optimizer was called; it
-        may have skipped on the device": ``pipe.last.skipped`` is then a device bool
-        tensor, and `skipped_steps` reads a device count when asked. An LR scheduler
-        driven by ``if pipe.step(optimizer): scheduler.step()`` then advances on a
-        device-skipped step too, as torch's own AMP recipe (``scaler.step`` then
-        ``scheduler.step()`` every iteration) does; to keep it exact, step it with
-        ``scheduler.step()`` on every True and accept that, or leave the optimizer
-        unfused to keep the read.
+        By default the step reads one flag on the host (is the gradient finite?, and, with
+        tensor item counts, is the window's count > 0?) and does not call the optimizer on a
+        non-finite step. With a fused torch optimizer (``fused=True`` Adam, AdamW, SGD or
+        Adagrad) on CPU, CUDA or XPU, the flag goes to the optimizer as ``optimizer.found_inf``
+        and it skips on the device: no host read, and `step` then returns True meaning "the
+        optimizer was called" (``pipe.last.skipped`` is a device bool tensor). The read is
+        kept where the step needs a host decision (``nonfinite="raise"``, an ``ema``, compressed
+        averaging, a clip stage with state, a missing gradient, an optimizer's first step).
+        docs/norm-scaling.md ("Skipping on the device") has the whole table, and how to drive an
+        LR scheduler in each mode.
 
     Example:
         >>> pipe = gk.GradientPipeline(model, accumulation_steps=4, clip=gk.ClipByGlobalNorm(1.0))
