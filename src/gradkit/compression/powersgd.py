@@ -303,8 +303,9 @@ def _carry_flags(first: Tensor, bad: Tensor, absent: list[Tensor]) -> None:
     for slot in absent:
         slot.fill_(-0.0)
     if first.numel():
-        # NaN + anything is NaN: one entry carries the flag to every rank's sum.
-        first[:1].add_(torch.where(bad.to(first.device), float("nan"), 0.0).to(first.dtype))
+        # NaN + anything is NaN: one entry carries the flag to every rank's sum. Adding -0.0
+        # otherwise leaves the entry as it was, a -0.0 included.
+        first[:1].add_(torch.where(bad.to(first.device), float("nan"), -0.0).to(first.dtype))
 
 
 def _anyone_had(summed: Tensor) -> Tensor:
