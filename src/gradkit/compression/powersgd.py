@@ -55,7 +55,7 @@ class PowerSGD(Compressor):
         self.seed = _checks.non_negative_int("seed", seed, "pass any integer >= 0 shared by all ranks")
         self._residuals = KeyedState(["residual"])
         self._q: dict[str, Tensor] = {}
-        self._deferred: Deferred[tuple[Tensor, Tensor, dict[str, Tensor]]] = Deferred(self._keep)
+        self._deferred: Deferred[tuple[Layout, Tensor, dict[str, Tensor]]] = Deferred(self._keep)
 
     # -- single process ---------------------------------------------------------
 
@@ -183,14 +183,15 @@ class PowerSGD(Compressor):
                     _outer(view.view(part.matrix.shape), p_hats[part.name], sums[part.name])
             if bad is not None and target.numel():
                 _poison(target, first, q_sum)
-            self._deferred.add(residual, new_residual, sums)
+            self._deferred.add(layout, new_residual, sums)
             return target
 
         pending = PendingReduce(works, finish, nbytes, what, timeout)
         return pending
 
-    def _keep(self, residual: Tensor, new_residual: Tensor, new_qt: dict[str, Tensor]) -> None:
-        residual.copy_(new_residual)
+    def _keep(self, layout: Layout, new_residual: Tensor, new_qt: dict[str, Tensor]) -> None:
+        # The new residual is a tensor of its own: it takes the old one's place (no copy).
+        self._residuals.replace(layout, "residual", new_residual)
         if self.warm_start:
             # Kept as Q (m x r), the state's form; used as Qᵀ, a contiguous (r x m) copy.
             self._q.update({name: qt.T.clone() for name, qt in new_qt.items()})
