@@ -16,7 +16,18 @@ WINDOWS = 5
 BAD_WINDOW = 2  # 0-based: the third optimizer step
 ACCUMULATION = 2
 # fused-*: a fused optimizer with a stateless clip, so the skip is decided on the device (no host read)
-MODES = ("dense", "topk", "scaler-dense", "scaler-topk", "fused-dense", "fused-scaler-dense")
+# *-powersgd: the flag rides in PowerSGD's first factor, with no all-reduce of its own
+MODES = (
+    "dense",
+    "topk",
+    "powersgd",
+    "scaler-dense",
+    "scaler-topk",
+    "scaler-powersgd",
+    "fused-dense",
+    "fused-scaler-dense",
+)
+COMPRESSORS = {"topk": lambda: gk.TopK(0.05), "powersgd": lambda: gk.PowerSGD(2)}
 
 
 def build(mode: str):
@@ -28,7 +39,7 @@ def build(mode: str):
     pipe = gk.GradientPipeline(
         model,
         accumulation_steps=ACCUMULATION,
-        average=gk.Average(gk.TopK(0.05) if mode.endswith("topk") else None),
+        average=gk.Average(COMPRESSORS.get(mode.split("-")[-1], lambda: None)()),
         clip=[gk.ClipByGlobalNorm(1.0)] if fused else stateful,
         scaler=scaler,
     )
@@ -107,11 +118,11 @@ def test_skip_leaves_optimizer_clip_history_and_residuals_untouched_on_every_ran
         assert rank[f"{mode}/untouched"] == {"params": [], "optimizer": [], "clip": [], "residuals": []}
         if not mode.startswith("fused"):  # ClipByGlobalNorm has no history
             assert rank[f"{mode}/clip_counts"] == [BAD_WINDOW, BAD_WINDOW]  # the bad step never entered
-    if mode.endswith("topk"):
+    if mode.endswith(("topk", "powersgd")):
         assert outcome[0][f"{mode}/residual_names"]  # there were residuals to protect
 
 
-@pytest.mark.parametrize("mode", ["scaler-dense", "scaler-topk"])
+@pytest.mark.parametrize("mode", ["scaler-dense", "scaler-topk", "scaler-powersgd"])
 def test_grad_scaler_inf_decision_and_scale_updates_agree_across_ranks(outcome, mode):
     scales0, scales1 = outcome[0][f"{mode}/scales"], outcome[1][f"{mode}/scales"]
     assert scales0 == scales1

@@ -209,6 +209,9 @@ class PendingReduce:
         self.nbytes = nbytes
         self._what = what
         self._timeout = timeout
+        #: after `wait()`, for a reduction told which parts this rank lacks (PowerSGD's ``absent``):
+        #: per such part, > 0 where some rank had it, 0 where none did (a device tensor)
+        self.present: Tensor | None = None
 
     def wait(self) -> Tensor:
         for work in self.works:

@@ -327,7 +327,7 @@ def test_signsgd_sends_mean_magnitude_times_sign(n, dtype):
         assert (payload.nbytes - scale_bytes) * 32 == n * 4
 
 
-@pytest.mark.parametrize("n, m, r", [(30, 20, 1), (30, 20, 3), (64, 9, 2), (12, 50, 4)])
+@pytest.mark.parametrize("n, m, r", [(30, 20, 1), (30, 20, 3), (64, 9, 2), (12, 50, 4), (40, 30, 6)])
 def test_powersgd_reconstructs_a_rank_r_matrix_exactly(n, m, r):
     gen = torch.Generator().manual_seed(n * m + r)
     matrix = torch.randn(n, r, generator=gen, dtype=F64) @ torch.randn(r, m, generator=gen, dtype=F64)

@@ -31,7 +31,9 @@ class CompressedReducer(Reducer):
     Each rank compresses its own mean gradient (stable units for the residuals) and weights
     the payload by its share of the global items, so the sum is the global mean. A NaN/inf
     (which a top-k may not even select) reaches every rank through a flag, reduced with one
-    presence count per dense parameter, since payloads have no room for presence slots.
+    presence count per dense parameter, since payloads have no room for presence slots; a
+    compressor that `carries_flags` (PowerSGD) sends both inside its own first collective,
+    and no flag all-reduce goes on the wire.
     On one process, the compressed gradient is what reaches the optimizer (selective updates).
 
     Args:
@@ -75,8 +77,23 @@ class CompressedReducer(Reducer):
         # writes a boolean per entry first.
         low, high = torch.aminmax(bucket.buffer)
         bad = ~(torch.isfinite(low) & torch.isfinite(high))
-        self._bad = bad if self._bad is None else self._bad | bad
         layout = tuple((self.names[i], tuple(self.params[i].shape)) for i in bucket.positions)
+        if self.compressor.carries_flags:
+            # The flag, and which parameters this rank lacks, ride in the compressor's own
+            # collectives; the sum is written back into the bucket (see `_finish_carried`).
+            bucket.pending = self.compressor.start_reduce(  # type: ignore[call-arg, misc]
+                bucket.buffer,
+                layout,
+                group,
+                self._weight,
+                what,
+                self.timeout,
+                out=bucket.buffer,
+                bad=bad,
+                absent=[slot for _, slot in bucket.missing],
+            )
+            return
+        self._bad = bad if self._bad is None else self._bad | bad
         bucket.pending = start_reduce(
             self.compressor,
             bucket.buffer,
@@ -90,7 +107,9 @@ class CompressedReducer(Reducer):
 
     def _finish_buckets(
         self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float
-    ) -> Tensor:
+    ) -> Tensor | float:
+        if self.compressor.carries_flags:
+            return self._finish_carried(buckets, scale)
         poison = self._reduce_flags(buckets, group)
         for bucket in buckets:
             assert bucket.pending is not None
@@ -104,6 +123,27 @@ class CompressedReducer(Reducer):
         self.bytes = sum(bucket.pending.nbytes for bucket in buckets if bucket.pending is not None)
         self._bad = None
         return poison * scale
+
+    def _finish_carried(self, buckets: Sequence[Bucket], scale: Tensor | float) -> Tensor | float:
+        """Finish buckets whose compressor carried the flags: no collective of our own.
+
+        A NaN/inf on any rank (or a sum that overflowed) already made every rank's sum non-finite,
+        so the pipeline's norm skips the step everywhere; which of this rank's missing parameters
+        some rank had comes back with each bucket's reduction."""
+        positions: list[int] = []
+        present: list[Tensor] = []
+        for bucket in buckets:
+            assert bucket.pending is not None
+            bucket.pending.wait()  # the sum lands in the bucket (out=)
+            bucket.expose(self.params)
+            if bucket.missing:
+                assert bucket.pending.present is not None
+                positions += [position for position, _ in bucket.missing]
+                present.append(bucket.pending.present)
+        self.bytes = sum(bucket.pending.nbytes for bucket in buckets if bucket.pending is not None)
+        if positions:
+            self.missing = (positions, torch.cat(present))
+        return scale
 
     def _reduce_flags(self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None) -> Tensor:
         """All-reduce [non-finite flag, one presence count per dense parameter]; sets `missing` and

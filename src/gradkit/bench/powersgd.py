@@ -12,7 +12,9 @@ Per rank r, the row compares the median step time; the note adds the final
 loss (the mean of the last 10 steps' training loss, averaged over ranks; goal
 gradkit <= torch x 1.005) and the bytes each rank hands to all_reduce per step
 after torch's two uncompressed warm-up steps (counted the same way for both,
-by wrapping ``torch.distributed.all_reduce``; goal gradkit <= torch).
+by wrapping ``torch.distributed.all_reduce``; goal gradkit <= torch). The note
+names gradkit's integer bytes apart: the pipeline's all-reduce of the window's
+count (items, micro-steps), which DDP, dividing by the world size, does not send.
 Both average all gradients in one bucket: with several, torch's hook launches
 its second all-reduce from the first one's completion callback, which on gloo
 races with the next bucket's hook and ends in a collective mismatch.
@@ -67,7 +69,8 @@ def run(settings: Settings) -> list[Row]:
         note = (
             f"rank {rank}: final loss gradkit {loss['gradkit']:.4f}, torch {loss['torch']:.4f} "
             f"(ratio {loss_ratio:.4f}, goal <= {LOSS_GOAL}: {'met' if goals['loss'] else 'MISSED'}); "
-            f"bytes to all_reduce per step gradkit {sent['gradkit']:,}, torch {sent['torch']:,} "
+            f"bytes to all_reduce per step gradkit {sent['gradkit']:,} "
+            f"({result['integer_bytes']['gradkit']:,} of them the window's count), torch {sent['torch']:,} "
             f"(goal <=: {'met' if goals['bytes'] else 'MISSED'}); step time gradkit / torch {time_ratio:.3f} "
             f"(goal <= 1: {'met' if goals['time'] else 'MISSED'}); "
             f"{shape['steps']} steps each, MLP {result['params'] / 1e6:.1f}M params, batch {shape['batch']} per process"
@@ -140,12 +143,14 @@ def _worker(args: argparse.Namespace) -> dict:
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=2, timeout=timedelta(seconds=120))
     shape = json.loads(args.shape)
     sizes, batch, steps = shape["sizes"], shape["batch"], shape["steps"]
-    counted = {"on": None, "bytes": 0}
+    counted = {"on": None, "bytes": 0, "integer": 0}
     original_all_reduce = dist.all_reduce
 
     def counting_all_reduce(tensor, *a, **k):
         if counted["on"] is not None:
             counted["bytes"] += tensor.numel() * tensor.element_size()
+            if not tensor.is_floating_point():  # gradkit's window count (items, micro-steps)
+                counted["integer"] += tensor.numel() * tensor.element_size()
         return original_all_reduce(tensor, *a, **k)
 
     dist.all_reduce = counting_all_reduce  # both libraries call it through torch.distributed
@@ -189,6 +194,7 @@ def _worker(args: argparse.Namespace) -> dict:
         times = {name: [] for name in candidates}
         losses = {name: [] for name in candidates}
         sent = {name: 0 for name in candidates}
+        integer = {name: 0 for name in candidates}
         names = list(candidates)
         for step in range(steps):
             x = torch.randn(batch, sizes[0], generator=data)
@@ -197,12 +203,12 @@ def _worker(args: argparse.Namespace) -> dict:
             shift = step % 2  # alternate which candidate goes first
             for name in names[shift:] + names[:shift]:
                 dist.barrier()
-                counted["on"], counted["bytes"] = name, 0
+                counted["on"], counted["bytes"], counted["integer"] = name, 0, 0
                 start = time.perf_counter()
                 loss = candidates[name](x, y)
                 elapsed = time.perf_counter() - start
                 counted["on"] = None
-                sent[name] = counted["bytes"]
+                sent[name], integer[name] = counted["bytes"], counted["integer"]
                 losses[name].append(loss)
                 if step >= 3:  # after torch's two uncompressed steps and one compressed warm-up
                     times[name].append(elapsed)
@@ -213,6 +219,7 @@ def _worker(args: argparse.Namespace) -> dict:
             "times": times,
             "loss": dict(zip(names, final.tolist())),
             "bytes": sent,
+            "integer_bytes": integer,
             "params": sum(p.numel() for p in base.parameters()),
         }
     finally:

@@ -86,7 +86,8 @@ class Compressor(Stateful):
       (the step was taken) or `discard()` (it was skipped);
     - `start_reduce`, optional: a compressor whose communication is not one
       payload per rank (PowerSGD's two rounds) sets it to a method with the
-      signature of `averaging.payloads.start_reduce` (without the compressor and `out`);
+      signature of `averaging.payloads.start_reduce` (without the compressor and `out`;
+      with `carries_flags`, also the keywords of `PowerSGD.start_reduce`);
     - state saved by parameter name is listed by `named_state`, so that a
       checkpoint taken under other names is refused (`check_state_names`).
 
@@ -112,6 +113,10 @@ class Compressor(Stateful):
     #: keeps its own memory of what was not sent (DGC's velocity, PowerSGD's residual):
     #: `gk.Average` adds no error feedback even when it is biased
     keeps_residual: bool = False
+    #: its `start_reduce` also takes ``out=``, ``bad=`` and ``absent=`` (see `PowerSGD.start_reduce`) and
+    #: carries the non-finite flag and which parameters this rank lacks in its own collectives:
+    #: `gk.Average` then sends no flag all-reduce
+    carries_flags: bool = False
     #: optional hook: ``start_reduce(flat, layout, group, weight, what, timeout) -> PendingReduce``
     #: replaces compress, weight and all-reduce/all-gather (None: the generic path)
     start_reduce: (

@@ -92,6 +92,10 @@ class KeyedState:
             self._flat[layout] = state
         return state
 
+    def replace(self, layout: Layout, field: str, tensor: Tensor) -> None:
+        """Make `tensor` (flat, the layout's size) the `field` of `layout`, in place of a copy into it."""
+        self.get(layout, tensor)[field] = tensor
+
     def _release_overlapping(self, layout: Layout) -> None:
         # Known layouts that share a parameter with the new one (the buckets were rebuilt)
         # give their state back per name, so it is placed in the new layouts, not lost.
