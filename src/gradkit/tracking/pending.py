@@ -19,6 +19,7 @@ from gradkit import _dtensor
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import record as _record
+from gradkit.tracking import summary as _summary
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import GradRefs
@@ -92,12 +93,14 @@ class Logged:
         if self.deltas is not None:
             self.deltas.wait()
 
-    def record(self, got: dict[str, Any]) -> dict[str, Any]:
-        """The step's JSONL record from its read values `got` (alerts empty), strict JSON as built."""
-        counts = self.grads.counts(got["table"]) if self.grads is not None else {}
+    def record(self, got: dict[str, Any]) -> _record.StepRecord:
+        """The step's record from its read values `got` (alerts empty), strict JSON as built."""
+        columns = got["columns"]
+        counts = self.grads.counts(columns[0], columns[1]) if self.grads is not None else {}
         return _record.assemble(
-            got, self.report, step=self.step, names=self.names, numels=self.numels, counts=counts, since=self.since,
-            bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered, deltas=self.update_norms(),
+            got, self.report, step=self.step, layout=_summary.Layout.of(self.names), numels=self.numels,
+            counts=counts, since=self.since, bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered,
+            deltas=self.update_norms(),
         )  # fmt: skip
 
     def update_norms(self) -> list[float] | None:
