@@ -96,3 +96,15 @@ def test_module_sums_padded_and_per_module_agree():
     assert wide.module_max(values[:8] + [NAN] + values[9:])[:8] == values[:8]
     assert math.isnan(wide.module_max(values[:8] + [NAN] + values[9:])[8])
     assert padded.module_counts([0] * 9 + [None]) == [0] * 8 + [None]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_an_ordinary_step_gives_the_entries_of_its_unmeasured_table(strict):
+    # Told that the detail columns were not measured, the entries are those the NaN columns give.
+    table = rows(detail=False)
+    layout = Layout(NAMES)
+    for deltas in (None, [0.0] * 4):
+        told = summarize_columns(layout, NUMELS, columns_of(table), {}, deltas=deltas, strict=strict, detail=False)
+        read = summarize_columns(layout, NUMELS, columns_of(table), {}, deltas=deltas, strict=strict)
+        assert json.dumps([e.to_dict() for e in told]) == json.dumps([e.to_dict() for e in read])
+        assert told[1].encode() == json.dumps(read[1].to_dict()) or not strict

@@ -340,7 +340,7 @@ def assemble(
     The record is strict JSON as built (non-finite numbers are None), so no pass cleans it again."""
     if got["skipped"]:
         deltas = [0.0] * len(layout.names)  # a skipped step does not move the weights
-    params, modules = _summary.summarize_columns(layout, numels, got["columns"], counts, deltas=deltas)
+    params, modules = _summary.summarize_columns(layout, numels, got["columns"], counts, deltas=deltas, detail=detail)
     ranks = rank_norms(layout, numels, got["ranks"]) if gathered else None
     head = step_record(got, report, step=step, since=since, bytes_since=bytes_since, detail=detail, ranks=ranks)
     return StepRecord(head, params, modules)

@@ -173,7 +173,7 @@ class Entries:
 
 def summarize_columns(
     layout: Layout, numels: Sequence[int], columns: Sequence[list], counts: dict[int, tuple[int, int]],
-    *, deltas: Sequence[float] | None = None, strict: bool = True,
+    *, deltas: Sequence[float] | None = None, strict: bool = True, detail: bool = True,
 ) -> tuple[Entries, Entries]:  # fmt: skip
     """Per-parameter and per-module entries of a logged step, as columns.
 
@@ -191,6 +191,8 @@ def summarize_columns(
         counts: host-counted (NaN, Inf) by row, for rows without device counts.
         deltas: ||Δw|| per parameter: fills ``update_to_weight`` (None leaves it None).
         strict: non-finite floats become None (the record as written: strict JSON).
+        detail: whether the table holds the detail columns (`stats.DETAIL`); without them,
+            max |g|, the zero fraction, ||w|| and ||g||/||w|| are not measured (NaN, or None if `strict`).
 
     Returns:
         (params, modules) as `Entries`.
@@ -200,16 +202,26 @@ def summarize_columns(
     pre, norm, max_abs, nonzero, weight, nan, inf = (list(c) for c in columns)
     numels = list(map(int, numels))
     nan, inf = _counts(pre, norm, nan, inf, counts)
-    zeros = [k - z for k, z in zip(numels, nonzero)]  # NaN on ordinary steps (nonzero not measured)
-    squares = [_squares(pre), _squares(norm), _squares(weight)]
-    params = _entries(layout.names, layout.quoted, squares, max_abs, numels, zeros, nan, inf, deltas, strict)
+    squares = [_squares(pre), _squares(norm)]
     mod_squares = [layout.module_sums(c, 0.0) for c in squares]
+    mod_numels = layout.module_sums(numels)
     mod_deltas = None
     if deltas is not None:
         mod_deltas = list(map(math.sqrt, layout.module_sums(_squares(list(deltas)), 0.0)))
+    nan_m, inf_m = layout.module_counts(nan), layout.module_counts(inf)
+    if not detail:  # not measured: one shared column of blanks (nothing to compute, to clean, or to encode)
+        params = _entries(layout.names, layout.quoted, squares, None, numels, None, nan, inf, deltas, strict)
+        modules = _entries(
+            layout.modules, layout.modules_quoted, mod_squares, None, mod_numels, None, nan_m, inf_m, mod_deltas, strict
+        )  # fmt: skip
+        return params, modules
+    zeros = [k - z for k, z in zip(numels, nonzero)]
+    squares.append(_squares(weight))
+    mod_squares.append(layout.module_sums(squares[2], 0.0))
+    params = _entries(layout.names, layout.quoted, squares, max_abs, numels, zeros, nan, inf, deltas, strict)
     modules = _entries(
-        layout.modules, layout.modules_quoted, mod_squares, layout.module_max(max_abs), layout.module_sums(numels),
-        layout.module_sums(zeros, 0.0), layout.module_counts(nan), layout.module_counts(inf), mod_deltas, strict,
+        layout.modules, layout.modules_quoted, mod_squares, layout.module_max(max_abs), mod_numels,
+        layout.module_sums(zeros, 0.0), nan_m, inf_m, mod_deltas, strict,
     )  # fmt: skip
     return params, modules
 
@@ -261,11 +273,19 @@ def _entries(
     """Entries from the summed columns (squares of the norms before and after clipping and of the weights,
     max |g|, element and zero counts, NaN, Inf), one statistic at a time."""
     sqrt, isfinite = math.sqrt, math.isfinite
-    pre, norm, weight = (list(map(sqrt, c)) for c in squares)
+    pre, norm = list(map(sqrt, squares[0])), list(map(sqrt, squares[1]))
     rms = [n / sqrt(k) if k else 0.0 for n, k in zip(norm, numels)]
-    zero_frac = [z / k if k else 0.0 for z, k in zip(zeros, numels)]
-    g2w = [n / w if w > 0 and isfinite(n) and isfinite(w) else None for n, w in zip(norm, weight)]
-    u2w = [None] * len(names) if deltas is None else [d / w if w > 0 else None for d, w in zip(deltas, weight)]
+    blank = [None if strict else math.nan] * len(names)
+    if zeros is None:  # an ordinary step: the detail statistics were not measured
+        max_abs, zero_frac, weight, g2w = blank, blank, blank, [None] * len(names)
+    else:
+        weight = list(map(sqrt, squares[2]))
+        zero_frac = [z / k if k else 0.0 for z, k in zip(zeros, numels)]
+        g2w = [n / w if w > 0 and isfinite(n) and isfinite(w) else None for n, w in zip(norm, weight)]
+    if deltas is None or zeros is None:  # ||w|| is measured on detail steps only
+        u2w = [None] * len(names)
+    else:
+        u2w = [d / w if w > 0 else None for d, w in zip(deltas, weight)]
     columns = [pre, norm, list(max_abs), rms, zero_frac, nan, inf, numels, weight, g2w, u2w]
     if strict:
         columns = [_strict(c) for c in columns]
@@ -274,6 +294,8 @@ def _entries(
 
 def _strict(column: list) -> list:
     """`column` with non-finite floats as None (strict JSON); a column summing to a finite value is left as is."""
+    if column.count(None) == len(column):  # a blank column: nothing to clean
+        return column
     try:
         if math.isfinite(sum(column)):  # every statistic is >= 0: a finite sum means every value is finite
             return column
