@@ -9,15 +9,17 @@ alerts of a replay (`Tracker.locate_nonfinite`) go to the file writers through i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradkit._version import __version__
 from gradkit.tracking.alerts import Alert, AlertRules, logger
 from gradkit.tracking.nonfinite import NonfiniteWatch
 from gradkit.tracking.pending import Logged
 from gradkit.tracking.record import StepRecord
-from gradkit.tracking.summary import Entries
+from gradkit.tracking.summary import Entries, Layout
 from gradkit.tracking.writers import SCHEMA, JsonlWriter, make_writers
 
 __all__ = ["RecordSink"]
@@ -100,6 +102,16 @@ class RecordSink:
             if self.loud:
                 logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
         self.alerts.extend(alerts)
+
+    def start_run(self, names: list[str], *, every: int, meta: dict[str, Any]) -> None:
+        """Write the run header: the parameters and modules tracked, the logging period and the run's settings."""
+        modules = Layout.of(names).modules
+        self.header({"type": "run", "schema": SCHEMA, "version": __version__, "time": time.time(), "every": every,
+                     "params": names, "modules": modules, "meta": meta})  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The alert rules' state and every alert so far (the tracker's state holds both)."""
+        return {"rules": self.rules.state_dict(), "alerts": [a.to_dict() for a in self.alerts]}
 
     def header(self, entry: dict[str, Any]) -> None:
         """Write a non-step entry (the run header, a replay's alert) to the file writers."""
