@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit import _dtensor
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import record as _record
@@ -75,7 +74,7 @@ class Logged:
         before = None
         if detail and update_ratio and len(ctx):
             # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
-            before = [p.detach().clone() for p in _dtensor.locals_of(ctx.params)]
+            before = _record.copy_weights(ctx.params)
         # Without counts on the device, a non-finite record counts NaN/Inf on the host (if the grads are unchanged).
         grads = None if detail or ctx.sharded else GradRefs(ctx.grads)
         return cls(

@@ -48,6 +48,7 @@ __all__ = [
     "step_record",
     "trainable",
     "update_norms",
+    "copy_weights",
 ]
 
 
@@ -418,15 +419,41 @@ def rank_norms(
     return out
 
 
+def copy_weights(params: Sequence[Tensor]) -> list[Tensor]:
+    """A copy of the weights (this rank's shards), for ||Δw|| after the step: one foreach pass per
+    (device, dtype) group instead of one clone call per tensor."""
+    local = _dtensor.locals_of(params)
+    groups = _foreach.Groups.of(local)
+    copies: list[Tensor | None] = [None] * len(local)
+    with torch.no_grad():
+        for device, _, positions, pick in groups.dense:
+            members = pick(local)
+            # x * 1 is x exactly (NaN, Inf and -0.0 included): foreach has no out-of-place copy.
+            copied = (
+                torch._foreach_mul(members, 1) if _foreach._foreach_supported(device) else [m.clone() for m in members]
+            )
+            for i, c in zip(positions, copied):
+                copies[i] = c
+        for i in groups.sparse:
+            copies[i] = local[i].detach().clone()
+    return copies  # type: ignore[return-value]
+
+
 def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
-    """||Δw|| per parameter, from the weights `before` the step and now, as one 1-D device tensor;
-    no host sync. `before` is consumed (overwritten with the deltas)."""
-    after = [_dtensor.local(p).detach() for p in params]
-    for _, (members, positions) in _foreach.group_tensors(before).items():
-        torch._foreach_sub_(members, [after[i] for i in positions])
-    deltas = _foreach.per_tensor_norms(before, 2.0, at_least=torch.float32)
-    device = deltas[0].device
-    deltas = torch.stack([d.to(device) for d in deltas])
+    """||Δw|| per parameter, from the weights `before` the step (`copy_weights`) and now, as one 1-D device
+    tensor; no host sync. `before` is consumed (overwritten with the deltas)."""
+    after = _dtensor.locals_of(params)
+    groups = _foreach.Groups.of(before)
+    with torch.no_grad():
+        for (device, _, members), (_, _, now) in zip(groups.split(before), groups.split(after)):
+            if _foreach._foreach_supported(device):
+                torch._foreach_sub_(members, now)
+            else:
+                for m, n in zip(members, now):
+                    m.sub_(n)
+        for i in groups.sparse:
+            before[i].sub_(after[i])
+        deltas = groups.stacked_norms(before, 2.0, at_least=torch.float32)
     if _dtensor.any_dtensor(params):  # norms of the full updates, from the shards'
         deltas = _dtensor.reduce_sums(deltas.double().square(), params).sqrt()
     return deltas

@@ -133,6 +133,13 @@ class FusedStats:
         self, grads: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, dtype: torch.dtype
     ) -> Tensor:
         """(P, len(DETAIL)) on `device`, in input order; no host sync."""
+        # Under no_grad rather than one detach per tensor: no Python work per tensor on this path.
+        with torch.no_grad():
+            return self._table(grads, params, device, dtype)
+
+    def _table(
+        self, grads: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
         blocks = []
         for _part_device, pick_small, segments, count, pick_large in self.parts:
             if pick_small is not None:
@@ -144,8 +151,10 @@ class FusedStats:
         table = torch.cat(blocks) if blocks else torch.zeros(0, 4, device=device, dtype=dtype)
         if self._inverse is not None:
             table = table.index_select(0, self._moved_inverse(device))
-        weights = _foreach.per_tensor_norms([p.detach() for p in params], 2.0, at_least=torch.float32)
-        weight = torch.stack([w.to(device, dtype) for w in weights]) if weights else table[:, 0]
+        if params:  # one stacked foreach norm per (device, dtype) group of the weights
+            weight = _foreach.Groups.of(params).stacked_norms(params, 2.0, at_least=torch.float32).to(device, dtype)
+        else:
+            weight = table[:, 0]
         # columns: max_abs, nonzero, weight_norm, nan, inf
         return torch.cat([table[:, :2], weight.unsqueeze(1), table[:, 2:]], 1)
 
@@ -166,7 +175,7 @@ def _to_device(values: list[int], device: torch.device) -> Tensor:
 
 def _segment_stats(members: list[Tensor], segments: Tensor, count: int) -> Tensor:
     """(count, 4): max |g|, nonzero, NaN and Inf counts of each small tensor, over one flattened buffer."""
-    flat = torch._C._nn.flatten_dense_tensors([m.detach() for m in members])
+    flat = torch._C._nn.flatten_dense_tensors(members)  # under no_grad (`FusedStats.table`)
     out_dtype = torch.promote_types(flat.dtype, torch.float32)
     if flat.numel() == 0:
         return torch.zeros(count, 4, device=flat.device, dtype=out_dtype)
