@@ -38,7 +38,7 @@ class Logged:
     Its fields are those of the step: ``step``, ``report``, ``detail``, ``flight`` (the `record.InFlight` read
     of its statistics), ``names``, ``params``, ``numels``, ``before`` (the weights before the step, or None),
     ``histograms``, ``grads`` (`nonfinite.GradRefs` or None), ``events`` (a re-check's hook firings, or None),
-    ``since``, ``bytes_since``, ``last_logged`` and ``gathered``.
+    ``since``, ``bytes_since``, ``last_logged``, ``gathered`` and ``weight_groups`` (the weights' grouping, or None).
     """
 
     def __init__(self, **fields: Any) -> None:
@@ -72,16 +72,18 @@ class Logged:
         if detail and histogram_bins is not None and len(ctx):
             histograms = _record.histograms(ctx, flight, histogram_bins)  # waits: TensorBoard, detail steps
         before = None
+        # Dense gradients have their weight's kind: the weights group as the gradients do.
+        weight_groups = ctx.groups() if len(ctx) and not ctx.groups().sparse else None
         if detail and update_ratio and len(ctx):
             # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
-            before = _record.copy_weights(ctx.params)
+            before = _record.copy_weights(ctx.params, weight_groups)
         # Without counts on the device, a non-finite record counts NaN/Inf on the host (if the grads are unchanged).
         grads = None if detail or ctx.sharded else GradRefs(ctx.grads)
         return cls(
             step=step, report=report, detail=detail, flight=flight, names=list(ctx.names), params=list(ctx.params),
             numels=numels(ctx.grads), before=before, histograms=histograms, grads=grads,
             events=None if recheck is None else recheck[0], since=counters.since, bytes_since=counters.bytes,
-            last_logged=counters.last_logged, gathered=ranks is not None,
+            last_logged=counters.last_logged, gathered=ranks is not None, weight_groups=weight_groups,
         )  # fmt: skip
 
     def done(self) -> bool:
@@ -128,7 +130,7 @@ class Pending:
         if logged is None:
             return
         if logged.before is not None:
-            deltas = _record.update_norms(logged.params, logged.before)
+            deltas = _record.update_norms(logged.params, logged.before, logged.weight_groups)
             logged.before = None
             read = _record.HostRead(deltas.device, host_dtype(deltas.device))
             read.add("deltas", deltas)

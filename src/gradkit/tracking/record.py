@@ -195,7 +195,7 @@ def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tens
     if not len(ctx):
         return torch.zeros(0, len(_stats.COLUMNS), device=norms.device, dtype=_stats.host_dtype(norms.device))
     grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
-    table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail)
+    table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail, groups=ctx.groups())
     return _full_table(table, ctx) if ctx.sharded and detail else table
 
 
@@ -419,11 +419,11 @@ def rank_norms(
     return out
 
 
-def copy_weights(params: Sequence[Tensor]) -> list[Tensor]:
+def copy_weights(params: Sequence[Tensor], groups: _foreach.Groups | None = None) -> list[Tensor]:
     """A copy of the weights (this rank's shards), for ||Δw|| after the step: one foreach pass per
-    (device, dtype) group instead of one clone call per tensor."""
+    (device, dtype) group instead of one clone call per tensor. `groups`: their grouping, if known."""
     local = _dtensor.locals_of(params)
-    groups = _foreach.Groups.of(local)
+    groups = groups if groups is not None else _foreach.Groups.of(local)
     copies: list[Tensor | None] = [None] * len(local)
     with torch.no_grad():
         for device, _, positions, pick in groups.dense:
@@ -439,11 +439,11 @@ def copy_weights(params: Sequence[Tensor]) -> list[Tensor]:
     return copies  # type: ignore[return-value]
 
 
-def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
+def update_norms(params: Sequence[Tensor], before: list[Tensor], groups: _foreach.Groups | None = None) -> Tensor:
     """||Δw|| per parameter, from the weights `before` the step (`copy_weights`) and now, as one 1-D device
-    tensor; no host sync. `before` is consumed (overwritten with the deltas)."""
+    tensor; no host sync. `before` is consumed (overwritten with the deltas). `groups`: their grouping, if known."""
     after = _dtensor.locals_of(params)
-    groups = _foreach.Groups.of(before)
+    groups = groups if groups is not None else _foreach.Groups.of(before)
     with torch.no_grad():
         for (device, _, members), (_, _, now) in zip(groups.split(before), groups.split(after)):
             if _foreach._foreach_supported(device):
