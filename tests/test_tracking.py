@@ -183,6 +183,9 @@ def test_jsonl_records_follow_the_documented_schema(tmp_path):
         assert schema_errors(record) == [], record
     assert records[-1]["noise"]["b_simple"] is None or records[-1]["noise"]["b_simple"] > 0
     assert records[1:] == tracker.history
+    # Lines are encoded from the columns: the text is what json.dumps writes for the record.
+    assert lines[1:] == [json.dumps(r, allow_nan=False) for r in tracker.history]
+    assert tracker.history is tracker.history  # made once, then kept (one list, growing)
     doc = DOCS.read_text()
     for fields in (STEP_FIELDS, GLOBAL_FIELDS, STAT_FIELDS, NOISE_FIELDS):
         for key in fields:

@@ -166,3 +166,67 @@ def test_nan_from_the_loss_is_named_as_such():
 def test_bad_thresholds_are_rejected(kwargs):
     with pytest.raises(ValueError):
         AlertRules(**kwargs)
+
+
+class _OneModuleAtATime:
+    """The rules as plainly written, one module at a time: the reference for the columnar `check_columns`."""
+
+    def __init__(self, rules):
+        self.r, self.state, self.active = rules, {}, set()
+
+    def check(self, step, norms, global_norm):
+        import math
+        import statistics
+
+        r, out = self.r, []
+        finite = [n for n in norms.values() if n is not None and math.isfinite(n) and n > 0]
+        median = statistics.median(finite) if finite else 0.0
+        for name, norm in list(norms.items()) + [("(global)", global_norm)]:
+            if norm is None or not math.isfinite(norm):
+                continue
+            s = self.state.setdefault(name, {"ema": 0.0, "seen": 0, "vanish": 0, "dead": 0})
+            conditions = []
+            if name != "(global)":
+                dead = norm == 0.0
+                s["dead"] = s["dead"] + 1 if dead else 0
+                low = not dead and (norm < r.vanish_abs or norm < r.vanish_ratio * median)
+                s["vanish"] = s["vanish"] + 1 if low else 0
+                conditions += [("dead", s["dead"] >= r.patience), ("vanishing", s["vanish"] >= r.patience)]
+            conditions.append(("exploding", s["seen"] >= r.warmup and norm > r.explode_factor * s["ema"] > 0))
+            for kind, on in conditions:
+                if not on:
+                    self.active.discard((kind, name))
+                elif (kind, name) not in self.active:
+                    self.active.add((kind, name))
+                    out.append((step, kind, name, norm))
+            s["ema"] = norm if s["seen"] == 0 else r.explode_beta * s["ema"] + (1 - r.explode_beta) * norm
+            s["seen"] += 1
+        return out
+
+
+def test_columnar_rules_fire_as_the_rules_read_one_module_at_a_time():
+    import random
+
+    rng = random.Random(0)
+    rules, reference = AlertRules(patience=2, warmup=2), _OneModuleAtATime(AlertRules(patience=2, warmup=2))
+    names, fired = [f"m{i}" for i in range(12)], set()
+    for step in range(1, 80):
+        if step == 40:
+            names = names[3:] + ["new"]  # the module list changes: state follows the names
+        norms = {}
+        for name in names:
+            kind = rng.random()
+            norms[name] = (
+                None if kind < 0.05 else 0.0 if kind < 0.2 else 1e-12 if kind < 0.35 else 1e3 if kind < 0.45 else
+                rng.uniform(0.5, 2.0)
+            )  # fmt: skip
+        global_norm = rng.choice([1.0, 1.2, 50.0, float("nan")])
+        got = [(a.step, a.kind, a.name, a.value) for a in rules.check(step, norms, global_norm)]
+        assert got == reference.check(step, norms, global_norm)
+        if step in (30, 60):
+            assert rules.state_dict()["modules"] == reference.state
+            restored = AlertRules(patience=2, warmup=2)
+            restored.load_state_dict(rules.state_dict())
+            rules = restored
+        fired |= {kind for _, kind, _, _ in got}
+    assert fired == {"dead", "vanishing", "exploding"}  # every rule was exercised

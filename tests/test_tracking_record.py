@@ -63,3 +63,23 @@ def test_host_values_are_read_where_they_are_when_the_read_targets_a_device():
     read.add("table", torch.arange(6.0).reshape(2, 3))
     got = read.read()
     assert math.isnan(got["g2"]) and got["table"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
+def test_weight_copies_and_update_norms_match_the_plain_per_tensor_ones():
+    from gradkit.tracking.record import copy_weights, update_norms
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5, dtype=torch.float64)),
+              nn.Parameter(torch.randn(2).bfloat16()), nn.Parameter(torch.randn(4))]  # fmt: skip
+    params[3].data[0] = -0.0
+    before = copy_weights(params)
+    assert all(b is not p and b.dtype == p.dtype and torch.equal(b, p) and not b.requires_grad
+               for b, p in zip(before, params))  # fmt: skip
+    plain = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p))
+    assert all(torch.equal(b, c) for b, c in zip(before, plain))  # copies, not views
+    got = update_norms(params, before)
+    want = torch.stack([torch.linalg.vector_norm((c - p.detach()).float()).double() for c, p in zip(plain, params)])
+    assert torch.allclose(got.double(), want, rtol=1e-6)

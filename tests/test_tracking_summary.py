@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from gradkit.tracking.summary import KEYS, summarize
+from gradkit.tracking.summary import KEYS, Layout, summarize, summarize_columns
 from gradkit.tracking.writers import STAT_FIELDS, clean
 
 NAMES = ["a.weight", "a.bias", "b.weight", "top"]
@@ -60,3 +60,51 @@ def test_strict_entries_equal_the_cleaned_ones_and_are_strict_json(detail, bad):
 
 def test_no_parameters():
     assert summarize([], [], [], {}) == ({}, {})
+
+
+def columns_of(table):
+    return [list(c) for c in zip(*table)]
+
+
+@pytest.mark.parametrize("detail", [True, False])
+@pytest.mark.parametrize("bad", [None, (0, 0, NAN), (1, 2, INF), (2, 1, INF)])
+def test_encoded_entries_are_what_json_writes_for_their_dicts(detail, bad):
+    names = NAMES + ['é"q.w', "a.extra"]  # an escaped name; a module whose parameters are not contiguous
+    table = rows(detail) + [[1.0, 1.0, 0.5, 1, 1.0, 0, 0], [2.0, 2.0, 1.0, 2, 3.0, 0, 0]]
+    if not detail:
+        table = [r[:2] + [NAN] * 5 for r in table]
+    if bad is not None:
+        row, column, value = bad
+        table[row][column] = value
+    layout = Layout(names)
+    params, modules = summarize_columns(layout, NUMELS + [1, 2], columns_of(table), {}, deltas=[0.1] * 6)
+    for entries in (params, modules):
+        assert entries.encode() == json.dumps(entries.to_dict(), allow_nan=False)
+        assert json.loads(entries.encode()) == entries.to_dict()
+    assert list(modules.to_dict()) == ["a", "b", "(root)", 'é"q']
+    assert modules.to_dict()["a"]["numel"] == 6 + 2 + 2
+
+
+def test_module_sums_padded_and_per_module_agree():
+    # Many one-parameter modules and one wide module: padding would cost more than it saves, so sums run per module.
+    names = [f"m{i}.w" for i in range(8)] + [f"wide.p{i}" for i in range(30)]
+    wide, padded = Layout(names), Layout(names[:8] + names[8:10])
+    assert wide.passes is None and padded.passes is not None
+    values = [float(i) for i in range(len(names))]
+    assert wide.module_sums(values) == values[:8] + [sum(values[8:])]
+    assert padded.module_sums(values[:10]) == values[:8] + [values[8] + values[9]]
+    assert wide.module_max(values[:8] + [NAN] + values[9:])[:8] == values[:8]
+    assert math.isnan(wide.module_max(values[:8] + [NAN] + values[9:])[8])
+    assert padded.module_counts([0] * 9 + [None]) == [0] * 8 + [None]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_an_ordinary_step_gives_the_entries_of_its_unmeasured_table(strict):
+    # Told that the detail columns were not measured, the entries are those the NaN columns give.
+    table = rows(detail=False)
+    layout = Layout(NAMES)
+    for deltas in (None, [0.0] * 4):
+        told = summarize_columns(layout, NUMELS, columns_of(table), {}, deltas=deltas, strict=strict, detail=False)
+        read = summarize_columns(layout, NUMELS, columns_of(table), {}, deltas=deltas, strict=strict)
+        assert json.dumps([e.to_dict() for e in told]) == json.dumps([e.to_dict() for e in read])
+        assert told[1].encode() == json.dumps(read[1].to_dict()) or not strict

@@ -82,6 +82,12 @@ class GradContext:
     def __len__(self) -> int:
         return len(self.grads)
 
+    def groups(self) -> _foreach.Groups:
+        """The (device, dtype) grouping of this rank's gradients (their local pieces when sharded), found once."""
+        if self._groups is None:
+            self._groups = _foreach.Groups.of(self._local)
+        return self._groups
+
     def defer_scale(self, factor: Tensor | float) -> None:
         """Say that the true gradients are `factor` times what ``p.grad`` holds now, without a pass.
 

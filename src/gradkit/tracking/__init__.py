@@ -1,10 +1,11 @@
 """Gradient tracking: per-layer statistics over time, alerts, noise scale, logs and a report.
 
-- `tracker`: `Tracker`, the observer a `GradientPipeline` calls (or `tracker.track(model)` by hand).
+- `tracker`: `Tracker`, the observer a `GradientPipeline` calls.
+- `standalone`: the tracker used by hand (``tracker.track(model)``, ``tracker.locate_nonfinite(closure)``).
 - `counters`: what the tracker counts on the device between logging steps.
 - `record`: a logged step's record, read from the device in one named host read.
 - `stats`: per-parameter statistics on the device.
-- `summary`: a logged step's per-parameter and per-module entries, built on the host column by column.
+- `summary`: a logged step's per-parameter and per-module entries, kept as columns up to the JSONL line.
 - `pending`: logged steps between their statistics and their record (the host copies in flight).
 - `sink`: where a logged step's record and alerts go (history, writers, the log).
 - `alerts`: `AlertRules` (vanishing, exploding, dead) and the `Alert` record.

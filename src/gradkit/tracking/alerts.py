@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -63,6 +64,23 @@ _EXPLODING = (
 )
 
 
+class _Columns:
+    """Per-module rule state as one list per field, aligned with a list of module names."""
+
+    __slots__ = ("names", "index", "ema", "seen", "vanish", "dead", "known")
+
+    def __init__(self, names: list[str], state: dict[str, dict[str, float]]) -> None:
+        self.names = names
+        self.index = {name: i for i, name in enumerate(names)}
+        empty = {"ema": 0.0, "seen": 0, "vanish": 0, "dead": 0}
+        rows = [state.get(name, empty) for name in names]
+        self.ema = [r["ema"] for r in rows]
+        self.seen = [r["seen"] for r in rows]
+        self.vanish = [r["vanish"] for r in rows]
+        self.dead = [r["dead"] for r in rows]
+        self.known = [name in state for name in names]
+
+
 class AlertRules:
     """Thresholds and per-module state of the alert rules (plain numbers).
 
@@ -108,6 +126,10 @@ class AlertRules:
         # name -> {"ema": float, "seen": int, "vanish": int, "dead": int}
         self._state: dict[str, dict[str, float]] = {}
         self._active: set[tuple[str, str]] = set()
+        # The modules' state as columns while the same module list is checked step after step (`_sync`
+        # writes it back to `_state`); the global norm's state stays in `_state`.
+        self._columns: _Columns | None = None
+        self._dirty = False
 
     @staticmethod
     def or_default(rules: AlertRules | None) -> AlertRules:
@@ -118,33 +140,99 @@ class AlertRules:
 
     def check(self, step: int, norms: dict[str, float | None], global_norm: float) -> list[Alert]:
         """Alerts for one logged step from the module norms (pre-clip; None if non-finite) and the global norm."""
-        finite = [n for n in norms.values() if n is not None and math.isfinite(n) and n > 0]
+        return self.check_columns(step, list(norms), list(norms.values()), global_norm)
+
+    def check_columns(
+        self, step: int, names: Sequence[str], norms: Sequence[float | None], global_norm: float
+    ) -> list[Alert]:
+        """`check` with the module names and norms as two lists: each rule runs over whole columns.
+
+        A module whose norm is None or non-finite is left alone (that is the nonfinite rule's).
+        """
+        state = self._columns_for(names)
+        ema, seen, vanish, dead = state.ema, state.seen, state.vanish, state.dead
+        isfinite = math.isfinite
+        ok = [n is not None and isfinite(n) for n in norms]
+        values = [n if o else 0.0 for n, o in zip(norms, ok)]
+        finite = [n for n, o in zip(values, ok) if o and n > 0]
         median = statistics.median(finite) if finite else 0.0
-        alerts = []
-        for name, norm in list(norms.items()) + [(GLOBAL, global_norm)]:
-            if norm is None or not math.isfinite(norm):
-                continue  # non-finite values (None in a record) are the nonfinite rule's
-            state = self._state.setdefault(name, {"ema": 0.0, "seen": 0, "vanish": 0, "dead": 0})
-            if name != GLOBAL:
-                dead = norm == 0.0
-                vanishing = not dead and (norm < self.vanish_abs or norm < self.vanish_ratio * median)
-                state["dead"] = state["dead"] + 1 if dead else 0
-                state["vanish"] = state["vanish"] + 1 if vanishing else 0
-                alerts += self._edge(step, "dead", name, state["dead"] >= self.patience, norm,
-                                     _DEAD, name, int(state["dead"]))  # fmt: skip
-                alerts += self._edge(step, "vanishing", name, state["vanish"] >= self.patience, norm,
-                                     _VANISHING, name, norm, median, int(state["vanish"]))  # fmt: skip
-            exploding = state["seen"] >= self.warmup and norm > self.explode_factor * state["ema"] > 0
-            alerts += self._edge(step, "exploding", name, exploding, norm,
-                                 _EXPLODING, name, norm, norm / state["ema"] if state["ema"] else math.inf)  # fmt: skip
-            state["ema"] = (
-                norm if state["seen"] == 0 else self.explode_beta * state["ema"] + (1 - self.explode_beta) * norm
-            )
-            state["seen"] += 1
+        floor = self.vanish_ratio * median
+        zero = [o and n == 0.0 for n, o in zip(values, ok)]
+        low = [o and not z and (n < self.vanish_abs or n < floor) for n, o, z in zip(values, ok, zero)]
+        dead[:] = [(d + 1 if z else 0) if o else d for d, z, o in zip(dead, zero, ok)]
+        vanish[:] = [(v + 1 if w else 0) if o else v for v, w, o in zip(vanish, low, ok)]
+        factor, warmup, patience = self.explode_factor, self.warmup, self.patience
+        exploding = [o and k >= warmup and n > factor * e > 0 for n, o, k, e in zip(values, ok, seen, ema)]
+        fired: list[tuple[int, int, Alert]] = []
+        for order, (kind, on, value) in enumerate((
+            ("dead", [o and d >= patience for d, o in zip(dead, ok)], lambda i: (_DEAD, names[i], int(dead[i]))),
+            ("vanishing", [o and v >= patience for v, o in zip(vanish, ok)],
+             lambda i: (_VANISHING, names[i], values[i], median, int(vanish[i]))),
+            ("exploding", exploding,
+             lambda i: (_EXPLODING, names[i], values[i], values[i] / ema[i] if ema[i] else math.inf)),
+        )):  # fmt: skip
+            fired += [(i, order, alert) for i, alert in self._edges(step, kind, names, on, ok, values, value)]
+        fired.sort(key=lambda item: item[:2])  # module by module, as the rules read: dead, vanishing, exploding
+        beta = self.explode_beta
+        ema[:] = [(n if k == 0 else beta * e + (1 - beta) * n) if o else e for n, o, k, e in zip(values, ok, seen, ema)]
+        seen[:] = [k + 1 if o else k for k, o in zip(seen, ok)]
+        state.known[:] = [k or o for k, o in zip(state.known, ok)]
+        self._dirty = True
+        return [alert for _, _, alert in fired] + self._check_global(step, global_norm)
+
+    def _edges(self, step, kind, names, on, ok, values, message) -> list[tuple[int, Alert]]:
+        """Alerts of one rule over all modules: on where it starts, none while it stays, cleared where it ends."""
+        active = self._active
+        if active:  # cleared: a module read this step (ok) whose condition is off
+            where = self._columns.index
+            for key in [key for key in active if key[0] == kind]:
+                i = where.get(key[1])
+                if i is not None and ok[i] and not on[i]:
+                    active.discard(key)
+        out = []
+        for i in [i for i, v in enumerate(on) if v]:
+            key = (kind, names[i])
+            if key in active:
+                continue
+            active.add(key)
+            text, *args = message(i)
+            out.append((i, Alert(step, kind, names[i], f"step {step}: " + text.format(*args), values[i])))
+        return out
+
+    def _check_global(self, step: int, norm: float) -> list[Alert]:
+        """The exploding rule on the global norm (the only rule it has)."""
+        if norm is None or not math.isfinite(norm):
+            return []
+        state = self._state.setdefault(GLOBAL, {"ema": 0.0, "seen": 0, "vanish": 0, "dead": 0})
+        exploding = state["seen"] >= self.warmup and norm > self.explode_factor * state["ema"] > 0
+        alerts = self._edge(step, "exploding", GLOBAL, exploding, norm,
+                            _EXPLODING, GLOBAL, norm, norm / state["ema"] if state["ema"] else math.inf)  # fmt: skip
+        state["ema"] = norm if state["seen"] == 0 else self.explode_beta * state["ema"] + (1 - self.explode_beta) * norm
+        state["seen"] += 1
         return alerts
 
+    def _columns_for(self, names: Sequence[str]) -> _Columns:
+        """The modules' state as columns aligned with `names` (rebuilt only when the names change)."""
+        columns = self._columns
+        if columns is not None and (columns.names is names or columns.names == names):
+            return columns
+        self._sync()
+        columns = _Columns(list(names), self._state)
+        self._columns = columns
+        return columns
+
+    def _sync(self) -> None:
+        """Write the columns' state back into the per-name dicts."""
+        columns = self._columns
+        if columns is not None and self._dirty:
+            for i, name in enumerate(columns.names):
+                if columns.known[i]:
+                    self._state[name] = {"ema": columns.ema[i], "seen": columns.seen[i], "vanish": columns.vanish[i],
+                                         "dead": columns.dead[i]}  # fmt: skip
+        self._dirty = False
+
     def _edge(self, step: int, kind: str, name: str, on: bool, value: float, message: str, *args: Any) -> list[Alert]:
-        # The message is formatted only for an alert that fires: the rules run over every module each logged step.
+        # The message is formatted only for an alert that fires.
         key = (kind, name)
         if not on:
             self._active.discard(key)
@@ -155,6 +243,7 @@ class AlertRules:
         return [Alert(step, kind, name, f"step {step}: " + message.format(*args), value)]
 
     def state_dict(self) -> dict[str, Any]:
+        self._sync()
         return {
             "modules": {name: dict(state) for name, state in self._state.items()},
             "active": [list(key) for key in sorted(self._active)],
@@ -171,4 +260,5 @@ class AlertRules:
                 "AlertRules.state_dict()"
             )
         self._state = {name: {k: float(v[k]) if k == "ema" else int(v[k]) for k in v} for name, v in modules.items()}
+        self._columns, self._dirty = None, False
         self._active = {(str(kind), str(name)) for kind, name in state["active"]}

@@ -280,17 +280,19 @@ class GradRefs:
 
     Example:
         >>> refs = GradRefs(ctx.grads)              # at the logging step
-        >>> refs.counts(table_rows)                 # later: {index: (nan, inf)} of the non-finite rows
+        >>> refs.counts(pre_clip_norms, norms)     # later: {index: (nan, inf)} of the non-finite rows
     """
 
     def __init__(self, grads: Sequence[Tensor]) -> None:
         self.refs = list(map(weakref.ref, grads))
         self.versions = list(map(_VERSION, grads))
 
-    def counts(self, rows: list[list[float]]) -> dict[int, tuple[int, int]]:
-        """NaN/Inf counts of the parameters whose norms (`rows` of the read table) are non-finite; one host
-        read. Empty when all are finite, or when a gradient is gone or changed (counts unknown: null)."""
-        bad = [i for i, row in enumerate(rows) if not (math.isfinite(row[0]) and math.isfinite(row[1]))]
+    def counts(self, pre: list[float], norm: list[float]) -> dict[int, tuple[int, int]]:
+        """NaN/Inf counts of the parameters whose norms (before and after clipping, as read) are non-finite;
+        one host read. Empty when all are finite, or when a gradient is gone or changed (counts unknown: null)."""
+        if math.isfinite(sum(pre)) and math.isfinite(sum(norm)):  # the healthy step: no look at each row
+            return {}
+        bad = [i for i, (p, n) in enumerate(zip(pre, norm)) if not (math.isfinite(p) and math.isfinite(n))]
         if not bad:
             return {}
         grads = [self.refs[i]() for i in bad]

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit import _dtensor
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import record as _record
+from gradkit.tracking import summary as _summary
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import GradRefs
@@ -38,7 +38,7 @@ class Logged:
     Its fields are those of the step: ``step``, ``report``, ``detail``, ``flight`` (the `record.InFlight` read
     of its statistics), ``names``, ``params``, ``numels``, ``before`` (the weights before the step, or None),
     ``histograms``, ``grads`` (`nonfinite.GradRefs` or None), ``events`` (a re-check's hook firings, or None),
-    ``since``, ``bytes_since``, ``last_logged`` and ``gathered``.
+    ``since``, ``bytes_since``, ``last_logged``, ``gathered`` and ``weight_groups`` (the weights' grouping, or None).
     """
 
     def __init__(self, **fields: Any) -> None:
@@ -72,16 +72,18 @@ class Logged:
         if detail and histogram_bins is not None and len(ctx):
             histograms = _record.histograms(ctx, flight, histogram_bins)  # waits: TensorBoard, detail steps
         before = None
+        # Dense gradients have their weight's kind: the weights group as the gradients do.
+        weight_groups = ctx.groups() if len(ctx) and not ctx.groups().sparse else None
         if detail and update_ratio and len(ctx):
             # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
-            before = [p.detach().clone() for p in _dtensor.locals_of(ctx.params)]
+            before = _record.copy_weights(ctx.params, weight_groups)
         # Without counts on the device, a non-finite record counts NaN/Inf on the host (if the grads are unchanged).
         grads = None if detail or ctx.sharded else GradRefs(ctx.grads)
         return cls(
             step=step, report=report, detail=detail, flight=flight, names=list(ctx.names), params=list(ctx.params),
             numels=numels(ctx.grads), before=before, histograms=histograms, grads=grads,
             events=None if recheck is None else recheck[0], since=counters.since, bytes_since=counters.bytes,
-            last_logged=counters.last_logged, gathered=ranks is not None,
+            last_logged=counters.last_logged, gathered=ranks is not None, weight_groups=weight_groups,
         )  # fmt: skip
 
     def done(self) -> bool:
@@ -92,12 +94,14 @@ class Logged:
         if self.deltas is not None:
             self.deltas.wait()
 
-    def record(self, got: dict[str, Any]) -> dict[str, Any]:
-        """The step's JSONL record from its read values `got` (alerts empty), strict JSON as built."""
-        counts = self.grads.counts(got["table"]) if self.grads is not None else {}
+    def record(self, got: dict[str, Any]) -> _record.StepRecord:
+        """The step's record from its read values `got` (alerts empty), strict JSON as built."""
+        columns = got["columns"]
+        counts = self.grads.counts(columns[0], columns[1]) if self.grads is not None else {}
         return _record.assemble(
-            got, self.report, step=self.step, names=self.names, numels=self.numels, counts=counts, since=self.since,
-            bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered, deltas=self.update_norms(),
+            got, self.report, step=self.step, layout=_summary.Layout.of(self.names), numels=self.numels,
+            counts=counts, since=self.since, bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered,
+            deltas=self.update_norms(),
         )  # fmt: skip
 
     def update_norms(self) -> list[float] | None:
@@ -126,7 +130,7 @@ class Pending:
         if logged is None:
             return
         if logged.before is not None:
-            deltas = _record.update_norms(logged.params, logged.before)
+            deltas = _record.update_norms(logged.params, logged.before, logged.weight_groups)
             logged.before = None
             read = _record.HostRead(deltas.device, host_dtype(deltas.device))
             read.add("deltas", deltas)

@@ -13,6 +13,7 @@ weights after ``optimizer.step``: their norms are computed then, on the device
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from gradkit.tracking.writers import SCHEMA, clean
 __all__ = [
     "HostRead",
     "InFlight",
+    "StepRecord",
     "assemble",
     "device_event",
     "gather_tables",
@@ -46,6 +48,7 @@ __all__ = [
     "step_record",
     "trainable",
     "update_norms",
+    "copy_weights",
 ]
 
 
@@ -192,7 +195,7 @@ def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tens
     if not len(ctx):
         return torch.zeros(0, len(_stats.COLUMNS), device=norms.device, dtype=_stats.host_dtype(norms.device))
     grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
-    table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail)
+    table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail, groups=ctx.groups())
     return _full_table(table, ctx) if ctx.sharded and detail else table
 
 
@@ -229,7 +232,7 @@ def start_step(
     """Start the one host read of a logging step: the step's table, scalars, noise sample, rank
     tables and any `extra` named values; no host sync (see `HostRead.start`)."""
     read = HostRead(table.device, table.dtype)
-    read.add("table", table)
+    read.add("columns", table.T)  # read by column: the entries are built column by column (`summary`)
     for name in ("total_norm", "norm_after", "clip_coef", "skipped", "items"):
         read.add(name, getattr(report, name).reshape(()))
     for name, counter in counters.items():
@@ -244,7 +247,7 @@ def start_step(
         read.add("sample", torch.stack([t.detach().to(table.device, table.dtype).reshape(()) for t in (
             sample.small_sq, sample.small_batch, sample.big_sq, sample.big_batch)]))  # fmt: skip
     if ranks is not None:
-        read.add("ranks", ranks)
+        read.add("ranks", ranks.transpose(1, 2))
     for name, value in (extra or {}).items():
         read.add(name, value)
     return read.start(new_event)
@@ -252,11 +255,11 @@ def start_step(
 
 def step_record(
     got: dict[str, Any], report: StepReport, *, step: int, since: int, bytes_since: int, detail: bool,
-    params: dict[str, dict], modules: dict[str, dict], ranks: list[dict[str, float]] | None,
+    ranks: list[dict[str, float]] | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The JSONL step record (alerts empty, update ratios None until completed)."""
+    """The JSONL step record but its "params" and "modules" (alerts empty), strict JSON."""
     dense = getattr(report, "dense_bytes", None)  # reports of foreign boundaries may not carry it
-    return {
+    head = {
         "type": "step",
         "schema": SCHEMA,
         "step": step,
@@ -277,34 +280,71 @@ def step_record(
             "dense_bytes": None if dense is None else int(dense),
             "compression_ratio": dense / report.bytes_sent if dense is not None and report.bytes_sent else None,
         },  # fmt: skip
-        "modules": modules,
-        "params": params,
         "noise": _noise_record(got) if got["measured"] else None,
         "alerts": [],
         "ranks": ranks,
     }
+    return {key: clean(value) for key, value in head.items()}
+
+
+# The record's keys before and after its two tables of entries (`writers.STEP_FIELDS` order).
+_BEFORE = ("type", "schema", "step", "time", "steps_since_log", "detail", "global")
+_AFTER = ("noise", "alerts", "ranks")
+
+
+class StepRecord:
+    """A logged step's record: the step's own values (`head`, a dict) and its entries as columns.
+
+    Written to the JSONL file as one line encoded from the columns (`line`); made a dict
+    (`to_dict`, the record of `Tracker.history`) only when asked for.
+
+    Example:
+        >>> record = assemble(got, report, layout=layout, ...)
+        >>> json.loads(record.line()) == record.to_dict()
+        True
+    """
+
+    __slots__ = ("head", "params", "modules", "_dict")
+
+    def __init__(self, head: dict[str, Any], params: _summary.Entries, modules: _summary.Entries) -> None:
+        self.head, self.params, self.modules = head, params, modules
+        self._dict: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a dict (made once)."""
+        if self._dict is None:
+            head = self.head
+            self._dict = {key: head[key] for key in _BEFORE}
+            self._dict["modules"], self._dict["params"] = self.modules.to_dict(), self.params.to_dict()
+            self._dict.update((key, head[key]) for key in _AFTER)
+        return self._dict
+
+    def line(self) -> str:
+        """The record's JSON text, as ``json.dumps(self.to_dict(), allow_nan=False)`` writes it."""
+        head = self.head
+        before = json.dumps({key: head[key] for key in _BEFORE}, allow_nan=False)
+        after = json.dumps({key: head[key] for key in _AFTER}, allow_nan=False)
+        tables = f', "modules": {self.modules.encode()}, "params": {self.params.encode()}, '
+        return before[:-1] + tables + after[1:]
 
 
 def assemble(
-    got: dict[str, Any], report: StepReport, *, step: int, names: Sequence[str], numels: Sequence[int],
+    got: dict[str, Any], report: StepReport, *, step: int, layout: _summary.Layout, numels: Sequence[int],
     counts: dict[int, tuple[int, int]], since: int, bytes_since: int, detail: bool, gathered: bool,
     deltas: list[float] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """The JSONL record of a logged step from its read values `got` (`start_step`): per-parameter and
+) -> StepRecord:  # fmt: skip
+    """The record of a logged step from its read values `got` (`start_step`): per-parameter and
     per-module statistics (with host-counted NaN/Inf `counts`, and ||Δw||/||w|| from the read ||Δw|| per
     parameter `deltas`: zeros for a skipped step, None when the weights were not copied), the step's
     scalars and, if `gathered`, every rank's module norms. Alerts empty.
 
     The record is strict JSON as built (non-finite numbers are None), so no pass cleans it again."""
     if got["skipped"]:
-        deltas = [0.0] * len(names)  # a skipped step does not move the weights
-    params, modules = _summary.summarize(names, numels, got["table"], counts, deltas=deltas, strict=True)
-    ranks = rank_norms(names, numels, got["ranks"]) if gathered else None
-    record = step_record(
-        got, report, step=step, since=since, bytes_since=bytes_since, detail=detail, params=params, modules=modules,
-        ranks=ranks,
-    )  # fmt: skip
-    return {key: value if key in ("params", "modules") else clean(value) for key, value in record.items()}
+        deltas = [0.0] * len(layout.names)  # a skipped step does not move the weights
+    params, modules = _summary.summarize_columns(layout, numels, got["columns"], counts, deltas=deltas, detail=detail)
+    ranks = rank_norms(layout, numels, got["ranks"]) if gathered else None
+    head = step_record(got, report, step=step, since=since, bytes_since=bytes_since, detail=detail, ranks=ranks)
+    return StepRecord(head, params, modules)
 
 
 def standalone_report(ctx: GradContext, step: int, items: int | None) -> StepReport:
@@ -331,8 +371,9 @@ def histograms(ctx: GradContext, flight: InFlight, bins: int) -> dict[str, dict]
     """TensorBoard histograms of the step's gradients per module. Their ranges are host values: this waits
     for the step's read (`flight`)."""
     flight.wait()
-    _, modules = _summary.summarize(ctx.names, list(map(Tensor.numel, ctx.grads)), flight.values()["table"], {})
-    return _stats.histograms(ctx.names, _dtensor.locals_of(ctx.grads), modules, bins)
+    layout, numels = _summary.Layout.of(ctx.names), list(map(Tensor.numel, ctx.grads))
+    modules = _summary.summarize_columns(layout, numels, flight.values()["columns"], {}, strict=False)[1]
+    return _stats.histograms(ctx.names, _dtensor.locals_of(ctx.grads), modules.to_dict(), bins)
 
 
 def _noise_record(got: dict[str, Any]) -> dict[str, Any]:
@@ -365,24 +406,54 @@ def gather_tables(table: Tensor) -> Tensor | None:
     return torch.stack(out)
 
 
-def rank_norms(names: Sequence[str], numels: Sequence[int], tables: list[list[list[float]]]) -> list[dict[str, float]]:
-    """Per rank, module -> pre-clip gradient norm, from the gathered tables."""
-    if not names:
+def rank_norms(
+    layout: _summary.Layout, numels: Sequence[int], tables: list[list[list[float]]]
+) -> list[dict[str, float]]:
+    """Per rank, module -> pre-clip gradient norm, from the gathered tables (each read by column)."""
+    if not layout.names:
         return []
-    return [
-        {m: v["norm_pre_clip"] for m, v in _summary.summarize(names, numels, rows, {})[1].items()} for rows in tables
-    ]
+    out = []
+    for columns in tables:
+        modules = _summary.summarize_columns(layout, numels, columns, {}, strict=False)[1]
+        out.append(dict(zip(modules.names, modules.column("norm_pre_clip"))))
+    return out
 
 
-def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
-    """||Δw|| per parameter, from the weights `before` the step and now, as one 1-D device tensor;
-    no host sync. `before` is consumed (overwritten with the deltas)."""
-    after = [_dtensor.local(p).detach() for p in params]
-    for _, (members, positions) in _foreach.group_tensors(before).items():
-        torch._foreach_sub_(members, [after[i] for i in positions])
-    deltas = _foreach.per_tensor_norms(before, 2.0, at_least=torch.float32)
-    device = deltas[0].device
-    deltas = torch.stack([d.to(device) for d in deltas])
+def copy_weights(params: Sequence[Tensor], groups: _foreach.Groups | None = None) -> list[Tensor]:
+    """A copy of the weights (this rank's shards), for ||Δw|| after the step: one foreach pass per
+    (device, dtype) group instead of one clone call per tensor. `groups`: their grouping, if known."""
+    local = _dtensor.locals_of(params)
+    groups = groups if groups is not None else _foreach.Groups.of(local)
+    copies: list[Tensor | None] = [None] * len(local)
+    with torch.no_grad():
+        for device, _, positions, pick in groups.dense:
+            members = pick(local)
+            # x * 1 is x exactly (NaN, Inf and -0.0 included): foreach has no out-of-place copy.
+            copied = (
+                torch._foreach_mul(members, 1) if _foreach._foreach_supported(device) else [m.clone() for m in members]
+            )
+            for i, c in zip(positions, copied):
+                copies[i] = c
+        for i in groups.sparse:
+            copies[i] = local[i].detach().clone()
+    return copies  # type: ignore[return-value]
+
+
+def update_norms(params: Sequence[Tensor], before: list[Tensor], groups: _foreach.Groups | None = None) -> Tensor:
+    """||Δw|| per parameter, from the weights `before` the step (`copy_weights`) and now, as one 1-D device
+    tensor; no host sync. `before` is consumed (overwritten with the deltas). `groups`: their grouping, if known."""
+    after = _dtensor.locals_of(params)
+    groups = groups if groups is not None else _foreach.Groups.of(before)
+    with torch.no_grad():
+        for (device, _, members), (_, _, now) in zip(groups.split(before), groups.split(after)):
+            if _foreach._foreach_supported(device):
+                torch._foreach_sub_(members, now)
+            else:
+                for m, n in zip(members, now):
+                    m.sub_(n)
+        for i in groups.sparse:
+            before[i].sub_(after[i])
+        deltas = groups.stacked_norms(before, 2.0, at_least=torch.float32)
     if _dtensor.any_dtensor(params):  # norms of the full updates, from the shards'
         deltas = _dtensor.reduce_sums(deltas.double().square(), params).sqrt()
     return deltas

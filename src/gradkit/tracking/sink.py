@@ -9,14 +9,18 @@ alerts of a replay (`Tracker.locate_nonfinite`) go to the file writers through i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradkit._version import __version__
 from gradkit.tracking.alerts import Alert, AlertRules, logger
 from gradkit.tracking.nonfinite import NonfiniteWatch
 from gradkit.tracking.pending import Logged
-from gradkit.tracking.writers import SCHEMA, make_writers
+from gradkit.tracking.record import StepRecord
+from gradkit.tracking.summary import Entries, Layout
+from gradkit.tracking.writers import SCHEMA, JsonlWriter, make_writers
 
 __all__ = ["RecordSink"]
 
@@ -49,9 +53,18 @@ class RecordSink:
     ) -> None:
         self.writers = make_writers(writer_names, log_dir)
         self.rules, self.nonfinite, self.loud = rules, nonfinite, loud
-        self.history: list[dict[str, Any]] = []
+        self._history: list[dict[str, Any]] = []
+        self._unread: list[StepRecord] = []  # records not yet made dicts: that waits until `history` is read
         self.alerts: list[Alert] = []
         self.last_alerts: list[Alert] = []
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per logged step, oldest first (the same list object every time, growing)."""
+        if self._unread:
+            self._history.extend(record.to_dict() for record in self._unread)
+            self._unread.clear()
+        return self._history
 
     def write(self, logged: Logged, *, next_step: int) -> None:
         """Assemble the record of a logged step from its host values, raise its alerts, keep and write it.
@@ -60,19 +73,23 @@ class RecordSink:
         """
         got, step = logged.flight.values(), logged.step
         record = logged.record(got)
-        modules, params = record["modules"], record["params"]
-        alerts = self.rules.check(step, {m: v["norm_pre_clip"] for m, v in modules.items()}, got["total_norm"])
+        modules, params = record.modules, record.params
+        alerts = self.rules.check_columns(step, modules.names, modules.column("norm_pre_clip"), got["total_norm"])
         recheck = None if logged.events is None else (logged.events, got.get("recheck", []))
+        names, entries = (params.names, params.to_dict()) if _maybe_nonfinite(params) else ([], {})
         alerts += self.nonfinite.alerts(
-            step, logged.names, params, skipped_since=int(got["skipped_steps"]), last_logged=logged.last_logged,
+            step, names, entries, skipped_since=int(got["skipped_steps"]), last_logged=logged.last_logged,
             recheck=recheck, next_step=next_step,
         )  # fmt: skip
-        record["alerts"] = [a.to_dict() for a in alerts]
+        record.head["alerts"] = [a.to_dict() for a in alerts]
         self.raise_alerts(alerts)
         self.last_alerts = alerts
-        self.history.append(record)
+        self._unread.append(record)
         for writer in self.writers:
-            writer.write(record, logged.histograms)
+            if isinstance(writer, JsonlWriter):
+                writer.write_line(record.line())
+            else:
+                writer.write(record.to_dict(), logged.histograms)
 
     def alert(self, alert: Alert) -> None:
         """An alert found outside a logged step (a replay): logged, kept, and written to the file writers."""
@@ -85,6 +102,16 @@ class RecordSink:
             if self.loud:
                 logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
         self.alerts.extend(alerts)
+
+    def start_run(self, names: list[str], *, every: int, meta: dict[str, Any]) -> None:
+        """Write the run header: the parameters and modules tracked, the logging period and the run's settings."""
+        modules = Layout.of(names).modules
+        self.header({"type": "run", "schema": SCHEMA, "version": __version__, "time": time.time(), "every": every,
+                     "params": names, "modules": modules, "meta": meta})  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The alert rules' state and every alert so far (the tracker's state holds both)."""
+        return {"rules": self.rules.state_dict(), "alerts": [a.to_dict() for a in self.alerts]}
 
     def header(self, entry: dict[str, Any]) -> None:
         """Write a non-step entry (the run header, a replay's alert) to the file writers."""
@@ -101,3 +128,11 @@ class RecordSink:
         for writer in self.writers:
             writer.close()
         self.writers = []
+
+
+def _maybe_nonfinite(params: Entries) -> bool:
+    """Whether some parameter's entry may say non-finite (`nonfinite` then reads the entries one by one)."""
+    nan, inf = params.column("nan"), params.column("inf")
+    if None in nan or None in params.column("norm_pre_clip") or None in params.column("norm"):
+        return True
+    return any(nan) or any(inf)

@@ -43,8 +43,9 @@ def host_dtype(device: torch.device) -> torch.dtype:
 
 
 def param_stats(
-    grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor, pre_clip: Tensor | None, *, detail: bool = True
-) -> Tensor:
+    grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor, pre_clip: Tensor | None, *, detail: bool = True,
+    groups: _foreach.Groups | None = None,
+) -> Tensor:  # fmt: skip
     """A (P, len(COLUMNS)) tensor of statistics, one row per parameter, on ``norms.device``; no host sync.
 
     Args:
@@ -54,6 +55,8 @@ def param_stats(
         pre_clip: the norms before clipping (``ctx.pre_clip_norms``), or None for `norms`.
         detail: also max |g|, the nonzero, NaN and Inf counts and the weight norm;
             otherwise those columns are NaN and the call costs nothing but the cached norms.
+        groups: the (device, dtype) grouping of `grads`, if known (``ctx.groups()``): finding
+            it reads every tensor's kind.
 
     Returns:
         The table, in ``host_dtype(norms.device)``.
@@ -70,7 +73,7 @@ def param_stats(
     base = torch.stack([(pre_clip if pre_clip is not None else norms).to(device, dtype), norms.to(device, dtype)], 1)
     if not detail:
         return torch.cat([base, torch.full((len(grads), len(DETAIL)), math.nan, device=device, dtype=dtype)], 1)
-    return torch.cat([base, FusedStats.of(grads).table(grads, params, device, dtype)], 1)
+    return torch.cat([base, FusedStats.of(grads, groups).table(grads, params, device, dtype)], 1)
 
 
 class FusedStats:
@@ -92,8 +95,8 @@ class FusedStats:
     _cache: dict[tuple, FusedStats] = {}
     _CACHE_SIZE = 16
 
-    def __init__(self, grads: Sequence[Tensor]) -> None:
-        self.groups = _foreach.Groups.of(grads)
+    def __init__(self, grads: Sequence[Tensor], groups: _foreach.Groups | None = None) -> None:
+        self.groups = groups if groups is not None else _foreach.Groups.of(grads)
         self.parts: list[tuple[torch.device, _foreach._Pick, Tensor | None, int, _foreach._Pick]] = []
         order: list[int] = []
         for device, _, positions, _ in self.groups.dense:
@@ -118,12 +121,14 @@ class FusedStats:
         self._moved: dict[torch.device, Tensor] = {}
 
     @classmethod
-    def of(cls, grads: Sequence[Tensor]) -> FusedStats:
-        """The layout of `grads`, from the cache when a list of the same kinds and sizes was seen before."""
-        key = (_foreach.Groups.of(grads), tuple(map(Tensor.numel, grads)))
+    def of(cls, grads: Sequence[Tensor], groups: _foreach.Groups | None = None) -> FusedStats:
+        """The layout of `grads`, from the cache when a list of the same kinds and sizes was seen before.
+
+        `groups`: their grouping, if known (else it is found from the tensors)."""
+        key = (groups if groups is not None else _foreach.Groups.of(grads), tuple(map(Tensor.numel, grads)))
         found = cls._cache.get(key)
         if found is None:
-            found = cls(grads)
+            found = cls(grads, key[0])
             if len(cls._cache) >= cls._CACHE_SIZE:
                 del cls._cache[next(iter(cls._cache))]
             cls._cache[key] = found
@@ -133,6 +138,13 @@ class FusedStats:
         self, grads: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, dtype: torch.dtype
     ) -> Tensor:
         """(P, len(DETAIL)) on `device`, in input order; no host sync."""
+        # Under no_grad rather than one detach per tensor: no Python work per tensor on this path.
+        with torch.no_grad():
+            return self._table(grads, params, device, dtype)
+
+    def _table(
+        self, grads: Sequence[Tensor], params: Sequence[Tensor], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
         blocks = []
         for _part_device, pick_small, segments, count, pick_large in self.parts:
             if pick_small is not None:
@@ -144,8 +156,12 @@ class FusedStats:
         table = torch.cat(blocks) if blocks else torch.zeros(0, 4, device=device, dtype=dtype)
         if self._inverse is not None:
             table = table.index_select(0, self._moved_inverse(device))
-        weights = _foreach.per_tensor_norms([p.detach() for p in params], 2.0, at_least=torch.float32)
-        weight = torch.stack([w.to(device, dtype) for w in weights]) if weights else table[:, 0]
+        if params:  # one stacked foreach norm per (device, dtype) group of the weights
+            # Dense gradients have their weight's kind: the weights group as they do.
+            groups = self.groups if not self.sparse else _foreach.Groups.of(params)
+            weight = groups.stacked_norms(params, 2.0, at_least=torch.float32).to(device, dtype)
+        else:
+            weight = table[:, 0]
         # columns: max_abs, nonzero, weight_norm, nan, inf
         return torch.cat([table[:, :2], weight.unsqueeze(1), table[:, 2:]], 1)
 
@@ -166,7 +182,7 @@ def _to_device(values: list[int], device: torch.device) -> Tensor:
 
 def _segment_stats(members: list[Tensor], segments: Tensor, count: int) -> Tensor:
     """(count, 4): max |g|, nonzero, NaN and Inf counts of each small tensor, over one flattened buffer."""
-    flat = torch._C._nn.flatten_dense_tensors([m.detach() for m in members])
+    flat = torch._C._nn.flatten_dense_tensors(members)  # under no_grad (`FusedStats.table`)
     out_dtype = torch.promote_types(flat.dtype, torch.float32)
     if flat.numel() == 0:
         return torch.zeros(count, 4, device=flat.device, dtype=out_dtype)

@@ -8,7 +8,6 @@ on the device (clipped steps, skipped steps) and reads nothing on the host.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,24 +18,23 @@ from torch import Tensor, nn
 
 from gradkit import _checks
 from gradkit._stateful import load_all_or_nothing
-from gradkit._version import __version__
 from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import record as _record
-from gradkit.tracking import stats as _stats
 from gradkit.tracking.alerts import Alert, AlertRules
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import NonfiniteLocator, NonfiniteWatch
 from gradkit.tracking.pending import Logged, Pending
 from gradkit.tracking.sink import RecordSink
-from gradkit.tracking.writers import SCHEMA, check_log_dir, check_meta, check_writers
+from gradkit.tracking.standalone import ManualTracking
+from gradkit.tracking.writers import check_log_dir, check_meta, check_writers
 
 __all__ = ["Tracker"]
 
 
-class Tracker:
+class Tracker(ManualTracking):
     """Gradient statistics per parameter and per module, alerts, noise scale and logs.
 
     On each logging step it records, per parameter and per module (a module is
@@ -75,25 +73,15 @@ class Tracker:
             `log_dir`, or `meta` that is not JSON-serialisable.
         ImportError: "tensorboard" in `writers` without the tensorboard package.
 
-    The tracker never stalls the step: a logging step copies its statistics to
-    the host without waiting (pinned memory and an event on CUDA); its record is
-    written once the copy has completed, as polled at a later step, or by
-    `flush` / `close` / `state_dict` / `locate_nonfinite` (which wait). On CPU
-    each record is written at the end of its own step; on a GPU `history`,
-    `alerts` and `last_alerts` can lag one or a few steps (`flush()` catches
-    up). Records are never lost, reordered or changed by this. Only rank 0
-    (torch.distributed) writes; other ranks do nothing on logging steps unless `gather`.
-
-    NaN/Inf counts are measured on detail steps (and on a step logged to
-    re-check a non-finite one). On another logged step whose gradient is
-    non-finite they are counted when the record is read, if the step's
-    gradients are still there unchanged (on CPU, always); else they are null
-    in the record and the alert says so. TensorBoard histograms (detail steps
-    only) still read the host during the step.
+    The tracker never stalls the step: a logging step copies its statistics to the host
+    without waiting, and its record is written once the copy has completed (on a GPU,
+    `history` and the alerts can lag a step or a few; `flush()` catches up). Only rank 0
+    writes. docs/tracking.md ("When it costs what") says what each kind of step costs,
+    and when NaN/Inf counts are measured.
 
     Memory: on logging steps only, one copy of the trainable weights held from
     ``observe`` to ``after_step`` (for ||Δw||; ``update_ratio=False`` removes
-    it), and ``P x 5`` statistics; `history` keeps one dict per logged step.
+    it), and ``P x 7`` statistics; `history` keeps one record per logged step.
 
     Example:
         >>> tracker = gk.Tracker("runs/exp1", every=10, writers=("jsonl", "tensorboard"))
@@ -123,20 +111,11 @@ class Tracker:
         gather: bool = False,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        self.every = _checks.positive_int("every", every, "log every N-th optimizer step, e.g. every=10")
-        self.detail_every = (
-            max(self.every, 10)
-            if detail_every is None
-            else _checks.positive_int(
-                "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
-            )
-        )
+        self.every, self.detail_every = _check_every(every, detail_every)
         self.writer_names = check_writers(writers)
         self.rules = AlertRules.or_default(alerts)
         self.noise = NoiseScale(noise_beta)
-        self.update_ratio = _checks.flag(
-            "update_ratio", update_ratio, "pass False to skip the weight copy on logging steps"
-        )
+        self.update_ratio = _checks.flag("update_ratio", update_ratio, "pass False to skip the weight copy")
         self.histogram_bins = _checks.positive_int("histogram_bins", histogram_bins, "pass a bin count, e.g. 64")
         self.gather = _checks.flag("gather", gather, "pass True to collect every rank's statistics on rank 0")
         self.meta = check_meta(meta)
@@ -189,10 +168,7 @@ class Tracker:
         if thresholds and "max_norm" not in self.meta:
             self.meta["max_norm"] = min(thresholds)  # the report draws it as the clip line
         self._nonfinite.attach(module, self._names, self._params)
-        modules = list(dict.fromkeys(_stats.module_of(n) for n in self._names))
-        header = {"type": "run", "schema": SCHEMA, "version": __version__, "time": time.time(),
-                  "every": self.every, "params": self._names, "modules": modules, "meta": self.meta}  # fmt: skip
-        self._sink.header(header)
+        self._sink.start_run(self._names, every=self.every, meta=self.meta)
 
     def wants(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based) is a logging step.
@@ -242,76 +218,6 @@ class Tracker:
         """
         self._drain(wait=True)
 
-    # -- standalone use --------------------------------------------------------------
-
-    def track(self, model: nn.Module | Sequence[tuple[str, Tensor]] | None = None, *, items: int | None = None) -> None:
-        """Observe the gradients in ``p.grad`` after ``backward()``, without a pipeline.
-
-        Call it once per optimizer step, before ``optimizer.step()``. Without
-        clip stages, the norms before and after clipping are the same and no
-        noise scale is measured. The update ratio of a logged step is completed
-        by ``after_step()`` (call it after ``optimizer.step()``), or else at the
-        next `track` call.
-
-        Args:
-            model: the module (or ``named_parameters()`` pairs); needed on the
-                first call, optional after (the same model is assumed).
-            items: how many items the step's batch held, for the log.
-
-        Raises:
-            RuntimeError: no model on the first call.
-            ValueError: the model's parameters differ from the first call's.
-
-        Example:
-            >>> loss.backward(); tracker.track(model); optimizer.step(); tracker.after_step()
-        """
-        if model is not None:
-            module, names, params = _record.trainable(model)
-            if self._names is None:
-                self.attach(module, names, params)
-            elif names != self._names:
-                raise ValueError(
-                    "track(model): the parameters differ from the ones this tracker was attached to; use one Tracker "
-                    "per model"
-                )
-        elif self._names is None:
-            raise RuntimeError("track() needs the model on its first call: tracker.track(model)")
-        step = self.step + 1
-        if not self.wants(step):
-            self.step = step
-            self._counters.since += 1
-            self._drain()
-            return
-        ctx = GradContext(self._names, self._params)
-        self.observe(ctx, _record.standalone_report(ctx, step, items))
-
-    def locate_nonfinite(self, closure: Callable[[], Tensor]) -> str | None:
-        """Replay one batch with hooks and name the first module, in backward order, making the gradient non-finite.
-
-        Use it when a non-finite step did not recur on the next step (the
-        tracker re-checks that one by itself): rerun the offending batch.
-        Gradients are computed with ``torch.autograd.grad``, so ``p.grad`` is
-        left untouched.
-
-        Args:
-            closure: runs the forward pass and returns the scalar loss, e.g.
-                ``lambda: loss_fn(model(x), y)``.
-
-        Returns:
-            The module name ("(loss)" when the loss itself was non-finite), or
-            None when every gradient was finite. A found origin is also an alert.
-
-        Example:
-            >>> tracker.locate_nonfinite(lambda: F.cross_entropy(model(x_bad), y_bad))
-            '4.attn'
-        """
-        self.flush()  # the pending records' alerts (and hooks) first
-        alert = self._nonfinite.replay(closure, self._params, self.step)
-        if alert is None:
-            return None
-        self._sink.alert(alert)
-        return alert.name
-
     def close(self) -> None:
         """Write every logged step still waiting (for its update ratio or its host copy), and close the writers."""
         self.flush()
@@ -354,13 +260,11 @@ class Tracker:
         Flushes first (waits for the logged steps in flight), so that the alert state includes them.
         """
         self.flush()
+        parts = (self._counters, self._nonfinite, self._sink)
         return {
             "step": self.step,
-            **self._counters.state_dict(),
-            **self._nonfinite.state_dict(),
             "noise": self.noise.state_dict(),
-            "rules": self.rules.state_dict(),
-            "alerts": [a.to_dict() for a in self._sink.alerts],
+            **{k: v for p in parts for k, v in p.state_dict().items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -381,5 +285,15 @@ class Tracker:
         self._nonfinite.load_state_dict(state)
 
 
-# What state_dict holds: the tracker's own, SinceLastLog's and NonfiniteWatch's keys.
+def _check_every(every: object, detail_every: object) -> tuple[int, int]:
+    """`every` and `detail_every` (default ``max(every, 10)``), checked."""
+    every = _checks.positive_int("every", every, "log every N-th optimizer step, e.g. every=10")
+    if detail_every is None:
+        return every, max(every, 10)
+    return every, _checks.positive_int(
+        "detail_every", detail_every, "pass how often logged steps get full statistics, e.g. 10"
+    )
+
+
+# What state_dict holds: the tracker's own, SinceLastLog's, NonfiniteWatch's and RecordSink's keys.
 _STATE_KEYS = set("step noise rules alerts last_logged since bytes clipped skipped forced armed".split())

@@ -102,6 +102,10 @@ class JsonlWriter:
             line = json.dumps(record, allow_nan=False)
         except ValueError:
             line = json.dumps(clean(record), allow_nan=False)
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        """Append one JSON text already encoded (a step record's `record.StepRecord.line`)."""
         self._file.write(line + "\n")
         self._file.flush()
 
