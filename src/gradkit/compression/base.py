@@ -180,7 +180,9 @@ class Compressor(Stateful):
         self.residual_(tensor, payload)
         return payload
 
-    def absorb_sum_(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor) -> Payload:
+    def absorb_sum_(
+        self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor, *, write_back: Tensor | None = None
+    ) -> Payload:
         """`compress_sum_`, then `into` keeps what was not sent; where `keep` is False nothing is sent.
 
         Error feedback's whole one-process step on a residual `into`: ``into += addend * scale``,
@@ -192,6 +194,9 @@ class Compressor(Stateful):
         Args:
             into: a 1-d tensor (the residual); addend: one of its size, dtype and device.
             scale: a 0-d tensor in their dtype; keep: a 0-d bool tensor (no host read).
+            write_back: a 0-d tensor in their dtype, or None: what is sent, times it, is written
+                into the zeroed `addend` (the one-process step's selective update; `TopK` writes
+                it in the selecting pass, while each chunk is in cache).
 
         Returns:
             The payload of the new `into`, its values times `keep`.
@@ -201,7 +206,28 @@ class Compressor(Stateful):
             if part.is_floating_point():
                 part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
         self.residual_(into, payload)
+        if write_back is not None:
+            self.add_sent_(addend, payload, write_back)
         return payload
+
+    def add_sent_(self, tensor: Tensor, payload: Payload, factor: Tensor | None = None) -> Tensor:
+        """Add what `payload` sends (times `factor`, if given) into `tensor`, in place.
+
+        Sparse payloads are scattered (padding adds 0), others decompressed.
+
+        Args:
+            tensor: a tensor of the payload's size; factor: a 0-d tensor, or None for 1.
+
+        Returns:
+            `tensor`.
+        """
+        if self.sparse:
+            indices, values = payload.tensors
+            values = values.to(tensor.dtype) if factor is None else values.to(tensor.dtype) * factor
+            tensor.view(-1).index_add_(0, indices.long(), values)
+            return tensor
+        sent = self.decompress(payload).view_as(tensor)
+        return tensor.add_(sent if factor is None else sent * factor)
 
     def payload_for(self, tensors: list[Tensor], like: Payload) -> Payload:
         """A payload with other wire tensors (e.g. the sum over ranks) and `like`'s local facts."""

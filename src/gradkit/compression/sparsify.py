@@ -160,12 +160,17 @@ class TopK(_Sparsifier):
             return super().compress_sum_(into, addend, scale)
         return self._select_sum(into, addend, scale, None)
 
-    def absorb_sum_(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor) -> Payload:
+    def absorb_sum_(
+        self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor, *, write_back: Tensor | None = None
+    ) -> Payload:
         """`Compressor.absorb_sum_` in one pass on a CPU: add, zero the addend, select, gather the
-        values and take them out of `into`, a chunk at a time (`select_in_chunks`)."""
+        values, take them out of `into` and (with `write_back`) write them into the addend, a chunk
+        at a time (`select_in_chunks`). There `keep` is read on the host (a CPU has no device to
+        wait for): a kept step's addend is finite (the caller checked it), so the pass skips
+        `nan_to_num`, which only a refused step needs."""
         if not self._sampled(into.numel()):
-            return super().absorb_sum_(into, addend, scale, keep)
-        return self._select_sum(into, addend, scale, keep)
+            return super().absorb_sum_(into, addend, scale, keep, write_back=write_back)
+        return self._select_sum(into, addend, scale, keep, write_back)
 
     @property
     def _target(self) -> float:
@@ -175,19 +180,25 @@ class TopK(_Sparsifier):
         """Whether the sampled threshold selects (else `torch.topk` does)."""
         return not (self.exact or count_for(self.density, n) == n or n <= MIN_SAMPLE)
 
-    def _select_sum(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor | None) -> Payload:
+    def _select_sum(
+        self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor | None, write_back: Tensor | None = None
+    ) -> Payload:
         n = into.numel()
         k = count_for(self.density, n)
         drawn = sample_positions(n, k, self._target, into.device)
         sample = into.index_select(0, drawn) + addend.index_select(0, drawn).nan_to_num(0.0, 0.0, 0.0) * scale
         threshold = threshold_of_sample(sample, n, k, self._target)
+        chunked = into.device.type in selection.CHUNKED_DEVICES
+        # CPU only (a host read there waits for nothing): a kept step's addend is finite.
+        finite = chunked and keep is not None and bool(keep)
 
         def add(start: int, end: int) -> None:
             taken = addend[start:end]
-            into[start:end].addcmul_(taken.nan_to_num_(0.0, 0.0, 0.0), scale)
+            into[start:end].addcmul_(taken if finite else taken.nan_to_num_(0.0, 0.0, 0.0), scale)
             taken.zero_()
 
-        return self._select(into, threshold, into.shape, prepare=add, keep=keep, residual=keep is not None)
+        write = None if write_back is None else (addend, write_back)
+        return self._select(into, threshold, into.shape, prepare=add, keep=keep, residual=keep is not None, write=write)
 
     def _select(
         self,
@@ -198,9 +209,12 @@ class TopK(_Sparsifier):
         prepare: Callable[[int, int], None] | None = None,
         keep: Tensor | None = None,
         residual: bool = False,
+        write: tuple[Tensor, Tensor] | None = None,
     ) -> Payload:
         """The payload of the entries of `flat` at or above `threshold` (after ``prepare(0, n)``);
-        values times `keep` if given; with `residual`, what is sent is taken out of `flat`."""
+        values times `keep` if given; with `residual`, what is sent is taken out of `flat`; with
+        ``write=(target, factor)``, what is sent, times factor, is added into `target` (flat's size,
+        zeroed by `prepare` chunk by chunk when `residual`: the chunked pass writes, not adds)."""
         n = flat.numel()
         k = count_for(self.density, n)
         capacity = exactly_k_capacity(n, k) if self.exactly_k else min(n, math.ceil(_CAPACITY * k))
@@ -213,28 +227,54 @@ class TopK(_Sparsifier):
                 payload = sparse_payload(self, flat, indices, valid, shape, self.value_dtype)
             else:
                 payload = self._payload_of(flat, candidates, shape)
-            return self._kept(flat, payload, keep, residual)
+            return self._kept(flat, payload, keep, residual, write)
         take = None
         if residual and not self.exactly_k:
-
-            def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
-                sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
-                # found - found * 1 is exactly 0: what is sent leaves nothing behind.
-                chunk.index_put_((local,), found - (sent if keep is None else sent * keep))
-
+            take = self._taker(flat, keep, write)
         positions, values = select_in_chunks(flat, threshold, capacity, prepare=prepare, take=take)
         if self.exactly_k:
             payload = self._exactly_k_payload(positions, values, k, n, shape)
-            return self._kept(flat, payload, keep, residual)
+            return self._kept(flat, payload, keep, residual, write)
         payload = self._padded_payload(positions, values, capacity, n, shape)
-        return self._kept(flat, payload, keep, False)
+        return self._kept(flat, payload, keep, False, None if take is not None else write)
 
-    def _kept(self, flat: Tensor, payload: Payload, keep: Tensor | None, residual: bool) -> Payload:
-        """`payload` with its values times `keep`; with `residual`, taken out of `flat`."""
+    def _taker(
+        self, flat: Tensor, keep: Tensor | None, write: tuple[Tensor, Tensor] | None
+    ) -> Callable[[Tensor, Tensor, Tensor], None]:
+        """`select_in_chunks`'s ``take``: what is sent leaves the chunk of `flat` (and, with `write`,
+        enters the same chunk of its target) while the chunk is in cache."""
+
+        def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
+            sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
+            sent = sent if keep is None else sent * keep
+            # found - found * 1 is exactly 0: what is sent leaves nothing behind.
+            chunk.index_put_((local,), found - sent)
+            if write is not None:
+                target, factor = write
+                start = chunk.storage_offset() - flat.storage_offset()
+                # NaN is never sent (the payload pads it): 0 there. The target's chunk was zeroed by
+                # `prepare` (`_select_sum`), so a plain write is the scatter-add.
+                sent = sent.nan_to_num(0.0, math.inf, -math.inf).mul_(factor)
+                target[start : start + chunk.numel()].index_put_((local,), sent)
+
+        return take
+
+    def _kept(
+        self,
+        flat: Tensor,
+        payload: Payload,
+        keep: Tensor | None,
+        residual: bool,
+        write: tuple[Tensor, Tensor] | None = None,
+    ) -> Payload:
+        """`payload` with its values times `keep`; with `residual`, taken out of `flat`; with `write`,
+        added (times its factor) into its target."""
         if keep is not None:
             payload.tensors[1].mul_(keep)
         if residual:
             self.residual_(flat, payload)
+        if write is not None:
+            self.add_sent_(write[0], payload, write[1])
         return payload
 
     def _padded_payload(self, positions: Tensor, values: Tensor, capacity: int, n: int, shape) -> Payload:
