@@ -119,6 +119,31 @@ def test_fused_absorb_sum_equals_the_default_composition(name, keep):
         assert torch.equal(into, residual) and torch.count_nonzero(compressor.decompress(got)) == 0
 
 
+@pytest.mark.parametrize("name", list(TOPKS))
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("factor", [1.0, 4.0])
+def test_fused_absorb_sum_writes_back_what_the_default_composition_scatters(name, keep, factor):
+    # The sent values enter the addend in the selecting pass (exactly_k: every candidate, then the
+    # rejected ones are put back); the addend, residual and payload equal the plain composition's.
+    residual = torch.randn(N, generator=torch.Generator().manual_seed(11)) * 0.1
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(12))
+    if not keep:
+        grad[[7, 500_000]] = torch.tensor([float("nan"), -float("inf")])
+    scale, write_back = torch.tensor(0.5 if keep else 0.0), torch.tensor(factor)
+    into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
+    torch.manual_seed(3)
+    got = TOPKS[name]().absorb_sum_(into, addend, scale, torch.tensor(keep), write_back=write_back)
+    torch.manual_seed(3)
+    compressor = TOPKS[name]()
+    expected = Compressor.absorb_sum_(
+        compressor, into_plain, addend_plain, scale, torch.tensor(keep), write_back=write_back
+    )
+    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
+    assert torch.equal(into, into_plain) and torch.equal(addend, addend_plain)
+    assert torch.equal(addend, compressor.decompress(got) * factor)
+    assert (torch.count_nonzero(addend) > 0) == keep
+
+
 def test_fast_topk_drops_nan_from_what_it_sends():
     x = torch.randn(N, generator=torch.Generator().manual_seed(10))
     x[[3, 300_000, 600_000]] = float("nan")

@@ -108,7 +108,7 @@ def _positions_of_marks(mask: Tensor, capacity: int) -> Tensor:
     words = mask.view(torch.int64)
     hit = words.nonzero().view(-1)
     within = words.index_select(0, hit).view(torch.bool).nonzero().view(-1)
-    return (hit.index_select(0, within >> 3) * 8 + (within & 7))[:capacity]
+    return torch.add(within & 7, hit.index_select(0, within >> 3), alpha=8)[:capacity]
 
 
 def select_in_chunks(
@@ -154,7 +154,8 @@ def select_in_chunks(
         if room == 0:
             continue  # full: the rest is only prepared
         part, size = flat[start:end], end - start
-        marks[size:] = False  # the last chunk's tail, and the padding to a whole word
+        if size < marks.numel():
+            marks[size:] = False  # the last chunk's tail, and the padding to a whole word
         marks[:size].copy_(torch.div(part, threshold, rounding_mode="trunc", out=scratch[:size]))
         local = _positions_of_marks(marks, room)
         if local.numel() == 0:

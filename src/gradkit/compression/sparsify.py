@@ -228,15 +228,31 @@ class TopK(_Sparsifier):
             else:
                 payload = self._payload_of(flat, candidates, shape)
             return self._kept(flat, payload, keep, residual, write)
-        take = None
-        if residual and not self.exactly_k:
-            take = self._taker(flat, keep, write)
+        # The pass takes every entry it finds out of flat (and writes it into write's target) while
+        # its chunk is in cache; with exactly_k, the candidates that lose to the k largest go back after.
+        take = self._taker(flat, keep, write) if residual else None
         positions, values = select_in_chunks(flat, threshold, capacity, prepare=prepare, take=take)
         if self.exactly_k:
-            payload = self._exactly_k_payload(positions, values, k, n, shape)
-            return self._kept(flat, payload, keep, residual, write)
+            payload, top = self._exactly_k_payload(positions, values, k, n, shape)
+            if take is not None:
+                self._put_back_rejected(flat, positions, values, top, write)
+            return self._kept(flat, payload, keep, False, None if take is not None else write)
         payload = self._padded_payload(positions, values, capacity, n, shape)
         return self._kept(flat, payload, keep, False, None if take is not None else write)
+
+    @staticmethod
+    def _put_back_rejected(
+        flat: Tensor, positions: Tensor, values: Tensor, top: Tensor, write: tuple[Tensor, Tensor] | None
+    ) -> None:
+        """Undo the pass's take for the candidates `_exactly_k_payload` did not keep (about a quarter
+        of them): flat gets their values back exactly, write's target its zeros."""
+        count = positions.numel()
+        rejected = torch.ones(count, dtype=torch.bool)
+        rejected[top[top < count]] = False  # slots past count are padding
+        lost = positions[rejected]
+        flat.index_put_((lost,), values[rejected])
+        if write is not None:
+            write[0].index_fill_(0, lost, 0.0)
 
     def _taker(
         self, flat: Tensor, keep: Tensor | None, write: tuple[Tensor, Tensor] | None
@@ -244,18 +260,21 @@ class TopK(_Sparsifier):
         """`select_in_chunks`'s ``take``: what is sent leaves the chunk of `flat` (and, with `write`,
         enters the same chunk of its target) while the chunk is in cache."""
 
+        # A kept step (read on the host: this runs on a CPU only) sends what it finds as it is.
+        scaled = keep is not None and not bool(keep)
+        unit = write is None or bool(write[1] == 1)
+
         def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
             sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
-            sent = sent if keep is None else sent * keep
-            # found - found * 1 is exactly 0: what is sent leaves nothing behind.
+            sent = sent * keep if scaled else sent
+            # found - found is exactly 0: what is sent leaves nothing behind.
             chunk.index_put_((local,), found - sent)
             if write is not None:
-                target, factor = write
                 start = chunk.storage_offset() - flat.storage_offset()
                 # NaN is never sent (the payload pads it): 0 there. The target's chunk was zeroed by
                 # `prepare` (`_select_sum`), so a plain write is the scatter-add.
-                sent = sent.nan_to_num(0.0, math.inf, -math.inf).mul_(factor)
-                target[start : start + chunk.numel()].index_put_((local,), sent)
+                sent = sent.nan_to_num(0.0, math.inf, -math.inf)
+                write[0][start : start + chunk.numel()].index_put_((local,), sent if unit else sent.mul_(write[1]))
 
         return take
 
@@ -289,8 +308,9 @@ class TopK(_Sparsifier):
         sent[:count] = torch.where(ok, values, torch.zeros((), dtype=values.dtype))
         return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid})
 
-    def _exactly_k_payload(self, positions: Tensor, values: Tensor, k: int, n: int, shape) -> Payload:
-        """The k largest of `select_in_chunks`'s candidates (`exactly_k_of` on gathered values)."""
+    def _exactly_k_payload(self, positions: Tensor, values: Tensor, k: int, n: int, shape) -> tuple[Payload, Tensor]:
+        """The k largest of `select_in_chunks`'s candidates (`exactly_k_of` on gathered values), and
+        the slots of the candidates it keeps (those past the candidates' count are padding)."""
         short = k - positions.numel()
         if short > 0:  # fewer candidates than slots: padding, whose magnitude -1 loses to any entry
             positions = torch.nn.functional.pad(positions, (0, short))
@@ -301,7 +321,7 @@ class TopK(_Sparsifier):
         indices = (positions.index_select(0, top) * valid).to(index_dtype(n))
         sent = torch.where(valid, values.index_select(0, top), torch.zeros((), dtype=values.dtype))
         sent = sent.to(self.value_dtype) if self.value_dtype is not None else sent
-        return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid})
+        return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid}), top
 
     def _payload_of(self, flat: Tensor, indices: Tensor, shape: torch.Size) -> Payload:
         # The device path of positions_at_least selects NaN: never send it (-1 reads the last entry).
