@@ -144,6 +144,34 @@ def test_fused_absorb_sum_writes_back_what_the_default_composition_scatters(name
     assert (torch.count_nonzero(addend) > 0) == keep
 
 
+@pytest.mark.parametrize("name", list(TOPKS))
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("factor", [None, 4.0])
+def test_fused_absorb_into_a_narrow_residual_equals_the_default_composition(name, keep, factor):
+    # A bfloat16 residual: the sum is formed in the float32 gradient, selected, stored rounded into
+    # the residual and the gradient given what is sent, chunk by chunk; as the plain composition does.
+    residual = (torch.randn(N, generator=torch.Generator().manual_seed(13)) * 0.1).to(torch.bfloat16)
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(14))
+    if not keep:
+        grad[[9, 1_200_000]] = torch.tensor([float("nan"), float("inf")])
+    scale = torch.tensor(0.5 if keep else 0.0)
+    write_back = None if factor is None else torch.tensor(factor)
+    into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
+    torch.manual_seed(4)
+    got = TOPKS[name]().absorb_into_(addend, into, scale, torch.tensor(keep), write_back=write_back)
+    torch.manual_seed(4)
+    compressor = TOPKS[name]()
+    expected = Compressor.absorb_into_(
+        compressor, addend_plain, into_plain, scale, torch.tensor(keep), write_back=write_back
+    )
+    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
+    assert torch.equal(into, into_plain) and torch.equal(addend, addend_plain)
+    if keep:
+        assert not torch.equal(into, residual) and torch.count_nonzero(compressor.decompress(got)) > 0
+    else:
+        assert torch.equal(into, residual) and torch.count_nonzero(addend) == 0
+
+
 def test_fast_topk_drops_nan_from_what_it_sends():
     x = torch.randn(N, generator=torch.Generator().manual_seed(10))
     x[[3, 600_000, 1_200_000]] = float("nan")

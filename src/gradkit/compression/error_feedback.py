@@ -163,16 +163,7 @@ class ErrorFeedback(Compressor):
             payload = self.compressor.absorb_sum_(residual, flat, scale, keep, write_back=factor)
         else:
             # A narrower residual: the sum is formed in the tensor's dtype, in the tensor itself.
-            target = flat.nan_to_num_(0.0, 0.0, 0.0).mul_(scale).add_(residual)
-            payload = self.compressor.compress(target)
-            for part in payload.tensors:
-                if part.is_floating_point():
-                    part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
-            self.compressor.residual_(target, payload)
-            residual.copy_(flat)
-            flat.zero_()
-            if factor is not None:
-                self.compressor.add_sent_(flat, payload, factor)
+            payload = self.compressor.absorb_into_(flat, residual, scale, keep, write_back=factor)
         payload.shape = tensor.shape
         return payload
 

@@ -120,6 +120,7 @@ def select_in_chunks(
     *,
     prepare: Callable[[int, int], None] | None = None,
     take: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+    finish: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The first `capacity` entries of a CPU tensor with |x| >= threshold (or NaN): positions and values.
 
@@ -139,6 +140,8 @@ def select_in_chunks(
         prepare: ``prepare(start, end)`` fills or updates ``flat[start:end]`` before it is read.
         take: ``take(chunk, local, values)``: the chunk (a view of flat), the chunk's selected
             positions and their values, called for every chunk that selects any.
+        finish: ``finish(start, end)``, called for every chunk after it was searched (and taken
+            from), e.g. to move it elsewhere while it is still in cache.
 
     Returns:
         (positions, values): int64 positions in ascending order and flat's values there,
@@ -153,21 +156,21 @@ def select_in_chunks(
         end = min(n, start + step)
         if prepare is not None:
             prepare(start, end)
-        if room == 0:
-            continue  # full: the rest is only prepared
         part, size = flat[start:end], end - start
-        if size < marks.numel():
-            marks[size:] = False  # the last chunk's tail, and the padding to a whole word
-        marks[:size].copy_(torch.div(part, threshold, rounding_mode="trunc", out=scratch[:size]))
-        local = _positions_of_marks(marks, room)
-        if local.numel() == 0:
-            continue
-        room -= local.numel()
-        found = part.index_select(0, local)
-        if take is not None:
-            take(part, local, found)
-        positions.append(local + start)
-        values.append(found)
+        if room > 0:  # once full, the rest is only prepared and finished
+            if size < marks.numel():
+                marks[size:] = False  # the last chunk's tail, and the padding to a whole word
+            marks[:size].copy_(torch.div(part, threshold, rounding_mode="trunc", out=scratch[:size]))
+            local = _positions_of_marks(marks, room)
+            if local.numel() > 0:
+                room -= local.numel()
+                found = part.index_select(0, local)
+                if take is not None:
+                    take(part, local, found)
+                positions.append(local + start)
+                values.append(found)
+        if finish is not None:
+            finish(start, end)
     if not positions:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=flat.dtype)
     return torch.cat(positions), torch.cat(values)

@@ -172,6 +172,64 @@ class TopK(_Sparsifier):
             return super().absorb_sum_(into, addend, scale, keep, write_back=write_back)
         return self._select_sum(into, addend, scale, keep, write_back)
 
+    def absorb_into_(
+        self, tensor: Tensor, residual: Tensor, scale: Tensor, keep: Tensor, *, write_back: Tensor | None = None
+    ) -> Payload:
+        """`Compressor.absorb_into_` in one pass on a CPU: per chunk, the sum is formed in the
+        tensor, selected from, what is sent taken out, the rest stored into the (narrower)
+        residual, and the tensor's chunk zeroed and given what is sent, while it is in cache."""
+        n = tensor.numel()
+        chunked = tensor.device.type in selection.CHUNKED_DEVICES
+        if not (self._sampled(n) and chunked and tensor.is_contiguous() and residual.is_contiguous()):
+            return super().absorb_into_(tensor, residual, scale, keep, write_back=write_back)
+        k = count_for(self.density, n)
+        drawn = sample_positions(n, k, self._target, tensor.device)
+        sample = (
+            tensor.index_select(0, drawn).nan_to_num(0.0, 0.0, 0.0).mul_(scale).add_(residual.index_select(0, drawn))
+        )
+        threshold = threshold_of_sample(sample, n, k, self._target)
+        finite = bool(keep)  # a CPU: the read waits for nothing; a kept step's tensor is finite
+        taker = self._taker(tensor, keep, None)
+        pending: list[tuple[Tensor, Tensor]] = []
+
+        def prepare(start: int, end: int) -> None:
+            chunk = tensor[start:end]
+            (chunk if finite else chunk.nan_to_num_(0.0, 0.0, 0.0)).mul_(scale).add_(residual[start:end])
+
+        def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
+            taker(chunk, local, found)
+            if write_back is not None:
+                pending.append((local, self._sent(found, keep, not finite)))
+
+        def finish(start: int, end: int) -> None:
+            chunk = tensor[start:end]
+            residual[start:end].copy_(chunk)
+            chunk.zero_()
+            if pending:
+                local, sent = pending.pop()
+                chunk.index_put_((local,), sent.nan_to_num(0.0, math.inf, -math.inf).mul_(write_back))
+
+        positions, values = select_in_chunks(
+            tensor, threshold, self._capacity(n, k), prepare=prepare, take=take, finish=finish
+        )
+        if self.exactly_k:
+            payload, top = self._exactly_k_payload(positions, values, k, n, tensor.shape)
+            self._put_back_rejected(
+                residual, positions, values, top, None if write_back is None else (tensor, write_back)
+            )
+        else:
+            payload = self._padded_payload(positions, values, self._capacity(n, k), n, tensor.shape)
+        return self._kept(tensor, payload, keep, False, None)
+
+    def _capacity(self, n: int, k: int) -> int:
+        """How many slots (or, with exactly_k, candidates) the sampled selection collects."""
+        return exactly_k_capacity(n, k) if self.exactly_k else min(n, math.ceil(_CAPACITY * k))
+
+    def _sent(self, found: Tensor, keep: Tensor | None, scaled: bool) -> Tensor:
+        """What is sent of the `found` values: rounded to the value dtype, times `keep` if `scaled`."""
+        sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
+        return sent * keep if scaled else sent
+
     @property
     def _target(self) -> float:
         return EXACT_K_TARGET if self.exactly_k else _TARGET
@@ -217,7 +275,7 @@ class TopK(_Sparsifier):
         zeroed by `prepare` chunk by chunk when `residual`: the chunked pass writes, not adds)."""
         n = flat.numel()
         k = count_for(self.density, n)
-        capacity = exactly_k_capacity(n, k) if self.exactly_k else min(n, math.ceil(_CAPACITY * k))
+        capacity = self._capacity(n, k)
         if flat.device.type not in selection.CHUNKED_DEVICES:
             if prepare is not None:
                 prepare(0, n)
@@ -250,7 +308,7 @@ class TopK(_Sparsifier):
         rejected = torch.ones(count, dtype=torch.bool)
         rejected[top[top < count]] = False  # slots past count are padding
         lost = positions[rejected]
-        flat.index_put_((lost,), values[rejected])
+        flat.index_put_((lost,), values[rejected].to(flat.dtype))
         if write is not None:
             write[0].index_fill_(0, lost, 0.0)
 
@@ -265,8 +323,7 @@ class TopK(_Sparsifier):
         unit = write is None or bool(write[1] == 1)
 
         def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
-            sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
-            sent = sent * keep if scaled else sent
+            sent = self._sent(found, keep, scaled)
             # found - found is exactly 0: what is sent leaves nothing behind.
             chunk.index_put_((local,), found - sent)
             if write is not None:
