@@ -16,7 +16,7 @@ from compression_cases import F64
 from gradkit.compression import selection
 from gradkit.compression.base import Compressor
 
-N = 700_003  # above the sampled path's minimum, over two 2**18-entry chunks and a short last one
+N = 1_300_003  # above the sampled path's minimum, over two 2**19-entry chunks and a short last one
 TOPKS = {
     "fast": lambda: gk.TopK(0.01),
     "fp16_values": lambda: gk.TopK(0.01, value_dtype=torch.float16),
@@ -26,14 +26,14 @@ TOPKS = {
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    n=st.integers(1, 2**19 + 13),  # across 2**18-entry chunks and 8-entry words
+    n=st.integers(1, 2**20 + 13),  # across 2**19-entry chunks and 8-entry words
     threshold=st.floats(0.01, 4.0),
     capacity_share=st.floats(0.001, 1.0),
     nans=st.integers(0, 5),
     seed=st.integers(0, 2**16),
 )
 @example(n=7, threshold=0.1, capacity_share=1.0, nans=0, seed=0)
-@example(n=2**18 + 1, threshold=3.0, capacity_share=0.5, nans=2, seed=1)
+@example(n=2**19 + 1, threshold=3.0, capacity_share=0.5, nans=2, seed=1)
 def test_select_in_chunks_matches_the_plain_mask_and_gathers_the_values(n, threshold, capacity_share, nans, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g)
@@ -103,7 +103,7 @@ def test_fused_absorb_sum_equals_the_default_composition(name, keep):
     residual = torch.randn(N, generator=torch.Generator().manual_seed(8)) * 0.1
     grad = torch.randn(N, generator=torch.Generator().manual_seed(9))
     if not keep:
-        grad[[5, 400_000]] = torch.tensor([float("nan"), float("inf")])  # a refused step: the caller's scale is 0
+        grad[[5, 1_100_000]] = torch.tensor([float("nan"), float("inf")])  # a refused step: the caller's scale is 0
     scale = torch.tensor(0.5 if keep else 0.0)
     into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
     torch.manual_seed(2)
@@ -119,12 +119,65 @@ def test_fused_absorb_sum_equals_the_default_composition(name, keep):
         assert torch.equal(into, residual) and torch.count_nonzero(compressor.decompress(got)) == 0
 
 
+@pytest.mark.parametrize("name", list(TOPKS))
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("factor", [1.0, 4.0])
+def test_fused_absorb_sum_writes_back_what_the_default_composition_scatters(name, keep, factor):
+    # The sent values enter the addend in the selecting pass (exactly_k: every candidate, then the
+    # rejected ones are put back); the addend, residual and payload equal the plain composition's.
+    residual = torch.randn(N, generator=torch.Generator().manual_seed(11)) * 0.1
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(12))
+    if not keep:
+        grad[[7, 1_100_000]] = torch.tensor([float("nan"), -float("inf")])
+    scale, write_back = torch.tensor(0.5 if keep else 0.0), torch.tensor(factor)
+    into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
+    torch.manual_seed(3)
+    got = TOPKS[name]().absorb_sum_(into, addend, scale, torch.tensor(keep), write_back=write_back)
+    torch.manual_seed(3)
+    compressor = TOPKS[name]()
+    expected = Compressor.absorb_sum_(
+        compressor, into_plain, addend_plain, scale, torch.tensor(keep), write_back=write_back
+    )
+    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
+    assert torch.equal(into, into_plain) and torch.equal(addend, addend_plain)
+    assert torch.equal(addend, compressor.decompress(got) * factor)
+    assert (torch.count_nonzero(addend) > 0) == keep
+
+
+@pytest.mark.parametrize("name", list(TOPKS))
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("factor", [None, 4.0])
+def test_fused_absorb_into_a_narrow_residual_equals_the_default_composition(name, keep, factor):
+    # A bfloat16 residual: the sum is formed in the float32 gradient, selected, stored rounded into
+    # the residual and the gradient given what is sent, chunk by chunk; as the plain composition does.
+    residual = (torch.randn(N, generator=torch.Generator().manual_seed(13)) * 0.1).to(torch.bfloat16)
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(14))
+    if not keep:
+        grad[[9, 1_200_000]] = torch.tensor([float("nan"), float("inf")])
+    scale = torch.tensor(0.5 if keep else 0.0)
+    write_back = None if factor is None else torch.tensor(factor)
+    into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
+    torch.manual_seed(4)
+    got = TOPKS[name]().absorb_into_(addend, into, scale, torch.tensor(keep), write_back=write_back)
+    torch.manual_seed(4)
+    compressor = TOPKS[name]()
+    expected = Compressor.absorb_into_(
+        compressor, addend_plain, into_plain, scale, torch.tensor(keep), write_back=write_back
+    )
+    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
+    assert torch.equal(into, into_plain) and torch.equal(addend, addend_plain)
+    if keep:
+        assert not torch.equal(into, residual) and torch.count_nonzero(compressor.decompress(got)) > 0
+    else:
+        assert torch.equal(into, residual) and torch.count_nonzero(addend) == 0
+
+
 def test_fast_topk_drops_nan_from_what_it_sends():
     x = torch.randn(N, generator=torch.Generator().manual_seed(10))
-    x[[3, 300_000, 600_000]] = float("nan")
+    x[[3, 600_000, 1_200_000]] = float("nan")
     payload = gk.TopK(0.01).compress(x)
     indices, values = payload.tensors
     valid = payload.meta["valid"]
     assert not bool(values.isnan().any())
-    assert not set(indices[valid].tolist()) & {3, 300_000, 600_000}
+    assert not set(indices[valid].tolist()) & {3, 600_000, 1_200_000}
     assert torch.equal(values[valid], x[indices[valid].long()])

@@ -234,3 +234,43 @@ def test_absorb_with_keep_false_changes_nothing_even_for_nan(name):
     payload = ef.absorb_(bad, "w", scale=torch.tensor(1.0), keep=torch.tensor(False))
     assert torch.equal(ef.residual("w"), before)
     assert torch.count_nonzero(ef.decompress(payload)) == 0 and torch.count_nonzero(bad) == 0
+
+
+@pytest.mark.parametrize("residual_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("name", WRAPPABLE)
+def test_absorb_writes_back_what_it_sends_times_the_factor(name, residual_dtype):
+    # The gradient ends up holding exactly the decompressed payload (times the factor), and the
+    # payload and residual are those of the call without write-back, with the same random draw.
+    grads = torch.randn(2, 1100, 1001, generator=torch.Generator().manual_seed(5))  # several 2**19-entry chunks
+    plain, writing = (gk.ErrorFeedback(build(name), residual_dtype=residual_dtype) for _ in range(2))
+    scale, keep = torch.tensor(0.5), torch.tensor(True)
+    for step, (grad, write_back) in enumerate(zip(grads, (True, torch.tensor(8.0)))):
+        torch.manual_seed(step)
+        expected = plain.absorb_(grad.clone(), "w", scale=scale, keep=keep)
+        torch.manual_seed(step)
+        written = grad.clone()
+        got = writing.absorb_(written, "w", scale=scale, keep=keep, write_back=write_back)
+        factor = 1.0 if write_back is True else 8.0
+        assert torch.equal(writing.decompress(got), plain.decompress(expected))
+        assert torch.equal(written, writing.decompress(got).view_as(written) * factor)
+        assert torch.equal(writing.residual("w"), plain.residual("w"))
+        assert torch.count_nonzero(written) > 0
+
+
+def test_absorb_write_back_with_keep_false_leaves_the_gradient_zeroed():
+    ef = gk.ErrorFeedback(gk.TopK(0.01))
+    bad = torch.randn(1100, 1001)
+    bad[3, 4] = float("nan")
+    payload = ef.absorb_(bad, "w", scale=torch.tensor(0.0), keep=torch.tensor(False), write_back=True)
+    assert torch.count_nonzero(bad) == 0 and torch.count_nonzero(ef.decompress(payload)) == 0
+    assert torch.count_nonzero(ef.residual("w")) == 0
+
+
+@pytest.mark.parametrize("write_back", ["yes", torch.ones(2), 1.0])
+def test_absorb_refuses_a_write_back_that_is_not_a_flag_or_a_scalar_tensor(write_back):
+    ef = gk.ErrorFeedback(gk.TopK(0.01))
+    grad = torch.randn(1100, 1001)
+    before = grad.clone()
+    with pytest.raises(TypeError, match="write_back must be True, False, or a 0-d tensor"):
+        ef.absorb_(grad, "w", scale=torch.tensor(1.0), keep=torch.tensor(True), write_back=write_back)
+    assert torch.equal(grad, before) and ef.residual("w") is None

@@ -507,3 +507,28 @@ def test_dgc_local_clipping():
     assert_close(sent, big * (0.5 / (float(torch.linalg.vector_norm(big)) + 1e-6)), rtol=1e-12, atol=0)
     small = big / float(torch.linalg.vector_norm(big)) * 0.1
     assert torch.equal(dgc.decompress(dgc.compress(small, key="w")), small)  # below the norm: as it is
+
+
+@pytest.mark.parametrize("exactly_k", [False, True])
+def test_dgc_masks_exactly_the_sent_entries_on_the_sampled_path(exactly_k):
+    # Above the sample size the payload has padding (index 0, not valid): masking at the sent
+    # indices must zero momentum and velocity there and leave every other entry, index 0 included
+    # when it is not sent, exactly as the momentum correction made it.
+    gen = torch.Generator().manual_seed(7)
+    n, momentum = 50_000, 0.9
+    dgc = gk.DGC(0.01, momentum, exactly_k=exactly_k)
+    u, v = torch.zeros(n, dtype=F64), torch.zeros(n, dtype=F64)
+    for step in range(3):
+        grad = torch.randn(n, generator=gen, dtype=F64)
+        if step == 1:
+            grad[0] = 1e-9  # index 0 small: never selected, while padding points at it
+        payload = dgc.compress(grad, key="w")
+        u = u * momentum + grad
+        v = v + u
+        sent = sent_mask(payload)
+        assert sent.sum() > 0.9 * 0.01 * n and payload.meta.get("valid") is not None  # padded slots
+        assert torch.equal(dgc.decompress(payload)[sent], v[sent])
+        u, v = torch.where(sent, 0.0, u), torch.where(sent, 0.0, v)
+        state = dgc.state_dict()
+        assert torch.equal(state["momentum"]["w"], u) and torch.equal(state["velocity"]["w"], v)
+    assert not bool(sent[0]) and state["velocity"]["w"][0] != 0

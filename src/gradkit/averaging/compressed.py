@@ -189,15 +189,17 @@ class CompressedReducer(Reducer):
             for (name, grad), poisoned in zip(dense, torch.where(bad, float("nan"), 1.0).unbind()):
                 factor = torch.as_tensor(unscaled, dtype=grad.dtype, device=grad.device)
                 if absorb and grad.is_contiguous():
-                    payload = self.compressor.absorb_(  # type: ignore[attr-defined]
-                        grad, name, scale=factor, keep=keep.to(grad.device)
+                    # What is sent goes back into the gradient inside the compressor's pass (TopK
+                    # writes it while each chunk is in cache), times the loss scale (see begin).
+                    write_back = True if self._loss_scale is None else self._loss_scale.to(grad)
+                    self.compressor.absorb_(  # type: ignore[attr-defined]
+                        grad, name, scale=factor, keep=keep.to(grad.device), write_back=write_back
                     )
-                    self._write(grad, payload, zeroed=True)
                 else:
                     # Scaled in place: the gradient is overwritten with what is sent anyway.
                     flat = grad.mul_(factor).reshape(-1)  # a view unless the gradient is not contiguous
                     payload = compress_keyed(self.compressor, flat, ((name, tuple(grad.shape)),))
-                    self._write(grad, payload, zeroed=False)
+                    self._write(grad, payload)
                 # The step is skipped on every non-finite gradient, also where nothing non-finite was sent.
                 grad.view(-1)[:1].mul_(poisoned.to(grad))
         self.bytes = 0
@@ -218,20 +220,13 @@ class CompressedReducer(Reducer):
             flags.append((~torch.isfinite(extremes * factor).all()).to(device))
         return torch.stack(flags)
 
-    def _write(self, grad: Tensor, payload: Payload, *, zeroed: bool) -> None:
-        """Write what `payload` sends into `grad` (zeroed: already all zero), times the loss scale."""
+    def _write(self, grad: Tensor, payload: Payload) -> None:
+        """Overwrite `grad` with what `payload` sends, times the loss scale."""
         if self.compressor.sparse:
-            indices, values = payload.tensors
-            if self._loss_scale is not None:
-                values = values * self._loss_scale.to(values)
-            if not zeroed:
-                grad.zero_()
-            grad.view(-1).index_add_(0, indices.long(), values.to(grad.dtype))  # padding adds 0
+            grad.zero_()
+            self.compressor.add_sent_(grad, payload, None if self._loss_scale is None else self._loss_scale.to(grad))
             return
-        if zeroed:
-            grad.add_(self.compressor.decompress(payload).view_as(grad))
-        else:
-            grad.copy_(self.compressor.decompress(payload).view_as(grad))
+        grad.copy_(self.compressor.decompress(payload).view_as(grad))
         if self._loss_scale is not None:
             grad.mul_(self._loss_scale.to(grad))
 

@@ -32,7 +32,7 @@ __all__ = ["run"]
 
 SHAPING = ("tbf", "rate", "1gbit", "burst", "256kb", "latency", "50ms")
 TOPK_SIZES = (1024, 4096, 2304, 1024, 1024)  # 17.1M parameters
-TOPK_GOAL = 3.0
+TOPK_GOAL = 4.0  # issue 17: the compressed step at least 4x faster than dense on this link
 # Quick runs use a ~4M-parameter MLP: the link still dominates, and the whole part stays well under a minute.
 QUICK_SIZES = (512, 2048, 1024, 512)
 PORT = 29531  # the namespaces are fresh, so no other process holds it

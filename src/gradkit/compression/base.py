@@ -180,7 +180,9 @@ class Compressor(Stateful):
         self.residual_(tensor, payload)
         return payload
 
-    def absorb_sum_(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor) -> Payload:
+    def absorb_sum_(
+        self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor, *, write_back: Tensor | None = None
+    ) -> Payload:
         """`compress_sum_`, then `into` keeps what was not sent; where `keep` is False nothing is sent.
 
         Error feedback's whole one-process step on a residual `into`: ``into += addend * scale``,
@@ -192,6 +194,9 @@ class Compressor(Stateful):
         Args:
             into: a 1-d tensor (the residual); addend: one of its size, dtype and device.
             scale: a 0-d tensor in their dtype; keep: a 0-d bool tensor (no host read).
+            write_back: a 0-d tensor in their dtype, or None: what is sent, times it, is written
+                into the zeroed `addend` (the one-process step's selective update; `TopK` writes
+                it in the selecting pass, while each chunk is in cache).
 
         Returns:
             The payload of the new `into`, its values times `keep`.
@@ -201,7 +206,60 @@ class Compressor(Stateful):
             if part.is_floating_point():
                 part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
         self.residual_(into, payload)
+        if write_back is not None:
+            self.add_sent_(addend, payload, write_back)
         return payload
+
+    def absorb_into_(
+        self, tensor: Tensor, residual: Tensor, scale: Tensor, keep: Tensor, *, write_back: Tensor | None = None
+    ) -> Payload:
+        """`absorb_sum_` for a residual of another dtype (e.g. bfloat16): the sum is formed in `tensor`.
+
+        ``tensor * scale + residual`` is formed in `tensor`, in its dtype, and compressed; what
+        was not sent is stored into `residual` (rounded to its dtype), and `tensor` is left
+        zeroed, or holding what is sent times `write_back`. With `keep` False (the caller passes
+        ``scale == 0``) nothing is sent, `residual` is left as it was, and non-finite entries of
+        `tensor` count as 0. This default takes several passes; `TopK` does it in one on a CPU.
+
+        Args:
+            tensor: a contiguous 1-d floating tensor (the gradient), consumed.
+            residual: a 1-d tensor of its size and device, updated in place.
+            scale: a 0-d tensor in tensor's dtype; keep: a 0-d bool tensor.
+            write_back: a 0-d tensor in tensor's dtype, or None (see `absorb_sum_`).
+
+        Returns:
+            The payload of ``tensor * scale + residual``, its values times `keep`.
+        """
+        target = tensor.nan_to_num_(0.0, 0.0, 0.0).mul_(scale).add_(residual)
+        payload = self.compress(target)
+        for part in payload.tensors:
+            if part.is_floating_point():
+                part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
+        self.residual_(target, payload)
+        residual.copy_(target)
+        tensor.zero_()
+        if write_back is not None:
+            self.add_sent_(tensor, payload, write_back)
+        return payload
+
+    def add_sent_(self, tensor: Tensor, payload: Payload, factor: Tensor | None = None) -> Tensor:
+        """Add what `payload` sends (times `factor`, if given) into `tensor`, in place.
+
+        Sparse payloads are scattered (padding adds 0), others decompressed.
+
+        Args:
+            tensor: a tensor of the payload's size; factor: a 0-d tensor, or None for 1.
+
+        Returns:
+            `tensor`.
+        """
+        if self.sparse:
+            indices, values = payload.tensors
+            values = values.to(tensor.dtype) if factor is None else values.to(tensor.dtype) * factor
+            tensor.view(-1).index_add_(0, indices.long(), values)
+            return tensor
+        sent = self.decompress(payload).view_as(tensor)
+        return tensor.add_(sent if factor is None else sent * factor)
 
     def payload_for(self, tensors: list[Tensor], like: Payload) -> Payload:
         """A payload with other wire tensors (e.g. the sum over ranks) and `like`'s local facts."""

@@ -101,15 +101,17 @@ class DGC(Compressor):
         velocity = state["velocity"] + momentum
         step = self._steps.get(layout[0][0], 0)
         payload = TopK(self.density_at(step), value_dtype=self.value_dtype, exactly_k=self.exactly_k).compress(velocity)
-        sent = torch.zeros(velocity.numel(), dtype=torch.int32, device=velocity.device)
+        # Momentum factor masking: what was sent starts over. Only at the sent indices: x - x is
+        # exactly 0, and padding (index 0, not valid) subtracts 0, so a repeated index 0 stays exact.
+        # (A dense mask of sent counts cost four passes over the tensor.)
         indices, _ = payload.tensors
+        indices = indices.long()
         valid = payload.meta.get("valid")
-        sent.index_add_(
-            0, indices.long(), valid.int() if valid is not None else torch.ones_like(indices, dtype=torch.int32)
-        )
-        keep = sent == 0
-        velocity.mul_(keep)  # momentum factor masking: what was sent starts over
-        momentum.mul_(keep)
+        for state_tensor in (velocity, momentum):
+            taken = state_tensor.index_select(0, indices)
+            if valid is not None:  # where, not a product: padding must subtract 0 even from an inf
+                taken = torch.where(valid, taken, torch.zeros((), dtype=taken.dtype, device=taken.device))
+            state_tensor.index_add_(0, indices, taken, alpha=-1)
         payload.owner, payload.shape = self, tensor.shape
         # commit=True keeps this call's state only: other keys' deferred state waits for commit()/discard()
         self._deferred.add(state, momentum, velocity, layout, now=commit)

@@ -111,32 +111,48 @@ class ErrorFeedback(Compressor):
         payload.shape = tensor.shape
         return payload
 
-    def absorb_(self, tensor: Tensor, key: str | None = None, *, scale: Tensor, keep: Tensor) -> Payload:
+    def absorb_(
+        self,
+        tensor: Tensor,
+        key: str | None = None,
+        *,
+        scale: Tensor,
+        keep: Tensor,
+        write_back: bool | Tensor = False,
+    ) -> Payload:
         """Move ``tensor * scale`` into the residual, compress it, and keep what was not sent.
 
         The one-process step: the residual is updated at once and in place (no second buffer,
-        no temporary as large as the tensor) and `tensor` (the gradient) is left zeroed, for
-        the caller to write the sent values into. Where `keep` is False the call changes no
-        state: the residual stays as it was and the payload's values are zeros (a non-finite
-        gradient, whose step is skipped; its non-finite entries count as 0).
+        no temporary as large as the tensor) and `tensor` (the gradient) is left zeroed, or,
+        with `write_back`, holding what is sent (the selective update; `TopK` writes it in
+        its selecting pass on a CPU, while each chunk is in cache, instead of a scattered
+        write after it). Where `keep` is False the call changes no state: the residual stays
+        as it was and the payload's values are zeros (a non-finite gradient, whose step is
+        skipped; its non-finite entries count as 0). With `keep` True the caller has checked
+        that ``tensor * scale`` is finite.
 
         Args:
-            tensor: a contiguous floating tensor; its values are consumed (zeroed).
+            tensor: a contiguous floating tensor; its values are consumed (zeroed, or replaced
+                by what is sent).
             key: the parameter name its residual is kept under.
             scale: a 0-d tensor in tensor's dtype, multiplying it (the window's mean).
-            keep: a 0-d bool tensor: False leaves the residual untouched (no host read).
+            keep: a 0-d bool tensor: False leaves the residual untouched (no host read off a CPU).
+            write_back: True writes what is sent into `tensor`; a 0-d tensor in tensor's dtype
+                writes it times that factor (e.g. a loss scale); False leaves `tensor` zeroed.
 
         Returns:
             The payload of ``tensor * scale + residual``.
 
         Raises:
             ValueError: `tensor` is not contiguous (it could not be zeroed in place).
+            TypeError: `write_back` is neither a bool nor a 0-d tensor.
         """
         tensor = self._check_input(tensor)
         if not tensor.is_contiguous():
             raise ValueError(
                 "ErrorFeedback.absorb_ needs a contiguous tensor (it zeroes it in place); pass tensor.contiguous()"
             )
+        factor = _write_factor(write_back, tensor)
         flat = tensor.view(-1)
         layout = layout_for(key, tensor)
         dtype = self.residual_dtype or flat.dtype
@@ -144,17 +160,10 @@ class ErrorFeedback(Compressor):
         scale = torch.where(keep, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
         if residual.dtype == flat.dtype and residual.device == flat.device:
             # One call: add, select, and keep the rest (one pass on a CPU for TopK).
-            payload = self.compressor.absorb_sum_(residual, flat, scale, keep)
+            payload = self.compressor.absorb_sum_(residual, flat, scale, keep, write_back=factor)
         else:
             # A narrower residual: the sum is formed in the tensor's dtype, in the tensor itself.
-            target = flat.nan_to_num_(0.0, 0.0, 0.0).mul_(scale).add_(residual)
-            payload = self.compressor.compress(target)
-            for part in payload.tensors:
-                if part.is_floating_point():
-                    part.mul_(keep)  # a refused step sends nothing, so the residual keeps it all
-            self.compressor.residual_(target, payload)
-            residual.copy_(flat)
-            flat.zero_()
+            payload = self.compressor.absorb_into_(flat, residual, scale, keep, write_back=factor)
         payload.shape = tensor.shape
         return payload
 
@@ -187,3 +196,15 @@ class ErrorFeedback(Compressor):
             self.compressor.load_state_dict(before)
             raise
         self.discard()  # a deferred residual belongs to the state just replaced
+
+
+def _write_factor(write_back: object, tensor: Tensor) -> Tensor | None:
+    """`ErrorFeedback.absorb_`'s `write_back` as a 0-d factor in tensor's dtype (None: no write)."""
+    if isinstance(write_back, bool):
+        return torch.ones((), dtype=tensor.dtype, device=tensor.device) if write_back else None
+    if isinstance(write_back, Tensor) and write_back.dim() == 0:
+        return write_back.to(dtype=tensor.dtype, device=tensor.device)
+    raise TypeError(
+        "write_back must be True, False, or a 0-d tensor (a factor for what is written back); "
+        f"got {type(write_back).__name__} {write_back!r}"
+    )

@@ -160,12 +160,75 @@ class TopK(_Sparsifier):
             return super().compress_sum_(into, addend, scale)
         return self._select_sum(into, addend, scale, None)
 
-    def absorb_sum_(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor) -> Payload:
+    def absorb_sum_(
+        self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor, *, write_back: Tensor | None = None
+    ) -> Payload:
         """`Compressor.absorb_sum_` in one pass on a CPU: add, zero the addend, select, gather the
-        values and take them out of `into`, a chunk at a time (`select_in_chunks`)."""
+        values, take them out of `into` and (with `write_back`) write them into the addend, a chunk
+        at a time (`select_in_chunks`). There `keep` is read on the host (a CPU has no device to
+        wait for): a kept step's addend is finite (the caller checked it), so the pass skips
+        `nan_to_num`, which only a refused step needs."""
         if not self._sampled(into.numel()):
-            return super().absorb_sum_(into, addend, scale, keep)
-        return self._select_sum(into, addend, scale, keep)
+            return super().absorb_sum_(into, addend, scale, keep, write_back=write_back)
+        return self._select_sum(into, addend, scale, keep, write_back)
+
+    def absorb_into_(
+        self, tensor: Tensor, residual: Tensor, scale: Tensor, keep: Tensor, *, write_back: Tensor | None = None
+    ) -> Payload:
+        """`Compressor.absorb_into_` in one pass on a CPU: per chunk, the sum is formed in the
+        tensor, selected from, what is sent taken out, the rest stored into the (narrower)
+        residual, and the tensor's chunk zeroed and given what is sent, while it is in cache."""
+        n = tensor.numel()
+        chunked = tensor.device.type in selection.CHUNKED_DEVICES
+        if not (self._sampled(n) and chunked and tensor.is_contiguous() and residual.is_contiguous()):
+            return super().absorb_into_(tensor, residual, scale, keep, write_back=write_back)
+        k = count_for(self.density, n)
+        drawn = sample_positions(n, k, self._target, tensor.device)
+        sample = (
+            tensor.index_select(0, drawn).nan_to_num(0.0, 0.0, 0.0).mul_(scale).add_(residual.index_select(0, drawn))
+        )
+        threshold = threshold_of_sample(sample, n, k, self._target)
+        finite = bool(keep)  # a CPU: the read waits for nothing; a kept step's tensor is finite
+        taker = self._taker(tensor, keep, None)
+        pending: list[tuple[Tensor, Tensor]] = []
+
+        def prepare(start: int, end: int) -> None:
+            chunk = tensor[start:end]
+            (chunk if finite else chunk.nan_to_num_(0.0, 0.0, 0.0)).mul_(scale).add_(residual[start:end])
+
+        def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
+            taker(chunk, local, found)
+            if write_back is not None:
+                pending.append((local, self._sent(found, keep, not finite)))
+
+        def finish(start: int, end: int) -> None:
+            chunk = tensor[start:end]
+            residual[start:end].copy_(chunk)
+            chunk.zero_()
+            if pending:
+                local, sent = pending.pop()
+                chunk.index_put_((local,), sent.nan_to_num(0.0, math.inf, -math.inf).mul_(write_back))
+
+        positions, values = select_in_chunks(
+            tensor, threshold, self._capacity(n, k), prepare=prepare, take=take, finish=finish
+        )
+        if self.exactly_k:
+            payload, top = self._exactly_k_payload(positions, values, k, n, tensor.shape)
+            self._put_back_rejected(
+                residual, positions, values, top, None if write_back is None else (tensor, write_back)
+            )
+        else:
+            payload = self._padded_payload(positions, values, self._capacity(n, k), n, tensor.shape)
+        return self._kept(tensor, payload, keep, False, None)
+
+    def _capacity(self, n: int, k: int) -> int:
+        """How many slots (or, with exactly_k, candidates) the sampled selection collects."""
+        return exactly_k_capacity(n, k) if self.exactly_k else min(n, math.ceil(_CAPACITY * k))
+
+    def _sent(self, found: Tensor, keep: Tensor | None, scaled: bool) -> Tensor:
+        """What is sent of the `found` values: rounded to the value dtype, times `keep` if `scaled`."""
+        sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
+        return sent * keep if scaled else sent
 
     @property
     def _target(self) -> float:
@@ -175,19 +238,25 @@ class TopK(_Sparsifier):
         """Whether the sampled threshold selects (else `torch.topk` does)."""
         return not (self.exact or count_for(self.density, n) == n or n <= MIN_SAMPLE)
 
-    def _select_sum(self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor | None) -> Payload:
+    def _select_sum(
+        self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor | None, write_back: Tensor | None = None
+    ) -> Payload:
         n = into.numel()
         k = count_for(self.density, n)
         drawn = sample_positions(n, k, self._target, into.device)
         sample = into.index_select(0, drawn) + addend.index_select(0, drawn).nan_to_num(0.0, 0.0, 0.0) * scale
         threshold = threshold_of_sample(sample, n, k, self._target)
+        chunked = into.device.type in selection.CHUNKED_DEVICES
+        # CPU only (a host read there waits for nothing): a kept step's addend is finite.
+        finite = chunked and keep is not None and bool(keep)
 
         def add(start: int, end: int) -> None:
             taken = addend[start:end]
-            into[start:end].addcmul_(taken.nan_to_num_(0.0, 0.0, 0.0), scale)
+            into[start:end].addcmul_(taken if finite else taken.nan_to_num_(0.0, 0.0, 0.0), scale)
             taken.zero_()
 
-        return self._select(into, threshold, into.shape, prepare=add, keep=keep, residual=keep is not None)
+        write = None if write_back is None else (addend, write_back)
+        return self._select(into, threshold, into.shape, prepare=add, keep=keep, residual=keep is not None, write=write)
 
     def _select(
         self,
@@ -198,12 +267,15 @@ class TopK(_Sparsifier):
         prepare: Callable[[int, int], None] | None = None,
         keep: Tensor | None = None,
         residual: bool = False,
+        write: tuple[Tensor, Tensor] | None = None,
     ) -> Payload:
         """The payload of the entries of `flat` at or above `threshold` (after ``prepare(0, n)``);
-        values times `keep` if given; with `residual`, what is sent is taken out of `flat`."""
+        values times `keep` if given; with `residual`, what is sent is taken out of `flat`; with
+        ``write=(target, factor)``, what is sent, times factor, is added into `target` (flat's size,
+        zeroed by `prepare` chunk by chunk when `residual`: the chunked pass writes, not adds)."""
         n = flat.numel()
         k = count_for(self.density, n)
-        capacity = exactly_k_capacity(n, k) if self.exactly_k else min(n, math.ceil(_CAPACITY * k))
+        capacity = self._capacity(n, k)
         if flat.device.type not in selection.CHUNKED_DEVICES:
             if prepare is not None:
                 prepare(0, n)
@@ -213,28 +285,72 @@ class TopK(_Sparsifier):
                 payload = sparse_payload(self, flat, indices, valid, shape, self.value_dtype)
             else:
                 payload = self._payload_of(flat, candidates, shape)
-            return self._kept(flat, payload, keep, residual)
-        take = None
-        if residual and not self.exactly_k:
-
-            def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
-                sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
-                # found - found * 1 is exactly 0: what is sent leaves nothing behind.
-                chunk.index_put_((local,), found - (sent if keep is None else sent * keep))
-
+            return self._kept(flat, payload, keep, residual, write)
+        # The pass takes every entry it finds out of flat (and writes it into write's target) while
+        # its chunk is in cache; with exactly_k, the candidates that lose to the k largest go back after.
+        take = self._taker(flat, keep, write) if residual else None
         positions, values = select_in_chunks(flat, threshold, capacity, prepare=prepare, take=take)
         if self.exactly_k:
-            payload = self._exactly_k_payload(positions, values, k, n, shape)
-            return self._kept(flat, payload, keep, residual)
+            payload, top = self._exactly_k_payload(positions, values, k, n, shape)
+            if take is not None:
+                self._put_back_rejected(flat, positions, values, top, write)
+            return self._kept(flat, payload, keep, False, None if take is not None else write)
         payload = self._padded_payload(positions, values, capacity, n, shape)
-        return self._kept(flat, payload, keep, False)
+        return self._kept(flat, payload, keep, False, None if take is not None else write)
 
-    def _kept(self, flat: Tensor, payload: Payload, keep: Tensor | None, residual: bool) -> Payload:
-        """`payload` with its values times `keep`; with `residual`, taken out of `flat`."""
+    @staticmethod
+    def _put_back_rejected(
+        flat: Tensor, positions: Tensor, values: Tensor, top: Tensor, write: tuple[Tensor, Tensor] | None
+    ) -> None:
+        """Undo the pass's take for the candidates `_exactly_k_payload` did not keep (about a quarter
+        of them): flat gets their values back exactly, write's target its zeros."""
+        count = positions.numel()
+        rejected = torch.ones(count, dtype=torch.bool)
+        rejected[top[top < count]] = False  # slots past count are padding
+        lost = positions[rejected]
+        flat.index_put_((lost,), values[rejected].to(flat.dtype))
+        if write is not None:
+            write[0].index_fill_(0, lost, 0.0)
+
+    def _taker(
+        self, flat: Tensor, keep: Tensor | None, write: tuple[Tensor, Tensor] | None
+    ) -> Callable[[Tensor, Tensor, Tensor], None]:
+        """`select_in_chunks`'s ``take``: what is sent leaves the chunk of `flat` (and, with `write`,
+        enters the same chunk of its target) while the chunk is in cache."""
+
+        # A kept step (read on the host: this runs on a CPU only) sends what it finds as it is.
+        scaled = keep is not None and not bool(keep)
+        unit = write is None or bool(write[1] == 1)
+
+        def take(chunk: Tensor, local: Tensor, found: Tensor) -> None:
+            sent = self._sent(found, keep, scaled)
+            # found - found is exactly 0: what is sent leaves nothing behind.
+            chunk.index_put_((local,), found - sent)
+            if write is not None:
+                start = chunk.storage_offset() - flat.storage_offset()
+                # NaN is never sent (the payload pads it): 0 there. The target's chunk was zeroed by
+                # `prepare` (`_select_sum`), so a plain write is the scatter-add.
+                sent = sent.nan_to_num(0.0, math.inf, -math.inf)
+                write[0][start : start + chunk.numel()].index_put_((local,), sent if unit else sent.mul_(write[1]))
+
+        return take
+
+    def _kept(
+        self,
+        flat: Tensor,
+        payload: Payload,
+        keep: Tensor | None,
+        residual: bool,
+        write: tuple[Tensor, Tensor] | None = None,
+    ) -> Payload:
+        """`payload` with its values times `keep`; with `residual`, taken out of `flat`; with `write`,
+        added (times its factor) into its target."""
         if keep is not None:
             payload.tensors[1].mul_(keep)
         if residual:
             self.residual_(flat, payload)
+        if write is not None:
+            self.add_sent_(write[0], payload, write[1])
         return payload
 
     def _padded_payload(self, positions: Tensor, values: Tensor, capacity: int, n: int, shape) -> Payload:
@@ -249,8 +365,9 @@ class TopK(_Sparsifier):
         sent[:count] = torch.where(ok, values, torch.zeros((), dtype=values.dtype))
         return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid})
 
-    def _exactly_k_payload(self, positions: Tensor, values: Tensor, k: int, n: int, shape) -> Payload:
-        """The k largest of `select_in_chunks`'s candidates (`exactly_k_of` on gathered values)."""
+    def _exactly_k_payload(self, positions: Tensor, values: Tensor, k: int, n: int, shape) -> tuple[Payload, Tensor]:
+        """The k largest of `select_in_chunks`'s candidates (`exactly_k_of` on gathered values), and
+        the slots of the candidates it keeps (those past the candidates' count are padding)."""
         short = k - positions.numel()
         if short > 0:  # fewer candidates than slots: padding, whose magnitude -1 loses to any entry
             positions = torch.nn.functional.pad(positions, (0, short))
@@ -261,7 +378,7 @@ class TopK(_Sparsifier):
         indices = (positions.index_select(0, top) * valid).to(index_dtype(n))
         sent = torch.where(valid, values.index_select(0, top), torch.zeros((), dtype=values.dtype))
         sent = sent.to(self.value_dtype) if self.value_dtype is not None else sent
-        return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid})
+        return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid}), top
 
     def _payload_of(self, flat: Tensor, indices: Tensor, shape: torch.Size) -> Payload:
         # The device path of positions_at_least selects NaN: never send it (-1 reads the last entry).
