@@ -7,7 +7,8 @@ communication hook shares `effective_compressor` and `load_compressor_state`.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -81,28 +82,13 @@ class CompressedReducer(Reducer):
         if self.compressor.carries_flags:
             # The flag, and which parameters this rank lacks, ride in the compressor's own
             # collectives; the sum is written back into the bucket (see `_finish_carried`).
-            bucket.pending = self.compressor.start_reduce(  # type: ignore[call-arg, misc]
-                bucket.buffer,
-                layout,
-                group,
-                self._weight,
-                what,
-                self.timeout,
-                out=bucket.buffer,
-                bad=bad,
-                absent=[slot for _, slot in bucket.missing],
-            )
-            return
-        self._bad = bad if self._bad is None else self._bad | bad
-        bucket.pending = start_reduce(
-            self.compressor,
-            bucket.buffer,
-            layout,
-            group,
-            self._weight,
-            what,
-            self.timeout,
-            out=bucket.buffer,  # type: ignore[arg-type]
+            start: Callable[..., distributed.PendingReduce] = self.compressor.start_reduce  # type: ignore[assignment]
+            flags = {"bad": bad, "absent": [slot for _, slot in bucket.missing]}
+        else:
+            self._bad = bad if self._bad is None else self._bad | bad
+            start, flags = partial(start_reduce, self.compressor), {}
+        bucket.pending = start(
+            bucket.buffer, layout, group, self._weight, what, self.timeout, out=bucket.buffer, **flags
         )
 
     def _finish_buckets(
