@@ -207,3 +207,23 @@ def test_a_finite_input_whose_factor_overflows_comes_back_not_finite():
     ones = torch.ones(40 * 30, dtype=torch.float64)
     summed = gk.PowerSGD(1).start_reduce(ones, (("w", (40, 30)),), None, 1.0, "test", None, bad=torch.tensor(False))
     assert torch.allclose(summed.wait(), ones, rtol=0, atol=1e-12)
+
+
+def test_a_step_no_rank_had_keeps_the_warm_start_q():
+    # One process: the part is absent everywhere, so its Q sum is P̂ᵀ·0; the warm start must keep the
+    # last Q (a zero Q would restart the power iteration from P = M·0).
+    layout = (("w", (64, 32)),)
+    generator = torch.Generator().manual_seed(0)
+    compressor = gk.PowerSGD(2)
+    for _ in range(3):
+        flat = torch.randn(64 * 32, generator=generator)
+        compressor.start_reduce(flat, layout, None, 1.0, "test", None, bad=torch.tensor(False)).wait()
+        compressor.commit()
+    before = compressor._q["w"].clone()
+    pending = compressor.start_reduce(
+        torch.zeros(64 * 32), layout, None, 1.0, "test", None, bad=torch.tensor(False), absent=[0]
+    )
+    pending.wait()
+    compressor.commit()
+    assert pending.present.tolist() == [0.0]
+    assert torch.equal(compressor._q["w"], before)

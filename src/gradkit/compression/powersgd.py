@@ -183,7 +183,14 @@ class PowerSGD(Compressor):
                     _outer(view.view(part.matrix.shape), p_hats[part.name], sums[part.name])
             if bad is not None and target.numel():
                 _poison(target, first, q_sum)
-            self._deferred.add(layout, new_residual, sums)
+            kept = dict(sums)
+            for k, index in enumerate(absent):
+                name = parts[index].name
+                if name in kept:
+                    # No rank had it: the Q sum is P̂ᵀ·0, so the warm start keeps the last Q instead
+                    # (the same choice on every rank: `present` comes from the all-reduced sum).
+                    kept[name] = torch.where(pending.present[k] > 0, sums[name], qts[name].to(sums[name]))
+            self._deferred.add(layout, new_residual, kept)
             return target
 
         pending = PendingReduce(works, finish, nbytes, what, timeout)

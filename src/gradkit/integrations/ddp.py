@@ -83,8 +83,8 @@ def ddp_comm_hook(
         error_feedback: as in `gk.Average`: biased compressors get it by default.
         timeout: seconds to wait for a collective; None uses the group's.
         node_size: processes per node for two-level averaging, as in `gk.Average`: full precision
-            inside each node, 1/node_size of each bucket across nodes. None takes torchrun's
-            ``LOCAL_WORLD_SIZE`` when it is less than the world size (dense hooks only); 1 is flat.
+            inside each node, 1/node_size of each bucket across nodes. None or 1: flat (the default
+            keeps DDP's overlap of communication with backward).
             Dense only, and without overlap: each bucket's three hops run inside the hook, so that
             every rank issues them in one order. For compression between nodes use
             ``gk.GradientPipeline(model, average=gk.Average(compressor, node_size=...))``.
@@ -127,8 +127,8 @@ def ddp_comm_hook(
     # DDP buckets every parameter that requires grad: each one's state is saved.
     state = CommHookState(effective, resolved, names, seconds, tuple(name for name, p in pairs if p.requires_grad))
     if effective is None:
-        # Dense: two levels where there are several nodes (torchrun's LOCAL_WORLD_SIZE by default).
-        levels = node_size_for(node_size, resolved)
+        # Dense: two levels when asked for and there are several nodes.
+        levels = node_size_for(node_size, resolved) if node_size is not None else None
         if levels is not None:
             state.nodes = NodeGroups.build(levels, seconds)
             return state, _two_level_hook
