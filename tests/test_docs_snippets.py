@@ -12,11 +12,12 @@ import contextlib
 import io
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dist_helpers import run_torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -65,7 +66,7 @@ def test_block_runs_as_written(name, code, tmp_path, monkeypatch):
             processes,
             str(script),
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+        done = run_torchrun(command, timeout=180, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         out = done.stdout
     else:

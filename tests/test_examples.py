@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dist_helpers import run_torchrun
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def run(*args: str, timeout: float = 180) -> str:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    done = run_torchrun([sys.executable, *args], timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 

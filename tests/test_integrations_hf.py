@@ -18,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import gradkit as gk
+from dist_helpers import run_torchrun
 from gradkit.integrations.huggingface import GradkitCallback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +160,7 @@ def test_missing_packages_name_the_extra():
 
 def _run(*args: str, timeout: float = 300) -> str:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    done = run_torchrun([sys.executable, *args], timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
