@@ -15,6 +15,9 @@ after torch's two uncompressed warm-up steps (counted the same way for both,
 by wrapping ``torch.distributed.all_reduce``; goal gradkit <= torch). The note
 names gradkit's integer bytes apart: the pipeline's all-reduce of the window's
 count (items, micro-steps), which DDP, dividing by the world size, does not send.
+gradkit runs with ``even_windows=True``, DDP's own promise (every rank completes
+its windows together), under which a complete window needs no count all-reduce
+either; the integer bytes are then 0.
 Both average all gradients in one bucket: with several, torch's hook launches
 its second all-reduce from the first one's completion callback, which on gloo
 races with the next bucket's hook and ends in a collective mismatch.
@@ -168,7 +171,8 @@ def _worker(args: argparse.Namespace) -> dict:
         # One bucket each: torch's hook issues its second all-reduce from the first one's completion
         # callback, which on gloo races with the next bucket's first all-reduce (a collective mismatch).
         compressor = gradkit.PowerSGD(args.powersgd_rank)
-        averaging = gradkit.Average(compressor, bucket_mb=BUCKET_MB, first_bucket_mb=BUCKET_MB)
+        # even_windows: DDP's own setting (every window completes on every rank), no count all-reduce.
+        averaging = gradkit.Average(compressor, bucket_mb=BUCKET_MB, first_bucket_mb=BUCKET_MB, even_windows=True)
         pipe = gradkit.GradientPipeline(ours_model, average=averaging)
         ddp = nn.parallel.DistributedDataParallel(torch_model, bucket_cap_mb=BUCKET_MB)
         state = torch_powersgd.PowerSGDState(
