@@ -31,31 +31,40 @@ def weyl_sample(x: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return x[(offset + torch.arange(size, dtype=torch.int64) * step) % n]
 
 
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, size, top", [(300_000, 21_334, 256), (5_000, 5_000, 60), (40, 16, 1), (40, 16, 16)])
-def test_threshold_is_the_sample_top_th_largest_magnitude(n, size, top):
-    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+def test_threshold_is_the_sample_top_th_largest_magnitude(n, size, top, dtype):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
     x[::97] = float("nan")  # NaN counts as 0
     sample = weyl_sample(x, size, seed=3)
     torch.manual_seed(3)
     got = triton_select.threshold(x, size, top)
     expected = torch.topk(sample.abs().nan_to_num(0.0), top).values[-1]
-    assert got.shape == (1,) and got.dtype == torch.float32
+    assert got.shape == (1,) and got.dtype == dtype
     assert torch.equal(got[0], expected)
 
 
-def test_threshold_of_zeros_is_the_smallest_subnormal():
-    got = triton_select.threshold(torch.zeros(1000), 100, 10)
-    assert float(got) == torch.finfo(torch.float32).tiny * torch.finfo(torch.float32).eps
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_of_zeros_is_the_smallest_subnormal(dtype):
+    got = triton_select.threshold(torch.zeros(1000, dtype=dtype), 100, 10)
+    assert float(got) == torch.finfo(dtype).tiny * torch.finfo(dtype).eps
 
 
 @pytest.mark.parametrize("capacity_share", [2.0, 1.0, 0.5])
-@pytest.mark.parametrize("index_dtype, value_dtype", [(torch.int32, torch.float32), (torch.int64, torch.float16)])
-def test_select_at_least_matches_the_plain_mask(capacity_share, index_dtype, value_dtype):
+@pytest.mark.parametrize(
+    "dtype, index_dtype, value_dtype",
+    [(torch.float32, torch.int32, torch.float32), (torch.float32, torch.int64, torch.float16),
+     (torch.bfloat16, torch.int32, torch.bfloat16), (torch.float16, torch.int32, torch.float32)],
+)  # fmt: skip
+def test_select_at_least_matches_the_plain_mask(capacity_share, dtype, index_dtype, value_dtype):
     n = 20_000  # several blocks of the select kernel
-    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
     x[::501] = float("nan")  # never selected
     x[7], x[9] = float("inf"), float("-inf")  # selected
-    cut = torch.tensor(2.0)
+    cut = torch.tensor(2.0, dtype=dtype)
     x[11] = 2.0  # entries right at the threshold count
     expected = ((x.abs() >= cut) & ~x.isnan()).nonzero().view(-1)
     capacity = max(1, round(capacity_share * expected.numel()))

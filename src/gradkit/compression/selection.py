@@ -5,7 +5,7 @@ does), the positions above it are collected into a buffer of fixed size with
 `torch.nonzero_static`, and, for a payload of exactly k entries, the k largest
 of those candidates are kept with a `torch.topk` over the small buffer. Every
 size is known on the host before the call, so nothing here reads a device
-value: the same code runs on CPU and CUDA. On CUDA, float32 tensors take three
+value: the same code runs on CPU and CUDA. On CUDA, floating tensors take three
 Triton kernels instead (`triton_select`), when Triton is installed.
 """
 
@@ -204,7 +204,7 @@ def positions_at_least_device(flat: Tensor, threshold: Tensor, capacity: int) ->
     `triton_select.usable` says so, one Triton kernel reads the tensor once instead (its
     positions are not sorted, and it never selects NaN).
     """
-    if triton_select.usable(flat):
+    if threshold.dtype == flat.dtype and triton_select.usable(flat):
         return triton_select.select_at_least(
             flat, threshold, capacity, index_dtype=torch.int64, value_dtype=flat.dtype, pad=-1
         )[0]
@@ -223,7 +223,7 @@ def entries_at_least(
     `triton_select.usable` says so, else `positions_at_least` and a gather.
     """
     values_as = value_dtype or flat.dtype
-    if triton_select.usable(flat):
+    if threshold.dtype == flat.dtype and triton_select.usable(flat):
         return triton_select.select_at_least(
             flat, threshold, capacity, index_dtype=index_dtype(flat.numel()), value_dtype=values_as
         )

@@ -16,7 +16,7 @@ Here the same selection takes three launches and one read of the tensor:
 The positions come out grouped by block in the order the blocks reserved room, not sorted,
 and when more entries qualify than there are slots, which of them are dropped depends on that
 order; the set of entries sent is otherwise the same as the torch path's. NaN is never selected.
-It runs where `usable` says so (float32 on CUDA with Triton importable); everything else takes
+It runs where `usable` says so (a float32, bfloat16 or float16 tensor on CUDA, Triton importable); everything else takes
 the torch path. Tests run the kernels on a CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
@@ -49,16 +49,17 @@ def _kernels():
         return None
 
     @triton.jit
-    def threshold_kernel(bits_ptr, offset_ptr, out_ptr, n, m, step, top, BLOCK: tl.constexpr):
+    def threshold_kernel(bits_ptr, offset_ptr, out_ptr, n, m, step, top,
+                         MAGNITUDE: tl.constexpr, INF: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         i = tl.arange(0, BLOCK)
         offset = tl.load(offset_ptr)
         pos = (offset + i.to(tl.int64) * step) % n
-        bits = tl.load(bits_ptr + pos, mask=i < m, other=0) & 0x7FFFFFFF  # the magnitude's bits
-        bits = tl.where(bits > 0x7F800000, 0, bits)  # NaN (above +inf's bits) counts as 0
+        bits = tl.load(bits_ptr + pos, mask=i < m, other=0).to(tl.int32) & MAGNITUDE  # the magnitude's bits
+        bits = tl.where(bits > INF, 0, bits)  # NaN (above +inf's bits) counts as 0
         bits = tl.where(i < m, bits, -1)  # slots past the sample count below everything
         # Invariant: at least `top` sampled bits are >= lo, fewer than `top` are >= hi.
         lo = tl.zeros((), tl.int32)
-        hi = tl.full((), 0x7F800001, tl.int32)
+        hi = tl.full((), INF + 1, tl.int32)
         for _ in range(31):
             mid = lo + (hi - lo) // 2
             enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= top
@@ -69,12 +70,12 @@ def _kernels():
 
     @triton.jit
     def select_kernel(bits_ptr, values_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, n, capacity,
-                      BLOCK: tl.constexpr):  # fmt: skip
+                      MAGNITUDE: tl.constexpr, INF: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
-        magnitude = tl.load(bits_ptr + offs, mask=inside, other=0) & 0x7FFFFFFF
-        t = tl.load(threshold_ptr)
-        hit = inside & (magnitude >= t) & (magnitude <= 0x7F800000)  # not NaN
+        magnitude = tl.load(bits_ptr + offs, mask=inside, other=0).to(tl.int32) & MAGNITUDE
+        t = tl.load(threshold_ptr).to(tl.int32)
+        hit = inside & (magnitude >= t) & (magnitude <= INF)  # not NaN
         hits = hit.to(tl.int32)
         base = tl.atomic_add(count_ptr, tl.sum(hits, axis=0))
         slot = base + tl.cumsum(hits, axis=0) - 1
@@ -90,18 +91,26 @@ def _kernels():
         tl.store(valid_ptr + slot, used, mask=inside)
         empty = inside & ~used
         tl.store(index_ptr + slot, tl.zeros_like(slot) + pad, mask=empty)
-        tl.store(value_ptr + slot, tl.zeros_like(slot).to(tl.float32), mask=empty)
+        tl.store(value_ptr + slot, tl.zeros_like(slot).to(value_ptr.dtype.element_ty), mask=empty)
 
     return triton, threshold_kernel, select_kernel, pad_kernel
 
 
+# Per float dtype: the integer view, the magnitude's bits (all but the sign) and +inf's bits.
+_BITS = {
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+}
+
+
 def usable(flat: Tensor) -> bool:
-    """Whether `flat` (1-d, contiguous) selects with these kernels: float32 on CUDA, Triton importable
-    (or a CPU tensor under ``TRITON_INTERPRET=1``, which is how the tests run them)."""
+    """Whether `flat` (1-d, contiguous) selects with these kernels: float32, bfloat16 or float16 on CUDA,
+    Triton importable (or a CPU tensor under ``TRITON_INTERPRET=1``, which is how the tests run them)."""
     on_device = flat.is_cuda or (flat.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (
         on_device
-        and flat.dtype == torch.float32
+        and flat.dtype in _BITS
         and flat.dim() == 1
         and flat.is_contiguous()
         and 0 < flat.numel() < 2**31
@@ -116,17 +125,20 @@ def threshold(flat: Tensor, sample: int, top: int) -> Tensor:
         flat: a tensor `usable` accepts; sample: 1 <= sample <= `MAX_SAMPLE`; top: 1 <= top <= sample.
 
     Returns:
-        A 1-element float32 tensor on flat's device, at least the smallest subnormal (never 0).
+        A 1-element tensor in flat's dtype on flat's device, at least the smallest subnormal (never 0).
     """
     triton, threshold_kernel, _, _ = _kernels()
     n = flat.numel()
-    out = torch.empty(1, dtype=torch.int32, device=flat.device)
+    as_int, magnitude, inf = _BITS[flat.dtype]
+    out = torch.empty(1, dtype=as_int, device=flat.device)
     # The sample's start is drawn on the device (torch's generator: seeded by torch.manual_seed, no host read).
     offset = torch.randint(n, (1,), device=flat.device)
     step = max(1, round(_GOLDEN * n)) | 1
     block = max(16, triton.next_power_of_2(sample))
-    threshold_kernel[(1,)](flat.view(torch.int32), offset, out, n, sample, step, top, BLOCK=block, num_warps=8)
-    return out.view(torch.float32)
+    threshold_kernel[(1,)](
+        flat.view(as_int), offset, out, n, sample, step, top, MAGNITUDE=magnitude, INF=inf, BLOCK=block, num_warps=8
+    )
+    return out.view(flat.dtype)
 
 
 def select_at_least(
@@ -136,7 +148,7 @@ def select_at_least(
 
     Args:
         flat: a tensor `usable` accepts.
-        limit: a 1-element or 0-d float32 tensor on flat's device (e.g. from `threshold`).
+        limit: a 1-element or 0-d tensor in flat's dtype on flat's device (e.g. from `threshold`).
         capacity: the number of slots; entries past it are dropped.
         index_dtype, value_dtype: the dtypes of the returned positions and values.
         pad: the position written into unused slots (0 for a payload, -1 to mark them).
@@ -150,8 +162,12 @@ def select_at_least(
     values = torch.empty(capacity, dtype=value_dtype, device=device)
     valid = torch.empty(capacity, dtype=torch.bool, device=device)
     count = torch.zeros(1, dtype=torch.int32, device=device)
-    limit_bits = limit.reshape(1).view(torch.int32)
+    as_int, magnitude, inf = _BITS[flat.dtype]
+    limit_bits = limit.reshape(1).view(as_int)
     grid = (triton.cdiv(n, _BLOCK),)
-    select_kernel[grid](flat.view(torch.int32), flat, limit_bits, positions, values, count, n, capacity, BLOCK=_BLOCK)
+    select_kernel[grid](
+        flat.view(as_int), flat, limit_bits, positions, values, count, n, capacity,
+        MAGNITUDE=magnitude, INF=inf, BLOCK=_BLOCK,
+    )  # fmt: skip
     pad_kernel[(triton.cdiv(capacity, _PAD_BLOCK),)](positions, values, valid, count, capacity, pad, BLOCK=_PAD_BLOCK)
     return positions, values, valid
