@@ -6,7 +6,7 @@ tensors of ~10M entries and, at 100M, `nonzero_static` reads its mask several ti
 Here the same selection takes three launches and one read of the tensor:
 
 1. `threshold_kernel`, one program: reads a quasi-random sample of the magnitudes and
-   finds the sample's ``top``-th largest by a search over the float's bits (non-negative
+   finds the sample's ``top``-th largest by bisection over the float's bits (non-negative
    floats order as their bit patterns do), counting rounds over values held in registers.
 2. `select_kernel`, one program per block: compares each magnitude with the threshold,
    reserves room for its block's hits with one atomic add, and writes their positions and
@@ -55,22 +55,22 @@ def _kernels():
 
     @triton.jit
     def threshold_kernel(bits_ptr, offset_ptr, out_ptr, n, m, step, top, MAGNITUDE: tl.constexpr,
-                         INF: tl.constexpr, SPAN: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                         INF: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         i = tl.arange(0, BLOCK)
         offset = tl.load(offset_ptr)
         pos = (offset + i.to(tl.int64) * step) % n
         bits = tl.load(bits_ptr + pos, mask=i < m, other=0).to(tl.int32) & MAGNITUDE  # the magnitude's bits
         bits = tl.where(bits > INF, 0, bits)  # NaN (above +inf's bits) counts as 0
         bits = tl.where(i < m, bits, -1)  # slots past the sample count below everything
-        # Invariant: at least `top` sampled bits are >= lo, fewer than `top` are >= lo + 2**width (2**SPAN
-        # at first: above every pattern). A round counts at four pivots in one reduction and keeps a quarter
-        # of the width: a reduction's latency, not the counting, is what a round costs in one program.
+        # Invariant: at least `top` sampled bits are >= lo, fewer than `top` are >= hi. (Four pivots per
+        # round in 9 rounds measured slower on an H200: 0.082 ms against 0.049 for these 18.)
         lo = tl.zeros((), tl.int32)
-        quarter = tl.arange(0, 4)
-        for r in tl.static_range(ROUNDS):
-            part: tl.constexpr = 1 << (SPAN - 2 * (r + 1))
-            counts = tl.sum((bits[:, None] >= (lo + quarter * part)[None, :]).to(tl.int32), axis=0)
-            lo += tl.max(tl.where(counts >= top, quarter, 0), axis=0) * part
+        hi = tl.full((), INF + 1, tl.int32)
+        for _ in range(ROUNDS):
+            mid = lo + (hi - lo) // 2
+            enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= top
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
         # At least the smallest subnormal: a threshold of 0 would select zeros.
         tl.store(out_ptr, tl.maximum(lo, 1))
 
@@ -107,13 +107,12 @@ def _kernels():
 
 
 # Per float dtype: the integer view, the magnitude's bits (all but the sign), +inf's bits, and the
-# threshold kernel's search (a power of two above every pattern, and rounds that each keep a quarter):
-# 16-bit floats to the exact value, float32 to within 2**13 of its bit pattern (~2**-10 relative, far
-# inside the sample's ~6% noise).
+# threshold kernel's bisection rounds: 16-bit floats to the exact value (their range is < 2**15), float32
+# to within 2**13 of its bit pattern (~2**-10 relative, far inside the sample's ~6% noise) in 18 of 31.
 _BITS = {
-    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000, (31, 9)),
-    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80, (16, 8)),
-    torch.float16: (torch.int16, 0x7FFF, 0x7C00, (16, 8)),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000, 18),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80, 15),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00, 15),
 }
 
 
@@ -143,7 +142,7 @@ def threshold(flat: Tensor, sample: int, top: int) -> Tensor:
     """
     triton, threshold_kernel, _, _ = _kernels()
     n = flat.numel()
-    as_int, magnitude, inf, (span, rounds) = _BITS[flat.dtype]
+    as_int, magnitude, inf, rounds = _BITS[flat.dtype]
     out = torch.empty(1, dtype=as_int, device=flat.device)
     # The sample's start is drawn on the device (torch's generator: seeded by torch.manual_seed, no host read).
     offset = torch.randint(n, (1,), device=flat.device)
@@ -151,7 +150,7 @@ def threshold(flat: Tensor, sample: int, top: int) -> Tensor:
     block = max(16, triton.next_power_of_2(sample))
     threshold_kernel[(1,)](
         flat.view(as_int), offset, out, n, sample, step, top,
-        MAGNITUDE=magnitude, INF=inf, SPAN=span, ROUNDS=rounds, BLOCK=block, num_warps=_THRESHOLD_WARPS,
+        MAGNITUDE=magnitude, INF=inf, ROUNDS=rounds, BLOCK=block, num_warps=_THRESHOLD_WARPS,
     )  # fmt: skip
     return out.view(flat.dtype)
 
