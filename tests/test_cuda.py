@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import gradkit as gk
-from gradkit.compression.selection import positions_at_least
+from gradkit.compression import triton_select
+from gradkit.compression.selection import positions_at_least, sampled_threshold
 
 pytestmark = pytest.mark.cuda
 
@@ -142,10 +143,34 @@ def test_device_positions_match_the_plain_mask_on_the_gpu():
     cut = torch.full((), 4.0, device=CUDA)  # about 2.8% of Student's t(3) entries lie above
     with no_syncs():
         got = positions_at_least(x, cut, 200_000)
-    expected = ((x.abs() >= cut) | x.isnan()).nonzero().view(-1)
+    if triton_select.usable(x):  # one Triton kernel: positions unsorted, NaN never selected
+        expected = (x.abs() >= cut).nonzero().view(-1)
+        assert torch.equal(got[: expected.numel()].sort().values, expected)
+    else:
+        expected = ((x.abs() >= cut) | x.isnan()).nonzero().view(-1)
+        assert torch.equal(got[: expected.numel()], expected)
     assert expected.numel() < 200_000
-    assert torch.equal(got[: expected.numel()], expected)
     assert bool((got[expected.numel() :] == -1).all())
+
+
+def test_triton_selection_matches_the_torch_path_on_the_gpu():
+    if not triton_select.usable(torch.zeros(1, device=CUDA)):
+        pytest.skip("Triton is not installed")
+    x = gradient_like(10_000_000, seed=6)
+    k = 100_000
+    with no_syncs():
+        cut = sampled_threshold(x, k, 1.2)
+        positions, values, valid = triton_select.select_at_least(
+            x, cut, 150_000, index_dtype=torch.int32, value_dtype=torch.float32
+        )
+        payload = gk.TopK(0.01).compress(x)
+    expected = (x.abs() >= cut).nonzero().view(-1)
+    assert 0.9 * 1.2 * k < expected.numel() < 1.1 * 1.2 * k  # the sampled threshold aims at 1.2·k
+    assert torch.equal(positions[valid].long().sort().values, expected)
+    assert torch.equal(values[valid], x[positions[valid].long()])
+    exact = torch.topk(x.abs(), k).values.square().sum()
+    sent = payload.tensors[1].square().sum()
+    assert sent >= 0.9 * exact
 
 
 def test_randomk_on_the_gpu_is_unbiased_and_its_draw_is_shared():

@@ -5,7 +5,8 @@ does), the positions above it are collected into a buffer of fixed size with
 `torch.nonzero_static`, and, for a payload of exactly k entries, the k largest
 of those candidates are kept with a `torch.topk` over the small buffer. Every
 size is known on the host before the call, so nothing here reads a device
-value: the same code runs on CPU and CUDA.
+value: the same code runs on CPU and CUDA. On CUDA, floating tensors take three
+Triton kernels instead (`triton_select`), when Triton is installed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from gradkit.compression import triton_select
+from gradkit.compression.base import index_dtype
+
 __all__ = [
+    "entries_at_least",
     "exactly_k_of",
     "positions_at_least",
     "positions_at_least_device",
@@ -58,6 +63,9 @@ def sampled_threshold(flat: Tensor, k: int, target: float) -> Tensor:
         A 0-d tensor in flat's dtype on flat's device, strictly positive.
     """
     n = flat.numel()
+    size = _sample_size(n, k, target)
+    if size <= triton_select.MAX_SAMPLE and triton_select.usable(flat):
+        return triton_select.threshold(flat, size, _top_count(size, n, k, target)).view(())
     drawn = sample_positions(n, k, target, flat.device)
     # index_select, not flat[drawn]: advanced indexing took twice as long for these scattered reads.
     return threshold_of_sample(flat.index_select(0, drawn), n, k, target)
@@ -65,14 +73,22 @@ def sampled_threshold(flat: Tensor, k: int, target: float) -> Tensor:
 
 def sample_positions(n: int, k: int, target: float, device: torch.device) -> Tensor:
     """The random positions `sampled_threshold` reads, for a tensor of `n` entries."""
-    size = min(n, max(MIN_SAMPLE, math.ceil(SAMPLE_HITS * n / (target * k))))
-    return torch.randint(n, (size,), device=device)
+    return torch.randint(n, (_sample_size(n, k, target),), device=device)
+
+
+def _sample_size(n: int, k: int, target: float) -> int:
+    return min(n, max(MIN_SAMPLE, math.ceil(SAMPLE_HITS * n / (target * k))))
+
+
+def _top_count(size: int, n: int, k: int, target: float) -> int:
+    """How many of `size` sampled entries lie at or above the threshold aimed at target·k of n."""
+    return max(1, min(size, int(round(target * k / n * size))))
 
 
 def threshold_of_sample(sample: Tensor, n: int, k: int, target: float) -> Tensor:
     """`sampled_threshold` from the values at `sample_positions` (of a tensor of `n` entries)."""
     size = sample.numel()
-    rank = max(1, min(size, size - int(round(target * k / n * size)) + 1))  # kthvalue is 1-based, ascending
+    rank = size - _top_count(size, n, k, target) + 1  # kthvalue is 1-based, ascending
     threshold = torch.kthvalue(sample.abs().float(), rank).values.to(sample.dtype)
     # A threshold of 0 (many exact zeros) would select zeros: keep it strictly positive
     # in flat's own dtype (float32's tiny rounds to 0 in float16), at its smallest subnormal.
@@ -184,11 +200,40 @@ def positions_at_least_device(flat: Tensor, threshold: Tensor, capacity: int) ->
     2-byte bfloat16 (a GPU kernel casts on store), then `nonzero_static` reads that twice.
     That streams 10 bytes per float32 entry where abs() then >= stream 15, in 5 kernels
     and no host sync (`nonzero_static` on CUDA fills the padding from a device count).
-    It runs on any device; the CPU path of `positions_at_least` is faster on a CPU.
+    It runs on any device; the CPU path of `positions_at_least` is faster on a CPU. Where
+    `triton_select.usable` says so, one Triton kernel reads the tensor once instead (its
+    positions are not sorted, and it never selects NaN).
     """
+    if threshold.dtype == flat.dtype and triton_select.usable(flat):
+        return triton_select.select_at_least(
+            flat, threshold, capacity, index_dtype=torch.int64, value_dtype=flat.dtype, pad=-1
+        )[0]
     marks = torch.empty(flat.shape, dtype=torch.bfloat16, device=flat.device)
     torch.div(flat, threshold, rounding_mode="trunc", out=marks)
     return torch.nonzero_static(marks.view(-1), size=capacity, fill_value=-1).view(-1)
+
+
+def entries_at_least(
+    flat: Tensor, threshold: Tensor, capacity: int, value_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A payload's (indices, values, valid) of the entries of `flat` with |x| >= threshold, in `capacity` slots.
+
+    NaN is never sent; unused slots send index 0 with value 0 (``valid`` False). Indices are in
+    `base.index_dtype`, values in `value_dtype` (default: flat's). One Triton kernel where
+    `triton_select.usable` says so, else `positions_at_least` and a gather.
+    """
+    values_as = value_dtype or flat.dtype
+    if threshold.dtype == flat.dtype and triton_select.usable(flat):
+        return triton_select.select_at_least(
+            flat, threshold, capacity, index_dtype=index_dtype(flat.numel()), value_dtype=values_as
+        )
+    indices = positions_at_least(flat, threshold, capacity)
+    # One gather serves the check and the values (each gather of scattered entries is a cache
+    # miss per entry: as long as a dense pass over a 4M-entry tensor); -1 reads the last entry.
+    values = flat[indices]
+    valid = (indices >= 0) & ~values.isnan()
+    values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return (indices * valid).to(index_dtype(flat.numel())), values.to(values_as), valid
 
 
 def select_exactly_k(flat: Tensor, k: int, floor: float | None = None) -> tuple[Tensor, Tensor]:

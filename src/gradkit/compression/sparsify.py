@@ -25,6 +25,7 @@ from gradkit.compression.base import Compressor, Payload, check_density, check_v
 from gradkit.compression.selection import (
     EXACT_K_TARGET,
     MIN_SAMPLE,
+    entries_at_least,
     exactly_k_capacity,
     exactly_k_of,
     positions_at_least,
@@ -142,6 +143,9 @@ class TopK(_Sparsifier):
         if sum_of is None:
             return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape, residual=True)
         first, second = (part.reshape(-1) for part in sum_of)
+        if flat.device.type not in selection.CHUNKED_DEVICES:  # one pass forms the sum, selected as `compress` does
+            torch.add(first, second, out=flat)
+            return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape, residual=True)
         drawn = sample_positions(n, k, self._target, flat.device)
         sample = torch.add(first.index_select(0, drawn), second.index_select(0, drawn), out=flat.new_empty(drawn.shape))
         threshold = threshold_of_sample(sample, n, k, self._target)
@@ -243,9 +247,6 @@ class TopK(_Sparsifier):
     ) -> Payload:
         n = into.numel()
         k = count_for(self.density, n)
-        drawn = sample_positions(n, k, self._target, into.device)
-        sample = into.index_select(0, drawn) + addend.index_select(0, drawn).nan_to_num(0.0, 0.0, 0.0) * scale
-        threshold = threshold_of_sample(sample, n, k, self._target)
         chunked = into.device.type in selection.CHUNKED_DEVICES
         # CPU only (a host read there waits for nothing): a kept step's addend is finite.
         finite = chunked and keep is not None and bool(keep)
@@ -256,6 +257,13 @@ class TopK(_Sparsifier):
             taken.zero_()
 
         write = None if write_back is None else (addend, write_back)
+        if not chunked:  # one pass forms the sum, then it is selected from as `compress` selects
+            add(0, n)
+            threshold = sampled_threshold(into, k, self._target)
+            return self._select(into, threshold, into.shape, keep=keep, residual=keep is not None, write=write)
+        drawn = sample_positions(n, k, self._target, into.device)
+        sample = into.index_select(0, drawn) + addend.index_select(0, drawn).nan_to_num(0.0, 0.0, 0.0) * scale
+        threshold = threshold_of_sample(sample, n, k, self._target)
         return self._select(into, threshold, into.shape, prepare=add, keep=keep, residual=keep is not None, write=write)
 
     def _select(
@@ -279,12 +287,12 @@ class TopK(_Sparsifier):
         if flat.device.type not in selection.CHUNKED_DEVICES:
             if prepare is not None:
                 prepare(0, n)
-            candidates = positions_at_least(flat, threshold, capacity)
             if self.exactly_k:
-                indices, valid = exactly_k_of(flat, candidates, k)
+                indices, valid = exactly_k_of(flat, positions_at_least(flat, threshold, capacity), k)
                 payload = sparse_payload(self, flat, indices, valid, shape, self.value_dtype)
             else:
-                payload = self._payload_of(flat, candidates, shape)
+                indices, values, valid = entries_at_least(flat, threshold, capacity, self.value_dtype)
+                payload = Payload([indices, values], torch.Size(shape), flat.dtype, self, {"valid": valid})
             return self._kept(flat, payload, keep, residual, write)
         # The pass takes every entry it finds out of flat (and writes it into write's target) while
         # its chunk is in cache; with exactly_k, the candidates that lose to the k largest go back after.
@@ -379,22 +387,6 @@ class TopK(_Sparsifier):
         sent = torch.where(valid, values.index_select(0, top), torch.zeros((), dtype=values.dtype))
         sent = sent.to(self.value_dtype) if self.value_dtype is not None else sent
         return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid}), top
-
-    def _payload_of(self, flat: Tensor, indices: Tensor, shape: torch.Size) -> Payload:
-        # The device path of positions_at_least selects NaN: never send it (-1 reads the last entry).
-        # One gather serves the check and the values (each gather of scattered entries is a cache
-        # miss per entry: as long as a dense pass over a 4M-entry tensor).
-        values = flat[indices]
-        valid = (indices >= 0) & ~values.isnan()
-        values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
-        values = values.to(self.value_dtype) if self.value_dtype is not None else values
-        return Payload(
-            [(indices * valid).to(index_dtype(flat.numel())), values],
-            torch.Size(shape),
-            flat.dtype,
-            self,
-            {"valid": valid},
-        )
 
 
 class RandomK(Compressor):

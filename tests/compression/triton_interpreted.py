@@ -1,0 +1,106 @@
+"""Checks of the Triton selection kernels (`gradkit.compression.triton_select`) on a CPU, by Triton's interpreter.
+
+On a GPU the kernels serve float32 CUDA tensors; under ``TRITON_INTERPRET=1`` the same kernels
+run on CPU tensors, so their results can be checked against plain torch. The variable must be
+set before Triton is imported, so test_triton_select.py runs this file in a child pytest
+(``TRITON_INTERPRET=1 python -m pytest tests/compression/triton_interpreted.py`` by hand).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import gradkit as gk
+from gradkit.compression import selection, triton_select
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run under TRITON_INTERPRET=1 (see test_triton_select.py)", allow_module_level=True)
+
+
+def weyl_sample(x: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """The entries `triton_select.threshold` reads after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    n = x.numel()
+    offset = int(torch.randint(n, (1,)))
+    step = max(1, round((math.sqrt(5) - 1) / 2 * n)) | 1
+    return x[(offset + torch.arange(size, dtype=torch.int64) * step) % n]
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, size, top", [(300_000, 21_334, 256), (5_000, 5_000, 60), (40, 16, 1), (40, 16, 16)])
+def test_threshold_is_the_sample_top_th_largest_magnitude(n, size, top, dtype):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    x[::97] = float("nan")  # NaN counts as 0
+    sample = weyl_sample(x, size, seed=3)
+    torch.manual_seed(3)
+    got = triton_select.threshold(x, size, top)
+    expected = torch.topk(sample.abs().nan_to_num(0.0), top).values[-1]
+    assert got.shape == (1,) and got.dtype == dtype
+    if dtype == torch.float32:  # 18 bisection rounds: at most 2**13 bit patterns below the exact value
+        assert expected.view(torch.int32) - 2**13 <= got.view(torch.int32)[0] <= expected.view(torch.int32)
+    else:  # 16-bit floats: exact
+        assert torch.equal(got[0], expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_of_zeros_is_the_smallest_subnormal(dtype):
+    got = triton_select.threshold(torch.zeros(1000, dtype=dtype), 100, 10)
+    assert float(got) == torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("capacity_share", [2.0, 1.0, 0.5])
+@pytest.mark.parametrize(
+    "dtype, index_dtype, value_dtype",
+    [(torch.float32, torch.int32, torch.float32), (torch.float32, torch.int64, torch.float16),
+     (torch.bfloat16, torch.int32, torch.bfloat16), (torch.float16, torch.int32, torch.float32)],
+)  # fmt: skip
+def test_select_at_least_matches_the_plain_mask(capacity_share, dtype, index_dtype, value_dtype):
+    n = 20_000  # several blocks of the select kernel
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x[::501] = float("nan")  # never selected
+    x[7], x[9] = float("inf"), float("-inf")  # selected
+    cut = torch.tensor(2.0, dtype=dtype)
+    x[11] = 2.0  # entries right at the threshold count
+    expected = ((x.abs() >= cut) & ~x.isnan()).nonzero().view(-1)
+    capacity = max(1, round(capacity_share * expected.numel()))
+    positions, values, valid = triton_select.select_at_least(
+        x, cut, capacity, index_dtype=index_dtype, value_dtype=value_dtype, pad=-1
+    )
+    assert positions.dtype == index_dtype and values.dtype == value_dtype and positions.numel() == capacity
+    used = min(capacity, expected.numel())
+    assert int(valid.sum()) == used and bool(valid[:used].all())  # the used slots come first
+    found = positions[valid].long()
+    assert found.unique().numel() == used
+    if used == expected.numel():
+        assert torch.equal(found.sort().values, expected)
+    else:  # the capacity binds: some of the qualifying entries, each once
+        assert bool(torch.isin(found, expected).all())
+    assert torch.equal(values[valid], x[found].to(value_dtype))
+    assert bool((positions[~valid] == -1).all()) and bool((values[~valid] == 0).all())
+
+
+def test_topk_on_the_triton_path_keeps_the_top_k_energy(monkeypatch):
+    monkeypatch.setattr(selection, "CHUNKED_DEVICES", ())  # the device path, on CPU tensors
+    n = 200_000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(2)) ** 3  # heavy tails
+    torch.manual_seed(0)
+    compressor = gk.TopK(0.01)
+    payload = compressor.compress(x)
+    indices, values = payload.tensors
+    valid = payload.meta["valid"]
+    assert indices.numel() == math.ceil(1.5 * 2000) and indices.dtype == torch.int32
+    assert torch.equal(values[valid], x[indices[valid].long()])
+    assert bool((values[~valid] == 0).all()) and bool((indices[~valid] == 0).all())
+    exact = torch.topk(x.abs(), 2000).values.square().sum()
+    assert float(values.square().sum()) >= 0.9 * float(exact)
+    dense = compressor.decompress(payload)
+    assert torch.equal(dense[indices[valid].long()], values[valid])
+    assert int(torch.count_nonzero(dense)) == int(valid.sum())
