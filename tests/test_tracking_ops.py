@@ -68,7 +68,9 @@ def tracker_ops(tensors, *, detail, device="cpu"):
 
 
 @pytest.mark.parametrize("detail", [False, True])
-def test_a_logged_step_dispatches_as_many_ops_for_200_tensors_as_for_10(detail):
+def test_a_logged_step_dispatches_as_many_ops_for_200_tensors_as_for_10(detail, monkeypatch):
+    # The large tensors' batches follow their total size (CPU_CHUNK elements each): one batch for both models.
+    monkeypatch.setattr(large_stats, "CPU_CHUNK", 1 << 24)
     few, many = tracker_ops(10, detail=detail), tracker_ops(200, detail=detail)
     assert sum(few.values()) > 0
     assert many == few  # op by op: nothing per tensor
@@ -111,8 +113,8 @@ def test_large_stats_equal_the_per_tensor_ones_with_zeros_nan_inf_and_subnormals
 
 def test_large_stats_in_pieces_and_batches_equal_the_whole(monkeypatch):
     # Small PIECE and CHUNK: tensors split into views, pieces measured in several batches, counts added in float64.
-    monkeypatch.setattr(large_stats, "PIECE", 64)
-    monkeypatch.setattr(large_stats, "CHUNK", 300)
+    monkeypatch.setattr(large_stats, "CPU_PIECE", 64)
+    monkeypatch.setattr(large_stats, "CPU_CHUNK", 300)
     tensors = [special(n, torch.float32, n) for n in (1000, 64, 65, 500, 1)]
     tensors[0][[999]] = NAN
     tensors[3][[0, 100]] = INF

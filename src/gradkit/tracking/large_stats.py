@@ -13,7 +13,8 @@ number of tensors (on a GPU, where each launch costs host time) and no pass sums
 From their counts (A, F, B) and the element count n: Inf = A - B, zeros = F - B, NaN = n - F - Inf.
 A norm of 0/1 values is exact while the count stays well inside float32's integers, so tensors are
 measured in pieces of at most `PIECE` elements (views, no copy) and the pieces' counts are added in
-float64. Two temporaries of at most `CHUNK` elements are held at a time.
+float64. Two temporaries of at most `CHUNK` elements are held at a time (smaller on a CPU). The kernels
+launched grow with the elements measured (one batch per `CHUNK`), not with the number of tensors.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PIECE", "CHUNK", "LargeStats"]
+__all__ = ["PIECE", "CHUNK", "CPU_PIECE", "CPU_CHUNK", "LargeStats"]
 
 # Counts up to 2**22 survive the float32 square root and its square exactly (error < 0.5, then rounded).
 PIECE = 1 << 22
 # Elements measured per batch of pieces: two temporaries of this many elements live at once.
 CHUNK = 1 << 26
+# On a CPU, smaller: temporaries of a few MB are reused by the allocator, where larger ones are mapped
+# afresh every step and their page faults cost more than the passes (5x the time, measured).
+CPU_PIECE, CPU_CHUNK = 1 << 18, 1 << 20
 
 
 class LargeStats:
@@ -46,14 +50,15 @@ class LargeStats:
     def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
         self.sizes = list(sizes)
         self.count = len(self.sizes)
-        owners: list[int] = []  # the tensor each piece belongs to
+        self.piece, chunk = (CPU_PIECE, CPU_CHUNK) if device.type == "cpu" else (PIECE, CHUNK)
+        piece, owners = self.piece, []  # owners: the tensor each piece belongs to
         for index, size in enumerate(self.sizes):
-            owners += [index] * max(1, -(-size // PIECE))
-        self.batches: list[tuple[int, int]] = []  # [start, stop) ranges of pieces, CHUNK elements at most each
+            owners += [index] * max(1, -(-size // piece))
+        self.batches: list[tuple[int, int]] = []  # [start, stop) ranges of pieces, `chunk` elements at most each
         start, held = 0, 0
-        piece_sizes = [min(PIECE, size - k * PIECE) for size in self.sizes for k in range(max(1, -(-size // PIECE)))]
+        piece_sizes = [min(piece, size - k * piece) for size in self.sizes for k in range(max(1, -(-size // piece)))]
         for at, size in enumerate(piece_sizes):
-            if held and held + size > CHUNK:
+            if held and held + size > chunk:
                 self.batches.append((start, at))
                 start, held = at, 0
             held += size
@@ -63,10 +68,10 @@ class LargeStats:
         self.numels = _to_device(torch.tensor(self.sizes, dtype=torch.float64), device)
 
     def pieces(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """The tensors as flat views of at most `PIECE` elements (a copy only for a non-contiguous one)."""
+        """The tensors as flat views of at most `piece` elements (a copy only for a non-contiguous one)."""
         if not self.split:
             return list(tensors)
-        return [p for t in tensors for p in t.reshape(-1).split(PIECE)]
+        return [p for t in tensors for p in t.reshape(-1).split(self.piece)]
 
     def table(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         """(len(tensors), 4) in `dtype`: max |g|, nonzero (NaN counted), NaN and Inf counts; no host sync."""
