@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gradkit as gk
 from gradkit.tracking import large_stats
 from gradkit.tracking.large_stats import LargeStats
-from gradkit.tracking.stats import SMALL, _one_stats
+from gradkit.tracking.stats import COLUMNS, SMALL, _one_stats, param_stats
 
 NAN, INF = math.nan, math.inf
 
@@ -157,3 +157,13 @@ def test_on_cuda_large_stats_equal_the_per_tensor_ones_without_a_sync(dtype, mon
     assert torch.equal(got[:, 1:], want[:, 1:])
     assert torch.equal(got[:, 0].isnan(), want[:, 0].isnan())
     assert torch.equal(got[~got[:, 0].isnan(), 0], want[~want[:, 0].isnan(), 0])
+
+
+def test_an_ordinary_step_reads_the_two_norm_columns_only():
+    # Not measured, the detail columns are neither made on the device nor read: they are blank on the host.
+    grads = [torch.randn(3, 3), torch.randn(4)]
+    norms = torch.stack([g.norm() for g in grads])
+    ordinary = param_stats(grads, [torch.ones(3, 3), torch.ones(4)], norms, norms * 2, detail=False)
+    detail = param_stats(grads, [torch.ones(3, 3), torch.ones(4)], norms, norms * 2, detail=True)
+    assert ordinary.shape == (2, 2) and detail.shape == (2, len(COLUMNS))
+    assert torch.equal(ordinary, detail[:, :2])

@@ -55,12 +55,12 @@ def param_stats(
         norms: per-parameter L2 norms of `grads` (the step's cached ``ctx.norms()``).
         pre_clip: the norms before clipping (``ctx.pre_clip_norms``), or None for `norms`.
         detail: also max |g|, the nonzero, NaN and Inf counts and the weight norm;
-            otherwise those columns are NaN and the call costs nothing but the cached norms.
+            otherwise the table holds the first two columns only and costs nothing but the cached norms.
         groups: the (device, dtype) grouping of `grads`, if known (``ctx.groups()``): finding
             it reads every tensor's kind.
 
     Returns:
-        The table, in ``host_dtype(norms.device)``.
+        The table, in ``host_dtype(norms.device)``: (P, len(COLUMNS)), or (P, 2) without `detail`.
 
     Cost: with `detail`, fused passes whose number does not grow with the number of
     tensors (`FusedStats`), plus a foreach norm of the weights.
@@ -72,8 +72,8 @@ def param_stats(
     device = norms.device
     dtype = host_dtype(device)
     base = torch.stack([(pre_clip if pre_clip is not None else norms).to(device, dtype), norms.to(device, dtype)], 1)
-    if not detail:
-        return torch.cat([base, torch.full((len(grads), len(DETAIL)), math.nan, device=device, dtype=dtype)], 1)
+    if not detail:  # the two measured columns only: nothing else to compute, copy or read
+        return base
     return torch.cat([base, FusedStats.of(grads, groups).table(grads, params, device, dtype)], 1)
 
 

@@ -239,7 +239,8 @@ def summarize_columns(
         layout: the parameters (`Layout.of(names)`).
         numels: their element counts.
         columns: the read table by column (`stats.COLUMNS`: norm_pre_clip, norm, max_abs,
-            nonzero, weight_norm, nan, inf), one value per parameter each.
+            nonzero, weight_norm, nan, inf), one value per parameter each; or its first two
+            columns only (an ordinary step's table: the others are not measured).
         counts: host-counted (NaN, Inf) by row, for rows without device counts.
         deltas: ||Δw|| per parameter: fills ``update_to_weight`` (None leaves it None).
         strict: non-finite floats become None (the record as written: strict JSON).
@@ -251,6 +252,9 @@ def summarize_columns(
     """
     if not layout.names:
         return Entries([], [], [[] for _ in KEYS]), Entries([], [], [[] for _ in KEYS])
+    if len(columns) == 2:  # an ordinary step's table: the norms only, the rest not measured
+        blank = [math.nan] * len(layout.names)
+        columns = [*columns, blank, blank, blank, blank, blank]
     pre, norm, max_abs, nonzero, weight, nan, inf = (list(c) for c in columns)
     numels = list(map(int, numels))
     nan, inf = _counts(pre, norm, nan, inf, counts)
