@@ -102,3 +102,51 @@ def test_alerts_fire_from_the_late_record_and_state_dict_flushes():
     # Counted later, the gradients of step 3 were gone: the counts are unknown, not invented.
     assert tracker.history[2]["params"]["0.weight"]["nan"] is None
     assert "re-check step 5" in nonfinite[0].message  # the first step whose backward had not run yet
+
+
+def test_records_are_written_in_after_step_once_the_step_is_queued(tmp_path):
+    # A copy that completes before the next step's observe is written in that step's after_step (the device
+    # still has the step's work queued then), not in observe (before the optimizer's work is queued).
+    events = []
+    tracker = gk.Tracker(tmp_path, every=1)
+    tracker._new_event = lambda device: LateEvent(events)
+    written = {"observe": [], "after_step": []}
+    for name in written:
+        method = getattr(tracker, name)
+
+        def timed(*args, name=name, method=method):
+            before = len(tracker.history)
+            method(*args)
+            written[name].append(len(tracker.history) - before)
+
+        setattr(tracker, name, timed)
+
+    def on_step(step):
+        for event in events:  # every copy completes before the next step
+            event.complete = True
+
+    run(tracker, 5, on_step=on_step)
+    assert written["observe"] == [0] * 5
+    assert written["after_step"] == [0] + [1] * 4  # step n's record, at step n + 1
+    tracker.close()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3, 4, 5]
+
+
+def test_without_after_step_records_are_written_in_the_next_observe():
+    # By hand, after_step is optional: then the next logged step's observe writes the record.
+    model = make_model()
+    tracker = gk.Tracker(every=1, update_ratio=False)  # no ||Δw|| read, which starts only at the next step
+    events = []
+    tracker._new_event = lambda device: LateEvent(events)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    lengths = []
+    for _ in range(3):
+        model.zero_grad()
+        model(x).square().sum().backward()
+        tracker.track(model)
+        lengths.append(len(tracker.history))
+        for event in events:
+            event.complete = True
+    assert lengths == [0, 1, 2]
+    tracker.close()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3]

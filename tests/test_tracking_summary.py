@@ -108,3 +108,22 @@ def test_an_ordinary_step_gives_the_entries_of_its_unmeasured_table(strict):
         read = summarize_columns(layout, NUMELS, columns_of(table), {}, deltas=deltas, strict=strict)
         assert json.dumps([e.to_dict() for e in told]) == json.dumps([e.to_dict() for e in read])
         assert told[1].encode() == json.dumps(read[1].to_dict()) or not strict
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_encoding_of_a_table_kept_from_step_to_step(clipped):
+    # The template of a table is kept between steps: names with %, equal norm columns (an unclipped step),
+    # other element counts and counts that stop being zero must all still encode as json.dumps does.
+    names = ["a%s.w", "a%s.b", "b%%d.w", "c.w"]
+    layout = Layout(names)
+    coef = 0.5 if clipped else 1.0
+    for step, (numels, nan) in enumerate([([4, 2, 3, 1], 0), ([4, 2, 3, 1], 0), ([4, 2, 3, 1], 2), ([5, 2, 3, 1], 0)]):
+        pre = [1.0 + step, 0.1 * (step + 1), 3.3, 0.0]
+        table = [[p, p * coef, NAN, NAN, NAN, float(nan) if i == 1 else NAN, NAN] for i, p in enumerate(pre)]
+        for detail in (False, True):
+            if detail:
+                table = [r[:2] + [r[0], 1.0, 2.0, float(nan) if i == 1 else 0.0, 0.0] for i, r in enumerate(table)]
+            params, modules = summarize_columns(layout, numels, columns_of(table), {}, detail=detail)
+            for entries in (params, modules):
+                assert entries.encode() == json.dumps(entries.to_dict(), allow_nan=False)
+    assert list(json.loads(params.encode())) == names

@@ -190,10 +190,12 @@ def _nest(values: list[float], shape: tuple[int, ...]) -> Any:
 
 
 def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tensor:
-    """The (P, len(COLUMNS)) statistics of the step's gradients, of the full parameters when sharded."""
+    """The (P, len(COLUMNS)) statistics of the step's gradients (P, 2 without `detail`: the norms before and
+    after clipping), of the full parameters when sharded."""
     norms = ctx.norms() if len(ctx) else torch.zeros(0, device=device)
     if not len(ctx):
-        return torch.zeros(0, len(_stats.COLUMNS), device=norms.device, dtype=_stats.host_dtype(norms.device))
+        width = len(_stats.COLUMNS) if detail else 2
+        return torch.zeros(0, width, device=norms.device, dtype=_stats.host_dtype(norms.device))
     grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
     table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail, groups=ctx.groups())
     return _full_table(table, ctx) if ctx.sharded and detail else table

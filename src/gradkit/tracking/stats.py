@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gradkit import _foreach
+from gradkit.tracking.large_stats import LargeStats
 
 __all__ = ["module_of", "COLUMNS", "param_stats", "host_dtype", "nonfinite_counts", "histograms"]
 
@@ -54,12 +55,12 @@ def param_stats(
         norms: per-parameter L2 norms of `grads` (the step's cached ``ctx.norms()``).
         pre_clip: the norms before clipping (``ctx.pre_clip_norms``), or None for `norms`.
         detail: also max |g|, the nonzero, NaN and Inf counts and the weight norm;
-            otherwise those columns are NaN and the call costs nothing but the cached norms.
+            otherwise the table holds the first two columns only and costs nothing but the cached norms.
         groups: the (device, dtype) grouping of `grads`, if known (``ctx.groups()``): finding
             it reads every tensor's kind.
 
     Returns:
-        The table, in ``host_dtype(norms.device)``.
+        The table, in ``host_dtype(norms.device)``: (P, len(COLUMNS)), or (P, 2) without `detail`.
 
     Cost: with `detail`, fused passes whose number does not grow with the number of
     tensors (`FusedStats`), plus a foreach norm of the weights.
@@ -71,8 +72,8 @@ def param_stats(
     device = norms.device
     dtype = host_dtype(device)
     base = torch.stack([(pre_clip if pre_clip is not None else norms).to(device, dtype), norms.to(device, dtype)], 1)
-    if not detail:
-        return torch.cat([base, torch.full((len(grads), len(DETAIL)), math.nan, device=device, dtype=dtype)], 1)
+    if not detail:  # the two measured columns only: nothing else to compute, copy or read
+        return base
     return torch.cat([base, FusedStats.of(grads, groups).table(grads, params, device, dtype)], 1)
 
 
@@ -80,8 +81,9 @@ class FusedStats:
     """The detail columns (max |g|, nonzero, weight norm, NaN, Inf) of many tensors in a few fused passes.
 
     Per (device, dtype) group (`_foreach.Groups`), the small tensors are flattened into one
-    buffer and reduced per segment (one amax and one index_add for all of them); large
-    tensors get one pass per statistic each. The weight norms are one foreach norm per group.
+    buffer and reduced per segment (one amax and one index_add for all of them); the large tensors are
+    measured together with foreach kernels (`large_stats.LargeStats`, no copy), a fixed number per
+    group. The weight norms are one foreach norm per group.
     The layout (groups, segments, the order back to input order) is found once per kind of
     tensor list and kept.
 
@@ -97,7 +99,7 @@ class FusedStats:
 
     def __init__(self, grads: Sequence[Tensor], groups: _foreach.Groups | None = None) -> None:
         self.groups = groups if groups is not None else _foreach.Groups.of(grads)
-        self.parts: list[tuple[torch.device, _foreach._Pick, Tensor | None, int, _foreach._Pick]] = []
+        self.parts: list[tuple[torch.device, _foreach._Pick, Tensor | LargeStats | None, int, _foreach._Pick]] = []
         order: list[int] = []
         for device, _, positions, _ in self.groups.dense:
             small = [i for i in positions if grads[i].numel() <= SMALL]
@@ -110,7 +112,13 @@ class FusedStats:
                 )
                 self.parts.append((device, _foreach._picker(small, self.groups.count), segments, len(small), None))
             if large:
-                self.parts.append((device, None, None, 0, _foreach._picker(large, self.groups.count)))
+                # One LargeStats per group: foreach kernels over all of the group's large tensors at once.
+                fused = (
+                    LargeStats([grads[i].numel() for i in large], device)
+                    if _foreach._foreach_supported(device)
+                    else None
+                )
+                self.parts.append((device, None, fused, 0, _foreach._picker(large, self.groups.count)))
             order += small + large
         self.sparse = self.groups.sparse
         order += list(self.sparse)
@@ -149,6 +157,9 @@ class FusedStats:
         for _part_device, pick_small, segments, count, pick_large in self.parts:
             if pick_small is not None:
                 block = _segment_stats(pick_small(grads), segments, count)
+            elif segments is not None:  # the large tensors' LargeStats
+                large = pick_large(grads)
+                block = segments.table(large, torch.promote_types(large[0].dtype, torch.float32))
             else:
                 block = torch.stack([_one_stats(g) for g in pick_large(grads)])
             blocks.append(block.to(device, dtype))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from itertools import chain
 from operator import add, itemgetter
 from typing import Any
 
@@ -153,22 +154,73 @@ class Entries:
         return dict(zip(self.names, map(dict, map(zip, [KEYS] * len(self.names), zip(*self.columns)))))
 
     def encode(self) -> str:
-        """The JSON text of `to_dict()` (as ``json.dumps`` writes it), from the columns: one %-template per entry."""
+        """The JSON text of `to_dict()` (as ``json.dumps`` writes it), from the columns.
+
+        One %-template for the whole table (`_Template`), made once per kind of table and kept: it holds
+        the names, the keys and whatever text does not change from step to step (blank columns, zero
+        NaN/Inf counts, the element counts), so a step formats only its floats, in one call. A float
+        column equal to one formatted before (the norms after clipping of an unclipped step) reuses its text.
+        """
         if not self.names:
             return "{}"
-        parts, values = [], [self.quoted]
-        for key, column in zip(_KEY_TEXT, self.columns):
+        kinds, values = [], []
+        pre: tuple[list, list[str]] | None = None  # the norms before clipping and their text
+        for key, column in zip(KEYS, self.columns):
             nones = column.count(None)
             if nones == len(column):  # e.g. the detail statistics of an ordinary step: no value to format
-                parts.append(key + "null")
+                kinds.append(_NULL)
+            elif key in _COUNTS and column.count(0) == len(column):  # ints: no NaN or Inf anywhere
+                kinds.append(_ZERO)
+            elif key == "numel":  # element counts: the same every step, so their text is in the template
+                kinds.append(tuple(column))
             elif nones:  # a few unknown values: their text one by one
-                parts.append(key + "%s")
+                kinds.append(_TEXT)
                 values.append(["null" if v is None else repr(v) for v in column])
             else:  # floats and ints: repr is their JSON text (strict: no NaN or Infinity here)
-                parts.append(key + "%r")
-                values.append(column)
-        template = "%s: {" + ", ".join(parts) + "}"
-        return "{" + ", ".join(map(template.__mod__, zip(*values))) + "}"
+                # Both norms are square roots (floats): equal columns have equal text.
+                text = pre[1] if key == "norm" and pre is not None and pre[0] == column else list(map(repr, column))
+                if key == "norm_pre_clip":
+                    pre = (column, text)
+                kinds.append(_TEXT)
+                values.append(text)
+        # One call formats the whole table; the template's %% (a name with %) become % here too.
+        return _Template.of(self.quoted, tuple(kinds)) % tuple(chain.from_iterable(zip(*values)))
+
+
+# How a column is written in a table's template: as null, as 0, as the text of its values (one %s each),
+# or (a tuple) as the given values, constant per table.
+_NULL, _ZERO, _TEXT = "null", "0", "%s"
+_COUNTS = frozenset(("nan", "inf"))
+
+
+class _Template:
+    """The %-template of a whole table of entries, by names and column kinds; a small cache (a model's
+    tables have the same names and kinds step after step)."""
+
+    _cache: dict[tuple, tuple[list[str], str]] = {}
+    _CACHE_SIZE = 16
+
+    @classmethod
+    def of(cls, quoted: list[str], kinds: tuple) -> str:
+        key = (id(quoted), kinds)
+        found = cls._cache.get(key)
+        if found is not None and found[0] is quoted:  # the names list is held, so its id is not reused
+            return found[1]
+        if len(cls._cache) >= cls._CACHE_SIZE:
+            del cls._cache[next(iter(cls._cache))]
+        template = cls._make(quoted, kinds)
+        cls._cache[key] = (quoted, template)
+        return template
+
+    @staticmethod
+    def _make(quoted: list[str], kinds: tuple) -> str:
+        entries = []
+        for i, name in enumerate(quoted):
+            fields = []
+            for key, kind in zip(_KEY_TEXT, kinds):
+                fields.append(key + (repr(kind[i]) if type(kind) is tuple else kind))
+            entries.append(name.replace("%", "%%") + ": {" + ", ".join(fields) + "}")
+        return "{" + ", ".join(entries) + "}"
 
 
 def summarize_columns(
@@ -187,7 +239,8 @@ def summarize_columns(
         layout: the parameters (`Layout.of(names)`).
         numels: their element counts.
         columns: the read table by column (`stats.COLUMNS`: norm_pre_clip, norm, max_abs,
-            nonzero, weight_norm, nan, inf), one value per parameter each.
+            nonzero, weight_norm, nan, inf), one value per parameter each; or its first two
+            columns only (an ordinary step's table: the others are not measured).
         counts: host-counted (NaN, Inf) by row, for rows without device counts.
         deltas: ||Δw|| per parameter: fills ``update_to_weight`` (None leaves it None).
         strict: non-finite floats become None (the record as written: strict JSON).
@@ -199,6 +252,9 @@ def summarize_columns(
     """
     if not layout.names:
         return Entries([], [], [[] for _ in KEYS]), Entries([], [], [[] for _ in KEYS])
+    if len(columns) == 2:  # an ordinary step's table: the norms only, the rest not measured
+        blank = [math.nan] * len(layout.names)
+        columns = [*columns, blank, blank, blank, blank, blank]
     pre, norm, max_abs, nonzero, weight, nan, inf = (list(c) for c in columns)
     numels = list(map(int, numels))
     nan, inf = _counts(pre, norm, nan, inf, counts)

@@ -134,6 +134,7 @@ class Tracker(ManualTracking):
         self._params: list[Tensor] = []
         self._counters = SinceLastLog()
         self._pending = Pending()  # logged steps waiting for after_step (||Δw||) or for their host copies
+        self._writes_after_step = False  # after_step is called: records are written there (see after_step)
         # How the host read of a logging step is marked done: an event recorded on the device.
         # A test may swap in an event that completes later (the CPU's completes at once).
         self._new_event: Callable[[torch.device], Any] = _record.device_event
@@ -187,8 +188,9 @@ class Tracker(ManualTracking):
         self.step = step
         # Every step: count clipped and skipped steps on the device.
         self._counters.count(report)
-        # Write the records whose copies completed; after self.step moved, a re-check armed now is of the next step.
-        self._drain()
+        # Seal the previous step; write the records whose copies completed unless after_step will (a re-check
+        # armed by a record is then of the next step, as self.step moved).
+        self._drain(write=not self._writes_after_step)
         if not self.wants(step):
             return
         # A step logged to re-check a non-finite one takes the armed hooks' findings along.
@@ -204,7 +206,9 @@ class Tracker(ManualTracking):
 
     def after_step(self, ctx: GradContext | None = None, report: StepReport | None = None) -> None:
         """Complete a logged step with ||Δw|| (the weights are updated now), start its host copy, and
-        write every record whose copy has completed (no wait)."""
+        write every record whose copy has completed (no wait): the step's work, the optimizer's included, is
+        queued then, so a GPU is busy with it while the host encodes (observe writes only without after_step)."""
+        self._writes_after_step = True
         self._drain()
 
     def flush(self) -> None:
@@ -245,11 +249,11 @@ class Tracker(ManualTracking):
         )  # fmt: skip
         self._counters.reset(step)
 
-    def _drain(self, *, wait: bool = False) -> None:
-        """Seal the open step (the optimizer has stepped) and write the records whose host copies have
-        completed, oldest first (all of them, waiting, if `wait`)."""
+    def _drain(self, *, wait: bool = False, write: bool = True) -> None:
+        """Seal the open step (the optimizer has stepped) and, if `write`, write the records whose host
+        copies have completed, oldest first (all of them, waiting, if `wait`)."""
         self._pending.seal(self._new_event)
-        for logged in self._pending.completed(wait=wait):
+        for logged in self._pending.completed(wait=wait) if write else ():
             self._sink.write(logged, next_step=self.step + 1)
 
     # -- state -------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""A logged step's device work does not grow with the number of tensors, and its grouped statistics are exact."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradkit as gk
+from gradkit.tracking import large_stats
+from gradkit.tracking.large_stats import LargeStats
+from gradkit.tracking.stats import COLUMNS, SMALL, _one_stats, param_stats
+
+NAN, INF = math.nan, math.inf
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators dispatched (views left out: they launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def tracker_ops(tensors, *, detail, device="cpu"):
+    """The ops the tracker dispatches in one logged step of a model with `tensors` tensors, a tenth of them large."""
+    torch.manual_seed(0)
+    large = 2 * max(1, tensors // 20)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range((tensors - large) // 2)])
+    side = math.isqrt(SMALL) + 2  # above SMALL: the large tensors' path
+    for i in range(large):
+        model.register_parameter(f"big{i}", nn.Parameter(torch.randn(side + i % 2, side)))
+    model.to(device)
+    tracker = gk.Tracker(every=1, detail_every=1 if detail else 10**9)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(1.0), tracker=tracker)
+    x = torch.randn(3, 4, device=device)
+
+    def step():
+        big = [p for name, p in model.named_parameters() if name.startswith("big")]
+        pipe.backward(model(x).square().mean() + sum(p.square().mean() for p in big))
+        pipe.step(opt)
+
+    for _ in range(2):  # layouts found and kept
+        step()
+    counter = CountOps()
+    for name in ("observe", "after_step"):
+        method = getattr(tracker, name)
+
+        def counted(*args, method=method):
+            with counter:
+                return method(*args)
+
+        setattr(tracker, name, counted)
+    step()
+    tracker.close()
+    assert len(model.state_dict()) == tensors and tracker.history[-1]["detail"] == detail
+    return counter.ops
+
+
+@pytest.mark.parametrize("detail", [False, True])
+def test_a_logged_step_dispatches_as_many_ops_for_200_tensors_as_for_10(detail, monkeypatch):
+    # The large tensors' batches follow their total size (CPU_CHUNK elements each): one batch for both models.
+    monkeypatch.setattr(large_stats, "CPU_CHUNK", 1 << 24)
+    few, many = tracker_ops(10, detail=detail), tracker_ops(200, detail=detail)
+    assert sum(few.values()) > 0
+    assert many == few  # op by op: nothing per tensor
+
+
+def test_the_grouped_path_is_taken_for_large_tensors():
+    ops = tracker_ops(10, detail=True)
+    assert ops["aten._foreach_max.default"] == 1 and ops["aten.aminmax.default"] == 0
+
+
+def reference(tensors):
+    return torch.stack([_one_stats(t).double() for t in tensors])
+
+
+def special(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, generator=g).to(dtype)
+    t[torch.rand(n, generator=g) < 0.2] = 0.0
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_large_stats_equal_the_per_tensor_ones_with_zeros_nan_inf_and_subnormals(dtype):
+    tensors = [special(1000 + 37 * i, dtype, i) for i in range(5)]
+    tensors[1][[3, 7, 11]] = NAN
+    tensors[2][[5]] = INF
+    tensors[2][[6, 8]] = -INF
+    tensors[3][[0, 1]] = NAN
+    tensors[3][[2]] = INF
+    tensors[4][[9, 10]] = torch.finfo(dtype).tiny / 4  # subnormal: nonzero and finite
+    tensors[4][[12]] = -0.0
+    tensors[4][[13]] = torch.finfo(dtype).max
+    got = LargeStats([t.numel() for t in tensors], torch.device("cpu")).table(tensors, torch.float64)
+    want = reference(tensors)
+    assert torch.equal(got[:, 1:], want[:, 1:])  # counts exact: nonzero (NaN counted), NaN, Inf
+    assert torch.equal(got[:, 0].isnan(), want[:, 0].isnan())
+    assert torch.equal(got[~got[:, 0].isnan(), 0], want[~want[:, 0].isnan(), 0])
+    assert got[:, 2].tolist() == [0, 3, 0, 2, 0] and got[:, 3].tolist() == [0, 0, 3, 1, 0]
+
+
+def test_large_stats_in_pieces_and_batches_equal_the_whole(monkeypatch):
+    # Small PIECE and CHUNK: tensors split into views, pieces measured in several batches, counts added in float64.
+    monkeypatch.setattr(large_stats, "CPU_PIECE", 64)
+    monkeypatch.setattr(large_stats, "CPU_CHUNK", 300)
+    tensors = [special(n, torch.float32, n) for n in (1000, 64, 65, 500, 1)]
+    tensors[0][[999]] = NAN
+    tensors[3][[0, 100]] = INF
+    stats = LargeStats([t.numel() for t in tensors], torch.device("cpu"))
+    assert stats.split and len(stats.batches) > 2
+    got = stats.table(tensors, torch.float64)
+    want = reference(tensors)
+    assert torch.equal(got[:, 1:], want[:, 1:])
+    assert torch.equal(got[1:, 0], want[1:, 0]) and math.isnan(got[0, 0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("detail", [False, True])
+def test_on_cuda_a_logged_step_dispatches_as_many_ops_for_200_tensors_as_for_10(detail):
+    few, many = tracker_ops(10, detail=detail, device="cuda"), tracker_ops(200, detail=detail, device="cuda")
+    assert many == few
+    if detail:
+        assert few["aten._foreach_max.default"] == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_on_cuda_large_stats_equal_the_per_tensor_ones_without_a_sync(dtype, monkeypatch):
+    monkeypatch.setattr(large_stats, "PIECE", 512)  # pieces: the scatter and index_add of the split path too
+    tensors = [special(1000 + 37 * i, dtype, i) for i in range(4)]
+    tensors[1][[3, 7, 11]] = NAN
+    tensors[2][[5, 6]] = INF
+    tensors[3][[0]] = NAN
+    tensors[3][[1, 2]] = -INF
+    tensors[0][[9]] = torch.finfo(dtype).tiny / 4
+    tensors = [t.cuda() for t in tensors]
+    want = reference(tensors).cpu()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = LargeStats([t.numel() for t in tensors], tensors[0].device).table(tensors, torch.float64)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    got = got.cpu()
+    assert torch.equal(got[:, 1:], want[:, 1:])
+    assert torch.equal(got[:, 0].isnan(), want[:, 0].isnan())
+    assert torch.equal(got[~got[:, 0].isnan(), 0], want[~want[:, 0].isnan(), 0])
+
+
+def test_an_ordinary_step_reads_the_two_norm_columns_only():
+    # Not measured, the detail columns are neither made on the device nor read: they are blank on the host.
+    grads = [torch.randn(3, 3), torch.randn(4)]
+    norms = torch.stack([g.norm() for g in grads])
+    ordinary = param_stats(grads, [torch.ones(3, 3), torch.ones(4)], norms, norms * 2, detail=False)
+    detail = param_stats(grads, [torch.ones(3, 3), torch.ones(4)], norms, norms * 2, detail=True)
+    assert ordinary.shape == (2, 2) and detail.shape == (2, len(COLUMNS))
+    assert torch.equal(ordinary, detail[:, :2])
