@@ -9,6 +9,7 @@ communication overlaps with backward as on the dense path.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from gradkit.compression.base import Compressor, Payload
 from gradkit.compression.keyed_state import Layout
 from gradkit.distributed import PendingReduce
 
-__all__ = ["start_reduce", "compress_keyed", "decompress_sum"]
+__all__ = ["start_reduce", "start_payload", "compress_keyed", "decompress_sum", "scatter_sum_into"]
 
 
 def compress_keyed(compressor: Compressor, flat: Tensor, layout: Layout) -> Payload:
@@ -51,7 +52,35 @@ def start_reduce(
     sums are written there instead of into a new dense tensor."""
     if compressor.start_reduce is not None:
         return compressor.start_reduce(flat, layout, group, weight, what, timeout)
-    payload = compress_keyed(compressor, flat, layout)
+    return start_payload(compressor, compress_keyed(compressor, flat, layout), group, weight, what, timeout, out)
+
+
+def start_payload(
+    compressor: Compressor,
+    payload: Payload,
+    group: dist.ProcessGroup,
+    weight: Tensor | float,
+    what: str,
+    timeout: datetime.timedelta | None,
+    out: Tensor | None = None,
+    *,
+    into: tuple[Sequence[Tensor], Sequence[int]] | None = None,
+) -> PendingReduce:
+    """Weight `payload` (made by `compressor`) and start summing it over `group` (`start_reduce`'s second half).
+
+    Args:
+        out: see `start_reduce`.
+        into: ``(pieces, offsets)`` for a sparse compressor: the sum is scattered into these tensors
+            instead (each zeroed first; piece i holds the flat positions from ``offsets[i]``, in order),
+            and `wait()` returns the first piece.
+
+    Raises:
+        ValueError: `into` is given for a compressor that is not sparse.
+    """
+    if into is not None and not compressor.sparse:
+        raise ValueError(
+            f"into= needs a sparse compressor (its sum is a scatter), got {compressor!r}; pass out= instead"
+        )
     for tensor in payload.tensors:
         if tensor.is_floating_point():
             tensor.mul_(weight.to(tensor) if isinstance(weight, Tensor) else weight)
@@ -70,6 +99,10 @@ def start_reduce(
 
     def finish() -> Tensor:
         payloads = [compressor.payload_for([g[r] for g in gathered], payload) for r in range(world)]
+        if into is not None:
+            indices = torch.cat([p.tensors[0] for p in payloads])
+            values = torch.cat([p.tensors[1] for p in payloads])
+            return scatter_sum_into(into[0], into[1], indices, values)
         return decompress_sum(compressor, payloads, out).reshape(-1)
 
     return PendingReduce(works, finish, payload.nbytes, what, timeout)
@@ -88,3 +121,33 @@ def decompress_sum(compressor: Compressor, payloads: list[Payload], out: Tensor 
     for payload in payloads[1:]:
         total += compressor.decompress(payload)
     return total
+
+
+def scatter_sum_into(pieces: Sequence[Tensor], offsets: Sequence[int], indices: Tensor, values: Tensor) -> Tensor:
+    """Zero `pieces` and add `values` at flat positions `indices` of their concatenation; returns pieces[0].
+
+    Bit for bit ``decompress_sum``'s scatter into one flat tensor: a stable sort by piece keeps
+    the entries of each position in their order (rank by rank), so repeated positions add up
+    in the same order. The pieces' entry counts are read on the host (a CPU waits for nothing).
+
+    Args:
+        pieces: contiguous tensors of one dtype; offsets: the flat position where each begins.
+        indices: integer positions below the pieces' total size; values: one per position.
+    """
+    torch._foreach_zero_(list(pieces))
+    dtype = pieces[0].dtype
+    if len(pieces) == 1:
+        pieces[0].view(-1).index_add_(0, indices.long(), values.to(dtype))
+        return pieces[0]
+    bounds = torch.tensor(list(offsets[1:]), dtype=indices.dtype, device=indices.device)
+    which = torch.bucketize(indices, bounds, right=True)
+    # Sorting one byte per entry by piece is several times faster than sorting the positions.
+    order = torch.sort(which.to(torch.uint8) if len(pieces) < 256 else which, stable=True).indices
+    counts = torch.bincount(which, minlength=len(pieces)).tolist()
+    indices, values = indices.index_select(0, order).long(), values.index_select(0, order).to(dtype)
+    start = 0
+    for piece, offset, count in zip(pieces, offsets, counts):
+        if count:
+            piece.view(-1).index_add_(0, indices[start : start + count] - offset, values[start : start + count])
+        start += count
+    return pieces[0]
