@@ -121,19 +121,24 @@ def test_pack_corrected_equals_pack_then_add(scale):
     assert bool(pack_corrected_(bucket, grads, scale, residual))
 
 
-def test_scatter_into_pieces_equals_the_scatter_into_one_tensor():
-    sizes = [1000, 1, 5000, 30]
+@pytest.mark.parametrize("exactly_k", [False, True])
+def test_scatter_into_pieces_equals_the_scatter_into_one_tensor(exactly_k):
+    sizes = [20_000, 1, 50_000, 30]
     torch.manual_seed(2)
-    compressor = gk.TopK(0.05)
+    compressor = gk.TopK(0.05, exactly_k=exactly_k)
     flat = torch.randn(sum(sizes))
-    payloads = [compressor.compress(flat), compressor.compress(flat * 3), compressor.compress(-flat)]
+    flat[20_000:20_500] = float("nan")  # NaN entries are padding in the middle of a payload
+    payloads = [compressor.compress(flat), compressor.compress(flat * 3), compressor.compress(-flat * 0)]
+    assert payloads[0].meta.get("ascending", False) is not exactly_k
+    assert exactly_k or (payloads[0].tensors[0] == 0).sum() > 1  # padding (slots past the count, and NaN)
     expected = decompress_sum(compressor, payloads, torch.empty_like(flat))
-    pieces = [torch.full((size,), 7.0) for size in sizes]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    indices = torch.cat([p.tensors[0] for p in payloads])
-    values = torch.cat([p.tensors[1] for p in payloads])
-    assert scatter_sum_into(pieces, offsets, indices, values) is pieces[0]
-    assert torch.equal(torch.cat(pieces), expected)
+    parts = [(p.tensors[0], p.tensors[1]) for p in payloads]
+    for ascending in {False, not exactly_k}:
+        pieces = [torch.full((size,), 7.0) for size in sizes]
+        assert scatter_sum_into(pieces, offsets, parts, ascending=ascending) is pieces[0]
+        got = torch.cat(pieces)
+        assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
 
 
 @pytest.mark.parametrize("density", [0.01, 1.0])

@@ -100,9 +100,8 @@ def start_payload(
     def finish() -> Tensor:
         payloads = [compressor.payload_for([g[r] for g in gathered], payload) for r in range(world)]
         if into is not None:
-            indices = torch.cat([p.tensors[0] for p in payloads])
-            values = torch.cat([p.tensors[1] for p in payloads])
-            return scatter_sum_into(into[0], into[1], indices, values)
+            parts = [(p.tensors[0], p.tensors[1]) for p in payloads]
+            return scatter_sum_into(*into, parts, ascending=bool(payload.meta.get("ascending", False)))
         return decompress_sum(compressor, payloads, out).reshape(-1)
 
     return PendingReduce(works, finish, payload.nbytes, what, timeout)
@@ -123,31 +122,49 @@ def decompress_sum(compressor: Compressor, payloads: list[Payload], out: Tensor 
     return total
 
 
-def scatter_sum_into(pieces: Sequence[Tensor], offsets: Sequence[int], indices: Tensor, values: Tensor) -> Tensor:
-    """Zero `pieces` and add `values` at flat positions `indices` of their concatenation; returns pieces[0].
+def scatter_sum_into(
+    pieces: Sequence[Tensor], offsets: Sequence[int], parts: Sequence[tuple[Tensor, Tensor]], *, ascending: bool = False
+) -> Tensor:
+    """Zero `pieces` and add each part's values at its flat positions of their concatenation; returns pieces[0].
 
-    Bit for bit ``decompress_sum``'s scatter into one flat tensor: a stable sort by piece keeps
-    the entries of each position in their order (rank by rank), so repeated positions add up
-    in the same order. The pieces' entry counts are read on the host (a CPU waits for nothing).
+    Bit for bit ``decompress_sum``'s scatter of the concatenated parts into one flat tensor: the
+    parts (one per rank) are added in their order, so a position several ranks send adds up in
+    the same order. The split of a part by piece is read on the host (a CPU waits for nothing).
 
     Args:
         pieces: contiguous tensors of one dtype; offsets: the flat position where each begins.
-        indices: integer positions below the pieces' total size; values: one per position.
+        parts: (indices, values) per rank: positions below the pieces' total size, one value each.
+        ascending: each part's positions rise, except entries at position 0 whose value is 0
+            (padding, as ``TopK``'s payloads mark with ``meta["ascending"]``); such a part is
+            split by a binary search instead of a sort.
     """
     torch._foreach_zero_(list(pieces))
     dtype = pieces[0].dtype
     if len(pieces) == 1:
-        pieces[0].view(-1).index_add_(0, indices.long(), values.to(dtype))
+        for indices, values in parts:
+            pieces[0].view(-1).index_add_(0, indices.long(), values.to(dtype))
         return pieces[0]
+    for indices, values in parts:
+        if ascending:
+            # Padding's position 0 becomes the running maximum: it still adds +0.0, which changes
+            # no sum (a sum that starts from +0.0 is never -0.0), and the positions are sorted.
+            indices = torch.cummax(indices, 0).values
+            bounds = torch.tensor(list(offsets[1:]), dtype=indices.dtype)
+            ends = torch.searchsorted(indices, bounds).tolist() + [indices.numel()]
+        else:
+            indices, values, ends = _by_piece(indices, values, offsets)
+        indices, values, start = indices.long(), values.to(dtype), 0
+        for piece, offset, end in zip(pieces, offsets, ends):
+            if end > start:  # a position appears once per part: the order within it changes nothing
+                piece.view(-1).index_add_(0, indices[start:end] - offset, values[start:end])
+            start = end
+    return pieces[0]
+
+
+def _by_piece(indices: Tensor, values: Tensor, offsets: Sequence[int]) -> tuple[Tensor, Tensor, list[int]]:
+    """`indices` and `values` grouped by the piece their position falls in (stable), and each group's end."""
     bounds = torch.tensor(list(offsets[1:]), dtype=indices.dtype, device=indices.device)
     which = torch.bucketize(indices, bounds, right=True)
-    # Sorting one byte per entry by piece is several times faster than sorting the positions.
-    order = torch.sort(which.to(torch.uint8) if len(pieces) < 256 else which, stable=True).indices
-    counts = torch.bincount(which, minlength=len(pieces)).tolist()
-    indices, values = indices.index_select(0, order).long(), values.index_select(0, order).to(dtype)
-    start = 0
-    for piece, offset, count in zip(pieces, offsets, counts):
-        if count:
-            piece.view(-1).index_add_(0, indices[start : start + count] - offset, values[start : start + count])
-        start += count
-    return pieces[0]
+    order = torch.sort(which.to(torch.uint8) if len(offsets) < 256 else which, stable=True).indices
+    ends = torch.bincount(which, minlength=len(offsets)).cumsum(0).tolist()
+    return indices.index_select(0, order), values.index_select(0, order), ends
