@@ -43,6 +43,8 @@ class Bucket:
         self.ready = 0
         self.work: dist.Work | None = None
         self.pending: PendingReduce | None = None
+        #: the tensors the reduction's sum lands in when they are not the buffer (see `averaging.corrected`)
+        self.received: list[Tensor] | None = None
 
     def use_buffer(self, buffer: Tensor) -> None:
         """Hold the bucket in `buffer` (its size; e.g. the front of a padded one that splits evenly),

@@ -18,7 +18,8 @@ from torch import Tensor
 from gradkit import _checks, distributed
 from gradkit.accumulation import Items
 from gradkit.averaging.buckets import Bucket
-from gradkit.averaging.payloads import compress_keyed, start_reduce
+from gradkit.averaging.corrected import corrected_inputs, hand_back_to, pack_corrected_
+from gradkit.averaging.payloads import compress_keyed, start_payload, start_reduce
 from gradkit.averaging.reducers import Reducer
 from gradkit.compression.base import Compressor, Payload
 from gradkit.compression.error_feedback import ErrorFeedback
@@ -73,12 +74,19 @@ class CompressedReducer(Reducer):
             self._weight = self._weight * loss_scale.to(torch.float64)
 
     def _start(self, bucket: Bucket, group: dist.ProcessGroup | None, what: str) -> None:
+        bucket.received = None
+        layout = tuple((self.names[i], tuple(self.params[i].shape)) for i in bucket.positions)
+        grads = [self.params[position].grad for position in bucket.positions]
+        if corrected_inputs(self.compressor, bucket, grads):
+            residual = self.compressor.residual_for(layout, bucket.grads)  # type: ignore[attr-defined]
+            if residual is not None:  # else a narrower residual: the plain path
+                self._start_corrected(bucket, grads, residual, layout, group, what)  # type: ignore[arg-type]
+                return
         bucket.pack(self.params, self._local_scale)
         # NaN/inf reach the min or the max: one fast reduction, where isfinite(...).all()
         # writes a boolean per entry first.
         low, high = torch.aminmax(bucket.buffer)
         bad = ~(torch.isfinite(low) & torch.isfinite(high))
-        layout = tuple((self.names[i], tuple(self.params[i].shape)) for i in bucket.positions)
         if self.compressor.carries_flags:
             # The flag, and which parameters this rank lacks, ride in the compressor's own
             # collectives; the sum is written back into the bucket (see `_finish_carried`).
@@ -91,6 +99,27 @@ class CompressedReducer(Reducer):
             bucket.buffer, layout, group, self._weight, what, self.timeout, out=bucket.buffer, **flags
         )
 
+    def _start_corrected(
+        self,
+        bucket: Bucket,
+        grads: list[Tensor],
+        residual: Tensor,
+        layout: tuple[tuple[str, tuple[int, ...]], ...],
+        group: dist.ProcessGroup | None,
+        what: str,
+    ) -> None:
+        """Error feedback formed in the bucket (see `averaging.corrected`): the sum comes back into
+        the gradients, and at commit the bucket's tensor becomes the residual."""
+        ef: ErrorFeedback = self.compressor  # type: ignore[assignment]
+        bad = pack_corrected_(bucket, grads, self._local_scale, residual)
+        bucket.missing = []
+        payload = ef.compress_corrected_(bucket.grads, layout, hand_back=hand_back_to(bucket))
+        bucket.received = grads
+        self._bad = bad if self._bad is None else self._bad | bad
+        bucket.pending = start_payload(
+            ef, payload, group, self._weight, what, self.timeout, into=(grads, bucket.offsets)
+        )
+
     def _finish_buckets(
         self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float
     ) -> Tensor | float:
@@ -100,6 +129,13 @@ class CompressedReducer(Reducer):
         for bucket in buckets:
             assert bucket.pending is not None
             summed = bucket.pending.wait()
+            if bucket.received is not None:
+                # The sum is in the gradients themselves (they stay p.grad); the bucket holds the
+                # new residual until the step is taken or skipped.
+                first = bucket.received[0].view(-1)
+                first[:1].mul_(poison.to(first.device))
+                bucket.received = None  # no reference kept past the step
+                continue
             if summed.data_ptr() != bucket.buffer.data_ptr():
                 bucket.buffer.copy_(summed)
             # One NaN entry per bucket is enough for the pipeline's global norm to skip the

@@ -8,6 +8,7 @@ what was sent plus the final residual equals the sum of the inputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,7 +41,9 @@ class ErrorFeedback(Compressor):
     (``commit=False``, as `gk.Average` makes during backward) must keep the old residual
     until `commit()` or `discard()`, so the new one is a second buffer until then (freed at
     commit: the old one goes, the new one stays); at the step's peak that is twice the
-    residual for the tensors compressed in the window.
+    residual for the tensors compressed in the window. `compress_corrected_` (what `gk.Average`
+    uses on a CPU) takes a buffer the caller already holds (the bucket) as the new residual and
+    hands the old one's storage back at commit, so the step allocates nothing.
 
     Raises:
         TypeError: `compressor` is not a stateless compressor, or `residual_dtype` is not a
@@ -74,7 +77,7 @@ class ErrorFeedback(Compressor):
         self.sparse = compressor.sparse
         self.variable_size = compressor.variable_size
         self._residuals = KeyedState(["residual"])
-        self._deferred: Deferred[tuple[dict[str, Tensor], Tensor]] = Deferred(self._keep)
+        self._deferred: Deferred[tuple[Any, ...]] = Deferred(self._keep)
 
     def compress(self, tensor: Tensor, key: str | Layout | None = None, *, commit: bool = True) -> Payload:
         """Compress `tensor` plus the residual kept under `key`.
@@ -109,6 +112,68 @@ class ErrorFeedback(Compressor):
             else:
                 self._deferred.add(state, corrected if corrected.dtype == dtype else corrected.to(dtype), now=False)
         payload.shape = tensor.shape
+        return payload
+
+    def residual_for(self, key: str | Layout | None, like: Tensor) -> Tensor | None:
+        """The residual kept under `key` (zeros at first use), for a caller that forms ``tensor +
+        residual`` itself and passes it to `compress_corrected_`; None if the residual is not in
+        like's dtype and device (a narrower residual: use `compress`).
+
+        Args:
+            key: the parameter name or bucket layout; like: a tensor of the compressed size.
+
+        Returns:
+            The residual (flat, like's size: read it, do not change it), or None.
+        """
+        flat = self._check_input(like).reshape(-1)
+        dtype = self.residual_dtype or flat.dtype
+        if dtype != flat.dtype:
+            return None
+        residual = self._residuals.get(layout_for(key, like), torch.empty(0, dtype=dtype, device=flat.device))
+        residual = residual["residual"]
+        return residual if residual.device == flat.device and residual.dtype == flat.dtype else None
+
+    def compress_corrected_(
+        self, corrected: Tensor, key: str | Layout | None, *, hand_back: Callable[[Tensor], None]
+    ) -> Payload:
+        """Compress `corrected` (``tensor + residual_for(key)``, formed by the caller) and leave in it,
+        in place, what was not sent: the new residual, kept aside like ``compress(..., commit=False)``.
+
+        `commit()` makes `corrected` itself the residual (no copy) and calls ``hand_back(old)`` with the
+        old residual's tensor, which the caller may reuse as its buffer (it no longer belongs to this
+        error feedback); `discard()` keeps the old residual, and `corrected` stays the caller's. So a
+        distributed step needs no buffer of its own for the new residual, and between steps one
+        residual per key remains.
+
+        Args:
+            corrected: a contiguous floating tensor, the sum of the tensor to compress and the residual
+                (bit for bit what ``compress`` would form); changed in place.
+            key: the parameter name or bucket layout, as given to `residual_for`.
+            hand_back: called at commit with the old residual's tensor.
+
+        Returns:
+            The payload of `corrected` (as passed).
+
+        Raises:
+            ValueError: `corrected` is not contiguous.
+
+        Example:
+            >>> residual = ef.residual_for(layout, bucket)
+            >>> torch.add(grads, residual, out=bucket)
+            >>> payload = ef.compress_corrected_(bucket, layout, hand_back=lambda old: buffers.append(old))
+            >>> ef.commit()  # the bucket's tensor is the residual now; `old` was handed back
+        """
+        corrected = self._check_input(corrected)
+        if not corrected.is_contiguous():
+            raise ValueError(
+                "ErrorFeedback.compress_corrected_ needs a contiguous tensor (it keeps it as the residual); "
+                "pass tensor.contiguous()"
+            )
+        layout = layout_for(key, corrected)
+        state = self._residuals.get(layout, corrected)
+        payload = self.compressor.compress_residual_(corrected.view(-1))
+        self._deferred.add(state, corrected.view(-1), hand_back, now=False)
+        payload.shape = corrected.shape
         return payload
 
     def absorb_(
@@ -167,9 +232,12 @@ class ErrorFeedback(Compressor):
         payload.shape = tensor.shape
         return payload
 
-    def _keep(self, state: dict[str, Tensor], new: Tensor) -> None:
-        # The old residual is dropped here: between steps only one buffer per key remains.
-        state["residual"] = new
+    def _keep(self, state: dict[str, Tensor], new: Tensor, hand_back: Callable[[Tensor], None] | None = None) -> None:
+        # The old residual is dropped here (or handed back to the caller whose buffer became the
+        # new one): between steps only one buffer per key remains.
+        old, state["residual"] = state["residual"], new
+        if hand_back is not None:
+            hand_back(old)
 
     def decompress(self, payload: Payload) -> Tensor:
         return self.compressor.decompress(payload)

@@ -362,7 +362,10 @@ class TopK(_Sparsifier):
         return payload
 
     def _padded_payload(self, positions: Tensor, values: Tensor, capacity: int, n: int, shape) -> Payload:
-        """`capacity` slots from `select_in_chunks`'s entries; NaN and unused slots are padding."""
+        """`capacity` slots from `select_in_chunks`'s entries; NaN and unused slots are padding.
+
+        ``meta["ascending"]``: the positions rise, except padding, which sends index 0 (a scatter
+        of many ranks' payloads may split them by position without sorting)."""
         count = positions.numel()
         valid = torch.zeros(capacity, dtype=torch.bool)
         ok = valid[:count]
@@ -371,7 +374,8 @@ class TopK(_Sparsifier):
         indices[:count] = positions * ok
         sent = torch.zeros(capacity, dtype=self.value_dtype or values.dtype)
         sent[:count] = torch.where(ok, values, torch.zeros((), dtype=values.dtype))
-        return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid})
+        meta = {"valid": valid, "ascending": True}
+        return Payload([indices, sent], torch.Size(shape), values.dtype, self, meta)
 
     def _exactly_k_payload(self, positions: Tensor, values: Tensor, k: int, n: int, shape) -> tuple[Payload, Tensor]:
         """The k largest of `select_in_chunks`'s candidates (`exactly_k_of` on gathered values), and
