@@ -173,9 +173,17 @@ def _record_failure(folder: str, rank: int) -> None:
     Path(folder, f"error-{rank}.txt").write_text(f"{time.time()!r}\n{traceback.format_exc()}")
 
 
-# gloo on CPU can abort a process at interpreter exit, after its work is done and its group destroyed
-# ("terminate called without an active exception": a gloo thread torn down with the interpreter);
-# seen about once in 20 torchrun runs of the examples on a loaded 2-core machine.
+# gloo on CPU can abort a torchrun worker at interpreter exit, after its work is done and its group
+# destroyed. The cause (from a core dump of examples/fsdp.py): a gloo worker thread ("pt_gloo_runloop")
+# drops the last reference to a finished work (the final barrier, which holds the FSDP all-gathers still
+# in flight when it was queued); freeing their tensors takes the GIL, and a thread that asks for the GIL
+# while the interpreter finalizes is ended by CPython (pthread_exit) inside that C++ destructor:
+# std::terminate. It can only happen where the group's threads outlive destroy_process_group(), i.e.
+# something else still holds the group: torch's FSDP2 (even once the model is freed) and DDP inside the
+# HF Trainer do. Where only gradkit holds it (examples/averaging.py, the `gradkit train`/`demo`
+# workers), destroy_process_group() joins gloo's worker threads, and averaging.py never aborted (0 of 60
+# runs, against 1 of 60 for fsdp.py, on the loaded 2-core machine). A script cannot end the threads of a
+# group torch still holds short of os._exit, so the FSDP and Trainer runs keep this one rerun.
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 

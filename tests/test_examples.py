@@ -21,6 +21,10 @@ def run(*args: str, timeout: float = 180) -> str:
     return done.stdout
 
 
+def run_on_two_processes(example: str, *args: str) -> str:
+    return run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / example), *args)
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_examples_are_short(example):
     lines = (EXAMPLES / example).read_text().splitlines()
@@ -45,18 +49,7 @@ def test_compression_example_converges():
 
 
 def test_averaging_example_under_torchrun():
-    out = run(
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(EXAMPLES / "averaging.py"),
-        "--steps",
-        "10",
-        "--compressor",
-        "topk",
-    )
+    out = run_on_two_processes("averaging.py", "--steps", "10", "--compressor", "topk")
     # The two ranks share the pipe: one's line may run into the other's, so match the number exactly.
     checksums = re.findall(r"rank (\d): done, parameter checksum (-?\d+\.\d{6})", out)
     assert sorted(rank for rank, _ in checksums) == ["0", "1"]
@@ -70,18 +63,7 @@ def test_tracking_example_names_the_vanishing_layer(tmp_path):
 
 
 def test_fsdp_example_under_torchrun():
-    out = run(
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(EXAMPLES / "fsdp.py"),
-        "--steps",
-        "20",
-        "--reduce",
-        "boundary",
-    )
+    out = run_on_two_processes("fsdp.py", "--steps", "20", "--reduce", "boundary")
     done = re.findall(r"rank (\d): done, grad norm (\d+\.\d{6}), parameter checksum (-?\d+\.\d{6})", out)
     assert sorted(rank for rank, _, _ in done) == ["0", "1"]
     assert done[0][1:] == done[1][1:]  # every rank reports the full norm and the full parameters

@@ -97,79 +97,50 @@ def test_fused_compress_residual_of_a_sum_equals_it_on_the_sum(name):
     assert torch.equal(a, torch.randn(N, generator=torch.Generator().manual_seed(6)))  # inputs untouched
 
 
-@pytest.mark.parametrize("name", list(TOPKS))
-@pytest.mark.parametrize("keep", [True, False])
-def test_fused_absorb_sum_equals_the_default_composition(name, keep):
-    residual = torch.randn(N, generator=torch.Generator().manual_seed(8)) * 0.1
-    grad = torch.randn(N, generator=torch.Generator().manual_seed(9))
-    if not keep:
-        grad[[5, 1_100_000]] = torch.tensor([float("nan"), float("inf")])  # a refused step: the caller's scale is 0
-    scale = torch.tensor(0.5 if keep else 0.0)
-    into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
-    torch.manual_seed(2)
-    got = TOPKS[name]().absorb_sum_(into, addend, scale, torch.tensor(keep))
-    torch.manual_seed(2)
-    compressor = TOPKS[name]()
-    expected = Compressor.absorb_sum_(compressor, into_plain, addend_plain, scale, torch.tensor(keep))
-    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
-    assert torch.equal(into, into_plain) and torch.count_nonzero(addend) == 0
-    if keep:
-        assert torch.count_nonzero(compressor.decompress(got)) > 0
-    else:
-        assert torch.equal(into, residual) and torch.count_nonzero(compressor.decompress(got)) == 0
+# The two error-feedback calls, each with the dtype of residual it serves: absorb_sum_ adds the gradient
+# into a residual of its dtype, absorb_into_ forms the sum in the gradient for a narrower residual.
+ABSORBS = {"absorb_sum_": torch.float32, "absorb_into_": torch.bfloat16}
+
+
+def _absorb(call, compressor, residual, grad, scale, keep, write_back, *, fused):
+    # fused: the compressor's own method; otherwise the base class's default composition.
+    method = getattr(type(compressor) if fused else Compressor, call)
+    tensors = (residual, grad) if call == "absorb_sum_" else (grad, residual)
+    return method(compressor, *tensors, scale, keep, write_back=write_back)
 
 
 @pytest.mark.parametrize("name", list(TOPKS))
+@pytest.mark.parametrize("call", list(ABSORBS))
 @pytest.mark.parametrize("keep", [True, False])
-@pytest.mark.parametrize("factor", [1.0, 4.0])
-def test_fused_absorb_sum_writes_back_what_the_default_composition_scatters(name, keep, factor):
-    # The sent values enter the addend in the selecting pass (exactly_k: every candidate, then the
-    # rejected ones are put back); the addend, residual and payload equal the plain composition's.
-    residual = torch.randn(N, generator=torch.Generator().manual_seed(11)) * 0.1
+@pytest.mark.parametrize("factor", [None, 1.0, 4.0])
+def test_fused_absorb_equals_the_default_composition(name, call, keep, factor):
+    # absorb_into_: the sum is formed in the float32 gradient, selected, stored rounded into the
+    # bfloat16 residual chunk by chunk. With write_back, the sent values enter the gradient in the
+    # selecting pass (exactly_k: every candidate, then the rejected ones are put back). Gradient,
+    # residual and payload equal the plain composition's.
+    residual = (torch.randn(N, generator=torch.Generator().manual_seed(11)) * 0.1).to(ABSORBS[call])
     grad = torch.randn(N, generator=torch.Generator().manual_seed(12))
-    if not keep:
-        grad[[7, 1_100_000]] = torch.tensor([float("nan"), -float("inf")])
-    scale, write_back = torch.tensor(0.5 if keep else 0.0), torch.tensor(factor)
-    into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
-    torch.manual_seed(3)
-    got = TOPKS[name]().absorb_sum_(into, addend, scale, torch.tensor(keep), write_back=write_back)
-    torch.manual_seed(3)
-    compressor = TOPKS[name]()
-    expected = Compressor.absorb_sum_(
-        compressor, into_plain, addend_plain, scale, torch.tensor(keep), write_back=write_back
-    )
-    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
-    assert torch.equal(into, into_plain) and torch.equal(addend, addend_plain)
-    assert torch.equal(addend, compressor.decompress(got) * factor)
-    assert (torch.count_nonzero(addend) > 0) == keep
-
-
-@pytest.mark.parametrize("name", list(TOPKS))
-@pytest.mark.parametrize("keep", [True, False])
-@pytest.mark.parametrize("factor", [None, 4.0])
-def test_fused_absorb_into_a_narrow_residual_equals_the_default_composition(name, keep, factor):
-    # A bfloat16 residual: the sum is formed in the float32 gradient, selected, stored rounded into
-    # the residual and the gradient given what is sent, chunk by chunk; as the plain composition does.
-    residual = (torch.randn(N, generator=torch.Generator().manual_seed(13)) * 0.1).to(torch.bfloat16)
-    grad = torch.randn(N, generator=torch.Generator().manual_seed(14))
-    if not keep:
-        grad[[9, 1_200_000]] = torch.tensor([float("nan"), float("inf")])
+    if not keep:  # a refused step: the caller's scale is 0
+        grad[[7, 1_100_000, 1_200_000]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     scale = torch.tensor(0.5 if keep else 0.0)
     write_back = None if factor is None else torch.tensor(factor)
     into, addend, into_plain, addend_plain = residual.clone(), grad.clone(), residual.clone(), grad.clone()
-    torch.manual_seed(4)
-    got = TOPKS[name]().absorb_into_(addend, into, scale, torch.tensor(keep), write_back=write_back)
-    torch.manual_seed(4)
+    torch.manual_seed(3)
+    got = _absorb(call, TOPKS[name](), into, addend, scale, torch.tensor(keep), write_back, fused=True)
+    torch.manual_seed(3)
     compressor = TOPKS[name]()
-    expected = Compressor.absorb_into_(
-        compressor, addend_plain, into_plain, scale, torch.tensor(keep), write_back=write_back
-    )
-    assert torch.equal(compressor.decompress(got), compressor.decompress(expected))
+    expected = _absorb(call, compressor, into_plain, addend_plain, scale, torch.tensor(keep), write_back, fused=False)
+    sent = compressor.decompress(got)
+    assert torch.equal(sent, compressor.decompress(expected))
     assert torch.equal(into, into_plain) and torch.equal(addend, addend_plain)
+    # The gradient is left zeroed, or holding what is sent times write_back.
+    assert torch.equal(addend, torch.zeros_like(addend) if factor is None else sent * factor)
+    if factor is not None:
+        assert (torch.count_nonzero(addend) > 0) == keep
     if keep:
-        assert not torch.equal(into, residual) and torch.count_nonzero(compressor.decompress(got)) > 0
+        assert not torch.equal(into, residual) and torch.count_nonzero(sent) > 0
     else:
-        assert torch.equal(into, residual) and torch.count_nonzero(addend) == 0
+        assert torch.equal(into, residual) and torch.count_nonzero(sent) == 0
 
 
 def test_fast_topk_drops_nan_from_what_it_sends():
