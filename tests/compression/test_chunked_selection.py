@@ -81,8 +81,16 @@ def test_fused_compress_residual_equals_compress_then_residual(name, dtype):
     assert int(got.meta["valid"].sum()) >= 0.99 * round(0.01 * N)
 
 
+@pytest.fixture(params=["chunked", "device_path"])
+def path(request, monkeypatch):
+    """The CPU's chunked pass, or the device's code (the sum formed first, then selected) on CPU tensors."""
+    if request.param == "device_path":
+        monkeypatch.setattr(selection, "CHUNKED_DEVICES", ())
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(TOPKS))
-def test_fused_compress_residual_of_a_sum_equals_it_on_the_sum(name):
+def test_fused_compress_residual_of_a_sum_equals_it_on_the_sum(name, path):
     a = torch.randn(N, generator=torch.Generator().manual_seed(6))
     b = torch.randn(N, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)  # a narrower residual
     out = torch.full((N,), float("nan"))  # its old values are never read
@@ -113,7 +121,7 @@ def _absorb(call, compressor, residual, grad, scale, keep, write_back, *, fused)
 @pytest.mark.parametrize("call", list(ABSORBS))
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("factor", [None, 1.0, 4.0])
-def test_fused_absorb_equals_the_default_composition(name, call, keep, factor):
+def test_fused_absorb_equals_the_default_composition(name, call, keep, factor, path):
     # absorb_into_: the sum is formed in the float32 gradient, selected, stored rounded into the
     # bfloat16 residual chunk by chunk. With write_back, the sent values enter the gradient in the
     # selecting pass (exactly_k: every candidate, then the rejected ones are put back). Gradient,

@@ -75,16 +75,12 @@ def _mlp_rows(settings: Settings) -> list[Row]:
             trackers = {"gradkit": gradkit.Tracker(f"{log_dir}/every{every}", every=every), "reference": None}
             timings = _time_pair(settings, base, trackers, x, y, number=every)  # a sample spans one logging period
             rows.append(
-                Row(
+                _row(
                     f"training step + Tracker(every={every}), MLP {numel / 1e6:.1f}M params, batch {BATCH}",
                     "cpu",
-                    REFERENCE,
                     GOAL,
-                    gradkit_time=timings["gradkit"],
-                    reference_time=timings["reference"],
-                    note=f"every={every}: with tracker {timings['gradkit'].median * 1e3:.1f} ms/step, "
-                    f"without {timings['reference'].median * 1e3:.1f} ms/step "
-                    f"({timings['gradkit'].median / timings['reference'].median - 1:+.1%})",
+                    timings,
+                    lead=f"every={every}",
                 )
             )
     return rows
@@ -100,17 +96,26 @@ def _many_row(settings: Settings, tensors: int, *, detail: bool) -> Row:
         timings = _time_pair(settings, base, {"gradkit": tracker, "reference": None}, x, y, number=10)
     with_tracker, without = timings["gradkit"].median, timings["reference"].median
     what = "every step a detail step (detail_every=1)" if detail else "detail every 10th"
-    return Row(
+    return _row(
         f"training step + Tracker(every=1), {tensors} tiny tensors, {what}",
         "cpu",
-        REFERENCE,
         GOAL_MANY,
-        gradkit_time=timings["gradkit"],
-        reference_time=timings["reference"],
-        note=f"{tensors} tensors, {what}: with tracker {with_tracker * 1e3:.2f} ms/step, without "
-        f"{without * 1e3:.2f} ms/step ({with_tracker / without - 1:+.1%}); tracker "
-        f"{(with_tracker - without) / tensors * 1e6:.1f} us per tensor",
+        timings,
+        lead=f"{tensors} tensors, {what}",
+        tail=f"; tracker {(with_tracker - without) / tensors * 1e6:.1f} us per tensor",
+        digits=2,
     )
+
+
+def _row(label: str, device: str, goal: float, timings: dict, *, lead: str, tail: str = "", digits: int = 1) -> Row:
+    """A tracked-against-untracked row, its note: `lead`, both step times and the difference, `tail`."""
+    tracked, untracked = timings["gradkit"].median, timings["reference"].median
+    note = (
+        f"{lead}: with tracker {tracked * 1e3:.{digits}f} ms/step, without {untracked * 1e3:.{digits}f} ms/step "
+        f"({tracked / untracked - 1:+.1%}){tail}"
+    )
+    return Row(label, device, REFERENCE, goal, gradkit_time=timings["gradkit"], reference_time=timings["reference"],
+               note=note)  # fmt: skip
 
 
 def _time_pair(settings: Settings, base: nn.Module, trackers: dict, x, y, *, number: int) -> dict:
@@ -188,19 +193,15 @@ def _cuda_row(label: str, shape: dict, settings: Settings) -> Row:
     params = sum(p.numel() for p in base.parameters())
     del steps, base
     torch.cuda.empty_cache()  # the next row's model starts from a free device
-    with_tracker, without = timings["gradkit"].median, timings["reference"].median
-    return Row(
+    return _row(
         label,
         "cuda",
-        REFERENCE,
         GOAL_CUDA,
-        gradkit_time=timings["gradkit"],
-        reference_time=timings["reference"],
-        note=f"{gpu.device_name()}, {params / 1e6:.0f}M params, batch {batch}x{seq}: with tracker "
-        f"{with_tracker * 1e3:.1f} ms/step, without {without * 1e3:.1f} ms/step "
-        f"({with_tracker / without - 1:+.1%}); host time per step (kernels queued, no wait) "
-        f"{host['gradkit'] * 1e3:.1f} and {host['reference'] * 1e3:.1f} ms",
-    )  # fmt: skip
+        timings,
+        lead=f"{gpu.device_name()}, {params / 1e6:.0f}M params, batch {batch}x{seq}",
+        tail=f"; host time per step (kernels queued, no wait) {host['gradkit'] * 1e3:.1f} and "
+        f"{host['reference'] * 1e3:.1f} ms",
+    )
 
 
 def _host_time(step: Callable[[], None], number: int = 5) -> float:

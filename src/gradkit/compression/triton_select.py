@@ -15,7 +15,8 @@ Here the same selection takes three launches and one read of the tensor:
 
 The positions come out grouped by block in the order the blocks reserved room, not sorted,
 and when more entries qualify than there are slots, which of them are dropped depends on that
-order; the set of entries sent is otherwise the same as the torch path's. NaN is never selected.
+order; for a given threshold the set of entries sent is otherwise the torch path's (the sample,
+and so the threshold, differs by sampling noise). NaN is never selected.
 It runs where `usable` says so (a float32, bfloat16 or float16 tensor on CUDA, Triton importable); everything else takes
 the torch path. Tests run the kernels on a CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
