@@ -164,12 +164,12 @@ def run_cuda(settings: Settings) -> list[Row]:
     """The [cuda] rows: GPT-2-small-sized steps with and without `Tracker(every=1)`, at the batch the issue
     names (8 x 512 tokens, where the host launches kernels about as fast as the GPU runs them) and at a
     GPU-bound one (16 x 1024), where the tracker's host work overlaps the GPU's and only its kernels count."""
-    label = "[cuda] training step + Tracker(every=1), GPT-2-small-sized, bf16 autocast, fused AdamW"
-    labels = [label, label + ", batch 16x1024 (GPU-bound)"]
-    if not gpu.available():
-        return gpu.skipped(labels, REFERENCE, GOAL_CUDA)
     shape = TINY_GPT if settings.tiny else GPT
     big = dict(shape, batch=2 * shape["batch"], seq=2 * shape["seq"])  # 4x the tokens
+    label = "[cuda] training step + Tracker(every=1), GPT-2-small-sized, bf16 autocast, fused AdamW"
+    labels = [label, label + f", batch {big['batch']}x{big['seq']} (GPU-bound)"]
+    if not gpu.available():
+        return gpu.skipped(labels, REFERENCE, GOAL_CUDA)
     fewer = Settings(warmup=settings.warmup, repeats=min(settings.repeats, MAX_REPEATS), tiny=settings.tiny)
     return [_cuda_row(labels[0], shape, settings), _cuda_row(labels[1], big, fewer)]
 
