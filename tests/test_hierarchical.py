@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -12,7 +13,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradkit as gk
 from dist_helpers import run_workers
-from gradkit.averaging.hierarchical import HierarchicalReducer, node_size_for
+from gradkit.averaging import hierarchical
+from gradkit.averaging.hierarchical import HierarchicalReducer, NodeGroups, node_size_for
+from gradkit.averaging.node_hops import GlooHops, NativeHops, gloo_carries
 
 WORLD = 4
 NODE = 2
@@ -197,9 +200,52 @@ def bad_world(rank: int) -> dict:
     return errors
 
 
+@contextlib.contextmanager
+def native_hops():
+    """The hops NCCL takes (reduce_scatter_tensor, all_gather_into_tensor), which gloo runs too."""
+    chosen = hierarchical.hops_for
+    hierarchical.hops_for = lambda group, local_rank, owners, device_type: NativeHops(group, local_rank, owners)
+    try:
+        yield
+    finally:
+        hierarchical.hops_for = chosen
+
+
+def hops(rank: int) -> dict:
+    """Both kinds of node hops on buckets that split evenly or not: the node's sum of each shard, then every
+    shard everywhere; the gather carries -0.0 and NaN as they are."""
+    nodes = NodeGroups.build(NODE, None)
+    first = rank - nodes.local_rank
+    result: dict = {"picked": type(nodes.hops("cpu")).__name__}
+    for kind in (GlooHops, NativeHops):
+        node_hops = kind(nodes.node, nodes.local_rank, [first, first + 1])
+        for size in (10, 11):
+            per_shard = -(-size // NODE)
+            padded = torch.zeros(per_shard * NODE, dtype=torch.float64)
+            padded[:size] = torch.arange(size, dtype=torch.float64) * (rank + 1)
+            shard = node_hops.shard_buffer(padded)
+            node_hops.start_sum(padded, shard).wait()
+            summed = shard.clone()
+            shard.copy_(torch.full_like(shard, float(rank)))
+            shard[0], shard[1] = -0.0, float("nan")
+            for work in node_hops.start_gather(padded, shard):
+                work.wait()
+            result[(kind.__name__, size)] = {"summed": summed, "gathered": padded.clone()}
+    return result
+
+
 def scenarios(rank: int, world: int) -> dict:
     # Every scenario in one spawn: starting processes is the slow part.
+    with native_hops():
+        native = {
+            "dense_native": against_ddp(rank, None),
+            "topk_native": against_ddp(rank, gk.TopK(1.0)),
+            "nan_native": nan_skip(rank, None),
+            "hook_native": ddp_hook(rank),
+        }
     return {
+        **native,
+        "hops": hops(rank),
         "dense": against_ddp(rank, None),
         "topk": against_ddp(rank, gk.TopK(1.0)),
         "uneven_dense": uneven(rank, None),
@@ -217,7 +263,7 @@ def outcome():
     return run_workers(scenarios, WORLD, timeout=300)
 
 
-@pytest.mark.parametrize("kind", ["dense", "topk"])
+@pytest.mark.parametrize("kind", ["dense", "topk", "dense_native", "topk_native"])
 def test_hierarchical_equals_ddp_over_all_processes(outcome, kind):
     for rank in outcome:
         result = rank[kind]
@@ -227,9 +273,10 @@ def test_hierarchical_equals_ddp_over_all_processes(outcome, kind):
         assert result["never_none"] == [True] * 5  # no rank used it: None, as under DDP
 
 
-def test_two_level_ddp_hook_equals_ddp(outcome):
+@pytest.mark.parametrize("kind", ["hook", "hook_native"])
+def test_two_level_ddp_hook_equals_ddp(outcome, kind):
     for rank in outcome:
-        result = rank["hook"]
+        result = rank[kind]
         assert result["two_level"]
         assert result["diff"] < 1e-12
         assert all(0 < sent for sent in result["sent"])  # the last bucket's shard crossed nodes
@@ -253,12 +300,45 @@ def test_uneven_items_give_the_full_batch_mean(outcome, kind):
     assert all(rank[kind] < 1e-12 for rank in outcome)
 
 
-@pytest.mark.parametrize("kind", ["nan_dense", "nan_topk"])
+@pytest.mark.parametrize("kind", ["nan_dense", "nan_topk", "nan_native"])
 def test_nan_on_one_rank_skips_on_all_four(outcome, kind):
     for stepped, params in (rank[kind] for rank in outcome):
         assert stepped == [True, False, True]
         for a, b in zip(params, outcome[0][kind][1]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["GlooHops", "NativeHops"])
+@pytest.mark.parametrize("size", [10, 11])
+def test_node_hops_sum_then_gather_every_shard(outcome, kind, size):
+    per_shard = -(-size // NODE)
+    for node in range(WORLD // NODE):
+        ranks = [node * NODE + local for local in range(NODE)]
+        node_sum = torch.zeros(per_shard * NODE, dtype=torch.float64)
+        node_sum[:size] = torch.arange(size, dtype=torch.float64) * sum(r + 1 for r in ranks)
+        for local, rank in enumerate(ranks):
+            result = outcome[rank]["hops"][(kind, size)]
+            assert torch.equal(result["summed"], node_sum[local * per_shard : (local + 1) * per_shard])
+            gathered = result["gathered"].view(NODE, per_shard)
+            for owner, sender in enumerate(ranks):
+                assert torch.signbit(gathered[owner, 0]) and gathered[owner, 0] == 0  # -0.0 stays -0.0
+                assert torch.isnan(gathered[owner, 1])
+                assert torch.equal(
+                    gathered[owner, 2:], torch.full((per_shard - 2,), float(sender), dtype=torch.float64)
+                )
+
+
+def test_gloo_groups_take_the_in_place_hops(outcome):
+    assert all(rank["hops"]["picked"] == "GlooHops" for rank in outcome)
+
+
+@pytest.mark.parametrize(
+    "backend, device_type, gloo",
+    [("gloo", "cpu", True), ("nccl", "cuda", False), ("cpu:gloo,cuda:nccl", "cpu", True),
+     ("cpu:gloo,cuda:nccl", "cuda", False), ("mpi", "cpu", False)],
+)  # fmt: skip
+def test_which_backends_take_the_gloo_hops(backend, device_type, gloo):
+    assert gloo_carries(backend, device_type) is gloo
 
 
 def test_resume_is_exact(outcome):

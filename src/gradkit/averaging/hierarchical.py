@@ -11,6 +11,9 @@ summed in three hops:
    the only one a compressor touches, with its error feedback kept per shard;
 3. all-gather inside the node: every rank has the whole bucket's sum.
 
+On gloo, hops 1 and 3 are an all-reduce of the bucket and a broadcast of each shard
+from its owner, which gloo runs in place (`node_hops`).
+
 Each rank sends ``1/L`` of a bucket across nodes instead of all of it, which is
 what makes it fast where the link between nodes is the bottleneck.
 
@@ -33,6 +36,7 @@ from torch import Tensor
 from gradkit import _checks, distributed
 from gradkit.accumulation import Items
 from gradkit.averaging.buckets import MIB, Bucket
+from gradkit.averaging.node_hops import NodeHops, hops_for
 from gradkit.averaging.payloads import start_reduce
 from gradkit.averaging.reducers import Reducer
 from gradkit.compression.base import Compressor
@@ -97,6 +101,7 @@ class NodeGroups:
     node_size: int
     nodes: int
     local_rank: int
+    _hops: dict[str, NodeHops] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, node_size: int, timeout: datetime.timedelta | None) -> NodeGroups:
@@ -109,17 +114,28 @@ class NodeGroups:
         cross_groups = [dist.new_group(list(range(local, world, node_size)), **options) for local in range(node_size)]
         return cls(node_groups[rank // node_size], cross_groups[rank % node_size], node_size, nodes, rank % node_size)
 
+    def hops(self, device_type: str) -> NodeHops:
+        """How buckets on `device_type` are summed and gathered in the node (see `node_hops`)."""
+        hops = self._hops.get(device_type)
+        if hops is None:
+            first = dist.get_rank() - self.local_rank
+            owners = list(range(first, first + self.node_size))
+            hops = self._hops[device_type] = hops_for(self.node, self.local_rank, owners, device_type)
+        return hops
+
 
 @dataclass
 class _Shard:
     """One bucket's padded buffer, this rank's shard of it and the shard's collectives in flight."""
 
     padded: Tensor
-    shard: Tensor
+    shard: Tensor  # a buffer of its own, or a view of `padded` (see `node_hops`)
     valid: int  # entries of the shard inside the bucket (the rest is padding)
     layout: Layout  # the shard's pieces of parameters, keyed by parameter name (error feedback per shard)
+    hops: NodeHops
     scatter: dist.Work | None = None
     cross: dist.Work | PendingReduce | None = None
+    gather: list[dist.Work] = field(default_factory=list)
     works: list[dist.Work] = field(default_factory=list)
 
 
@@ -192,7 +208,7 @@ class HierarchicalReducer(Reducer):
         assert self.groups is not None, "HierarchicalReducer.connect() comes before the first launch"
         shard = self._shard_of(bucket)
         bucket.pack(self.params, self._pack_scale if self.compressor is not None else 1.0)
-        shard.scatter = dist.reduce_scatter_tensor(shard.shard, shard.padded, group=self.groups.node, async_op=True)
+        shard.scatter = shard.hops.start_sum(shard.padded, shard.shard)
         shard.works = [shard.scatter]
         self._launched.append(bucket)
         self._cross_ready(wait=False)
@@ -251,14 +267,15 @@ class HierarchicalReducer(Reducer):
                 sent += shard.valid * shard.shard.element_size()
             if self._loss_scale is not None and self.compressor is not None:
                 shard.shard.mul_(self._loss_scale.to(shard.shard))  # on 1/node_size of the bucket
-            gather = dist.all_gather_into_tensor(shard.padded, shard.shard, group=self.groups.node, async_op=True)
-            shard.works.append(gather)
+            shard.gather = shard.hops.start_gather(shard.padded, shard.shard)
+            shard.works += shard.gather
         for bucket in buckets:
             shard = self._shards[bucket.index]
             what = f"gk.Average: all-gather of bucket {bucket.index} in the node"
-            distributed.wait(shard.works[-1], what, self.timeout)
+            for work in shard.gather:
+                distributed.wait(work, what, self.timeout)
             distributed.keep(shard.works)
-            shard.works, shard.scatter, shard.cross = [], None, None
+            shard.works, shard.scatter, shard.cross, shard.gather = [], None, None, []
             if poison is None:
                 bucket.unpack(self.params, scale)
             else:
@@ -312,7 +329,8 @@ class HierarchicalReducer(Reducer):
         bucket.use_buffer(padded[:size])
         start = self.groups.local_rank * per_shard
         valid = max(0, min(per_shard, size - start))
-        return _Shard(padded, padded.new_empty(per_shard), valid, self._layout(bucket, start, start + valid))
+        hops = self.groups.hops(padded.device.type)
+        return _Shard(padded, hops.shard_buffer(padded), valid, self._layout(bucket, start, start + valid), hops)
 
     def _layout(self, bucket: Bucket, start: int, stop: int) -> Layout:
         """The pieces of parameters in entries [start, stop) of the bucket, named by parameter."""
