@@ -201,6 +201,17 @@ def bad_world(rank: int) -> dict:
 
 
 @contextlib.contextmanager
+def pieces_of(size: int):
+    """Dense shards cross nodes in pieces of `size` bytes (the tests' buckets are smaller than the default's)."""
+    default = hierarchical.PIECE_BYTES
+    hierarchical.PIECE_BYTES = size
+    try:
+        yield
+    finally:
+        hierarchical.PIECE_BYTES = default
+
+
+@contextlib.contextmanager
 def native_hops():
     """The hops NCCL takes (reduce_scatter_tensor, all_gather_into_tensor), which gloo runs too."""
     chosen = hierarchical.hops_for
@@ -217,20 +228,26 @@ def hops(rank: int) -> dict:
     nodes = NodeGroups.build(NODE, None)
     first = rank - nodes.local_rank
     result: dict = {"picked": type(nodes.hops("cpu")).__name__}
-    for kind in (GlooHops, NativeHops):
+    for kind, piece in ((GlooHops, None), (GlooHops, 2), (NativeHops, None), (NativeHops, 2)):
         node_hops = kind(nodes.node, nodes.local_rank, [first, first + 1])
         for size in (10, 11):
             per_shard = -(-size // NODE)
             padded = torch.zeros(per_shard * NODE, dtype=torch.float64)
             padded[:size] = torch.arange(size, dtype=torch.float64) * (rank + 1)
             shard = node_hops.shard_buffer(padded)
-            node_hops.start_sum(padded, shard).wait()
+            pieces = node_hops.start_sum(padded, shard, piece)
+            for _, work in pieces:
+                work.wait()
             summed = shard.clone()
+            # The pieces are views of the shard, in order, that cover it.
+            assert torch.equal(torch.cat([part for part, _ in pieces]), summed)
+            assert sum(part.numel() for part, _ in pieces) == shard.numel()
+            assert all(part.untyped_storage().data_ptr() == shard.untyped_storage().data_ptr() for part, _ in pieces)
             shard.copy_(torch.full_like(shard, float(rank)))
             shard[0], shard[1] = -0.0, float("nan")
             for work in node_hops.start_gather(padded, shard):
                 work.wait()
-            result[(kind.__name__, size)] = {"summed": summed, "gathered": padded.clone()}
+            result[(kind.__name__, piece, size)] = {"summed": summed, "gathered": padded.clone(), "pieces": len(pieces)}
     return result
 
 
@@ -243,8 +260,15 @@ def scenarios(rank: int, world: int) -> dict:
             "nan_native": nan_skip(rank, None),
             "hook_native": ddp_hook(rank),
         }
+    with pieces_of(7 * 8):  # 7 float64 entries: shards of tens of entries cross in several pieces, the last one short
+        pieces = {
+            "dense_pieces": against_ddp(rank, None),
+            "uneven_pieces": uneven(rank, None),
+            "nan_pieces": nan_skip(rank, None),
+        }
     return {
         **native,
+        **pieces,
         "hops": hops(rank),
         "dense": against_ddp(rank, None),
         "topk": against_ddp(rank, gk.TopK(1.0)),
@@ -263,7 +287,7 @@ def outcome():
     return run_workers(scenarios, WORLD, timeout=300)
 
 
-@pytest.mark.parametrize("kind", ["dense", "topk", "dense_native", "topk_native"])
+@pytest.mark.parametrize("kind", ["dense", "topk", "dense_native", "topk_native", "dense_pieces"])
 def test_hierarchical_equals_ddp_over_all_processes(outcome, kind):
     for rank in outcome:
         result = rank[kind]
@@ -295,12 +319,12 @@ def test_cross_node_bytes_are_a_shard(outcome):
     assert 0.45 * dense["dense_bytes"] <= dense["bytes"] <= 0.6 * dense["dense_bytes"]
 
 
-@pytest.mark.parametrize("kind", ["uneven_dense", "uneven_topk"])
+@pytest.mark.parametrize("kind", ["uneven_dense", "uneven_topk", "uneven_pieces"])
 def test_uneven_items_give_the_full_batch_mean(outcome, kind):
     assert all(rank[kind] < 1e-12 for rank in outcome)
 
 
-@pytest.mark.parametrize("kind", ["nan_dense", "nan_topk", "nan_native"])
+@pytest.mark.parametrize("kind", ["nan_dense", "nan_topk", "nan_native", "nan_pieces"])
 def test_nan_on_one_rank_skips_on_all_four(outcome, kind):
     for stepped, params in (rank[kind] for rank in outcome):
         assert stepped == [True, False, True]
@@ -308,16 +332,18 @@ def test_nan_on_one_rank_skips_on_all_four(outcome, kind):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["GlooHops", "NativeHops"])
+@pytest.mark.parametrize("kind, piece", [("GlooHops", None), ("GlooHops", 2), ("NativeHops", None), ("NativeHops", 2)])
 @pytest.mark.parametrize("size", [10, 11])
-def test_node_hops_sum_then_gather_every_shard(outcome, kind, size):
+def test_node_hops_sum_then_gather_every_shard(outcome, kind, piece, size):
     per_shard = -(-size // NODE)
     for node in range(WORLD // NODE):
         ranks = [node * NODE + local for local in range(NODE)]
         node_sum = torch.zeros(per_shard * NODE, dtype=torch.float64)
         node_sum[:size] = torch.arange(size, dtype=torch.float64) * sum(r + 1 for r in ranks)
         for local, rank in enumerate(ranks):
-            result = outcome[rank]["hops"][(kind, size)]
+            result = outcome[rank]["hops"][(kind, piece, size)]
+            # gloo sums a shard of 5 or 6 entries in pieces of 2; the native reduce-scatter is one piece
+            assert result["pieces"] == (-(-per_shard // piece) if kind == "GlooHops" and piece else 1)
             assert torch.equal(result["summed"], node_sum[local * per_shard : (local + 1) * per_shard])
             gathered = result["gathered"].view(NODE, per_shard)
             for owner, sender in enumerate(ranks):

@@ -41,8 +41,15 @@ class NodeHops:
         """Where this rank's shard of `padded` (whose size is a multiple of the node size) is summed."""
         raise NotImplementedError
 
-    def start_sum(self, padded: Tensor, shard: Tensor) -> dist.Work:
-        """Start summing `padded` over the node, so that `shard` holds the node's sum of this rank's shard."""
+    def start_sum(self, padded: Tensor, shard: Tensor, piece: int | None = None) -> list[tuple[Tensor, dist.Work]]:
+        """Start summing `padded` over the node, so that `shard` holds the node's sum of this rank's shard.
+
+        Args:
+            piece: sum in pieces of this many entries of each shard (where the hops can), or None.
+
+        Returns:
+            The pieces of `shard`, in order, each with the work after which it holds its sum.
+        """
         raise NotImplementedError
 
     def start_gather(self, padded: Tensor, shard: Tensor) -> list[dist.Work]:
@@ -56,8 +63,8 @@ class NativeHops(NodeHops):
     def shard_buffer(self, padded: Tensor) -> Tensor:
         return padded.new_empty(padded.numel() // len(self.owners))
 
-    def start_sum(self, padded: Tensor, shard: Tensor) -> dist.Work:
-        return dist.reduce_scatter_tensor(shard, padded, group=self.group, async_op=True)
+    def start_sum(self, padded: Tensor, shard: Tensor, piece: int | None = None) -> list[tuple[Tensor, dist.Work]]:
+        return [(shard, dist.reduce_scatter_tensor(shard, padded, group=self.group, async_op=True))]
 
     def start_gather(self, padded: Tensor, shard: Tensor) -> list[dist.Work]:
         return [dist.all_gather_into_tensor(padded, shard, group=self.group, async_op=True)]
@@ -69,9 +76,24 @@ class GlooHops(NodeHops):
     def shard_buffer(self, padded: Tensor) -> Tensor:
         return _shards(padded, len(self.owners))[self.local_rank]
 
-    def start_sum(self, padded: Tensor, shard: Tensor) -> dist.Work:
-        # Every rank ends up with the node's sum of every shard; only its own shard goes on.
-        return dist.all_reduce(padded, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+    def start_sum(self, padded: Tensor, shard: Tensor, piece: int | None = None) -> list[tuple[Tensor, dist.Work]]:
+        # Every rank ends up with the node's sum of every shard; only its own shard goes on. In
+        # pieces, piece i of every shard is summed before piece i + 1 of any: each rank's first
+        # piece is ready after 1/pieces of the work.
+        size = shard.numel()
+        if piece is None or piece >= size:
+            return [(shard, dist.all_reduce(padded, op=dist.ReduceOp.SUM, group=self.group, async_op=True))]
+        shards = _shards(padded, len(self.owners))
+        step = max(piece, 1)
+        own = []
+        for start in range(0, size, step):
+            for index, part in enumerate(shards):
+                work = dist.all_reduce(
+                    part[start : start + step], op=dist.ReduceOp.SUM, group=self.group, async_op=True
+                )
+                if index == self.local_rank:
+                    own.append((part[start : start + step], work))
+        return own
 
     def start_gather(self, padded: Tensor, shard: Tensor) -> list[dist.Work]:
         # In the same order on every rank of the node; each overwrites a shard in place.

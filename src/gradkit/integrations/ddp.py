@@ -155,15 +155,16 @@ def _two_level_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futu
     hops = nodes.hops(flat.device.type)
     shard = hops.shard_buffer(padded)
     what = f"gk.ddp_comm_hook: bucket {bucket.index()}"
-    summed = hops.start_sum(padded, shard)
-    distributed.wait(summed, f"{what}, sum in the node", state.timeout)
+    summed = [work for _, work in hops.start_sum(padded, shard)]
+    for work in summed:
+        distributed.wait(work, f"{what}, sum in the node", state.timeout)
     if nodes.nodes > 1:
         distributed.run(dist.all_reduce, f"{what}, all-reduce across nodes", state.timeout, shard, group=nodes.cross)
     shard.div_(dist.get_world_size(state.group))
     gathered = hops.start_gather(padded, shard)
     for work in gathered:
         distributed.wait(work, f"{what}, all-gather in the node", state.timeout)
-    distributed.keep([summed, *gathered])
+    distributed.keep([*summed, *gathered])
     if padded is not flat:
         flat.copy_(padded[:size])
     state.bytes_sent = shard.numel() * shard.element_size() if nodes.nodes > 1 else 0  # across nodes
