@@ -53,10 +53,21 @@ def _worker(rank: int, numel: int, repeats: int, port: int) -> None:
         for work in works:
             work.wait()
 
+    received = torch.empty(per_shard)
+    peer = owners[1 - local]
+
+    def send_receive_add() -> None:
+        # Two ranks: send the peer its shard, receive this rank's from it, add.
+        works = [dist.isend(shards[1 - local], peer, group=node), dist.irecv(received, peer, group=node)]
+        for work in works:
+            work.wait()
+        shards[local].add_(received)
+
     hops = {
         "reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(shard, padded, group=node),
         "all_reduce (for the reduce-scatter)": lambda: dist.all_reduce(padded, group=node),
         "reduce of each shard to its owner (for the reduce-scatter)": lambda: per_owner(dist.reduce),
+        "send / receive + add (for the reduce-scatter)": send_receive_add,
         "all_gather_into_tensor": lambda: dist.all_gather_into_tensor(padded, shard, group=node),
         "zero others + all_reduce (for the all-gather)": zero_others_and_all_reduce,
         "broadcast of each shard from its owner (for the all-gather)": lambda: per_owner(dist.broadcast),

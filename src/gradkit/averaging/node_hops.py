@@ -7,11 +7,11 @@ per node group by `hops_for`:
 
 - `NativeHops` (NCCL and the other backends): ``reduce_scatter_tensor`` into a shard buffer of
   its own, then ``all_gather_into_tensor`` back into the bucket, the fast collectives there.
-- `GlooHops`: an ``all_reduce`` of the whole padded bucket (the shard is then a view of it),
-  then one in-place ``broadcast`` of each shard from its owner. gloo's reduce-scatter and
-  all-gather stage the data in temporaries of their own (a bucket-sized copy and fresh pages
-  each time); measured on 2 nodes x 2 gloo processes (benchmarks/RESULTS.md), on a 47 MB bucket
-  the all-reduce took 51 ms against the reduce-scatter's 107, and the broadcasts 42 ms against
+- `GlooHops`: an ``all_reduce`` of the whole padded bucket, or of it piece by piece (the shard
+  is then a view of it), then one in-place ``broadcast`` of each shard from its owner. Measured
+  on 2 nodes x 2 gloo processes (benchmarks/RESULTS.md), on a 47 MB bucket the all-reduce took
+  51 ms against the reduce-scatter's 107 (about an all-reduce plus a copy of the bucket into
+  fresh memory, which suggests gloo stages it in a temporary), and the broadcasts 42 ms against
   the all-gather's 94 (and 88 for zeroing the other shards and all-reducing). The broadcasts
   copy bits, so -0.0 and NaN payloads arrive as they were sent.
 """
@@ -71,7 +71,8 @@ class NativeHops(NodeHops):
 
 
 class GlooHops(NodeHops):
-    """An ``all_reduce`` of the whole padded bucket, then an in-place ``broadcast`` of each shard from its owner."""
+    """An ``all_reduce`` of the padded bucket (whole, or piece by piece), then an in-place ``broadcast`` of each
+    shard from its owner."""
 
     def shard_buffer(self, padded: Tensor) -> Tensor:
         return _shards(padded, len(self.owners))[self.local_rank]
