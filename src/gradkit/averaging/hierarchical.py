@@ -47,8 +47,8 @@ __all__ = ["HierarchicalReducer", "NodeGroups", "check_node_size", "node_size_fo
 
 # Dense, each shard crosses nodes in pieces of this size where the node's sum comes in pieces (gloo;
 # see `HierarchicalReducer._start`). Measured on 2 nodes x 2 gloo processes over a 1 Gbit/s link, 17M
-# parameters, interleaved (benchmarks/RESULTS.md): whole shards 1135 and 916 ms a step, pieces of 2, 4,
-# 8 and 16 MiB 867, 971 / 819, 993 / 849, 1009 ms.
+# parameters, steps interleaved (benchmarks/RESULTS.md), two runs: whole shards 1135 and 916 ms a step,
+# pieces of 4 MiB 971 and 819 ms (8 MiB 993 and 849, 2 MiB 867, 16 MiB 1009).
 PIECE_BYTES = 4 * MIB
 
 
