@@ -55,16 +55,16 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
 
 
-def small(compressor=None, **kwargs) -> gk.Average:
+def small(compressor=None, node_size: int = NODE, **kwargs) -> gk.Average:
     # Small buckets: several buckets, and shards that split parameters and end in padding.
-    return gk.Average(compressor, node_size=NODE, bucket_mb=0.003, first_bucket_mb=0.0005, **kwargs)
+    return gk.Average(compressor, node_size=node_size, bucket_mb=0.003, first_bucket_mb=0.0005, **kwargs)
 
 
-def against_ddp(rank: int, compressor) -> dict:
+def against_ddp(rank: int, compressor, node_size: int = NODE) -> dict:
     """5 SGD steps of gradkit's hierarchical averaging against DDP over all 4 processes."""
     model, ddp = make_model(), DDP(make_model(), find_unused_parameters=True)
     opt, ddp_opt = torch.optim.SGD(model.parameters(), lr=LR), torch.optim.SGD(ddp.parameters(), lr=LR)
-    average = small(compressor)
+    average = small(compressor, node_size=node_size)
     pipe = gk.GradientPipeline(model, average=average)
     never_grads = []
     for step in range(5):
@@ -265,6 +265,9 @@ def scenarios(rank: int, world: int) -> dict:
             "dense_pieces": against_ddp(rank, None),
             "uneven_pieces": uneven(rank, None),
             "nan_pieces": nan_skip(rank, None),
+            # One node of four: four shards summed piece by piece and four broadcasts, nothing crosses nodes.
+            "one_node_pieces": against_ddp(rank, None, node_size=WORLD),
+            "one_node_topk": against_ddp(rank, gk.TopK(0.1), node_size=WORLD),
         }
     return {
         **native,
@@ -287,7 +290,9 @@ def outcome():
     return run_workers(scenarios, WORLD, timeout=300)
 
 
-@pytest.mark.parametrize("kind", ["dense", "topk", "dense_native", "topk_native", "dense_pieces"])
+@pytest.mark.parametrize(
+    "kind", ["dense", "topk", "dense_native", "topk_native", "dense_pieces", "one_node_pieces", "one_node_topk"]
+)
 def test_hierarchical_equals_ddp_over_all_processes(outcome, kind):
     for rank in outcome:
         result = rank[kind]
