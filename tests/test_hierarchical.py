@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -12,7 +13,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradkit as gk
 from dist_helpers import run_workers
-from gradkit.averaging.hierarchical import HierarchicalReducer, node_size_for
+from gradkit.averaging import hierarchical
+from gradkit.averaging.hierarchical import HierarchicalReducer, NodeGroups, node_size_for
+from gradkit.averaging.node_hops import GlooHops, NativeHops, gloo_carries
 
 WORLD = 4
 NODE = 2
@@ -52,16 +55,16 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
 
 
-def small(compressor=None, **kwargs) -> gk.Average:
+def small(compressor=None, node_size: int = NODE, **kwargs) -> gk.Average:
     # Small buckets: several buckets, and shards that split parameters and end in padding.
-    return gk.Average(compressor, node_size=NODE, bucket_mb=0.003, first_bucket_mb=0.0005, **kwargs)
+    return gk.Average(compressor, node_size=node_size, bucket_mb=0.003, first_bucket_mb=0.0005, **kwargs)
 
 
-def against_ddp(rank: int, compressor) -> dict:
+def against_ddp(rank: int, compressor, node_size: int = NODE) -> dict:
     """5 SGD steps of gradkit's hierarchical averaging against DDP over all 4 processes."""
     model, ddp = make_model(), DDP(make_model(), find_unused_parameters=True)
     opt, ddp_opt = torch.optim.SGD(model.parameters(), lr=LR), torch.optim.SGD(ddp.parameters(), lr=LR)
-    average = small(compressor)
+    average = small(compressor, node_size=node_size)
     pipe = gk.GradientPipeline(model, average=average)
     never_grads = []
     for step in range(5):
@@ -197,9 +200,79 @@ def bad_world(rank: int) -> dict:
     return errors
 
 
+@contextlib.contextmanager
+def pieces_of(size: int):
+    """Dense shards cross nodes in pieces of `size` bytes (the tests' buckets are smaller than the default's)."""
+    default = hierarchical.PIECE_BYTES
+    hierarchical.PIECE_BYTES = size
+    try:
+        yield
+    finally:
+        hierarchical.PIECE_BYTES = default
+
+
+@contextlib.contextmanager
+def native_hops():
+    """The hops NCCL takes (reduce_scatter_tensor, all_gather_into_tensor), which gloo runs too."""
+    chosen = hierarchical.hops_for
+    hierarchical.hops_for = lambda group, local_rank, owners, device_type: NativeHops(group, local_rank, owners)
+    try:
+        yield
+    finally:
+        hierarchical.hops_for = chosen
+
+
+def hops(rank: int) -> dict:
+    """Both kinds of node hops on buckets that split evenly or not: the node's sum of each shard, then every
+    shard everywhere; the gather carries -0.0 and NaN as they are."""
+    nodes = NodeGroups.build(NODE, None)
+    first = rank - nodes.local_rank
+    result: dict = {"picked": type(nodes.hops("cpu")).__name__}
+    for kind, piece in ((GlooHops, None), (GlooHops, 2), (NativeHops, None), (NativeHops, 2)):
+        node_hops = kind(nodes.node, nodes.local_rank, [first, first + 1])
+        for size in (10, 11):
+            per_shard = -(-size // NODE)
+            padded = torch.zeros(per_shard * NODE, dtype=torch.float64)
+            padded[:size] = torch.arange(size, dtype=torch.float64) * (rank + 1)
+            shard = node_hops.shard_buffer(padded)
+            pieces = node_hops.start_sum(padded, shard, piece)
+            for _, work in pieces:
+                work.wait()
+            summed = shard.clone()
+            # The pieces are views of the shard, in order, that cover it.
+            assert torch.equal(torch.cat([part for part, _ in pieces]), summed)
+            assert sum(part.numel() for part, _ in pieces) == shard.numel()
+            assert all(part.untyped_storage().data_ptr() == shard.untyped_storage().data_ptr() for part, _ in pieces)
+            shard.copy_(torch.full_like(shard, float(rank)))
+            shard[0], shard[1] = -0.0, float("nan")
+            for work in node_hops.start_gather(padded, shard):
+                work.wait()
+            result[(kind.__name__, piece, size)] = {"summed": summed, "gathered": padded.clone(), "pieces": len(pieces)}
+    return result
+
+
 def scenarios(rank: int, world: int) -> dict:
     # Every scenario in one spawn: starting processes is the slow part.
+    with native_hops():
+        native = {
+            "dense_native": against_ddp(rank, None),
+            "topk_native": against_ddp(rank, gk.TopK(1.0)),
+            "nan_native": nan_skip(rank, None),
+            "hook_native": ddp_hook(rank),
+        }
+    with pieces_of(7 * 8):  # 7 float64 entries: shards of tens of entries cross in several pieces, the last one short
+        pieces = {
+            "dense_pieces": against_ddp(rank, None),
+            "uneven_pieces": uneven(rank, None),
+            "nan_pieces": nan_skip(rank, None),
+            # One node of four: four shards summed piece by piece and four broadcasts, nothing crosses nodes.
+            "one_node_pieces": against_ddp(rank, None, node_size=WORLD),
+            "one_node_topk": against_ddp(rank, gk.TopK(0.1), node_size=WORLD),
+        }
     return {
+        **native,
+        **pieces,
+        "hops": hops(rank),
         "dense": against_ddp(rank, None),
         "topk": against_ddp(rank, gk.TopK(1.0)),
         "uneven_dense": uneven(rank, None),
@@ -217,7 +290,9 @@ def outcome():
     return run_workers(scenarios, WORLD, timeout=300)
 
 
-@pytest.mark.parametrize("kind", ["dense", "topk"])
+@pytest.mark.parametrize(
+    "kind", ["dense", "topk", "dense_native", "topk_native", "dense_pieces", "one_node_pieces", "one_node_topk"]
+)
 def test_hierarchical_equals_ddp_over_all_processes(outcome, kind):
     for rank in outcome:
         result = rank[kind]
@@ -227,9 +302,10 @@ def test_hierarchical_equals_ddp_over_all_processes(outcome, kind):
         assert result["never_none"] == [True] * 5  # no rank used it: None, as under DDP
 
 
-def test_two_level_ddp_hook_equals_ddp(outcome):
+@pytest.mark.parametrize("kind", ["hook", "hook_native"])
+def test_two_level_ddp_hook_equals_ddp(outcome, kind):
     for rank in outcome:
-        result = rank["hook"]
+        result = rank[kind]
         assert result["two_level"]
         assert result["diff"] < 1e-12
         assert all(0 < sent for sent in result["sent"])  # the last bucket's shard crossed nodes
@@ -248,17 +324,52 @@ def test_cross_node_bytes_are_a_shard(outcome):
     assert 0.45 * dense["dense_bytes"] <= dense["bytes"] <= 0.6 * dense["dense_bytes"]
 
 
-@pytest.mark.parametrize("kind", ["uneven_dense", "uneven_topk"])
+@pytest.mark.parametrize("kind", ["uneven_dense", "uneven_topk", "uneven_pieces"])
 def test_uneven_items_give_the_full_batch_mean(outcome, kind):
     assert all(rank[kind] < 1e-12 for rank in outcome)
 
 
-@pytest.mark.parametrize("kind", ["nan_dense", "nan_topk"])
+@pytest.mark.parametrize("kind", ["nan_dense", "nan_topk", "nan_native", "nan_pieces"])
 def test_nan_on_one_rank_skips_on_all_four(outcome, kind):
     for stepped, params in (rank[kind] for rank in outcome):
         assert stepped == [True, False, True]
         for a, b in zip(params, outcome[0][kind][1]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind, piece", [("GlooHops", None), ("GlooHops", 2), ("NativeHops", None), ("NativeHops", 2)])
+@pytest.mark.parametrize("size", [10, 11])
+def test_node_hops_sum_then_gather_every_shard(outcome, kind, piece, size):
+    per_shard = -(-size // NODE)
+    for node in range(WORLD // NODE):
+        ranks = [node * NODE + local for local in range(NODE)]
+        node_sum = torch.zeros(per_shard * NODE, dtype=torch.float64)
+        node_sum[:size] = torch.arange(size, dtype=torch.float64) * sum(r + 1 for r in ranks)
+        for local, rank in enumerate(ranks):
+            result = outcome[rank]["hops"][(kind, piece, size)]
+            # gloo sums a shard of 5 or 6 entries in pieces of 2; the native reduce-scatter is one piece
+            assert result["pieces"] == (-(-per_shard // piece) if kind == "GlooHops" and piece else 1)
+            assert torch.equal(result["summed"], node_sum[local * per_shard : (local + 1) * per_shard])
+            gathered = result["gathered"].view(NODE, per_shard)
+            for owner, sender in enumerate(ranks):
+                assert torch.signbit(gathered[owner, 0]) and gathered[owner, 0] == 0  # -0.0 stays -0.0
+                assert torch.isnan(gathered[owner, 1])
+                assert torch.equal(
+                    gathered[owner, 2:], torch.full((per_shard - 2,), float(sender), dtype=torch.float64)
+                )
+
+
+def test_gloo_groups_take_the_in_place_hops(outcome):
+    assert all(rank["hops"]["picked"] == "GlooHops" for rank in outcome)
+
+
+@pytest.mark.parametrize(
+    "backend, device_type, gloo",
+    [("gloo", "cpu", True), ("nccl", "cuda", False), ("cpu:gloo,cuda:nccl", "cpu", True),
+     ("cpu:gloo,cuda:nccl", "cuda", False), ("mpi", "cpu", False)],
+)  # fmt: skip
+def test_which_backends_take_the_gloo_hops(backend, device_type, gloo):
+    assert gloo_carries(backend, device_type) is gloo
 
 
 def test_resume_is_exact(outcome):

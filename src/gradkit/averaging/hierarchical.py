@@ -11,6 +11,9 @@ summed in three hops:
    the only one a compressor touches, with its error feedback kept per shard;
 3. all-gather inside the node: every rank has the whole bucket's sum.
 
+On gloo, hops 1 and 3 are an all-reduce of the bucket and a broadcast of each shard
+from its owner, which gloo runs in place (`node_hops`).
+
 Each rank sends ``1/L`` of a bucket across nodes instead of all of it, which is
 what makes it fast where the link between nodes is the bottleneck.
 
@@ -33,6 +36,7 @@ from torch import Tensor
 from gradkit import _checks, distributed
 from gradkit.accumulation import Items
 from gradkit.averaging.buckets import MIB, Bucket
+from gradkit.averaging.node_hops import NodeHops, hops_for
 from gradkit.averaging.payloads import start_reduce
 from gradkit.averaging.reducers import Reducer
 from gradkit.compression.base import Compressor
@@ -40,6 +44,12 @@ from gradkit.compression.keyed_state import Layout
 from gradkit.distributed import PendingReduce
 
 __all__ = ["HierarchicalReducer", "NodeGroups", "check_node_size", "node_size_for"]
+
+# Dense, each shard crosses nodes in pieces of this size where the node's sum comes in pieces (gloo;
+# see `HierarchicalReducer._start`). Measured on 2 nodes x 2 gloo processes over a 1 Gbit/s link, 17M
+# parameters, steps interleaved (benchmarks/RESULTS.md), two runs: whole shards 1135 and 916 ms a step,
+# pieces of 4 MiB 971 and 819 ms (8 MiB 993 and 849, 2 MiB 867, 16 MiB 1009).
+PIECE_BYTES = 4 * MIB
 
 
 def check_node_size(node_size: object) -> int | None:
@@ -97,6 +107,7 @@ class NodeGroups:
     node_size: int
     nodes: int
     local_rank: int
+    _hops: dict[str, NodeHops] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, node_size: int, timeout: datetime.timedelta | None) -> NodeGroups:
@@ -109,17 +120,30 @@ class NodeGroups:
         cross_groups = [dist.new_group(list(range(local, world, node_size)), **options) for local in range(node_size)]
         return cls(node_groups[rank // node_size], cross_groups[rank % node_size], node_size, nodes, rank % node_size)
 
+    def hops(self, device_type: str) -> NodeHops:
+        """How buckets on `device_type` are summed and gathered in the node (see `node_hops`)."""
+        hops = self._hops.get(device_type)
+        if hops is None:
+            first = dist.get_rank() - self.local_rank
+            owners = list(range(first, first + self.node_size))
+            hops = self._hops[device_type] = hops_for(self.node, self.local_rank, owners, device_type)
+        return hops
+
 
 @dataclass
 class _Shard:
     """One bucket's padded buffer, this rank's shard of it and the shard's collectives in flight."""
 
     padded: Tensor
-    shard: Tensor
+    shard: Tensor  # a buffer of its own, or a view of `padded` (see `node_hops`)
     valid: int  # entries of the shard inside the bucket (the rest is padding)
     layout: Layout  # the shard's pieces of parameters, keyed by parameter name (error feedback per shard)
-    scatter: dist.Work | None = None
-    cross: dist.Work | PendingReduce | None = None
+    hops: NodeHops
+    sums: list[tuple[Tensor, dist.Work]] = field(default_factory=list)  # pieces of the shard, summed in the node
+    crossed: int = 0  # pieces whose cross-node hop has started
+    cross: PendingReduce | None = None  # compressed: the shard's cross-node reduction
+    crosses: list[dist.Work] = field(default_factory=list)  # dense: one all-reduce per piece
+    gather: list[dist.Work] = field(default_factory=list)
     works: list[dist.Work] = field(default_factory=list)
 
 
@@ -192,33 +216,41 @@ class HierarchicalReducer(Reducer):
         assert self.groups is not None, "HierarchicalReducer.connect() comes before the first launch"
         shard = self._shard_of(bucket)
         bucket.pack(self.params, self._pack_scale if self.compressor is not None else 1.0)
-        shard.scatter = dist.reduce_scatter_tensor(shard.shard, shard.padded, group=self.groups.node, async_op=True)
-        shard.works = [shard.scatter]
+        # Dense, the shard crosses nodes in pieces, each as soon as the node has summed it, so that
+        # the link is busy while the node still sums the rest of a large bucket; compressed, whole
+        # (the compressor selects over the shard).
+        piece = PIECE_BYTES // shard.padded.element_size() if self.compressor is None else None
+        shard.sums = shard.hops.start_sum(shard.padded, shard.shard, piece)
+        shard.works = [work for _, work in shard.sums]
+        shard.crossed = 0
         self._launched.append(bucket)
         self._cross_ready(wait=False)
 
     def _cross_ready(self, *, wait: bool) -> None:
-        """Start the cross-node hop of each launched bucket whose reduce-scatter is done, in bucket order
-        (the same order on every rank, whenever each gets there); with `wait`, of all of them."""
+        """Start the cross-node hop of each piece of each launched bucket whose sum in the node is done, in
+        bucket and piece order (the same order on every rank, whenever each gets there); with `wait`, of all."""
         while self._crossed < len(self._launched):
             bucket = self._launched[self._crossed]
             shard = self._shards[bucket.index]
-            assert shard.scatter is not None
-            if not wait and not shard.scatter.is_completed():
-                return
-            what = f"gk.Average: reduce-scatter of bucket {bucket.index} in the node"
-            distributed.wait(shard.scatter, what, self.timeout)
-            self._start_cross(bucket, shard)
+            while shard.crossed < len(shard.sums):
+                piece, summed = shard.sums[shard.crossed]
+                if not wait and not summed.is_completed():
+                    return
+                what = f"gk.Average: reduce-scatter of bucket {bucket.index} in the node"
+                distributed.wait(summed, what, self.timeout)
+                self._start_cross(bucket, shard, piece)
+                shard.crossed += 1
             self._crossed += 1
 
-    def _start_cross(self, bucket: Bucket, shard: _Shard) -> None:
+    def _start_cross(self, bucket: Bucket, shard: _Shard, piece: Tensor) -> None:
         assert self.groups is not None
         what = f"gk.Average: cross-node reduction of shard {self.groups.local_rank} of bucket {bucket.index}"
         if self.groups.nodes == 1 or shard.valid == 0:
-            shard.cross = None  # nothing to add up (one node), or a shard of padding on every node
-        elif not self.compressing:
-            shard.cross = dist.all_reduce(shard.shard, op=dist.ReduceOp.SUM, group=self.groups.cross, async_op=True)
-            shard.works.append(shard.cross)
+            return  # nothing to add up (one node), or a shard of padding on every node
+        if not self.compressing:
+            work = dist.all_reduce(piece, op=dist.ReduceOp.SUM, group=self.groups.cross, async_op=True)
+            shard.crosses.append(work)
+            shard.works.append(work)
         else:
             assert self.compressor is not None
             values = shard.shard[: shard.valid]
@@ -239,26 +271,28 @@ class HierarchicalReducer(Reducer):
         sent = 0
         for bucket in buckets:
             shard = self._shards[bucket.index]
-            if isinstance(shard.cross, PendingReduce):
+            if shard.cross is not None:
                 summed = shard.cross.wait()
                 values = shard.shard[: shard.valid]
                 if summed.data_ptr() != values.data_ptr():
                     values.copy_(summed.view_as(values))
                 sent += shard.cross.nbytes
-            elif shard.cross is not None:
+            elif shard.crosses:
                 what = f"gk.Average: cross-node all-reduce of bucket {bucket.index} ({bucket.nbytes / MIB:.1f} MiB)"
-                distributed.wait(shard.cross, what, self.timeout)
+                for work in shard.crosses:
+                    distributed.wait(work, what, self.timeout)
                 sent += shard.valid * shard.shard.element_size()
             if self._loss_scale is not None and self.compressor is not None:
                 shard.shard.mul_(self._loss_scale.to(shard.shard))  # on 1/node_size of the bucket
-            gather = dist.all_gather_into_tensor(shard.padded, shard.shard, group=self.groups.node, async_op=True)
-            shard.works.append(gather)
+            shard.gather = shard.hops.start_gather(shard.padded, shard.shard)
+            shard.works += shard.gather
         for bucket in buckets:
             shard = self._shards[bucket.index]
             what = f"gk.Average: all-gather of bucket {bucket.index} in the node"
-            distributed.wait(shard.works[-1], what, self.timeout)
+            for work in shard.gather:
+                distributed.wait(work, what, self.timeout)
             distributed.keep(shard.works)
-            shard.works, shard.scatter, shard.cross = [], None, None
+            shard.works, shard.sums, shard.cross, shard.crosses, shard.gather = [], [], None, [], []
             if poison is None:
                 bucket.unpack(self.params, scale)
             else:
@@ -312,7 +346,8 @@ class HierarchicalReducer(Reducer):
         bucket.use_buffer(padded[:size])
         start = self.groups.local_rank * per_shard
         valid = max(0, min(per_shard, size - start))
-        return _Shard(padded, padded.new_empty(per_shard), valid, self._layout(bucket, start, start + valid))
+        hops = self.groups.hops(padded.device.type)
+        return _Shard(padded, hops.shard_buffer(padded), valid, self._layout(bucket, start, start + valid), hops)
 
     def _layout(self, bucket: Bucket, start: int, stop: int) -> Layout:
         """The pieces of parameters in entries [start, stop) of the bucket, named by parameter."""

@@ -12,7 +12,8 @@ they survive DDP's bucket rebuild after the first iteration.
 
 With ``node_size=L`` (dense only) each bucket is averaged in two levels, as by
 ``gk.Average(node_size=L)``: reduce-scatter inside the node, all-reduce of the
-shard across nodes, all-gather inside the node.
+shard across nodes, all-gather inside the node (on gloo, an all-reduce and
+broadcasts in their place: `gradkit.averaging.node_hops`).
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
@@ -146,18 +147,26 @@ def _two_level_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futu
     flat = bucket.buffer()
     size = flat.numel()
     per_shard = -(-size // nodes.node_size)
-    padded = flat.new_zeros(per_shard * nodes.node_size)  # equal shards; the padding adds zeros
-    padded[:size].copy_(flat)
-    shard = padded.new_empty(per_shard)
+    if per_shard * nodes.node_size == size and flat.is_contiguous():
+        padded = flat  # splits evenly: the hops work in DDP's buffer, no copy in or out
+    else:
+        padded = flat.new_zeros(per_shard * nodes.node_size)  # equal shards; the padding adds zeros
+        padded[:size].copy_(flat)
+    hops = nodes.hops(flat.device.type)
+    shard = hops.shard_buffer(padded)
     what = f"gk.ddp_comm_hook: bucket {bucket.index()}"
-    distributed.run(dist.reduce_scatter_tensor, f"{what}, reduce-scatter in the node", state.timeout, shard, padded,
-                    group=nodes.node)  # fmt: skip
+    summed = [work for _, work in hops.start_sum(padded, shard)]
+    for work in summed:
+        distributed.wait(work, f"{what}, sum in the node", state.timeout)
     if nodes.nodes > 1:
         distributed.run(dist.all_reduce, f"{what}, all-reduce across nodes", state.timeout, shard, group=nodes.cross)
     shard.div_(dist.get_world_size(state.group))
-    distributed.run(dist.all_gather_into_tensor, f"{what}, all-gather in the node", state.timeout, padded, shard,
-                    group=nodes.node)  # fmt: skip
-    flat.copy_(padded[:size])
+    gathered = hops.start_gather(padded, shard)
+    for work in gathered:
+        distributed.wait(work, f"{what}, all-gather in the node", state.timeout)
+    distributed.keep([*summed, *gathered])
+    if padded is not flat:
+        flat.copy_(padded[:size])
     state.bytes_sent = shard.numel() * shard.element_size() if nodes.nodes > 1 else 0  # across nodes
     done: torch.futures.Future[Tensor] = torch.futures.Future()
     done.set_result(flat)
