@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -287,14 +288,13 @@ class GradRefs:
         self.refs = list(map(weakref.ref, grads))
         self.versions = list(map(_VERSION, grads))
 
-    def counts(self, pre: list[float], norm: list[float]) -> dict[int, tuple[int, int]]:
+    def counts(self, pre: Sequence[float], norm: Sequence[float]) -> dict[int, tuple[int, int]]:
         """NaN/Inf counts of the parameters whose norms (before and after clipping, as read) are non-finite;
         one host read. Empty when all are finite, or when a gradient is gone or changed (counts unknown: null)."""
-        if math.isfinite(sum(pre)) and math.isfinite(sum(norm)):  # the healthy step: no look at each row
+        finite = np.isfinite(np.asarray(pre, dtype=np.float64)) & np.isfinite(np.asarray(norm, dtype=np.float64))
+        if finite.all():  # the healthy step: no look at each row
             return {}
-        bad = [i for i, (p, n) in enumerate(zip(pre, norm)) if not (math.isfinite(p) and math.isfinite(n))]
-        if not bad:
-            return {}
+        bad = np.flatnonzero(~finite).tolist()
         grads = [self.refs[i]() for i in bad]
         if any(g is None or g._version != self.versions[i] for g, i in zip(grads, bad)):
             return {}
