@@ -206,6 +206,8 @@ def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tens
     if not len(ctx):
         width = len(_stats.COLUMNS) if detail else 2
         return torch.zeros(0, width, device=norms.device, dtype=_stats.host_dtype(norms.device))
+    if not detail:  # the two norm columns: the step's cached norms, nothing read from the tensors
+        return _stats.param_stats((), (), norms, ctx.pre_clip_norms, detail=False)
     grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
     table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail, groups=ctx.groups())
     return _full_table(table, ctx) if ctx.sharded and detail else table
