@@ -284,8 +284,9 @@ def _counts(layout: Layout, table: np.ndarray, counts: dict[int, tuple[int, int]
     pre, norm = table[0], table[1]
     if len(table) > 5 and not np.isnan(table[5]).any():  # measured on the device (a detail step): all there
         nan, inf = _ints(table[5]), _ints(table[6])
-        return _Counts(nan.tolist(), inf.tolist(), None), _Counts(
-            layout.sums(nan).tolist(), layout.sums(inf).tolist(), None
+        known = None if nan.any() or inf.any() else ZEROS
+        return _Counts(nan.tolist(), inf.tolist(), known), _Counts(
+            layout.sums(nan).tolist(), layout.sums(inf).tolist(), known
         )
     if not counts and np.isfinite(pre).all() and np.isfinite(norm).all():  # every norm finite: nothing to count
         zeros, module_zeros = [0] * len(pre), [0] * len(layout.modules)
