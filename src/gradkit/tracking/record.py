@@ -338,8 +338,9 @@ class StepRecord:
         head = self.head
         before = json.dumps({key: head[key] for key in _BEFORE}, allow_nan=False)
         after = json.dumps({key: head[key] for key in _AFTER}, allow_nan=False)
-        tables = f', "modules": {self.modules.encode()}, "params": {self.params.encode()}, '
-        return before[:-1] + tables + after[1:]
+        # One join: the tables are most of the text (hundreds of kB at thousands of tensors), copied once here.
+        parts = (before[:-1], ', "modules": ', self.modules.encode(), ', "params": ', self.params.encode(), ", ")
+        return "".join((*parts, after[1:]))
 
 
 def assemble(
