@@ -230,3 +230,18 @@ def test_columnar_rules_fire_as_the_rules_read_one_module_at_a_time():
             rules = restored
         fired |= {kind for _, kind, _, _ in got}
     assert fired == {"dead", "vanishing", "exploding"}  # every rule was exercised
+
+
+def test_norms_as_an_array_with_nan_fire_as_the_list_with_none():
+    import math
+
+    import numpy as np
+
+    names = [f"m{i}" for i in range(6)]
+    by_list, by_array = AlertRules(patience=1, warmup=1), AlertRules(patience=1, warmup=1)
+    for step, norms in enumerate([[1.0, 0.0, None, 1e-12, 1.0, 2.0], [1.0, 0.0, 3.0, 1e-12, 50.0, None]], start=1):
+        array = np.array([math.nan if n is None else n for n in norms])
+        got = by_array.check_columns(step, names, array, 1.0)
+        assert got == by_list.check_columns(step, names, norms, 1.0)
+        assert all(type(a.value) is float for a in got) and got
+    assert by_array.state_dict() == by_list.state_dict()

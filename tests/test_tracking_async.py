@@ -150,3 +150,51 @@ def test_without_after_step_records_are_written_in_the_next_observe():
     assert lengths == [0, 1, 2]
     tracker.close()
     assert [r["step"] for r in tracker.history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_logged_step_does_not_keep_its_gradients_alive_after_the_step(late):
+    # The gradients are held strongly only until the step's after_step (they are alive then anyway); a record
+    # still in flight after it holds them weakly, so the pipeline's p.grad = None frees them.
+    import weakref
+
+    tracker = gk.Tracker(every=1, detail_every=100)
+    if late:
+        tracker._new_event = lambda device: LateEvent([])
+    refs = []
+
+    observe = tracker.observe
+
+    def spying(ctx, report):
+        refs.extend(weakref.ref(g) for g in ctx.grads)
+        observe(ctx, report)
+
+    tracker.observe = spying
+    run(tracker, 3)
+    assert refs and all(ref() is None for ref in refs)  # every step's gradients are gone
+    tracker.flush()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3]
+
+
+def test_by_hand_without_after_step_the_gradients_are_held_weakly_at_once():
+    import weakref
+
+    model = make_model()
+    tracker = gk.Tracker(every=1, update_ratio=False)
+    tracker._new_event = lambda device: LateEvent([])  # the record waits beyond the step
+    model(torch.randn(4, 6, dtype=torch.float64)).square().sum().backward()
+    tracker.track(model)
+    refs = [weakref.ref(p.grad) for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    assert all(ref() is None for ref in refs)
+    tracker.close()
+    assert tracker.history[0]["params"]["0.weight"]["nan"] == 0  # finite norms: counts known without the grads
+
+
+def test_a_non_finite_ordinary_step_written_in_its_after_step_counts_from_the_held_gradients():
+    tracker = gk.Tracker(every=1, detail_every=100)  # step 3 is an ordinary logged step (no device counts)
+    run(tracker, 4, nan_at=3)
+    record = tracker.history[2]
+    assert record["detail"] is False and record["global"]["skipped"] is True
+    assert record["params"]["0.weight"]["nan"] == 12 * 6  # counted on the host, the gradients still held
+    assert record["modules"]["0"]["nan"] == 12 * 6 + 12

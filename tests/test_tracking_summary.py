@@ -127,3 +127,81 @@ def test_encoding_of_a_table_kept_from_step_to_step(clipped):
             for entries in (params, modules):
                 assert entries.encode() == json.dumps(entries.to_dict(), allow_nan=False)
     assert list(json.loads(params.encode())) == names
+
+
+def _plain_entries(names, numels, columns, counts, deltas, detail):
+    """The entries as plainly written, one parameter and one module at a time, in Python floats (strict)."""
+    from gradkit.tracking.stats import module_of
+
+    p = len(names)
+    pre, norm = columns[0], columns[1]
+    max_abs, nonzero, weight, nan, inf = columns[2:] if len(columns) == 7 else [[NAN] * p] * 5
+    clean = lambda v: v if type(v) is not float or math.isfinite(v) else None  # noqa: E731
+    rows = []
+    for i in range(p):
+        if not math.isnan(nan[i]):
+            n, f = int(nan[i]), int(inf[i])
+        else:
+            n, f = counts.get(i, (0, 0) if math.isfinite(pre[i]) and math.isfinite(norm[i]) else (None, None))
+        rows.append((pre[i] * pre[i], norm[i] * norm[i], max_abs[i], numels[i] - nonzero[i], weight[i] * weight[i],
+                     n, f, numels[i], None if deltas is None else deltas[i]))  # fmt: skip
+    groups = {}
+    for name, row in zip(names, rows):
+        groups.setdefault(module_of(name), []).append(row)
+
+    def combine(members):
+        total = list(members[0])
+        for row in members[1:]:
+            for k in (0, 1, 3, 4, 7):
+                total[k] += row[k]
+            total[2] = math.nan if math.isnan(total[2]) or math.isnan(row[2]) else max(total[2], row[2])
+            total[5] = None if None in (total[5], row[5]) else total[5] + row[5]
+            total[6] = None if None in (total[6], row[6]) else total[6] + row[6]
+            total[8] = None if deltas is None else total[8] + row[8]
+        return total
+
+    def entry(row, delta):
+        s_pre, s_norm, m, zeros, s_w, n, f, k, _ = row
+        g, w = math.sqrt(s_norm), math.sqrt(s_w)
+        out = {"norm_pre_clip": math.sqrt(s_pre), "norm": g, "max_abs": m if detail else None,
+               "rms": g / math.sqrt(k) if k else 0.0, "zero_frac": (zeros / k if k else 0.0) if detail else None,
+               "nan": n, "inf": f, "numel": k, "weight_norm": w if detail else None,
+               "grad_to_weight": g / w if detail and w > 0 and math.isfinite(g) and math.isfinite(w) else None,
+               "update_to_weight": delta / w if detail and delta is not None and w > 0 else None}  # fmt: skip
+        return {key: clean(v) for key, v in out.items()}
+
+    squared = [None if deltas is None else d * d for d in (deltas or [None] * p)]
+    params = {name: entry(row, None if deltas is None else deltas[i]) for i, (name, row) in enumerate(zip(names, rows))}
+    modules = {}
+    for module in groups:
+        members = [i for i, name in enumerate(names) if module_of(name) == module]
+        total = combine([rows[i][:8] + (squared[i],) for i in members])
+        modules[module] = entry(total, None if deltas is None else math.sqrt(total[8]))
+    return params, modules
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_columnar_entries_equal_the_plain_per_entry_ones_bit_for_bit(seed):
+    # The columns are computed with numpy over whole columns: every value must be the float the plain formulas
+    # give (the same IEEE operations in the same order), NaN, Inf, overflow, subnormals and empty tensors included.
+    import random
+
+    rng = random.Random(seed)
+    special = [NAN, INF, 0.0, 5e-324, 1e-200, 1e200, 1.7976931348623157e308]
+    names = [f"m{i // 3}.p{i % 3}" if i % 5 else f"top{i}" for i in range(40)] + ["m0.late"]
+    numels = [rng.choice([0, 1, 8, 64, 4096]) for _ in names]
+    for step in range(30):
+        value = lambda: rng.choice(special) if rng.random() < 0.15 else rng.uniform(0, 10) ** rng.randint(-3, 3)  # noqa: E731
+        pre = [value() for _ in names]
+        columns = [pre, [v * rng.choice([1.0, 0.25]) for v in pre]]
+        detail = step % 2 == 0
+        if detail:
+            columns += [[value() for _ in names], [float(rng.randint(0, k)) for k in numels], [value() for _ in names],
+                        [float(rng.randint(0, 2)) for _ in names], [0.0 for _ in names]]  # fmt: skip
+        counts = {i: (rng.randint(0, 3), 1) for i in range(len(names)) if rng.random() < 0.1} if step % 3 else {}
+        deltas = None if step % 4 == 1 else [value() for _ in names]
+        params, modules = summarize_columns(Layout(names), numels, columns, counts, deltas=deltas, detail=detail)
+        want = _plain_entries(names, numels, columns, counts, deltas, detail)
+        assert repr((params.to_dict(), modules.to_dict())) == repr(want)
+        for entries in (params, modules):
+            assert entries.encode() == json.dumps(entries.to_dict(), allow_nan=False)

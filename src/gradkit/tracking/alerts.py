@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
 
 from gradkit import _checks
 
@@ -65,20 +66,24 @@ _EXPLODING = (
 
 
 class _Columns:
-    """Per-module rule state as one list per field, aligned with a list of module names."""
+    """Per-module rule state as one numpy array per field, aligned with a list of module names, and which
+    of those modules each rule has an alert active for (the rules' `_active` set, as arrays)."""
 
-    __slots__ = ("names", "index", "ema", "seen", "vanish", "dead", "known")
+    __slots__ = ("names", "index", "ema", "seen", "vanish", "dead", "known", "active")
 
-    def __init__(self, names: list[str], state: dict[str, dict[str, float]]) -> None:
+    def __init__(self, names: list[str], state: dict[str, dict[str, float]], active: set[tuple[str, str]]) -> None:
         self.names = names
         self.index = {name: i for i, name in enumerate(names)}
         empty = {"ema": 0.0, "seen": 0, "vanish": 0, "dead": 0}
         rows = [state.get(name, empty) for name in names]
-        self.ema = [r["ema"] for r in rows]
-        self.seen = [r["seen"] for r in rows]
-        self.vanish = [r["vanish"] for r in rows]
-        self.dead = [r["dead"] for r in rows]
-        self.known = [name in state for name in names]
+        self.ema = np.array([r["ema"] for r in rows], dtype=np.float64)
+        self.seen, self.vanish, self.dead = (np.array([r[k] for r in rows], dtype=np.int64) for k in _COUNTERS)
+        self.known = np.array([name in state for name in names], dtype=bool)
+        self.active = {kind: np.array([(kind, name) in active for name in names], dtype=bool) for kind in _RULES}
+
+
+_COUNTERS = ("seen", "vanish", "dead")
+_RULES = ("dead", "vanishing", "exploding")
 
 
 class AlertRules:
@@ -143,61 +148,62 @@ class AlertRules:
         return self.check_columns(step, list(norms), list(norms.values()), global_norm)
 
     def check_columns(
-        self, step: int, names: Sequence[str], norms: Sequence[float | None], global_norm: float
+        self, step: int, names: Sequence[str], norms: Sequence[float | None] | np.ndarray, global_norm: float
     ) -> list[Alert]:
-        """`check` with the module names and norms as two lists: each rule runs over whole columns.
+        """`check` with the module names and norms as two lists (or the norms as an array, NaN for non-finite):
+        each rule runs over whole columns, as numpy operations.
 
         A module whose norm is None or non-finite is left alone (that is the nonfinite rule's).
         """
         state = self._columns_for(names)
-        ema, seen, vanish, dead = state.ema, state.seen, state.vanish, state.dead
-        isfinite = math.isfinite
-        ok = [n is not None and isfinite(n) for n in norms]
-        values = [n if o else 0.0 for n, o in zip(norms, ok)]
-        finite = [n for n, o in zip(values, ok) if o and n > 0]
-        median = statistics.median(finite) if finite else 0.0
-        floor = self.vanish_ratio * median
-        zero = [o and n == 0.0 for n, o in zip(values, ok)]
-        low = [o and not z and (n < self.vanish_abs or n < floor) for n, o, z in zip(values, ok, zero)]
-        dead[:] = [(d + 1 if z else 0) if o else d for d, z, o in zip(dead, zero, ok)]
-        vanish[:] = [(v + 1 if w else 0) if o else v for v, w, o in zip(vanish, low, ok)]
-        factor, warmup, patience = self.explode_factor, self.warmup, self.patience
-        exploding = [o and k >= warmup and n > factor * e > 0 for n, o, k, e in zip(values, ok, seen, ema)]
+        with np.errstate(all="ignore"):  # overflow is inf, as in Python floats; NaN is not finite
+            return self._check_columns(step, names, state, np.asarray(norms, dtype=np.float64), global_norm)
+
+    def _check_columns(
+        self, step: int, names: Sequence[str], state: _Columns, values: np.ndarray, global_norm: float
+    ) -> list[Alert]:
+        ok = np.isfinite(values)
+        values = np.where(ok, values, 0.0)
+        median = _median(np.sort(values[ok & (values > 0)]))
+        zero = ok & (values == 0.0)
+        low = ok & ~zero & ((values < self.vanish_abs) | (values < self.vanish_ratio * median))
+        state.dead = np.where(ok, np.where(zero, state.dead + 1, 0), state.dead)
+        state.vanish = np.where(ok, np.where(low, state.vanish + 1, 0), state.vanish)
+        bound = self.explode_factor * state.ema
+        exploding = ok & (state.seen >= self.warmup) & (values > bound) & (bound > 0)
+        dead, vanish, ema = state.dead, state.vanish, state.ema
         fired: list[tuple[int, int, Alert]] = []
-        for order, (kind, on, value) in enumerate((
-            ("dead", [o and d >= patience for d, o in zip(dead, ok)], lambda i: (_DEAD, names[i], int(dead[i]))),
-            ("vanishing", [o and v >= patience for v, o in zip(vanish, ok)],
-             lambda i: (_VANISHING, names[i], values[i], median, int(vanish[i]))),
+        for order, (kind, on, message) in enumerate((
+            ("dead", ok & (dead >= self.patience), lambda i: (_DEAD, names[i], int(dead[i]))),
+            ("vanishing", ok & (vanish >= self.patience),
+             lambda i: (_VANISHING, names[i], float(values[i]), median, int(vanish[i]))),
             ("exploding", exploding,
-             lambda i: (_EXPLODING, names[i], values[i], values[i] / ema[i] if ema[i] else math.inf)),
+             lambda i: (_EXPLODING, names[i], float(values[i]), float(values[i] / ema[i]) if ema[i] else math.inf)),
         )):  # fmt: skip
-            fired += [(i, order, alert) for i, alert in self._edges(step, kind, names, on, ok, values, value)]
+            for i in self._edges(kind, names, on, ok):
+                text, *args = message(i)
+                fired.append((i, order, Alert(step, kind, names[i], f"step {step}: " + text.format(*args),
+                                              float(values[i]))))  # fmt: skip
         fired.sort(key=lambda item: item[:2])  # module by module, as the rules read: dead, vanishing, exploding
         beta = self.explode_beta
-        ema[:] = [(n if k == 0 else beta * e + (1 - beta) * n) if o else e for n, o, k, e in zip(values, ok, seen, ema)]
-        seen[:] = [k + 1 if o else k for k, o in zip(seen, ok)]
-        state.known[:] = [k or o for k, o in zip(state.known, ok)]
+        state.ema = np.where(ok, np.where(state.seen == 0, values, beta * ema + (1 - beta) * values), ema)
+        state.seen = state.seen + ok
+        state.known |= ok
         self._dirty = True
         return [alert for _, _, alert in fired] + self._check_global(step, global_norm)
 
-    def _edges(self, step, kind, names, on, ok, values, message) -> list[tuple[int, Alert]]:
-        """Alerts of one rule over all modules: on where it starts, none while it stays, cleared where it ends."""
-        active = self._active
-        if active:  # cleared: a module read this step (ok) whose condition is off
-            where = self._columns.index
-            for key in [key for key in active if key[0] == kind]:
-                i = where.get(key[1])
-                if i is not None and ok[i] and not on[i]:
-                    active.discard(key)
-        out = []
-        for i in [i for i, v in enumerate(on) if v]:
-            key = (kind, names[i])
-            if key in active:
-                continue
-            active.add(key)
-            text, *args = message(i)
-            out.append((i, Alert(step, kind, names[i], f"step {step}: " + text.format(*args), values[i])))
-        return out
+    def _edges(self, kind: str, names: Sequence[str], on: np.ndarray, ok: np.ndarray) -> list[int]:
+        """Where one rule's alert starts, over all modules: on now and not active; an alert stays active (and
+        quiet) while its condition holds, and is cleared where a module read this step (ok) has it off."""
+        active = self._columns.active[kind]
+        cleared = active & ok & ~on
+        started = on & ~active
+        for i in np.flatnonzero(cleared).tolist():
+            self._active.discard((kind, names[i]))
+        new = np.flatnonzero(started).tolist()
+        self._active.update((kind, names[i]) for i in new)
+        self._columns.active[kind] = (active & ~cleared) | on
+        return new
 
     def _check_global(self, step: int, norm: float) -> list[Alert]:
         """The exploding rule on the global norm (the only rule it has)."""
@@ -217,7 +223,7 @@ class AlertRules:
         if columns is not None and (columns.names is names or columns.names == names):
             return columns
         self._sync()
-        columns = _Columns(list(names), self._state)
+        columns = _Columns(list(names), self._state, self._active)
         self._columns = columns
         return columns
 
@@ -225,10 +231,9 @@ class AlertRules:
         """Write the columns' state back into the per-name dicts."""
         columns = self._columns
         if columns is not None and self._dirty:
-            for i, name in enumerate(columns.names):
-                if columns.known[i]:
-                    self._state[name] = {"ema": columns.ema[i], "seen": columns.seen[i], "vanish": columns.vanish[i],
-                                         "dead": columns.dead[i]}  # fmt: skip
+            ema, (seen, vanish, dead) = columns.ema.tolist(), (getattr(columns, k).tolist() for k in _COUNTERS)
+            for i in np.flatnonzero(columns.known).tolist():
+                self._state[columns.names[i]] = {"ema": ema[i], "seen": seen[i], "vanish": vanish[i], "dead": dead[i]}
         self._dirty = False
 
     def _edge(self, step: int, kind: str, name: str, on: bool, value: float, message: str, *args: Any) -> list[Alert]:
@@ -262,3 +267,13 @@ class AlertRules:
         self._state = {name: {k: float(v[k]) if k == "ema" else int(v[k]) for k in v} for name, v in modules.items()}
         self._columns, self._dirty = None, False
         self._active = {(str(kind), str(name)) for kind, name in state["active"]}
+
+
+def _median(ordered: np.ndarray) -> float:
+    """The median of sorted values, as ``statistics.median`` gives it (0.0 for none)."""
+    n = len(ordered)
+    if not n:
+        return 0.0
+    if n % 2:
+        return float(ordered[n // 2])
+    return (float(ordered[n // 2 - 1]) + float(ordered[n // 2])) / 2

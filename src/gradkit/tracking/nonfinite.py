@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -272,30 +273,41 @@ _VERSION = attrgetter("_version")
 
 
 class GradRefs:
-    """A logged step's gradients, held weakly with their versions, to count NaN/Inf on the host later.
+    """A logged step's gradients, with their versions, to count NaN/Inf on the host later.
 
     A logged step without counts on the device (not a detail step) may turn out non-finite when its
     record is read; its counts are then taken from the gradients if they are still the step's (alive
-    and not modified in place). Weak references: a gradient the step drops is freed.
+    and not modified in place). They are held strongly while the step's own gradients are alive anyway
+    (until its ``after_step``, where its record is usually written), and weakly after `weaken`: a
+    gradient the step drops is then freed. Strong first, because a thousand weak references per logged
+    step are objects that Python's cyclic garbage collector counts and walks.
 
     Example:
         >>> refs = GradRefs(ctx.grads)              # at the logging step
+        >>> refs.weaken()                           # if the record waits beyond the step
         >>> refs.counts(pre_clip_norms, norms)     # later: {index: (nan, inf)} of the non-finite rows
     """
 
+    __slots__ = ("grads", "refs", "versions")
+
     def __init__(self, grads: Sequence[Tensor]) -> None:
-        self.refs = list(map(weakref.ref, grads))
+        self.grads: list[Tensor] | None = list(grads)
+        self.refs: list[weakref.ref] | None = None
         self.versions = list(map(_VERSION, grads))
 
-    def counts(self, pre: list[float], norm: list[float]) -> dict[int, tuple[int, int]]:
+    def weaken(self) -> None:
+        """Hold the gradients weakly from now on (the step is over: they may be dropped)."""
+        if self.grads is not None:
+            self.refs, self.grads = list(map(weakref.ref, self.grads)), None
+
+    def counts(self, pre: Sequence[float], norm: Sequence[float]) -> dict[int, tuple[int, int]]:
         """NaN/Inf counts of the parameters whose norms (before and after clipping, as read) are non-finite;
         one host read. Empty when all are finite, or when a gradient is gone or changed (counts unknown: null)."""
-        if math.isfinite(sum(pre)) and math.isfinite(sum(norm)):  # the healthy step: no look at each row
+        finite = np.isfinite(np.asarray(pre, dtype=np.float64)) & np.isfinite(np.asarray(norm, dtype=np.float64))
+        if finite.all():  # the healthy step: no look at each row
             return {}
-        bad = [i for i, (p, n) in enumerate(zip(pre, norm)) if not (math.isfinite(p) and math.isfinite(n))]
-        if not bad:
-            return {}
-        grads = [self.refs[i]() for i in bad]
+        bad = np.flatnonzero(~finite).tolist()
+        grads = [self.grads[i] for i in bad] if self.grads is not None else [self.refs[i]() for i in bad]
         if any(g is None or g._version != self.versions[i] for g, i in zip(grads, bad)):
             return {}
         counted = nonfinite_counts(False, grads, grads, range(len(bad)))

@@ -137,6 +137,12 @@ class Pending:
             logged.deltas = read.start(new_event)
         self._queue.append(logged)
 
+    def weaken(self) -> None:
+        """Hold the gradients of every step not yet written weakly (their steps are over: see `GradRefs`)."""
+        for logged in ([self.open] if self.open is not None else []) + list(self._queue):
+            if logged.grads is not None:
+                logged.grads.weaken()
+
     def completed(self, *, wait: bool = False) -> Iterator[Logged]:
         """The queued steps whose host copies have completed, oldest first, each removed as it is handed out
         (every one, after waiting for it, if `wait`)."""

@@ -16,13 +16,16 @@ from typing import Any
 
 from gradkit._version import __version__
 from gradkit.tracking.alerts import Alert, AlertRules, logger
+from gradkit.tracking.entries import KEYS, ZEROS, Entries
 from gradkit.tracking.nonfinite import NonfiniteWatch
 from gradkit.tracking.pending import Logged
 from gradkit.tracking.record import StepRecord
-from gradkit.tracking.summary import Entries, Layout
+from gradkit.tracking.summary import Layout
 from gradkit.tracking.writers import SCHEMA, JsonlWriter, make_writers
 
 __all__ = ["RecordSink"]
+
+_NAN, _INF = KEYS.index("nan"), KEYS.index("inf")
 
 
 class RecordSink:
@@ -71,7 +74,8 @@ class RecordSink:
 
         `next_step` is the first step whose backward has not run yet: the one a non-finite step re-checks.
         """
-        got, step = logged.flight.values(), logged.step
+        # The table as one float64 array: the entries are computed over its columns (`summary`).
+        got, step = logged.flight.values(arrays=("columns",)), logged.step
         record = logged.record(got)
         modules, params = record.modules, record.params
         alerts = self.rules.check_columns(step, modules.names, modules.column("norm_pre_clip"), got["total_norm"])
@@ -132,6 +136,8 @@ class RecordSink:
 
 def _maybe_nonfinite(params: Entries) -> bool:
     """Whether some parameter's entry may say non-finite (`nonfinite` then reads the entries one by one)."""
+    if params.known[_NAN] == ZEROS and params.known[_INF] == ZEROS:  # no NaN, no Inf: the healthy step
+        return False
     nan, inf = params.column("nan"), params.column("inf")
     if None in nan or None in params.column("norm_pre_clip") or None in params.column("norm"):
         return True

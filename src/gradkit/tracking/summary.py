@@ -1,12 +1,12 @@
 """A logged step's per-parameter and per-module entries, built on the host from the read table, column by column.
 
 At every=1 on a model with thousands of tensors, these entries are most of the tracker's host
-work per logged step. They stay columns (one list per statistic, `Entries`) from the read table
-to the JSONL line: module sums are a few passes over whole columns with the parameter-to-module
-layout found once per parameter list (`Layout`), and the line is encoded with one %-template per
-entry kind, the names already JSON-escaped. No dict per entry is built on the step's path, so the
-step allocates little for Python's cyclic garbage collector to walk; dicts are made only when
-someone asks for them (`Entries.to_dict`: `Tracker.history`, TensorBoard).
+work per logged step. They stay columns (one list per statistic, `entries.Entries`) from the read
+table to the JSONL line: the arithmetic is a few numpy operations over whole float64 columns, module
+sums are a few passes with the parameter-to-module layout found once per parameter list (`Layout`),
+and the line is written from a kept template (`entries`). No dict per entry is built on the step's
+path, so the step allocates little for Python's cyclic garbage collector to walk; dicts are made
+only when someone asks for them (`Entries.to_dict`: `Tracker.history`, TensorBoard).
 """
 
 from __future__ import annotations
@@ -14,21 +14,39 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from itertools import chain
 from operator import add, itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
+
+from gradkit.tracking.entries import BLANK, FINITE, KEYS, NUMELS, ZEROS, Entries
 from gradkit.tracking.stats import module_of
 
 __all__ = ["KEYS", "Entries", "Layout", "summarize", "summarize_columns"]
 
-#: the keys of each entry, in order (`writers.STAT_FIELDS`)
-KEYS = ("norm_pre_clip", "norm", "max_abs", "rms", "zero_frac", "nan", "inf", "numel", "weight_norm",
-        "grad_to_weight", "update_to_weight")  # fmt: skip
-# An entry's JSON text: its quoted name, then one "%r" per key (a value's repr is its JSON text).
-_KEY_TEXT = [json.dumps(key) + ": " for key in KEYS]
 # Padding may add up to this many slots per parameter before module sums take the per-module path.
 _PAD_LIMIT = 2
+
+
+class _Sizes(NamedTuple):
+    """Element counts of a table's entries: as ints (the record's), as floats and their roots (the rates'
+    denominators), and where they are zero (None when nowhere)."""
+
+    numels: list[int]
+    count: np.ndarray
+    root: np.ndarray
+    empty: np.ndarray | None
+
+    @classmethod
+    def of(cls, numels: list[int]) -> _Sizes:
+        count = np.array(numels, dtype=np.float64)  # exact below 2**53, as int / float is
+        empty = count == 0
+        return cls(numels, count, np.sqrt(count), empty if empty.any() else None)
+
+
+class _LayoutSizes(NamedTuple):
+    params: _Sizes
+    modules: _Sizes
 
 
 class Layout:
@@ -67,7 +85,13 @@ class Layout:
             ]
         else:
             self.passes = None
+        # The same passes as index arrays into a padded numpy column (`sums`).
+        self._takes = None
+        if self.passes is not None:
+            self._takes = [np.array([m[j] if j < len(m) else pad for m in self.members], dtype=np.intp)
+                           for j in range(widest)]  # fmt: skip
         self._per_module = [_getter(m) for m in self.members]
+        self._sizes: _LayoutSizes | None = None
 
     @classmethod
     def of(cls, names: Sequence[str]) -> Layout:
@@ -79,6 +103,27 @@ class Layout:
                 del cls._cache[next(iter(cls._cache))]
             found = cls._cache[key] = cls(names)
         return found
+
+    def sizes(self, numels: Sequence[int]) -> _LayoutSizes:
+        """The element counts of the parameters and of the modules (kept while they stay the same)."""
+        found = self._sizes
+        if found is None or found.params.numels != list(numels):
+            ints = list(map(int, numels))
+            found = self._sizes = _LayoutSizes(_Sizes.of(ints), _Sizes.of(self.module_sums(ints)))
+        return found
+
+    def sums(self, column: np.ndarray) -> np.ndarray:
+        """Per module, `column` (a 1-D float64 or int64 array) summed over its parameters in parameter order:
+        the values `module_sums` gives, as an array of the same dtype."""
+        if not self.members:
+            return column[:0]
+        if self._takes is None:
+            return np.array(self.module_sums(column.tolist()), dtype=column.dtype)
+        padded = np.concatenate([column, np.zeros(1, dtype=column.dtype)])
+        total = padded[self._takes[0]]
+        for take in self._takes[1:]:
+            total += padded[take]
+        return total
 
     def module_sums(self, column: list, pad: Any = 0) -> list:
         """Per module, `column` summed over its parameters in parameter order (`pad` fills the gaps)."""
@@ -132,100 +177,10 @@ def _getter(indices: list[int]) -> itemgetter:
     return itemgetter(*indices)
 
 
-class Entries:
-    """Statistics entries by name, held as one list per key (`KEYS`): strict JSON values (None for non-finite).
-
-    Example:
-        >>> params, modules = summarize_columns(layout, numels, columns, {})
-        >>> params.column("norm")[0], params.to_dict()["0.weight"]["norm"]
-    """
-
-    __slots__ = ("names", "quoted", "columns")
-
-    def __init__(self, names: list[str], quoted: list[str], columns: list[list]) -> None:
-        self.names, self.quoted, self.columns = names, quoted, columns
-
-    def column(self, key: str) -> list:
-        """The values of statistic `key`, in name order."""
-        return self.columns[KEYS.index(key)]
-
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        """name -> {key: value}, as the record holds them."""
-        return dict(zip(self.names, map(dict, map(zip, [KEYS] * len(self.names), zip(*self.columns)))))
-
-    def encode(self) -> str:
-        """The JSON text of `to_dict()` (as ``json.dumps`` writes it), from the columns.
-
-        One %-template for the whole table (`_Template`), made once per kind of table and kept: it holds
-        the names, the keys and whatever text does not change from step to step (blank columns, zero
-        NaN/Inf counts, the element counts), so a step formats only its floats, in one call. A float
-        column equal to one formatted before (the norms after clipping of an unclipped step) reuses its text.
-        """
-        if not self.names:
-            return "{}"
-        kinds, values = [], []
-        pre: tuple[list, list[str]] | None = None  # the norms before clipping and their text
-        for key, column in zip(KEYS, self.columns):
-            nones = column.count(None)
-            if nones == len(column):  # e.g. the detail statistics of an ordinary step: no value to format
-                kinds.append(_NULL)
-            elif key in _COUNTS and column.count(0) == len(column):  # ints: no NaN or Inf anywhere
-                kinds.append(_ZERO)
-            elif key == "numel":  # element counts: the same every step, so their text is in the template
-                kinds.append(tuple(column))
-            elif nones:  # a few unknown values: their text one by one
-                kinds.append(_TEXT)
-                values.append(["null" if v is None else repr(v) for v in column])
-            else:  # floats and ints: repr is their JSON text (strict: no NaN or Infinity here)
-                # Both norms are square roots (floats): equal columns have equal text.
-                text = pre[1] if key == "norm" and pre is not None and pre[0] == column else list(map(repr, column))
-                if key == "norm_pre_clip":
-                    pre = (column, text)
-                kinds.append(_TEXT)
-                values.append(text)
-        # One call formats the whole table; the template's %% (a name with %) become % here too.
-        return _Template.of(self.quoted, tuple(kinds)) % tuple(chain.from_iterable(zip(*values)))
-
-
-# How a column is written in a table's template: as null, as 0, as the text of its values (one %s each),
-# or (a tuple) as the given values, constant per table.
-_NULL, _ZERO, _TEXT = "null", "0", "%s"
-_COUNTS = frozenset(("nan", "inf"))
-
-
-class _Template:
-    """The %-template of a whole table of entries, by names and column kinds; a small cache (a model's
-    tables have the same names and kinds step after step)."""
-
-    _cache: dict[tuple, tuple[list[str], str]] = {}
-    _CACHE_SIZE = 16
-
-    @classmethod
-    def of(cls, quoted: list[str], kinds: tuple) -> str:
-        key = (id(quoted), kinds)
-        found = cls._cache.get(key)
-        if found is not None and found[0] is quoted:  # the names list is held, so its id is not reused
-            return found[1]
-        if len(cls._cache) >= cls._CACHE_SIZE:
-            del cls._cache[next(iter(cls._cache))]
-        template = cls._make(quoted, kinds)
-        cls._cache[key] = (quoted, template)
-        return template
-
-    @staticmethod
-    def _make(quoted: list[str], kinds: tuple) -> str:
-        entries = []
-        for i, name in enumerate(quoted):
-            fields = []
-            for key, kind in zip(_KEY_TEXT, kinds):
-                fields.append(key + (repr(kind[i]) if type(kind) is tuple else kind))
-            entries.append(name.replace("%", "%%") + ": {" + ", ".join(fields) + "}")
-        return "{" + ", ".join(entries) + "}"
-
-
 def summarize_columns(
-    layout: Layout, numels: Sequence[int], columns: Sequence[list], counts: dict[int, tuple[int, int]],
-    *, deltas: Sequence[float] | None = None, strict: bool = True, detail: bool = True,
+    layout: Layout, numels: Sequence[int], columns: Sequence[Sequence[float]] | np.ndarray,
+    counts: dict[int, tuple[int, int]], *, deltas: Sequence[float] | None = None, strict: bool = True,
+    detail: bool = True,
 ) -> tuple[Entries, Entries]:  # fmt: skip
     """Per-parameter and per-module entries of a logged step, as columns.
 
@@ -235,12 +190,17 @@ def summarize_columns(
     else from `counts`, else they are 0 for a parameter with finite norms and None
     (unknown) for one without.
 
+    The arithmetic runs over whole float64 columns (numpy), one IEEE operation per value as
+    the plain per-entry formulas do it, and module sums add their parameters in parameter
+    order: every value is bit for bit the one those formulas give.
+
     Args:
         layout: the parameters (`Layout.of(names)`).
         numels: their element counts.
         columns: the read table by column (`stats.COLUMNS`: norm_pre_clip, norm, max_abs,
-            nonzero, weight_norm, nan, inf), one value per parameter each; or its first two
-            columns only (an ordinary step's table: the others are not measured).
+            nonzero, weight_norm, nan, inf), one value per parameter each, as lists or one
+            (C, P) array; or its first two columns only (an ordinary step's table: the others
+            are not measured).
         counts: host-counted (NaN, Inf) by row, for rows without device counts.
         deltas: ||Δw|| per parameter: fills ``update_to_weight`` (None leaves it None).
         strict: non-finite floats become None (the record as written: strict JSON).
@@ -249,36 +209,42 @@ def summarize_columns(
 
     Returns:
         (params, modules) as `Entries`.
+
+    Example:
+        >>> params, modules = summarize_columns(Layout.of(names), numels, flight.values()["columns"], {})
+        >>> modules.column("norm")
     """
     if not layout.names:
         return Entries([], [], [[] for _ in KEYS]), Entries([], [], [[] for _ in KEYS])
-    if len(columns) == 2:  # an ordinary step's table: the norms only, the rest not measured
-        blank = [math.nan] * len(layout.names)
-        columns = [*columns, blank, blank, blank, blank, blank]
-    pre, norm, max_abs, nonzero, weight, nan, inf = (list(c) for c in columns)
-    numels = list(map(int, numels))
-    nan, inf = _counts(pre, norm, nan, inf, counts)
-    squares = [_squares(pre), _squares(norm)]
-    mod_squares = [layout.module_sums(c, 0.0) for c in squares]
-    mod_numels = layout.module_sums(numels)
-    mod_deltas = None
-    if deltas is not None:
-        mod_deltas = list(map(math.sqrt, layout.module_sums(_squares(list(deltas)), 0.0)))
-    nan_m, inf_m = layout.module_counts(nan), layout.module_counts(inf)
-    if not detail:  # not measured: one shared column of blanks (nothing to compute, to clean, or to encode)
-        params = _entries(layout.names, layout.quoted, squares, None, numels, None, nan, inf, deltas, strict)
+    table = np.asarray(columns, dtype=np.float64)
+    if detail and len(table) == 2:  # told to read the detail columns of an ordinary step's table: not measured
+        table = np.concatenate([table, np.full((5, table.shape[1]), math.nan)])
+    sizes = layout.sizes(numels)
+    with np.errstate(all="ignore"):  # non-finite values are written as null (strict) or kept as NaN
+        param_counts, module_counts = _counts(layout, table, counts)
+        squares = [table[0] * table[0], table[1] * table[1]]
+        if detail:
+            squares.append(table[4] * table[4])
+        mod_squares = [layout.sums(c) for c in squares]
+        d = mod_d = None
+        if deltas is not None:
+            d = np.asarray(deltas, dtype=np.float64)
+            mod_d = np.sqrt(layout.sums(d * d))
+        if not detail:  # not measured: one shared column of blanks (nothing to compute, to clean, or to encode)
+            params = _entries(layout.names, layout.quoted, squares, None, sizes.params, None, param_counts, d, strict)
+            modules = _entries(
+                layout.modules, layout.modules_quoted, mod_squares, None, sizes.modules, None, module_counts, mod_d,
+                strict,
+            )  # fmt: skip
+            return params, modules
+        zeros = sizes.params.count - table[3]
+        max_abs = table[2]
+        params = _entries(layout.names, layout.quoted, squares, max_abs, sizes.params, zeros, param_counts, d, strict)
+        module_max = np.array(layout.module_max(max_abs.tolist()), dtype=np.float64)
         modules = _entries(
-            layout.modules, layout.modules_quoted, mod_squares, None, mod_numels, None, nan_m, inf_m, mod_deltas, strict
+            layout.modules, layout.modules_quoted, mod_squares, module_max, sizes.modules, layout.sums(zeros),
+            module_counts, mod_d, strict,
         )  # fmt: skip
-        return params, modules
-    zeros = [k - z for k, z in zip(numels, nonzero)]
-    squares.append(_squares(weight))
-    mod_squares.append(layout.module_sums(squares[2], 0.0))
-    params = _entries(layout.names, layout.quoted, squares, max_abs, numels, zeros, nan, inf, deltas, strict)
-    modules = _entries(
-        layout.modules, layout.modules_quoted, mod_squares, layout.module_max(max_abs), mod_numels,
-        layout.module_sums(zeros, 0.0), nan_m, inf_m, mod_deltas, strict,
-    )  # fmt: skip
     return params, modules
 
 
@@ -304,58 +270,85 @@ def summarize(
     return params.to_dict(), modules.to_dict()
 
 
-def _squares(column: list) -> list:
-    return [x * x for x in column]
+class _Counts(NamedTuple):
+    """The NaN and Inf counts of a table's entries, and what is known of them (`entries.ZEROS` or None)."""
+
+    nan: list
+    inf: list
+    known: str | None
 
 
-def _counts(pre, norm, nan, inf, counts) -> tuple[list, list]:
-    """NaN and Inf counts per row: measured (ints), host-counted, 0 with finite norms, else None."""
+def _counts(layout: Layout, table: np.ndarray, counts: dict[int, tuple[int, int]]) -> tuple[_Counts, _Counts]:
+    """NaN and Inf counts per parameter and per module: measured (ints), host-counted, 0 with finite norms,
+    else None (a module's is None when one of its parameters' is)."""
+    pre, norm = table[0], table[1]
+    if len(table) > 5 and not np.isnan(table[5]).any():  # measured on the device (a detail step): all there
+        nan, inf = _ints(table[5]), _ints(table[6])
+        known = None if nan.any() or inf.any() else ZEROS
+        return _Counts(nan.tolist(), inf.tolist(), known), _Counts(
+            layout.sums(nan).tolist(), layout.sums(inf).tolist(), known
+        )
+    if not counts and np.isfinite(pre).all() and np.isfinite(norm).all():  # every norm finite: nothing to count
+        zeros, module_zeros = [0] * len(pre), [0] * len(layout.modules)
+        return _Counts(zeros, list(zeros), ZEROS), _Counts(module_zeros, list(module_zeros), ZEROS)
     isnan, isfinite = math.isnan, math.isfinite
-    if not isnan(sum(nan)):  # measured on the device (a detail step): every count is there
-        return list(map(int, nan)), list(map(int, inf))
-    if not counts and isfinite(sum(pre)) and isfinite(sum(norm)):  # every norm finite: nothing to count
-        zeros = [0] * len(pre)
-        return zeros, list(zeros)
+    blank = [math.nan] * len(pre)
+    measured = (table[5].tolist(), table[6].tolist()) if len(table) > 5 else (blank, blank)
     got = [
         (int(a), int(b)) if not isnan(a) else counts.get(i, (0, 0) if isfinite(p) and isfinite(n) else (None, None))
-        for i, (p, n, a, b) in enumerate(zip(pre, norm, nan, inf))
+        for i, (p, n, a, b) in enumerate(zip(pre.tolist(), norm.tolist(), *measured))
     ]
-    return [a for a, _ in got], [b for _, b in got]
+    nan, inf = [a for a, _ in got], [b for _, b in got]
+    return _Counts(nan, inf, None), _Counts(layout.module_counts(nan), layout.module_counts(inf), None)
 
 
-def _entries(
-    names, quoted, squares, max_abs, numels, zeros, nan, inf, deltas, strict
-) -> Entries:  # fmt: skip
-    """Entries from the summed columns (squares of the norms before and after clipping and of the weights,
-    max |g|, element and zero counts, NaN, Inf), one statistic at a time."""
-    sqrt, isfinite = math.sqrt, math.isfinite
-    pre, norm = list(map(sqrt, squares[0])), list(map(sqrt, squares[1]))
-    rms = [n / sqrt(k) if k else 0.0 for n, k in zip(norm, numels)]
-    blank = [None if strict else math.nan] * len(names)
-    if zeros is None:  # an ordinary step: the detail statistics were not measured
-        max_abs, zero_frac, weight, g2w = blank, blank, blank, [None] * len(names)
-    else:
-        weight = list(map(sqrt, squares[2]))
-        zero_frac = [z / k if k else 0.0 for z, k in zip(zeros, numels)]
-        g2w = [n / w if w > 0 and isfinite(n) and isfinite(w) else None for n, w in zip(norm, weight)]
-    if deltas is None or zeros is None:  # ||w|| is measured on detail steps only
-        u2w = [None] * len(names)
-    else:
-        u2w = [d / w if w > 0 else None for d, w in zip(deltas, weight)]
-    columns = [pre, norm, list(max_abs), rms, zero_frac, nan, inf, numels, weight, g2w, u2w]
-    if strict:
-        columns = [_strict(c) for c in columns]
-    return Entries(names, quoted, columns)
+def _ints(column: np.ndarray) -> np.ndarray:
+    """Counts read as floats, as ints (``int`` of each value: a non-finite one raises, as ``int`` does)."""
+    if np.isfinite(column).all():
+        return column.astype(np.int64)
+    return np.array(list(map(int, column.tolist())), dtype=np.int64)
 
 
-def _strict(column: list) -> list:
-    """`column` with non-finite floats as None (strict JSON); a column summing to a finite value is left as is."""
-    if column.count(None) == len(column):  # a blank column: nothing to clean
-        return column
-    try:
-        if math.isfinite(sum(column)):  # every statistic is >= 0: a finite sum means every value is finite
-            return column
-    except TypeError:  # None or ints among the values
-        pass
-    isfinite = math.isfinite
-    return [v if type(v) is not float or isfinite(v) else None for v in column]
+def _entries(names, quoted, squares, max_abs, sizes, zeros, counts, deltas, strict) -> Entries:  # fmt: skip
+    """Entries from the summed columns: squares of the norms before and after clipping (and, with `zeros`, of the
+    weights), max |g|, the element counts (`_Sizes`), zero counts, NaN and Inf counts (`_Counts`) and ||Δw||,
+    one statistic at a time, as the plain per-entry formulas give them (a rate over no elements is 0.0)."""
+    pre, norm = np.sqrt(squares[0]), np.sqrt(squares[1])
+    nones = (None,) * len(names)
+    blank = (list(nones), BLANK) if strict else ([math.nan] * len(names), None)
+    max_abs_c = zero_frac = weight_c = blank
+    g2w = u2w = (list(nones), BLANK)
+    if zeros is not None:  # a detail step: ||w||, max |g| and zero counts were measured
+        weight = np.sqrt(squares[2])
+        zero_frac = _floats(_rate(zeros, sizes.count, sizes), strict)
+        max_abs_c, weight_c = _floats(max_abs, strict), _floats(weight, strict)
+        g2w = _floats(norm / weight, strict, (weight > 0) & np.isfinite(norm) & np.isfinite(weight))
+        if deltas is not None:
+            u2w = _floats(deltas / weight, strict, weight > 0)
+    pairs = [_floats(pre, strict), _floats(norm, strict), max_abs_c, _floats(_rate(norm, sizes.root, sizes), strict),
+             zero_frac, (counts.nan, counts.known), (counts.inf, counts.known), (sizes.numels, NUMELS), weight_c, g2w,
+             u2w]  # fmt: skip
+    # What is known of a column holds for strict entries, the ones written as JSON.
+    return Entries(names, quoted, [c for c, _ in pairs], tuple(k if strict else None for _, k in pairs))
+
+
+def _floats(values: np.ndarray, strict: bool, valid: np.ndarray | None = None) -> tuple[list, str | None]:
+    """`values` as a list, None where not `valid` and, if `strict`, where not finite; and whether the list is
+    known to hold finite floats only (`FINITE`)."""
+    out = values.tolist()
+    keep = np.isfinite(values) if strict else None
+    if valid is not None:
+        keep = valid if keep is None else keep & valid
+    if keep is None or keep.all():
+        return out, FINITE
+    for i in np.flatnonzero(~keep).tolist():
+        out[i] = None
+    return out, None
+
+
+def _rate(values: np.ndarray, by: np.ndarray, sizes: _Sizes) -> np.ndarray:
+    """`values` / `by`, and 0.0 for entries with no elements."""
+    out = values / by
+    if sizes.empty is not None:
+        out[sizes.empty] = 0.0
+    return out

@@ -203,6 +203,8 @@ class Tracker(ManualTracking):
             return
         # Start the step's host read; its record is written once the copy has completed.
         self._log(ctx, report, forced=forced, recheck=recheck)
+        if not self._writes_after_step:  # the step may end (and drop its gradients) before this tracker hears
+            self._pending.weaken()
 
     def after_step(self, ctx: GradContext | None = None, report: StepReport | None = None) -> None:
         """Complete a logged step with ||Δw|| (the weights are updated now), start its host copy, and
@@ -255,6 +257,7 @@ class Tracker(ManualTracking):
         self._pending.seal(self._new_event)
         for logged in self._pending.completed(wait=wait) if write else ():
             self._sink.write(logged, next_step=self.step + 1)
+        self._pending.weaken()  # records still in flight outlive their steps' gradients
 
     # -- state -------------------------------------------------------------------------
 

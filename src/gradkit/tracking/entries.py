@@ -1,0 +1,153 @@
+"""A table of statistics entries (per parameter or per module) held as columns, and its JSON text.
+
+A logged step's entries stay one list per statistic from the read table to the JSONL line. The
+line is written from a template made once per kind of table and kept: the names, the keys and the
+text that does not change from step to step (blank columns, zero NaN/Inf counts, the element counts)
+are literal pieces, and a step joins them with the text of its values (``repr``, which is what
+``json.dumps`` writes for a float) in one ``str.join``. Dicts are made only when asked for
+(`Entries.to_dict`: `Tracker.history`, TensorBoard).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["KEYS", "Entries", "BLANK", "ZEROS", "NUMELS", "FINITE"]
+
+#: the keys of each entry, in order (`writers.STAT_FIELDS`)
+KEYS = ("norm_pre_clip", "norm", "max_abs", "rms", "zero_frac", "nan", "inf", "numel", "weight_norm",
+        "grad_to_weight", "update_to_weight")  # fmt: skip
+# An entry's JSON text: its quoted name, then one value per key (a value's repr is its JSON text).
+_KEY_TEXT = [json.dumps(key) + ": " for key in KEYS]
+
+#: What the maker of a table knows of a column, so that encoding need not scan it (`Entries` ``known``):
+#: every value None; every value the int 0; the element counts (the same every step); finite floats or ints.
+BLANK, ZEROS, NUMELS, FINITE = "blank", "zeros", "numels", "finite"
+
+
+class Entries:
+    """Statistics entries by name, held as one list per key (`KEYS`): strict JSON values (None for non-finite).
+
+    Args:
+        names: the entries' names; quoted: the same, JSON-escaped (``json.dumps(name)``).
+        columns: one list per key of `KEYS`, one value per name.
+        known: per column, what its maker knows of it (`BLANK`, `ZEROS`, `NUMELS`, `FINITE`) or None;
+            None (the default) for every column: each is then scanned when encoded.
+
+    Example:
+        >>> params, modules = summarize_columns(layout, numels, columns, {})
+        >>> params.column("norm")[0], params.to_dict()["0.weight"]["norm"]
+    """
+
+    __slots__ = ("names", "quoted", "columns", "known")
+
+    def __init__(
+        self, names: list[str], quoted: list[str], columns: list[list], known: tuple[str | None, ...] | None = None
+    ) -> None:
+        self.names, self.quoted, self.columns = names, quoted, columns
+        self.known = known if known is not None else (None,) * len(columns)
+
+    def column(self, key: str) -> list:
+        """The values of statistic `key`, in name order."""
+        return self.columns[KEYS.index(key)]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """name -> {key: value}, as the record holds them."""
+        return dict(zip(self.names, map(dict, map(zip, [KEYS] * len(self.names), zip(*self.columns)))))
+
+    def encode(self) -> str:
+        """The JSON text of `to_dict()` (as ``json.dumps`` writes it), from the columns.
+
+        The table's literal pieces come from its kept template (`_Template`); a step makes the text of its
+        values only, column by column, and joins it with the pieces in one call. A float column equal to
+        one written before (the norms after clipping of an unclipped step) reuses its text.
+        """
+        if not self.names:
+            return "{}"
+        kinds, values = [], []
+        pre: tuple[list, list[str]] | None = None  # the norms before clipping and their text
+        for key, column, known in zip(KEYS, self.columns, self.known):
+            kind = known or _kind_of(key, column)
+            if kind == BLANK:  # e.g. the detail statistics of an ordinary step: no value to format
+                kinds.append(_NULL)
+            elif kind == ZEROS:
+                kinds.append(_ZERO)
+            elif kind == NUMELS:  # element counts: the same every step, so their text is in the template
+                kinds.append(tuple(column))
+            elif kind == FINITE:  # floats and ints: repr is their JSON text (strict: no NaN or Infinity here)
+                # Both norms are square roots (floats): equal columns have equal text.
+                text = pre[1] if key == "norm" and pre is not None and pre[0] == column else list(map(repr, column))
+                if key == "norm_pre_clip":
+                    pre = (column, text)
+                kinds.append(_TEXT)
+                values.append(text)
+            else:  # a few unknown values: their text one by one
+                kinds.append(_TEXT)
+                values.append(["null" if v is None else repr(v) for v in column])
+        pieces = _Template.of(self.quoted, tuple(kinds))
+        if not values:
+            return pieces[0]
+        # The pieces at even places, the values' text between them, entry by entry and column by column.
+        width = len(values)
+        text = [""] * (2 * len(pieces) - 1)
+        text[::2] = pieces
+        for j, column_text in enumerate(values):
+            text[2 * j + 1 :: 2 * width] = column_text
+        return "".join(text)
+
+
+def _kind_of(key: str, column: list) -> str | None:
+    """What a column holds, found by scanning it (`Entries.known`); None when some values are None."""
+    nones = column.count(None)
+    if nones == len(column):
+        return BLANK
+    if key in _COUNTS and column.count(0) == len(column):  # ints: no NaN or Inf anywhere
+        return ZEROS
+    if key == "numel":
+        return NUMELS
+    return None if nones else FINITE
+
+
+# How a column is written in a table's template: as null, as 0, as the text of its values (a gap between
+# two pieces), or (a tuple) as the given values, constant per table.
+_NULL, _ZERO, _TEXT = "null", "0", None
+_COUNTS = frozenset(("nan", "inf"))
+
+
+class _Template:
+    """The literal pieces of a whole table of entries, by names and column kinds; a small cache (a model's
+    tables have the same names and kinds step after step)."""
+
+    _cache: dict[tuple, tuple[list[str], list[str]]] = {}
+    _CACHE_SIZE = 16
+
+    @classmethod
+    def of(cls, quoted: list[str], kinds: tuple) -> list[str]:
+        """The pieces between which the values' text goes: one more than values, entry by entry."""
+        key = (id(quoted), kinds)
+        found = cls._cache.get(key)
+        if found is not None and found[0] is quoted:  # the names list is held, so its id is not reused
+            return found[1]
+        if len(cls._cache) >= cls._CACHE_SIZE:
+            del cls._cache[next(iter(cls._cache))]
+        pieces = cls._make(quoted, kinds)
+        cls._cache[key] = (quoted, pieces)
+        return pieces
+
+    @staticmethod
+    def _make(quoted: list[str], kinds: tuple) -> list[str]:
+        pieces, text = [], ["{"]
+        for i, name in enumerate(quoted):
+            text.append((", " if i else "") + name + ": {")
+            for k, (key, kind) in enumerate(zip(_KEY_TEXT, kinds)):
+                text.append((", " if k else "") + key)
+                if kind is _TEXT:  # a gap: the piece so far ends here
+                    pieces.append("".join(text))
+                    text = []
+                else:
+                    text.append(repr(kind[i]) if type(kind) is tuple else kind)
+            text.append("}")
+        text.append("}")
+        pieces.append("".join(text))
+        return pieces
