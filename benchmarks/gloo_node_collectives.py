@@ -6,10 +6,12 @@ Four gloo processes over loopback, seen as two nodes of two (groups {0, 1} and {
 thread each; both nodes run the same hop at the same time, as in a training step. Per hop,
 the median wall time and this process's CPU time (gloo's threads included) on rank 0:
 
-- reduce-scatter: ``reduce_scatter_tensor`` against ``all_reduce`` of the whole padded bucket;
-- all-gather: ``all_gather_into_tensor`` against zeroing the other shards plus ``all_reduce``.
+- the node's sum: ``reduce_scatter_tensor``, ``all_reduce`` of the whole padded bucket, a
+  ``reduce`` of each shard to its owner, and point-to-point sends of the shards plus an add;
+- the gather: ``all_gather_into_tensor``, zeroing the other shards plus ``all_reduce``, and one
+  ``broadcast`` of each shard from its owner; a copy of the bucket for reference.
 
-The numbers back the choice in `gradkit.averaging.hierarchical` (benchmarks/RESULTS.md).
+The numbers back the choice in `gradkit.averaging.node_hops` (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -235,8 +235,10 @@ def hops(rank: int) -> dict:
             padded = torch.zeros(per_shard * NODE, dtype=torch.float64)
             padded[:size] = torch.arange(size, dtype=torch.float64) * (rank + 1)
             shard = node_hops.shard_buffer(padded)
-            pieces = node_hops.start_sum(padded, shard, piece)
-            for _, work in pieces:
+            pieces, others = node_hops.start_sum(padded, shard, piece)
+            # The other shards' pieces come back too (in pieces on gloo: one all-reduce per piece of each shard).
+            assert len(others) == (len(pieces) * (NODE - 1) if kind is GlooHops and piece else 0)
+            for work in [work for _, work in pieces] + others:
                 work.wait()
             summed = shard.clone()
             # The pieces are views of the shard, in order, that cover it.
@@ -366,7 +368,8 @@ def test_gloo_groups_take_the_in_place_hops(outcome):
 @pytest.mark.parametrize(
     "backend, device_type, gloo",
     [("gloo", "cpu", True), ("nccl", "cuda", False), ("cpu:gloo,cuda:nccl", "cpu", True),
-     ("cpu:gloo,cuda:nccl", "cuda", False), ("mpi", "cpu", False)],
+     ("cpu:gloo,cuda:nccl", "cuda", False), ("mpi", "cpu", False), ("cpu:gloo", "cpu", True),
+     ("cpu:gloo,cuda:gloo", "cuda", True), ("cuda:nccl", "cpu", False), ("undefined", "cpu", False)],
 )  # fmt: skip
 def test_which_backends_take_the_gloo_hops(backend, device_type, gloo):
     assert gloo_carries(backend, device_type) is gloo

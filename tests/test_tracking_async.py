@@ -198,3 +198,35 @@ def test_a_non_finite_ordinary_step_written_in_its_after_step_counts_from_the_he
     assert record["detail"] is False and record["global"]["skipped"] is True
     assert record["params"]["0.weight"]["nan"] == 12 * 6  # counted on the host, the gradients still held
     assert record["modules"]["0"]["nan"] == 12 * 6 + 12
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_logged_step_holds_its_gradients_strongly_until_its_after_step(late):
+    # Strong until after_step: a thousand weak references per logged step are objects the cyclic collector
+    # walks. A record still waiting after the step holds them weakly (see the test above).
+    tracker = gk.Tracker(every=1, detail_every=100)
+    if late:
+        tracker._new_event = lambda device: LateEvent([])
+    held = []
+    observe, after_step = tracker.observe, tracker.after_step
+
+    def observing(ctx, report):
+        observe(ctx, report)
+        logged = tracker._pending.open
+        if logged is not None and logged.grads is not None:
+            held.append(("observe", logged.grads.grads is not None, logged.grads.refs is None, logged.grads))
+
+    def stepping(*args, **kwargs):
+        after_step(*args, **kwargs)
+        for _, _, _, refs in held[-1:]:
+            held.append(("after_step", refs.grads is not None, refs.refs is None, refs))
+
+    tracker.observe, tracker.after_step = observing, stepping
+    run(tracker, 3)
+    at_observe = [(strong, no_weak) for when, strong, no_weak, _ in held if when == "observe"]
+    after = [(strong, no_weak) for when, strong, no_weak, _ in held if when == "after_step"]
+    assert len(at_observe) >= 2 and all(strong and no_weak for strong, no_weak in at_observe)
+    if late:  # the record waits beyond the step: from its after_step on, weak references only
+        assert after and all(not strong and not no_weak for strong, no_weak in after)
+    tracker.flush()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3]

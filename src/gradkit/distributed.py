@@ -87,7 +87,7 @@ def world_size(group: dist.ProcessGroup | None) -> int:
 
 
 # Work handles kept a while, dropped oldest first (see keep).
-_kept: collections.deque[dist.Work] = collections.deque(maxlen=16)
+_kept: collections.deque[dist.Work] = collections.deque(maxlen=256)  # a step's works: pieces of buckets
 
 
 def keep(works: Iterable[dist.Work]) -> None:

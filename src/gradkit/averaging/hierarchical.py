@@ -140,6 +140,7 @@ class _Shard:
     layout: Layout  # the shard's pieces of parameters, keyed by parameter name (error feedback per shard)
     hops: NodeHops
     sums: list[tuple[Tensor, dist.Work]] = field(default_factory=list)  # pieces of the shard, summed in the node
+    summing: list[dist.Work] = field(default_factory=list)  # the node's sums of the other shards' pieces
     crossed: int = 0  # pieces whose cross-node hop has started
     cross: PendingReduce | None = None  # compressed: the shard's cross-node reduction
     crosses: list[dist.Work] = field(default_factory=list)  # dense: one all-reduce per piece
@@ -220,8 +221,8 @@ class HierarchicalReducer(Reducer):
         # the link is busy while the node still sums the rest of a large bucket; compressed, whole
         # (the compressor selects over the shard).
         piece = PIECE_BYTES // shard.padded.element_size() if self.compressor is None else None
-        shard.sums = shard.hops.start_sum(shard.padded, shard.shard, piece)
-        shard.works = [work for _, work in shard.sums]
+        shard.sums, shard.summing = shard.hops.start_sum(shard.padded, shard.shard, piece)
+        shard.works = [work for _, work in shard.sums] + shard.summing
         shard.crossed = 0
         self._launched.append(bucket)
         self._cross_ready(wait=False)
@@ -236,7 +237,7 @@ class HierarchicalReducer(Reducer):
                 piece, summed = shard.sums[shard.crossed]
                 if not wait and not summed.is_completed():
                     return
-                what = f"gk.Average: reduce-scatter of bucket {bucket.index} in the node"
+                what = f"gk.Average: sum in the node of bucket {bucket.index}"
                 distributed.wait(summed, what, self.timeout)
                 self._start_cross(bucket, shard, piece)
                 shard.crossed += 1
@@ -284,15 +285,18 @@ class HierarchicalReducer(Reducer):
                 sent += shard.valid * shard.shard.element_size()
             if self._loss_scale is not None and self.compressor is not None:
                 shard.shard.mul_(self._loss_scale.to(shard.shard))  # on 1/node_size of the bucket
+            for work in shard.summing:  # the other shards' sums write where the gather will (done by now)
+                distributed.wait(work, f"gk.Average: sum in the node of bucket {bucket.index}", self.timeout)
             shard.gather = shard.hops.start_gather(shard.padded, shard.shard)
             shard.works += shard.gather
         for bucket in buckets:
             shard = self._shards[bucket.index]
-            what = f"gk.Average: all-gather of bucket {bucket.index} in the node"
+            what = f"gk.Average: gather in the node of bucket {bucket.index}"
             for work in shard.gather:
                 distributed.wait(work, what, self.timeout)
             distributed.keep(shard.works)
-            shard.works, shard.sums, shard.cross, shard.crosses, shard.gather = [], [], None, [], []
+            shard.works, shard.sums, shard.summing, shard.gather = [], [], [], []
+            shard.cross, shard.crosses = None, []
             if poison is None:
                 bucket.unpack(self.params, scale)
             else:

@@ -155,7 +155,8 @@ def _two_level_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futu
     hops = nodes.hops(flat.device.type)
     shard = hops.shard_buffer(padded)
     what = f"gk.ddp_comm_hook: bucket {bucket.index()}"
-    summed = [work for _, work in hops.start_sum(padded, shard)]
+    pieces, others = hops.start_sum(padded, shard)
+    summed = [work for _, work in pieces] + others
     for work in summed:
         distributed.wait(work, f"{what}, sum in the node", state.timeout)
     if nodes.nodes > 1:
@@ -163,7 +164,7 @@ def _two_level_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futu
     shard.div_(dist.get_world_size(state.group))
     gathered = hops.start_gather(padded, shard)
     for work in gathered:
-        distributed.wait(work, f"{what}, all-gather in the node", state.timeout)
+        distributed.wait(work, f"{what}, gather in the node", state.timeout)
     distributed.keep([*summed, *gathered])
     if padded is not flat:
         flat.copy_(padded[:size])

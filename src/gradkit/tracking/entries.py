@@ -130,7 +130,7 @@ class _Template:
         if found is not None and found[0] is quoted:  # the names list is held, so its id is not reused
             return found[1]
         if len(cls._cache) >= cls._CACHE_SIZE:
-            del cls._cache[next(iter(cls._cache))]
+            cls._cache.pop(next(iter(cls._cache), None), None)  # another thread may have evicted it
         pieces = cls._make(quoted, kinds)
         cls._cache[key] = (quoted, pieces)
         return pieces

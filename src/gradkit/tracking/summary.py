@@ -100,7 +100,7 @@ class Layout:
         found = cls._cache.get(key)
         if found is None:
             if len(cls._cache) >= cls._CACHE_SIZE:
-                del cls._cache[next(iter(cls._cache))]
+                cls._cache.pop(next(iter(cls._cache), None), None)  # another thread may have evicted it
             found = cls._cache[key] = cls(names)
         return found
 
