@@ -152,15 +152,21 @@ def test_without_after_step_records_are_written_in_the_next_observe():
     assert [r["step"] for r in tracker.history] == [1, 2, 3]
 
 
+def _ordinary_steps_tracker(late: bool) -> gk.Tracker:
+    """A tracker logging every step, detail steps aside; with `late`, each record waits beyond its step."""
+    tracker = gk.Tracker(every=1, detail_every=100)
+    if late:
+        tracker._new_event = lambda device: LateEvent([])
+    return tracker
+
+
 @pytest.mark.parametrize("late", [False, True])
 def test_a_logged_step_does_not_keep_its_gradients_alive_after_the_step(late):
     # The gradients are held strongly only until the step's after_step (they are alive then anyway); a record
     # still in flight after it holds them weakly, so the pipeline's p.grad = None frees them.
     import weakref
 
-    tracker = gk.Tracker(every=1, detail_every=100)
-    if late:
-        tracker._new_event = lambda device: LateEvent([])
+    tracker = _ordinary_steps_tracker(late)
     refs = []
 
     observe = tracker.observe
@@ -204,9 +210,7 @@ def test_a_non_finite_ordinary_step_written_in_its_after_step_counts_from_the_he
 def test_a_logged_step_holds_its_gradients_strongly_until_its_after_step(late):
     # Strong until after_step: a thousand weak references per logged step are objects the cyclic collector
     # walks. A record still waiting after the step holds them weakly (see the test above).
-    tracker = gk.Tracker(every=1, detail_every=100)
-    if late:
-        tracker._new_event = lambda device: LateEvent([])
+    tracker = _ordinary_steps_tracker(late)
     held = []
     observe, after_step = tracker.observe, tracker.after_step
 
