@@ -145,7 +145,11 @@ class _Shard:
     cross: PendingReduce | None = None  # compressed: the shard's cross-node reduction
     crosses: list[dist.Work] = field(default_factory=list)  # dense: one all-reduce per piece
     gather: list[dist.Work] = field(default_factory=list)
-    works: list[dist.Work] = field(default_factory=list)
+
+    def works(self) -> list[dist.Work]:
+        """Every collective of the shard's step (kept past it: see `distributed.keep`)."""
+        crossed = self.cross.works if self.cross is not None else self.crosses
+        return [work for _, work in self.sums] + self.summing + list(crossed) + self.gather
 
 
 class HierarchicalReducer(Reducer):
@@ -222,7 +226,6 @@ class HierarchicalReducer(Reducer):
         # (the compressor selects over the shard).
         piece = PIECE_BYTES // shard.padded.element_size() if self.compressor is None else None
         shard.sums, shard.summing = shard.hops.start_sum(shard.padded, shard.shard, piece)
-        shard.works = [work for _, work in shard.sums] + shard.summing
         shard.crossed = 0
         self._launched.append(bucket)
         self._cross_ready(wait=False)
@@ -251,7 +254,6 @@ class HierarchicalReducer(Reducer):
         if not self.compressing:
             work = dist.all_reduce(piece, op=dist.ReduceOp.SUM, group=self.groups.cross, async_op=True)
             shard.crosses.append(work)
-            shard.works.append(work)
         else:
             assert self.compressor is not None
             values = shard.shard[: shard.valid]
@@ -261,7 +263,6 @@ class HierarchicalReducer(Reducer):
             shard.cross = start_reduce(
                 self.compressor, values, shard.layout, self.groups.cross, 1.0, what, self.timeout, out=values
             )
-            shard.works += shard.cross.works
 
     def _finish_buckets(
         self, buckets: Sequence[Bucket], group: dist.ProcessGroup | None, scale: Tensor | float
@@ -288,15 +289,13 @@ class HierarchicalReducer(Reducer):
             for work in shard.summing:  # the other shards' sums write where the gather will (done by now)
                 distributed.wait(work, f"gk.Average: sum in the node of bucket {bucket.index}", self.timeout)
             shard.gather = shard.hops.start_gather(shard.padded, shard.shard)
-            shard.works += shard.gather
         for bucket in buckets:
             shard = self._shards[bucket.index]
             what = f"gk.Average: gather in the node of bucket {bucket.index}"
             for work in shard.gather:
                 distributed.wait(work, what, self.timeout)
-            distributed.keep(shard.works)
-            shard.works, shard.sums, shard.summing, shard.gather = [], [], [], []
-            shard.cross, shard.crosses = None, []
+            distributed.keep(shard.works())
+            shard.sums, shard.summing, shard.gather, shard.cross, shard.crosses = [], [], [], None, []
             if poison is None:
                 bucket.unpack(self.params, scale)
             else:
