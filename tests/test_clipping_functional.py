@@ -558,3 +558,16 @@ def test_bad_parameters_are_named_before_any_gradient_changes():
     with pytest.raises(TypeError, match=r"parameters must be a tensor or an iterable of tensors, got int"):
         gk.grad_norms(3)
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+
+
+def test_stacked_returns_the_vector_its_entries_view_and_stacks_anything_else():
+    from gradkit._foreach import stacked
+
+    vector = torch.randn(5)
+    entries = list(vector.unbind())  # 0-d views of consecutive entries, as CUDA's _foreach_norm returns
+    assert stacked(entries) is vector
+    for other in (entries[::-1], entries[:4], [e.clone() for e in entries], entries[:2] + [torch.tensor(1.0)] * 3):
+        got = stacked(other)
+        assert torch.equal(got, torch.stack(other)) and got.data_ptr() != vector.data_ptr()
+    as_int = [e.view(torch.int32) for e in entries]  # the same addresses, another dtype: stacked, not the vector
+    assert torch.equal(stacked(as_int), torch.stack(as_int))

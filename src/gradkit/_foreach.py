@@ -22,7 +22,7 @@ from operator import attrgetter, itemgetter
 import torch
 from torch import Tensor
 
-__all__ = ["Groups", "Grouped", "group_tensors", "per_tensor_norms", "total_norm", "scale_"]
+__all__ = ["Groups", "Grouped", "group_tensors", "per_tensor_norms", "stacked", "total_norm", "scale_"]
 
 _KIND = attrgetter("device", "dtype", "layout")
 _DEVICE = attrgetter("device")
@@ -119,13 +119,13 @@ class Groups:
         if not self._single_device:
             device = norms[0].device
             norms = [n.to(device) for n in norms]
-        return torch.stack(norms)
+        return stacked(norms)
 
     def total_norm(self, tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         """The `norm_type`-norm of all `tensors` together, as one vector (torch's order: group by group)."""
         if not self._single_device:  # in input order, so that the result lands on the first tensor's device
             return total_norm(self.norms(tensors, norm_type), norm_type)
-        return torch.linalg.vector_norm(torch.stack(self._grouped_norms(tensors, norm_type, None)), norm_type)
+        return torch.linalg.vector_norm(stacked(self._grouped_norms(tensors, norm_type, None)), norm_type)
 
     def scale_(self, tensors: Sequence[Tensor], factor: Tensor | float) -> None:
         """Multiply every tensor in place by `factor` (a Python number or a 0-d tensor); no host sync."""
@@ -155,6 +155,22 @@ class Groups:
             out_dtype = None if at_least is None else torch.promote_types(tensor.dtype, at_least)
             norms.append(torch.linalg.vector_norm(tensor.coalesce().values(), norm_type, dtype=out_dtype))
         return norms
+
+
+def stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(tensors)`` of 0-d tensors, without the copy where they already are, in order, the
+    entries of one contiguous vector: CUDA's ``_foreach_norm`` returns its norms so, and stacking 148
+    of them took ~70 us of host time per call on an H200's host (a third of a GPT-2-small clip's)."""
+    base = tensors[0]._base if tensors and tensors[0].dim() == 0 else None
+    if base is None or base.dim() != 1 or base.numel() != len(tensors) or not base.is_contiguous():
+        return torch.stack(tensors)
+    # Every entry checked (its address and dtype, ~0.1 us each), so a permuted or foreign list still stacks.
+    start, size, dtype = base.data_ptr(), base.element_size(), base.dtype
+    if [t.data_ptr() for t in tensors] != list(range(start, start + size * len(tensors), size)) or any(
+        t.dtype != dtype for t in tensors
+    ):
+        return torch.stack(tensors)
+    return base
 
 
 def _picker(indices: Sequence[int], count: int) -> _Pick:

@@ -104,3 +104,33 @@ def test_topk_on_the_triton_path_keeps_the_top_k_energy(monkeypatch):
     dense = compressor.decompress(payload)
     assert torch.equal(dense[indices[valid].long()], values[valid])
     assert int(torch.count_nonzero(dense)) == int(valid.sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_sampled_is_the_threshold_then_the_selection(dtype):
+    # One call in three launches (the threshold's kernel zeroes the slot counter) gives what the two
+    # calls give from the same draw: the same threshold, so the same slots, values and padding.
+    x = torch.randn(50_000, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x[::313] = float("nan")
+    torch.manual_seed(5)
+    got = triton_select.select_sampled(x, 16_384, 200, 900, index_dtype=torch.int32, value_dtype=torch.float32)
+    torch.manual_seed(5)
+    limit = triton_select.threshold(x, 16_384, 200)
+    expected = triton_select.select_at_least(x, limit, 900, index_dtype=torch.int32, value_dtype=torch.float32)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)  # the interpreter runs the programs in order: the same slots
+    assert 0 < int(got[2].sum()) <= 900
+
+
+def test_topk_device_path_in_one_go_matches_the_two_step_selection(monkeypatch):
+    monkeypatch.setattr(selection, "CHUNKED_DEVICES", ())
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(6))
+    k = 3_000
+    torch.manual_seed(7)
+    payload = gk.TopK(0.01).compress(x)
+    torch.manual_seed(7)
+    threshold = selection.sampled_threshold(x, k, 1.2)
+    indices, values, valid = selection.entries_at_least(x, threshold, payload.tensors[0].numel())
+    assert torch.equal(payload.meta["valid"], valid)
+    assert torch.equal(payload.tensors[0], indices) and torch.equal(payload.tensors[1], values)

@@ -30,6 +30,7 @@ from gradkit.compression.selection import (
     exactly_k_of,
     positions_at_least,
     sample_positions,
+    sampled_entries,
     sampled_threshold,
     select_exactly_k,
     select_in_chunks,
@@ -85,16 +86,16 @@ class TopK(_Sparsifier):
     """Keep the `density` fraction of entries with the largest magnitude.
 
     The fast path (default) estimates the magnitude threshold from a random
-    sample (sized so that ~256 sampled entries lie above it, at least 16,384)
+    sample (sized so that ~192 sampled entries lie above it, at least 16,384)
     aimed at 1.2·k entries, keeps entries above it,
     and pads to a fixed capacity of 1.5·k (padding sends index 0 with value 0,
     which adds nothing). If the estimate is far off the count is cut at the
     capacity. No host sync on a GPU. `exact=True` selects exactly k with `torch.topk`.
 
-    `exactly_k=True` sends exactly k slots: the threshold is aimed at 1.3·k, up to
+    `exactly_k=True` sends exactly k slots: the threshold is aimed at 1.35·k, up to
     2·k candidates above it are collected and the k largest of them kept with a
     `torch.topk` over that small buffer. These are exactly the top-k entries
-    whenever the candidates number between k and 2·k (the count spreads ~6% around
+    whenever the candidates number between k and 2·k (the count spreads ~7% around
     its aim: all but ~1e-4 of calls), so the energy kept is top-k's; in the rare
     short call the unused slots are padding (``meta["valid"]`` False), and the
     k largest are still all sent. A size known in advance lets ranks all-gather
@@ -129,6 +130,11 @@ class TopK(_Sparsifier):
         if not self._sampled(flat.numel()):
             indices = torch.topk(flat.abs(), k, sorted=False).indices
             return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
+        if flat.device.type not in selection.CHUNKED_DEVICES and not self.exactly_k:
+            # `_select`'s device path with nothing to prepare or keep: threshold and selection in one go.
+            capacity = self._capacity(flat.numel(), k)
+            indices, values, valid = sampled_entries(flat, k, self._target, capacity, self.value_dtype)
+            return Payload([indices, values], torch.Size(tensor.shape), flat.dtype, self, {"valid": valid})
         return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape)
 
     def compress_residual_(self, tensor: Tensor, *, sum_of: tuple[Tensor, Tensor] | None = None) -> Payload:

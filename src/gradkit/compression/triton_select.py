@@ -30,7 +30,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_SAMPLE", "select_at_least", "threshold", "usable"]
+__all__ = ["MAX_SAMPLE", "select_at_least", "select_sampled", "threshold", "usable"]
 
 MAX_SAMPLE = 32768  # the threshold kernel holds its sample in one program's registers
 # The select kernel's programs: 32 rows of 32 entries on 4 warps. Measured on an H200 (float32, density 1%):
@@ -54,11 +54,13 @@ def _kernels():
     except ImportError:
         return None
 
-    @triton.jit
-    def threshold_kernel(bits_ptr, offset_ptr, out_ptr, n, m, step, top, MAGNITUDE: tl.constexpr,
-                         INF: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    @triton.jit(do_not_specialize=["offset"])
+    def threshold_kernel(bits_ptr, offset_ptr, offset, out_ptr, count_ptr, n, m, step, top, MAGNITUDE: tl.constexpr,
+                         INF: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, OFFSET_ON_DEVICE: tl.constexpr,
+                         ZERO_COUNT: tl.constexpr):  # fmt: skip
         i = tl.arange(0, BLOCK)
-        offset = tl.load(offset_ptr)
+        if OFFSET_ON_DEVICE:  # drawn on the device while a CUDA graph is captured (a host draw would be frozen)
+            offset = tl.load(offset_ptr)
         pos = (offset + i.to(tl.int64) * step) % n
         bits = tl.load(bits_ptr + pos, mask=i < m, other=0).to(tl.int32) & MAGNITUDE  # the magnitude's bits
         bits = tl.where(bits > INF, 0, bits)  # NaN (above +inf's bits) counts as 0
@@ -74,6 +76,8 @@ def _kernels():
             hi = tl.where(enough, hi, mid)
         # At least the smallest subnormal: a threshold of 0 would select zeros.
         tl.store(out_ptr, tl.maximum(lo, 1))
+        if ZERO_COUNT:  # the selection's slot counter, which runs next on the same stream: one launch fewer
+            tl.store(count_ptr, 0)
 
     @triton.jit
     def select_kernel(bits_ptr, values_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, n, capacity,
@@ -109,7 +113,7 @@ def _kernels():
 
 # Per float dtype: the integer view, the magnitude's bits (all but the sign), +inf's bits, and the
 # threshold kernel's bisection rounds: 16-bit floats to the exact value (their range is < 2**15), float32
-# to within 2**13 of its bit pattern (~2**-10 relative, far inside the sample's ~6% noise) in 18 of 31.
+# to within 2**13 of its bit pattern (~2**-10 relative, far inside the sample's ~7% noise) in 18 of 31.
 _BITS = {
     torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000, 18),
     torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80, 15),
@@ -141,19 +145,30 @@ def threshold(flat: Tensor, sample: int, top: int) -> Tensor:
     Returns:
         A 1-element tensor in flat's dtype on flat's device, at least the smallest subnormal (never 0).
     """
+    as_int = _BITS[flat.dtype][0]
+    out = torch.empty(1, dtype=as_int, device=flat.device)
+    _threshold_into(flat, sample, top, out, None)
+    return out.view(flat.dtype)
+
+
+def _threshold_into(flat: Tensor, sample: int, top: int, out: Tensor, count: Tensor | None) -> None:
+    """`threshold` written into `out` (1 entry of flat's integer view); zeroes `count` too if given."""
     triton, threshold_kernel, _, _ = _kernels()
     n = flat.numel()
     as_int, magnitude, inf, rounds = _BITS[flat.dtype]
-    out = torch.empty(1, dtype=as_int, device=flat.device)
-    # The sample's start is drawn on the device (torch's generator: seeded by torch.manual_seed, no host read).
-    offset = torch.randint(n, (1,), device=flat.device)
+    # The sample's start comes from torch's generator (seeded by torch.manual_seed): the CPU's, read on the
+    # host (no launch, ~10 us of host time less than a device draw), or the device's while a CUDA graph is
+    # captured, where a number from the host would be replayed unchanged.
+    on_device = flat.is_cuda and torch.cuda.is_current_stream_capturing()
+    drawn = torch.randint(n, (1,), device=flat.device) if on_device else None
+    offset = 0 if on_device else int(torch.randint(n, (1,)))
     step = max(1, round(_GOLDEN * n)) | 1
     block = max(16, triton.next_power_of_2(sample))
     threshold_kernel[(1,)](
-        flat.view(as_int), offset, out, n, sample, step, top,
-        MAGNITUDE=magnitude, INF=inf, ROUNDS=rounds, BLOCK=block, num_warps=_THRESHOLD_WARPS,
+        flat.view(as_int), out if drawn is None else drawn, offset, out, out if count is None else count, n, sample,
+        step, top, MAGNITUDE=magnitude, INF=inf, ROUNDS=rounds, BLOCK=block, OFFSET_ON_DEVICE=drawn is not None,
+        ZERO_COUNT=count is not None, num_warps=_THRESHOLD_WARPS,
     )  # fmt: skip
-    return out.view(flat.dtype)
 
 
 def select_at_least(
@@ -171,14 +186,33 @@ def select_at_least(
     Returns:
         (positions, values, valid), each of `capacity` entries; unused slots hold `pad`, 0, False.
     """
+    count = torch.zeros(1, dtype=torch.int32, device=flat.device)
+    as_int = _BITS[flat.dtype][0]
+    return _select(flat, limit.reshape(1).view(as_int), count, capacity, index_dtype, value_dtype, pad)
+
+
+def select_sampled(
+    flat: Tensor, sample: int, top: int, capacity: int, *, index_dtype: torch.dtype, value_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``select_at_least(flat, threshold(flat, sample, top), capacity, ...)`` in three launches instead of four
+    (the threshold's kernel zeroes the slot counter), padding with position 0; arguments as those two take."""
+    as_int = _BITS[flat.dtype][0]
+    limit = torch.empty(1, dtype=as_int, device=flat.device)
+    count = torch.empty(1, dtype=torch.int32, device=flat.device)
+    _threshold_into(flat, sample, top, limit, count)
+    return _select(flat, limit, count, capacity, index_dtype, value_dtype, 0)
+
+
+def _select(
+    flat: Tensor, limit_bits: Tensor, count: Tensor, capacity: int, index_dtype, value_dtype, pad: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The select and pad kernels, with the threshold's bits and a zeroed counter already on the device."""
     triton, _, select_kernel, pad_kernel = _kernels()
     n, device = flat.numel(), flat.device
     positions = torch.empty(capacity, dtype=index_dtype, device=device)
     values = torch.empty(capacity, dtype=value_dtype, device=device)
     valid = torch.empty(capacity, dtype=torch.bool, device=device)
-    count = torch.zeros(1, dtype=torch.int32, device=device)
     as_int, magnitude, inf, _ = _BITS[flat.dtype]
-    limit_bits = limit.reshape(1).view(as_int)
     grid = (triton.cdiv(n, _ROWS * 32),)
     select_kernel[grid](
         flat.view(as_int), flat, limit_bits, positions, values, count, n, capacity,
