@@ -5,9 +5,11 @@ compare, `nonzero_static`'s scans, gather, masks); on a GPU that is launch-bound
 tensors of ~10M entries and, at 100M, `nonzero_static` reads its mask several times.
 Here the same selection takes three launches and one read of the tensor:
 
-1. `threshold_kernel`, one program: reads a quasi-random sample of the magnitudes and
-   finds the sample's ``top``-th largest by bisection over the float's bits (non-negative
-   floats order as their bit patterns do), counting rounds over values held in registers.
+1. `threshold_kernel`, one program: reads a quasi-random sample of the magnitudes (its start
+   drawn from torch's CPU generator, so no launch for the draw) and finds the sample's
+   ``top``-th largest by bisection over the float's bits (non-negative floats order as their
+   bit patterns do), counting rounds over values held in registers. In `select_sampled` it
+   also zeroes the select kernel's slot counter.
 2. `select_kernel`, one program per block: compares each magnitude with the threshold,
    reserves room for its block's hits with one atomic add, and writes their positions and
    values there.
