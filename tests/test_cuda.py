@@ -165,12 +165,38 @@ def test_triton_selection_matches_the_torch_path_on_the_gpu():
         )
         payload = gk.TopK(0.01).compress(x)
     expected = (x.abs() >= cut).nonzero().view(-1)
-    assert 0.9 * 1.2 * k < expected.numel() < 1.1 * 1.2 * k  # the sampled threshold aims at 1.2·k
+    # The sampled threshold aims at 1.2·k; its count spreads ~7% (3.5 standard deviations either way).
+    assert 0.75 * 1.2 * k < expected.numel() < 1.25 * 1.2 * k
     assert torch.equal(positions[valid].long().sort().values, expected)
     assert torch.equal(values[valid], x[positions[valid].long()])
     exact = torch.topk(x.abs(), k).values.square().sum()
     sent = payload.tensors[1].square().sum()
     assert sent >= 0.9 * exact
+
+
+def test_topk_captured_in_a_cuda_graph_draws_a_new_sample_at_every_replay():
+    if not triton_select.usable(torch.zeros(1, device=CUDA)):
+        pytest.skip("Triton is not installed")
+    x = gradient_like(2_000_000, seed=11)
+    compressor = gk.TopK(0.01)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles the kernels) off the capture, as capture requires
+        compressor.compress(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        payload = compressor.compress(x)  # the sample's start drawn on the device: a host number would freeze
+    counts = set()
+    for _ in range(6):
+        graph.replay()
+        torch.cuda.synchronize()
+        indices, values = payload.tensors
+        valid = payload.meta["valid"]
+        assert torch.equal(values[valid], x[indices[valid].long()])
+        assert 0.75 * 1.2 * 20_000 < int(valid.sum()) <= indices.numel()
+        counts.add(int(valid.sum()))
+    assert len(counts) > 1  # each replay sampled from another start
 
 
 def test_randomk_on_the_gpu_is_unbiased_and_its_draw_is_shared():

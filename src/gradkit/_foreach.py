@@ -28,6 +28,7 @@ _KIND = attrgetter("device", "dtype", "layout")
 _DEVICE = attrgetter("device")
 _DTYPE = attrgetter("dtype")
 _DATA_PTR = Tensor.data_ptr
+_REQUIRES_GRAD = attrgetter("requires_grad")
 _Pick = Callable[[Sequence[Tensor]], list[Tensor]]
 # Groupings kept by `Groups.of`; a program clips a handful of parameter lists, so a few suffice.
 _CACHE_SIZE = 16
@@ -165,7 +166,14 @@ def stacked(tensors: Sequence[Tensor]) -> Tensor:
     hands out 0-d tensors over it, and stacking 148 of them took ~70 us of host time per call on an
     H200's host (a seventh of a GPT-2-small clip)."""
     first = tensors[0] if tensors else None
-    if first is None or first.dim() != 0 or len(set(map(_DTYPE, tensors))) != 1:
+    if (
+        first is None
+        or set(map(Tensor.dim, tensors)) != {0}
+        or len(set(map(_DTYPE, tensors))) != 1
+        or any(map(Tensor.is_neg, tensors))  # a lazily negated or conjugated view reads other values
+        or any(map(Tensor.is_conj, tensors))
+        or (torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors)))  # a view would link only `first`
+    ):
         return torch.stack(tensors)
     # Every address checked (~0.1 us each, read in C by map), so a permuted or foreign list still stacks.
     start, size = first.data_ptr(), first.element_size()
@@ -226,7 +234,7 @@ def total_norm(norms: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     device = norms[0].device
     if len(set(map(_DEVICE, norms))) > 1:
         norms = [n.to(device) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(list(norms)), norm_type)
+    return torch.linalg.vector_norm(stacked(list(norms)), norm_type)
 
 
 def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:

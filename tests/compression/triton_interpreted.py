@@ -134,3 +134,36 @@ def test_topk_device_path_in_one_go_matches_the_two_step_selection(monkeypatch):
     indices, values, valid = selection.entries_at_least(x, threshold, payload.tensors[0].numel())
     assert torch.equal(payload.meta["valid"], valid)
     assert torch.equal(payload.tensors[0], indices) and torch.equal(payload.tensors[1], values)
+
+
+def test_the_threshold_kernel_zeroes_the_slot_counter():
+    x = torch.randn(20_000, generator=torch.Generator().manual_seed(8))
+    limit = torch.empty(1, dtype=torch.int32)
+    count = torch.full((1,), 12_345, dtype=torch.int32)  # whatever memory held before
+    triton_select._threshold_into(x, 16_384, 160, limit, count)
+    assert int(count) == 0
+    torch.manual_seed(9)
+    expected = triton_select.threshold(x, 16_384, 160)
+    torch.manual_seed(9)
+    triton_select._threshold_into(x, 16_384, 160, limit, None)
+    assert torch.equal(limit.view(torch.float32), expected)
+
+
+def test_the_sample_start_read_from_the_device_gives_the_host_draw_s_threshold():
+    # While a CUDA graph is captured the start comes from a device tensor (OFFSET_ON_DEVICE); the kernel must
+    # read the same sample from it as from the host's number.
+    n, size, top = 50_000, 16_384, 200
+    x = torch.randn(n, generator=torch.Generator().manual_seed(10))
+    _, kernel, _, _ = triton_select._kernels()
+    step = max(1, round((math.sqrt(5) - 1) / 2 * n)) | 1
+    results = []
+    for on_device in (False, True):
+        out, start = torch.empty(1, dtype=torch.int32), torch.tensor([31_337])
+        kernel[(1,)](x.view(torch.int32), start, 0 if on_device else 31_337, out, out, n, size, step, top,
+                     MAGNITUDE=0x7FFFFFFF, INF=0x7F800000, ROUNDS=18, BLOCK=16_384, OFFSET_ON_DEVICE=on_device,
+                     ZERO_COUNT=False)  # fmt: skip
+        results.append(out.view(torch.float32))
+    assert torch.equal(results[0], results[1])
+    sample = x[(31_337 + torch.arange(size, dtype=torch.int64) * step) % n]
+    expected = torch.topk(sample.abs(), top).values[-1]
+    assert expected.view(torch.int32) - 2**13 <= results[0].view(torch.int32)[0] <= expected.view(torch.int32)

@@ -34,12 +34,18 @@ __all__ = [
 ]
 
 # The sample holds about this many entries above the threshold: the count above it then
-# spreads by ~1/sqrt(192) = 7% (relative), at any density. (192, not 256: at density 1% the sample
-# then fits the Triton threshold kernel's 16,384 lanes instead of 32,768, 0.029 ms against 0.049 on an H200.)
-SAMPLE_HITS = 192
+# spreads by ~1/sqrt(256) = 6% (relative), at any density.
+SAMPLE_HITS = 256
 MIN_SAMPLE = 16384
+# The Triton threshold kernel cuts a sample a little over 16,384 entries down to that when at least 192
+# of them still lie above the threshold (densities of ~1-1.3% aimed at 1.2·k): half the lanes, 0.029 ms
+# against 0.049 on an H200, for a count that spreads ~7% instead of ~6% (the fast path then overflows
+# its 1.5·k slots in ~5e-4 of calls instead of ~3e-5; the entries cut stay in the residual).
+TRITON_LANES = 16384
+TRITON_MIN_HITS = 192
 # Exactly-k selection aims the threshold at 1.35·k candidates and keeps up to 2·k: the count
-# lands below k only 3.6 standard deviations (of 7%) under its aim, above 2·k never in practice.
+# lands below k only 3.6 standard deviations (of 7%, the cut Triton sample's) under its aim, above 2·k
+# never in practice.
 EXACT_K_TARGET = 1.35
 EXACT_K_CAPACITY = 2.0
 # Devices whose sparsifiers select with `select_in_chunks` (a chunk loop driven from Python);
@@ -65,7 +71,7 @@ def sampled_threshold(flat: Tensor, k: int, target: float) -> Tensor:
         A 0-d tensor in flat's dtype on flat's device, strictly positive.
     """
     n = flat.numel()
-    size = _sample_size(n, k, target)
+    size = _triton_sample_size(n, k, target)
     if size <= triton_select.MAX_SAMPLE and triton_select.usable(flat):
         return triton_select.threshold(flat, size, _top_count(size, n, k, target)).view(())
     drawn = sample_positions(n, k, target, flat.device)
@@ -80,6 +86,14 @@ def sample_positions(n: int, k: int, target: float, device: torch.device) -> Ten
 
 def _sample_size(n: int, k: int, target: float) -> int:
     return min(n, max(MIN_SAMPLE, math.ceil(SAMPLE_HITS * n / (target * k))))
+
+
+def _triton_sample_size(n: int, k: int, target: float) -> int:
+    """`_sample_size`, cut to `TRITON_LANES` where that still holds `TRITON_MIN_HITS` (see there)."""
+    size = _sample_size(n, k, target)
+    if size > TRITON_LANES and TRITON_LANES * target * k >= TRITON_MIN_HITS * n:
+        return TRITON_LANES
+    return size
 
 
 def _top_count(size: int, n: int, k: int, target: float) -> int:
@@ -248,7 +262,7 @@ def sampled_entries(
     bound by the host's launches, not by the GPU.
     """
     n = flat.numel()
-    size = _sample_size(n, k, target)
+    size = _triton_sample_size(n, k, target)
     if size <= triton_select.MAX_SAMPLE and triton_select.usable(flat):
         return triton_select.select_sampled(
             flat, size, _top_count(size, n, k, target), capacity,

@@ -86,7 +86,7 @@ class TopK(_Sparsifier):
     """Keep the `density` fraction of entries with the largest magnitude.
 
     The fast path (default) estimates the magnitude threshold from a random
-    sample (sized so that ~192 sampled entries lie above it, at least 16,384)
+    sample (sized so that ~256 sampled entries lie above it, at least 16,384)
     aimed at 1.2·k entries, keeps entries above it,
     and pads to a fixed capacity of 1.5·k (padding sends index 0 with value 0,
     which adds nothing). If the estimate is far off the count is cut at the
@@ -95,7 +95,7 @@ class TopK(_Sparsifier):
     `exactly_k=True` sends exactly k slots: the threshold is aimed at 1.35·k, up to
     2·k candidates above it are collected and the k largest of them kept with a
     `torch.topk` over that small buffer. These are exactly the top-k entries
-    whenever the candidates number between k and 2·k (the count spreads ~7% around
+    whenever the candidates number between k and 2·k (the count spreads ~6-7% around
     its aim: all but ~1e-4 of calls), so the energy kept is top-k's; in the rare
     short call the unused slots are padding (``meta["valid"]`` False), and the
     k largest are still all sent. A size known in advance lets ranks all-gather
