@@ -206,7 +206,16 @@ class Tracker(ManualTracking):
 
         On non-logging steps: two small device ops (count clipped and skipped
         steps), no host read.
+
+        Raises:
+            Exception: what writing a record raised on the writer thread, once the step is observed; only
+                when ``after_step`` is never called (else ``after_step`` raises it, after the optimizer stepped).
         """
+        self._observe(ctx, report)
+        if not self._writes_after_step:
+            self._raise_writer_error()
+
+    def _observe(self, ctx: GradContext, report: StepReport) -> None:
         step = int(report.step)
         self.step = step
         # Every step: count clipped and skipped steps on the device.
@@ -235,6 +244,7 @@ class Tracker(ManualTracking):
         queued then, so a GPU is busy with it while the host encodes (observe writes only without after_step)."""
         self._writes_after_step = True
         self._drain()
+        self._raise_writer_error()
 
     def flush(self) -> None:
         """Wait for every logged step's host copy and write its record (and alerts), in step order.
@@ -250,6 +260,7 @@ class Tracker(ManualTracking):
             >>> tracker.flush(); tracker.history[-1]["step"] == pipe.steps   # if that step was logged
         """
         self._drain(wait=True)
+        self._raise_writer_error()
 
     def close(self) -> None:
         """Write every logged step still waiting (for its update ratio or its host copy), end the writer thread
@@ -288,9 +299,7 @@ class Tracker(ManualTracking):
 
     def _drain(self, *, wait: bool = False, write: bool = True) -> None:
         """Seal the open step (the optimizer has stepped) and, if `write`, write the records whose host
-        copies have completed, oldest first (all of them, waiting, if `wait`, the writer thread's included).
-
-        Raises what a write on the writer thread raised since the last call."""
+        copies have completed, oldest first (all of them, waiting, if `wait`, the writer thread's included)."""
         self._pending.seal(self._new_event)
         try:
             for logged in self._pending.completed(wait=wait) if write else ():
@@ -299,6 +308,10 @@ class Tracker(ManualTracking):
                 self._writer.wait_idle()
         finally:
             self._pending.weaken()  # records still in flight outlive their steps' gradients
+
+    def _raise_writer_error(self) -> None:
+        """Re-raise what a write on the writer thread raised since the last call (at the end of the calls that
+        write records, where an error of an inline write would surface too)."""
         if self._writer is not None:
             self._writer.raise_error()
 
