@@ -383,3 +383,27 @@ def test_background_writing_frees_each_steps_gradients_after_the_step(late):
     assert refs and all(ref() is None for ref in refs)
     tracker.close()
     assert [r["step"] for r in tracker.history] == [1, 2, 3]
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_default_writes_on_the_thread_and_records_equal_the_inline_ones(tmp_path, fixed_time):
+    texts = {}
+    for background in (None, False):
+        torch.manual_seed(0)
+        model = Net().cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        tracker = gk.Tracker(tmp_path / str(background), every=1, detail_every=4, background=background)
+        seen = spy_writes(tracker)
+        pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(0.5), tracker=tracker)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            x, y = torch.randn(8, 6, generator=g).cuda(), torch.randn(8, 2, generator=g).cuda()
+            pipe.backward(((model(x) - y) ** 2).sum(), num_items=8)
+            pipe.step(opt)
+        tracker.close()
+        assert tracker._threaded is (background is None)
+        names = {name for _, name in seen}
+        assert names == ({"gradkit-tracking"} if background is None else {threading.current_thread().name})
+        assert [r["step"] for r in tracker.history] == list(range(1, 13))
+        texts[background] = (tmp_path / str(background) / "tracking.jsonl").read_bytes()
+    assert texts[None] == texts[False]
