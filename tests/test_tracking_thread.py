@@ -163,29 +163,42 @@ def test_background_records_equal_the_inline_ones_byte_for_byte(tmp_path, fixed_
 
 def test_flush_waits_for_the_thread_and_history_reads_are_safe_meanwhile(tmp_path):
     tracker = gk.Tracker(tmp_path, every=1, background=True)
-    sink = tracker._sink
+    sink, gate = tracker._sink, threading.Event()
     write = sink.write
-    lengths = []
 
-    def slow(logged, **kwargs):
-        time.sleep(0.02)  # the writer falls behind the steps
+    def held(logged, **kwargs):
+        gate.wait(10)  # the writer is behind: nothing is written until the gate opens
+        time.sleep(0.002)
         write(logged, **kwargs)
 
-    sink.write = slow
-    original = tracker.after_step
-
-    def reading(*args):
-        original(*args)
-        lengths.append(len(tracker.history))  # read while the thread writes
-
-    tracker.after_step = reading
+    sink.write = held
     train(tracker, 12)
-    assert lengths == sorted(lengths) and lengths[-1] < 12  # behind, and growing
+    assert tracker.history == [] and tracker._writer.pending() == 12
+    gate.set()
+    lengths = []
+    while tracker._writer.pending():  # read while the thread writes
+        lengths.append(len(tracker.history))
     tracker.flush()
-    assert tracker._writer.pending() == 0
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
     assert [r["step"] for r in tracker.history] == list(range(1, 13))  # none lost, none twice, in order
     on_disk = [r["step"] for r in read_jsonl(tmp_path / "tracking.jsonl") if r["type"] == "step"]
     assert on_disk == list(range(1, 13))
+    tracker.close()
+
+
+def test_flush_returns_only_once_the_thread_has_written_everything():
+    tracker = gk.Tracker(every=1, background=True)
+    sink = tracker._sink
+    write = sink.write
+
+    def slow(logged, **kwargs):
+        time.sleep(0.01)
+        write(logged, **kwargs)
+
+    sink.write = slow
+    train(tracker, 5)
+    tracker.flush()
+    assert tracker._writer.pending() == 0 and [r["step"] for r in tracker.history] == [1, 2, 3, 4, 5]
     tracker.close()
 
 
@@ -274,6 +287,7 @@ def test_a_tracker_collected_without_close_ends_its_thread_after_writing_its_que
     thread.join(10)
     assert not thread.is_alive()
     assert [r["step"] for r in read_jsonl(tmp_path / "tracking.jsonl") if r["type"] == "step"] == [1, 2, 3, 4]
+    sink.close()  # the writers of a tracker never closed stay open (as without the thread)
 
 
 def test_an_unclosed_tracker_with_a_stuck_writer_does_not_hang_interpreter_exit(tmp_path):
@@ -306,19 +320,24 @@ def test_an_unclosed_tracker_with_a_stuck_writer_does_not_hang_interpreter_exit(
 def test_a_writer_that_falls_behind_makes_the_training_thread_wait_at_the_bound(monkeypatch):
     monkeypatch.setattr(writer_thread, "BOUND", 2)
     tracker = gk.Tracker(every=1, background=True)
-    sink = tracker._sink
+    sink, gate = tracker._sink, threading.Event()
     write = sink.write
     queued = []
 
-    def slow(logged, **kwargs):
+    def held(logged, **kwargs):
         queued.append(tracker._writer.pending())  # this one included
-        time.sleep(0.01)
+        gate.wait(10)
         write(logged, **kwargs)
 
-    sink.write = slow
+    sink.write = held
+    opener = threading.Timer(0.3, gate.set)  # 10 records cannot fit in 2 queued + 1 being written: training waits
+    opener.start()
+    began = time.monotonic()
     train(tracker, 10)
+    waited = time.monotonic() - began
     tracker.close()
-    assert tracker._writer is None
+    opener.join()
+    assert waited >= 0.25  # the training thread waited for the writer instead of queueing more
     assert max(queued) <= 3  # two queued and the one being written: memory stays bounded
     assert [r["step"] for r in tracker.history] == list(range(1, 11))
 
