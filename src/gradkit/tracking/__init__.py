@@ -8,7 +8,6 @@
 - `summary`: a logged step's per-parameter and per-module entries, kept as columns up to the JSONL line.
 - `pending`: logged steps between their statistics and their record (the host copies in flight).
 - `sink`: where a logged step's record and alerts go (history, writers, the log).
-- `writer_thread`: the thread that writes completed records off the training thread (``background=``).
 - `alerts`: `AlertRules` (vanishing, exploding, dead) and the `Alert` record.
 - `nonfinite`: the non-finite alert, and hooks that name the first module, in backward order, producing NaN/Inf.
 - `noise_scale`: the gradient noise scale B_simple (McCandlish et al. 2018), the probe that samples it

@@ -5,25 +5,14 @@ completed (`pending.Pending.completed`). The sink turns the read values into the
 record, runs the alert rules and the non-finite watch on it, fills in the update ratios,
 appends the record to `history` and passes it to every writer. The run header and the
 alerts of a replay (`Tracker.locate_nonfinite`) go to the file writers through it too.
-
-With background writing on (`Tracker(background=...)`), `write` runs on the tracker's writer thread
-(`writer_thread`) for the records `quiet` says cannot touch the gradients or arm the non-finite
-re-check. What that thread then touches: the alert rules' state, the non-finite watch (read only: a
-quiet record arms nothing), `history`'s unread records, `alerts`, `last_alerts`, the writers and the
-shared layout and template caches (`summary`, `entries`, which tolerate concurrent use). The training
-thread reads `history`, `alerts` and `last_alerts` under `lock` (the lock `write` holds), and touches
-the rest (state, replays, closing) only after the tracker has flushed, when the thread is idle.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from gradkit._version import __version__
 from gradkit.tracking.alerts import Alert, AlertRules, logger
@@ -31,14 +20,12 @@ from gradkit.tracking.entries import KEYS, ZEROS, Entries
 from gradkit.tracking.nonfinite import NonfiniteWatch
 from gradkit.tracking.pending import Logged
 from gradkit.tracking.record import StepRecord
-from gradkit.tracking.stats import COLUMNS
 from gradkit.tracking.summary import Layout
 from gradkit.tracking.writers import SCHEMA, JsonlWriter, make_writers
 
-__all__ = ["RecordSink", "quiet"]
+__all__ = ["RecordSink"]
 
 _NAN, _INF = KEYS.index("nan"), KEYS.index("inf")
-_COLUMN_NAN, _COLUMN_INF = COLUMNS.index("nan"), COLUMNS.index("inf")
 
 
 class RecordSink:
@@ -73,31 +60,22 @@ class RecordSink:
         self._unread: list[StepRecord] = []  # records not yet made dicts: that waits until `history` is read
         self.alerts: list[Alert] = []
         self.last_alerts: list[Alert] = []
-        #: held by `write`; the training thread reads `history` and the alerts under it (see the module docstring)
-        self.lock = threading.RLock()
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """One dict per logged step, oldest first (the same list object every time, growing)."""
-        with self.lock:
-            if self._unread:
-                self._history.extend(record.to_dict() for record in self._unread)
-                self._unread.clear()
-            return self._history
+        if self._unread:
+            self._history.extend(record.to_dict() for record in self._unread)
+            self._unread.clear()
+        return self._history
 
-    def write(self, logged: Logged, *, next_step: int, got: dict[str, Any] | None = None) -> None:
+    def write(self, logged: Logged, *, next_step: int) -> None:
         """Assemble the record of a logged step from its host values, raise its alerts, keep and write it.
 
         `next_step` is the first step whose backward has not run yet: the one a non-finite step re-checks.
-        `got`: the step's values as ``logged.flight.values(arrays=("columns",))`` gives them, if already read.
         """
-        with self.lock:
-            self._write(logged, next_step, got)
-
-    def _write(self, logged: Logged, next_step: int, got: dict[str, Any] | None) -> None:
         # The table as one float64 array: the entries are computed over its columns (`summary`).
-        got = logged.flight.values(arrays=("columns",)) if got is None else got
-        step = logged.step
+        got, step = logged.flight.values(arrays=("columns",)), logged.step
         record = logged.record(got)
         modules, params = record.modules, record.params
         alerts = self.rules.check_columns(step, modules.names, modules.column("norm_pre_clip"), got["total_norm"])
@@ -154,29 +132,6 @@ class RecordSink:
         for writer in self.writers:
             writer.close()
         self.writers = []
-
-
-def quiet(logged: Logged, got: dict[str, Any]) -> bool:
-    """Whether writing `logged` (its values `got`, columns as an array) can neither arm the non-finite
-    re-check nor read the step's gradients: nothing skipped since the last log, no re-check riding on it,
-    every norm finite and every NaN/Inf count measured zero. Only such records may be written off the
-    training thread: arming installs hooks, which must happen between steps, as without the thread.
-
-    Conservative by construction: `RecordSink.write` arms the re-check only for a skipped step, a re-check's
-    firings, or a parameter whose counts are non-zero or whose norms are non-finite (`nonfinite`), and reads
-    the gradients only for non-finite norms (`nonfinite.GradRefs.counts`); finite norms that overflow a sum
-    are not quiet either, which only costs writing them on the training thread.
-    """
-    if logged.events is not None or got["skipped_steps"] or got["skipped"]:
-        return False
-    columns = got["columns"]
-    if columns.shape[1] == 0:
-        return True
-    if not np.isfinite(columns[:2]).all():  # the norms before and after clipping
-        return False
-    if columns.shape[0] > _COLUMN_INF:  # a detail step: NaN/Inf counted on the device
-        return not (columns[_COLUMN_NAN].any() or columns[_COLUMN_INF].any())
-    return True
 
 
 def _maybe_nonfinite(params: Entries) -> bool:

@@ -58,7 +58,6 @@ class ManualTracking:
             self.step = step
             self._counters.since += 1
             self._drain()
-            self._raise_writer_error()
             return
         ctx = GradContext(self._names, self._params)
         self.observe(ctx, _record.standalone_report(ctx, step, items))

@@ -8,7 +8,6 @@ on the device (clipped steps, skipped steps) and reads nothing on the host.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,8 @@ from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import NonfiniteLocator, NonfiniteWatch
 from gradkit.tracking.pending import Logged, Pending
-from gradkit.tracking.sink import RecordSink, quiet
+from gradkit.tracking.sink import RecordSink
 from gradkit.tracking.standalone import ManualTracking
-from gradkit.tracking.writer_thread import WriterThread
 from gradkit.tracking.writers import check_log_dir, check_meta, check_writers
 
 __all__ = ["Tracker"]
@@ -69,15 +67,10 @@ class Tracker(ManualTracking):
             (one collective; every rank must then track the same parameters).
         meta: run settings written to the log header (e.g. ``{"max_norm": 1.0,
             "batch_size": 64}``); the report draws ``max_norm`` as the clip threshold.
-        background: write completed records on a background thread (`writer_thread`) instead of the
-            training thread: True, False, or None (default) for "when the tracked parameters are on CUDA",
-            where the loop is bound by the host and backward leaves the GIL free. On a CPU the records are
-            there at once and the thread would only compete with the step for cores. The records, their
-            order, `history` and the alerts are the same either way; alerts are then logged from the thread.
 
     Raises:
         TypeError / ValueError: for a bad `every`, an unknown writer, an unwritable
-            `log_dir`, `meta` that is not JSON-serialisable, or a `background` not True, False or None.
+            `log_dir`, or `meta` that is not JSON-serialisable.
         ImportError: "tensorboard" in `writers` without the tensorboard package.
 
     The tracker never stalls the step: a logging step copies its statistics to the host
@@ -117,7 +110,6 @@ class Tracker(ManualTracking):
         histogram_bins: int = 64,
         gather: bool = False,
         meta: dict[str, Any] | None = None,
-        background: bool | None = None,
     ) -> None:
         self.every, self.detail_every = _check_every(every, detail_every)
         self.writer_names = check_writers(writers)
@@ -127,12 +119,6 @@ class Tracker(ManualTracking):
         self.histogram_bins = _checks.positive_int("histogram_bins", histogram_bins, "pass a bin count, e.g. 64")
         self.gather = _checks.flag("gather", gather, "pass True to collect every rank's statistics on rank 0")
         self.meta = check_meta(meta)
-        self.background = _checks.flag(
-            "background",
-            background,
-            "pass None to write records on a thread when the parameters are on CUDA",
-            allow_none=True,
-        )
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.writes = self.rank == 0
         self.log_dir = check_log_dir(log_dir) if self.writes else None
@@ -152,28 +138,21 @@ class Tracker(ManualTracking):
         # How the host read of a logging step is marked done: an event recorded on the device.
         # A test may swap in an event that completes later (the CPU's completes at once).
         self._new_event: Callable[[torch.device], Any] = _record.device_event
-        # Background writing: decided at attach (None: by the parameters' device); the thread starts with
-        # the first record it writes and is stopped by close, or by a finalizer when the tracker is collected.
-        self._threaded = bool(self.background)
-        self._writer: WriterThread | None = None
-        self._stop_writer: weakref.finalize | None = None
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One dict per logged step (the JSONL record), for notebooks; complete after `flush()`."""
+        """One dict per logged step (the JSONL record), for notebooks."""
         return self._sink.history
 
     @property
     def alerts(self) -> list[Alert]:
-        """Every alert so far, oldest first; complete after `flush()`."""
-        with self._sink.lock:
-            return self._sink.alerts
+        """Every alert so far, oldest first."""
+        return self._sink.alerts
 
     @property
     def last_alerts(self) -> list[Alert]:
-        """The alerts of the latest logged step written."""
-        with self._sink.lock:
-            return self._sink.last_alerts
+        """The alerts of the latest logged step."""
+        return self._sink.last_alerts
 
     @property
     def _locator(self) -> NonfiniteLocator | None:
@@ -190,8 +169,6 @@ class Tracker(ManualTracking):
         if thresholds and "max_norm" not in self.meta:
             self.meta["max_norm"] = min(thresholds)  # the report draws it as the clip line
         self._nonfinite.attach(module, self._names, self._params)
-        if self.background is None:  # there a step's records come from non-blocking device-to-host copies
-            self._threaded = any(p.device.type == "cuda" for p in self._params)
         self._sink.start_run(self._names, every=self.every, meta=self.meta)
 
     def wants(self, step: int) -> bool:
@@ -206,16 +183,7 @@ class Tracker(ManualTracking):
 
         On non-logging steps: two small device ops (count clipped and skipped
         steps), no host read.
-
-        Raises:
-            Exception: what writing a record raised on the writer thread, once the step is observed; only
-                when ``after_step`` is never called (else ``after_step`` raises it, after the optimizer stepped).
         """
-        self._observe(ctx, report)
-        if not self._writes_after_step:
-            self._raise_writer_error()
-
-    def _observe(self, ctx: GradContext, report: StepReport) -> None:
         step = int(report.step)
         self.step = step
         # Every step: count clipped and skipped steps on the device.
@@ -244,35 +212,21 @@ class Tracker(ManualTracking):
         queued then, so a GPU is busy with it while the host encodes (observe writes only without after_step)."""
         self._writes_after_step = True
         self._drain()
-        self._raise_writer_error()
 
     def flush(self) -> None:
         """Wait for every logged step's host copy and write its record (and alerts), in step order.
 
         Off the step's path: call it before reading `history` or `alerts` on a GPU, where
-        records otherwise come a step or a few later. With background writing it also waits for the
-        writer thread. `close` and `state_dict` flush.
-
-        Raises:
-            Exception: what writing a record raised on the writer thread (the original exception).
+        records otherwise come a step or a few later. `close` and `state_dict` flush.
 
         Example:
             >>> tracker.flush(); tracker.history[-1]["step"] == pipe.steps   # if that step was logged
         """
         self._drain(wait=True)
-        self._raise_writer_error()
 
     def close(self) -> None:
-        """Write every logged step still waiting (for its update ratio or its host copy), end the writer thread
-        (if any), and close the writers."""
-        try:
-            self.flush()
-        finally:
-            if self._stop_writer is not None:
-                writer, self._writer = self._writer, None
-                self._stop_writer()  # stops it (once), without waiting
-                writer.join()  # its queue is empty: flush waited for it, or it failed
-                self._stop_writer = None
+        """Write every logged step still waiting (for its update ratio or its host copy), and close the writers."""
+        self.flush()
         self._sink.close()
 
     def __enter__(self) -> Tracker:
@@ -299,42 +253,11 @@ class Tracker(ManualTracking):
 
     def _drain(self, *, wait: bool = False, write: bool = True) -> None:
         """Seal the open step (the optimizer has stepped) and, if `write`, write the records whose host
-        copies have completed, oldest first (all of them, waiting, if `wait`, the writer thread's included)."""
+        copies have completed, oldest first (all of them, waiting, if `wait`)."""
         self._pending.seal(self._new_event)
-        try:
-            for logged in self._pending.completed(wait=wait) if write else ():
-                self._write(logged)
-            if wait and self._writer is not None:
-                self._writer.wait_idle()
-        finally:
-            self._pending.weaken()  # records still in flight outlive their steps' gradients
-
-    def _raise_writer_error(self) -> None:
-        """Re-raise what a write on the writer thread raised since the last call (at the end of the calls that
-        write records, where an error of an inline write would surface too)."""
-        if self._writer is not None:
-            self._writer.raise_error()
-
-    def _write(self, logged: Logged) -> None:
-        """Write one completed record: on the writer thread if background writing is on and the record is
-        `quiet`, else here, after the thread has written every earlier record (the order is kept)."""
-        next_step = self.step + 1  # decided now, as when written here: the records are the same either way
-        got = logged.flight.values(arrays=("columns",))
-        if self._threaded and quiet(logged, got):
-            logged.grads = None  # a quiet record never counts NaN/Inf from them: the step's gradients are freed
-            self._thread().put((logged, next_step, got))
-            return
-        if self._writer is not None:
-            self._writer.wait_idle()
-        self._sink.write(logged, next_step=next_step, got=got)
-
-    def _thread(self) -> WriterThread:
-        """The writer thread, started on first use. It holds the sink, never the tracker: a tracker collected
-        without `close` stops it through a finalizer (it writes what is queued, then ends)."""
-        if self._writer is None:
-            self._writer = WriterThread(_write_item(self._sink))
-            self._stop_writer = weakref.finalize(self, self._writer.stop)
-        return self._writer
+        for logged in self._pending.completed(wait=wait) if write else ():
+            self._sink.write(logged, next_step=self.step + 1)
+        self._pending.weaken()  # records still in flight outlive their steps' gradients
 
     # -- state -------------------------------------------------------------------------
 
@@ -367,16 +290,6 @@ class Tracker(ManualTracking):
         self._counters.load_state_dict(state)
         self._sink.alerts = alerts
         self._nonfinite.load_state_dict(state)
-
-
-def _write_item(sink: RecordSink) -> Callable[[tuple[Logged, int, dict[str, Any]]], None]:
-    """The writer thread's work for one queued record (a closure over the sink, not the tracker)."""
-
-    def write(item: tuple[Logged, int, dict[str, Any]]) -> None:
-        logged, next_step, got = item
-        sink.write(logged, next_step=next_step, got=got)
-
-    return write
 
 
 def _check_every(every: object, detail_every: object) -> tuple[int, int]:
