@@ -558,37 +558,3 @@ def test_bad_parameters_are_named_before_any_gradient_changes():
     with pytest.raises(TypeError, match=r"parameters must be a tensor or an iterable of tensors, got int"):
         gk.grad_norms(3)
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
-
-
-def test_stacked_returns_the_vector_its_entries_view_and_stacks_anything_else():
-    import numpy as np
-
-    from gradkit._foreach import stacked
-
-    vector = torch.randn(5)
-    entries = list(vector.unbind())  # 0-d views of consecutive entries, as CUDA's _foreach_norm returns
-    for run in (entries, entries[1:4]):
-        got = stacked(run)
-        assert got.data_ptr() == run[0].data_ptr() and torch.equal(got, torch.stack(run))  # a view, no copy
-    memory = np.arange(8, dtype=np.float32)  # two storages that touch: consecutive addresses, not one vector
-    left, right = torch.from_numpy(memory[:6]), torch.from_numpy(memory[6:])
-    others = [
-        entries[::-1],
-        [e.clone() for e in entries],
-        entries[:2] + [e.view(torch.int32) for e in entries[2:]],  # the same addresses, mixed dtypes
-        [left[4], left[5], right[0], right[1]],
-        [entries[0], entries[1], torch._neg_view(entries[2])],
-    ]
-    for other in others:
-        got = stacked(other)
-        assert torch.equal(got, torch.stack(other)) and got.data_ptr() != other[0].data_ptr()
-    with pytest.raises(RuntimeError):  # what torch.stack says of entries of different shapes
-        stacked([vector[0], vector[1:2]])
-
-
-def test_stacked_keeps_the_graph_of_every_entry():
-    from gradkit._foreach import stacked
-
-    weights = torch.randn(4, requires_grad=True)
-    stacked(list((weights * 1).unbind())).sum().backward()  # a view of the first entry would reach only it
-    assert torch.equal(weights.grad, torch.ones(4))

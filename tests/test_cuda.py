@@ -263,17 +263,6 @@ def test_grad_norms_match_torch_without_a_sync():
     torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0)
 
 
-def test_foreach_norms_stack_without_a_copy():
-    # CUDA's _foreach_norm returns its norms as the entries of one vector: `stacked` hands that vector back
-    # (no torch.stack over 0-d tensors on the clip's path), equal to what torch.stack gives.
-    from gradkit._foreach import stacked
-
-    norms = torch._foreach_norm([p.grad for p in cuda_params(SHAPES, seed=3)])
-    got = stacked(norms)
-    assert got.data_ptr() == norms[0].data_ptr()
-    assert torch.equal(got, torch.stack(norms))
-
-
 # -- the pipeline's step: no sync with a fused optimizer ------------------------------------------
 
 PIPELINE_CONFIGS = {

@@ -22,13 +22,10 @@ from operator import attrgetter, itemgetter
 import torch
 from torch import Tensor
 
-__all__ = ["Groups", "Grouped", "group_tensors", "per_tensor_norms", "stacked", "total_norm", "scale_"]
+__all__ = ["Groups", "Grouped", "group_tensors", "per_tensor_norms", "total_norm", "scale_"]
 
 _KIND = attrgetter("device", "dtype", "layout")
 _DEVICE = attrgetter("device")
-_DTYPE = attrgetter("dtype")
-_DATA_PTR = Tensor.data_ptr
-_REQUIRES_GRAD = attrgetter("requires_grad")
 _Pick = Callable[[Sequence[Tensor]], list[Tensor]]
 # Groupings kept by `Groups.of`; a program clips a handful of parameter lists, so a few suffice.
 _CACHE_SIZE = 16
@@ -122,13 +119,13 @@ class Groups:
         if not self._single_device:
             device = norms[0].device
             norms = [n.to(device) for n in norms]
-        return stacked(norms)
+        return torch.stack(norms)
 
     def total_norm(self, tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         """The `norm_type`-norm of all `tensors` together, as one vector (torch's order: group by group)."""
         if not self._single_device:  # in input order, so that the result lands on the first tensor's device
             return total_norm(self.norms(tensors, norm_type), norm_type)
-        return torch.linalg.vector_norm(stacked(self._grouped_norms(tensors, norm_type, None)), norm_type)
+        return torch.linalg.vector_norm(torch.stack(self._grouped_norms(tensors, norm_type, None)), norm_type)
 
     def scale_(self, tensors: Sequence[Tensor], factor: Tensor | float) -> None:
         """Multiply every tensor in place by `factor` (a Python number or a 0-d tensor); no host sync."""
@@ -158,31 +155,6 @@ class Groups:
             out_dtype = None if at_least is None else torch.promote_types(tensor.dtype, at_least)
             norms.append(torch.linalg.vector_norm(tensor.coalesce().values(), norm_type, dtype=out_dtype))
         return norms
-
-
-def stacked(tensors: Sequence[Tensor]) -> Tensor:
-    """``torch.stack(tensors)`` of 0-d tensors, without the copy where they already sit, in order, at
-    consecutive addresses of one storage: CUDA's ``_foreach_norm`` writes its norms into one vector and
-    hands out 0-d tensors over it, and stacking 148 of them took ~70 us of host time per call on an
-    H200's host (a seventh of a GPT-2-small clip)."""
-    first = tensors[0] if tensors else None
-    if (
-        first is None
-        or set(map(Tensor.dim, tensors)) != {0}
-        or len(set(map(_DTYPE, tensors))) != 1
-        or any(map(Tensor.is_neg, tensors))  # a lazily negated or conjugated view reads other values
-        or any(map(Tensor.is_conj, tensors))
-        or (torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors)))  # a view would link only `first`
-    ):
-        return torch.stack(tensors)
-    # Every address checked (~0.1 us each, read in C by map), so a permuted or foreign list still stacks.
-    start, size = first.data_ptr(), first.element_size()
-    if list(map(_DATA_PTR, tensors)) != list(range(start, start + size * len(tensors), size)):
-        return torch.stack(tensors)
-    try:  # as_strided checks that the vector lies inside first's storage: addresses that merely touch
-        return first.as_strided((len(tensors),), (1,))  # across two storages raise here, and stack
-    except RuntimeError:
-        return torch.stack(tensors)
 
 
 def _picker(indices: Sequence[int], count: int) -> _Pick:
@@ -234,7 +206,7 @@ def total_norm(norms: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     device = norms[0].device
     if len(set(map(_DEVICE, norms))) > 1:
         norms = [n.to(device) for n in norms]
-    return torch.linalg.vector_norm(stacked(list(norms)), norm_type)
+    return torch.linalg.vector_norm(torch.stack(list(norms)), norm_type)
 
 
 def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:
