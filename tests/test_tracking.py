@@ -253,6 +253,9 @@ def test_state_dict_round_trips_and_resumes_identically(tmp_path):
         ({"writers": 3}, TypeError, "writers must be"),
         ({"meta": {"f": object()}}, ValueError, "meta must hold JSON"),
         ({"noise_beta": 1.0}, ValueError, "noise_beta"),
+        ({"history": 0}, ValueError, "history must be >= 1"),
+        ({"history": True}, TypeError, "history must be an integer"),
+        ({"history": 2.0}, TypeError, "or None for all of them"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, words):
@@ -301,3 +304,22 @@ def test_logged_steps_between_detail_steps_reuse_the_cached_norms_only():
     cheap, full = tracker.history[1]["params"]["0.weight"], tracker.history[4]["params"]["0.weight"]
     assert cheap["norm"] > 0 and cheap["max_abs"] is None and cheap["update_to_weight"] is None
     assert full["max_abs"] > 0 and full["update_to_weight"] > 0
+
+
+@pytest.mark.parametrize("keep, read_every", [(3, 1), (3, 100), (1, 4), (None, 100)])
+def test_history_keeps_the_most_recent_logged_steps_and_the_log_keeps_all(tmp_path, keep, read_every):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = gk.Tracker(tmp_path, every=2, history=keep)
+    pipe = gk.GradientPipeline(model, tracker=tracker)
+    for i, batch in enumerate(batches(21)):
+        train(pipe, model, opt, [batch])
+        if (i + 1) % read_every == 0:  # reading converts the records kept so far; the bound holds either way
+            assert len(tracker.history) <= (keep or 21)
+    tracker.close()
+    logged = [1] + list(range(2, 22, 2))  # step 1 and every second step
+    expected = logged if keep is None else logged[-keep:]
+    assert [record["step"] for record in tracker.history] == expected
+    on_disk = [r["step"] for r in read_jsonl(tmp_path / "tracking.jsonl") if r.get("type") == "step"]
+    assert on_disk == logged
+    assert tracker.history[-1] == [r for r in read_jsonl(tmp_path / "tracking.jsonl") if r.get("step") == 20][-1]

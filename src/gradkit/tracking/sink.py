@@ -37,6 +37,7 @@ class RecordSink:
         rules: the alert rules (their state lives on across steps).
         nonfinite: the tracker's non-finite watch (it arms the re-check a non-finite step asks for).
         loud: log alerts at WARNING (False on ranks that only join sharded reductions).
+        keep: how many logged steps `history` holds (the most recent), or None for all of them.
 
     Example:
         >>> sink = RecordSink(("jsonl",), Path("runs/a"), AlertRules(), NonfiniteWatch(), loud=True)
@@ -53,21 +54,36 @@ class RecordSink:
         nonfinite: NonfiniteWatch,
         *,
         loud: bool,
+        keep: int | None = None,
     ) -> None:
         self.writers = make_writers(writer_names, log_dir)
         self.rules, self.nonfinite, self.loud = rules, nonfinite, loud
         self._history: list[dict[str, Any]] = []
         self._unread: list[StepRecord] = []  # records not yet made dicts: that waits until `history` is read
+        self.keep = keep
         self.alerts: list[Alert] = []
         self.last_alerts: list[Alert] = []
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One dict per logged step, oldest first (the same list object every time, growing)."""
+        """One dict per logged step, oldest first (the same list object every time, growing; with `keep`,
+        its most recent `keep` steps)."""
         if self._unread:
             self._history.extend(record.to_dict() for record in self._unread)
             self._unread.clear()
+        if self.keep is not None and len(self._history) > self.keep:
+            del self._history[: len(self._history) - self.keep]
         return self._history
+
+    def _bound(self) -> None:
+        """Drop the oldest records once twice `keep` are held (cut in bulk: one slice per `keep` steps, not a
+        shift of the whole list per step); `history` cuts to exactly `keep` when read."""
+        if self.keep is None or len(self._history) + len(self._unread) <= 2 * self.keep:
+            return
+        excess = len(self._history) + len(self._unread) - self.keep
+        dropped = min(excess, len(self._history))
+        del self._history[:dropped]
+        del self._unread[: excess - dropped]
 
     def write(self, logged: Logged, *, next_step: int) -> None:
         """Assemble the record of a logged step from its host values, raise its alerts, keep and write it.
@@ -89,6 +105,7 @@ class RecordSink:
         self.raise_alerts(alerts)
         self.last_alerts = alerts
         self._unread.append(record)
+        self._bound()
         for writer in self.writers:
             if isinstance(writer, JsonlWriter):
                 writer.write_line(record.line())

@@ -67,10 +67,14 @@ class Tracker(ManualTracking):
             (one collective; every rank must then track the same parameters).
         meta: run settings written to the log header (e.g. ``{"max_norm": 1.0,
             "batch_size": 64}``); the report draws ``max_norm`` as the clip threshold.
+        history: how many logged steps `history` keeps in memory (the most recent), or
+            None (the default) for all of them. The log on disk keeps every step; a long
+            run that logs every step of a large model should bound it (a record holds
+            about 200 bytes per parameter tensor, about 1 KB once `history` is read).
 
     Raises:
-        TypeError / ValueError: for a bad `every`, an unknown writer, an unwritable
-            `log_dir`, or `meta` that is not JSON-serialisable.
+        TypeError / ValueError: for a bad `every` or `history`, an unknown writer, an
+            unwritable `log_dir`, or `meta` that is not JSON-serialisable.
         ImportError: "tensorboard" in `writers` without the tensorboard package.
 
     The tracker never stalls the step: a logging step copies its statistics to the host
@@ -81,7 +85,8 @@ class Tracker(ManualTracking):
 
     Memory: on logging steps only, one copy of the trainable weights held from
     ``observe`` to ``after_step`` (for ||Δw||; ``update_ratio=False`` removes
-    it), and ``P x 7`` statistics; `history` keeps one record per logged step.
+    it), and ``P x 7`` statistics; `history` keeps one record per logged step (at most
+    `history` of them when it is given).
 
     Example:
         >>> tracker = gk.Tracker("runs/exp1", every=10, writers=("jsonl", "tensorboard"))
@@ -110,8 +115,16 @@ class Tracker(ManualTracking):
         histogram_bins: int = 64,
         gather: bool = False,
         meta: dict[str, Any] | None = None,
+        history: int | None = None,
     ) -> None:
         self.every, self.detail_every = _check_every(every, detail_every)
+        keep = (
+            None
+            if history is None
+            else _checks.positive_int(
+                "history", history, "pass how many logged steps to keep in memory, e.g. 1000, or None for all of them"
+            )
+        )
         self.writer_names = check_writers(writers)
         self.rules = AlertRules.or_default(alerts)
         self.noise = NoiseScale(noise_beta)
@@ -126,7 +139,7 @@ class Tracker(ManualTracking):
         # The writers, history and alerts; ranks that only join sharded reductions write nothing and stay quiet.
         self._sink = RecordSink(
             self.writer_names if self.writes else (), self.log_dir, self.rules, self._nonfinite,
-            loud=self.writes or self.gather,
+            loud=self.writes or self.gather, keep=keep,
         )  # fmt: skip
         #: the last optimizer step observed
         self.step = 0
