@@ -167,3 +167,30 @@ def test_the_sample_start_read_from_the_device_gives_the_host_draw_s_threshold()
     sample = x[(31_337 + torch.arange(size, dtype=torch.int64) * step) % n]
     expected = torch.topk(sample.abs(), top).values[-1]
     assert expected.view(torch.int32) - 2**13 <= results[0].view(torch.int32)[0] <= expected.view(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exactly_k_from_the_kernel_s_values_matches_the_gathered_candidates(monkeypatch, dtype):
+    # TopK(exactly_k=True) on the device path picks the k largest of the candidates' values as the select kernel
+    # wrote them; the earlier path gathered them from the tensor again. Same draw, same payload.
+    monkeypatch.setattr(selection, "CHUNKED_DEVICES", ())
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(12)).to(dtype)
+    x[::777] = float("nan")
+    x[5] = float("inf")
+    k = 3_000
+    torch.manual_seed(13)
+    payload = gk.TopK(0.01, exactly_k=True, value_dtype=torch.float32).compress(x)
+    torch.manual_seed(13)
+    n = x.numel()
+    size = selection._triton_sample_size(n, k, selection.EXACT_K_TARGET)
+    limit = triton_select.threshold(x, size, selection._top_count(size, n, k, selection.EXACT_K_TARGET))
+    candidates = triton_select.select_at_least(
+        x, limit, selection.exactly_k_capacity(n, k), index_dtype=torch.int64, value_dtype=x.dtype, pad=-1
+    )[0]
+    indices, valid = selection.exactly_k_of(x, candidates, k)
+    indices_sent, values_sent = payload.tensors
+    assert indices_sent.numel() == k and indices_sent.dtype == torch.int32 and values_sent.dtype == torch.float32
+    assert torch.equal(payload.meta["valid"], valid)
+    assert torch.equal(indices_sent.long(), indices)
+    assert torch.equal(values_sent, selection.masked_values(x, indices, valid, torch.float32))
+    assert bool(valid.all()) and not bool(values_sent.isnan().any()) and 5 in set(indices_sent.tolist())

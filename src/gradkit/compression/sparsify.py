@@ -28,9 +28,11 @@ from gradkit.compression.selection import (
     entries_at_least,
     exactly_k_capacity,
     exactly_k_of,
+    masked_values,
     positions_at_least,
     sample_positions,
     sampled_entries,
+    sampled_exactly_k,
     sampled_threshold,
     select_exactly_k,
     select_in_chunks,
@@ -51,10 +53,10 @@ def sparse_payload(
     owner: Compressor, flat: Tensor, indices: Tensor, valid: Tensor | None, shape, value_dtype
 ) -> Payload:
     """(indices, values) of `flat`; entries where `valid` is False are padding (index 0, value 0)."""
-    values = flat[indices]
     if valid is not None:
-        values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    values = values.to(value_dtype) if value_dtype is not None else values
+        values = masked_values(flat, indices, valid, value_dtype)
+    else:
+        values = flat[indices] if value_dtype is None else flat[indices].to(value_dtype)
     meta = {"valid": valid} if valid is not None else {}
     return Payload([indices.to(index_dtype(flat.numel())), values], torch.Size(shape), flat.dtype, owner, meta)
 
@@ -130,10 +132,13 @@ class TopK(_Sparsifier):
         if not self._sampled(flat.numel()):
             indices = torch.topk(flat.abs(), k, sorted=False).indices
             return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
-        if flat.device.type not in selection.CHUNKED_DEVICES and not self.exactly_k:
+        if flat.device.type not in selection.CHUNKED_DEVICES:
             # `_select`'s device path with nothing to prepare or keep: threshold and selection in one go.
-            capacity = self._capacity(flat.numel(), k)
-            indices, values, valid = sampled_entries(flat, k, self._target, capacity, self.value_dtype)
+            if self.exactly_k:
+                indices, values, valid = sampled_exactly_k(flat, k, self.value_dtype)
+            else:
+                capacity = self._capacity(flat.numel(), k)
+                indices, values, valid = sampled_entries(flat, k, self._target, capacity, self.value_dtype)
             return Payload([indices, values], torch.Size(tensor.shape), flat.dtype, self, {"valid": valid})
         return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape)
 
