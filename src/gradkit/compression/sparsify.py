@@ -25,9 +25,7 @@ from gradkit.compression.base import Compressor, Payload, check_density, check_v
 from gradkit.compression.selection import (
     EXACT_K_TARGET,
     MIN_SAMPLE,
-    entries_at_least,
     exactly_k_capacity,
-    exactly_k_of,
     masked_values,
     positions_at_least,
     sample_positions,
@@ -132,15 +130,7 @@ class TopK(_Sparsifier):
         if not self._sampled(flat.numel()):
             indices = torch.topk(flat.abs(), k, sorted=False).indices
             return sparse_payload(self, flat, indices, None, tensor.shape, self.value_dtype)
-        if flat.device.type not in selection.CHUNKED_DEVICES:
-            # `_select`'s device path with nothing to prepare or keep: threshold and selection in one go.
-            if self.exactly_k:
-                indices, values, valid = sampled_exactly_k(flat, k, self.value_dtype)
-            else:
-                capacity = self._capacity(flat.numel(), k)
-                indices, values, valid = sampled_entries(flat, k, self._target, capacity, self.value_dtype)
-            return Payload([indices, values], torch.Size(tensor.shape), flat.dtype, self, {"valid": valid})
-        return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape)
+        return self._select(flat, None, tensor.shape)
 
     def compress_residual_(self, tensor: Tensor, *, sum_of: tuple[Tensor, Tensor] | None = None) -> Payload:
         """`Compressor.compress_residual_`, fused on a CPU: the sum is formed, and the sent entries
@@ -152,11 +142,11 @@ class TopK(_Sparsifier):
         n = flat.numel()
         k = count_for(self.density, n)
         if sum_of is None:
-            return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape, residual=True)
+            return self._select(flat, None, tensor.shape, residual=True)
         first, second = (part.reshape(-1) for part in sum_of)
         if flat.device.type not in selection.CHUNKED_DEVICES:  # one pass forms the sum, selected as `compress` does
             torch.add(first, second, out=flat)
-            return self._select(flat, sampled_threshold(flat, k, self._target), tensor.shape, residual=True)
+            return self._select(flat, None, tensor.shape, residual=True)
         drawn = sample_positions(n, k, self._target, flat.device)
         sample = torch.add(first.index_select(0, drawn), second.index_select(0, drawn), out=flat.new_empty(drawn.shape))
         threshold = threshold_of_sample(sample, n, k, self._target)
@@ -270,8 +260,7 @@ class TopK(_Sparsifier):
         write = None if write_back is None else (addend, write_back)
         if not chunked:  # one pass forms the sum, then it is selected from as `compress` selects
             add(0, n)
-            threshold = sampled_threshold(into, k, self._target)
-            return self._select(into, threshold, into.shape, keep=keep, residual=keep is not None, write=write)
+            return self._select(into, None, into.shape, keep=keep, residual=keep is not None, write=write)
         drawn = sample_positions(n, k, self._target, into.device)
         sample = into.index_select(0, drawn) + addend.index_select(0, drawn).nan_to_num(0.0, 0.0, 0.0) * scale
         threshold = threshold_of_sample(sample, n, k, self._target)
@@ -280,7 +269,7 @@ class TopK(_Sparsifier):
     def _select(
         self,
         flat: Tensor,
-        threshold: Tensor,
+        threshold: Tensor | None,
         shape: torch.Size,
         *,
         prepare: Callable[[int, int], None] | None = None,
@@ -291,20 +280,28 @@ class TopK(_Sparsifier):
         """The payload of the entries of `flat` at or above `threshold` (after ``prepare(0, n)``);
         values times `keep` if given; with `residual`, what is sent is taken out of `flat`; with
         ``write=(target, factor)``, what is sent, times factor, is added into `target` (flat's size,
-        zeroed by `prepare` chunk by chunk when `residual`: the chunked pass writes, not adds)."""
+        zeroed by `prepare` chunk by chunk when `residual`: the chunked pass writes, not adds).
+        A `threshold` of None samples it from `flat` (on a CPU, where `prepare` runs chunk by chunk, only
+        without one); on a device it is always sampled, after `prepare`, in the same calls that select."""
         n = flat.numel()
         k = count_for(self.density, n)
         capacity = self._capacity(n, k)
         if flat.device.type not in selection.CHUNKED_DEVICES:
             if prepare is not None:
                 prepare(0, n)
+            if threshold is not None:
+                raise ValueError("on a device the threshold is sampled with the selection: pass threshold=None")
+            # Threshold and selection in one go (three Triton launches on a GPU).
             if self.exactly_k:
-                indices, valid = exactly_k_of(flat, positions_at_least(flat, threshold, capacity), k)
-                payload = sparse_payload(self, flat, indices, valid, shape, self.value_dtype)
+                indices, values, valid = sampled_exactly_k(flat, k, self.value_dtype)
             else:
-                indices, values, valid = entries_at_least(flat, threshold, capacity, self.value_dtype)
-                payload = Payload([indices, values], torch.Size(shape), flat.dtype, self, {"valid": valid})
+                indices, values, valid = sampled_entries(flat, k, self._target, capacity, self.value_dtype)
+            payload = Payload([indices, values], torch.Size(shape), flat.dtype, self, {"valid": valid})
             return self._kept(flat, payload, keep, residual, write)
+        if threshold is None:
+            if prepare is not None:
+                raise ValueError("a sampled threshold on a CPU needs the tensor whole: pass the threshold with prepare")
+            threshold = sampled_threshold(flat, k, self._target)
         # The pass takes every entry it finds out of flat (and writes it into write's target) while
         # its chunk is in cache; with exactly_k, the candidates that lose to the k largest go back after.
         take = self._taker(flat, keep, write) if residual else None
