@@ -23,8 +23,10 @@ def positive_number(name: str, value: object, fix: str, *, allow_inf: bool = Fal
     return number
 
 
-def positive_int(name: str, value: object, fix: str) -> int:
-    """`value` as an int if it is an integer >= 1."""
+def positive_int(name: str, value: object, fix: str, *, allow_none: bool = False) -> int | None:
+    """`value` as an int if it is an integer >= 1 (or None with `allow_none`)."""
+    if value is None and allow_none:
+        return None
     return _int_at_least(name, value, fix, 1)
 
 

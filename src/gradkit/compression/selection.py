@@ -72,10 +72,10 @@ def sampled_threshold(flat: Tensor, k: int, target: float) -> Tensor:
     Returns:
         A 0-d tensor in flat's dtype on flat's device, strictly positive.
     """
+    sample = _triton_sample(flat, k, target)
+    if sample is not None:
+        return triton_select.threshold(flat, *sample).view(())
     n = flat.numel()
-    size = _triton_sample_size(n, k, target)
-    if size <= triton_select.MAX_SAMPLE and triton_select.usable(flat):
-        return triton_select.threshold(flat, size, _top_count(size, n, k, target)).view(())
     drawn = sample_positions(n, k, target, flat.device)
     # index_select, not flat[drawn]: advanced indexing took twice as long for these scattered reads.
     return threshold_of_sample(flat.index_select(0, drawn), n, k, target)
@@ -96,6 +96,15 @@ def _triton_sample_size(n: int, k: int, target: float) -> int:
     if size > TRITON_LANES and TRITON_LANES * target * k >= TRITON_MIN_HITS * n:
         return TRITON_LANES
     return size
+
+
+def _triton_sample(flat: Tensor, k: int, target: float) -> tuple[int, int] | None:
+    """(sample size, top count) of the Triton threshold kernel for `flat`, or None where it does not run."""
+    n = flat.numel()
+    size = _triton_sample_size(n, k, target)
+    if size > triton_select.MAX_SAMPLE or not triton_select.usable(flat):
+        return None
+    return size, _top_count(size, n, k, target)
 
 
 def _top_count(size: int, n: int, k: int, target: float) -> int:
@@ -263,13 +272,11 @@ def sampled_entries(
     threshold's kernel also zeroes the selection's slot counter): at 10M entries the call is
     bound by the host's launches, not by the GPU.
     """
-    n = flat.numel()
-    size = _triton_sample_size(n, k, target)
-    if size <= triton_select.MAX_SAMPLE and triton_select.usable(flat):
+    sample = _triton_sample(flat, k, target)
+    if sample is not None:
         return triton_select.select_sampled(
-            flat, size, _top_count(size, n, k, target), capacity,
-            index_dtype=index_dtype(n), value_dtype=value_dtype or flat.dtype,
-        )  # fmt: skip
+            flat, *sample, capacity, index_dtype=index_dtype(flat.numel()), value_dtype=value_dtype or flat.dtype
+        )
     return entries_at_least(flat, sampled_threshold(flat, k, target), capacity, value_dtype)
 
 
@@ -282,14 +289,13 @@ def sampled_exactly_k(flat: Tensor, k: int, value_dtype: torch.dtype | None = No
     with value 0 (``valid`` False). Indices are in `base.index_dtype`, values in `value_dtype` (default: flat's).
     """
     n = flat.numel()
-    size = _triton_sample_size(n, k, EXACT_K_TARGET)
-    if size > triton_select.MAX_SAMPLE or not triton_select.usable(flat):
+    sample = _triton_sample(flat, k, EXACT_K_TARGET)
+    if sample is None:
         indices, valid = select_exactly_k(flat, k)
         return indices.to(index_dtype(n)), masked_values(flat, indices, valid, value_dtype), valid
     positions, values, found = triton_select.select_sampled(
-        flat, size, _top_count(size, n, k, EXACT_K_TARGET), exactly_k_capacity(n, k),
-        index_dtype=index_dtype(n), value_dtype=flat.dtype,
-    )  # fmt: skip
+        flat, *sample, exactly_k_capacity(n, k), index_dtype=index_dtype(n), value_dtype=flat.dtype
+    )
     # Padding (index 0, value 0) loses to every candidate: its magnitude is -1.
     kept, top = torch.topk(torch.where(found, values.abs(), -1.0), k, sorted=False)
     chosen = values[top]

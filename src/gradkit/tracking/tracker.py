@@ -118,12 +118,11 @@ class Tracker(ManualTracking):
         history: int | None = None,
     ) -> None:
         self.every, self.detail_every = _check_every(every, detail_every)
-        keep = (
-            None
-            if history is None
-            else _checks.positive_int(
-                "history", history, "pass how many logged steps to keep in memory, e.g. 1000, or None for all of them"
-            )
+        keep = _checks.positive_int(
+            "history",
+            history,
+            "pass how many logged steps to keep in memory, e.g. 1000, or None for all of them",
+            allow_none=True,
         )
         self.writer_names = check_writers(writers)
         self.rules = AlertRules.or_default(alerts)
