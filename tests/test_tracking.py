@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -166,6 +167,50 @@ def test_non_logging_steps_make_no_host_reads(monkeypatch):
             assert total == 1, step  # only the pipeline's own finiteness read
     assert [r["step"] for r in tracker.history] == [1, 4, 8]
     assert tracker.history[-1]["global"]["clipped_steps"] == 4  # counted on the device between logs
+
+
+class Norms(gk.Tracker):
+    """A Tracker that also keeps the per-parameter norms it measured on logging steps."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.measured = {}
+
+    def observe(self, ctx, report):
+        if self.wants(report.step):
+            self.measured[report.step] = (ctx.pre_clip_norms.clone(), ctx.norms().clone())
+        super().observe(ctx, report)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_float32_statistics_are_written_with_float32_precision(tmp_path, dtype):
+    # Norms of float32, bf16 and fp16 gradients are measured in float32: the log writes 9 significant digits,
+    # which read back as exactly the measured float32 values; float64 ones are written exactly (repr).
+    model = make_model().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = Norms(tmp_path, every=1, detail_every=2)
+    pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(0.3), tracker=tracker)
+    for x, y in batches(4):
+        pipe.backward(((model(x.to(dtype)) - y.to(dtype)) ** 2).sum())
+        pipe.step(opt)
+    tracker.close()
+    lines = (tmp_path / "tracking.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines[1:]]
+    assert records == tracker.history  # the history is what the file says
+    names = [n for n, _ in model.named_parameters()]
+    for record in records:
+        pre, norm = tracker.measured[record["step"]]
+        for key, measured in (("norm_pre_clip", pre), ("norm", norm)):
+            got = [record["params"][name][key] for name in names]
+            assert all(type(v) is float for v in got)
+            if dtype == torch.float64:
+                assert got == measured.tolist()  # exact
+            else:
+                assert measured.dtype == torch.float32
+                assert np.array_equal(np.float32(got), measured.numpy())  # float32's round trip
+                assert got != measured.tolist()  # 9 digits, not the float64 text of a float32
+    text = lines[-1]
+    assert ("e-0" in text) == (dtype != torch.float64)
 
 
 def test_jsonl_records_follow_the_documented_schema(tmp_path):

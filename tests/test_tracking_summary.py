@@ -3,8 +3,10 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
+from gradkit.tracking.entries import short_text
 from gradkit.tracking.summary import KEYS, Layout, summarize, summarize_columns
 from gradkit.tracking.writers import STAT_FIELDS, clean
 
@@ -205,3 +207,49 @@ def test_columnar_entries_equal_the_plain_per_entry_ones_bit_for_bit(seed):
         assert repr((params.to_dict(), modules.to_dict())) == repr(want)
         for entries in (params, modules):
             assert entries.encode() == json.dumps(entries.to_dict(), allow_nan=False)
+
+
+def test_short_text_round_trips_float32_and_always_reads_back_as_a_float():
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(20000) * 10.0 ** rng.integers(-40, 39, 20000)).astype(np.float32)
+    values = np.concatenate([values, np.float32([0.0, -0.0, 1.0, 123456789.0, 3.4e38, 1e-45, 0.5])])
+    column = values.astype(np.float64).tolist()
+    text = short_text(column)
+    assert len(text) == len(column) and short_text([]) == []
+    back = [json.loads(t) for t in text]
+    assert all(type(v) is float for v in back)  # never an int: an exponent or "0.0"
+    assert np.array_equal(np.float32(back), values)  # float32's round trip: exactly the measured values
+    assert text[-7:-5] == ["0.0", "0.0"] and text[-4] == "1.23456792e+08"
+    assert max(map(len, text)) <= len("-1.00000000e-100")
+
+
+@pytest.mark.parametrize("detail", [True, False])
+@pytest.mark.parametrize("bad", [None, (0, 0, NAN), (1, 5, 3), (2, 1, INF)])
+def test_short_entries_are_their_text_read_back(detail, bad):
+    # A float32-measured table: 9 significant digits; counts stay ints, non-finite values null.
+    table = [[float(np.float32(v)) for v in row] for row in rows(detail)]
+    table[0][0] = float(np.float32(1 / 3))
+    if bad is not None:
+        row, column, value = bad
+        table[row][column] = value
+    args = (Layout(NAMES), NUMELS, columns_of(table), {})
+    exact = summarize_columns(*args, deltas=[0.1] * 4, detail=detail)
+    short = summarize_columns(*args, deltas=[0.1] * 4, detail=detail, short=True)
+    for full, cut in zip(exact, short):
+        assert cut.short and not full.short
+        assert cut.to_dict() == json.loads(cut.encode())
+        for name, entry in full.to_dict().items():
+            for key, value in entry.items():
+                got = cut.to_dict()[name][key]
+                if isinstance(value, float):
+                    assert type(got) is float and got == pytest.approx(value, rel=5e-9, abs=0)
+                else:
+                    assert got == value and type(got) is type(value)  # None, counts, element counts
+    if bad is None:
+        assert short[0].to_dict()["a.weight"]["norm_pre_clip"] == json.loads("3.33333343e-01")
+        assert np.float32(short[0].to_dict()["a.weight"]["norm_pre_clip"]) == np.float32(1 / 3)
+
+
+def test_non_strict_entries_are_never_short():
+    params, _ = summarize_columns(Layout(NAMES), NUMELS, columns_of(rows()), {}, strict=False, short=True)
+    assert not params.short and params.to_dict()["a.weight"]["norm"] == 1.5

@@ -38,7 +38,8 @@ class Logged:
     Its fields are those of the step: ``step``, ``report``, ``detail``, ``flight`` (the `record.InFlight` read
     of its statistics), ``names``, ``params``, ``numels``, ``before`` (the weights before the step, or None),
     ``histograms``, ``grads`` (`nonfinite.GradRefs` or None), ``events`` (a re-check's hook firings, or None),
-    ``since``, ``bytes_since``, ``last_logged``, ``gathered`` and ``weight_groups`` (the weights' grouping, or None).
+    ``since``, ``bytes_since``, ``last_logged``, ``gathered``, ``weight_groups`` (the weights' grouping, or None)
+    and ``short`` (the statistics were measured in float32: written with 9 significant digits).
     """
 
     def __init__(self, **fields: Any) -> None:
@@ -84,6 +85,7 @@ class Logged:
             numels=numels(ctx.grads), before=before, histograms=histograms, grads=grads,
             events=None if recheck is None else recheck[0], since=counters.since, bytes_since=counters.bytes,
             last_logged=counters.last_logged, gathered=ranks is not None, weight_groups=weight_groups,
+            short=len(ctx) > 0 and ctx.norms().dtype != torch.float64,
         )  # fmt: skip
 
     def done(self) -> bool:
@@ -101,7 +103,7 @@ class Logged:
         return _record.assemble(
             got, self.report, step=self.step, layout=_summary.Layout.of(self.names), numels=self.numels,
             counts=counts, since=self.since, bytes_since=self.bytes_since, detail=self.detail, gathered=self.gathered,
-            deltas=self.update_norms(),
+            deltas=self.update_norms(), short=self.short,
         )  # fmt: skip
 
     def update_norms(self) -> list[float] | None:

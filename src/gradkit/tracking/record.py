@@ -346,17 +346,20 @@ class StepRecord:
 def assemble(
     got: dict[str, Any], report: StepReport, *, step: int, layout: _summary.Layout, numels: Sequence[int],
     counts: dict[int, tuple[int, int]], since: int, bytes_since: int, detail: bool, gathered: bool,
-    deltas: list[float] | None = None,
+    deltas: list[float] | None = None, short: bool = False,
 ) -> StepRecord:  # fmt: skip
     """The record of a logged step from its read values `got` (`start_step`): per-parameter and
     per-module statistics (with host-counted NaN/Inf `counts`, and ||Δw||/||w|| from the read ||Δw|| per
     parameter `deltas`: zeros for a skipped step, None when the weights were not copied), the step's
-    scalars and, if `gathered`, every rank's module norms. Alerts empty.
+    scalars and, if `gathered`, every rank's module norms. Alerts empty. `short`: the statistics were measured
+    in float32, and are written with 9 significant digits (`entries.short_text`).
 
     The record is strict JSON as built (non-finite numbers are None), so no pass cleans it again."""
     if got["skipped"]:
         deltas = [0.0] * len(layout.names)  # a skipped step does not move the weights
-    params, modules = _summary.summarize_columns(layout, numels, got["columns"], counts, deltas=deltas, detail=detail)
+    params, modules = _summary.summarize_columns(
+        layout, numels, got["columns"], counts, deltas=deltas, detail=detail, short=short
+    )
     ranks = rank_norms(layout, numels, got["ranks"]) if gathered else None
     head = step_record(got, report, step=step, since=since, bytes_since=bytes_since, detail=detail, ranks=ranks)
     return StepRecord(head, params, modules)

@@ -180,7 +180,7 @@ def _getter(indices: list[int]) -> itemgetter:
 def summarize_columns(
     layout: Layout, numels: Sequence[int], columns: Sequence[Sequence[float]] | np.ndarray,
     counts: dict[int, tuple[int, int]], *, deltas: Sequence[float] | None = None, strict: bool = True,
-    detail: bool = True,
+    detail: bool = True, short: bool = False,
 ) -> tuple[Entries, Entries]:  # fmt: skip
     """Per-parameter and per-module entries of a logged step, as columns.
 
@@ -206,6 +206,8 @@ def summarize_columns(
         strict: non-finite floats become None (the record as written: strict JSON).
         detail: whether the table holds the detail columns (`stats.DETAIL`); without them,
             max |g|, the zero fraction, ||w|| and ||g||/||w|| are not measured (NaN, or None if `strict`).
+        short: the table was measured in float32: strict entries are written with 9 significant digits
+            (`Entries` ``short``).
 
     Returns:
         (params, modules) as `Entries`.
@@ -220,6 +222,7 @@ def summarize_columns(
     if detail and len(table) == 2:  # told to read the detail columns of an ordinary step's table: not measured
         table = np.concatenate([table, np.full((5, table.shape[1]), math.nan)])
     sizes = layout.sizes(numels)
+    short = short and strict  # the short text is strict JSON
     with np.errstate(all="ignore"):  # non-finite values are written as null (strict) or kept as NaN
         param_counts, module_counts = _counts(layout, table, counts)
         squares = [table[0] * table[0], table[1] * table[1]]
@@ -231,19 +234,23 @@ def summarize_columns(
             d = np.asarray(deltas, dtype=np.float64)
             mod_d = np.sqrt(layout.sums(d * d))
         if not detail:  # not measured: one shared column of blanks (nothing to compute, to clean, or to encode)
-            params = _entries(layout.names, layout.quoted, squares, None, sizes.params, None, param_counts, d, strict)
+            params = _entries(
+                layout.names, layout.quoted, squares, None, sizes.params, None, param_counts, d, strict, short
+            )
             modules = _entries(
                 layout.modules, layout.modules_quoted, mod_squares, None, sizes.modules, None, module_counts, mod_d,
-                strict,
+                strict, short,
             )  # fmt: skip
             return params, modules
         zeros = sizes.params.count - table[3]
         max_abs = table[2]
-        params = _entries(layout.names, layout.quoted, squares, max_abs, sizes.params, zeros, param_counts, d, strict)
+        params = _entries(
+            layout.names, layout.quoted, squares, max_abs, sizes.params, zeros, param_counts, d, strict, short
+        )
         module_max = np.array(layout.module_max(max_abs.tolist()), dtype=np.float64)
         modules = _entries(
             layout.modules, layout.modules_quoted, mod_squares, module_max, sizes.modules, layout.sums(zeros),
-            module_counts, mod_d, strict,
+            module_counts, mod_d, strict, short,
         )  # fmt: skip
     return params, modules
 
@@ -309,7 +316,7 @@ def _ints(column: np.ndarray) -> np.ndarray:
     return np.array(list(map(int, column.tolist())), dtype=np.int64)
 
 
-def _entries(names, quoted, squares, max_abs, sizes, zeros, counts, deltas, strict) -> Entries:  # fmt: skip
+def _entries(names, quoted, squares, max_abs, sizes, zeros, counts, deltas, strict, short) -> Entries:  # fmt: skip
     """Entries from the summed columns: squares of the norms before and after clipping (and, with `zeros`, of the
     weights), max |g|, the element counts (`_Sizes`), zero counts, NaN and Inf counts (`_Counts`) and ||Δw||,
     one statistic at a time, as the plain per-entry formulas give them (a rate over no elements is 0.0)."""
@@ -329,7 +336,8 @@ def _entries(names, quoted, squares, max_abs, sizes, zeros, counts, deltas, stri
              zero_frac, (counts.nan, counts.known), (counts.inf, counts.known), (sizes.numels, NUMELS), weight_c, g2w,
              u2w]  # fmt: skip
     # What is known of a column holds for strict entries, the ones written as JSON.
-    return Entries(names, quoted, [c for c, _ in pairs], tuple(k if strict else None for _, k in pairs))
+    known = tuple(k if strict else None for _, k in pairs)
+    return Entries(names, quoted, [c for c, _ in pairs], known, short=short)
 
 
 def _floats(values: np.ndarray, strict: bool, valid: np.ndarray | None = None) -> tuple[list, str | None]:
