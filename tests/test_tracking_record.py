@@ -65,21 +65,38 @@ def test_host_values_are_read_where_they_are_when_the_read_targets_a_device():
     assert math.isnan(got["g2"]) and got["table"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
 
 
-def test_weight_copies_and_update_norms_match_the_plain_per_tensor_ones():
-    from gradkit.tracking.record import copy_weights, update_norms
+@pytest.mark.parametrize("sizes", [[12, 5, 2, 4], [70000, 3, 1, 65537, 0, 8, 65536]])
+def test_weight_copies_and_update_norms_match_the_plain_per_tensor_ones(sizes):
+    # Small tensors (<= stats.SMALL elements) are copied flat and measured by segment, large ones by foreach, in
+    # mixed (device, dtype) groups whose order is restored.
+    from gradkit.tracking.record import WeightCopy
 
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5, dtype=torch.float64)),
-              nn.Parameter(torch.randn(2).bfloat16()), nn.Parameter(torch.randn(4))]  # fmt: skip
-    params[3].data[0] = -0.0
-    before = copy_weights(params)
-    assert all(b is not p and b.dtype == p.dtype and torch.equal(b, p) and not b.requires_grad
-               for b, p in zip(before, params))  # fmt: skip
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32]
+    params = [nn.Parameter(torch.randn(n).to(dtypes[i % 4])) for i, n in enumerate(sizes)]
+    params[0].data[0] = -0.0
+    before = WeightCopy(params)
     plain = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn_like(p))
-    assert all(torch.equal(b, c) for b, c in zip(before, plain))  # copies, not views
-    got = update_norms(params, before)
-    want = torch.stack([torch.linalg.vector_norm((c - p.detach()).float()).double() for c, p in zip(plain, params)])
-    assert torch.allclose(got.double(), want, rtol=1e-6)
+    got = before.norms(params)  # a copy, not a view: the updates are seen
+    assert got.dtype == torch.float64 and got.shape == (len(params),)
+    want = torch.stack([torch.linalg.vector_norm((c - p.detach()).double()) for c, p in zip(plain, params)])
+    assert torch.allclose(got, want, rtol=1e-6)
+    for i, p in enumerate(params):
+        if p.dtype == torch.float64:  # the difference is exact there: the segment sum is as a float64 norm
+            assert got[i].item() == pytest.approx(want[i].item(), rel=1e-12)
+    with pytest.raises(RuntimeError, match="already called"):
+        before.norms(params)
+
+
+def test_weight_norms_of_the_detail_table_match_the_plain_ones():
+    from gradkit.tracking.stats import FusedStats
+
+    torch.manual_seed(1)
+    params = [nn.Parameter(torch.randn(n)) for n in (70000, 7, 0, 3, 65537)]
+    grads = [torch.randn_like(p) for p in params]
+    table = FusedStats.of(grads).table(grads, params, torch.device("cpu"), torch.float64)
+    want = torch.stack([torch.linalg.vector_norm(p.detach().double()) for p in params])
+    assert torch.allclose(table[:, 2], want, rtol=1e-6)

@@ -36,10 +36,10 @@ class Logged:
     """A logged step between its statistics (observe) and its record (written once its host copies completed).
 
     Its fields are those of the step: ``step``, ``report``, ``detail``, ``flight`` (the `record.InFlight` read
-    of its statistics), ``names``, ``params``, ``numels``, ``before`` (the weights before the step, or None),
-    ``histograms``, ``grads`` (`nonfinite.GradRefs` or None), ``events`` (a re-check's hook firings, or None),
-    ``since``, ``bytes_since``, ``last_logged``, ``gathered``, ``weight_groups`` (the weights' grouping, or None)
-    and ``short`` (the statistics were measured in float32: written with 9 significant digits).
+    of its statistics), ``names``, ``params``, ``numels``, ``before`` (a `record.WeightCopy` of the weights
+    before the step, or None), ``histograms``, ``grads`` (`nonfinite.GradRefs` or None), ``events`` (a
+    re-check's hook firings, or None), ``since``, ``bytes_since``, ``last_logged``, ``gathered`` and ``short``
+    (the statistics were measured in float32: written with 9 significant digits).
     """
 
     def __init__(self, **fields: Any) -> None:
@@ -77,14 +77,14 @@ class Logged:
         weight_groups = ctx.groups() if len(ctx) and not ctx.groups().sparse else None
         if detail and update_ratio and len(ctx):
             # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
-            before = _record.copy_weights(ctx.params, weight_groups)
+            before = _record.WeightCopy(ctx.params, weight_groups)
         # Without counts on the device, a non-finite record counts NaN/Inf on the host (if the grads are unchanged).
         grads = None if detail or ctx.sharded else GradRefs(ctx.grads)
         return cls(
             step=step, report=report, detail=detail, flight=flight, names=list(ctx.names), params=list(ctx.params),
             numels=numels(ctx.grads), before=before, histograms=histograms, grads=grads,
             events=None if recheck is None else recheck[0], since=counters.since, bytes_since=counters.bytes,
-            last_logged=counters.last_logged, gathered=ranks is not None, weight_groups=weight_groups,
+            last_logged=counters.last_logged, gathered=ranks is not None,
             short=len(ctx) > 0 and ctx.norms().dtype != torch.float64,
         )  # fmt: skip
 
@@ -132,7 +132,7 @@ class Pending:
         if logged is None:
             return
         if logged.before is not None:
-            deltas = _record.update_norms(logged.params, logged.before, logged.weight_groups)
+            deltas = logged.before.norms(logged.params)
             logged.before = None
             read = _record.HostRead(deltas.device, host_dtype(deltas.device))
             read.add("deltas", deltas)
