@@ -49,6 +49,7 @@ class Capture(gk.Tracker):
                 "grads": [g.clone() for g in ctx.grads],
                 "before": [p.detach().clone() for p in ctx.params],
                 "coef": float(report.clip_coef),
+                "norms": (ctx.pre_clip_norms.clone(), ctx.norms().clone()),  # as measured, before any text
             }
         super().observe(ctx, report)
 
@@ -169,26 +170,13 @@ def test_non_logging_steps_make_no_host_reads(monkeypatch):
     assert tracker.history[-1]["global"]["clipped_steps"] == 4  # counted on the device between logs
 
 
-class Norms(gk.Tracker):
-    """A Tracker that also keeps the per-parameter norms it measured on logging steps."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.measured = {}
-
-    def observe(self, ctx, report):
-        if self.wants(report.step):
-            self.measured[report.step] = (ctx.pre_clip_norms.clone(), ctx.norms().clone())
-        super().observe(ctx, report)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_float32_statistics_are_written_with_float32_precision(tmp_path, dtype):
     # Norms of float32, bf16 and fp16 gradients are measured in float32: the log writes 9 significant digits,
     # which read back as exactly the measured float32 values; float64 ones are written exactly (repr).
     model = make_model().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    tracker = Norms(tmp_path, every=1, detail_every=2)
+    tracker = Capture(tmp_path, every=1, detail_every=2)
     pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(0.3), tracker=tracker)
     for x, y in batches(4):
         pipe.backward(((model(x.to(dtype)) - y.to(dtype)) ** 2).sum())
@@ -199,7 +187,7 @@ def test_float32_statistics_are_written_with_float32_precision(tmp_path, dtype):
     assert records == tracker.history  # the history is what the file says
     names = [n for n, _ in model.named_parameters()]
     for record in records:
-        pre, norm = tracker.measured[record["step"]]
+        pre, norm = tracker.seen[record["step"]]["norms"]
         for key, measured in (("norm_pre_clip", pre), ("norm", norm)):
             got = [record["params"][name][key] for name in names]
             assert all(type(v) is float for v in got)
