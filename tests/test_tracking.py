@@ -170,7 +170,7 @@ def test_non_logging_steps_make_no_host_reads(monkeypatch):
     assert tracker.history[-1]["global"]["clipped_steps"] == 4  # counted on the device between logs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_float32_statistics_are_written_with_float32_precision(tmp_path, dtype):
     # Norms of float32, bf16 and fp16 gradients are measured in float32: the log writes 9 significant digits,
     # which read back as exactly the measured float32 values; float64 ones are written exactly (repr).
@@ -197,8 +197,8 @@ def test_float32_statistics_are_written_with_float32_precision(tmp_path, dtype):
                 assert measured.dtype == torch.float32
                 assert np.array_equal(np.float32(got), measured.numpy())  # float32's round trip
                 assert got != measured.tolist()  # 9 digits, not the float64 text of a float32
-    text = lines[-1]
-    assert ("e-0" in text) == (dtype != torch.float64)
+    # Float64 statistics: the text is json.dumps of the record; float32 ones are written shorter.
+    assert (lines[1:] == [json.dumps(r, allow_nan=False) for r in records]) == (dtype == torch.float64)
 
 
 def test_jsonl_records_follow_the_documented_schema(tmp_path):

@@ -65,16 +65,17 @@ def test_host_values_are_read_where_they_are_when_the_read_targets_a_device():
     assert math.isnan(got["g2"]) and got["table"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
 
 
-@pytest.mark.parametrize("sizes", [[12, 5, 2, 4], [70000, 3, 1, 65537, 0, 8, 65536]])
+@pytest.mark.parametrize("sizes", [[12, 5, 2, 4], [70000, 3, 1, 257, 0, 8, 256, 65536, 255]])
 def test_weight_copies_and_update_norms_match_the_plain_per_tensor_ones(sizes):
-    # Small tensors (<= stats.SMALL elements) are copied flat and measured by segment, large ones by foreach, in
-    # mixed (device, dtype) groups whose order is restored.
+    # Small weights (<= stats.small_limit elements) are copied flat and measured by segment, the others by
+    # foreach, in mixed (device, dtype) groups whose order is restored.
     from gradkit.tracking.record import WeightCopy
 
     torch.manual_seed(0)
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32]
     params = [nn.Parameter(torch.randn(n).to(dtypes[i % 4])) for i, n in enumerate(sizes)]
     params[0].data[0] = -0.0
+    assert torch.equal(WeightCopy(params).norms(params), torch.zeros(len(params), dtype=torch.float64))  # exact
     before = WeightCopy(params)
     plain = [p.detach().clone() for p in params]
     with torch.no_grad():
@@ -95,7 +96,7 @@ def test_weight_norms_of_the_detail_table_match_the_plain_ones():
     from gradkit.tracking.stats import FusedStats
 
     torch.manual_seed(1)
-    params = [nn.Parameter(torch.randn(n)) for n in (70000, 7, 0, 3, 65537)]
+    params = [nn.Parameter(torch.randn(n)) for n in (70000, 7, 0, 3, 65537, 256, 257)]
     grads = [torch.randn_like(p) for p in params]
     table = FusedStats.of(grads).table(grads, params, torch.device("cpu"), torch.float64)
     want = torch.stack([torch.linalg.vector_norm(p.detach().double()) for p in params])

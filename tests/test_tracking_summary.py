@@ -250,6 +250,17 @@ def test_short_entries_are_their_text_read_back(detail, bad):
         assert np.float32(short[0].to_dict()["a.weight"]["norm_pre_clip"]) == np.float32(1 / 3)
 
 
+def test_short_zeros_are_written_as_zero_also_beside_nulls():
+    table = [[float(np.float32(v)) for v in row] for row in rows()]
+    table[1][4] = 0.0  # a.bias: zero weight norm, so its ratios are null; the other rows' are not
+    params, _ = summarize_columns(Layout(NAMES), NUMELS, columns_of(table), {}, deltas=[0.0] * 4, short=True)
+    assert None in params.column("update_to_weight") and 0.0 in params.column("update_to_weight")
+    text = params.encode()
+    assert '"update_to_weight": 0.0, ' in text or '"update_to_weight": 0.0}' in text
+    assert '"update_to_weight": 0.00000000e+00' not in text
+    assert params.to_dict() == json.loads(text)
+
+
 def test_non_strict_entries_are_never_short():
     params, _ = summarize_columns(Layout(NAMES), NUMELS, columns_of(rows()), {}, strict=False, short=True)
     assert not params.short and params.to_dict()["a.weight"]["norm"] == 1.5

@@ -23,7 +23,7 @@ __all__ = ["KEYS", "Entries", "BLANK", "ZEROS", "NUMELS", "FINITE"]
 #: the keys of each entry, in order (`writers.STAT_FIELDS`)
 KEYS = ("norm_pre_clip", "norm", "max_abs", "rms", "zero_frac", "nan", "inf", "numel", "weight_norm",
         "grad_to_weight", "update_to_weight")  # fmt: skip
-# An entry's JSON text: its quoted name, then one value per key (a value's repr is its JSON text).
+# An entry's JSON text: its quoted name, then one value per key (its repr, or `short_text` in a short table).
 _KEY_TEXT = [json.dumps(key) + ": " for key in KEYS]
 
 #: What the maker of a table knows of a column, so that encoding need not scan it (`Entries` ``known``):
@@ -63,12 +63,14 @@ class Entries:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """name -> {key: value}, as the record holds them (a `short` table: as its text reads back)."""
-        if self.short:
-            return json.loads(self.encode())
-        return dict(zip(self.names, map(dict, map(zip, [KEYS] * len(self.names), zip(*self.columns)))))
+        columns = self.columns
+        if self.short:  # the values as their text reads back
+            columns = list(map(_read_back, KEYS, columns))
+        return dict(zip(self.names, map(dict, map(zip, [KEYS] * len(self.names), zip(*columns)))))
 
     def encode(self) -> str:
-        """The JSON text of `to_dict()` (as ``json.dumps`` writes it), from the columns.
+        """The JSON text of `to_dict()` (as ``json.dumps`` writes it; a `short` table's floats with 9 significant
+        digits, which `to_dict` reads back), from the columns.
 
         The table's literal pieces come from its kept template (`_Template`); a step makes the text of its
         values only, column by column, and joins it with the pieces in one call. A float column equal to
@@ -86,7 +88,7 @@ class Entries:
                 kinds.append(_ZERO)
             elif kind == NUMELS:  # element counts: the same every step, so their text is in the template
                 kinds.append(tuple(column))
-            elif kind == FINITE:  # floats and ints: repr is their JSON text (strict: no NaN or Infinity here)
+            elif kind == FINITE:  # floats and ints: repr or short_text (strict: no NaN or Infinity here)
                 # Both norms are square roots (floats): equal columns have equal text.
                 if key == "norm" and pre is not None and pre[0] == column:
                     text = pre[1]
@@ -98,7 +100,7 @@ class Entries:
                 values.append(text)
             else:  # a few unknown values: their text one by one
                 kinds.append(_TEXT)
-                write = _SHORT.__mod__ if self.short and key not in _COUNTS else repr
+                write = _short_one if self.short and key not in _COUNTS else repr
                 values.append(["null" if v is None else write(v) for v in column])
         pieces = _Template.of(self.quoted, tuple(kinds))
         if not values:
@@ -128,6 +130,20 @@ def short_text(column: list[float]) -> list[str]:
         return []
     form = ",".join(map(_ZERO_TEXT.get, column, repeat(_SHORT)))
     return (form % tuple(filter(None, column))).split(",")
+
+
+def _short_one(value: float) -> str:
+    """One value's `short_text` (a column that also holds None is written value by value)."""
+    return _ZERO_TEXT.get(value) or _SHORT % value
+
+
+def _read_back(key: str, column: list) -> list:
+    """A short table's column as its text reads back: floats at 9 significant digits; counts and None as they are."""
+    if key in _COUNTS or key == "numel" or not column:
+        return column
+    if None in column:
+        return [None if v is None else float(_short_one(v)) for v in column]
+    return list(map(float, short_text(column)))
 
 
 def _kind_of(key: str, column: list) -> str | None:

@@ -333,7 +333,8 @@ class StepRecord:
         return self._dict
 
     def line(self) -> str:
-        """The record's JSON text, as ``json.dumps(self.to_dict(), allow_nan=False)`` writes it."""
+        """The record's JSON text: ``json.dumps(self.to_dict(), allow_nan=False)``, but that the tables of a
+        float32-measured step write 9 significant digits (`entries.short_text`); `to_dict` reads the same values."""
         head = self.head
         before = json.dumps({key: head[key] for key in _BEFORE}, allow_nan=False)
         after = json.dumps({key: head[key] for key in _AFTER}, allow_nan=False)
@@ -439,10 +440,11 @@ def rank_norms(
 class WeightCopy:
     """The weights (this rank's shards) before a step, kept to measure ||Δw|| per parameter after it; no host sync.
 
-    Laid out as `stats.FusedStats` lays out the gradients: the small weights of a (device, dtype) group in one
-    flat buffer (one concatenation, and after the step one subtraction and one segment sum of squares), the large
-    ones copied and measured with one foreach op per group. With thousands of small tensors on a CPU that is
-    several times faster than a copy, a difference and a norm per tensor.
+    Laid out as `stats.FusedStats` lays out the gradients: the small weights (`stats.small_limit`) of a
+    (device, dtype) group in one flat buffer (one concatenation, and after the step one subtraction and one
+    float64 segment sum of squares), the others copied and measured with one foreach op per group. With
+    thousands of tiny tensors on a CPU that is several times faster than a copy, a difference and a norm per
+    tensor.
 
     Args:
         params: the parameters (DTensor shards: the norms are of the full updates, one all-reduce).
