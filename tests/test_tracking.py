@@ -356,3 +356,22 @@ def test_history_keeps_the_most_recent_logged_steps_and_the_log_keeps_all(tmp_pa
     on_disk = [r["step"] for r in read_jsonl(tmp_path / "tracking.jsonl") if r.get("type") == "step"]
     assert on_disk == logged
     assert tracker.history[-1] == [r for r in read_jsonl(tmp_path / "tracking.jsonl") if r.get("step") == 20][-1]
+
+
+@pytest.mark.parametrize("keep", [None, 3])
+def test_history_bounds_the_alerts_kept_in_memory_too(tmp_path, keep):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = gk.Tracker(tmp_path, every=1, history=keep)
+    pipe = gk.GradientPipeline(model, tracker=tracker)
+    for i, (x, y) in enumerate(batches(12)):  # steps 2, 5, 8 and 11 are non-finite: an alert each
+        pipe.backward(((model(x) - y) ** 2).sum() * (math.nan if i % 3 == 1 else 1.0))
+        pipe.step(opt)
+        if i == 9:
+            assert [a.step for a in tracker.alerts] == ([2, 5, 8] if keep is None else [8])  # steps 8-10 kept
+    tracker.close()
+    assert [r["step"] for r in tracker.history] == (list(range(1, 13)) if keep is None else [10, 11, 12])
+    assert [(a.step, a.kind) for a in tracker.alerts] == [(s, "nonfinite") for s in ([2, 5, 8, 11] if keep is None
+                                                                                     else [11])]  # fmt: skip
+    logged = [a["step"] for r in read_jsonl(tmp_path / "tracking.jsonl") for a in r.get("alerts", [])]
+    assert logged == [2, 5, 8, 11]  # the log keeps every alert

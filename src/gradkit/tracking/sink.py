@@ -61,7 +61,7 @@ class RecordSink:
         self._history: list[dict[str, Any]] = []
         self._unread: list[StepRecord] = []  # records not yet made dicts: that waits until `history` is read
         self.keep = keep
-        self.alerts: list[Alert] = []
+        self._alerts: list[Alert] = []
         self.last_alerts: list[Alert] = []
 
     @property
@@ -75,6 +75,31 @@ class RecordSink:
             del self._history[: len(self._history) - self.keep]
         return self._history
 
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first; with `keep`, those of the steps `history` holds and later ones."""
+        if self.keep is not None and len(self._history) + len(self._unread) > self.keep:
+            self._drop_alerts(self._oldest_kept())
+        return self._alerts
+
+    @alerts.setter
+    def alerts(self, alerts: list[Alert]) -> None:
+        self._alerts = alerts
+
+    def _oldest_kept(self) -> int:
+        """The step of the oldest record `history` shows (with `keep`, and more than `keep` held)."""
+        at = len(self._history) + len(self._unread) - self.keep
+        if at < len(self._history):
+            return self._history[at]["step"]
+        return self._unread[at - len(self._history)].head["step"]
+
+    def _drop_alerts(self, before: int) -> None:
+        """Drop the alerts of steps before `before` (they come in step order)."""
+        cut = 0
+        while cut < len(self._alerts) and self._alerts[cut].step < before:
+            cut += 1
+        del self._alerts[:cut]
+
     def _bound(self) -> None:
         """Drop the oldest records once twice `keep` are held (cut in bulk: one slice per `keep` steps, not a
         shift of the whole list per step); `history` cuts to exactly `keep` when read."""
@@ -84,6 +109,8 @@ class RecordSink:
         dropped = min(excess, len(self._history))
         del self._history[:dropped]
         del self._unread[: excess - dropped]
+        held = self._history or self._unread
+        self._drop_alerts(held[0]["step"] if self._history else held[0].head["step"])
 
     def write(self, logged: Logged, *, next_step: int) -> None:
         """Assemble the record of a logged step from its host values, raise its alerts, keep and write it.
@@ -122,7 +149,7 @@ class RecordSink:
         for alert in alerts:
             if self.loud:
                 logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
-        self.alerts.extend(alerts)
+        self._alerts.extend(alerts)
 
     def start_run(self, names: list[str], *, every: int, meta: dict[str, Any]) -> None:
         """Write the run header: the parameters and modules tracked, the logging period and the run's settings."""

@@ -71,6 +71,7 @@ class Tracker(ManualTracking):
             None (the default) for all of them. The log on disk keeps every step; a long
             run that logs every step of a large model should bound it (a record holds
             about 200 bytes per parameter tensor, about 1 KB once `history` is read).
+            `alerts` then keeps the alerts of those steps (and of later ones).
 
     Raises:
         TypeError / ValueError: for a bad `every` or `history`, an unknown writer, an
@@ -158,7 +159,7 @@ class Tracker(ManualTracking):
 
     @property
     def alerts(self) -> list[Alert]:
-        """Every alert so far, oldest first."""
+        """Every alert so far, oldest first (with ``history=N``: those of the steps `history` holds, and later)."""
         return self._sink.alerts
 
     @property
