@@ -8,7 +8,9 @@ Rows (CPU, timed interleaved with and without a tracker writing JSONL):
 - the cost against the number of parameter tensors: N = 10, 100, 1000, 3000 tensors
   (N/2 ``Linear(8, 8)`` layers), ``Tracker(every=1)`` (ordinary logged steps, detail
   every 10th), and at N = 1000 with ``detail_every=1`` (every step a detail step);
-  the note gives the tracker's cost per tensor.
+  the note gives the tracker's cost per tensor;
+- every step a detail step on N = 1000 mid-size tensors (500 ``Linear(64, 64)``: 4096-element
+  weights), where the detail passes' cost per element shows, not only their cost per tensor.
 
 `run_cuda`: the [cuda] twin on a GPT-2-small-sized transformer (12 layers, width 768,
 50257-token vocabulary, bf16 autocast, fused AdamW), ``Tracker(every=1)`` against the
@@ -43,6 +45,7 @@ MAX_REPEATS = 21  # a step takes ~0.1 s on a laptop CPU; more repeats add minute
 TENSOR_COUNTS = (10, 100, 1000, 3000)
 TINY_TENSOR_COUNTS = (10, 100)
 DETAIL_TENSORS = 1000
+MID_WIDTH = 64  # Linear(64, 64): 4096-element weights, above a CPU's flattening limit (`tracking.stats.SMALL_CPU`)
 GPT = {"vocab": 50257, "context": 1024, "width": 768, "layers": 12, "heads": 12, "batch": 8, "seq": 512}
 TINY_GPT = {"vocab": 256, "context": 32, "width": 32, "layers": 2, "heads": 2, "batch": 2, "seq": 16}
 
@@ -60,6 +63,7 @@ def run(settings: Settings) -> list[Row]:
     for tensors in counts:
         rows.append(_many_row(settings, tensors, detail=False))
     rows.append(_many_row(settings, min(DETAIL_TENSORS, counts[-1]), detail=True))
+    rows.append(_many_row(settings, min(DETAIL_TENSORS, counts[-1]), detail=True, width=MID_WIDTH))
     return rows
 
 
@@ -86,22 +90,23 @@ def _mlp_rows(settings: Settings) -> list[Row]:
     return rows
 
 
-def _many_row(settings: Settings, tensors: int, *, detail: bool) -> Row:
-    """Tracker(every=1) on N/2 Linear(8, 8) layers (N tensors): the per-tensor cost of the tracker."""
+def _many_row(settings: Settings, tensors: int, *, detail: bool, width: int = 8) -> Row:
+    """Tracker(every=1) on N/2 Linear(width, width) layers (N tensors): the per-tensor cost of the tracker."""
     torch.manual_seed(0)
-    base = nn.Sequential(*[nn.Linear(8, 8) for _ in range(tensors // 2)])
-    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    base = nn.Sequential(*[nn.Linear(width, width) for _ in range(tensors // 2)])
+    x, y = torch.randn(16, width), torch.randn(16, width)
     with tempfile.TemporaryDirectory() as log_dir:
         tracker = gradkit.Tracker(log_dir, every=1, detail_every=1 if detail else None)
         timings = _time_pair(settings, base, {"gradkit": tracker, "reference": None}, x, y, number=10)
     with_tracker, without = timings["gradkit"].median, timings["reference"].median
     what = "every step a detail step (detail_every=1)" if detail else "detail every 10th"
+    kind = "tiny tensors" if width == 8 else f"tensors of Linear({width}, {width}) layers"
     return _row(
-        f"training step + Tracker(every=1), {tensors} tiny tensors, {what}",
+        f"training step + Tracker(every=1), {tensors} {kind}, {what}",
         "cpu",
         GOAL_MANY,
         timings,
-        lead=f"{tensors} tensors, {what}",
+        lead=f"{tensors} {kind}, {what}",
         tail=f"; tracker {(with_tracker - without) / tensors * 1e6:.1f} us per tensor",
         digits=2,
     )
