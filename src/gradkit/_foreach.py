@@ -22,7 +22,7 @@ from operator import attrgetter, itemgetter
 import torch
 from torch import Tensor
 
-__all__ = ["Groups", "Grouped", "group_tensors", "per_tensor_norms", "total_norm", "scale_"]
+__all__ = ["Groups", "Grouped", "apply", "group_tensors", "per_tensor_norms", "total_norm", "scale_"]
 
 _KIND = attrgetter("device", "dtype", "layout")
 _DEVICE = attrgetter("device")
@@ -212,6 +212,15 @@ def total_norm(norms: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
 def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:
     """Multiply every tensor in place by `factor` (a Python number or a 0-d tensor); no host sync."""
     Groups.of(tensors).scale_(tensors, factor)
+
+
+def apply(device: torch.device, op: str, tensors: list[Tensor], other: object) -> list[Tensor] | None:
+    """``torch._foreach_<op>(tensors, other)`` (`other` a number or a list), or the same op tensor by tensor
+    where `device` has no foreach kernels."""
+    if _foreach_supported(device):
+        return getattr(torch, "_foreach_" + op)(tensors, other)
+    others = other if isinstance(other, list) else [other] * len(tensors)
+    return [getattr(t, op)(o) for t, o in zip(tensors, others)]
 
 
 def _foreach_supported(device: torch.device) -> bool:

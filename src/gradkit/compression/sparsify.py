@@ -287,10 +287,10 @@ class TopK(_Sparsifier):
         k = count_for(self.density, n)
         capacity = self._capacity(n, k)
         if flat.device.type not in selection.CHUNKED_DEVICES:
+            if threshold is not None:  # before prepare writes anything
+                raise ValueError("on a device the threshold is sampled with the selection: pass threshold=None")
             if prepare is not None:
                 prepare(0, n)
-            if threshold is not None:
-                raise ValueError("on a device the threshold is sampled with the selection: pass threshold=None")
             # Threshold and selection in one go (three Triton launches on a GPU).
             if self.exactly_k:
                 indices, values, valid = sampled_exactly_k(flat, k, self.value_dtype)

@@ -9,8 +9,10 @@ alerts of a replay (`Tracker.locate_nonfinite`) go to the file writers through i
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from gradkit.tracking.writers import SCHEMA, JsonlWriter, make_writers
 __all__ = ["RecordSink"]
 
 _NAN, _INF = KEYS.index("nan"), KEYS.index("inf")
+_STEP = attrgetter("step")
 
 
 class RecordSink:
@@ -79,26 +82,22 @@ class RecordSink:
     def alerts(self) -> list[Alert]:
         """Every alert so far, oldest first; with `keep`, those of the steps `history` holds and later ones."""
         if self.keep is not None and len(self._history) + len(self._unread) > self.keep:
-            self._drop_alerts(self._oldest_kept())
+            self._drop_alerts(self._step_at(len(self._history) + len(self._unread) - self.keep))
         return self._alerts
 
     @alerts.setter
     def alerts(self, alerts: list[Alert]) -> None:
         self._alerts = alerts
 
-    def _oldest_kept(self) -> int:
-        """The step of the oldest record `history` shows (with `keep`, and more than `keep` held)."""
-        at = len(self._history) + len(self._unread) - self.keep
+    def _step_at(self, at: int) -> int:
+        """The step of the `at`-th record held, oldest first (read ones, then unread ones)."""
         if at < len(self._history):
             return self._history[at]["step"]
         return self._unread[at - len(self._history)].head["step"]
 
     def _drop_alerts(self, before: int) -> None:
         """Drop the alerts of steps before `before` (they come in step order)."""
-        cut = 0
-        while cut < len(self._alerts) and self._alerts[cut].step < before:
-            cut += 1
-        del self._alerts[:cut]
+        del self._alerts[: bisect.bisect_left(self._alerts, before, key=_STEP)]
 
     def _bound(self) -> None:
         """Drop the oldest records once twice `keep` are held (cut in bulk: one slice per `keep` steps, not a
@@ -109,8 +108,7 @@ class RecordSink:
         dropped = min(excess, len(self._history))
         del self._history[:dropped]
         del self._unread[: excess - dropped]
-        held = self._history or self._unread
-        self._drop_alerts(held[0]["step"] if self._history else held[0].head["step"])
+        self._drop_alerts(self._step_at(0))
 
     def write(self, logged: Logged, *, next_step: int) -> None:
         """Assemble the record of a logged step from its host values, raise its alerts, keep and write it.

@@ -213,7 +213,7 @@ class FusedStats:
                 else:
                     large = pick_large(tensors)
                     if minus is not None:
-                        _foreach_apply(part_device, "sub_", minus[at], large)
+                        _foreach.apply(part_device, "sub_", minus[at], large)
                         large = minus[at]
                     norms = _foreach.Groups.of(large).stacked_norms(large, 2.0, at_least=torch.float32)
                     blocks.append(norms.to(device, dtype))
@@ -234,7 +234,7 @@ class FusedStats:
             return [
                 _flat_copy(pick_small(tensors))
                 if pick_small is not None
-                else _foreach_apply(part_device, "mul", pick_large(tensors), 1)
+                else _foreach.apply(part_device, "mul", pick_large(tensors), 1)
                 for part_device, pick_small, _, _, pick_large in self.parts
             ] + [tensors[i].detach().clone() for i in self.sparse]
 
@@ -249,14 +249,6 @@ def _flat_copy(tensors: list[Tensor]) -> Tensor:
     """The tensors' elements in one new buffer (the concatenation of one tensor would be a view of it)."""
     flat = torch._C._nn.flatten_dense_tensors(tensors)
     return flat.clone() if len(tensors) == 1 and flat.data_ptr() == tensors[0].data_ptr() else flat
-
-
-def _foreach_apply(device: torch.device, op: str, tensors: list[Tensor], other: object) -> list[Tensor]:
-    """``torch._foreach_<op>(tensors, other)``, or the same op tensor by tensor where foreach is not supported."""
-    if _foreach._foreach_supported(device):
-        return getattr(torch, "_foreach_" + op)(tensors, other)
-    others = other if isinstance(other, list) else [other] * len(tensors)
-    return [getattr(t, op)(o) for t, o in zip(tensors, others)]
 
 
 def _to_device(values: list[int], device: torch.device) -> Tensor:
