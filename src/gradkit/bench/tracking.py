@@ -14,7 +14,9 @@ Rows (CPU, timed interleaved with and without a tracker writing JSONL):
 
 `run_cuda`: the [cuda] twin on a GPT-2-small-sized transformer (12 layers, width 768,
 50257-token vocabulary, bf16 autocast, fused AdamW), ``Tracker(every=1)`` against the
-untracked step.
+untracked step, at 8x512 tokens (the host is the bound) and 16x1024 (the GPU is), and at
+8x512 with ordinary logged steps only (no detail step after the first), which splits the
+first row's cost into its ordinary and detail parts.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ TENSOR_COUNTS = (10, 100, 1000, 3000)
 TINY_TENSOR_COUNTS = (10, 100)
 DETAIL_TENSORS = 1000
 MID_WIDTH = 64  # Linear(64, 64): 4096-element weights, above a CPU's flattening limit (`tracking.stats.SMALL_CPU`)
+NO_DETAIL = 10**9  # a detail_every no run reaches: only step 1 is a detail step
 GPT = {"vocab": 50257, "context": 1024, "width": 768, "layers": 12, "heads": 12, "batch": 8, "seq": 512}
 TINY_GPT = {"vocab": 256, "context": 32, "width": 32, "layers": 2, "heads": 2, "batch": 2, "seq": 16}
 
@@ -172,21 +175,28 @@ def run_cuda(settings: Settings) -> list[Row]:
     shape = TINY_GPT if settings.tiny else GPT
     big = dict(shape, batch=2 * shape["batch"], seq=2 * shape["seq"])  # 4x the tokens
     label = "[cuda] training step + Tracker(every=1), GPT-2-small-sized, bf16 autocast, fused AdamW"
-    labels = [label, label + f", batch {big['batch']}x{big['seq']} (GPU-bound)"]
+    labels = [label, label + f", batch {big['batch']}x{big['seq']} (GPU-bound)", label + ", ordinary logged steps only"]
     if not gpu.available():
         return gpu.skipped(labels, REFERENCE, GOAL_CUDA)
     fewer = Settings(warmup=settings.warmup, repeats=min(settings.repeats, MAX_REPEATS), tiny=settings.tiny)
-    return [_cuda_row(labels[0], shape, settings), _cuda_row(labels[1], big, fewer)]
+    # The third row splits the first one's cost: the same step with no detail step, so what is left is the cost of
+    # an ordinary logged step (the cached norms, the record, the alerts, the JSONL line), and the first row's excess
+    # over it is the detail steps' share.
+    return [
+        _cuda_row(labels[0], shape, settings),
+        _cuda_row(labels[1], big, fewer),
+        _cuda_row(labels[2], shape, fewer, detail_every=NO_DETAIL),
+    ]
 
 
-def _cuda_row(label: str, shape: dict, settings: Settings) -> Row:
+def _cuda_row(label: str, shape: dict, settings: Settings, *, detail_every: int | None = None) -> Row:
     batch, seq = shape["batch"], shape["seq"]
     torch.manual_seed(0)
     base = _GPT(**{k: shape[k] for k in ("vocab", "context", "width", "layers", "heads")}).cuda()
     tokens = torch.randint(0, shape["vocab"], (batch, seq + 1), device="cuda")
     steps = {}
     with tempfile.TemporaryDirectory() as log_dir:
-        trackers = {"gradkit": gradkit.Tracker(log_dir, every=1), "reference": None}
+        trackers = {"gradkit": gradkit.Tracker(log_dir, every=1, detail_every=detail_every), "reference": None}
         for name, tracker in trackers.items():
             model = copy.deepcopy(base)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
