@@ -60,3 +60,28 @@ def test_advice_direction():
     assert "near the noise scale" in batch_advice(100.0, 64)
     assert "well above" in batch_advice(10.0, 640)
     assert batch_advice(None, 64) is None and batch_advice(float("nan"), 64) is None
+
+
+def test_estimate_is_kept_until_the_emas_change():
+    # The estimate is kept between logged steps; an update or a load makes it anew.
+    from gradkit.tracking.noise_scale import NoiseScale
+
+    noise = NoiseScale(0.5)
+    first = noise.estimate()
+    assert noise.estimate() is first and all(math.isnan(float(v)) for v in first)
+    sample = _sample(small_sq=5.0, small_batch=1.0, big_sq=2.0, big_batch=4.0)
+    noise.update(sample)
+    g2, trace, b_simple = noise.estimate()
+    assert float(g2) == pytest.approx((4 * 2.0 - 1 * 5.0) / 3) and float(trace) == pytest.approx(3.0 / 0.75)
+    assert float(b_simple) == pytest.approx(float(trace) / float(g2))
+    state = noise.state_dict()
+    noise.update(_sample(small_sq=9.0, small_batch=1.0, big_sq=1.0, big_batch=4.0))
+    assert float(noise.estimate()[0]) != pytest.approx(float(g2))
+    noise.load_state_dict(state)
+    assert float(noise.estimate()[0]) == pytest.approx(float(g2))
+
+
+def _sample(**values: float):
+    from gradkit.step_report import NoiseSample
+
+    return NoiseSample(**{name: torch.tensor(value) for name, value in values.items()})

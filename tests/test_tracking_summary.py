@@ -217,10 +217,15 @@ def test_short_text_round_trips_float32_and_always_reads_back_as_a_float():
     text = short_text(column)
     assert len(text) == len(column) and short_text([]) == []
     back = [json.loads(t) for t in text]
-    assert all(type(v) is float for v in back)  # never an int: an exponent or "0.0"
+    assert all(type(v) is float for v in back)  # never an int: a point or an exponent always ("2.0", "1e-05")
     assert np.array_equal(np.float32(back), values)  # float32's round trip: exactly the measured values
-    assert text[-7:-5] == ["0.0", "0.0"] and text[-4] == "1.23456792e+08"
+    assert text[-7:] == ["0.0", "0.0", "1.0", "1.23456792e+08", "3.39999995e+38", "1.40129846e-45", "0.5"]
     assert max(map(len, text)) <= len("-1.00000000e-100")
+    # Integers below 10**9 keep a point ("123456789.", what "%#.9g" writes, is not JSON): every integer
+    # float32 holds exactly up to 2**24, and some above.
+    integers = [float(v) for v in (*range(1, 2**24, 9973), 2**24, 99999992, 123456792)]
+    assert all(type(json.loads(t)) is float for t in short_text(integers))
+    assert [float(t) for t in short_text(integers)] == integers
 
 
 @pytest.mark.parametrize("detail", [True, False])

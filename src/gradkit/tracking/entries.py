@@ -8,7 +8,7 @@ made only when asked for (`Entries.to_dict`: `Tracker.history`, TensorBoard).
 
 A value's text is its ``repr`` (what ``json.dumps`` writes for a float) or, for a table measured in
 float32 (``short``), 9 significant digits for its floats (`short_text`): float32's round-trip precision, so
-``numpy.float32`` of the value read back is the measured value, at 0.6-0.7 of ``repr``'s cost for the 17
+``numpy.float32`` of the value read back is the measured value, at 0.4-0.5 of ``repr``'s cost for the 17
 digits a float32 value takes as a float64. A short table's dict holds its values as the text reads them
 back, so `Tracker.history` equals the log.
 """
@@ -115,27 +115,33 @@ class Entries:
         return "".join(text)
 
 
-# 9 significant digits: float32's round-trip precision. An exponent always, so the text reads back as a float.
-_SHORT = "%.8e"
+# 9 significant digits (float32's round trip) in `format`'s general form without a type: like "%.9g", but fixed-point
+# text keeps a digit after the point ("2.0", never "2" or "123456789."), so the text always reads back as a float. It
+# costs 0.6-0.7 of "%.8e" (measured, best of 5: 30 us against 43 us for 148 values) and drops trailing zeros.
+_SHORT = "{:.9}"
 _ZERO_TEXT = {0.0: "0.0"}  # -0.0 too (equal keys): the norms and rates written here are never negative
 
 
 def short_text(column: list[float]) -> list[str]:
     """The JSON text of floats measured in float32, 9 significant digits each (see the module's docstring).
 
-    One ``%`` over the whole column: 0.6-0.7 of ``repr``'s cost per value, the call's overhead paid once.
-    Zeros (common: dead layers, unused parameters, zero fractions) are literal ``0.0`` in the format, as
-    cheap as their ``repr``; the format is found with no Python work per value (``map`` of a dict lookup).
+    One ``str.format`` over the whole column: 0.4-0.5 of ``repr``'s cost per value, the call's overhead
+    paid once. Zeros (common: dead layers, unused parameters, zero fractions) are literal ``0.0`` in the format;
+    the format is found with no Python work per value (``map`` of a dict lookup).
+
+    Example:
+        >>> short_text([1 / 3, 0.0, 2.0, 1e-05])
+        ['0.333333333', '0.0', '2.0', '1e-05']
     """
     if not column:
         return []
     form = ",".join(map(_ZERO_TEXT.get, column, repeat(_SHORT)))
-    return (form % tuple(filter(None, column))).split(",")
+    return form.format(*filter(None, column)).split(",")
 
 
 def _short_one(value: float) -> str:
     """One value's `short_text` (a column that also holds None is written value by value)."""
-    return _ZERO_TEXT.get(value) or _SHORT % value
+    return _ZERO_TEXT.get(value) or _SHORT.format(value)
 
 
 def _read_back(key: str, column: list) -> list:

@@ -58,6 +58,7 @@ class NoiseScale:
         self._g2 = torch.zeros((), dtype=torch.float64)
         self._trace = torch.zeros((), dtype=torch.float64)
         self._count = torch.zeros((), dtype=torch.float64)
+        self._estimate: tuple[Tensor, Tensor, Tensor] | None = None  # kept until the EMAs change
 
     def update(self, sample: Any) -> None:
         """Fold one `NoiseSample` (small_sq, small_batch, big_sq, big_batch) into the EMAs; no host sync.
@@ -78,6 +79,7 @@ class NoiseScale:
         self._g2 = torch.where(valid, keep * self._g2 + (1 - keep) * g2, self._g2)
         self._trace = torch.where(valid, keep * self._trace + (1 - keep) * trace, self._trace)
         self._count = self._count + valid.double()
+        self._estimate = None
 
     def measured(self) -> Tensor:
         """How many valid windows were folded in (a tensor, no host read)."""
@@ -87,13 +89,17 @@ class NoiseScale:
         """(|G|², tr(Σ), B_simple) as bias-corrected tensors; NaN before the first valid window.
 
         B_simple is NaN while the |G|² estimate is not positive (too few windows
-        to tell the signal from the noise).
+        to tell the signal from the noise). Kept until the next `update`: a tracker that logs
+        windows without a sample (one micro-batch, one process) asks for the same values every step.
         """
+        if self._estimate is not None:
+            return self._estimate
         correction = 1 - self.beta**self._count
         g2 = self._g2 / correction
         trace = self._trace / correction
         b_simple = torch.where(g2 > 0, trace / g2, torch.full_like(g2, math.nan))
-        return g2, trace, b_simple
+        self._estimate = (g2, trace, b_simple)
+        return self._estimate
 
     def state_dict(self) -> dict[str, Any]:
         return {"g2": self._g2.clone(), "trace": self._trace.clone(), "count": self._count.clone()}
@@ -108,6 +114,7 @@ class NoiseScale:
         self._g2, self._trace, self._count = (
             state[k].detach().double().reshape(()).clone() for k in ("g2", "trace", "count")
         )
+        self._estimate = None
 
 
 class NoiseProbe:
