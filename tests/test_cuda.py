@@ -403,3 +403,159 @@ def test_tracked_pipeline_steps_make_no_sync_inside_the_tracker(tmp_path):
     for record, norm in zip(records, norms):
         assert record["global"]["norm_pre_clip"] == pytest.approx(norm.item(), rel=1e-5)
         assert record["global"]["clip_coef"] <= 1.0
+
+
+# --- Host reads in flight: the event follows the copy, each read keeps its own pinned memory ------------------
+
+
+def test_host_reads_behind_a_busy_stream_are_not_done_until_their_copies_land_and_keep_their_values():
+    from gradkit.tracking.record import HostRead
+
+    values = [torch.arange(1000, device=CUDA, dtype=torch.float32) * (i + 1) for i in range(3)]
+    torch.cuda.synchronize()
+    flights = []
+    with no_syncs():
+        torch.cuda._sleep(50_000_000)  # tens of ms of device time queued ahead of the copies
+        for value in values:
+            read = HostRead(CUDA, torch.float64)
+            read.add("value", value)
+            read.add("total", value.sum())
+            read.add("host", torch.tensor(2.5))  # already on the host: read where it is
+            flights.append(read.start())
+            value.mul_(-1)  # changed after the read started: the read has what was there
+        polled = [flight.done() for flight in flights]
+    assert not any(polled)  # a poll never waits, and the event is recorded after the copy
+    for i, flight in enumerate(flights):
+        flight.wait()
+        assert flight.done() and flight.host.is_pinned()
+        got = flight.values()
+        assert got["value"] == (torch.arange(1000, dtype=torch.float64) * (i + 1)).tolist()
+        assert got["total"] == 499500.0 * (i + 1) and got["host"] == 2.5
+
+
+# --- The noise scale's small batch, foreign loops and compressed averaging: no Python number copied to the GPU ----
+
+
+def _window(model, pipe, opt, mode: str) -> None:
+    """One window of two micro-batches: a mean loss, or a summed one with an int or a device item count."""
+    for _ in range(pipe.accumulation_steps):
+        x, y = torch.randn(16, 32, device=CUDA), torch.randn(16, 4, device=CUDA)
+        error = (model(x) - y).square()
+        if mode == "mean":
+            pipe.backward(error.mean())
+        else:
+            pipe.backward(error.sum(), num_items=16 if mode == "int" else torch.full((), 16, device=CUDA))
+        pipe.step(opt)
+
+
+@pytest.mark.parametrize("mode", ["mean", "int", "device"])
+def test_windows_measuring_the_noise_scale_make_no_sync(mode, tmp_path):
+    # Each logged window measures the gradient noise scale (the first micro-batch against the window): its batch
+    # sizes are made on the device, whatever num_items is (a Python number copied to a GPU waits for the stream).
+    from gradkit.tracking.writers import read_jsonl
+
+    model = _tracked_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, tracker=gk.Tracker(tmp_path, every=1, detail_every=3))
+    _window(model, pipe, opt, mode)  # the optimizer's first step creates its state (one read)
+    with no_syncs():
+        for _ in range(4):
+            _window(model, pipe, opt, mode)
+    pipe.tracker.close()
+    records = [r for r in read_jsonl(tmp_path / "tracking.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    small, big = (1.0, 2.0) if mode == "mean" else (16.0, 32.0)  # micro-batches, or items
+    for record in records:
+        noise = record["noise"]
+        assert noise["small_batch"] == small and noise["big_batch"] == big and noise["small_sq"] > 0
+
+
+def test_a_foreign_loops_boundary_makes_no_sync(tmp_path):
+    # The trainers' integrations (Hugging Face, Lightning, Accelerate) report `items` as a Python int.
+    from gradkit.integrations._boundary import Boundary
+    from gradkit.tracking.writers import read_jsonl
+
+    model = _tracked_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    boundary = Boundary(gk.Tracker(tmp_path, every=1, detail_every=3), gk.ClipByGlobalNorm(0.1))
+    boundary.attach(model)
+    x, y = torch.randn(64, 32, device=CUDA), torch.randn(64, 4, device=CUDA)
+    norms = []
+    for step in range(1, 7):
+        ((model(x) - y) ** 2).mean().backward()
+        with no_syncs():
+            report = boundary.before_step(step=step, micro_steps=2, items=4)
+            opt.step()
+            boundary.after_step()
+        norms.append(report.total_norm.clone())
+        opt.zero_grad(set_to_none=True)
+    boundary.close()
+    records = [r for r in read_jsonl(tmp_path / "tracking.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for record, norm in zip(records, norms):
+        assert record["global"]["items"] == 4 and record["global"]["norm_pre_clip"] == pytest.approx(norm.item())
+
+
+def test_compressed_averaging_on_one_process_with_a_mean_loss_makes_no_sync():
+    # One process, a mean loss: the window's scale is a Python float, made a device factor per gradient.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 512), torch.nn.GELU(), torch.nn.Linear(512, 4)).to(CUDA)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(gk.TopK(0.05)))
+    _window(model, pipe, opt, "mean")
+    with no_syncs():
+        for _ in range(4):
+            _window(model, pipe, opt, "mean")
+    torch.cuda.synchronize()
+    assert pipe.steps == 5 and not bool(pipe.last.skipped)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# --- A tracker behind a busy GPU: records come later, in order, with the values measured at their steps ----------
+
+
+def test_tracker_records_behind_a_busy_gpu_come_later_in_order_with_their_steps_values(tmp_path):
+    from gradkit.context import GradContext
+    from gradkit.step_report import StepReport
+    from gradkit.tracking.writers import read_jsonl
+
+    torch.manual_seed(0)
+    # 131,072 weights (measured by foreach), 4,096 and the biases (flattened, segment sums): both paths.
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(), torch.nn.Linear(512, 8)).to(CUDA)
+    names, params = zip(*model.named_parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    tracker = gk.Tracker(tmp_path, every=1, detail_every=2)
+    tracker.attach(model, names, params)
+    x, y = torch.randn(64, 256, device=CUDA), torch.randn(64, 8, device=CUDA)
+    expected = []
+    for step in range(1, 9):
+        ((model(x) - y) ** 2).mean().backward()
+        before = [p.detach().clone() for p in params]
+        with no_syncs():
+            torch.cuda._sleep(20_000_000)  # the device falls behind: the copies land after the host moved on
+            ctx = GradContext(names, params)
+            ctx.pre_clip_norms = ctx.norms()
+            total = ctx.total_norm()
+            report = StepReport(
+                step=step, micro_steps=1, items=torch.full((), 64.0, device=CUDA), total_norm=total,
+                norm_after=total, clip_coef=torch.ones_like(total), skipped=~torch.isfinite(total),
+            )  # fmt: skip
+            tracker.observe(ctx, report)
+            opt.step()
+            tracker.after_step(ctx, report)
+        max_abs = [p.grad.abs().max().item() for p in params]
+        ratios = [((p.detach() - b).norm() / b.norm()).item() for p, b in zip(params, before)]
+        expected.append((total.item(), max_abs, ratios))
+        opt.zero_grad(set_to_none=True)
+    assert len(tracker.history) < 8  # the last steps' copies were still in flight: written later, not waited for
+    tracker.close()
+    records = [r for r in read_jsonl(tmp_path / "tracking.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for record, (total, max_abs, ratios) in zip(records, expected):
+        assert record["global"]["norm_pre_clip"] == pytest.approx(total, rel=1e-6)
+        if not record["detail"]:
+            continue
+        for name, top, ratio in zip(names, max_abs, ratios):
+            entry = record["params"][name]
+            assert entry["max_abs"] == pytest.approx(top, rel=1e-7) and entry["nan"] == 0 and entry["inf"] == 0
+            assert entry["update_to_weight"] == pytest.approx(ratio, rel=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradkit as gk
-from gradkit.tracking import large_stats
+from gradkit.tracking import large_stats, stats
 from gradkit.tracking.large_stats import LargeStats
 from gradkit.tracking.stats import COLUMNS, SMALL, _one_stats, param_stats
 
@@ -167,3 +168,83 @@ def test_an_ordinary_step_reads_the_two_norm_columns_only():
     detail = param_stats(grads, [torch.ones(3, 3), torch.ones(4)], norms, norms * 2, detail=True)
     assert ordinary.shape == (2, 2) and detail.shape == (2, len(COLUMNS))
     assert torch.equal(ordinary, detail[:, :2])
+
+
+# -- the GPU's small limit (65,536 elements): the flattened segment path for the mid-size tensors --------------
+# On a GPU every tensor up to `stats.SMALL` elements is measured flattened (segment amax and index_add, float64
+# weight norms); on a CPU only those up to `stats.SMALL_CPU`. The same code with the GPU's limit runs here, so the
+# values and the order back to input order of the GPU's layout are checked in CI, and on the GPU itself below.
+
+MIXED_SIZES = (65536, 300, 0, 1, 65537, 257, 4096, 70000, 2, 256, 1000)
+MIXED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def mixed_tensors(device):
+    """Gradients and weights of many sizes around both limits, four dtypes interleaved (groups out of input
+    order), with zeros, NaN, +-Inf and subnormals in the gradients."""
+    grads, params = [], []
+    for i, n in enumerate(MIXED_SIZES):
+        dtype = MIXED_DTYPES[i % len(MIXED_DTYPES)]
+        g = special(n, dtype, 100 + i)
+        if n > 20:
+            g[[3 + i]] = NAN if i % 2 else INF
+            g[[5]] = -INF
+            g[[7, 8]] = torch.finfo(dtype).tiny / 4
+            g[[9]] = -0.0
+        if i == 6:
+            g.fill_(NAN)  # every element NaN: max |g| is NaN, nonzero counts them
+        grads.append(g.to(device))
+        gen = torch.Generator().manual_seed(200 + i)
+        params.append(torch.randn(n, generator=gen).to(dtype).to(device))
+    return grads, params
+
+
+def check_detail_table(grads, params, *, no_syncs=contextlib.nullcontext):
+    """param_stats' detail table equals the per-tensor measures: counts exactly, max |g| exactly (NaN where
+    there is one), the weights' norms as float64 norms (float32 ones for large float32 weights)."""
+    norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+    layout = stats.FusedStats.of(grads)
+    with no_syncs():
+        got = param_stats(grads, params, norms, norms * 2)
+    got, want = got.cpu(), reference(grads).cpu()
+    assert got.shape == (len(grads), len(COLUMNS)) and got.dtype == torch.float64
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got[:, 0], (norms * 2).double().cpu(), **exact)
+    torch.testing.assert_close(got[:, 1], norms.double().cpu(), **exact)
+    detail = got[:, [2, 3, 5, 6]]  # max_abs, nonzero, nan, inf
+    assert torch.equal(detail[:, 1:], want[:, 1:])
+    assert torch.equal(detail[:, 0].isnan(), want[:, 0].isnan())
+    assert torch.equal(detail[~detail[:, 0].isnan(), 0], want[~want[:, 0].isnan(), 0])
+    weights = torch.stack([torch.linalg.vector_norm(p.double()) for p in params]).cpu()
+    torch.testing.assert_close(got[:, 4], weights, rtol=1e-6, atol=0)
+    return layout
+
+
+def test_with_the_gpus_small_limit_the_detail_table_equals_the_per_tensor_one(monkeypatch):
+    monkeypatch.setattr(stats, "SMALL_CPU", stats.SMALL)
+    monkeypatch.setattr(stats.FusedStats, "_cache", {})
+    grads, params = mixed_tensors("cpu")
+    layout = check_detail_table(grads, params)
+    flattened = [count for _, pick, _, count, _ in layout.parts if pick is not None]
+    assert sum(flattened) == sum(n <= stats.SMALL for n in MIXED_SIZES)  # 4096 and 65536 among them
+    assert layout._inverse is not None  # results come back group by group: the order is restored
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_detail_table_of_mixed_sizes_equals_the_per_tensor_one_without_a_sync():
+    grads, params = mixed_tensors("cuda")
+    layout = check_detail_table(grads, params, no_syncs=_cuda_no_syncs)
+    assert all(device.type == "cuda" for device, *_ in layout.parts)
+    assert sum(count for _, pick, _, count, _ in layout.parts if pick is not None) == sum(
+        n <= stats.small_limit(grads[0].device) for n in MIXED_SIZES
+    )
+
+
+@contextlib.contextmanager
+def _cuda_no_syncs():
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -65,31 +66,76 @@ def test_host_values_are_read_where_they_are_when_the_read_targets_a_device():
     assert math.isnan(got["g2"]) and got["table"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
 
 
-@pytest.mark.parametrize("sizes", [[12, 5, 2, 4], [70000, 3, 1, 257, 0, 8, 256, 65536, 255]])
-def test_weight_copies_and_update_norms_match_the_plain_per_tensor_ones(sizes):
-    # Small weights (<= stats.small_limit elements) are copied flat and measured by segment, the others by
-    # foreach, in mixed (device, dtype) groups whose order is restored.
+WEIGHT_SIZES = [[12, 5, 2, 4], [70000, 3, 1, 257, 0, 8, 256, 65536, 255]]
+
+
+def check_weight_copy(sizes, device="cpu", no_syncs=contextlib.nullcontext):
+    """WeightCopy's ||Δw|| per parameter equals the plain per-tensor norms of the differences, in mixed
+    (device, dtype) groups whose order is restored; a copy, not a view, and consumed once."""
     from gradkit.tracking.record import WeightCopy
 
     torch.manual_seed(0)
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32]
-    params = [nn.Parameter(torch.randn(n).to(dtypes[i % 4])) for i, n in enumerate(sizes)]
+    params = [nn.Parameter(torch.randn(n).to(dtypes[i % 4]).to(device)) for i, n in enumerate(sizes)]
     params[0].data[0] = -0.0
-    assert torch.equal(WeightCopy(params).norms(params), torch.zeros(len(params), dtype=torch.float64))  # exact
-    before = WeightCopy(params)
+    with no_syncs():
+        unchanged = WeightCopy(params).norms(params)
+        before = WeightCopy(params)
+    assert torch.equal(unchanged.cpu(), torch.zeros(len(params), dtype=torch.float64))  # exact
     plain = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn_like(p))
-    got = before.norms(params)  # a copy, not a view: the updates are seen
-    assert got.dtype == torch.float64 and got.shape == (len(params),)
+    with no_syncs():
+        got = before.norms(params)  # a copy, not a view: the updates are seen
+    assert got.dtype == torch.float64 and got.shape == (len(params),) and got.device == params[0].device
     want = torch.stack([torch.linalg.vector_norm((c - p.detach()).double()) for c, p in zip(plain, params)])
+    got, want = got.cpu(), want.cpu()
     assert torch.allclose(got, want, rtol=1e-6)
     for i, p in enumerate(params):
         if p.dtype == torch.float64:  # the difference is exact there: the segment sum is as a float64 norm
             assert got[i].item() == pytest.approx(want[i].item(), rel=1e-12)
     with pytest.raises(RuntimeError, match="already called"):
         before.norms(params)
+
+
+@pytest.mark.parametrize("sizes", WEIGHT_SIZES)
+def test_weight_copies_and_update_norms_match_the_plain_per_tensor_ones(sizes):
+    # Small weights (<= stats.small_limit elements) are copied flat and measured by segment, the others by
+    # foreach, in mixed (device, dtype) groups whose order is restored.
+    check_weight_copy(sizes)
+
+
+@pytest.mark.parametrize("sizes", WEIGHT_SIZES)
+def test_weight_copies_with_the_gpus_small_limit_match_the_plain_ones(sizes, monkeypatch):
+    # The GPU's limit (65,536 elements) on a CPU: the weights up to 65,536 elements copied flat, in CI.
+    from gradkit.tracking import stats
+
+    monkeypatch.setattr(stats, "SMALL_CPU", stats.SMALL)
+    monkeypatch.setattr(stats.FusedStats, "_cache", {})
+    check_weight_copy(sizes)
+    layout = stats.FusedStats._cache[next(iter(stats.FusedStats._cache))]
+    assert sum(count for _, pick, _, count, _ in layout.parts if pick is not None) == sum(
+        n <= stats.SMALL for n in sizes
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sizes", WEIGHT_SIZES)
+def test_on_cuda_weight_copies_match_the_plain_ones_without_a_sync(sizes):
+    # On a GPU: the flat copy, the float64 segment sums (index_add_) and the foreach differences of the
+    # large weights, with no host sync in the copy or the norms.
+    check_weight_copy(sizes, "cuda", _cuda_no_syncs)
+
+
+@contextlib.contextmanager
+def _cuda_no_syncs():
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def test_weight_norms_of_the_detail_table_match_the_plain_ones():

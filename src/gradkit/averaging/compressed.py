@@ -209,7 +209,7 @@ class CompressedReducer(Reducer):
             absorb = isinstance(self.compressor, ErrorFeedback)
             keep = ~bad.any()  # on the first gradient's device
             for (name, grad), poisoned in zip(dense, torch.where(bad, float("nan"), 1.0).unbind()):
-                factor = torch.as_tensor(unscaled, dtype=grad.dtype, device=grad.device)
+                factor = _on_device(unscaled, grad)
                 if absorb and grad.is_contiguous():
                     # What is sent goes back into the gradient inside the compressor's pass (TopK
                     # writes it while each chunk is in cache), times the loss scale (see begin).
@@ -238,7 +238,7 @@ class CompressedReducer(Reducer):
                 flags.append(torch.zeros((), dtype=torch.bool, device=device))
                 continue
             extremes = torch.stack(torch.aminmax(grad))
-            factor = torch.as_tensor(unscaled, dtype=grad.dtype, device=grad.device)
+            factor = _on_device(unscaled, grad)
             flags.append((~torch.isfinite(extremes * factor).all()).to(device))
         return torch.stack(flags)
 
@@ -301,3 +301,12 @@ def effective_compressor(compressor: object, error_feedback: bool | None) -> Com
     if error_feedback and not isinstance(compressor, ErrorFeedback):
         return ErrorFeedback(compressor)
     return compressor
+
+
+def _on_device(value: Tensor | float, like: Tensor) -> Tensor:
+    """`value` as a 0-d tensor of `like`'s dtype on its device, without a host sync: ``torch.as_tensor`` of a
+    Python number copies it from pageable host memory, which waits for the stream on a GPU; ``torch.full`` fills
+    it on the device."""
+    if isinstance(value, Tensor):
+        return value.to(like.device, like.dtype)
+    return torch.full((), value, dtype=like.dtype, device=like.device)

@@ -130,7 +130,8 @@ class Boundary:
         self.last = StepReport(
             step=step,
             micro_steps=micro_steps,
-            items=torch.tensor(items, device=total.device),
+            # torch.full, not torch.tensor: a Python number copied to a GPU waits for the stream.
+            items=torch.full((), items, device=total.device),
             total_norm=total,
             norm_after=norm_after,
             clip_coef=torch.where(total > 0, norm_after / total, torch.ones_like(total)),

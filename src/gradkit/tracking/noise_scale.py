@@ -187,16 +187,16 @@ class NoiseProbe:
         self.reset()
         self._measuring = self.wants is not None and self.unavailable is None and bool(self.wants(step))
         if self._measuring and self.accumulation_steps > 1:
-            count = _batch(num_items if num_items is not None else 1)
             sq = self._local_norms()[1].square().sum()
+            count = _batch(num_items if num_items is not None else 1, sq.device)
             # A summed loss's gradient is count x the mean; a mean loss's already is the mean.
-            self._small = (sq / count.to(sq) ** 2 if num_items is not None else sq, count)
+            self._small = (sq / count**2 if num_items is not None else sq, count)
 
     def before_reduction(self, window: Any) -> None:
         """Take this process's whole window (a `Window`: items or micro-steps), if it is in ``p.grad``."""
         if self._measuring and self.local_window:
             names, norms = self._local_norms()
-            count = _batch(window.items if window.item_mode else window.micro_steps).to(norms.device)
+            count = _batch(window.items if window.item_mode else window.micro_steps, norms.device)
             self._local = (names, norms / count, count)
 
     def pre_clip_norms(self, ctx: GradContext) -> Tensor | None:
@@ -242,8 +242,11 @@ class NoiseProbe:
         return ctx.names, norms
 
 
-def _batch(count: int | Tensor) -> Tensor:
-    return torch.as_tensor(count, dtype=torch.float64)
+def _batch(count: int | Tensor, device: torch.device) -> Tensor:
+    # torch.full, not torch.as_tensor(...).to(device): a Python number copied to a GPU waits for the stream.
+    if isinstance(count, Tensor):
+        return count.to(device, torch.float64)
+    return torch.full((), count, dtype=torch.float64, device=device)
 
 
 def batch_advice(b_simple: float | None, batch: float | None) -> str | None:
