@@ -111,18 +111,14 @@ class FusedStats:
 
     def __init__(self, grads: Sequence[Tensor], groups: _foreach.Groups | None = None) -> None:
         self.groups = groups if groups is not None else _foreach.Groups.of(grads)
-        self.parts: list[tuple[torch.device, _foreach._Pick, Tensor | LargeStats | None, int, _foreach._Pick]] = []
+        self.parts: list[tuple[torch.device, _foreach._Pick, _Segments | LargeStats | None, int, _foreach._Pick]] = []
         order: list[int] = []
         for device, _, positions, _ in self.groups.dense:
             limit = small_limit(device)
             large = [i for i in positions if grads[i].numel() > limit]
             small = [i for i in positions if grads[i].numel() <= limit]
             if small:
-                sizes = [grads[i].numel() for i in small]
-                # output_size: the total is known here, so CUDA need not read it back
-                segments = torch.repeat_interleave(
-                    torch.arange(len(small), device=device), _to_device(sizes, device), output_size=sum(sizes)
-                )
+                segments = _Segments([grads[i].numel() for i in small], device)
                 self.parts.append((device, _foreach._picker(small, self.groups.count), segments, len(small), None))
             if large:
                 # One LargeStats per group: foreach kernels over all of the group's large tensors at once.
@@ -169,7 +165,7 @@ class FusedStats:
         blocks = []
         for _part_device, pick_small, segments, count, pick_large in self.parts:
             if pick_small is not None:
-                block = _segment_stats(pick_small(grads), segments, count)
+                block = _segment_stats(pick_small(grads), segments.ids(), count)
             elif segments is not None:  # the large tensors' LargeStats
                 large = pick_large(grads)
                 block = segments.table(large, torch.promote_types(large[0].dtype, torch.float32))
@@ -209,7 +205,8 @@ class FusedStats:
                     flat = minus[at].sub_(flat) if minus is not None else flat
                     exact = host_dtype(part_device)  # float64 where the part's device has it
                     sums = torch.zeros(count, device=flat.device, dtype=exact)
-                    blocks.append(sums.index_add_(0, segments, flat.to(exact).square()).sqrt_().to(device, dtype))
+                    sums.index_add_(0, segments.ids(), flat.to(exact).square())
+                    blocks.append(sums.sqrt_().to(device, dtype))
                 else:
                     large = pick_large(tensors)
                     if minus is not None:
@@ -243,6 +240,24 @@ class FusedStats:
         if moved is None:
             moved = self._moved[device] = _to_device(self._inverse, device)
         return moved
+
+
+class _Segments:
+    """Which small tensor each element of a group's flat buffer belongs to, made when a detail step needs it.
+
+    The ids take 8 bytes per element (int64: ``scatter_reduce_`` wants it), hundreds of MB for a model of many
+    small tensors on a GPU, so only the tensors' lengths are kept between steps and the ids are one
+    ``repeat_interleave`` per use (its output size is known: no host read).
+    """
+
+    __slots__ = ("lengths", "total")
+
+    def __init__(self, sizes: list[int], device: torch.device) -> None:
+        self.lengths, self.total = _to_device(sizes, device), sum(sizes)
+
+    def ids(self) -> Tensor:
+        """(total,) int64: the index of the tensor each element belongs to."""
+        return torch.repeat_interleave(self.lengths, output_size=self.total)
 
 
 def _flat_copy(tensors: list[Tensor]) -> Tensor:
