@@ -368,8 +368,8 @@ class Compressor(Stateful):
                     kind = type(self).__name__
                     raise ValueError(
                         f"{kind}.decompress got a payload made with {name}={theirs.get(name)!r}, but this {kind} has "
-                        f"{name}={mine[name]!r}; decompress with the compressor that compressed it (or one built "
-                        "with the same arguments)"
+                        f"{name}={mine[name]!r}; pass it to the compressor that compressed it, or build this one "
+                        f"with {name}={theirs.get(name)!r}"
                     )
         return payload
 
