@@ -85,7 +85,7 @@ class ModelAverager(SyncControl):
             if broadcast:
                 replicate(names, params, module, self.group, self.timeout, "gk.ModelAverager", buffers=True)
             else:
-                distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager")
+                distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager", self.timeout)
 
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         """Count one optimizer step and average the parameters if the schedule says so."""
