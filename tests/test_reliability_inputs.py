@@ -585,6 +585,85 @@ CASES: list[Case] = [
     ),
 ]
 
+
+def duplicated_parameters() -> list[Any]:
+    params = list(small_model().parameters())
+    return params + params[:1]
+
+
+def duplicated_names() -> list[tuple[str, nn.Parameter]]:
+    return [("w", p) for p in small_model().parameters()]
+
+
+def attached_average() -> gk.Average:
+    average = gk.Average(gk.TopK(0.5))
+    gk.GradientPipeline(small_model(), average=average)
+    return average
+
+
+def stage_twice() -> list[gk.ClipStage]:
+    stage = gk.AutoClip(history=3)
+    return [stage, stage]
+
+
+def stepped_averager() -> gk.ModelAverager:
+    averager = gk.ModelAverager(2)
+    averager.after_step(small_model().parameters())
+    return averager
+
+
+# Mistakes found by an audit of the public API (one row per fixed case).
+CASES += [
+    ctor("GradientPipeline", "model", st.one_of(st.builds(duplicated_parameters), st.builds(duplicated_names))),
+    ctor("GradientPipeline", "clip", st.builds(stage_twice)),
+    ctor("GradientPipeline", "average", st.builds(attached_average)),
+    ctor("GradientPipeline", "tracker", st.just(gk.Tracker)),
+    ctor("GradientPipeline", "scaler", st.just(torch.amp.GradScaler)),
+    ctor("GradientPipeline", "ema", st.one_of(st.just(gk.EMA), st.builds(lambda: gk.EMA(small_model())))),
+    *[
+        method(
+            "GradientPipeline",
+            "optimizer",
+            st.builds(lambda: torch.optim.SGD(small_model().parameters(), lr=0.1)),  # another model's
+            Pipe,
+            name,
+            call,
+            lambda p: p.state(),
+        )
+        for name, call in [("step-other", lambda p, v: p.pipe.step(v)), ("flush-other", lambda p, v: p.pipe.flush(v))]
+    ],
+    method(
+        "GradientPipeline",
+        "residuals",
+        st.just((("average", "compressor", "residuals", "0.weight"), torch.zeros(7, dtype=torch.float64))),
+        Pipe,
+        "load_state_dict-size",
+        lambda p, edit: p.pipe.load_state_dict(edited(p.pipe.state_dict(), *edit)),
+        lambda p: p.state(),
+    ),
+    *[
+        method(
+            owner, word, st.builds(lambda make=other: make().compress(torch.ones(30))), ours, "decompress-other", call
+        )
+        for owner, word, other, ours in [
+            ("QSGD", "levels", lambda: gk.QSGD(16, seed=1), lambda: trained(lambda: gk.QSGD(4, seed=1))),
+            ("QSGD", "block", lambda: gk.QSGD(4, block=8, seed=1), lambda: trained(lambda: gk.QSGD(4, seed=1))),
+            ("RandomK", "density", lambda: gk.RandomK(0.5), lambda: trained(lambda: gk.RandomK(0.3))),
+            ("RandomK", "seed", lambda: gk.RandomK(0.3, seed=5), lambda: trained(lambda: gk.RandomK(0.3))),
+        ]
+        for call in [lambda c, v: c.decompress(v)]
+    ],
+    ctor("EMA", "model", st.builds(nn.Sequential)),
+    method(
+        "ModelAverager",
+        "parameters",
+        st.builds(lambda: list(small_model().parameters())[:2]),
+        stepped_averager,
+        "after_step",
+        lambda m, v: m.after_step(v),
+    ),
+]
+
 EXEMPT = {
     "Compressor": (
         "abstract base with no arguments; "

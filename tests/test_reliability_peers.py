@@ -70,3 +70,68 @@ def test_stuck_peer_is_a_clear_error_within_the_timeout(tmp_path, compressed, it
     assert "gk.Average" in report["message"] and operation in report["message"], report["message"]
     assert "peer" in report["message"]
     assert "CollectiveError" in str(failure.value)
+
+
+# -- the other averaging paths, and setup ---------------------------------------------------
+# Each case: (what the survivor builds, whether rank 1 leaves before setup, the words its error names).
+PATHS = {
+    # Setup's check that the ranks hold the same model waited the process group's timeout, unnamed.
+    "setup": ("average", True, "gk.Average: all-gather of the parameter names"),
+    "setup-local-sgd": ("local_sgd", True, "gk.ModelAverager: all-gather of the parameter names"),
+    # node_size builds its groups at setup; a peer that never does so was an unnamed "Wait timeout".
+    "setup-hierarchical": ("hierarchical", True, "gk.Average(node_size=2): creating the node and cross-node"),
+    "local-sgd": ("local_sgd", False, "gk.ModelAverager: all-reduce of parameters"),
+    "hierarchical-topk": ("hierarchical", False, "gk.Average: sum in the node of bucket 0"),
+}
+
+
+def _pipeline_for(kind: str, model: torch.nn.Module) -> gk.GradientPipeline:
+    if kind == "local_sgd":
+        return gk.GradientPipeline(model, average=gk.ModelAverager(1, timeout=TIMEOUT))
+    # One node of two: both hops run (the sum in the node, the compressed hop between nodes). Even
+    # windows in mean mode need no count all-reduce, so the bucket's own collective is the first wait.
+    average = gk.Average(gk.TopK(0.1), node_size=2, timeout=TIMEOUT, even_windows=True)
+    return gk.GradientPipeline(model, average=average if kind == "hierarchical" else gk.Average(timeout=TIMEOUT))
+
+
+def stuck_in_path(rank: int, world: int, kind: str, at_setup: bool, report_path: str) -> None:
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def leave() -> None:  # alive but never joining, until the survivor has reported
+        deadline = time.monotonic() + 60
+        while not os.path.exists(report_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os._exit(0)
+
+    started = time.monotonic()
+    try:
+        if rank == 1 and at_setup:
+            leave()
+        pipe = _pipeline_for(kind, model)
+        for step in range(3):
+            if rank == 1 and step == 2:
+                leave()
+            x, y = data(rank, step, 4)
+            started = time.monotonic()
+            pipe.backward(sum_loss(model, x, y) / 4)
+            pipe.step(opt)
+    except gk.CollectiveError as error:
+        report = {"seconds": time.monotonic() - started, "message": str(error)}
+        torch.save(report, report_path + ".partial")
+        os.replace(report_path + ".partial", report_path)
+        raise
+
+
+@pytest.mark.parametrize("case", list(PATHS))
+def test_stuck_peer_in_every_averaging_path_is_a_clear_error_within_the_timeout(tmp_path, case):
+    kind, at_setup, words = PATHS[case]
+    report_path = str(tmp_path / "survivor.pt")
+    with pytest.raises(WorkerError) as failure:
+        run_workers(stuck_in_path, 2, kind, at_setup, report_path, timeout=90, pg_timeout=60)
+    report = torch.load(report_path, weights_only=True)
+    # The configured 3 s, not the process group's 60 s.
+    assert TIMEOUT * 0.8 <= report["seconds"] < TIMEOUT + MARGIN, report
+    assert words in report["message"], report["message"]
+    assert "CollectiveError" in str(failure.value)

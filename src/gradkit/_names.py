@@ -61,7 +61,7 @@ def trainable(model: object) -> tuple[list[str], list[nn.Parameter], list[tuple[
 
     Raises:
         TypeError: `model` is a single tensor, not iterable, or holds something else than tensors.
-        ValueError: no parameter requires grad.
+        ValueError: no parameter requires grad, or a parameter or a name is given twice.
 
     Example:
         >>> names, params, frozen = trainable(nn.Linear(2, 3))
@@ -88,6 +88,7 @@ def trainable(model: object) -> tuple[list[str], list[nn.Parameter], list[tuple[
                 f"parameter {name!r} is a {type(p).__name__}, not a tensor; "
                 "pass model.parameters() or model.named_parameters()"
             )
+    _unique(pairs)
     frozen = [(name, p) for name, p in pairs if not p.requires_grad]
     pairs = [(name, p) for name, p in pairs if p.requires_grad]
     if not pairs:
@@ -95,6 +96,27 @@ def trainable(model: object) -> tuple[list[str], list[nn.Parameter], list[tuple[
             "the model has no parameters that require grad; pass the module being trained (or unfreeze some parameters)"
         )
     return [name for name, _ in pairs], [p for _, p in pairs], frozen
+
+
+def _unique(pairs: list[tuple[str, Tensor]]) -> None:
+    """Refuse a parameter listed twice (its gradient would be summed, averaged and clipped
+    twice) and a name used twice (state is saved and loaded by name)."""
+    seen: dict[int, str] = {}
+    names: set[str] = set()
+    for name, p in pairs:
+        if id(p) in seen:
+            raise ValueError(
+                f"parameter {name!r} is the same tensor as parameter {seen[id(p)]!r}: a parameter listed twice "
+                "would have its gradient counted twice; pass each parameter once, e.g. model.parameters() "
+                "(which lists a shared parameter once)"
+            )
+        if name in names:
+            raise ValueError(
+                f"two parameters are named {name!r}; state is saved and loaded by name: pass (name, parameter) "
+                "pairs with unique names, e.g. model.named_parameters()"
+            )
+        seen[id(p)] = name
+        names.add(name)
 
 
 def sparse_gradient_names(model: object) -> set[str]:

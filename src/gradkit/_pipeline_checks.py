@@ -7,6 +7,7 @@ construction that must stay frozen (`frozen`). Each raises with the value it got
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from gradkit import _checks
 from gradkit.averaging import SyncControl
 from gradkit.clipping.stages import ClipStage
 
-__all__ = ["arguments", "backward_call", "frozen", "optimizer"]
+__all__ = ["OptimizerCheck", "arguments", "backward_call", "ema_model", "frozen", "optimizer"]
 
 
 def arguments(
@@ -107,6 +108,14 @@ def optimizer(value: object) -> None:
 
 
 def _parts(model: object, average: object, tracker: object, scaler: object, ema: object) -> None:
+    # A class has the methods the duck checks below look for: refuse it by name first.
+    for name, value, example in (
+        ("tracker", tracker, "gk.Tracker('runs/exp1')"),
+        ("scaler", scaler, 'torch.amp.GradScaler("cuda")'),
+        ("ema", ema, "gk.EMA(model)"),
+    ):
+        if isinstance(value, type):
+            raise TypeError(f"{name} must be an instance, got the class {value.__name__}; pass e.g. {name}={example}")
     if average is not None and not isinstance(average, SyncControl):
         raise TypeError(f"average must be gk.Average(...) or gk.ModelAverager(...), got {type(average).__name__}")
     if average is not None and isinstance(model, nn.parallel.DistributedDataParallel):
@@ -132,4 +141,58 @@ def _stages(clip: object) -> list[ClipStage]:
         raise TypeError(
             f"clip must be a clipping stage (e.g. gk.ClipByGlobalNorm(1.0)) or a list of them, got {clip!r}"
         )
+    for index, stage in enumerate(stages):
+        # One object twice would update its history twice a step and be saved twice.
+        if any(stage is earlier for earlier in stages[:index]):
+            raise ValueError(
+                f"clip lists the same {type(stage).__name__} object twice (at {stages.index(stage)} and {index}); "
+                "pass a separate stage for each place, e.g. [gk.AutoClip(), gk.AutoClip()]"
+            )
     return list(stages)
+
+
+def ema_model(ema: object, params: Sequence[Tensor]) -> None:
+    """Refuse a ``gk.EMA`` of another model than the pipeline's: it would average weights nobody trains.
+
+    Raises:
+        ValueError: the EMA's model shares no parameter with the pipeline.
+
+    Example:
+        >>> ema_model(gk.EMA(model), list(model.parameters()))
+    """
+    model = getattr(ema, "model", None)
+    if not isinstance(model, nn.Module):
+        return  # anything with update(): its own business
+    trained = {id(p) for p in params}
+    if not any(id(p) in trained for p in model.parameters()):
+        raise ValueError(
+            f"ema averages a {type(model).__name__} that holds none of the pipeline's parameters; "
+            "pass gk.EMA(model) of the model the pipeline trains"
+        )
+
+
+class OptimizerCheck:
+    """Refuses an optimizer that holds none of the pipeline's parameters (it would step
+    nothing while the pipeline consumes the gradients); each optimizer is checked once."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._ids = {id(p) for p in params}
+        self._checked: weakref.WeakSet[object] = weakref.WeakSet()
+
+    def __call__(self, value: object) -> None:
+        optimizer(value)
+        try:
+            if value in self._checked:
+                return
+        except TypeError:  # not weak-referenceable: check every time
+            pass
+        held = (id(p) for group in value.param_groups for p in group.get("params", ()))  # type: ignore[attr-defined]
+        if not any(i in self._ids for i in held):
+            raise ValueError(
+                f"optimizer {type(value).__name__} holds none of the pipeline's parameters; "
+                "pass the optimizer built on the model the pipeline trains, e.g. torch.optim.AdamW(model.parameters())"
+            )
+        try:
+            self._checked.add(value)
+        except TypeError:
+            pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import json
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -145,15 +146,33 @@ def all_gather_varying(
     return [g[:size] for g, size in zip(gathered, sizes)]
 
 
-def check_same_parameters(names: Sequence[str], params: Sequence[Tensor], group: dist.ProcessGroup, owner: str) -> None:
-    """Make sure every rank holds the same parameter names, shapes and dtypes (one collective).
+def check_same_parameters(
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    group: dist.ProcessGroup,
+    owner: str,
+    timeout: datetime.timedelta | None = None,
+) -> None:
+    """Make sure every rank holds the same parameter names, shapes and dtypes (two all-gathers,
+    under `timeout` like every other collective, so a peer that never reaches setup is a
+    `CollectiveError` naming it, not a wait of the process group's timeout).
 
     Raises:
         ValueError: naming the first differing parameter and the ranks that disagree.
+        CollectiveError: a peer died or did not join within `timeout`.
+
+    Example:
+        >>> check_same_parameters(names, params, dist.group.WORLD, "gk.Average", datetime.timedelta(seconds=60))
     """
     mine = [(name, tuple(p.shape), str(p.dtype)) for name, p in zip(names, params)]
-    everyone: list[list[tuple[str, tuple[int, ...], str]] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
+    # JSON text as bytes on the parameters' device (what the group's backend sends): not pickle.
+    device = params[0].device if params else torch.device("cpu")
+    encoded = torch.frombuffer(bytearray(json.dumps(mine).encode()), dtype=torch.uint8).to(device)
+    what = f"{owner}: all-gather of the parameter names, shapes and dtypes at setup"
+    everyone = [
+        [(name, tuple(shape), dtype) for name, shape, dtype in json.loads(bytes(t.cpu().tolist()).decode())]
+        for t in all_gather_varying(encoded, group, what, timeout)
+    ]
     reference = everyone[0]
     assert reference is not None
     for rank, theirs in enumerate(everyone[1:], start=1):

@@ -96,6 +96,8 @@ class GradientPipeline:
             model, accumulation_steps, clip, nonfinite, average, tracker, scaler, ema
         )
         self.names, self.params, self._frozen = _names.trainable(model)
+        _pipeline_checks.ema_model(ema, self.params)
+        self._check_optimizer = _pipeline_checks.OptimizerCheck(self.params)
         self.ema = ema
         self.tracker = tracker
         self.scaler = scaler
@@ -187,8 +189,10 @@ class GradientPipeline:
 
         Raises:
             RuntimeError: when no `backward` came since the last step.
+            TypeError / ValueError: `optimizer` is not a torch optimizer, or holds none of the
+                pipeline's parameters; nothing changes then.
         """
-        _pipeline_checks.optimizer(optimizer)
+        self._check_optimizer(optimizer)
         if self.window.micro_steps == 0:
             raise RuntimeError("step() was called before any backward() in this window; call pipe.backward(loss) first")
         if self.window.micro_steps < self.accumulation_steps:
@@ -216,7 +220,7 @@ class GradientPipeline:
             ...     pipe.step(optimizer)
             >>> pipe.flush(optimizer)   # on every rank, whatever its last window holds
         """
-        _pipeline_checks.optimizer(optimizer)
+        self._check_optimizer(optimizer)
         if self.window.micro_steps == 0 and not self.reduction.join_empty_flush(self.window):
             return False
         return self._finish_window(optimizer)

@@ -143,6 +143,7 @@ class Average(SyncControl):
         )
         self._schedule = BucketSchedule([], [], 0, 0, presence=False, launch=self._launch)  # until attached
         self._names: list[str] = []
+        self._numels: dict[str, int] = {}  # entries per parameter name, to check loaded state against
         self._params: list[Tensor] = []
         self._finished: list[dist.Work] = []  # the last window's work handles (see reduce_)
 
@@ -169,26 +170,27 @@ class Average(SyncControl):
         sparse: Collection[str] = (),
         module: nn.Module | None = None,
     ) -> None:
+        if self._names:  # one process too: a second pipeline's names would share the compressor state
+            raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.Average"))
         self.world_size = distributed.world_size(self.group)
-        self._names = list(names)
+        self._numels = {name: p.numel() for name, p in zip(names, params)}
         if self.group is None:
             # One process: a compressor still makes the gradient selective, and p.grad holds
             # the dense one until the boundary.
             self.local_grads_at_boundary = self.compressor is not None
             self.reducer.bind(names, params)
+            self._names = list(names)
             return
         # Buckets are copies: p.grad keeps the local gradient until the boundary.
         self.local_grads_at_boundary = True
-        if self._params:
-            raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
         node_size = node_size_for(self.node_size, self.group)
         if node_size is not None:  # two-level averaging; its groups are built once, here
             if not isinstance(self.reducer, HierarchicalReducer):  # the world was not known at construction
                 self.reducer = HierarchicalReducer(node_size, self.compressor, self.timeout)
             self.reducer.connect()
         replicate(names, params, module, self.group, self.timeout, "gk.Average", buffers=self.broadcast_buffers)
-        self._params = list(params)
+        self._names, self._params = list(names), list(params)
         # Sparse gradients (nn.Embedding(sparse=True)) travel as (indices, rows), never densified.
         sparse_positions = [i for i, name in enumerate(names) if name in sparse]
         dense = [i for i in range(len(self._params)) if i not in sparse_positions]
@@ -252,9 +254,10 @@ class Average(SyncControl):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Names compressed at every step, in every bucket: their state must be in a checkpoint.
         compressed = [self._names[i] for bucket in self.buckets for i in bucket.positions]
-        if isinstance(self.reducer, HierarchicalReducer):  # its state is this rank's shards'
-            compressed = self.reducer.shard_names(self.buckets)
-        load_compressor_state("Average", self.compressor, state, self._names, compressed)
+        numels: dict[str, int] | None = self._numels
+        if isinstance(self.reducer, HierarchicalReducer):  # its state is this rank's shards', pieces of parameters
+            compressed, numels = self.reducer.shard_names(self.buckets), None
+        load_compressor_state("Average", self.compressor, state, self._names, compressed, numels)
 
     def bytes_sent(self) -> int:
         return self.reducer.bytes

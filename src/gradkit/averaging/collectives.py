@@ -96,7 +96,7 @@ def replicate(
         if buffers:
             entries += [(f"buffer {name}", b) for name, b in module.named_buffers()]
     tensors = [tensor for _, tensor in entries]
-    distributed.check_same_parameters([name for name, _ in entries], tensors, group, owner)
+    distributed.check_same_parameters([name for name, _ in entries], tensors, group, owner, timeout)
     distributed.broadcast_parameters(tensors, group, timeout)
 
 

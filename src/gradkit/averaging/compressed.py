@@ -7,7 +7,7 @@ communication hook shares `effective_compressor` and `load_compressor_state`.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -270,13 +270,15 @@ def load_compressor_state(
     state: dict[str, Any],
     known: Sequence[str] = (),
     required: Sequence[str] = (),
+    numels: Mapping[str, int] | None = None,
 ) -> None:
     """Load ``{"compressor": ...}`` (from ``owner.state_dict()``) into `compressor`; state kept under
-    names other than `known` (or lacking one of `required`) is refused, unless no names are known yet."""
+    names other than `known` (or lacking one of `required`, or, with `numels`, of another size than
+    its parameter) is refused, unless no names are known yet."""
     _checks.state_keys(owner, state, {"compressor"})
     if compressor is not None:
         if known:
-            compressor.check_state_names(owner, state["compressor"], known, required)
+            compressor.check_state_names(owner, state["compressor"], known, required, numels)
         compressor.load_state_dict(state["compressor"])
     elif state["compressor"]:
         raise ValueError(

@@ -72,6 +72,11 @@ class EMA:
             model = model.module
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; pass the module being trained")
+        if next(iter(model.parameters()), None) is None:
+            raise ValueError(
+                f"model must have parameters to average, got a {type(model).__name__} with none; "
+                "pass the module being trained (build its layers first)"
+            )
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
             raise ValueError(
                 f"decay must be in (0, 1), got {decay!r}; pass e.g. decay=0.999 (closer to 1 averages over more steps)"

@@ -116,8 +116,19 @@ class NodeGroups:
         world, rank = dist.get_world_size(), dist.get_rank()
         nodes = world // node_size
         options = {} if timeout is None else {"timeout": timeout}
-        node_groups = [dist.new_group(list(range(n * node_size, (n + 1) * node_size)), **options) for n in range(nodes)]
-        cross_groups = [dist.new_group(list(range(local, world, node_size)), **options) for local in range(node_size)]
+        try:
+            node_groups = [
+                dist.new_group(list(range(n * node_size, (n + 1) * node_size)), **options) for n in range(nodes)
+            ]
+            cross_groups = [
+                dist.new_group(list(range(local, world, node_size)), **options) for local in range(node_size)
+            ]
+        except Exception as error:  # a peer that never joins: the store's wait times out (RuntimeError)
+            raise distributed.CollectiveError(
+                f"gk.Average(node_size={node_size}): creating the node and cross-node process groups at setup "
+                f"failed: {error}. A peer process died, hung, or did not build its pipeline; check the other ranks' "
+                "logs (every rank must build the same gk.Average)"
+            ) from error
         return cls(node_groups[rank // node_size], cross_groups[rank % node_size], node_size, nodes, rank % node_size)
 
     def hops(self, device_type: str) -> NodeHops:

@@ -59,6 +59,7 @@ class ModelAverager(SyncControl):
         self._group_arg = distributed.WeakGroup(group)
         self.step = 0
         self._attached = False
+        self._count = 0  # parameters at setup; every step must pass as many
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -79,17 +80,24 @@ class ModelAverager(SyncControl):
         start equal; the pipeline calls it at setup."""
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.ModelAverager"))
         self._attached = True
+        self._count = len(params)
         if self.group is not None:
             if broadcast:
                 replicate(names, params, module, self.group, self.timeout, "gk.ModelAverager", buffers=True)
             else:
-                distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager")
+                distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager", self.timeout)
 
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         """Count one optimizer step and average the parameters if the schedule says so."""
         params = list(params)
         if not self._attached:  # used on its own: the first step already ran, so only check
             self.attach([str(i) for i in range(len(params))], params, broadcast=False)
+        elif len(params) != self._count:
+            # Ranks would all-reduce different sizes (a crash or a hang): refuse before counting the step.
+            raise ValueError(
+                f"after_step got {len(params)} parameters, but this ModelAverager was set up with {self._count}; "
+                "pass the same parameters at every step, e.g. after_step(model.parameters())"
+            )
         self.step += 1
         if self.group is None:
             return

@@ -287,7 +287,12 @@ class Compressor(Stateful):
         return []
 
     def check_state_names(
-        self, owner: str, state: object, known: Collection[str], required: Collection[str] = ()
+        self,
+        owner: str,
+        state: object,
+        known: Collection[str],
+        required: Collection[str] = (),
+        numels: Mapping[str, int] | None = None,
     ) -> None:
         """Refuse a saved `state` whose per-parameter entries are kept under other names.
 
@@ -297,6 +302,8 @@ class Compressor(Stateful):
             known: the names of every parameter here.
             required: the names a complete field must hold once it holds any (those
                 compressed at every step); empty: only unknown names are refused.
+            numels: entries per parameter name; a complete field's tensor (a residual, a
+                momentum) of another size is refused. None: sizes are not checked.
 
         Raises:
             ValueError: naming the first unknown or missing name, before anything is loaded.
@@ -322,6 +329,14 @@ class Compressor(Stateful):
                     f"(it holds {_some(list(by_name))}); load the state saved from this model, with the same "
                     "parameters under the same names"
                 )
+        for part, by_name, complete in parts if numels is not None else ():
+            for name, value in by_name.items() if complete else ():
+                if isinstance(value, Tensor) and name in numels and value.numel() != numels[name]:
+                    raise ValueError(
+                        f"{owner}.load_state_dict: the compressor state holds a {part!r} of {value.numel()} entries "
+                        f"for parameter {name!r}, which has {numels[name]} here; load the state saved from this "
+                        "model (a parameter keeps its shape)"
+                    )
 
     # -- checks shared by every compressor --
 
@@ -345,7 +360,23 @@ class Compressor(Stateful):
                 f"{type(self).__name__}.decompress got a payload made by {type(payload.owner).__name__}; "
                 "decompress with the compressor that compressed it"
             )
+        if payload.owner is not self:
+            # Another instance of the same class: its payload decodes here only with the same settings.
+            theirs, mine = payload.owner.decoding(), self.decoding()
+            for name in mine:
+                if theirs.get(name) != mine[name]:
+                    kind = type(self).__name__
+                    raise ValueError(
+                        f"{kind}.decompress got a payload made with {name}={theirs.get(name)!r}, but this {kind} has "
+                        f"{name}={mine[name]!r}; pass it to the compressor that compressed it, or build this one "
+                        f"with {name}={theirs.get(name)!r}"
+                    )
         return payload
+
+    def decoding(self) -> dict[str, Any]:
+        """The settings `decompress` reads besides the payload (e.g. QSGD's levels); a payload made
+        by another instance decompresses only if they are equal. Default: none."""
+        return {}
 
 
 def _some(names: list[str], shown: int = 5) -> str:

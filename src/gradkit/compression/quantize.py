@@ -100,6 +100,9 @@ class QSGD(Compressor):
         blocks = levels.float() * (norms.view(-1, 1) / self.levels)
         return blocks.view(-1)[: payload.numel].to(payload.dtype).view(payload.shape)
 
+    def decoding(self) -> dict[str, Any]:
+        return {"levels": self.levels, "block": self.block}
+
     def state_dict(self) -> dict[str, Any]:
         """The seeded generator's state (a uint8 tensor), so a resumed run draws the same
         rounding noise; empty without a seed (torch's global generator is the caller's to save)."""

@@ -453,6 +453,9 @@ class RandomK(Compressor):
             dense[indices] = values  # unscaled: a kept entry is kept once
         return dense.view(payload.shape)
 
+    def decoding(self) -> dict[str, Any]:
+        return {"density": self.density, "seed": self.seed, "scale": self.scale}
+
     def _indices(self, numel: int, step: int, device: torch.device) -> Tensor:
         k = count_for(self.density, numel)
         # A generator on the tensor's device: seeding it is host bookkeeping (no sync), and the
