@@ -268,6 +268,31 @@ def test_model_averager_averages_on_schedule():
                 assert moved == 0.0, step
 
 
+def unfreezing(rank: int, world: int) -> dict:
+    # Standalone local SGD whose parameter list grows (layers unfrozen) on every rank together, then a step
+    # where the ranks pass lists of different lengths.
+    model = make_model(seed=rank)  # different replicas: averaging shows
+    averager = gk.ModelAverager(period=1, timeout=5)
+    params = list(model.parameters())
+    averager.after_step(params[:2])
+    averager.after_step(params)  # every rank unfroze the rest: checked again, then averaged
+    gathered = [torch.empty_like(params[-1]) for _ in range(world)]
+    dist.all_gather(gathered, params[-1].detach())
+    try:
+        averager.after_step(params[:2] if rank == 0 else params)
+        mismatch = "no error"
+    except (ValueError, gk.CollectiveError) as error:
+        mismatch = str(error)
+    return {"last_equal": all(torch.equal(g, gathered[0]) for g in gathered), "mismatch": mismatch}
+
+
+def test_model_averager_follows_a_parameter_list_changed_on_every_rank_and_refuses_different_ones():
+    # A short group timeout too: after the mismatch the group's own teardown waits for it.
+    for rank in run_workers(unfreezing, WORLD, timeout=120, pg_timeout=5):
+        assert rank["last_equal"]  # the unfrozen layer was averaged too
+        assert rank["mismatch"] != "no error" and "gk.ModelAverager" in rank["mismatch"], rank["mismatch"]
+
+
 # -- setup checks and failures ----------------------------------------------------------
 
 

@@ -499,3 +499,19 @@ def test_context_defer_scale_folds_into_the_next_multiply():
     for p, g in zip(params, grads):
         torch.testing.assert_close(p.grad, g * 0.125, rtol=1e-15, atol=0)
     torch.testing.assert_close(ctx.total_norm(), expected * 0.5, rtol=1e-12, atol=0)
+
+
+def test_an_average_is_attached_again_on_one_process_when_no_state_carries_over():
+    # A notebook cell run again builds the pipeline again with the same Average: allowed where nothing would be
+    # shared (no compressor, or the very same parameters); a compressor's residuals are not handed to other ones.
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    plain = gk.Average()
+    gk.GradientPipeline(model, average=plain)
+    pipe = gk.GradientPipeline(other, average=plain)
+    pipe.backward(other(torch.ones(4, 3)).sum())
+    assert pipe.step(torch.optim.SGD(other.parameters(), lr=0.1))
+    compressed = gk.Average(gk.TopK(0.5))
+    gk.GradientPipeline(model, average=compressed)
+    gk.GradientPipeline(model, average=compressed)
+    with pytest.raises(ValueError, match="already attached to a pipeline"):
+        gk.GradientPipeline(other, average=compressed)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from gradkit import _checks
 from gradkit.averaging import SyncControl
+from gradkit.averaging.ema import EMA
 from gradkit.clipping.stages import ClipStage
 
 __all__ = ["OptimizerCheck", "arguments", "backward_call", "ema_model", "frozen", "optimizer"]
@@ -160,9 +161,9 @@ def ema_model(ema: object, params: Sequence[Tensor]) -> None:
     Example:
         >>> ema_model(gk.EMA(model), list(model.parameters()))
     """
-    model = getattr(ema, "model", None)
-    if not isinstance(model, nn.Module):
-        return  # anything with update(): its own business
+    if not isinstance(ema, EMA):
+        return  # anything else with update(): its own business (its `.model` may be anything)
+    model = ema.model
     trained = {id(p) for p in params}
     if not any(id(p) in trained for p in model.parameters()):
         raise ValueError(

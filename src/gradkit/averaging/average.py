@@ -14,6 +14,7 @@ of the bucket.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -170,7 +171,7 @@ class Average(SyncControl):
         sparse: Collection[str] = (),
         module: nn.Module | None = None,
     ) -> None:
-        if self._names:  # one process too: a second pipeline's names would share the compressor state
+        if self._names and not self._rebinds(params):
             raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.Average"))
         self.world_size = distributed.world_size(self.group)
@@ -215,6 +216,16 @@ class Average(SyncControl):
         # The pipeline begins the reduction just before the boundary backward: the moment to
         # see whether every gradient is still None (then one hook per bucket will do).
         self._schedule.prime()
+
+    def _rebinds(self, params: Sequence[Tensor]) -> bool:
+        """Whether a second attach may take over from the first: on one process, where nothing is shared with
+        other ranks, when no compressor state would carry over (no compressor, or the very same parameters, as when
+        a notebook cell builds the pipeline again). A second pipeline's parameters would share the compressor's
+        state, and across processes the buckets and hooks are the first pipeline's."""
+        if self.world_size > 1:
+            return False
+        bound = self.reducer.params  # bound by the first attach
+        return self.compressor is None or (len(bound) == len(params) and all(map(operator.is_, bound, params)))
 
     def global_items(self, items: Items) -> Items:
         if self.group is None:

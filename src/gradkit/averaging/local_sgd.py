@@ -59,7 +59,7 @@ class ModelAverager(SyncControl):
         self._group_arg = distributed.WeakGroup(group)
         self.step = 0
         self._attached = False
-        self._count = 0  # parameters at setup; every step must pass as many
+        self._count = 0  # parameters at the last check; a step that passes another number is checked again
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -90,14 +90,11 @@ class ModelAverager(SyncControl):
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         """Count one optimizer step and average the parameters if the schedule says so."""
         params = list(params)
-        if not self._attached:  # used on its own: the first step already ran, so only check
+        if not self._attached or len(params) != self._count:
+            # Used on its own: the first step already ran, so only check. A list that changed (layers unfrozen
+            # on every rank) is checked again: ranks whose lists differ get a clear error within the timeout
+            # before any all-reduce of different sizes, which would crash or hang.
             self.attach([str(i) for i in range(len(params))], params, broadcast=False)
-        elif len(params) != self._count:
-            # Ranks would all-reduce different sizes (a crash or a hang): refuse before counting the step.
-            raise ValueError(
-                f"after_step got {len(params)} parameters, but this ModelAverager was set up with {self._count}; "
-                "pass the same parameters at every step, e.g. after_step(model.parameters())"
-            )
         self.step += 1
         if self.group is None:
             return

@@ -124,6 +124,7 @@ _ZERO_TEXT = {0.0: "0.0"}  # -0.0 too (equal keys): the norms and rates written 
 
 def short_text(column: list[float]) -> list[str]:
     """The JSON text of floats measured in float32, 9 significant digits each (see the module's docstring).
+    Python floats only (an int has no general format with a precision); counts keep their own text (`_EXACT`).
 
     One ``str.format`` over the whole column: 0.4-0.5 of ``repr``'s cost per value, the call's overhead
     paid once. Zeros (common: dead layers, unused parameters, zero fractions) are literal ``0.0`` in the format;

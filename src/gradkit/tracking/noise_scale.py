@@ -90,7 +90,8 @@ class NoiseScale:
 
         B_simple is NaN while the |G|² estimate is not positive (too few windows
         to tell the signal from the noise). Kept until the next `update`: a tracker that logs
-        windows without a sample (one micro-batch, one process) asks for the same values every step.
+        windows without a sample (one micro-batch, one process) asks for the same values every step; the
+        tensors are shared between calls, so read them, do not modify them in place.
         """
         if self._estimate is not None:
             return self._estimate
