@@ -168,9 +168,9 @@ def check_same_parameters(
     # JSON text as bytes on the parameters' device (what the group's backend sends): not pickle.
     device = params[0].device if params else torch.device("cpu")
     encoded = torch.frombuffer(bytearray(json.dumps(mine).encode()), dtype=torch.uint8).to(device)
-    what = f"{owner}: all-gather of the parameter names, shapes and dtypes at setup"
+    what = f"{owner}: all-gather of the parameter names, shapes and dtypes (the ranks must hold the same)"
     everyone = [
-        [(name, tuple(shape), dtype) for name, shape, dtype in json.loads(bytes(t.cpu().tolist()).decode())]
+        [(name, tuple(shape), dtype) for name, shape, dtype in json.loads(t.cpu().numpy().tobytes().decode())]
         for t in all_gather_varying(encoded, group, what, timeout)
     ]
     reference = everyone[0]
