@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 READS = ("item", "tolist", "__bool__", "numpy", "__float__", "__int__", "__index__")
@@ -32,3 +35,14 @@ def forbid_host_sync(monkeypatch) -> None:
 
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
+
+
+@contextlib.contextmanager
+def no_cuda_syncs() -> Iterator[None]:
+    """Any synchronizing CUDA call inside raises RuntimeError; the previous mode is restored after."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

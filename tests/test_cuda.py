@@ -9,14 +9,13 @@ raises on any operation that waits for the device (``.item()``, a pageable copy,
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import gradkit as gk
 from gradkit.compression import triton_select
 from gradkit.compression.selection import positions_at_least, sampled_threshold
+from host_reads import no_cuda_syncs
 
 pytestmark = pytest.mark.cuda
 
@@ -28,20 +27,9 @@ def seeded():
     torch.manual_seed(0)  # the sampled thresholds draw from the global generators (CUDA's included)
 
 
-@contextlib.contextmanager
-def no_syncs():
-    """Any synchronizing CUDA call inside raises RuntimeError; the previous mode is restored after."""
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
 def test_the_sync_trap_is_set():
     x = torch.ones(4, device=CUDA)
-    with pytest.raises(RuntimeError), no_syncs():
+    with pytest.raises(RuntimeError), no_cuda_syncs():
         x.sum().item()
     assert torch.cuda.get_sync_debug_mode() == 0  # restored
 
@@ -91,7 +79,7 @@ def test_compress_and_decompress_never_sync(name, dtype):
     inputs = [gradient_like(1_000_000, seed, dtype) for seed in range(4)]
     torch.cuda.synchronize()
     payloads, dense = [], []
-    with no_syncs():
+    with no_cuda_syncs():
         for x in inputs:
             payload = compressor.compress(x, key="w") if keyed else compressor.compress(x)
             payloads.append(payload)
@@ -110,7 +98,7 @@ def test_exactly_k_payload_size_and_energy_on_the_gpu(n, density):
     x = gradient_like(n, seed=n)
     k = round(density * n)
     compressor = gk.TopK(density, exactly_k=True)
-    with no_syncs():
+    with no_cuda_syncs():
         payload = compressor.compress(x)
         dense = compressor.decompress(payload)
     indices, values = payload.tensors
@@ -125,7 +113,7 @@ def test_exactly_k_payload_size_and_energy_on_the_gpu(n, density):
 def test_threshold_fixed_size_on_the_gpu():
     x = gradient_like(2_000_000, seed=3)
     compressor = gk.Threshold(4.0, max_density=0.01)
-    with no_syncs():
+    with no_cuda_syncs():
         payload = compressor.compress(x)
     assert payload.tensors[0].numel() == 20_000
     mask = torch.zeros(x.numel(), dtype=torch.bool, device=CUDA)
@@ -141,7 +129,7 @@ def test_device_positions_match_the_plain_mask_on_the_gpu():
     x = gradient_like(3_000_001, seed=5)
     x[::100_003] = float("nan")
     cut = torch.full((), 4.0, device=CUDA)  # about 2.8% of Student's t(3) entries lie above
-    with no_syncs():
+    with no_cuda_syncs():
         got = positions_at_least(x, cut, 200_000)
     if triton_select.usable(x):  # one Triton kernel: positions unsorted, NaN never selected
         expected = (x.abs() >= cut).nonzero().view(-1)
@@ -158,7 +146,7 @@ def test_triton_selection_matches_the_torch_path_on_the_gpu():
         pytest.skip("Triton is not installed")
     x = gradient_like(10_000_000, seed=6)
     k = 100_000
-    with no_syncs():
+    with no_cuda_syncs():
         cut = sampled_threshold(x, k, 1.2)
         positions, values, valid = triton_select.select_at_least(
             x, cut, 150_000, index_dtype=torch.int32, value_dtype=torch.float32
@@ -204,7 +192,7 @@ def test_randomk_on_the_gpu_is_unbiased_and_its_draw_is_shared():
     a, b = gk.RandomK(0.05, seed=4), gk.RandomK(0.05, seed=4)  # two ranks with the same seed
     total = torch.zeros_like(x)
     draws = 400
-    with no_syncs():
+    with no_cuda_syncs():
         for _ in range(draws):
             pa, pb = a.compress(x), b.compress(x)
             total += a.decompress(pa)
@@ -222,7 +210,7 @@ def test_error_feedback_loop_loses_nothing_without_a_sync(make):
     inputs = [gradient_like(500_000, seed, torch.float64) for seed in range(6)]
     sent_sum = torch.zeros_like(inputs[0])
     torch.cuda.synchronize()
-    with no_syncs():
+    with no_cuda_syncs():
         for x in inputs:
             sent_sum += compressor.decompress(compressor.compress(x, key="w"))
     residual = compressor.residual("w").view(-1)
@@ -245,7 +233,7 @@ SHAPES = [(768, 768), (768,), (3072, 768), (1,), (50257, 64)]
 def test_clip_grad_norm_matches_torch_without_a_sync(norm_type, max_norm):
     ours, theirs = cuda_params(SHAPES, seed=1), cuda_params(SHAPES, seed=1)
     torch.cuda.synchronize()
-    with no_syncs():
+    with no_cuda_syncs():
         total = gk.clip_grad_norm_(ours, max_norm, norm_type)
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=True)
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
@@ -256,7 +244,7 @@ def test_clip_grad_norm_matches_torch_without_a_sync(norm_type, max_norm):
 def test_grad_norms_match_torch_without_a_sync():
     params = cuda_params(SHAPES, seed=2)
     torch.cuda.synchronize()
-    with no_syncs():
+    with no_cuda_syncs():
         norms = gk.grad_norms(params)
     assert norms.device.type == "cuda"
     expected = torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
@@ -306,7 +294,7 @@ def test_pipeline_steps_with_a_fused_optimizer_never_sync(config):
     model, pipe, opt = cuda_pipeline(config)
     autocast = config == "scaler-bf16"
     pipeline_step(model, pipe, opt, autocast)  # the optimizer's first step creates its state (one read)
-    with no_syncs():
+    with no_cuda_syncs():
         for _ in range(12):
             pipeline_step(model, pipe, opt, autocast)
     torch.cuda.synchronize()
@@ -317,7 +305,7 @@ def test_a_nan_step_skips_on_the_gpu_without_a_sync():
     model, pipe, opt = cuda_pipeline("clip")
     pipeline_step(model, pipe, opt, autocast=False)
     before = [p.detach().clone() for p in model.parameters()]
-    with no_syncs():
+    with no_cuda_syncs():
         pipeline_step(model, pipe, opt, autocast=False, nan=True)
     assert bool(pipe.last.skipped) and pipe.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -332,9 +320,20 @@ def _tracked_model():
     return torch.nn.Sequential(*layers).to(CUDA)
 
 
-def test_tracker_protocol_makes_no_sync_and_writes_every_record(tmp_path):
+def _tracked_step(tracker, opt, names, params, step: int) -> torch.Tensor:
+    """A step tracked by hand (observe, the optimizer, after_step) with no clip; its total norm, on the device."""
     from gradkit.context import GradContext
-    from gradkit.step_report import StepReport
+    from gradkit.tracking.record import standalone_report
+
+    ctx = GradContext(names, params)
+    report = standalone_report(ctx, step, 64)  # the norms before and after are the same
+    tracker.observe(ctx, report)
+    opt.step()
+    tracker.after_step(ctx, report)
+    return report.total_norm
+
+
+def test_tracker_protocol_makes_no_sync_and_writes_every_record(tmp_path):
     from gradkit.tracking.writers import read_jsonl
 
     model = _tracked_model()
@@ -346,22 +345,8 @@ def test_tracker_protocol_makes_no_sync_and_writes_every_record(tmp_path):
     expected = []
     for step in range(1, 13):
         ((model(x) - y) ** 2).mean().backward()
-        with no_syncs():
-            ctx = GradContext(names, params)
-            ctx.pre_clip_norms = ctx.norms()
-            total = ctx.total_norm()
-            report = StepReport(
-                step=step,
-                micro_steps=1,
-                items=torch.full((), 64.0, device=CUDA),
-                total_norm=total,
-                norm_after=total,
-                clip_coef=torch.ones_like(total),
-                skipped=~torch.isfinite(total),
-            )
-            tracker.observe(ctx, report)
-            opt.step()
-            tracker.after_step(ctx, report)
+        with no_cuda_syncs():
+            total = _tracked_step(tracker, opt, names, params, step)
         expected.append(total.clone())
         opt.zero_grad(set_to_none=True)
     tracker.close()
@@ -384,7 +369,7 @@ def test_tracked_pipeline_steps_make_no_sync_inside_the_tracker(tmp_path):
         method = getattr(tracker, name)
 
         def trapped(*args, _method=method, **kwargs):
-            with no_syncs():
+            with no_cuda_syncs():
                 return _method(*args, **kwargs)
 
         setattr(tracker, name, trapped)
@@ -414,7 +399,7 @@ def test_host_reads_behind_a_busy_stream_are_not_done_until_their_copies_land_an
     values = [torch.arange(1000, device=CUDA, dtype=torch.float32) * (i + 1) for i in range(3)]
     torch.cuda.synchronize()
     flights = []
-    with no_syncs():
+    with no_cuda_syncs():
         torch.cuda._sleep(50_000_000)  # tens of ms of device time queued ahead of the copies
         for value in values:
             read = HostRead(CUDA, torch.float64)
@@ -458,7 +443,7 @@ def test_windows_measuring_the_noise_scale_make_no_sync(mode, tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     pipe = gk.GradientPipeline(model, accumulation_steps=2, tracker=gk.Tracker(tmp_path, every=1, detail_every=3))
     _window(model, pipe, opt, mode)  # the optimizer's first step creates its state (one read)
-    with no_syncs():
+    with no_cuda_syncs():
         for _ in range(4):
             _window(model, pipe, opt, mode)
     pipe.tracker.close()
@@ -483,7 +468,7 @@ def test_a_foreign_loops_boundary_makes_no_sync(tmp_path):
     norms = []
     for step in range(1, 7):
         ((model(x) - y) ** 2).mean().backward()
-        with no_syncs():
+        with no_cuda_syncs():
             report = boundary.before_step(step=step, micro_steps=2, items=4)
             opt.step()
             boundary.after_step()
@@ -503,7 +488,7 @@ def test_compressed_averaging_on_one_process_with_a_mean_loss_makes_no_sync():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(gk.TopK(0.05)))
     _window(model, pipe, opt, "mean")
-    with no_syncs():
+    with no_cuda_syncs():
         for _ in range(4):
             _window(model, pipe, opt, "mean")
     torch.cuda.synchronize()
@@ -515,8 +500,6 @@ def test_compressed_averaging_on_one_process_with_a_mean_loss_makes_no_sync():
 
 
 def test_tracker_records_behind_a_busy_gpu_come_later_in_order_with_their_steps_values(tmp_path):
-    from gradkit.context import GradContext
-    from gradkit.step_report import StepReport
     from gradkit.tracking.writers import read_jsonl
 
     torch.manual_seed(0)
@@ -531,18 +514,9 @@ def test_tracker_records_behind_a_busy_gpu_come_later_in_order_with_their_steps_
     for step in range(1, 9):
         ((model(x) - y) ** 2).mean().backward()
         before = [p.detach().clone() for p in params]
-        with no_syncs():
+        with no_cuda_syncs():
             torch.cuda._sleep(20_000_000)  # the device falls behind: the copies land after the host moved on
-            ctx = GradContext(names, params)
-            ctx.pre_clip_norms = ctx.norms()
-            total = ctx.total_norm()
-            report = StepReport(
-                step=step, micro_steps=1, items=torch.full((), 64.0, device=CUDA), total_norm=total,
-                norm_after=total, clip_coef=torch.ones_like(total), skipped=~torch.isfinite(total),
-            )  # fmt: skip
-            tracker.observe(ctx, report)
-            opt.step()
-            tracker.after_step(ctx, report)
+            total = _tracked_step(tracker, opt, names, params, step)
         # Kept on the device, read after the loop: a read here would let the device catch up every step.
         max_abs = torch.stack([p.grad.abs().max() for p in params])
         ratios = torch.stack([(p.detach() - b).norm() / b.norm() for p, b in zip(params, before)])

@@ -18,6 +18,14 @@ TIMEOUT = 3.0  # gk.Average(timeout=...)
 MARGIN = 20.0  # generous: spawn, gloo and a busy machine
 
 
+def leave_after(report_path: str) -> None:
+    """Rank 1 alive but never joining: wait (bounded) until the survivor has reported, then go."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(report_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os._exit(0)
+
+
 def stuck_peer(rank: int, world: int, compressed: bool, item_mode: bool, report_path: str) -> None:
     torch.set_num_threads(1)
     model = make_model()
@@ -27,11 +35,7 @@ def stuck_peer(rank: int, world: int, compressed: bool, item_mode: bool, report_
     for step in range(4):
         x, y = data(rank, step, 4)
         if rank == 1 and step == 2:
-            # Alive but never joining: wait (bounded) until the survivor has reported, then go.
-            deadline = time.monotonic() + 60
-            while not os.path.exists(report_path) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            os._exit(0)
+            leave_after(report_path)
         started = time.monotonic()
         try:
             if item_mode:
@@ -99,20 +103,14 @@ def stuck_in_path(rank: int, world: int, kind: str, at_setup: bool, report_path:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
 
-    def leave() -> None:  # alive but never joining, until the survivor has reported
-        deadline = time.monotonic() + 60
-        while not os.path.exists(report_path) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        os._exit(0)
-
     started = time.monotonic()
     try:
         if rank == 1 and at_setup:
-            leave()
+            leave_after(report_path)
         pipe = _pipeline_for(kind, model)
         for step in range(3):
             if rank == 1 and step == 2:
-                leave()
+                leave_after(report_path)
             x, y = data(rank, step, 4)
             started = time.monotonic()
             pipe.backward(sum_loss(model, x, y) / 4)

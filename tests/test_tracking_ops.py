@@ -15,6 +15,7 @@ import gradkit as gk
 from gradkit.tracking import large_stats, stats
 from gradkit.tracking.large_stats import LargeStats
 from gradkit.tracking.stats import COLUMNS, SMALL, _one_stats, param_stats
+from host_reads import no_cuda_syncs
 
 NAN, INF = math.nan, math.inf
 
@@ -237,18 +238,8 @@ def test_with_the_gpus_small_limit_the_detail_table_equals_the_per_tensor_one(mo
 @pytest.mark.cuda
 def test_on_cuda_the_detail_table_of_mixed_sizes_equals_the_per_tensor_one_without_a_sync():
     grads, params = mixed_tensors("cuda")
-    layout = check_detail_table(grads, params, no_syncs=_cuda_no_syncs)
+    layout = check_detail_table(grads, params, no_syncs=no_cuda_syncs)
     assert all(device.type == "cuda" for device, *_ in layout.parts)
     assert sum(count for _, pick, _, count, _ in layout.parts if pick is not None) == sum(
         n <= stats.small_limit(grads[0].device) for n in MIXED_SIZES
     )
-
-
-@contextlib.contextmanager
-def _cuda_no_syncs():
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)

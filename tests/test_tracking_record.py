@@ -12,7 +12,7 @@ from torch import nn
 
 from gradkit.tracking.noise_scale import NoiseProbe
 from gradkit.tracking.record import HostRead
-from host_reads import count_host_reads
+from host_reads import count_host_reads, no_cuda_syncs
 
 
 def test_host_read_gives_each_value_back_by_name_in_one_transfer(monkeypatch):
@@ -125,17 +125,7 @@ def test_weight_copies_with_the_gpus_small_limit_match_the_plain_ones(sizes, mon
 def test_on_cuda_weight_copies_match_the_plain_ones_without_a_sync(sizes):
     # On a GPU: the flat copy, the float64 segment sums (index_add_) and the foreach differences of the
     # large weights, with no host sync in the copy or the norms.
-    check_weight_copy(sizes, "cuda", _cuda_no_syncs)
-
-
-@contextlib.contextmanager
-def _cuda_no_syncs():
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
+    check_weight_copy(sizes, "cuda", no_cuda_syncs)
 
 
 def test_weight_norms_of_the_detail_table_match_the_plain_ones():
