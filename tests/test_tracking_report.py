@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -86,9 +88,10 @@ def test_cli_report_on_an_empty_directory_fails_with_a_message(tmp_path):
 
 def test_cli_report_on_a_log_without_steps_fails(tmp_path, capsys):
     (tmp_path / "tracking.jsonl").write_text('{"type": "run"}\n{"type": "step", "ste')
-    with pytest.warns(UserWarning, match="line 2"):
-        assert main(["report", str(tmp_path)]) == 2
-    assert "no logged steps" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    # the skipped line is said too, as one line: the reason there are no steps
+    assert len(err) == 2 and "warning:" in err[0] and "line 2" in err[0] and "no logged steps" in err[1]
 
 
 def test_report_skips_a_truncated_last_line(tmp_path):
@@ -98,6 +101,17 @@ def test_report_skips_a_truncated_last_line(tmp_path):
     with pytest.warns(UserWarning, match="not valid JSON"):
         page = build_report(tmp_path).read_text()
     assert "3 logged steps (1 to 4)" in page  # steps 1, 2, 4 (every=2); the broken line is gone
+    assert "1 unreadable line of the log skipped" in page  # the page says the log held more than it shows
+
+
+def test_cli_says_a_skipped_line_in_one_line(tmp_path, capsys):
+    tracked_run(tmp_path, steps=2, accumulation_steps=1)
+    with (tmp_path / "tracking.jsonl").open("a") as file:
+        file.write('{"type": "step", "step": 3, "glo')
+    assert main(["report", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("gradkit report: warning: ") and "line 4 is not valid JSON" in err
+    assert len(err.splitlines()) == 1 and "UserWarning" not in err and "report.py" not in err
 
 
 def section(page: str, sid: str) -> str:
@@ -142,3 +156,60 @@ def test_many_layers_highlight_the_top_ones_and_say_so(tmp_path):
     tracked_run(tmp_path, steps=4, depth=6)  # 7 linear layers
     note = section(build_report(tmp_path).read_text(), "update-ratio")
     assert f"the {HIGHLIGHTED} layers with the largest ratios in colour, the other 2 in grey" in note
+
+
+def test_alerts_are_listed_in_step_order_with_a_replay_among_them(tmp_path):
+    from gradkit.tracking.report import load_run
+
+    tracked_run(tmp_path, steps=8)  # a NaN at step 5 (micro-step 9), skipped: the alert comes at the log of step 6
+    replay = {"type": "alert", "schema": "gradkit.tracking/1", "step": 2, "kind": "nonfinite", "name": "0",
+              "message": "replay: ...", "value": None}  # fmt: skip
+    with (tmp_path / "tracking.jsonl").open("a") as file:
+        file.write(json.dumps(replay) + "\n")  # written last, as locate_nonfinite writes it after the steps
+    _, _, alerts = load_run(tmp_path)
+    assert [a["step"] for a in alerts] == [2, 6]
+    rows = re.findall(r"<tr><td>(\d+)</td>", section(build_report(tmp_path).read_text(), "alerts"))
+    assert rows == ["2", "6"]
+
+
+def test_a_blank_heatmap_cell_is_explained_only_when_there_is_one(tmp_path):
+    tracked_run(tmp_path / "nan", steps=6, every=1)  # step 5 is non-finite: its logged norms are null
+    assert "A blank cell" in section(build_report(tmp_path / "nan").read_text(), "layer-norms")
+    tracked_run(tmp_path / "finite", steps=4, accumulation_steps=1)
+    assert "A blank cell" not in section(build_report(tmp_path / "finite").read_text(), "layer-norms")
+
+
+@pytest.mark.parametrize(
+    ("total", "ratio", "said"),
+    [
+        (5600, 5.057, "5.6 kB (SI units"),  # a small run is not rounded to 0.01 MB
+        (28640, 0.9888, "about as much as the dense gradient (ratio 0.99: not compressed)"),  # no "1x less"
+        (3_450_000, 270.4, "3.45 MB (SI units"),
+        (3_450_000, 270.4, "sent 270x less than the dense gradient"),
+        (800, 0.5, "sent 2x more than the dense gradient"),
+    ],
+)
+def test_bytes_sentence(total, ratio, said):
+    from gradkit.tracking.report import _bytes_note
+
+    steps = [{"global": {"bytes_since_log": total, "compression_ratio": ratio}}]
+    assert said in _bytes_note(steps)
+
+
+def test_one_layer_and_names_the_plot_font_lacks(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"注意力": nn.Linear(8, 2)})
+    tracker = gk.Tracker(tmp_path, every=1)
+    pipe = gk.GradientPipeline(model, tracker=tracker)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        pipe.backward(model["注意力"](torch.randn(4, 8)).square().sum())
+        pipe.step(opt)
+    tracker.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        page = build_report(tmp_path).read_text()
+    assert "3 logged steps (1 to 3), every 1; 1 layer;" in page
+    # matplotlib's default font has no CJK glyphs: one warning naming them, not one per glyph and figure
+    glyphs = [str(w.message) for w in caught if "注" in str(w.message) or "Glyph" in str(w.message)]
+    assert len(glyphs) == 1 and "'注意力'" in glyphs[0] and "matplotlibrc" in glyphs[0]

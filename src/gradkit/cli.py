@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import gradkit
@@ -226,10 +227,18 @@ def _summary(summary: dict, report: Path | None, heading: str = "done") -> str:
 def _report(run_dir: Path, out: Path | None) -> int:
     from gradkit.tracking.report import RunError, build_report  # late: matplotlib only for this command
 
-    try:
-        path = build_report(run_dir, out)
-    except (RunError, ImportError, OSError) as error:
-        print(f"gradkit report: error: {error}", file=sys.stderr)
+    # Warnings (a log line skipped, a glyph the plots' font lacks) are one line each, as errors are, not
+    # Python's two-line form that quotes gradkit's source.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            path = build_report(run_dir, out)
+        except (RunError, ImportError, OSError) as error:
+            path = error
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"gradkit report: warning: {message}", file=sys.stderr)
+    if isinstance(path, Exception):
+        print(f"gradkit report: error: {path}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

@@ -17,7 +17,9 @@ import html
 import io
 import math
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
         raise RunError(f"no logged steps in {str(log)!r}; train at least one optimizer step with the tracker attached")
     ordered = [steps[s] for s in sorted(steps)]
     alerts = [a for r in ordered for a in r.get("alerts", [])] + [r for r in records if r.get("type") == "alert"]
+    # A replay's alert (locate_nonfinite) is its own line, written when it ran: list it among the steps' alerts.
+    alerts.sort(key=lambda a: a.get("step") if isinstance(a.get("step"), int) else math.inf)
     return (headers[-1] if headers else {}), ordered, alerts
 
 
@@ -75,28 +79,26 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         RunError: no run in `run_dir`.
         ImportError: matplotlib is missing (``pip install 'gradkit[viz]'``).
     """
-    header, steps, alerts = load_run(run_dir)
+    header, steps, alerts, skipped = _load_counting_skips(run_dir)
     plt = _pyplot()
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
-    sections = [
-        ("global-norm", "Global gradient norm", _global_norm(plt, header, steps), ""),
-        ("layer-norms", "Per-layer gradient norm", _heatmap(plt, steps), ""),
-        ("update-ratio", "Update / weight ratio", _update_ratio(plt, steps), _update_note(steps)),
-        ("alerts", f"Alerts ({len(alerts)})", None, _alerts_table(alerts)),
-        ("noise-scale", "Gradient noise scale", _noise(plt, steps), _advice(steps)),
-        ("compression", "Communication", _bytes(plt, steps), _bytes_note(steps)),
-    ]
+    with warnings.catch_warnings(record=True) as drawn:
+        warnings.simplefilter("always")
+        sections = _sections(plt, header, steps, alerts)
+    _pass_on(drawn)
     body = []
     for sid, title, figure, text in sections:
         img = f'<img alt="{html.escape(title)} plot" src="data:image/png;base64,{figure}">' if figure else ""
         body.append(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{text}{img}</section>')
     meta = header.get("meta") or {}
+    layers = len(header.get("modules", steps[-1]["modules"]))
+    unread = sum(1 for w in skipped if issubclass(w.category, UserWarning))
     summary = (
-        f"{len(steps)} logged step{'s' if len(steps) != 1 else ''} ({steps[0]['step']} to {steps[-1]['step']}), "
-        f"every {header.get('every', '?')}; "
-        f"{len(header.get('modules', steps[-1]['modules']))} layers; gradkit "
+        f"{_plural(len(steps), 'logged step')} ({steps[0]['step']} to {steps[-1]['step']}), "
+        f"every {header.get('every', '?')}; {_plural(layers, 'layer')}; gradkit "
         f"{html.escape(str(header.get('version', '?')))}"
         + (f"; settings: {html.escape(', '.join(f'{k}={v}' for k, v in meta.items()))}" if meta else "")
+        + (f"; {_plural(unread, 'unreadable line')} of the log skipped (a run stopped while writing)" if unread else "")
     )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>gradkit report: {html.escape(str(run_dir))}</title>
@@ -113,6 +115,57 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-a
 """
     _write_atomic(out, page)
     return out
+
+
+def _sections(plt, header: dict, steps: list[dict], alerts: list[dict]) -> list[tuple[str, str, str | None, str]]:
+    """(id, title, figure as base64 PNG or None, text) of each section, in `SECTIONS` order."""
+    return [
+        ("global-norm", "Global gradient norm", _global_norm(plt, header, steps), ""),
+        ("layer-norms", "Per-layer gradient norm", _heatmap(plt, steps), _heatmap_note(steps)),
+        ("update-ratio", "Update / weight ratio", _update_ratio(plt, steps), _update_note(steps)),
+        ("alerts", f"Alerts ({len(alerts)})", None, _alerts_table(alerts)),
+        ("noise-scale", "Gradient noise scale", _noise(plt, steps), _advice(steps)),
+        ("compression", "Communication", _bytes(plt, steps), _bytes_note(steps)),
+    ]
+
+
+def _pass_on(caught: list) -> None:
+    """Warn again what drawing warned; the font's missing glyphs once (matplotlib warns per glyph and figure)."""
+    glyphs: dict[str, None] = {}
+    font = ""
+    for warning in caught:
+        missing = _GLYPH.match(str(warning.message))
+        if missing:
+            glyphs[chr(int(missing.group(1)))] = None
+            font = missing.group(2)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if glyphs:
+        warnings.warn(
+            f"the plots' font ({font}) has no {''.join(glyphs)!r} of the layer names: those characters show as "
+            "boxes in the figures (the alerts table keeps them); to draw them, list a font that has them after "
+            "the default in a matplotlibrc, e.g. font.family: DejaVu Sans, Noto Sans CJK JP",
+            stacklevel=3,
+        )
+
+
+_GLYPH = re.compile(r"Glyph (\d+) .*missing from (?:current )?font\(s\) (.*?)\.?$")
+
+
+def _load_counting_skips(run_dir: str | Path) -> tuple[dict, list[dict], list[dict], list]:
+    """`load_run`, and the warnings it gave (lines skipped), which are passed on even when it raises."""
+    skipped: list = []
+    try:
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            return (*load_run(run_dir), skipped)
+    finally:
+        for warning in skipped:  # passed on for the command line to print; the page says how many
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _pyplot():
@@ -209,6 +262,21 @@ def _heatmap(plt, steps: list[dict]) -> str:
     ax.set_xlabel("optimizer step (logged)")
     fig.colorbar(image, ax=ax, label="log10 norm, before clipping")
     return _png(plt, fig)
+
+
+def _heatmap_note(steps: list[dict]) -> str:
+    """Says what a blank cell is, when the heatmap has one (else nothing)."""
+    blank = any(
+        not (_num(stats.get("norm_pre_clip")) > 0 and math.isfinite(_num(stats.get("norm_pre_clip"))))
+        for r in steps
+        for stats in r["modules"].values()
+    )
+    if not blank:
+        return ""
+    return (
+        '<p class="note">A blank cell is a norm that cannot be drawn on a log scale: non-finite (null in the log; '
+        "see the alerts), exactly zero, or a layer absent from that step.</p>"
+    )
 
 
 def _update_ratio(plt, steps: list[dict]) -> str | None:
@@ -314,7 +382,10 @@ def _bytes(plt, steps: list[dict]) -> str | None:
         ax.set_yscale("log")  # a 30x saving is unreadable on a linear axis; on a log one the gap is the ratio
         ax.set_ylabel("MB per step (log scale)")
     else:
-        ax.set_ylim(bottom=0)  # from zero, so that a steady count is not drawn as a big swing
+        top = max([v for v in sent_mb + dense_mb if math.isfinite(v)], default=0.0)
+        # From zero, so that a steady count is not drawn as a big swing; with headroom, so that a constant
+        # line (nothing compressed: sent = dense) is not drawn on the frame.
+        ax.set_ylim(0, top * 1.15 or 1.0)
         ax.set_ylabel("MB per step")
     _step_axis(ax, x)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
@@ -328,10 +399,28 @@ def _bytes_note(steps: list[dict]) -> str:
         return '<p class="note">Nothing was sent: one process, or averaging left to DDP.</p>'
     ratios = [_num(r["global"].get("compression_ratio")) for r in steps]
     ratios = [v for v in ratios if math.isfinite(v) and v > 0]
-    ratio = f"; the last logged step sent {ratios[-1]:.0f}x less than the dense gradient" if ratios else ""
+    ratio = f"; the last logged step sent {_against_dense(ratios[-1])}" if ratios else ""
     return (
-        f"<p>{total / 1e6:.2f} MB (1 MB = 10<sup>6</sup> bytes) sent by this worker over the logged windows{ratio}.</p>"
+        f"<p>{_si_bytes(total)} (SI units: 1 MB = 10<sup>6</sup> bytes) sent by this worker over the logged "
+        f"windows{ratio}.</p>"
     )
+
+
+def _si_bytes(count: float) -> str:
+    """Bytes in SI units with three significant digits: 5.6 kB, 1.23 MB, 4.5 GB (never a rounded 0.01 MB)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count:.0f} bytes"
+
+
+def _against_dense(ratio: float) -> str:
+    """The step's bytes against the dense gradient's, from ``compression_ratio`` (dense / sent)."""
+    if ratio >= 1.05:
+        return f"{ratio:.3g}x less than the dense gradient"
+    if ratio > 1 / 1.05:  # averaging without a compressor: the gradient plus a few bytes of counts
+        return f"about as much as the dense gradient (ratio {ratio:.2f}: not compressed)"
+    return f"{1 / ratio:.3g}x more than the dense gradient"
 
 
 def _alerts_table(alerts: list[dict]) -> str:
