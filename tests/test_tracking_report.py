@@ -114,6 +114,27 @@ def test_cli_says_a_skipped_line_in_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "UserWarning" not in err and "report.py" not in err
 
 
+def test_a_run_started_afresh_in_an_old_log_is_said_and_a_resumed_one_is_not(tmp_path, capsys):
+    tracked_run(tmp_path, steps=6, accumulation_steps=1)  # steps 1, 2, 4, 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one run: nothing to say
+        build_report(tmp_path)
+    log = tmp_path / "tracking.jsonl"
+    header, *_, last = (json.loads(line) for line in log.read_text().splitlines())
+    with log.open("a") as file:  # a resume goes on from its checkpoint's step: not a restart
+        file.write(json.dumps(header) + "\n" + json.dumps({**last, "step": 8}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_report(tmp_path)
+    tracked_run(tmp_path, steps=2, accumulation_steps=1)  # the script run again on the same log_dir
+    with pytest.warns(RuntimeWarning, match="start over at step 1 after step 8"):
+        page = build_report(tmp_path).read_text()
+    assert "unreadable line" not in page  # not counted as a skipped line
+    assert main(["report", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("gradkit report: warning: ") and "give each run its own log_dir" in err
+
+
 def section(page: str, sid: str) -> str:
     return page.split(f'id="{sid}"')[1].split("</section>")[0]
 

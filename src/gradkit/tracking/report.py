@@ -43,7 +43,8 @@ class RunError(ValueError):
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """(header, step records sorted by step, alerts) of the run in `run_dir`.
 
-    A resumed run appends to the same log; a step logged twice keeps its latest record.
+    A resumed run appends to the same log; a step logged twice keeps its latest record. A run started afresh in
+    an old log (its steps start over at 1) gives a RuntimeWarning: the records of the two runs would mix.
 
     Raises:
         RunError: no directory, no log, or a log without step records.
@@ -58,6 +59,15 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
             "writers=('jsonl', ...)) run"
         )
     records = read_jsonl(log)
+    restarted = _restarted_after(records)
+    if restarted:  # RuntimeWarning: not an unreadable line (the page counts those, UserWarning)
+        warnings.warn(
+            f"{str(log)!r}: the steps start over at step 1 after step {restarted}: the log holds a run that started "
+            "afresh in the same log_dir (a script run again?), and the report keeps each step's latest record, "
+            "which mixes the runs; give each run its own log_dir",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     headers = [r for r in records if r.get("type") == "run"]
     steps = {r["step"]: r for r in records if r.get("type") == "step" and isinstance(r.get("step"), int)}
     if not steps:
@@ -147,6 +157,20 @@ def _pass_on(caught: list) -> None:
             "the default in a matplotlibrc, e.g. font.family: DejaVu Sans, Noto Sans CJK JP",
             stacklevel=3,
         )
+
+
+def _restarted_after(records: list[dict[str, Any]]) -> int | None:
+    """The last step logged before a run header whose first step is 1 (a run started afresh in an old log), or
+    None. A resumed run goes on from its checkpoint's step, so its steps do not start over."""
+    highest, fresh = 0, False
+    for record in records:
+        if record.get("type") == "run":
+            fresh = True
+        elif record.get("type") == "step" and isinstance(record.get("step"), int):
+            if fresh and record["step"] == 1 and highest > 1:
+                return highest
+            fresh, highest = False, max(highest, record["step"])
+    return None
 
 
 _GLYPH = re.compile(r"Glyph (\d+) .*missing from (?:current )?font\(s\) (.*?)\.?$")
