@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradkit._scalars import on_device
 from gradkit.step_report import StepReport
 
 __all__ = ["step_report"]
@@ -36,9 +37,7 @@ def step_report(
     Example:
         >>> pipe.last = step_report(pipe, total_norm=norm, norm_after=norm, skip=False, count=32)
     """
-    # torch.full, not torch.as_tensor: a Python number copied to a GPU waits for the stream.
-    device = total_norm.device
-    items = count.to(device) if isinstance(count, Tensor) else torch.full((), count, device=device)
+    items = on_device(count, total_norm.device)
     return StepReport(
         step=pipe.steps + 1,
         micro_steps=pipe.window.micro_steps,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradkit import _checks, distributed
+from gradkit._scalars import on_device
 from gradkit.accumulation import Items
 
 __all__ = ["as_timeout", "global_count", "replicate", "sum_flat_"]
@@ -37,11 +38,7 @@ def global_count(
     Example:
         >>> total = global_count(items, device, [group], "gk.Average: all-reduce of the item count", None)
     """
-    # torch.full for a Python int: as_tensor would copy it from pageable memory and wait for the stream.
-    if isinstance(count, Tensor):
-        total = count.to(device=device, dtype=torch.int64, copy=True)
-    else:
-        total = torch.full((), count, dtype=torch.int64, device=device)
+    total = on_device(count, device, torch.int64, copy=True)  # a copy: reduced in place
     for group in groups:
         distributed.run(dist.all_reduce, what, timeout, total, op=dist.ReduceOp.SUM, group=group)
     return total

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradkit import _checks, distributed
+from gradkit._scalars import on_device
 from gradkit.accumulation import Items
 from gradkit.averaging.buckets import Bucket
 from gradkit.averaging.corrected import corrected_inputs, hand_back_to, pack_corrected_
@@ -205,11 +206,11 @@ class CompressedReducer(Reducer):
         if dense:
             # Compression sees unscaled gradients (see begin).
             unscaled = scale if self._loss_scale is None else scale / self._loss_scale.to(torch.float64)
-            bad = self._not_finite([grad for _, grad in dense], unscaled)
+            factors = _factors([grad for _, grad in dense], unscaled)
+            bad = self._not_finite([grad for _, grad in dense], factors)
             absorb = isinstance(self.compressor, ErrorFeedback)
             keep = ~bad.any()  # on the first gradient's device
-            for (name, grad), poisoned in zip(dense, torch.where(bad, float("nan"), 1.0).unbind()):
-                factor = _on_device(unscaled, grad)
+            for (name, grad), factor, poisoned in zip(dense, factors, torch.where(bad, float("nan"), 1.0).unbind()):
                 if absorb and grad.is_contiguous():
                     # What is sent goes back into the gradient inside the compressor's pass (TopK
                     # writes it while each chunk is in cache), times the loss scale (see begin).
@@ -226,19 +227,18 @@ class CompressedReducer(Reducer):
                 grad.view(-1)[:1].mul_(poisoned.to(grad))
         self.bytes = 0
 
-    def _not_finite(self, grads: list[Tensor], unscaled: Tensor | float) -> Tensor:
+    def _not_finite(self, grads: list[Tensor], factors: list[Tensor]) -> Tensor:
         """A bool per gradient: it holds a NaN/inf, or overflows once scaled (device values, no host read)."""
         # NaN and inf reach the min or the max: one read-only pass (isfinite().all() writes a bool
         # per entry first; an inf-norm was measured 40x slower on a CPU); overflow of the scaled
         # gradient shows in its scaled extremes.
         device = grads[0].device
         flags = []
-        for grad in grads:
+        for grad, factor in zip(grads, factors):
             if grad.numel() == 0:
                 flags.append(torch.zeros((), dtype=torch.bool, device=device))
                 continue
             extremes = torch.stack(torch.aminmax(grad))
-            factor = _on_device(unscaled, grad)
             flags.append((~torch.isfinite(extremes * factor).all()).to(device))
         return torch.stack(flags)
 
@@ -305,10 +305,10 @@ def effective_compressor(compressor: object, error_feedback: bool | None) -> Com
     return compressor
 
 
-def _on_device(value: Tensor | float, like: Tensor) -> Tensor:
-    """`value` as a 0-d tensor of `like`'s dtype on its device, without a host sync: ``torch.as_tensor`` of a
-    Python number copies it from pageable host memory, which waits for the stream on a GPU; ``torch.full`` fills
-    it on the device."""
-    if isinstance(value, Tensor):
-        return value.to(like.device, like.dtype)
-    return torch.full((), value, dtype=like.dtype, device=like.device)
+def _factors(grads: list[Tensor], scale: Tensor | float) -> list[Tensor]:
+    """`scale` as a 0-d tensor in each gradient's dtype on its device: one per (device, dtype), no host sync."""
+    made: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    for grad in grads:
+        if (grad.device, grad.dtype) not in made:
+            made[grad.device, grad.dtype] = on_device(scale, grad.device, grad.dtype)
+    return [made[grad.device, grad.dtype] for grad in grads]

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from gradkit import _checks, _dtensor
+from gradkit._scalars import on_device
 from gradkit.context import GradContext
 from gradkit.step_report import NoiseSample
 
@@ -189,7 +190,7 @@ class NoiseProbe:
         self._measuring = self.wants is not None and self.unavailable is None and bool(self.wants(step))
         if self._measuring and self.accumulation_steps > 1:
             sq = self._local_norms()[1].square().sum()
-            count = _batch(num_items if num_items is not None else 1, sq.device)
+            count = on_device(num_items if num_items is not None else 1, sq.device, torch.float64)
             # A summed loss's gradient is count x the mean; a mean loss's already is the mean.
             self._small = (sq / count**2 if num_items is not None else sq, count)
 
@@ -197,7 +198,7 @@ class NoiseProbe:
         """Take this process's whole window (a `Window`: items or micro-steps), if it is in ``p.grad``."""
         if self._measuring and self.local_window:
             names, norms = self._local_norms()
-            count = _batch(window.items if window.item_mode else window.micro_steps, norms.device)
+            count = on_device(window.items if window.item_mode else window.micro_steps, norms.device, torch.float64)
             self._local = (names, norms / count, count)
 
     def pre_clip_norms(self, ctx: GradContext) -> Tensor | None:
@@ -241,13 +242,6 @@ class NoiseProbe:
         if self.scaler is not None and self.scaler.is_enabled():
             norms = norms / self.scaler._get_scale_async().double().to(norms.device)
         return ctx.names, norms
-
-
-def _batch(count: int | Tensor, device: torch.device) -> Tensor:
-    # torch.full, not torch.as_tensor(...).to(device): a Python number copied to a GPU waits for the stream.
-    if isinstance(count, Tensor):
-        return count.to(device, torch.float64)
-    return torch.full((), count, dtype=torch.float64, device=device)
 
 
 def batch_advice(b_simple: float | None, batch: float | None) -> str | None:

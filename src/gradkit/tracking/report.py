@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from gradkit._units import si_bytes
 from gradkit.tracking.writers import JSONL_NAME, read_jsonl
 
 __all__ = ["RunError", "load_run", "build_report", "SECTIONS"]
@@ -425,17 +426,9 @@ def _bytes_note(steps: list[dict]) -> str:
     ratios = [v for v in ratios if math.isfinite(v) and v > 0]
     ratio = f"; the last logged step sent {_against_dense(ratios[-1])}" if ratios else ""
     return (
-        f"<p>{_si_bytes(total)} (SI units: 1 MB = 10<sup>6</sup> bytes) sent by this worker over the logged "
+        f"<p>{si_bytes(total)} (SI units: 1 MB = 10<sup>6</sup> bytes) sent by this worker over the logged "
         f"windows{ratio}.</p>"
     )
-
-
-def _si_bytes(count: float) -> str:
-    """Bytes in SI units with three significant digits: 5.6 kB, 1.23 MB, 4.5 GB (never a rounded 0.01 MB)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.3g} {unit}"
-    return f"{count:.0f} bytes"
 
 
 def _against_dense(ratio: float) -> str:

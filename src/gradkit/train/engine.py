@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import gradkit as gk
 from gradkit import distributed as gdist
+from gradkit._units import si_bytes
 from gradkit.train.config import ConfigError, TrainConfig
 from gradkit.train.data import Corpus, load_text
 from gradkit.train.device import worker_device
@@ -205,7 +206,9 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
             if shown is None or step % config.track_every == 0 or step == config.steps:
                 shown = recent[-1].item() / per_micro  # a logging step: the one read of the loss
             rate = tokens / max(time.perf_counter() - began, 1e-9)
-            progress.set_postfix(loss=f"{shown:.3f}", tok_s=f"{rate:,.0f}", sent=_size(sent), refresh=False)
+            progress.set_postfix(
+                loss=f"{shown:.3f}", tok_s=f"{rate:,.0f}", sent=si_bytes(sent, spec=".1f", sep=""), refresh=False
+            )
             progress.update(1)
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint(step)
@@ -352,15 +355,6 @@ def _progress(rank: int, start: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True, mininterval=0.5)
-
-
-def _size(count: float) -> str:
-    """Bytes in SI units, as everywhere in gradkit's output: 1 kB = 1000 B, 1 MB = 10**6 B."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
-        count /= 1000
-    return f"{count:.1f}GB"
 
 
 def _has_tensorboard() -> bool:
