@@ -481,17 +481,34 @@ def test_a_foreign_loops_boundary_makes_no_sync(tmp_path):
         assert record["global"]["items"] == 4 and record["global"]["norm_pre_clip"] == pytest.approx(norm.item())
 
 
-def test_compressed_averaging_on_one_process_with_a_mean_loss_makes_no_sync():
+def test_compressed_averaging_on_one_process_with_a_mean_loss_makes_no_sync(monkeypatch):
     # One process, a mean loss: the window's scale is a Python float, made a device factor per gradient.
+    # A lossy sync's step decides on the host (its error feedback must know whether the step was skipped):
+    # that one read of the flags is let through; nothing else may wait for the device.
+    from gradkit import _skip
+
+    reads = []
+
+    def read_outside_the_trap(*args):
+        reads.append(1)
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return read_flags(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    read_flags = _skip.read_flags
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 512), torch.nn.GELU(), torch.nn.Linear(512, 4)).to(CUDA)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     pipe = gk.GradientPipeline(model, accumulation_steps=2, average=gk.Average(gk.TopK(0.05)))
     _window(model, pipe, opt, "mean")
+    monkeypatch.setattr(_skip, "read_flags", read_outside_the_trap)
     with no_cuda_syncs():
         for _ in range(4):
             _window(model, pipe, opt, "mean")
     torch.cuda.synchronize()
+    assert len(reads) == 4  # the one read per step, and only it
     assert pipe.steps == 5 and not bool(pipe.last.skipped)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
