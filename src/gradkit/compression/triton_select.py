@@ -118,9 +118,11 @@ def _kernels():
         magnitude = tl.load(bits_ptr + offs, mask=inside, other=0).to(tl.int32) & MAGNITUDE
         if PARTS == 1:
             t = tl.load(parts_ptr).to(tl.int32)
-        else:  # the mean of the parts' values, as bits
-            part = tl.load(parts_ptr + tl.arange(0, PARTS)).to(INT).to(FLOAT, bitcast=True).to(tl.float32)
-            t = (tl.sum(part, axis=0) / PARTS).to(FLOAT).to(INT, bitcast=True).to(tl.int32)
+        else:  # the mean of the parts' values, as bits: scalar loads and adds, no reduction across threads
+            total = tl.zeros((), tl.float32)
+            for j in tl.static_range(PARTS):
+                total += tl.load(parts_ptr + j).to(INT).to(FLOAT, bitcast=True).to(tl.float32)
+            t = (total / PARTS).to(FLOAT).to(INT, bitcast=True).to(tl.int32)
         hit = inside & (magnitude >= t) & (magnitude <= INF)  # not NaN
         hits = hit.to(tl.int32)
         row_hits = tl.sum(hits, axis=1)
