@@ -504,6 +504,7 @@ CASES: list[Case] = [
             st.text(max_size=3),
             st.just(torch.tensor([3, 4])),
             st.just(torch.tensor(2.5)),
+            st.just(torch.tensor(3, device="meta")),
         ),
         Pipe,
         "backward",

@@ -46,6 +46,11 @@ def check_num_items(num_items: object) -> Items | None:
                 f"num_items must be an int or a 1-element integer tensor, got a {num_items.dtype} tensor of shape "
                 f"{tuple(num_items.shape)}; pass the number of items (e.g. tokens) the summed loss covers"
             )
+        if num_items.device.type == "meta":  # no value to count; the step's item total would fail far from here
+            raise ValueError(
+                "num_items must hold a value, got a tensor on the meta device; pass the count on the loss's "
+                "device or as an int"
+            )
         return num_items.detach().reshape(())
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise TypeError(
