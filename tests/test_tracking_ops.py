@@ -128,6 +128,7 @@ def test_large_stats_in_pieces_and_batches_equal_the_whole(monkeypatch):
     tensors[3][[0, 100]] = INF
     stats = LargeStats([t.numel() for t in tensors], torch.device("cpu"))
     assert stats.split and len(stats.batches) > 2
+    assert stats.cut == [True, False, True, True, False]  # only the tensors over a piece are cut into views
     got = stats.table(tensors, torch.float64)
     want = reference(tensors)
     assert torch.equal(got[:, 1:], want[:, 1:])
