@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradkit as gk
-from gradkit.tracking import large_stats, stats
+from gradkit.tracking import large_stats, row_stats, stats
 from gradkit.tracking.large_stats import LargeStats
+from gradkit.tracking.row_stats import RowStats
 from gradkit.tracking.stats import COLUMNS, SMALL, _one_stats, param_stats
 from host_reads import no_cuda_syncs
 
@@ -69,13 +70,18 @@ def tracker_ops(tensors, *, detail, device="cpu"):
     return counter.ops
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["foreach", "rows"])
 @pytest.mark.parametrize("detail", [False, True])
-def test_a_logged_step_dispatches_as_many_ops_for_200_tensors_as_for_10(detail, monkeypatch):
+def test_a_logged_step_dispatches_as_many_ops_for_200_tensors_as_for_10(detail, rows, monkeypatch):
     # The large tensors' batches follow their total size (CPU_CHUNK elements each): one batch for both models.
     monkeypatch.setattr(large_stats, "CPU_CHUNK", 1 << 24)
+    if rows:  # the accelerators' measure of the large tensors (RowStats), on this CPU
+        monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
     few, many = tracker_ops(10, detail=detail), tracker_ops(200, detail=detail)
     assert sum(few.values()) > 0
     assert many == few  # op by op: nothing per tensor
+    if detail and rows:  # the padded copies are views of the tensors: their count grows, nothing else does
+        assert few["aten._foreach_max.default"] == 0 and few["aten.aminmax.default"] == 1
 
 
 def test_the_grouped_path_is_taken_for_large_tensors():
@@ -122,10 +128,96 @@ def test_large_stats_in_pieces_and_batches_equal_the_whole(monkeypatch):
     tensors[3][[0, 100]] = INF
     stats = LargeStats([t.numel() for t in tensors], torch.device("cpu"))
     assert stats.split and len(stats.batches) > 2
+    assert stats.cut == [True, False, True, True, False]  # only the tensors over a piece are cut into views
     got = stats.table(tensors, torch.float64)
     want = reference(tensors)
     assert torch.equal(got[:, 1:], want[:, 1:])
     assert torch.equal(got[1:, 0], want[1:, 0]) and math.isnan(got[0, 0])
+
+
+def nan_inf_tensors(dtype, sizes=(1000, 64, 65, 17, 1, 200, 4096)):
+    """Tensors of `sizes` with zeros, NaN, +-Inf, -0.0, subnormals and one all-NaN tensor."""
+    tensors = [special(n, dtype, 300 + n) for n in sizes]
+    tensors[0][[3, 999]] = NAN
+    tensors[3][[0, 5]] = INF
+    tensors[3][[6]] = -INF
+    tensors[2][[4]] = -0.0
+    tensors[2][[7, 8]] = torch.finfo(dtype).tiny / 4
+    tensors[5].fill_(NAN)
+    return tensors
+
+
+def assert_equal_stats(got, want):
+    got, want = got.cpu(), want.cpu()
+    assert torch.equal(got[:, 1:], want[:, 1:])  # counts exact: nonzero (NaN counted), NaN, Inf
+    assert torch.equal(got[:, 0].isnan(), want[:, 0].isnan())
+    assert torch.equal(got[~got[:, 0].isnan(), 0], want[~want[:, 0].isnan(), 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_row_stats_equal_the_per_tensor_ones_and_the_foreach_ones(dtype):
+    tensors = nan_inf_tensors(dtype)
+    measure = RowStats([t.numel() for t in tensors], torch.device("cpu"))
+    assert len(measure.batches) == 1
+    got = measure.table(tensors, torch.float64)
+    assert got.shape == (len(tensors), 4) and got.dtype == torch.float64
+    assert_equal_stats(got, reference(tensors))
+    assert_equal_stats(got, LargeStats([t.numel() for t in tensors], torch.device("cpu")).table(tensors, torch.float64))
+    assert got[:, 2].tolist() == [2, 0, 0, 0, 0, 200, 0] and got[:, 3].tolist() == [0, 0, 0, 3, 0, 0, 0]
+
+
+def test_row_stats_in_rows_batches_and_cut_tensors_equal_the_whole(monkeypatch):
+    # Rows of 16 elements, batches of 64: tensors padded to whole rows, several batches, the two largest cut into
+    # views of a batch each; a 2-D and a non-contiguous tensor among them.
+    monkeypatch.setattr(row_stats, "ROW", 16)
+    monkeypatch.setattr(row_stats, "CHUNK", 64)
+    tensors = nan_inf_tensors(torch.float32, sizes=(1000, 64, 65, 17, 1, 200, 16))
+    tensors.append(special(30 * 7, torch.float32, 9).reshape(30, 7))
+    tensors.append(special(12 * 9, torch.float32, 10).reshape(12, 9).T)
+    tensors[-1][2, 3] = INF
+    measure = RowStats([t.numel() for t in tensors], torch.device("cpu"))
+    assert len(measure.batches) > 10 and measure.cut == [n > 64 for n in map(torch.Tensor.numel, tensors)]
+    for _ in range(2):  # the padding views are kept: a second step measures the same
+        assert_equal_stats(measure.table(tensors, torch.float64), reference(tensors))
+    # float32 out, as FusedStats asks for float32 gradients: the same values, counts exact below 2**24
+    assert_equal_stats(measure.table(tensors, torch.float32).double(), reference(tensors))
+
+
+def test_with_the_accelerators_measure_the_detail_table_equals_the_per_tensor_one(monkeypatch):
+    # A GPU's layout on this CPU: tensors over 65,536 elements measured by RowStats, the others flattened.
+    monkeypatch.setattr(stats, "SMALL_CPU", stats.SMALL)
+    monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
+    monkeypatch.setattr(stats.FusedStats, "_cache", {})
+    grads, params = mixed_tensors("cpu")
+    layout = check_detail_table(grads, params)
+    large = [measure for _, pick, measure, _, _ in layout.parts if pick is None]
+    assert large and all(isinstance(m, RowStats) for m in large)
+
+
+def tracked_records(steps=3):
+    """The tracker's records (times left out) of a few detail steps of a small model with a NaN in one gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 50), nn.Tanh(), nn.Linear(50, 3))
+    tracker = gk.Tracker(every=1, detail_every=1)
+    pipe = gk.GradientPipeline(model, tracker=tracker)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        pipe.backward(model(torch.randn(8, 40)).square().mean())
+        if step == 1:
+            model[2].weight.grad[0, :7] = NAN  # a non-finite step (skipped): its counts are recorded
+        pipe.step(opt)
+    tracker.close()
+    return [{k: v for k, v in record.items() if k != "time"} for record in tracker.history]
+
+
+def test_the_records_are_the_same_whichever_measure_takes_the_large_tensors(monkeypatch):
+    monkeypatch.setattr(stats.FusedStats, "_cache", {})
+    foreach = tracked_records()
+    monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
+    monkeypatch.setattr(stats.FusedStats, "_cache", {})
+    rows = tracked_records()
+    assert rows == foreach and all(record["detail"] for record in rows)
+    assert rows[1]["params"]["2.weight"]["nan"] == 7
 
 
 @pytest.mark.cuda
@@ -133,8 +225,8 @@ def test_large_stats_in_pieces_and_batches_equal_the_whole(monkeypatch):
 def test_on_cuda_a_logged_step_dispatches_as_many_ops_for_200_tensors_as_for_10(detail):
     few, many = tracker_ops(10, detail=detail, device="cuda"), tracker_ops(200, detail=detail, device="cuda")
     assert many == few
-    if detail:
-        assert few["aten._foreach_max.default"] == 1
+    if detail:  # the large tensors are measured by rows of one padded copy (RowStats), not by foreach kernels
+        assert few["aten._foreach_max.default"] == 0 and few["aten.aminmax.default"] == 1
 
 
 @pytest.mark.cuda

@@ -64,14 +64,16 @@ class LargeStats:
             held += size
         self.batches.append((start, len(piece_sizes)))
         self.split = len(piece_sizes) != self.count
+        # Only the tensors over a piece are cut into views: the others go in whole, with no call per tensor.
+        self.cut = [size > piece for size in self.sizes]
         self.owners = _to_device(torch.tensor(owners, dtype=torch.int64), device) if self.split else None
         self.numels = _to_device(torch.tensor(self.sizes, dtype=torch.float64), device)
 
     def pieces(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """The tensors as flat views of at most `piece` elements (a copy only for a non-contiguous one)."""
+        """The tensors, those over `piece` elements as flat views of at most `piece` (a copy if non-contiguous)."""
         if not self.split:
             return list(tensors)
-        return [p for t in tensors for p in t.reshape(-1).split(self.piece)]
+        return [p for t, cut in zip(tensors, self.cut) for p in (t.reshape(-1).split(self.piece) if cut else (t,))]
 
     def table(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         """(len(tensors), 4) in `dtype`: max |g|, nonzero (NaN counted), NaN and Inf counts; no host sync."""

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from gradkit import _foreach
 from gradkit.tracking.large_stats import LargeStats
+from gradkit.tracking.row_stats import RowStats
 
 __all__ = ["module_of", "COLUMNS", "param_stats", "host_dtype", "nonfinite_counts", "histograms"]
 
@@ -36,6 +37,13 @@ SMALL = 1 << 16
 # elements 46.6 ms flattened against 9.9 ms with this limit, 100 of 32768 elements 88 against 7.7 ms, 2000 of
 # 256 elements 15.0 against 15.3 ms; the weights' norms, 500 of 4096 elements, 37 against 4.3 ms.
 SMALL_CPU = 256
+# Where the large tensors are measured with foreach kernels (`LargeStats`): on a CPU those passes beat the row
+# reductions of `RowStats` (9.4M elements: 12 against 180 ms, measured); elsewhere each call costs host time, and
+# `RowStats` makes a few a batch where `LargeStats` makes nine foreach calls, each with an output per tensor.
+FOREACH_DEVICES = ("cpu",)
+
+
+_Large = LargeStats | RowStats
 
 
 def small_limit(device: torch.device) -> int:
@@ -92,9 +100,10 @@ class FusedStats:
 
     Per (device, dtype) group (`_foreach.Groups`), the small tensors are flattened into one
     buffer and reduced per segment (one amax and one index_add for all of them); the large tensors are
-    measured together with foreach kernels (`large_stats.LargeStats`, no copy), a fixed number per
-    group. The weight norms are measured the same way (`norms`). "Small" is up to `small_limit(device)` elements:
-    65,536 on a GPU, 256 on a CPU.
+    measured together, a fixed number of calls per group: with foreach kernels on a CPU
+    (`large_stats.LargeStats`, no copy), from rows of one padded copy elsewhere (`row_stats.RowStats`). The
+    weight norms are measured the same way (`norms`). "Small" is up to `small_limit(device)` elements: 65,536 on
+    a GPU, 256 on a CPU.
     The layout (groups, segments, the order back to input order) is found once per kind of
     tensor list and kept.
 
@@ -111,7 +120,7 @@ class FusedStats:
 
     def __init__(self, grads: Sequence[Tensor], groups: _foreach.Groups | None = None) -> None:
         self.groups = groups if groups is not None else _foreach.Groups.of(grads)
-        self.parts: list[tuple[torch.device, _foreach._Pick, _Segments | LargeStats | None, int, _foreach._Pick]] = []
+        self.parts: list[tuple[torch.device, _foreach._Pick, _Segments | _Large, int, _foreach._Pick]] = []
         order: list[int] = []
         for device, _, positions, _ in self.groups.dense:
             limit = small_limit(device)
@@ -121,12 +130,9 @@ class FusedStats:
                 segments = _Segments([grads[i].numel() for i in small], device)
                 self.parts.append((device, _foreach._picker(small, self.groups.count), segments, len(small), None))
             if large:
-                # One LargeStats per group: foreach kernels over all of the group's large tensors at once.
-                fused = (
-                    LargeStats([grads[i].numel() for i in large], device)
-                    if _foreach._foreach_supported(device)
-                    else None
-                )
+                # One measure per group for all of its large tensors at once (no launch per tensor).
+                sizes = [grads[i].numel() for i in large]
+                fused = LargeStats(sizes, device) if device.type in FOREACH_DEVICES else RowStats(sizes, device)
                 self.parts.append((device, None, fused, 0, _foreach._picker(large, self.groups.count)))
             order += small + large
         self.sparse = self.groups.sparse
@@ -166,11 +172,9 @@ class FusedStats:
         for _part_device, pick_small, segments, count, pick_large in self.parts:
             if pick_small is not None:
                 block = _segment_stats(pick_small(grads), segments.ids(), count)
-            elif segments is not None:  # the large tensors' LargeStats
+            else:  # the large tensors' LargeStats or RowStats
                 large = pick_large(grads)
                 block = segments.table(large, torch.promote_types(large[0].dtype, torch.float32))
-            else:
-                block = torch.stack([_one_stats(g) for g in pick_large(grads)])
             blocks.append(block.to(device, dtype))
         blocks += [_one_stats(grads[i]).to(device, dtype) for i in self.sparse]
         table = torch.cat(blocks) if blocks else torch.zeros(0, 4, device=device, dtype=dtype)

@@ -1,0 +1,109 @@
+"""The detail statistics of large tensors on an accelerator, from rows of one padded copy: a few calls a batch.
+
+A detail step measures, per gradient, max |g| and the nonzero, NaN and Inf counts. On a GPU each torch call
+costs host time (5-10 us), and a foreach call costs more with every tensor it takes (an output each): the
+foreach measure (`large_stats.LargeStats`) spends nine foreach calls a batch. Here a batch of tensors is copied
+into one buffer (one concatenation), each tensor starting on a row boundary and padded with zeros to whole rows
+of `ROW` elements, and the buffer is measured row by row with a fixed number of whole-buffer reductions
+(``aminmax``, ``count_nonzero``, the NaN and Inf sums along the rows). The rows' values are then combined per
+tensor: one amax scatter, one float64 index_add. The zero padding changes nothing: it is neither nonzero, NaN
+nor Inf, and |0| exceeds no max |g|. Counts are added as integers per row and in float64 across rows: exact.
+
+On a CPU the row reductions cost more than the foreach passes (boolean sums: ~4 ns an element, measured), so a
+CPU keeps `LargeStats` (see `stats.FOREACH_DEVICES`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ROW", "CHUNK", "RowStats"]
+
+# Elements per row: the padding is under one row per tensor (tensors measured here have over 65,536 elements).
+ROW = 1 << 12
+# Elements per batch (a multiple of ROW): the copy, plus two boolean temporaries of its size, live at once.
+# A tensor larger than this is measured in views of this many elements.
+CHUNK = 1 << 26
+
+
+class RowStats:
+    """Max |g|, nonzero, NaN and Inf counts of same-device, same-dtype tensors, from one padded copy per batch.
+
+    Args:
+        sizes: the element count of each tensor, each at least 1 (the layout is fixed by them and kept).
+        device: where the tensors are.
+
+    Memory: during `table`, one copy of at most `CHUNK` elements (plus padding) in the tensors' dtype and two
+    boolean temporaries of its size; kept between steps, one int64 per row and one zero row per dtype.
+
+    Example:
+        >>> stats = RowStats([t.numel() for t in grads], grads[0].device)
+        >>> stats.table(grads, torch.float64)          # (len(grads), 4)
+    """
+
+    def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
+        self.count, self.device = len(sizes), device
+        # Only a tensor larger than a batch is cut into views, and only it pays for the cut (two calls).
+        self.cut = [n > CHUNK for n in sizes]
+        pieces = [(index, min(CHUNK, n - start)) for index, n in enumerate(sizes) for start in range(0, n, CHUNK)]
+        owners: list[int] = []  # the tensor each row belongs to
+        self.batches: list[tuple[slice, list[int]]] = []  # (pieces, the padding after each of them)
+        start, held = 0, 0
+        for at, (index, size) in enumerate(pieces):
+            rows = -(-size // ROW)
+            if held and held + rows * ROW > CHUNK:
+                self.batches.append(self._batch(pieces, start, at))
+                start, held = at, 0
+            held += rows * ROW
+            owners += [index] * rows
+        self.batches.append(self._batch(pieces, start, len(pieces)))
+        self.owners = _to_device(owners, device)
+        self._zeros: dict[torch.dtype, list[list[Tensor]]] = {}  # per dtype, per batch: the padding views
+
+    @staticmethod
+    def _batch(pieces: list[tuple[int, int]], start: int, stop: int) -> tuple[slice, list[int]]:
+        return slice(start, stop), [-size % ROW for _, size in pieces[start:stop]]
+
+    def pieces(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The tensors, those larger than `CHUNK` as flat views of `CHUNK` elements."""
+        if not any(self.cut):
+            return list(tensors)
+        return [p for t, cut in zip(tensors, self.cut) for p in (t.reshape(-1).split(CHUNK) if cut else (t,))]
+
+    def table(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+        """(len(tensors), 4) in `dtype`: max |g|, nonzero (NaN counted), NaN and Inf counts; no host sync."""
+        pieces = self.pieces(tensors)
+        pads = self._padding(pieces[0].dtype)
+        maxes, counts = [], []
+        for (span, _), zeros in zip(self.batches, pads):
+            # One copy: each piece followed by the zeros that fill its last row.
+            members = [t for pair in zip(pieces[span], zeros) for t in pair]
+            rows = torch._C._nn.flatten_dense_tensors(members).view(-1, ROW)
+            low, high = torch.aminmax(rows, dim=1)  # NaN where the row holds one
+            maxes.append(torch.maximum(low.neg(), high))
+            counts.append(torch.stack([torch.count_nonzero(rows, dim=1), rows.isnan().sum(1), rows.isinf().sum(1)]))
+        row_max = torch.cat(maxes) if len(maxes) > 1 else maxes[0]
+        row_counts = torch.cat(counts, 1) if len(counts) > 1 else counts[0]
+        max_abs = torch.zeros(self.count, dtype=row_max.dtype, device=row_max.device)
+        max_abs.scatter_reduce_(0, self.owners, row_max, "amax", include_self=False)
+        sums = torch.zeros(3, self.count, dtype=torch.float64, device=row_max.device)
+        sums.index_add_(1, self.owners, row_counts.to(torch.float64))
+        # max |g| is exact in float64 (every float dtype widens to it without rounding), then one cast for all.
+        return torch.cat([max_abs.to(torch.float64).unsqueeze(0), sums]).T.to(dtype)
+
+    def _padding(self, dtype: torch.dtype) -> list[list[Tensor]]:
+        """Per batch, the zero views that pad each piece to whole rows (made once per dtype, views of one row)."""
+        pads = self._zeros.get(dtype)
+        if pads is None:
+            row = torch.zeros(ROW, dtype=dtype, device=self.device)
+            pads = self._zeros[dtype] = [[row[:n] for n in fill] for _, fill in self.batches]
+        return pads
+
+
+def _to_device(values: list[int], device: torch.device) -> Tensor:
+    """Host integers as an int64 tensor on `device`, without a wait (a pinned, non-blocking copy on CUDA)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
