@@ -101,11 +101,12 @@ def _kernels():
             if ZERO_COUNT and part == 0:  # the select kernel's slot counter, after the parts: one launch fewer
                 tl.store(parts_ptr + PARTS, 0)
         else:  # the payload's slots, all padding until the select kernel fills some: no pad kernel after it
+            # (Names of their own: Triton wants a name bound in both branches to have one type.)
             slot = (part - PARTS) * PAD_BLOCK + tl.arange(0, PAD_BLOCK)
-            inside = slot < capacity
-            tl.store(valid_ptr + slot, tl.zeros_like(slot) != 0, mask=inside)
-            tl.store(index_ptr + slot, tl.zeros_like(slot).to(index_ptr.dtype.element_ty), mask=inside)
-            tl.store(value_ptr + slot, tl.zeros_like(slot).to(value_ptr.dtype.element_ty), mask=inside)
+            in_payload = slot < capacity
+            tl.store(valid_ptr + slot, tl.zeros_like(slot) != 0, mask=in_payload)
+            tl.store(index_ptr + slot, tl.zeros_like(slot).to(index_ptr.dtype.element_ty), mask=in_payload)
+            tl.store(value_ptr + slot, tl.zeros_like(slot).to(value_ptr.dtype.element_ty), mask=in_payload)
 
     @triton.jit
     def select_kernel(bits_ptr, values_ptr, parts_ptr, index_ptr, value_ptr, valid_ptr, count_ptr, n, capacity,
