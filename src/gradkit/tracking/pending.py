@@ -64,7 +64,10 @@ class Logged:
             recheck: a re-check's hook firings and flags (`NonfiniteWatch.take_recheck`), or None.
             new_event: marks the host copy done (`record.device_event`).
         """
-        table = _record.param_table(ctx, report.total_norm.device, detail=detail)
+        if detail or gather or not len(ctx):
+            table = _record.param_table(ctx, report.total_norm.device, detail=detail)
+        else:  # an ordinary step: its two norm columns, read as they are (no table made of them)
+            table = _record.norm_columns(ctx)
         ranks = _record.gather_tables(table) if gather else None
         read = {"clipped": counters.clipped, "skipped_steps": counters.skipped}
         extra = {} if recheck is None or recheck[1] is None else {"recheck": recheck[1]}
