@@ -13,6 +13,7 @@ weights after ``optimizer.step``: their norms are computed then, on the device
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import time
@@ -284,13 +285,17 @@ def _batch_of_step(items: float, big_batch: float) -> float | None:
     return None
 
 
-def gather_tables(table: Tensor) -> Tensor | None:
-    """Every rank's table, stacked (R, P, C), by one all-gather; None outside torch.distributed."""
+def gather_tables(table: Tensor, timeout: datetime.timedelta | None = None) -> Tensor | None:
+    """Every rank's table, stacked (R, P, C), by one all-gather; None outside torch.distributed.
+
+    Raises:
+        gk.CollectiveError: a peer did not join within `timeout` (None: the process group's), naming the gather.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return None
     out = [torch.empty_like(table) for _ in range(dist.get_world_size())]
     what = "Tracker(gather=True): all_gather of per-rank gradient statistics"
-    gdist.run(dist.all_gather, what, None, out, table.contiguous())
+    gdist.run(dist.all_gather, what, timeout, out, table.contiguous())
     return torch.stack(out)
 
 
