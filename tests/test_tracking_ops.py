@@ -354,7 +354,8 @@ class CountCalls(torch.overrides.TorchFunctionMode):
 
 def test_an_ordinary_logged_step_makes_a_few_torch_calls_whatever_the_number_of_tensors(monkeypatch):
     # With the accelerators' layout: an ordinary step reads its cached norms and scalars in one gather and
-    # one transfer. It made 50 dispatched ops and about 50 calls (a to, reshape and detach per value) before.
+    # one transfer. It made 50 dispatched ops and about 50 calls (a to, reshape and detach per value) before, and
+    # its counters of clipped and skipped steps five more (two adds, a compare, two zero_).
     monkeypatch.setattr(stats, "SMALL_CPU", SMALL)
     monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
     for tensors in (10, 148):
@@ -379,6 +380,7 @@ def test_an_ordinary_logged_step_makes_a_few_torch_calls_whatever_the_number_of_
         tracker.close()
         record = tracker.history[-1]
         assert not record["detail"] and record["global"]["clipped_steps"] == 1 and len(record["params"]) == tensors
-        assert sum(ops.ops.values()) <= 8, ops.ops
-        assert sum(calls.calls.values()) <= 10, calls.calls
+        # The clip test, one stack, one cat (and the host read's numpy view); the counters make no op of their own.
+        assert sum(ops.ops.values()) <= 3, ops.ops
+        assert sum(calls.calls.values()) <= 4, calls.calls
         assert calls.calls["TensorBase.reshape"] == calls.calls["TensorBase.to"] == 0, calls.calls

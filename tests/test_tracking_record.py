@@ -172,3 +172,32 @@ def test_weight_norms_of_the_detail_table_match_the_plain_ones():
     table = FusedStats.of(grads).table(grads, params, torch.device("cpu"), torch.float64)
     want = torch.stack([torch.linalg.vector_norm(p.detach().double()) for p in params])
     assert torch.allclose(table[:, 2], want, rtol=1e-6)
+
+
+def test_counters_since_the_last_log_count_each_step_once_across_resets_and_state():
+    from gradkit.step_report import StepReport
+    from gradkit.tracking.counters import SinceLastLog
+
+    def report(coef, skipped):
+        one = torch.tensor(1.0)
+        return StepReport(step=1, micro_steps=1, items=one, total_norm=one, norm_after=one * coef,
+                          clip_coef=torch.tensor(coef), skipped=torch.tensor(skipped), bytes_sent=3)  # fmt: skip
+
+    counters = SinceLastLog()
+    assert counters.state_dict()["clipped"].item() == 0
+    flags = [(0.5, False), (1.0, True), (0.2, True), (1.0, False), (0.9999, False)]
+    for coef, skipped in flags:
+        counters.count(report(coef, skipped))
+    state = counters.state_dict()
+    assert (int(counters.clipped), int(counters.skipped), counters.since, counters.bytes) == (3, 2, 5, 15)
+    assert state["clipped"].dtype == state["skipped"].dtype == torch.int64 and int(state["clipped"]) == 3
+    counters.reset(5)
+    assert int(counters.state_dict()["clipped"]) == 0 and int(counters.state_dict()["skipped"]) == 0
+    counters.count(report(1.0, True))  # one step after a log: its flags are the counts
+    assert (int(counters.clipped), int(counters.skipped)) == (0, 1)
+    counters.count(report(0.5, True))  # bool flags summed as counts, not or-ed
+    assert (int(counters.clipped), int(counters.skipped)) == (1, 2)
+    restored = SinceLastLog()
+    restored.load_state_dict(state)
+    restored.count(report(0.5, False))
+    assert (int(restored.clipped), int(restored.skipped), restored.since) == (4, 2, 6)

@@ -200,7 +200,7 @@ class Tracker(ManualTracking):
     def observe(self, ctx: GradContext, report: StepReport) -> None:
         """Record the step's final gradients (after clipping, before ``optimizer.step``).
 
-        On non-logging steps: two small device ops (count clipped and skipped
+        On non-logging steps: a few small device ops (count clipped and skipped
         steps), no host read.
         """
         step = int(report.step)
