@@ -449,6 +449,7 @@ CASES: list[Case] = [
     ctor("Tracker", "histogram_bins", count(1)),
     ctor("Tracker", "update_ratio", flag()),
     ctor("Tracker", "gather", flag()),
+    ctor("Tracker", "timeout", positive(allow_none=True)),
     ctor(
         "Tracker",
         "meta",

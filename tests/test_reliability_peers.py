@@ -133,3 +133,39 @@ def test_stuck_peer_in_every_averaging_path_is_a_clear_error_within_the_timeout(
     assert TIMEOUT * 0.8 <= report["seconds"] < TIMEOUT + MARGIN, report
     assert words in report["message"], report["message"]
     assert "CollectiveError" in str(failure.value)
+
+
+# -- the tracker's gather --------------------------------------------------------------------------
+
+
+def stuck_in_gather(rank: int, world: int, report_path: str) -> None:
+    """Tracker(gather=True) without averaging: the logged step's all-gather is the only collective."""
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    pipe = gk.GradientPipeline(model, tracker=gk.Tracker(every=1, gather=True, timeout=TIMEOUT))
+    started = time.monotonic()
+    try:
+        for step in range(3):
+            if rank == 1 and step == 2:
+                leave_after(report_path)
+            x, y = data(rank, step, 4)
+            started = time.monotonic()
+            pipe.backward(sum_loss(model, x, y) / 4)
+            pipe.step(opt)
+    except gk.CollectiveError as error:
+        report = {"seconds": time.monotonic() - started, "message": str(error), "step": step}
+        torch.save(report, report_path + ".partial")
+        os.replace(report_path + ".partial", report_path)
+        raise
+
+
+def test_stuck_peer_in_the_trackers_gather_is_a_clear_error_within_its_timeout(tmp_path):
+    report_path = str(tmp_path / "survivor.pt")
+    with pytest.raises(WorkerError) as failure:
+        run_workers(stuck_in_gather, 2, report_path, timeout=90, pg_timeout=60)
+    report = torch.load(report_path, weights_only=True)
+    # The tracker's 3 s, not the process group's 60 s; steps 0 and 1 gathered.
+    assert report["step"] == 2 and TIMEOUT * 0.8 <= report["seconds"] < TIMEOUT + MARGIN, report
+    assert "Tracker(gather=True): all_gather" in report["message"] and "peer" in report["message"], report
+    assert "CollectiveError" in str(failure.value)

@@ -335,3 +335,52 @@ def test_on_cuda_the_detail_table_of_mixed_sizes_equals_the_per_tensor_one_witho
     assert sum(count for _, pick, _, count, _ in layout.parts if pick is not None) == sum(
         n <= stats.small_limit(grads[0].device) for n in MIXED_SIZES
     )
+
+
+class CountCalls(torch.overrides.TorchFunctionMode):
+    """Counts the torch functions and tensor methods called (attribute reads and ``numel`` left out: they make
+    no tensor), each of which costs host time on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
+        if not name.endswith("__get__") and name not in ("TensorBase.numel", "_set_grad_enabled"):
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_ordinary_logged_step_makes_a_few_torch_calls_whatever_the_number_of_tensors(monkeypatch):
+    # With the accelerators' layout: an ordinary step reads its cached norms and scalars in one gather and
+    # one transfer. It made 50 dispatched ops and about 50 calls (a to, reshape and detach per value) before, and
+    # its counters of clipped and skipped steps five more (two adds, a compare, two zero_).
+    monkeypatch.setattr(stats, "SMALL_CPU", SMALL)
+    monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
+    for tensors in (10, 148):
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(tensors // 2)])
+        tracker = gk.Tracker(every=1, detail_every=10**9)
+        pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(0.01), tracker=tracker)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for _ in range(3):
+            pipe.backward(model(torch.randn(3, 4)).square().mean())
+            pipe.step(opt)
+        calls, ops = CountCalls(), CountOps()
+        for name in ("observe", "after_step"):
+            method = getattr(tracker, name)
+
+            def counted(*args, method=method, calls=calls, ops=ops):
+                with calls, ops:
+                    return method(*args)
+
+            setattr(tracker, name, counted)
+        pipe.backward(model(torch.randn(3, 4)).square().mean())
+        pipe.step(opt)
+        tracker.close()
+        record = tracker.history[-1]
+        assert not record["detail"] and record["global"]["clipped_steps"] == 1 and len(record["params"]) == tensors
+        # The clip test, one stack, one cat (and the host read's numpy view); the counters make no op of their own.
+        assert sum(ops.ops.values()) <= 3, ops.ops
+        assert sum(calls.calls.values()) <= 4, calls.calls
+        assert calls.calls["TensorBase.reshape"] == calls.calls["TensorBase.to"] == 0, calls.calls

@@ -30,6 +30,37 @@ def test_host_read_gives_each_value_back_by_name_in_one_transfer(monkeypatch):
     assert got["norm"] == 2.5 and got["empty"] == [] and got["ranks"] == ranks.tolist()
 
 
+def test_host_read_gathers_mixed_dtypes_exactly_in_one_stack_and_one_cat():
+    # Counts above 2**24 next to float32 values: a float32 stack would round them; they go into float64 directly.
+    big = 2**40 + 1
+    read = HostRead(torch.device("cpu"), torch.float64)
+    read.add("norm", torch.tensor(0.1, dtype=torch.float32))
+    read.add("count", torch.tensor(big))
+    read.add("flag", torch.tensor(True))
+    read.add("one", torch.tensor([7.5]), scalar=True)  # one element read as a number
+    read.add_rows("rows", [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
+    read.add_stack("sample", [torch.tensor(big), torch.tensor([0.5]), torch.tensor(False)])
+    got = read.read()
+    assert got["norm"] == float(torch.tensor(0.1, dtype=torch.float32)) and got["count"] == big
+    assert got["flag"] == 1.0 and type(got["flag"]) is float and got["one"] == 7.5
+    assert got["rows"] == [[1.0, 2.0], [3.0, 4.0]] and got["sample"] == [big, 0.5, 0.0]
+    only_ints = HostRead(torch.device("cpu"), torch.float64)
+    only_ints.add("bool", torch.tensor(True))
+    only_ints.add("ints", torch.tensor([big, 3]))
+    assert only_ints.read() == {"bool": 1.0, "ints": [big, 3.0]}
+
+
+def test_host_read_holds_copies_of_what_it_read():
+    value, rows, flag = torch.arange(4.0), [torch.ones(2), torch.zeros(2)], torch.tensor(2.0)
+    read = HostRead(torch.device("cpu"), torch.float64)
+    read.add("value", value)
+    read.add_rows("rows", rows)
+    read.add("flag", flag)
+    flight = read.start()
+    value.mul_(-1), rows[0].mul_(5), flag.mul_(3)  # changed after the read started
+    assert flight.values() == {"value": [0.0, 1.0, 2.0, 3.0], "rows": [[1.0, 1.0], [0.0, 0.0]], "flag": 2.0}
+
+
 def test_host_read_refuses_a_name_twice():
     read = HostRead(torch.device("cpu"), torch.float64)
     read.add("x", torch.zeros(()))
@@ -62,8 +93,12 @@ def test_host_values_are_read_where_they_are_when_the_read_targets_a_device():
     read = HostRead(torch.device("cuda"), torch.float64)
     read.add("g2", torch.tensor(float("nan"), dtype=torch.float64))
     read.add("table", torch.arange(6.0).reshape(2, 3))
-    got = read.read()
-    assert math.isnan(got["g2"]) and got["table"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    skipped = torch.tensor(True)
+    read.add("skipped", skipped)
+    flight = read.start()
+    skipped.fill_(False)  # read where it is, but copied: a later change is not seen
+    got = flight.values()
+    assert math.isnan(got["g2"]) and got["table"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] and got["skipped"] == 1.0
 
 
 WEIGHT_SIZES = [[12, 5, 2, 4], [70000, 3, 1, 257, 0, 8, 256, 65536, 255]]
@@ -137,3 +172,32 @@ def test_weight_norms_of_the_detail_table_match_the_plain_ones():
     table = FusedStats.of(grads).table(grads, params, torch.device("cpu"), torch.float64)
     want = torch.stack([torch.linalg.vector_norm(p.detach().double()) for p in params])
     assert torch.allclose(table[:, 2], want, rtol=1e-6)
+
+
+def test_counters_since_the_last_log_count_each_step_once_across_resets_and_state():
+    from gradkit.step_report import StepReport
+    from gradkit.tracking.counters import SinceLastLog
+
+    def report(coef, skipped):
+        one = torch.tensor(1.0)
+        return StepReport(step=1, micro_steps=1, items=one, total_norm=one, norm_after=one * coef,
+                          clip_coef=torch.tensor(coef), skipped=torch.tensor(skipped), bytes_sent=3)  # fmt: skip
+
+    counters = SinceLastLog()
+    assert counters.state_dict()["clipped"].item() == 0
+    flags = [(0.5, False), (1.0, True), (0.2, True), (1.0, False), (0.9999, False)]
+    for coef, skipped in flags:
+        counters.count(report(coef, skipped))
+    state = counters.state_dict()
+    assert (int(counters.clipped), int(counters.skipped), counters.since, counters.bytes) == (3, 2, 5, 15)
+    assert state["clipped"].dtype == state["skipped"].dtype == torch.int64 and int(state["clipped"]) == 3
+    counters.reset(5)
+    assert int(counters.state_dict()["clipped"]) == 0 and int(counters.state_dict()["skipped"]) == 0
+    counters.count(report(1.0, True))  # one step after a log: its flags are the counts
+    assert (int(counters.clipped), int(counters.skipped)) == (0, 1)
+    counters.count(report(0.5, True))  # bool flags summed as counts, not or-ed
+    assert (int(counters.clipped), int(counters.skipped)) == (1, 2)
+    restored = SinceLastLog()
+    restored.load_state_dict(state)
+    restored.count(report(0.5, False))
+    assert (int(restored.clipped), int(restored.skipped), restored.since) == (4, 2, 6)

@@ -1,7 +1,10 @@
 """What a `Tracker` counts between logging steps: clipped and skipped steps on the device, steps and bytes on the host.
 
-A non-logging step costs the tracker two small device ops and no host read:
+A non-logging step costs the tracker three small device ops and no host read:
 these counters are read with the rest of the record on the next logging step.
+The first step after a log makes no count of its own: its flags are the counts
+(its clip test, and its report's skip flag as it is), so a tracker that logs every
+step makes one device op a step here, and a reset makes none.
 """
 
 from __future__ import annotations
@@ -42,32 +45,37 @@ class SinceLastLog:
         self.since = 0
         self.bytes = 0
         self.last_logged = 0
+        self._fresh = True  # nothing counted on the device since the last reset: the next step's flags start over
 
     def count(self, report: StepReport) -> None:
-        """Count one step (two device ops)."""
-        if self.clipped is None or self.clipped.device != report.clip_coef.device:
-            self.clipped = torch.zeros((), dtype=torch.int64, device=report.clip_coef.device)
-        if self.skipped is None or self.skipped.device != report.skipped.device:
-            self.skipped = torch.zeros((), dtype=torch.int64, device=report.skipped.device)
-        self.clipped += report.clip_coef < 1 - _CLIP_TOLERANCE
-        self.skipped += report.skipped
+        """Count one step (one device op on the first step after a reset, three after it).
+
+        The report's tensors are read as they are then or at the next step's count (reports are values:
+        they are not changed in place)."""
+        clipped = report.clip_coef < 1 - _CLIP_TOLERANCE
+        skipped = report.skipped
+        if self._fresh:
+            self.clipped, self.skipped, self._fresh = clipped, skipped, False
+        else:  # out of place: the first step's flags may be bools (whose sum is an "or") or the report's own tensor
+            self.clipped = _add(self.clipped, clipped)
+            self.skipped = _add(self.skipped, skipped)
         self.since += 1
         self.bytes += int(report.bytes_sent)
 
     def reset(self, step: int) -> None:
-        """Start counting afresh after logged step `step`."""
-        self.clipped.zero_()
-        self.skipped.zero_()
+        """Start counting afresh after logged step `step` (no device op: the next step's flags start over)."""
+        self._fresh = True
         self.since, self.bytes, self.last_logged = 0, 0, step
 
     def state_dict(self) -> dict[str, Any]:
         zero = torch.zeros((), dtype=torch.int64)
+        counts = (None, None) if self._fresh else (self.clipped, self.skipped)
         return {
             "last_logged": self.last_logged,
             "since": self.since,
             "bytes": self.bytes,
-            "clipped": (self.clipped if self.clipped is not None else zero).clone(),
-            "skipped": (self.skipped if self.skipped is not None else zero).clone(),
+            "clipped": zero.clone() if counts[0] is None else counts[0].to(torch.int64, copy=True),
+            "skipped": zero.clone() if counts[1] is None else counts[1].to(torch.int64, copy=True),
         }
 
     @staticmethod
@@ -86,3 +94,14 @@ class SinceLastLog:
         self.last_logged, self.since, self.bytes = (int(state[k]) for k in _HOST)
         self.clipped = state["clipped"].detach().long().reshape(()).clone()
         self.skipped = state["skipped"].detach().long().reshape(()).clone()
+        self._fresh = False
+
+
+def _add(total: Tensor, flag: Tensor) -> Tensor:
+    """`total` + `flag` as an int64 count (a new tensor), on `flag`'s device: a total on another device starts
+    over from zero there (as a loaded count on the host does on a GPU: moving it would wait on the stream)."""
+    if total.device != flag.device:
+        return flag.to(torch.int64, copy=True)
+    if total.dtype == torch.bool:
+        total = total.long()
+    return total + flag

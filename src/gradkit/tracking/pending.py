@@ -8,6 +8,7 @@ oldest first: records are never reordered, and the step's path never waits.
 
 from __future__ import annotations
 
+import datetime
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -50,7 +51,7 @@ class Logged:
     def start(
         cls, ctx: GradContext, report: StepReport, *, step: int, detail: bool, counters: SinceLastLog,
         noise: NoiseScale, gather: bool, histogram_bins: int | None, update_ratio: bool, recheck: tuple | None,
-        new_event: Callable[[torch.device], Any],
+        new_event: Callable[[torch.device], Any], timeout: datetime.timedelta | None = None,
     ) -> Logged:  # fmt: skip
         """Start logged step `step`'s host read (no host sync) and return it, open until ``optimizer.step``.
 
@@ -59,13 +60,16 @@ class Logged:
             detail: measure the detail statistics (and copy the weights for ||Δw||, if `update_ratio`).
             counters: what was counted since the last log (read with the step).
             noise: the noise-scale EMAs (read with the step).
-            gather: all-gather every rank's table.
+            gather: all-gather every rank's table (waiting at most `timeout`; None: the process group's).
             histogram_bins: make TensorBoard histograms on a detail step (this waits), or None.
             recheck: a re-check's hook firings and flags (`NonfiniteWatch.take_recheck`), or None.
             new_event: marks the host copy done (`record.device_event`).
         """
-        table = _record.param_table(ctx, report.total_norm.device, detail=detail)
-        ranks = _record.gather_tables(table) if gather else None
+        if detail or gather or not len(ctx):
+            table = _record.param_table(ctx, report.total_norm.device, detail=detail)
+        else:  # an ordinary step: its two norm columns, read as they are (no table made of them)
+            table = _record.norm_columns(ctx)
+        ranks = _record.gather_tables(table, timeout) if gather else None
         read = {"clipped": counters.clipped, "skipped_steps": counters.skipped}
         extra = {} if recheck is None or recheck[1] is None else {"recheck": recheck[1]}
         flight = _record.start_step(table, report, read, noise, ranks, extra=extra, new_event=new_event)

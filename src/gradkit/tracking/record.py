@@ -2,9 +2,9 @@
 
 A logging step reads everything it writes in one transfer: the per-parameter
 table, the step's scalars, the noise sample and, with ``gather=True``, every
-rank's table. `HostRead` collects them under names and hands them back under
-the same names, so no code slices a flat list by offset. The transfer does not
-stall the step: `HostRead.start` copies the values into pinned host memory
+rank's table. `host_read.HostRead` collects them under names and hands them back
+under the same names, so no code slices a flat list by offset. The transfer does
+not stall the step: `HostRead.start` copies the values into pinned host memory
 with a non-blocking copy and records an event (`InFlight`); the values are
 decoded once the event has completed. The update-to-weight ratios need the
 weights after ``optimizer.step``: their norms are computed then, on the device
@@ -13,13 +13,13 @@ weights after ``optimizer.step``: their norms are computed then, on the device
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import stats as _stats
 from gradkit.tracking import summary as _summary
+from gradkit.tracking.host_read import READY, HostRead, InFlight, device_event
 from gradkit.tracking.noise_scale import NoiseScale, batch_advice
 from gradkit.tracking.writers import SCHEMA, clean
 
@@ -41,6 +42,7 @@ __all__ = [
     "device_event",
     "gather_tables",
     "histograms",
+    "norm_columns",
     "param_table",
     "rank_norms",
     "read_step",
@@ -50,152 +52,6 @@ __all__ = [
     "trainable",
     "WeightCopy",
 ]
-
-
-class HostRead:
-    """Device tensors gathered under names and read to the host in one transfer.
-
-    Args:
-        device, dtype: where and as what the values are gathered (``float64`` keeps
-            element counts exact up to 2**53).
-
-    Example:
-        >>> read = HostRead(torch.device("cpu"), torch.float64)
-        >>> read.add("table", torch.zeros(3, 5))
-        >>> read.add("norm", torch.tensor(2.0))
-        >>> got = read.read()              # one .tolist()
-        >>> got["norm"], len(got["table"])
-        (2.0, 3)
-    """
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-        self._parts: list[Tensor] = []
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._on_host: dict[str, Tensor] = {}  # values already on the host: no copy, no wait
-
-    def add(self, name: str, value: Tensor) -> None:
-        """Queue `value` (any shape) to be read as `name`; no host sync."""
-        if name in self._shapes:
-            raise ValueError(f"HostRead: {name!r} was added twice; give each value its own name")
-        if value.device.type == "cpu" and self.device.type != "cpu":
-            # Moving a host value to the device would copy from pageable memory and wait on the
-            # stream; it is on the host already, so it is read from where it is.
-            self._shapes[name] = tuple(value.shape)
-            self._on_host[name] = value.detach().to(self.dtype, copy=True)
-            return
-        value = value.detach().to(self.device, self.dtype)
-        self._shapes[name] = tuple(value.shape)
-        self._parts.append(value.reshape(-1))
-
-    def read(self) -> dict[str, Any]:
-        """Every queued value by name, in one host transfer that waits for the device: a float
-        for a 0-d tensor, (nested) lists of floats otherwise."""
-        flight = self.start(lambda device: READY)
-        flight.wait()
-        return flight.values()
-
-    def start(self, new_event: Callable[[torch.device], Any] | None = None) -> InFlight:
-        """Start the transfer without waiting: a non-blocking copy into pinned host memory on CUDA
-        (a plain one elsewhere), followed by an event; no host sync.
-
-        Args:
-            new_event: ``new_event(device)`` records and returns an object with ``query()``
-                (done yet?) and ``synchronize()`` (wait); default `device_event`.
-
-        Returns:
-            The `InFlight` read: ``done()`` polls, ``wait()`` waits, ``values()`` decodes.
-        """
-        # Nothing on the device (every value was on the host): an empty host tensor, nothing to wait for.
-        flat = torch.cat(self._parts) if self._parts else torch.zeros(0, dtype=self.dtype)
-        if flat.device.type == "cuda":
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            host.copy_(flat, non_blocking=True)
-        elif flat.device.type == "cpu":
-            host = flat  # torch.cat made it: a copy no later step writes to
-        else:  # other accelerators: a plain (waiting) copy, so the values are there when the event says so
-            host = flat.cpu()
-        event = (new_event or device_event)(flat.device)
-        return InFlight(host, dict(self._shapes), event, dict(self._on_host))
-
-
-class _Ready:
-    """An event that has already completed: values on the host are there at once."""
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        pass
-
-
-READY = _Ready()
-
-
-def device_event(device: torch.device) -> Any:
-    """An event recorded now on `device`'s current stream (CUDA), or one already complete (elsewhere)."""
-    if device.type == "cuda":
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        return event
-    return READY
-
-
-class InFlight:
-    """A started `HostRead`: host memory the copy lands in, the names, and the event after the copy.
-
-    Example:
-        >>> flight = read.start()
-        >>> if flight.done():          # a poll, never a wait
-        ...     got = flight.values()
-    """
-
-    __slots__ = ("host", "shapes", "event", "on_host")
-
-    def __init__(
-        self, host: Tensor, shapes: dict[str, tuple[int, ...]], event: Any, on_host: dict[str, Tensor] | None = None
-    ) -> None:
-        self.host, self.shapes, self.event = host, shapes, event
-        self.on_host = on_host or {}
-
-    def done(self) -> bool:
-        """Whether the copy has completed (polls the event; no wait)."""
-        return bool(self.event.query())
-
-    def wait(self) -> None:
-        """Wait for the copy (close, flush, state_dict: off the step's path)."""
-        self.event.synchronize()
-
-    def values(self, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
-        """The values by name; only after `done()` or `wait()`.
-
-        Args:
-            arrays: names whose values come as float64 numpy arrays of their shape (views of the host
-                memory where it is float64) instead of (nested) lists.
-        """
-        host = self.host.numpy()  # host memory (the copy has landed): numpy reads it without a copy
-        got, at = {}, 0
-        for name, shape in self.shapes.items():
-            if name in self.on_host:
-                value = self.on_host[name].reshape(-1).numpy()
-            else:
-                size = math.prod(shape)
-                value = host[at : at + size]
-                at += size
-            if name in arrays:
-                got[name] = np.asarray(value, dtype=np.float64).reshape(shape)
-            else:
-                got[name] = _nest(value.tolist(), shape)
-        return got
-
-
-def _nest(values: list[float], shape: tuple[int, ...]) -> Any:
-    if not shape:
-        return values[0]
-    if len(shape) == 1:
-        return values
-    inner = math.prod(shape[1:])
-    return [_nest(values[i * inner : (i + 1) * inner], shape[1:]) for i in range(shape[0])]
 
 
 def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tensor:
@@ -210,6 +66,13 @@ def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tens
     grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
     table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail, groups=ctx.groups())
     return _full_table(table, ctx) if ctx.sharded and detail else table
+
+
+def norm_columns(ctx: GradContext) -> list[Tensor]:
+    """An ordinary step's table by column: the norms before and after clipping (the step's cached norms), as
+    they are (`start_step` reads them with no table made of them). Only for a context with gradients."""
+    norms = ctx.norms()
+    return [ctx.pre_clip_norms if ctx.pre_clip_norms is not None else norms, norms]
 
 
 def _full_table(table: Tensor, ctx: GradContext) -> Tensor:
@@ -239,17 +102,26 @@ def read_step(
 
 
 def start_step(
-    table: Tensor, report: StepReport, counters: dict[str, Tensor], noise: NoiseScale, ranks: Tensor | None, *,
-    extra: dict[str, Tensor] | None = None, new_event: Callable[[torch.device], Any] | None = None,
+    table: Tensor | Sequence[Tensor], report: StepReport, counters: dict[str, Tensor], noise: NoiseScale,
+    ranks: Tensor | None, *, extra: dict[str, Tensor] | None = None,
+    new_event: Callable[[torch.device], Any] | None = None,
 ) -> InFlight:  # fmt: skip
     """Start the one host read of a logging step: the step's table, scalars, noise sample, rank
-    tables and any `extra` named values; no host sync (see `HostRead.start`)."""
-    read = HostRead(table.device, table.dtype)
-    read.add("columns", table.T)  # read by column: the entries are built column by column (`summary`)
+    tables and any `extra` named values; no host sync (see `HostRead.start`).
+
+    `table` is the (P, C) table (`param_table`), or its columns as 1-D tensors (`norm_columns`: an
+    ordinary step's, read as they are, with no table made of them)."""
+    if isinstance(table, Tensor):
+        read = HostRead(table.device, table.dtype)
+        read.add("columns", table.T)  # read by column: the entries are built column by column (`summary`)
+    else:
+        device = table[0].device
+        read = HostRead(device, _stats.host_dtype(device))
+        read.add_rows("columns", table)
     for name in ("total_norm", "norm_after", "clip_coef", "skipped", "items"):
-        read.add(name, getattr(report, name).reshape(()))
+        read.add(name, getattr(report, name), scalar=True)
     for name, counter in counters.items():
-        read.add(name, counter.reshape(()))
+        read.add(name, counter, scalar=True)
     g2, trace, b_simple = noise.estimate()
     read.add("g2", g2)
     read.add("trace", trace)
@@ -257,8 +129,7 @@ def start_step(
     read.add("measured", noise.measured())
     sample = report.noise
     if sample is not None:
-        read.add("sample", torch.stack([t.detach().to(table.device, table.dtype).reshape(()) for t in (
-            sample.small_sq, sample.small_batch, sample.big_sq, sample.big_batch)]))  # fmt: skip
+        read.add_stack("sample", (sample.small_sq, sample.small_batch, sample.big_sq, sample.big_batch))
     if ranks is not None:
         read.add("ranks", ranks.transpose(1, 2))
     for name, value in (extra or {}).items():
@@ -414,13 +285,17 @@ def _batch_of_step(items: float, big_batch: float) -> float | None:
     return None
 
 
-def gather_tables(table: Tensor) -> Tensor | None:
-    """Every rank's table, stacked (R, P, C), by one all-gather; None outside torch.distributed."""
+def gather_tables(table: Tensor, timeout: datetime.timedelta | None = None) -> Tensor | None:
+    """Every rank's table, stacked (R, P, C), by one all-gather; None outside torch.distributed.
+
+    Raises:
+        gk.CollectiveError: a peer did not join within `timeout` (None: the process group's), naming the gather.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return None
     out = [torch.empty_like(table) for _ in range(dist.get_world_size())]
     what = "Tracker(gather=True): all_gather of per-rank gradient statistics"
-    gdist.run(dist.all_gather, what, None, out, table.contiguous())
+    gdist.run(dist.all_gather, what, timeout, out, table.contiguous())
     return torch.stack(out)
 
 

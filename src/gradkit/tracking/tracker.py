@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from gradkit import _checks
 from gradkit._stateful import load_all_or_nothing
+from gradkit.averaging.collectives import as_timeout
 from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
@@ -65,6 +66,9 @@ class Tracker(ManualTracking):
         histogram_bins: bins of the TensorBoard gradient histograms.
         gather: on logging steps, all-gather every rank's statistics to rank 0
             (one collective; every rank must then track the same parameters).
+        timeout: seconds the gather of `gather` waits for every rank before raising
+            `gk.CollectiveError` naming it (a dead or stuck peer); None (the default)
+            waits the process group's timeout.
         meta: run settings written to the log header (e.g. ``{"max_norm": 1.0,
             "batch_size": 64}``); the report draws ``max_norm`` as the clip threshold.
         history: how many logged steps `history` keeps in memory (the most recent), or
@@ -74,7 +78,7 @@ class Tracker(ManualTracking):
             `alerts` then keeps the alerts of those steps (and of later ones).
 
     Raises:
-        TypeError / ValueError: for a bad `every` or `history`, an unknown writer, an
+        TypeError / ValueError: for a bad `every`, `history` or `timeout`, an unknown writer, an
             unwritable `log_dir`, or `meta` that is not JSON-serialisable.
         ImportError: "tensorboard" in `writers` without the tensorboard package.
 
@@ -117,6 +121,7 @@ class Tracker(ManualTracking):
         gather: bool = False,
         meta: dict[str, Any] | None = None,
         history: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.every, self.detail_every = _check_every(every, detail_every)
         keep = _checks.positive_int(
@@ -131,6 +136,7 @@ class Tracker(ManualTracking):
         self.update_ratio = _checks.flag("update_ratio", update_ratio, "pass False to skip the weight copy")
         self.histogram_bins = _checks.positive_int("histogram_bins", histogram_bins, "pass a bin count, e.g. 64")
         self.gather = _checks.flag("gather", gather, "pass True to collect every rank's statistics on rank 0")
+        self.timeout = as_timeout(timeout)  # the gather's: a dead peer is a CollectiveError, not a long wait
         self.meta = check_meta(meta)
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.writes = self.rank == 0
@@ -194,7 +200,7 @@ class Tracker(ManualTracking):
     def observe(self, ctx: GradContext, report: StepReport) -> None:
         """Record the step's final gradients (after clipping, before ``optimizer.step``).
 
-        On non-logging steps: two small device ops (count clipped and skipped
+        On non-logging steps: a few small device ops (count clipped and skipped
         steps), no host read.
         """
         step = int(report.step)
@@ -259,7 +265,7 @@ class Tracker(ManualTracking):
         detail = step == 1 or step % self.detail_every == 0 or forced
         self._pending.open = Logged.start(
             ctx, report, step=step, detail=detail, counters=self._counters, noise=self.noise, gather=self.gather,
-            histogram_bins=self.histogram_bins if self._sink.has_tensorboard() else None,
+            timeout=self.timeout, histogram_bins=self.histogram_bins if self._sink.has_tensorboard() else None,
             update_ratio=self.update_ratio, recheck=recheck, new_event=self._new_event,
         )  # fmt: skip
         self._counters.reset(step)
