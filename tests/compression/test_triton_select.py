@@ -38,7 +38,8 @@ _POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("parts", [1, triton_select.PARTS])
-def test_the_kernels_compile_for_a_cuda_gpu(dtype, parts):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_the_kernels_compile_for_a_cuda_gpu(dtype, parts, on_device):
     # The interpreter runs Python, not Triton's compiler, which refuses code the interpreter takes (e.g. a name
     # bound to two shapes in the branches of an `if`). Triton compiles for a GPU it is not running on: the
     # kernels go through its front end and down to PTX for an H100/H200 (sm_90) here, with no GPU.
@@ -52,10 +53,10 @@ def test_the_kernels_compile_for_a_cuda_gpu(dtype, parts):
     floats, ints = triton_select._triton_types(dtype)
     common = {"MAGNITUDE": magnitude, "INF": inf}
     kernels = [
-        (threshold_kernel, {"bits_ptr": bits, "offset_ptr": "*i64", "offset": "i64", "parts_ptr": "*i32",
+        (threshold_kernel, {"bits_ptr": bits, "offset_ptr": "*i64", "offset": "i32", "parts_ptr": "*i32",
                             "index_ptr": "*i32", "value_ptr": _POINTER[dtype], "valid_ptr": "*i1", "n": "i32",
                             "m": "i32", "step": "i32", "top": "i32", "capacity": "i32"},
-         dict(common, ROUNDS=rounds, BLOCK=2048, PARTS=parts, OFFSET_ON_DEVICE=False, ZERO_COUNT=True,
+         dict(common, ROUNDS=rounds, BLOCK=2048, PARTS=parts, OFFSET_ON_DEVICE=on_device, ZERO_COUNT=True,
               PAD_BLOCK=1024)),
         (select_kernel, {"bits_ptr": bits, "values_ptr": _POINTER[dtype], "parts_ptr": "*i32", "index_ptr": "*i64",
                          "value_ptr": "*fp32", "valid_ptr": "*i1", "count_ptr": "*i32", "n": "i32", "capacity": "i32"},

@@ -76,12 +76,15 @@ def _kernels():
                          ZERO_COUNT: tl.constexpr, PAD_BLOCK: tl.constexpr):  # fmt: skip
         part = tl.program_id(0)
         if part < PARTS:
+            # (A name of its own for the start: Triton wants a name bound before an `if` to keep its type in it.)
             if OFFSET_ON_DEVICE:  # drawn on the device while a CUDA graph is captured (a host draw would be frozen)
-                offset = tl.load(offset_ptr)
+                start = tl.load(offset_ptr).to(tl.int64)
+            else:
+                start = offset.to(tl.int64)
             lanes = tl.cdiv(m, PARTS)
             i = part * lanes + tl.arange(0, BLOCK)
             inside = (tl.arange(0, BLOCK) < lanes) & (i < m)
-            pos = (offset + i.to(tl.int64) * step) % n
+            pos = (start + i.to(tl.int64) * step) % n
             bits = tl.load(bits_ptr + pos, mask=inside, other=0).to(tl.int32) & MAGNITUDE  # the magnitude's bits
             bits = tl.where(bits > INF, 0, bits)  # NaN (above +inf's bits) counts as 0
             bits = tl.where(inside, bits, -1)  # lanes past this slice count below everything
