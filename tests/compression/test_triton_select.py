@@ -33,16 +33,15 @@ def test_triton_kernels_match_torch_under_the_interpreter():
 
 
 # Pointer types of the kernels' tensors, by torch dtype, as Triton's signatures name them.
-_POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32"}
+_POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("parts", [1, triton_select.PARTS])
 @pytest.mark.parametrize("on_device", [False, True])
-def test_the_kernels_compile_for_a_cuda_gpu(dtype, parts, on_device):
+def test_the_kernels_compile_for_a_cuda_gpu(dtype, on_device):
     # The interpreter runs Python, not Triton's compiler, which refuses code the interpreter takes (e.g. a name
-    # bound to two shapes in the branches of an `if`). Triton compiles for a GPU it is not running on: the
-    # kernels go through its front end and down to PTX for an H100/H200 (sm_90) here, with no GPU.
+    # re-bound to another type inside a branch taken at run time). Triton compiles for a GPU it is not running
+    # on: the kernels go through its front end and down to PTX for an H100/H200 (sm_90) here, with no GPU.
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.errors import CompilationError
@@ -50,17 +49,14 @@ def test_the_kernels_compile_for_a_cuda_gpu(dtype, parts, on_device):
     _, threshold_kernel, select_kernel, pad_kernel = triton_select._kernels()
     as_int, magnitude, inf, rounds = triton_select._BITS[dtype]
     bits = "*i32" if as_int == torch.int32 else "*i16"
-    floats, ints = triton_select._triton_types(dtype)
     common = {"MAGNITUDE": magnitude, "INF": inf}
     kernels = [
-        (threshold_kernel, {"bits_ptr": bits, "offset_ptr": "*i64", "offset": "i32", "parts_ptr": "*i32",
-                            "index_ptr": "*i32", "value_ptr": _POINTER[dtype], "valid_ptr": "*i1", "n": "i32",
-                            "m": "i32", "step": "i32", "top": "i32", "capacity": "i32"},
-         dict(common, ROUNDS=rounds, BLOCK=2048, PARTS=parts, OFFSET_ON_DEVICE=on_device, ZERO_COUNT=True,
-              PAD_BLOCK=1024)),
-        (select_kernel, {"bits_ptr": bits, "values_ptr": _POINTER[dtype], "parts_ptr": "*i32", "index_ptr": "*i64",
-                         "value_ptr": "*fp32", "valid_ptr": "*i1", "count_ptr": "*i32", "n": "i32", "capacity": "i32"},
-         dict(common, ROWS=32, PARTS=parts, FLOAT=floats, INT=ints, COUNT_AT=parts)),
+        (threshold_kernel, {"bits_ptr": bits, "offset_ptr": "*i64", "offset": "i32", "out_ptr": bits,
+                            "count_ptr": "*i32", "n": "i32", "m": "i32", "step": "i32", "top": "i32"},
+         dict(common, ROUNDS=rounds, BLOCK=16_384, OFFSET_ON_DEVICE=on_device, ZERO_COUNT=True)),
+        (select_kernel, {"bits_ptr": bits, "values_ptr": _POINTER[dtype], "threshold_ptr": bits, "index_ptr": "*i64",
+                         "value_ptr": "*fp32", "count_ptr": "*i32", "n": "i32", "capacity": "i32"},
+         dict(common, ROWS=32)),
         (pad_kernel, {"index_ptr": "*i32", "value_ptr": _POINTER[dtype], "valid_ptr": "*i1", "count_ptr": "*i32",
                       "capacity": "i32", "pad": "i32"}, {"BLOCK": 1024}),
     ]  # fmt: skip

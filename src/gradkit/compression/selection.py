@@ -268,9 +268,9 @@ def sampled_entries(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``entries_at_least(flat, sampled_threshold(flat, k, target), capacity, value_dtype)``, in one go.
 
-    Where the Triton kernels run that is two launches and no torch call between them (the
-    threshold's kernel also zeroes the selection's slot counter and pads the slots): at 10M
-    entries the call is bound by the host's launches, not by the GPU.
+    Where the Triton kernels run that is three launches and no torch call between them (the
+    threshold's kernel also zeroes the selection's slot counter): at 10M entries the call is
+    bound by the host's launches, not by the GPU.
     """
     sample = _triton_sample(flat, k, target)
     if sample is not None:

@@ -291,7 +291,7 @@ class TopK(_Sparsifier):
                 raise ValueError("on a device the threshold is sampled with the selection: pass threshold=None")
             if prepare is not None:
                 prepare(0, n)
-            # Threshold and selection in one go (two Triton launches on a GPU).
+            # Threshold and selection in one go (three Triton launches on a GPU).
             if self.exactly_k:
                 indices, values, valid = sampled_exactly_k(flat, k, self.value_dtype)
             else:
