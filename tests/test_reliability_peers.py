@@ -98,16 +98,17 @@ def _pipeline_for(kind: str, model: torch.nn.Module) -> gk.GradientPipeline:
     return gk.GradientPipeline(model, average=average if kind == "hierarchical" else gk.Average(timeout=TIMEOUT))
 
 
-def stuck_in_path(rank: int, world: int, kind: str, at_setup: bool, report_path: str) -> None:
+def steps_until_stuck(rank: int, make_pipeline, report_path: str, *, at_setup: bool = False) -> None:
+    """Three steps, rank 1 leaving at step 2 (or before it builds its pipeline, `at_setup`); the survivor saves
+    its `gk.CollectiveError` with how long the failing call waited and at which step."""
     torch.set_num_threads(1)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-
-    started = time.monotonic()
+    started, step = time.monotonic(), None
     try:
         if rank == 1 and at_setup:
             leave_after(report_path)
-        pipe = _pipeline_for(kind, model)
+        pipe = make_pipeline(model)
         for step in range(3):
             if rank == 1 and step == 2:
                 leave_after(report_path)
@@ -116,10 +117,14 @@ def stuck_in_path(rank: int, world: int, kind: str, at_setup: bool, report_path:
             pipe.backward(sum_loss(model, x, y) / 4)
             pipe.step(opt)
     except gk.CollectiveError as error:
-        report = {"seconds": time.monotonic() - started, "message": str(error)}
+        report = {"seconds": time.monotonic() - started, "message": str(error), "step": step}
         torch.save(report, report_path + ".partial")
         os.replace(report_path + ".partial", report_path)
         raise
+
+
+def stuck_in_path(rank: int, world: int, kind: str, at_setup: bool, report_path: str) -> None:
+    steps_until_stuck(rank, lambda model: _pipeline_for(kind, model), report_path, at_setup=at_setup)
 
 
 @pytest.mark.parametrize("case", list(PATHS))
@@ -138,26 +143,13 @@ def test_stuck_peer_in_every_averaging_path_is_a_clear_error_within_the_timeout(
 # -- the tracker's gather --------------------------------------------------------------------------
 
 
-def stuck_in_gather(rank: int, world: int, report_path: str) -> None:
+def _gathering(model: torch.nn.Module) -> gk.GradientPipeline:
     """Tracker(gather=True) without averaging: the logged step's all-gather is the only collective."""
-    torch.set_num_threads(1)
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    pipe = gk.GradientPipeline(model, tracker=gk.Tracker(every=1, gather=True, timeout=TIMEOUT))
-    started = time.monotonic()
-    try:
-        for step in range(3):
-            if rank == 1 and step == 2:
-                leave_after(report_path)
-            x, y = data(rank, step, 4)
-            started = time.monotonic()
-            pipe.backward(sum_loss(model, x, y) / 4)
-            pipe.step(opt)
-    except gk.CollectiveError as error:
-        report = {"seconds": time.monotonic() - started, "message": str(error), "step": step}
-        torch.save(report, report_path + ".partial")
-        os.replace(report_path + ".partial", report_path)
-        raise
+    return gk.GradientPipeline(model, tracker=gk.Tracker(every=1, gather=True, timeout=TIMEOUT))
+
+
+def stuck_in_gather(rank: int, world: int, report_path: str) -> None:
+    steps_until_stuck(rank, _gathering, report_path)
 
 
 def test_stuck_peer_in_the_trackers_gather_is_a_clear_error_within_its_timeout(tmp_path):
