@@ -390,6 +390,17 @@ def test_tracked_pipeline_steps_make_no_sync_inside_the_tracker(tmp_path):
         assert record["global"]["clip_coef"] <= 1.0
 
 
+def test_counts_on_the_host_go_on_with_flags_on_the_gpu():
+    # A tracker resumed on a GPU holds its loaded counts on the host; a skip may be decided on the host. Neither
+    # may start the count over (they did), nor wait for the device.
+    from gradkit.tracking.counters import _add
+
+    with no_cuda_syncs():
+        total = _add(torch.tensor(5), torch.ones((), dtype=torch.bool, device=CUDA))  # a count from a checkpoint
+        total = _add(total, torch.tensor(True))  # a skip decided on the host
+    assert total.device.type == "cuda" and total.dtype == torch.int64 and int(total) == 7
+
+
 # --- Host reads in flight: the event follows the copy, each read keeps its own pinned memory ------------------
 
 
@@ -481,7 +492,7 @@ def test_a_foreign_loops_boundary_makes_no_sync(tmp_path):
         assert record["global"]["items"] == 4 and record["global"]["norm_pre_clip"] == pytest.approx(norm.item())
 
 
-def test_compressed_averaging_on_one_process_with_a_mean_loss_makes_no_sync(monkeypatch):
+def test_compressed_averaging_on_one_process_with_a_mean_loss_makes_only_the_skip_read(monkeypatch):
     # One process, a mean loss: the window's scale is a Python float, made a device factor per gradient.
     # A lossy sync's step decides on the host (its error feedback must know whether the step was skipped):
     # that one read of the flags is let through; nothing else may wait for the device.

@@ -220,6 +220,39 @@ def test_the_records_are_the_same_whichever_measure_takes_the_large_tensors(monk
     assert rows[1]["params"]["2.weight"]["nan"] == 7
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["foreach", "rows"])
+def test_a_count_above_2_24_is_exact_in_the_detail_table(rows, monkeypatch):
+    # float32 holds integers exactly only up to 2**24: the large tensors' counts must reach the float64 table
+    # without passing through it (a tensor of 2**24 + 3 nonzero entries read 2**24 + 4, zero_frac below 0).
+    if rows:
+        monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
+    monkeypatch.setattr(stats.FusedStats, "_cache", {})
+    grad = torch.ones(2**24 + 3)
+    grad[5] = NAN
+    table = stats.FusedStats.of([grad]).table([grad], [], torch.device("cpu"), torch.float64)
+    counts = {name: table[0, stats.DETAIL.index(name)].item() for name in ("nonzero", "nan", "inf")}
+    assert counts == {"nonzero": 2**24 + 3, "nan": 1, "inf": 0}  # NaN counts as nonzero
+
+
+def test_a_sparse_gradient_is_tracked_with_the_dense_ones():
+    # nn.Embedding(sparse=True): its statistics come from the stored rows (the others are zeros), beside the
+    # dense table (a detail step failed on a model holding one).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 3, sparse=True), nn.Linear(3, 2))
+    tracker = gk.Tracker(every=1, detail_every=1)
+    pipe = gk.GradientPipeline(model, tracker=tracker)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads = []
+    for _ in range(2):
+        pipe.backward(model(torch.tensor([[1, 2, 2]])).square().mean())
+        grads.append(model[0].weight.grad.to_dense())  # no averaging: p.grad is the window's gradient
+        pipe.step(opt)
+    tracker.close()
+    record, grad = tracker.history[-1]["params"]["0.weight"], grads[-1]
+    assert record["zero_frac"] == pytest.approx(1 - int(torch.count_nonzero(grad)) / grad.numel())
+    assert record["max_abs"] == pytest.approx(float(grad.abs().max()), rel=1e-6) and record["numel"] == 30
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("detail", [False, True])
 def test_on_cuda_a_logged_step_dispatches_as_many_ops_for_200_tensors_as_for_10(detail):

@@ -42,9 +42,11 @@ def test_the_kernels_compile_for_a_cuda_gpu(dtype, on_device):
     # The interpreter runs Python, not Triton's compiler, which refuses code the interpreter takes (e.g. a name
     # re-bound to another type inside a branch taken at run time). Triton compiles for a GPU it is not running
     # on: the kernels go through its front end and down to PTX for an H100/H200 (sm_90) here, with no GPU.
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler.errors import CompilationError
+    try:  # where these move in another Triton, the test cannot run: skipped, not failed
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as error:
+        pytest.skip(f"Triton {triton.__version__} has no ASTSource/GPUTarget here: {error}")
 
     _, threshold_kernel, select_kernel, pad_kernel = triton_select._kernels()
     as_int, magnitude, inf, rounds = triton_select._BITS[dtype]
@@ -64,9 +66,10 @@ def test_the_kernels_compile_for_a_cuda_gpu(dtype, on_device):
         signature = dict(signature, **{name: "constexpr" for name in constants})
         try:
             source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        except (TypeError, KeyError, AttributeError) as error:  # another Triton's way of naming a signature
+            pytest.skip(f"Triton {triton.__version__} takes signatures otherwise: {type(error).__name__}: {error}")
+        try:
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-        except CompilationError:
-            raise
-        except Exception as error:  # another Triton's compile API, or no PTX assembler: not this code's fault
-            pytest.skip(f"Triton {triton.__version__} cannot compile for sm_90 here: {type(error).__name__}: {error}")
+        except FileNotFoundError as error:  # no PTX assembler beside this Triton; every compile error still fails
+            pytest.skip(f"Triton {triton.__version__} cannot assemble for sm_90 here: {error}")
         assert "ptx" in compiled.asm

@@ -1,6 +1,7 @@
 """What a `Tracker` counts between logging steps: clipped and skipped steps on the device, steps and bytes on the host.
 
-A non-logging step costs the tracker three small device ops and no host read:
+A non-logging step costs the tracker a few small device ops (five at most: two adds, and where a count is
+still a bool, its conversion) and no host read:
 these counters are read with the rest of the record on the next logging step.
 The first step after a log makes no count of its own: its flags are the counts
 (its clip test, and its report's skip flag as it is), so a tracker that logs every
@@ -48,7 +49,7 @@ class SinceLastLog:
         self._fresh = True  # nothing counted on the device since the last reset: the next step's flags start over
 
     def count(self, report: StepReport) -> None:
-        """Count one step (one device op on the first step after a reset, three after it).
+        """Count one step (one device op on the first step after a reset, at most five after it).
 
         The report's tensors are read as they are then or at the next step's count (reports are values:
         they are not changed in place)."""
@@ -98,10 +99,14 @@ class SinceLastLog:
 
 
 def _add(total: Tensor, flag: Tensor) -> Tensor:
-    """`total` + `flag` as an int64 count (a new tensor), on `flag`'s device: a total on another device starts
-    over from zero there (as a loaded count on the host does on a GPU: moving it would wait on the stream)."""
-    if total.device != flag.device:
-        return flag.to(torch.int64, copy=True)
+    """`total` + `flag` as an int64 count (a new tensor), with no wait: a 0-d tensor on the host (a count loaded
+    from a checkpoint, a skip decided on the host) joins a device tensor as a number, read on the host."""
     if total.dtype == torch.bool:
         total = total.long()
-    return total + flag
+    if total.device == flag.device or _on_host(total) or _on_host(flag):
+        return total + flag
+    return total + flag.to(total.device, non_blocking=True)  # two accelerators: rare, queued on the stream
+
+
+def _on_host(value: Tensor) -> bool:
+    return value.device.type == "cpu" and value.dim() == 0

@@ -1,6 +1,6 @@
 """Logged steps on their way to a record: the open step, then the host copies in flight, in step order.
 
-A logging step copies its statistics to the host without waiting (`record.HostRead.start`).
+A logging step copies its statistics to the host without waiting (`host_read.HostRead.start`).
 It stays open until ``optimizer.step`` has run (its ||Δw|| needs the updated weights), is
 then sealed into the queue, and is handed out for writing once its copies have completed,
 oldest first: records are never reordered, and the step's path never waits.

@@ -7,7 +7,8 @@ into one buffer (one concatenation), each tensor starting on a row boundary and 
 of `ROW` elements, and the buffer is measured row by row with a fixed number of whole-buffer reductions
 (``aminmax``, ``count_nonzero``, the NaN and Inf sums along the rows). The rows' values are then combined per
 tensor: one amax scatter, one float64 index_add. The zero padding changes nothing: it is neither nonzero, NaN
-nor Inf, and |0| exceeds no max |g|. Counts are added as integers per row and in float64 across rows: exact.
+nor Inf, and |0| exceeds no max |g|. Counts are added as integers per row and in float64 across rows: exact
+(a device without float64, MPS, adds them in float32: exact up to 2**24 a tensor).
 
 On a CPU the row reductions cost more than the foreach passes (boolean sums: ~4 ns an element, measured), so a
 CPU keeps `LargeStats` (see `stats.FOREACH_DEVICES`).
@@ -24,7 +25,7 @@ __all__ = ["ROW", "CHUNK", "RowStats"]
 
 # Elements per row: the padding is under one row per tensor (tensors measured here have over 65,536 elements).
 ROW = 1 << 12
-# Elements per batch (a multiple of ROW): the copy, plus two boolean temporaries of its size, live at once.
+# Elements per batch (a multiple of ROW): the copy, and one boolean temporary of its size, live at once.
 # A tensor larger than this is measured in views of this many elements.
 CHUNK = 1 << 26
 
@@ -36,8 +37,9 @@ class RowStats:
         sizes: the element count of each tensor, each at least 1 (the layout is fixed by them and kept).
         device: where the tensors are.
 
-    Memory: during `table`, one copy of at most `CHUNK` elements (plus padding) in the tensors' dtype and two
-    boolean temporaries of its size; kept between steps, one int64 per row and one zero row per dtype.
+    Memory: during `table`, one copy of at most `CHUNK` elements (plus padding) in the tensors' dtype and one
+    boolean temporary of its size at a time (a non-contiguous tensor over `CHUNK` is also copied whole, to be
+    cut); kept between steps, one int64 per row and one zero row per dtype.
 
     Example:
         >>> stats = RowStats([t.numel() for t in grads], grads[0].device)
@@ -85,14 +87,17 @@ class RowStats:
             low, high = torch.aminmax(rows, dim=1)  # NaN where the row holds one
             maxes.append(torch.maximum(low.neg(), high))
             counts.append(torch.stack([torch.count_nonzero(rows, dim=1), rows.isnan().sum(1), rows.isinf().sum(1)]))
+            del rows, low, high  # the next batch's copy is made after this one's is freed: one copy at a time
         row_max = torch.cat(maxes) if len(maxes) > 1 else maxes[0]
         row_counts = torch.cat(counts, 1) if len(counts) > 1 else counts[0]
         max_abs = torch.zeros(self.count, dtype=row_max.dtype, device=row_max.device)
         max_abs.scatter_reduce_(0, self.owners, row_max, "amax", include_self=False)
-        sums = torch.zeros(3, self.count, dtype=torch.float64, device=row_max.device)
-        sums.index_add_(1, self.owners, row_counts.to(torch.float64))
-        # max |g| is exact in float64 (every float dtype widens to it without rounding), then one cast for all.
-        return torch.cat([max_abs.to(torch.float64).unsqueeze(0), sums]).T.to(dtype)
+        # Counts add up in float64 (exact) where the table is float64; a device without it (MPS) asks for float32.
+        total = torch.float64 if dtype == torch.float64 else torch.float32
+        sums = torch.zeros(3, self.count, dtype=total, device=row_max.device)
+        sums.index_add_(1, self.owners, row_counts.to(total))
+        # max |g| widens to float64 without rounding (every float dtype does), then one cast for all.
+        return torch.cat([max_abs.to(total).unsqueeze(0), sums]).T.to(dtype)
 
     def _padding(self, dtype: torch.dtype) -> list[list[Tensor]]:
         """Per batch, the zero views that pad each piece to whole rows (made once per dtype, views of one row)."""

@@ -174,9 +174,10 @@ class FusedStats:
                 block = _segment_stats(pick_small(grads), segments.ids(), count)
             else:  # the large tensors' LargeStats or RowStats
                 large = pick_large(grads)
-                block = segments.table(large, torch.promote_types(large[0].dtype, torch.float32))
+                # In the table's own dtype (float64 but on MPS): a count above 2**24 is exact there, not in float32.
+                block = segments.table(large, dtype)
             blocks.append(block.to(device, dtype))
-        blocks += [_one_stats(grads[i]).to(device, dtype) for i in self.sparse]
+        blocks += [_one_stats(grads[i]).to(device, dtype).unsqueeze(0) for i in self.sparse]
         table = torch.cat(blocks) if blocks else torch.zeros(0, 4, device=device, dtype=dtype)
         if self._inverse is not None:
             table = table.index_select(0, self._moved_inverse(device))

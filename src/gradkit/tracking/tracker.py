@@ -68,7 +68,8 @@ class Tracker(ManualTracking):
             (one collective; every rank must then track the same parameters).
         timeout: seconds the gather of `gather` waits for every rank before raising
             `gk.CollectiveError` naming it (a dead or stuck peer); None (the default)
-            waits the process group's timeout.
+            waits the process group's timeout. On NCCL a timeout makes the logging step
+            wait on the host for the gather (without one, only the stream waits).
         meta: run settings written to the log header (e.g. ``{"max_norm": 1.0,
             "batch_size": 64}``); the report draws ``max_norm`` as the clip threshold.
         history: how many logged steps `history` keeps in memory (the most recent), or
