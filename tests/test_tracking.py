@@ -110,6 +110,17 @@ def test_statistics_equal_a_direct_per_parameter_and_per_module_computation():
     assert tracker.history[-1]["steps_since_log"] == 2
 
 
+def test_standalone_track_records_an_item_count_above_2_24_exactly():
+    # float32 holds integers exactly only up to 2**24 (a token count of a large batch passes it).
+    model = make_model()
+    tracker = gk.Tracker(every=1)
+    x, y = batches(1)[0]
+    ((model(x) - y) ** 2).mean().backward()
+    tracker.track(model, items=2**24 + 1)
+    tracker.close()
+    assert tracker.history[-1]["global"]["items"] == 2**24 + 1
+
+
 def test_standalone_track_counts_nan_and_inf_and_completes_the_update_ratio():
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

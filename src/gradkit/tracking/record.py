@@ -242,7 +242,10 @@ def standalone_report(ctx: GradContext, step: int, items: int | None) -> StepRep
     Sets ``ctx.pre_clip_norms`` (the norms before and after clipping are the same); no host sync."""
     ctx.pre_clip_norms = ctx.norms() if len(ctx) else None
     total = ctx.total_norm()
-    count = torch.full((), math.nan if items is None else float(items), device=total.device)  # no H2D copy
+    # No H2D copy; in the host's widest dtype (float64 but on MPS), where a count above 2**24 is exact.
+    count = torch.full(
+        (), math.nan if items is None else items, dtype=_stats.host_dtype(total.device), device=total.device
+    )
     return StepReport(
         step=step, micro_steps=1, items=count, total_norm=total, norm_after=total, clip_coef=torch.ones_like(total),
         skipped=~torch.isfinite(total),
