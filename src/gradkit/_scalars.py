@@ -1,15 +1,18 @@
-"""A number as a 0-d tensor on a device, without a host sync.
+"""Numbers and host values on a device, without a host sync.
 
 ``torch.tensor(x, device=cuda)`` and ``torch.as_tensor(x, device=cuda)`` of a Python number copy it from
-pageable host memory, which waits for the stream; ``torch.full`` fills the tensor on the device instead.
+pageable host memory, which waits for the stream; ``torch.full`` fills the tensor on the device instead, and a
+list of host values goes through pinned memory with a non-blocking copy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["on_device"]
+__all__ = ["from_host", "on_device"]
 
 
 def on_device(
@@ -29,3 +32,15 @@ def on_device(
     if isinstance(value, Tensor):
         return value.to(device=device, dtype=dtype, copy=copy)
     return torch.full((), value, dtype=dtype, device=device)
+
+
+def from_host(values: Sequence[float] | Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Host values (a list, or a CPU tensor) as a tensor on `device`, in `dtype` if given, without a wait: a
+    pinned, non-blocking copy on CUDA.
+
+    Example:
+        >>> from_host([3, 1, 2], torch.device("cpu"), torch.int64)
+        tensor([3, 1, 2])
+    """
+    host = values.to(dtype) if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)

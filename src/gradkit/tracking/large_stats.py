@@ -24,7 +24,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PIECE", "CHUNK", "CPU_PIECE", "CPU_CHUNK", "LargeStats"]
+from gradkit._scalars import from_host
+
+__all__ = ["PIECE", "CHUNK", "CPU_PIECE", "CPU_CHUNK", "LargeStats", "batched", "cut", "split_sizes"]
 
 # Counts up to 2**22 survive the float32 square root and its square exactly (error < 0.5, then rounded).
 PIECE = 1 << 22
@@ -51,29 +53,18 @@ class LargeStats:
         self.sizes = list(sizes)
         self.count = len(self.sizes)
         self.piece, chunk = (CPU_PIECE, CPU_CHUNK) if device.type == "cpu" else (PIECE, CHUNK)
-        piece, owners = self.piece, []  # owners: the tensor each piece belongs to
-        for index, size in enumerate(self.sizes):
-            owners += [index] * max(1, -(-size // piece))
-        self.batches: list[tuple[int, int]] = []  # [start, stop) ranges of pieces, `chunk` elements at most each
-        start, held = 0, 0
-        piece_sizes = [min(piece, size - k * piece) for size in self.sizes for k in range(max(1, -(-size // piece)))]
-        for at, size in enumerate(piece_sizes):
-            if held and held + size > chunk:
-                self.batches.append((start, at))
-                start, held = at, 0
-            held += size
-        self.batches.append((start, len(piece_sizes)))
-        self.split = len(piece_sizes) != self.count
+        pieces = split_sizes(self.sizes, self.piece)
+        self.batches = batched([size for _, size in pieces], chunk)  # [start, stop) of pieces, `chunk` elements
+        self.split = len(pieces) != self.count
         # Only the tensors over a piece are cut into views: the others go in whole, with no call per tensor.
-        self.cut = [size > piece for size in self.sizes]
-        self.owners = _to_device(torch.tensor(owners, dtype=torch.int64), device) if self.split else None
-        self.numels = _to_device(torch.tensor(self.sizes, dtype=torch.float64), device)
+        self.cut = [size > self.piece for size in self.sizes]
+        owners = [index for index, _ in pieces]  # the tensor each piece belongs to
+        self.owners = from_host(owners, device, torch.int64) if self.split else None
+        self.numels = from_host(self.sizes, device, torch.float64)
 
     def pieces(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """The tensors, those over `piece` elements as flat views of at most `piece` (a copy if non-contiguous)."""
-        if not self.split:
-            return list(tensors)
-        return [p for t, cut in zip(tensors, self.cut) for p in (t.reshape(-1).split(self.piece) if cut else (t,))]
+        return cut(tensors, self.cut, self.piece)
 
     def table(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         """(len(tensors), 4) in `dtype`: max |g|, nonzero (NaN counted), NaN and Inf counts; no host sync."""
@@ -100,9 +91,28 @@ class LargeStats:
         return torch.stack([max_abs, nonzero.to(dtype), nan.to(dtype), inf.to(dtype)], 1)
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on `device` without a wait (a pinned, non-blocking copy on CUDA)."""
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+def split_sizes(sizes: Sequence[int], piece: int) -> list[tuple[int, int]]:
+    """(tensor index, element count) of each piece, every tensor over `piece` elements cut into pieces of `piece`."""
+    return [(index, min(piece, size - start)) for index, size in enumerate(sizes) for start in range(0, size, piece)]
+
+
+def batched(spans: Sequence[int], limit: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of consecutive `spans` adding up to at most `limit` (a larger span alone)."""
+    ranges, start, held = [], 0, 0
+    for at, span in enumerate(spans):
+        if held and held + span > limit:
+            ranges.append((start, at))
+            start, held = at, 0
+        held += span
+    ranges.append((start, len(spans)))
+    return ranges
+
+
+def cut(tensors: Sequence[Tensor], cuts: Sequence[bool], piece: int) -> list[Tensor]:
+    """The tensors, those marked in `cuts` as flat views of `piece` elements (a copy if non-contiguous)."""
+    if not any(cuts):
+        return list(tensors)
+    return [p for t, c in zip(tensors, cuts) for p in (t.reshape(-1).split(piece) if c else (t,))]
 
 
 def _measure(pieces: list[Tensor]) -> tuple[Tensor, Tensor]:

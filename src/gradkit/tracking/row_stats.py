@@ -21,6 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gradkit._scalars import from_host
+from gradkit.tracking.large_stats import batched, cut, split_sizes
+
 __all__ = ["ROW", "CHUNK", "RowStats"]
 
 # Elements per row: the padding is under one row per tensor (tensors measured here have over 65,536 elements).
@@ -50,30 +53,20 @@ class RowStats:
         self.count, self.device = len(sizes), device
         # Only a tensor larger than a batch is cut into views, and only it pays for the cut (two calls).
         self.cut = [n > CHUNK for n in sizes]
-        pieces = [(index, min(CHUNK, n - start)) for index, n in enumerate(sizes) for start in range(0, n, CHUNK)]
-        owners: list[int] = []  # the tensor each row belongs to
-        self.batches: list[tuple[slice, list[int]]] = []  # (pieces, the padding after each of them)
-        start, held = 0, 0
-        for at, (index, size) in enumerate(pieces):
-            rows = -(-size // ROW)
-            if held and held + rows * ROW > CHUNK:
-                self.batches.append(self._batch(pieces, start, at))
-                start, held = at, 0
-            held += rows * ROW
-            owners += [index] * rows
-        self.batches.append(self._batch(pieces, start, len(pieces)))
-        self.owners = _to_device(owners, device)
+        pieces = split_sizes(sizes, CHUNK)
+        rows = [-(-size // ROW) for _, size in pieces]
+        # (pieces, the padding after each of them), a batch holding at most CHUNK elements with its padding
+        self.batches = [
+            (slice(start, stop), [-size % ROW for _, size in pieces[start:stop]])
+            for start, stop in batched([n * ROW for n in rows], CHUNK)
+        ]
+        owners = [index for (index, _), n in zip(pieces, rows) for _ in range(n)]  # the tensor each row belongs to
+        self.owners = from_host(owners, device, torch.int64)
         self._zeros: dict[torch.dtype, list[list[Tensor]]] = {}  # per dtype, per batch: the padding views
-
-    @staticmethod
-    def _batch(pieces: list[tuple[int, int]], start: int, stop: int) -> tuple[slice, list[int]]:
-        return slice(start, stop), [-size % ROW for _, size in pieces[start:stop]]
 
     def pieces(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """The tensors, those larger than `CHUNK` as flat views of `CHUNK` elements."""
-        if not any(self.cut):
-            return list(tensors)
-        return [p for t, cut in zip(tensors, self.cut) for p in (t.reshape(-1).split(CHUNK) if cut else (t,))]
+        return cut(tensors, self.cut, CHUNK)
 
     def table(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         """(len(tensors), 4) in `dtype`: max |g|, nonzero (NaN counted), NaN and Inf counts; no host sync."""
@@ -106,9 +99,3 @@ class RowStats:
             row = torch.zeros(ROW, dtype=dtype, device=self.device)
             pads = self._zeros[dtype] = [[row[:n] for n in fill] for _, fill in self.batches]
         return pads
-
-
-def _to_device(values: list[int], device: torch.device) -> Tensor:
-    """Host integers as an int64 tensor on `device`, without a wait (a pinned, non-blocking copy on CUDA)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gradkit import _foreach
+from gradkit._scalars import from_host
 from gradkit.tracking.large_stats import LargeStats
 from gradkit.tracking.row_stats import RowStats
 
@@ -243,7 +244,7 @@ class FusedStats:
     def _moved_inverse(self, device: torch.device) -> Tensor:
         moved = self._moved.get(device)
         if moved is None:
-            moved = self._moved[device] = _to_device(self._inverse, device)
+            moved = self._moved[device] = from_host(self._inverse, device, torch.int64)
         return moved
 
 
@@ -258,7 +259,7 @@ class _Segments:
     __slots__ = ("lengths", "total")
 
     def __init__(self, sizes: list[int], device: torch.device) -> None:
-        self.lengths, self.total = _to_device(sizes, device), sum(sizes)
+        self.lengths, self.total = from_host(sizes, device, torch.int64), sum(sizes)
 
     def ids(self) -> Tensor:
         """(total,) int64: the index of the tensor each element belongs to."""
@@ -269,14 +270,6 @@ def _flat_copy(tensors: list[Tensor]) -> Tensor:
     """The tensors' elements in one new buffer (the concatenation of one tensor would be a view of it)."""
     flat = torch._C._nn.flatten_dense_tensors(tensors)
     return flat.clone() if len(tensors) == 1 and flat.data_ptr() == tensors[0].data_ptr() else flat
-
-
-def _to_device(values: list[int], device: torch.device) -> Tensor:
-    """Host integers as an int64 tensor on `device`, without a wait (a pinned, non-blocking copy on CUDA)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def _segment_stats(members: list[Tensor], segments: Tensor, count: int) -> Tensor:
