@@ -405,7 +405,7 @@ def test_counts_on_the_host_go_on_with_flags_on_the_gpu():
 
 
 def test_host_reads_behind_a_busy_stream_are_not_done_until_their_copies_land_and_keep_their_values():
-    from gradkit.tracking.record import HostRead
+    from gradkit.tracking.host_read import HostRead
 
     values = [torch.arange(1000, device=CUDA, dtype=torch.float32) * (i + 1) for i in range(3)]
     torch.cuda.synchronize()

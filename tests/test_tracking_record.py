@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from gradkit.tracking.host_read import HostRead
 from gradkit.tracking.noise_scale import NoiseProbe
-from gradkit.tracking.record import HostRead
 from host_reads import count_host_reads, no_cuda_syncs
 
 
@@ -88,7 +88,7 @@ def test_host_values_are_read_where_they_are_when_the_read_targets_a_device():
     # A value already on the host (e.g. the noise estimate before its first update) is not moved
     # to the device: that copy would wait on the stream. Built for "cuda" without needing a GPU:
     # nothing here touches the device, since every value is on the host.
-    from gradkit.tracking.record import HostRead
+    from gradkit.tracking.host_read import HostRead
 
     read = HostRead(torch.device("cuda"), torch.float64)
     read.add("g2", torch.tensor(float("nan"), dtype=torch.float64))

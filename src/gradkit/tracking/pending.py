@@ -21,6 +21,7 @@ from gradkit.step_report import StepReport
 from gradkit.tracking import record as _record
 from gradkit.tracking import summary as _summary
 from gradkit.tracking.counters import SinceLastLog
+from gradkit.tracking.host_read import HostRead, InFlight
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import GradRefs
 from gradkit.tracking.stats import host_dtype
@@ -36,7 +37,7 @@ def numels(tensors: Sequence[Tensor]) -> list[int]:
 class Logged:
     """A logged step between its statistics (observe) and its record (written once its host copies completed).
 
-    Its fields are those of the step: ``step``, ``report``, ``detail``, ``flight`` (the `record.InFlight` read
+    Its fields are those of the step: ``step``, ``report``, ``detail``, ``flight`` (the `host_read.InFlight` read
     of its statistics), ``names``, ``params``, ``numels``, ``before`` (a `record.WeightCopy` of the weights
     before the step, or None), ``histograms``, ``grads`` (`nonfinite.GradRefs` or None), ``events`` (a
     re-check's hook firings, or None), ``since``, ``bytes_since``, ``last_logged``, ``gathered`` and ``short``
@@ -44,7 +45,7 @@ class Logged:
     """
 
     def __init__(self, **fields: Any) -> None:
-        self.deltas: _record.InFlight | None = None
+        self.deltas: InFlight | None = None
         self.__dict__.update(fields)
 
     @classmethod
@@ -63,7 +64,7 @@ class Logged:
             gather: all-gather every rank's table (waiting at most `timeout`; None: the process group's).
             histogram_bins: make TensorBoard histograms on a detail step (this waits), or None.
             recheck: a re-check's hook firings and flags (`NonfiniteWatch.take_recheck`), or None.
-            new_event: marks the host copy done (`record.device_event`).
+            new_event: marks the host copy done (`host_read.device_event`).
         """
         if detail or gather or not len(ctx):
             table = _record.param_table(ctx, report.total_norm.device, detail=detail)
@@ -121,7 +122,7 @@ class Pending:
     Example:
         >>> pending = Pending()
         >>> pending.open = Logged(step=1, flight=flight, before=None, ...)
-        >>> pending.seal(record.device_event)        # after optimizer.step
+        >>> pending.seal(device_event)        # after optimizer.step
         >>> for logged in pending.completed():       # polls, never waits
         ...     write(logged)
     """
@@ -138,7 +139,7 @@ class Pending:
         if logged.before is not None:
             deltas = logged.before.norms(logged.params)
             logged.before = None
-            read = _record.HostRead(deltas.device, host_dtype(deltas.device))
+            read = HostRead(deltas.device, host_dtype(deltas.device))
             read.add("deltas", deltas)
             logged.deltas = read.start(new_event)
         self._queue.append(logged)

@@ -30,16 +30,13 @@ from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import stats as _stats
 from gradkit.tracking import summary as _summary
-from gradkit.tracking.host_read import READY, HostRead, InFlight, device_event
+from gradkit.tracking.host_read import READY, HostRead, InFlight
 from gradkit.tracking.noise_scale import NoiseScale, batch_advice
 from gradkit.tracking.writers import SCHEMA, clean
 
 __all__ = [
-    "HostRead",
-    "InFlight",
     "StepRecord",
     "assemble",
-    "device_event",
     "gather_tables",
     "histograms",
     "norm_columns",

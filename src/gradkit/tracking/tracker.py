@@ -22,9 +22,9 @@ from gradkit.averaging.collectives import as_timeout
 from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
-from gradkit.tracking import record as _record
 from gradkit.tracking.alerts import Alert, AlertRules
 from gradkit.tracking.counters import SinceLastLog
+from gradkit.tracking.host_read import device_event
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import NonfiniteLocator, NonfiniteWatch
 from gradkit.tracking.pending import Logged, Pending
@@ -157,7 +157,7 @@ class Tracker(ManualTracking):
         self._writes_after_step = False  # after_step is called: records are written there (see after_step)
         # How the host read of a logging step is marked done: an event recorded on the device.
         # A test may swap in an event that completes later (the CPU's completes at once).
-        self._new_event: Callable[[torch.device], Any] = _record.device_event
+        self._new_event: Callable[[torch.device], Any] = device_event
 
     @property
     def history(self) -> list[dict[str, Any]]:
