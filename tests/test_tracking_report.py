@@ -208,6 +208,8 @@ def test_a_blank_heatmap_cell_is_explained_only_when_there_is_one(tmp_path):
         (3_450_000, 270.4, "3.45 MB (SI units"),
         (3_450_000, 270.4, "sent 270x less than the dense gradient"),
         (800, 0.5, "sent 2x more than the dense gradient"),
+        (999_999, 1234.4, "1 MB (SI units"),  # rounds up to the next unit, not "1e+03 kB"
+        (999_999, 1234.4, "sent 1234x less than the dense gradient"),  # not "1.23e+03x"
     ],
 )
 def test_bytes_sentence(total, ratio, said):

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import gradkit
+from gradkit._units import against_dense, si_bytes
 
 DEMO_STEPS, QUICK_STEPS = 300, 30
 
@@ -211,8 +212,8 @@ def _summary(summary: dict, report: Path | None, heading: str = "done") -> str:
         + (" (interrupted)" if summary["interrupted"] else ""),
         f"  loss: {loss}validation {summary['val_loss']:.3f}"
         + (f" (from {first:.3f} at step 0)" if first is not None else ""),
-        f"  sent: {summary['bytes_sent'] / 1e6:.2f} MB per worker vs {summary['dense_bytes'] / 1e6:.2f} MB dense"
-        + (f" ({ratio:.0f}x less)" if ratio else " (nothing sent)")
+        f"  sent: {si_bytes(summary['bytes_sent'])} per worker"
+        + (f", {against_dense(ratio)}" if ratio else " (nothing sent)")
         + (" in these steps" if start else ""),
         f"  alerts: {len(summary['alerts'])}"
         + "".join(f"\n    step {a['step']}: {a['kind']} in {a['name']}: {a['message']}" for a in summary["alerts"][:5]),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradkit._scalars import on_device
 from gradkit.clipping import ClipStage
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
@@ -130,8 +131,7 @@ class Boundary:
         self.last = StepReport(
             step=step,
             micro_steps=micro_steps,
-            # torch.full, not torch.tensor: a Python number copied to a GPU waits for the stream.
-            items=torch.full((), items, device=total.device),
+            items=on_device(items, total.device),  # no copy of a Python number to the GPU (it would wait)
             total_norm=total,
             norm_after=norm_after,
             clip_coef=torch.where(total > 0, norm_after / total, torch.ones_like(total)),

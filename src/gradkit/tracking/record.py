@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from gradkit import _dtensor, _foreach
 from gradkit import distributed as gdist
+from gradkit._scalars import on_device
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
 from gradkit.tracking import stats as _stats
@@ -239,10 +240,8 @@ def standalone_report(ctx: GradContext, step: int, items: int | None) -> StepRep
     Sets ``ctx.pre_clip_norms`` (the norms before and after clipping are the same); no host sync."""
     ctx.pre_clip_norms = ctx.norms() if len(ctx) else None
     total = ctx.total_norm()
-    # No H2D copy; in the host's widest dtype (float64 but on MPS), where a count above 2**24 is exact.
-    count = torch.full(
-        (), math.nan if items is None else items, dtype=_stats.host_dtype(total.device), device=total.device
-    )
+    # In the host's widest dtype (float64 but on MPS), where a count above 2**24 is exact.
+    count = on_device(math.nan if items is None else items, total.device, _stats.host_dtype(total.device))
     return StepReport(
         step=step, micro_steps=1, items=count, total_norm=total, norm_after=total, clip_coef=torch.ones_like(total),
         skipped=~torch.isfinite(total),

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from gradkit._units import si_bytes
+from gradkit._units import against_dense, si_bytes
 from gradkit.tracking.writers import JSONL_NAME, read_jsonl
 
 __all__ = ["RunError", "load_run", "build_report", "SECTIONS"]
@@ -424,20 +424,11 @@ def _bytes_note(steps: list[dict]) -> str:
         return '<p class="note">Nothing was sent: one process, or averaging left to DDP.</p>'
     ratios = [_num(r["global"].get("compression_ratio")) for r in steps]
     ratios = [v for v in ratios if math.isfinite(v) and v > 0]
-    ratio = f"; the last logged step sent {_against_dense(ratios[-1])}" if ratios else ""
+    ratio = f"; the last logged step sent {against_dense(ratios[-1])}" if ratios else ""
     return (
         f"<p>{si_bytes(total)} (SI units: 1 MB = 10<sup>6</sup> bytes) sent by this worker over the logged "
         f"windows{ratio}.</p>"
     )
-
-
-def _against_dense(ratio: float) -> str:
-    """The step's bytes against the dense gradient's, from ``compression_ratio`` (dense / sent)."""
-    if ratio >= 1.05:
-        return f"{ratio:.3g}x less than the dense gradient"
-    if ratio > 1 / 1.05:  # averaging without a compressor: the gradient plus a few bytes of counts
-        return f"about as much as the dense gradient (ratio {ratio:.2f}: not compressed)"
-    return f"{1 / ratio:.3g}x more than the dense gradient"
 
 
 def _alerts_table(alerts: list[dict]) -> str:
