@@ -200,6 +200,17 @@ def test_a_blank_heatmap_cell_is_explained_only_when_there_is_one(tmp_path):
     assert "A blank cell" not in section(build_report(tmp_path / "finite").read_text(), "layer-norms")
 
 
+def test_a_layer_absent_from_a_step_is_a_blank_cell_explained():
+    from gradkit.tracking.report import _heatmap_note
+
+    steps = [
+        {"modules": {"a": {"norm_pre_clip": 1.0}, "b": {"norm_pre_clip": 2.0}}},
+        {"modules": {"a": {"norm_pre_clip": 1.5}}},
+    ]
+    assert "a layer absent from that step" in _heatmap_note(steps)
+    assert _heatmap_note(steps[:1]) == ""
+
+
 @pytest.mark.parametrize(
     ("total", "ratio", "said"),
     [

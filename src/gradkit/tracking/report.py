@@ -269,7 +269,9 @@ def _clip_threshold(header: dict, steps: list[dict]) -> tuple[float | None, str]
     return None, ""
 
 
-def _heatmap(plt, steps: list[dict]) -> str:
+def _norm_grid(steps: list[dict]) -> tuple[list[str], Any]:
+    """The layers and their log10 norms before clipping, (layers, steps); NaN where none can be drawn (non-finite,
+    zero, or the layer absent from that step)."""
     import numpy as np
 
     layers = list(dict.fromkeys(name for r in steps for name in r["modules"]))
@@ -279,6 +281,13 @@ def _heatmap(plt, steps: list[dict]) -> str:
             value = _num(r["modules"].get(name, {}).get("norm_pre_clip"))
             if value > 0 and math.isfinite(value):
                 grid[i, j] = math.log10(value)
+    return layers, grid
+
+
+def _heatmap(plt, steps: list[dict]) -> str:
+    import numpy as np
+
+    layers, grid = _norm_grid(steps)
     fig, ax = plt.subplots(figsize=(11, max(2.5, 0.28 * len(layers) + 1.2)))
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
     ax.set_yticks(range(len(layers)), labels=layers, fontsize=7 if len(layers) > 20 else 9)
@@ -291,12 +300,9 @@ def _heatmap(plt, steps: list[dict]) -> str:
 
 def _heatmap_note(steps: list[dict]) -> str:
     """Says what a blank cell is, when the heatmap has one (else nothing)."""
-    blank = any(
-        not (_num(stats.get("norm_pre_clip")) > 0 and math.isfinite(_num(stats.get("norm_pre_clip"))))
-        for r in steps
-        for stats in r["modules"].values()
-    )
-    if not blank:
+    import numpy as np
+
+    if not np.isnan(_norm_grid(steps)[1]).any():
         return ""
     return (
         '<p class="note">A blank cell is a norm that cannot be drawn on a log scale: non-finite (null in the log; '
