@@ -134,7 +134,9 @@ def test_a_key_that_changes_shape_is_refused_and_keeps_its_state():
     ef = gk.ErrorFeedback(gk.TopK(0.5))
     ef.compress(torch.arange(6, dtype=F64), key="w")
     before = ef.state_dict()
-    with pytest.raises(ValueError, match=r"'w' has 6 entries but 'w' has shape \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"the residual kept for parameter 'w' must have 8 entries \(its size here\), got 6; load"
+    ):
         ef.compress(torch.ones(2, 4, dtype=F64), key="w")
     assert_same_state(ef.state_dict(), before)
 
@@ -269,3 +271,29 @@ def test_loaded_state_of_another_size_is_refused_at_first_use():
     with pytest.raises(ValueError, match="'w'"):
         ef.compress(torch.ones(15, dtype=F64), key=BUCKET)
     assert set(ef.state_dict()["residuals"]) == {"w", "b"}
+
+
+def test_a_residual_of_another_size_is_refused_by_one_check_on_load_and_at_first_use():
+    # Through gk.Average the parameters' sizes are known at load; loaded into the compressor itself, at first
+    # use. Both refuse with the same words, and leave the state as it was.
+    model = torch.nn.Linear(4, 3).double()
+    average = gk.Average(gk.TopK(0.5))
+    pipe = gk.GradientPipeline(model, average=average)
+    pipe.backward(model(torch.ones(2, 4, dtype=F64)).sum())
+    pipe.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    saved = average.state_dict()
+    bad = {
+        "compressor": {
+            **saved["compressor"],
+            "residuals": {"weight": torch.ones(7, dtype=F64), "bias": torch.ones(3, dtype=F64)},
+        }
+    }
+    words = r"the residuals? kept for parameter 'weight' must have 12 entries \(its size here\), got 7; load the state"
+    with pytest.raises(ValueError, match="Average.load_state_dict: " + words):
+        average.load_state_dict(bad)
+    assert_same_state(average.state_dict(), saved)
+    ef = gk.ErrorFeedback(gk.TopK(0.5))
+    ef.load_state_dict(bad["compressor"])
+    with pytest.raises(ValueError, match="^" + words):
+        ef.compress(torch.ones(3, 4, dtype=F64), key="weight")
+    assert_same_state(ef.state_dict(), bad["compressor"])

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from gradkit import _checks
 from gradkit._stateful import Stateful
+from gradkit.compression.keyed_state import check_sizes
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -329,14 +330,14 @@ class Compressor(Stateful):
                     f"(it holds {_some(list(by_name))}); load the state saved from this model, with the same "
                     "parameters under the same names"
                 )
-        for part, by_name, complete in parts if numels is not None else ():
-            for name, value in by_name.items() if complete else ():
-                if isinstance(value, Tensor) and name in numels and value.numel() != numels[name]:
-                    raise ValueError(
-                        f"{owner}.load_state_dict: the compressor state holds a {part!r} of {value.numel()} entries "
-                        f"for parameter {name!r}, which has {numels[name]} here; load the state saved from this "
-                        "model (a parameter keeps its shape)"
-                    )
+        if numels is not None:  # complete fields hold one entry per parameter entry
+            where = f"{owner}.load_state_dict: "
+            kept = [
+                (part, {n: v.numel() for n, v in by_name.items() if isinstance(v, Tensor)})
+                for part, by_name, complete in parts
+                if complete
+            ]
+            check_sizes(kept, numels, where)
 
     # -- checks shared by every compressor --
 

@@ -15,13 +15,13 @@ A *layout* names what a compressed tensor holds, with each part's shape:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["KeyedState", "Layout", "check_named_tensors", "layout_for", "named_fields", "sizes"]
+__all__ = ["KeyedState", "Layout", "check_named_tensors", "check_sizes", "layout_for", "named_fields", "sizes"]
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -50,6 +50,33 @@ def layout_for(key: str | Layout | None, tensor: Tensor) -> Layout:
             f"key layout covers {total} entries but the tensor has {tensor.numel()}; pass the bucket's own layout"
         )
     return tuple(key)
+
+
+def check_sizes(kept: Iterable[tuple[str, Mapping[str, int]]], numels: Mapping[str, int], where: str = "") -> None:
+    """Refuse per-parameter state (a residual, a momentum: one entry per parameter entry) of another size
+    than its parameter: the one check for state loaded through `gk.Average` and for state placed at first use.
+
+    Args:
+        kept: ``(field, {parameter name: entries kept})`` pairs.
+        numels: entries per parameter name here; only these names are checked.
+        where: what the message starts with (e.g. ``"Average.load_state_dict: "``).
+
+    Raises:
+        ValueError: naming the field, the parameter and both sizes, before any state changes.
+
+    Example:
+        >>> check_sizes([("residuals", {"w": 6})], {"w": 8}, "Average.load_state_dict: ")
+        Traceback (most recent call last):
+        ValueError: Average.load_state_dict: the residuals kept for parameter 'w' must have 8 entries ...
+    """
+    for field, counts in kept:
+        for name, size in numels.items():
+            count = counts.get(name)
+            if count is not None and count != size:
+                raise ValueError(
+                    f"{where}the {field} kept for parameter {name!r} must have {size} entries (its size here), "
+                    f"got {count}; load the state saved with the same parameters (a parameter keeps its shape)"
+                )
 
 
 def check_named_tensors(owner: str, key: str, value: object) -> None:
@@ -110,16 +137,8 @@ class KeyedState:
         # Checked before any state is moved or taken: a mismatch leaves the state as it was
         # (a wrong size would otherwise surface later as a broadcast error, or not at all).
         held = {name: size for known in self._flat for (name, _), size in zip(known, sizes(known))}
-        for field in self.fields:
-            for (name, shape), size in zip(layout, sizes(layout)):
-                saved = self._unplaced.get(field, {}).get(name)
-                count = saved.numel() if saved is not None else held.get(name)
-                if count is not None and count != size:
-                    raise ValueError(
-                        f"the {field} kept for {name!r} has {count} entries "
-                        f"but {name!r} has shape {tuple(shape)} here; "
-                        "a parameter keeps its shape (load a checkpoint saved with the same parameters)"
-                    )
+        kept = [(f, {**held, **{n: t.numel() for n, t in self._unplaced.get(f, {}).items()}}) for f in self.fields]
+        check_sizes(kept, {name: size for (name, _), size in zip(layout, sizes(layout))})
 
     def _initial(self, layout: Layout, field: str, like: Tensor) -> Tensor:
         pieces, fresh = [], True
