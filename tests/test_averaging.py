@@ -290,7 +290,72 @@ def test_model_averager_follows_a_parameter_list_changed_on_every_rank_and_refus
     # A short group timeout too: after the mismatch the group's own teardown waits for it.
     for rank in run_workers(unfreezing, WORLD, timeout=120, pg_timeout=5):
         assert rank["last_equal"]  # the unfrozen layer was averaged too
-        assert rank["mismatch"] != "no error" and "gk.ModelAverager" in rank["mismatch"], rank["mismatch"]
+        assert "gk.ModelAverager" in rank["mismatch"] and "between 2 and 6 parameters" in rank["mismatch"]
+
+
+def refused(call) -> tuple[str, float]:
+    """(the ValueError's message, or "no error", and the seconds the call took)."""
+    started = time.monotonic()
+    try:
+        call()
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    return message, time.monotonic() - started
+
+
+def different_lists(rank: int, world: int) -> dict:
+    # Each case, on every rank, must end in the same ValueError well within the 30 s timeout (a wait
+    # for a collective the peer never runs would end in a CollectiveError after it), and leave the group
+    # usable for the next case: every rank ran the same collectives.
+    results = {}
+    model = make_model()
+    params = list(model.parameters())
+    averager = gk.ModelAverager(period=2, timeout=30)
+    averager.after_step(params[:4])  # step 1 averages: the lists agree
+    before = [p.detach().clone() for p in params]
+    averager.after_step(params[:4] if rank == 0 else params[:5])  # step 2: no averaging, no collective
+    results["more"] = refused(lambda: averager.after_step(params[:4] if rank == 0 else params[:5]))  # step 3
+    results["untouched"] = all(torch.equal(p, b) for p, b in zip(params, before)) and averager.step == 2
+    # Equal counts, other layers frozen: rank 0 trains layers 2 and 4, rank 1 layers 0 and 4.
+    frozen = params[2:] if rank == 0 else params[:2] + params[4:]
+    results["other_layer"] = refused(lambda: gk.ModelAverager(1, timeout=30).average_now(frozen))
+    # Equal counts and entry counts, other shapes: a flat all-reduce would mix them silently.
+    results["transposed"] = refused(lambda: gk.ModelAverager(1).average_now([torch.zeros((2, 3) if rank else (3, 2))]))
+    results["dtype"] = refused(
+        lambda: gk.ModelAverager(1).average_now([torch.zeros(3, dtype=torch.float64 if rank else torch.float32)])
+    )
+    # Through the pipeline: rank 1 trains the last bias, which rank 0 froze. The setup check sees it (the
+    # frozen parameters are marked; unmarked, the lists were the same and the first average crashed gloo).
+    model = make_model()
+    model[4].bias.requires_grad_(rank == 1)
+    for name, average in (("pipeline", gk.ModelAverager(1, timeout=30)), ("pipeline_average", gk.Average(timeout=30))):
+        results[name] = refused(lambda average=average: gk.GradientPipeline(model, average=average))
+    return results
+
+
+def test_model_averager_refuses_lists_that_differ_across_ranks_on_every_rank_before_averaging():
+    for rank, result in enumerate(run_workers(different_lists, WORLD, timeout=120)):
+        assert result["untouched"]  # nothing was averaged at the refused step
+        for case in ("more", "other_layer", "transposed", "dtype", "pipeline", "pipeline_average"):
+            message, seconds = result[case]
+            assert seconds < 10, (case, seconds)
+            if case.startswith("pipeline"):
+                assert "the ranks hold different models" in message, (case, message)
+                assert "'4.bias (frozen)' [3]" in message and "with the same parameters frozen" in message, message
+                continue
+            assert message.startswith("gk.ModelAverager: the ranks pass"), (case, message)
+            assert "freeze or unfreeze layers on all ranks alike" in message, (case, message)
+        assert "between 4 and 5 parameters (this rank: " + ("4" if rank == 0 else "5") in result["more"][0]
+        assert (
+            "4 parameters each" in result["other_layer"][0]
+            and "between 323 and 1155 entries" in result["other_layer"][0]
+        )
+        assert "1 parameters each" in result["transposed"][0] and "between 6 and 6 entries" in result["transposed"][0]
+        assert "shapes or dtypes differ" in result["dtype"][0]
+        assert result["pipeline"][0].startswith("gk.ModelAverager") and result["pipeline_average"][0].startswith(
+            "gk.Average"
+        )
 
 
 # -- setup checks and failures ----------------------------------------------------------

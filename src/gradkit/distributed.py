@@ -183,7 +183,8 @@ def check_same_parameters(
             if ours != other:
                 raise ValueError(
                     f"{owner}: the ranks hold different models: parameter #{index} is {_describe(ours)} on rank 0 "
-                    f"but {_describe(other)} on rank {rank}; build the same model on every rank before averaging"
+                    f"but {_describe(other)} on rank {rank}; build the same model on every rank, "
+                    "with the same parameters frozen, before averaging"
                 )
 
 

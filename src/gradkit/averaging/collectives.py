@@ -84,12 +84,14 @@ def replicate(
     with `buffers`, every buffer of `module` to all ranks.
 
     Raises:
-        ValueError: naming the first tensor whose name, shape or dtype differs across ranks.
+        ValueError: naming the first tensor whose name, shape, dtype or frozen state differs across ranks.
     """
     entries = list(zip(names, params))
     if module is not None:
         managed = {id(p) for p in params}
-        entries += [(name, p) for name, p in module.named_parameters() if id(p) not in managed]
+        # Marked: a parameter frozen on one rank but trained on another would otherwise pass (the same
+        # tensors, in the same order when it comes last) and the averaged lists would differ in size.
+        entries += [(f"{name} (frozen)", p) for name, p in module.named_parameters() if id(p) not in managed]
         if buffers:
             entries += [(f"buffer {name}", b) for name, b in module.named_buffers()]
     tensors = [tensor for _, tensor in entries]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradkit import _checks, distributed
+from gradkit._scalars import from_host
 from gradkit.averaging.collectives import as_timeout, replicate, sum_flat_
 from gradkit.averaging.sync import SyncControl
 
@@ -40,6 +42,12 @@ class ModelAverager(SyncControl):
 
     Memory: one flat copy of the parameters of one (device, dtype) while averaging.
 
+    Cost: before each averaging (every `period` steps, not every step), one all-reduce of six
+    int64 numbers (the parameter count, the entry count and a digest of the shapes and dtypes),
+    read on the host: a host sync once per averaging. In return, ranks whose parameter lists differ
+    (one unfroze a layer, the others did not) get a clear ``ValueError`` on every rank instead of
+    an all-reduce of different sizes (a hang on gloo, undefined on NCCL).
+
     Example:
         >>> pipe = gk.GradientPipeline(model, average=gk.ModelAverager(period=8, warmup_steps=100))
     """
@@ -59,7 +67,6 @@ class ModelAverager(SyncControl):
         self._group_arg = distributed.WeakGroup(group)
         self.step = 0
         self._attached = False
-        self._count = 0  # parameters at the last check; a step that passes another number is checked again
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -80,7 +87,6 @@ class ModelAverager(SyncControl):
         start equal; the pipeline calls it at setup."""
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.ModelAverager"))
         self._attached = True
-        self._count = len(params)
         if self.group is not None:
             if broadcast:
                 replicate(names, params, module, self.group, self.timeout, "gk.ModelAverager", buffers=True)
@@ -88,18 +94,25 @@ class ModelAverager(SyncControl):
                 distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager", self.timeout)
 
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
-        """Count one optimizer step and average the parameters if the schedule says so."""
+        """Count one optimizer step and average the parameters if the schedule says so.
+
+        Raises:
+            ValueError: at an averaging step, on every rank, when the ranks pass different parameter
+                lists (count, shapes or dtypes); nothing is averaged or counted then.
+            CollectiveError: a peer died or did not join within the timeout.
+        """
         params = list(params)
-        if not self._attached or len(params) != self._count:
-            # Used on its own: the first step already ran, so only check. A list that changed (layers unfrozen
-            # on every rank) is checked again: ranks whose lists differ get a clear error within the timeout
-            # before any all-reduce of different sizes, which would crash or hang.
+        if not self._attached:
+            # Used on its own: the first step already ran, so only check. A list that changes later (layers
+            # unfrozen) is checked at each averaging, on every rank alike.
             self.attach([str(i) for i in range(len(params))], params, broadcast=False)
+        group = self.group
+        averages = group is not None and self.averages_after(self.step + 1)
+        if averages:
+            self._check_same_lists(params, group, self.step + 1)
         self.step += 1
-        if self.group is None:
-            return
-        if self.averages_after(self.step):
-            self.average_now(params)
+        if averages:
+            self._average(params, group)
 
     def averages_after(self, step: int) -> bool:
         """Whether the parameters are averaged after optimizer step `step` (counted from 1).
@@ -111,12 +124,50 @@ class ModelAverager(SyncControl):
         return step <= self.warmup_steps or (step - 1 - self.warmup_steps) % self.period == 0
 
     def average_now(self, params: Sequence[Tensor]) -> None:
-        """Replace every parameter by its mean over the group."""
-        if self.group is None:
+        """Replace every parameter by its mean over the group.
+
+        Raises:
+            ValueError: on every rank, when the ranks pass different parameter lists.
+            CollectiveError: a peer died or did not join within the timeout.
+        """
+        group = self.group
+        if group is None:
             return
+        params = list(params)
+        self._check_same_lists(params, group, self.step)
+        self._average(params, group)
+
+    def _average(self, params: list[Tensor], group: dist.ProcessGroup) -> None:
         what = f"gk.ModelAverager: all-reduce of parameters at step {self.step}"
         with torch.no_grad():
-            sum_flat_(list(params), self.group, what, self.timeout, divide_by=dist.get_world_size(self.group))
+            sum_flat_(params, group, what, self.timeout, divide_by=dist.get_world_size(group))
+
+    def _check_same_lists(self, params: list[Tensor], group: dist.ProcessGroup, step: int) -> None:
+        """Refuse, on every rank alike, parameter lists that differ across ranks: one all-reduce (MAX) of
+        each number and its negation gives every rank the group's minimum and maximum of each."""
+        count, numel = len(params), sum(p.numel() for p in params)
+        # crc32 of the text, not hash(): str hashes differ between processes.
+        layout = zlib.crc32(repr([(tuple(p.shape), p.dtype) for p in params]).encode())
+        device = params[0].device if params else torch.device("cpu")
+        mine = from_host([count, -count, numel, -numel, layout, -layout], device, torch.int64)
+        what = f"gk.ModelAverager: all-reduce of parameters' count and shapes at step {step}"
+        distributed.run(dist.all_reduce, what, self.timeout, mine, op=dist.ReduceOp.MAX, group=group)
+        most_params, fewest_params, most, fewest, layout_max, layout_min = mine.tolist()  # the one host read
+        fewest_params, fewest, layout_min = -fewest_params, -fewest, -layout_min
+        fix = (
+            "pass the same parameters on every rank: freeze or unfreeze layers on all ranks alike, "
+            "or rebuild the pipeline (and the averager) on every rank"
+        )
+        if fewest_params != most_params:
+            raise ValueError(
+                f"gk.ModelAverager: the ranks pass different parameter lists at step {step}: between "
+                f"{fewest_params} and {most_params} parameters (this rank: {count}); {fix}"
+            )
+        if fewest != most or layout_min != layout_max:
+            raise ValueError(
+                f"gk.ModelAverager: the ranks pass {count} parameters each at step {step}, but their shapes "
+                f"or dtypes differ (between {fewest} and {most} entries in all, this rank: {numel}); {fix}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
