@@ -375,6 +375,69 @@ def test_mismatched_replicas_fail_at_setup_naming_the_parameter():
         assert "'0.weight' [32, 6]" in message and "[16, 6]" in message and "rank 1" in message
 
 
+class RefusingTracker:
+    """A tracker whose setup fails (as one that cannot write its log would), after the averager is attached."""
+
+    def wants(self, step):
+        return False
+
+    def observe(self, ctx, report):
+        pass
+
+    def after_step(self, ctx, report):
+        pass
+
+    def attach(self, module, names, params, *, clip=()):
+        raise ValueError("log_dir is not writable; pass a folder this process can write to")
+
+
+def retried_pipelines(rank: int, world: int) -> dict:
+    # Every rank's constructor fails after the averager was attached; the retry, with the same averager
+    # object and good arguments, must build a pipeline that averages exactly.
+    results = {}
+    for name, average in (
+        ("dense", gk.Average(timeout=30)),
+        ("topk", gk.Average(gk.TopK(0.5), timeout=30)),
+        ("local_sgd", gk.ModelAverager(1, timeout=30)),
+    ):
+        model = make_model()
+        try:
+            gk.GradientPipeline(model, average=average, tracker=RefusingTracker())
+            results[f"{name}/first"] = "no error"
+        except ValueError as error:
+            results[f"{name}/first"] = str(error)
+        pipe = gk.GradientPipeline(model, average=average)
+        x, y = data(rank, 1, 4)
+        reference = make_model()
+        sum_loss(reference, x, y).backward()
+        local = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+        everyone = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(everyone, local)
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        pipe.backward(sum_loss(model, x, y))
+        pipe.step(torch.optim.SGD(model.parameters(), lr=LR))
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        mean = torch.stack(everyone).mean(0)
+        if name == "dense":  # one gradient step on the mean gradient
+            results[f"{name}/error"] = (after - (before - LR * mean)).abs().max().item()
+        elif name == "local_sgd":  # each rank stepped on its own gradient, then the parameters were averaged
+            own = [before - LR * g for g in everyone]
+            results[f"{name}/error"] = (after - torch.stack(own).mean(0)).abs().max().item()
+        gathered = [torch.empty_like(after) for _ in range(world)]
+        dist.all_gather(gathered, after)
+        results[f"{name}/replicas_equal"] = all(torch.equal(g, gathered[0]) for g in gathered)
+        pipe.sync.detach()
+    return results
+
+
+def test_a_failed_pipeline_constructor_leaves_the_averager_free_for_a_corrected_retry():
+    for result in run_workers(retried_pipelines, WORLD, timeout=120):
+        for name in ("dense", "topk", "local_sgd"):
+            assert result[f"{name}/first"].startswith("log_dir is not writable"), result[f"{name}/first"]
+            assert result[f"{name}/replicas_equal"], name
+        assert result["dense/error"] < 1e-12 and result["local_sgd/error"] < 1e-12, result
+
+
 def not_a_member(rank: int, world: int) -> str:
     only_rank0 = dist.new_group([0])
     if rank == 1:

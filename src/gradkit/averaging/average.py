@@ -191,19 +191,20 @@ class Average(SyncControl):
                 self.reducer = HierarchicalReducer(node_size, self.compressor, self.timeout)
             self.reducer.connect()
         replicate(names, params, module, self.group, self.timeout, "gk.Average", buffers=self.broadcast_buffers)
-        self._names, self._params = list(names), list(params)
         # Sparse gradients (nn.Embedding(sparse=True)) travel as (indices, rows), never densified.
         sparse_positions = [i for i, name in enumerate(names) if name in sparse]
-        dense = [i for i in range(len(self._params)) if i not in sparse_positions]
+        dense = [i for i in range(len(params)) if i not in sparse_positions]
         self.reducer.bind(names, params, sparse_positions)
         self._schedule = BucketSchedule(
-            self._params,
+            list(params),
             dense,
             int(self.bucket_mb * MIB),
             int(self.first_bucket_mb * MIB),
             presence=self.reducer.presence,
             launch=self._launch,
         )
+        # Bound last: an attach that raises before this leaves the Average free to attach again.
+        self._names, self._params = list(names), list(params)
 
     def _launch(self, bucket: Bucket) -> None:
         self.reducer.launch(bucket, self.group)
@@ -278,5 +279,9 @@ class Average(SyncControl):
         return sum(bucket.grad_bytes for bucket in self.buckets) + sparse  # a sparse table, sent densely
 
     def detach(self) -> None:
-        """Remove the gradient hooks (the pipeline no longer uses this Average)."""
+        """Remove the gradient hooks and forget the parameters: the pipeline no longer uses this Average, and
+        another may attach it (compressor state stays, kept by parameter name). A `GradientPipeline` whose
+        constructor raises after attaching calls it, so that a corrected retry can use the same Average."""
         self._schedule.detach()
+        self._schedule = BucketSchedule([], [], 0, 0, presence=False, launch=self._launch)
+        self._names, self._params = [], []

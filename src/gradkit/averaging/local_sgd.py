@@ -93,6 +93,10 @@ class ModelAverager(SyncControl):
             else:
                 distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager", self.timeout)
 
+    def detach(self) -> None:
+        """Forget the attach: used on its own afterwards, the first `after_step` checks the ranks again."""
+        self._attached = False
+
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         """Count one optimizer step and average the parameters if the schedule says so.
 

@@ -47,6 +47,10 @@ class SyncControl:
         """Called once by the pipeline with the parameters it manages, the names of those
         whose gradients are sparse, and the module they belong to (None for bare parameters)."""
 
+    def detach(self) -> None:
+        """Undo `attach`: remove any hooks and forget the parameters, so that the control may be attached
+        again (the pipeline calls it when its constructor raises after attaching)."""
+
     def set_sync(self, enabled: bool) -> None:
         """Say whether the *next* forward/backward ends a window (and may communicate)."""
 
