@@ -174,3 +174,23 @@ def test_later_computes_once_and_resolves_its_later_arguments():
     with torch.inference_mode():
         value = Later(torch.mul, torch.tensor(2.0), 3.0).value()
     assert not value.is_inference() and not value.requires_grad
+
+
+def test_with_a_tracker_the_report_is_made_at_the_step():
+    # The tracker reads the clip coefficient and the skip flag every step: they are the step's work.
+    class Observer:
+        def wants(self, step):
+            return False
+
+        def observe(self, ctx, report):
+            self.held = dict(vars(report))
+
+        def after_step(self, ctx, report):
+            pass
+
+    params, leaf, observer = linears(4), torch.zeros((), requires_grad=True), Observer()
+    pipe = gk.GradientPipeline(params, clip=gk.ClipByGlobalNorm(1.0), tracker=observer)
+    give_grads(params, 0)
+    pipe.backward(leaf * 1.0)
+    pipe.step(torch.optim.SGD(params, lr=1e-3))
+    assert not any(isinstance(value, Later) for value in observer.held.values())

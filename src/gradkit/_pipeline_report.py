@@ -6,11 +6,13 @@ count; the pipeline's sync knows the bytes it sent, and its noise probe the wind
 `step_report` puts them into one `StepReport`, every value a tensor on the norm's device.
 What only the report needs (the count and a host decision as tensors, the norm after the
 stages, the clip coefficient) is left to its first read (`Later`): a step whose report
-nobody reads makes none of those operations.
+nobody reads makes none of those operations. With a tracker, which reads them every step,
+they are made at once.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -59,7 +61,7 @@ def step_report(
     device = total_norm.device
     # A tensor count is moved at once (it may be the caller's own num_items tensor).
     items = Later(on_device, count, device) if not isinstance(count, Tensor) else on_device(count, device)
-    return StepReport(
+    report = StepReport(
         step=pipe.steps + 1,
         micro_steps=pipe.window.micro_steps,
         items=items,
@@ -72,6 +74,12 @@ def step_report(
         # Without a tracker no window is measured: no sample to take (and no item count to make for it).
         noise=None if pipe.probe.wants is None else pipe.probe.sample(total_norm, _value(items)),
     )
+    if pipe.tracker is not None:
+        # A tracker reads the clip coefficient and the skip flag every step: made here, they stay
+        # the step's work, not the tracker's (the same operations either way).
+        for field in fields(report):
+            getattr(report, field.name)
+    return report
 
 
 def _clip_coef(total_norm: Tensor, norm_after: Tensor) -> Tensor:
