@@ -10,6 +10,7 @@ optimizer accordingly (`Skips.step`) and counts the skipped steps of both.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -206,8 +207,14 @@ def read_flags(
     the parameters no process had a gradient for), in one host read."""
     # The one host read of the step: the optimizer cannot skip on a device flag, and
     # leaving a gradient None is a host decision. Tensor item counts ride along.
+    # The norm itself is read, not an isfinite flag: its finiteness is decided on the host,
+    # which spares the flag's operations (and, alone, the concatenation too).
+    if not isinstance(global_items, Tensor) and not isinstance(local_items, Tensor) and missing is None:
+        own = local_items is None or local_items > 0
+        return math.isfinite(total_norm.item()), True, own, []
     device = total_norm.device
-    flags = [torch.isfinite(total_norm).reshape(1)]
+    # Concatenated, the flags take the norm's floating dtype: 1.0 and 0.0 read as True and False.
+    flags = [total_norm.reshape(1)]
     if isinstance(global_items, Tensor):
         flags.append((global_items.to(device) > 0).reshape(1))
     if isinstance(local_items, Tensor):
@@ -215,7 +222,7 @@ def read_flags(
     if missing is not None:
         flags.append(missing[1].to(device).reshape(-1) == 0)
     read = torch.cat(flags).tolist()
-    finite = bool(read.pop(0))
+    finite = math.isfinite(read.pop(0))
     counted = bool(read.pop(0)) if isinstance(global_items, Tensor) else True
     own = bool(read.pop(0)) if isinstance(local_items, Tensor) else local_items is None or local_items > 0
     unused = [position for position, none in zip(missing[0], read) if none] if missing is not None else []

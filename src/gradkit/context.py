@@ -68,6 +68,8 @@ class GradContext:
         # The grouping of `_local` by (device, dtype), when the caller knows it (see `Attached`).
         self._groups = groups
         self._norms: Tensor | None = None
+        # The global norm of `_norms`, kept until they change (a step asks for it several times).
+        self._total: Tensor | None = None
         # A factor the gradients still have to be multiplied by (see `defer_scale`), or None.
         self._pending: Tensor | float | None = None
         #: per-parameter norms before the clip stages ran (set by the pipeline), for trackers
@@ -95,11 +97,14 @@ class GradContext:
         both factors in one pass (`materialize_` does it alone). Only for a caller whose next
         gradient-reading stage scales through this context (``ClipByGlobalNorm``, as the
         pipeline arranges), since ``grads`` keep the unscaled values until then.
+        A factor of exactly 1 (a Python number) defers nothing: multiplying by it changes no bit.
         """
+        if not isinstance(factor, Tensor) and factor == 1:
+            return
         if self._pending is not None:
             factor = self._pending * factor
         if self._norms is not None:
-            self._norms = self._norms * _magnitude(factor, self._norms)
+            self._set_norms(self._norms * _magnitude(factor, self._norms))
         self._pending = factor
 
     @property
@@ -133,8 +138,11 @@ class GradContext:
             if self._pending is not None:
                 # Homogeneous: the norm of factor x sum is |factor| x the norm of the sum.
                 norms = norms * _magnitude(self._pending, norms)
-            self._norms = norms
-        return self._norms
+            self._set_norms(norms)
+        return self._norms  # type: ignore[return-value]
+
+    def _set_norms(self, norms: Tensor | None) -> None:
+        self._norms, self._total = norms, None
 
     def total_norm(self) -> Tensor:
         """The global L2 norm of all gradients (0-d tensor; 0 when there are none).
@@ -143,17 +151,26 @@ class GradContext:
         """
         if not self.grads:
             return torch.zeros(())
-        return torch.linalg.vector_norm(self.norms())
+        if self._total is None:
+            self._total = torch.linalg.vector_norm(self.norms())
+        return self._total
 
-    def scale_(self, factor: Tensor | float) -> None:
-        """Multiply every gradient by one factor, keeping the cached norms right."""
+    def scale_(self, factor: Tensor | float, *, nonnegative: bool = False) -> None:
+        """Multiply every gradient by one factor, keeping the cached norms right.
+
+        Args:
+            factor: a Python number or a 0-d tensor.
+            nonnegative: the caller knows `factor` is >= 0 (or NaN), e.g. a clip coefficient: the
+                norms are multiplied by it as it is, one operation fewer than by its magnitude.
+        """
         if not self.grads:
             return
         # A deferred factor rides along: one pass writes both.
         self._scale_local(factor if self._pending is None else self._pending * factor)
         self._pending = None
         if self._norms is not None:
-            self._norms = self._norms * _magnitude(factor, self._norms)
+            magnitude = _on_like(factor, self._norms) if nonnegative else _magnitude(factor, self._norms)
+            self._set_norms(self._norms * magnitude)
 
     def _scale_local(self, factor: Tensor | float) -> None:
         groups = self._groups if self._groups is not None else _foreach.Groups.of(self._local)
@@ -164,7 +181,7 @@ class GradContext:
         if not self.grads:
             return
         if self._norms is not None:
-            self._norms = self._norms * factors.to(self._norms).abs()
+            self._set_norms(self._norms * factors.to(self._norms).abs())
         if self._pending is not None:
             factors, self._pending = factors * self._pending, None
         for (device, _), (members, positions) in _foreach.group_tensors(self._local).items():
@@ -177,7 +194,7 @@ class GradContext:
     def modified(self) -> None:
         """Say that the gradients changed in a way the cache cannot follow (value clipping, AGC)."""
         self.materialize_()
-        self._norms = None
+        self._set_norms(None)
 
 
 class Attached:
@@ -224,6 +241,11 @@ class Attached:
 def _magnitude(factor: Tensor | float, like: Tensor) -> Tensor | float:
     # |factor|: a norm is never negative, whatever the sign of the factor.
     return factor.to(like).abs() if isinstance(factor, Tensor) else abs(factor)
+
+
+def _on_like(factor: Tensor | float, like: Tensor) -> Tensor | float:
+    # A factor known to be >= 0 (or NaN, which makes the norms NaN either way) is its own magnitude.
+    return factor.to(like) if isinstance(factor, Tensor) else factor
 
 
 def check_parameters(parameters: object) -> list[Tensor]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradkit import _names, _pipeline_checks, _pipeline_state
+from gradkit import _names, _pipeline_checks, _pipeline_report, _pipeline_state
 from gradkit._pipeline_report import step_report
 from gradkit._reduction import WindowReduction
 from gradkit._skip import FLAG_SKIP_DEVICES, Skips, device_flag
@@ -262,7 +262,7 @@ class GradientPipeline:
             stage.apply_(ctx)
 
         # Report: what happened, as tensors; the tracker sees the final gradient and the old weights.
-        norm_after = ctx.total_norm() if clipped else total_norm
+        norm_after = _pipeline_report.norm_after(ctx) if clipped else total_norm
         self.last = step_report(self, total_norm=total_norm, norm_after=norm_after, skip=skip, count=count)
         if self.tracker is not None:
             self.tracker.observe(ctx, self.last)

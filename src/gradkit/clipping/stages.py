@@ -81,7 +81,8 @@ class ClipByGlobalNorm(ClipStage):
             total = _foreach.total_norm(_foreach.per_tensor_norms(ctx.grads, self.norm_type), self.norm_type)
         if self.group is not None:
             total = reduce_norm(total, self.norm_type, self.group)
-        ctx.scale_(clip_coefficient(total, self.max_norm))
+        # The coefficient is min(1, max_norm / (total + 1e-6)) with max_norm > 0: never negative.
+        ctx.scale_(clip_coefficient(total, self.max_norm), nonnegative=True)
 
 
 class ClipByValue(ClipStage):
