@@ -102,24 +102,35 @@ class GradientPipeline:
         self.tracker = tracker
         self.scaler = scaler
         self.sync: SyncControl = sync_control_for(model, average)
+        #: names, parameters and their gradients' grouping, found once for every step's context
+        self._attached = Attached(self.names, self.params)
+        # One pass fewer: a global L2 clip first multiplies every gradient anyway, so the
+        # window's 1/N rides along with its coefficient (see `_finish_window`).
+        first = self.clip[0] if self.clip else None
+        self._fold = self.sync.defers_scale and isinstance(first, ClipByGlobalNorm) and first.norm_type == 2.0
+        self.window = Window()
+        self.steps = 0
+        # Stages without state have no history that a non-finite step could change.
+        self.skips = Skips(self.names, self.params, stateless_clip=all(not stage.state_dict() for stage in self.clip))
+        self.last: StepReport | None = None
+        #: the window's global count and scale, settled before any gradient is communicated
+        self.reduction = WindowReduction(self.sync, self.params, scaler)
+        # Attach last: the averager (across ranks) first, then the tracker (which writes the run's header).
         module = _names.unwrap(model)
-        sparse = _names.sparse_gradient_names(model)
-        module = module if isinstance(module, nn.Module) else None
-        self.sync.attach(self.names, self.params, sparse=sparse, module=module)
+        self.sync.attach(
+            self.names,
+            self.params,
+            sparse=_names.sparse_gradient_names(model),
+            module=module if isinstance(module, nn.Module) else None,
+        )
         try:
-            #: names, parameters and their gradients' grouping, found once for every step's context
-            self._attached = Attached(self.names, self.params)
-            # One pass fewer: a global L2 clip first multiplies every gradient anyway, so the
-            # window's 1/N rides along with its coefficient (see `_finish_window`).
-            first = self.clip[0] if self.clip else None
-            self._fold = self.sync.defers_scale and isinstance(first, ClipByGlobalNorm) and first.norm_type == 2.0
             if tracker is not None and callable(getattr(tracker, "attach", None)):
                 # The tracker's hooks go on the module as the user runs it (compiled or not), DDP unwrapped.
                 module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-                tracker.attach(
-                    module if isinstance(module, nn.Module) else None, self.names, self.params, clip=self.clip
-                )
-            #: the tracker's noise-scale measurement, taken at two moments of the windows it logs
+                module = module if isinstance(module, nn.Module) else None
+                tracker.attach(module, self.names, self.params, clip=self.clip)
+            #: the tracker's noise-scale measurement, taken at two moments of the windows it logs (made after
+            #: the attach, which settles where the window's gradients are at the boundary)
             self.probe = NoiseProbe(
                 self.names,
                 self.params,
@@ -129,15 +140,6 @@ class GradientPipeline:
                 lossy=self.sync.lossy,
                 local_window=self.sync.local_grads_at_boundary,
             )
-            self.window = Window()
-            self.steps = 0
-            # Stages without state have no history that a non-finite step could change.
-            self.skips = Skips(
-                self.names, self.params, stateless_clip=all(not stage.state_dict() for stage in self.clip)
-            )
-            self.last: StepReport | None = None
-            #: the window's global count and scale, settled before any gradient is communicated
-            self.reduction = WindowReduction(self.sync, self.params, scaler)
             self._prepare_next_micro_step()
         except BaseException:
             # Leave nothing attached (hooks, the averager's binding), so a corrected retry can use the same one.
