@@ -25,6 +25,7 @@ from gradkit.step_report import StepReport
 from gradkit.tracking.alerts import Alert, AlertRules
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.host_read import device_event
+from gradkit.tracking.kept import KeptShapes
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import NonfiniteLocator, NonfiniteWatch
 from gradkit.tracking.pending import Logged, Pending
@@ -153,6 +154,7 @@ class Tracker(ManualTracking):
         self._names: list[str] | None = None
         self._params: list[Tensor] = []
         self._counters = SinceLastLog()
+        self._kept = KeptShapes()  # element counts and the detail layout of the parameter list, found once
         self._pending = Pending()  # logged steps waiting for after_step (||Δw||) or for their host copies
         self._writes_after_step = False  # after_step is called: records are written there (see after_step)
         # How the host read of a logging step is marked done: an event recorded on the device.
@@ -267,7 +269,7 @@ class Tracker(ManualTracking):
         self._pending.open = Logged.start(
             ctx, report, step=step, detail=detail, counters=self._counters, noise=self.noise, gather=self.gather,
             timeout=self.timeout, histogram_bins=self.histogram_bins if self._sink.has_tensorboard() else None,
-            update_ratio=self.update_ratio, recheck=recheck, new_event=self._new_event,
+            update_ratio=self.update_ratio, recheck=recheck, new_event=self._new_event, kept=self._kept,
         )  # fmt: skip
         self._counters.reset(step)
 
