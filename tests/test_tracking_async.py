@@ -234,3 +234,55 @@ def test_a_logged_step_holds_its_gradients_strongly_until_its_after_step(late):
         assert after and all(not strong and not no_weak for strong, no_weak in after)
     tracker.flush()
     assert [r["step"] for r in tracker.history] == [1, 2, 3]
+
+
+def test_a_tracker_attached_to_another_model_writes_the_first_ones_records_first_and_says_so(tmp_path, caplog):
+    # A trainer's second fit on a new model re-attaches the tracker. The first model's records still in flight
+    # are written under its names before the second model's run header, the hooks armed on its module are
+    # removed, and one warning says so; the same model attached again is no news.
+    from collections import OrderedDict
+
+    events = []
+    tracker = gk.Tracker(tmp_path, every=1, detail_every=2)
+    tracker._new_event = lambda device: LateEvent(events)
+    first = make_model()
+    pipe, opt = gk.GradientPipeline(first, tracker=tracker), torch.optim.SGD(first.parameters(), lr=0.05)
+    for _ in range(3):
+        pipe.backward(first(torch.randn(4, 6, dtype=torch.float64)).square().sum())
+        pipe.step(opt)
+    tracker._locator.arm()  # a re-check armed on its module
+    assert first[0]._forward_hooks and first[0].weight._backward_hooks
+    assert len(tracker.history) == 0 and not any(e.complete for e in events)  # three records in flight
+    torch.manual_seed(1)
+    second = nn.Sequential(OrderedDict(inp=nn.Linear(6, 5), act=nn.Tanh(), out=nn.Linear(5, 2))).double()
+    opt = torch.optim.SGD(second.parameters(), lr=0.05)
+    with caplog.at_level("INFO", logger="gradkit.tracking"):
+        pipe = gk.GradientPipeline(second, tracker=tracker)
+        for _ in range(2):
+            pipe.backward(second(torch.randn(4, 6, dtype=torch.float64)).square().sum())
+            pipe.step(opt)
+        gk.GradientPipeline(second, tracker=tracker)  # the same model again: no note
+    notes = [r.getMessage() for r in caplog.records if "another model" in r.getMessage()]
+    assert len(notes) == 1 and "4 parameter tensors, 47 elements" in notes[0] and "log_dir" in notes[0]
+    assert not first[0]._forward_hooks and not first[0].weight._backward_hooks
+    tracker.close()
+    lines = read_jsonl(tmp_path / "tracking.jsonl")
+    first_names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    second_names = ["inp.weight", "inp.bias", "out.weight", "out.bias"]
+    kinds = [(line["type"], line["params"] if line["type"] == "run" else list(line["params"])) for line in lines]
+    assert [k for k, _ in kinds] == [
+        "run",
+        "step",
+        "step",
+        "step",
+        "run",
+        "step",
+        "step",
+        "run",
+    ]  # records, then a header
+    assert [names for kind, names in kinds if kind == "step"] == [first_names] * 3 + [second_names] * 2
+    assert (
+        kinds[0][1] == first_names
+        and kinds[4][1] == kinds[7][1] == second_names
+        and [line["step"] for line in lines if line["type"] == "step"] == [1, 2, 3, 1, 2]
+    )

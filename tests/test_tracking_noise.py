@@ -85,3 +85,40 @@ def _sample(**values: float):
     from gradkit.step_report import NoiseSample
 
     return NoiseSample(**{name: torch.tensor(value) for name, value in values.items()})
+
+
+def test_a_window_not_measured_makes_no_operation_for_its_sample():
+    # With a tracker logging every 3rd step, the probe measures those windows only; the others' sample is None,
+    # decided before any operation (it made three: the norm's square and two casts, each a launch on a GPU).
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2, tracker=gk.Tracker(every=3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sample, seen = pipe.probe.sample, []
+
+    def counted(*args):
+        with CountOps() as counter:
+            got = sample(*args)
+        seen.append((got is not None, sum(counter.ops.values())))
+        return got
+
+    pipe.probe.sample = counted
+    for _ in range(12):
+        pipe.backward(model(torch.randn(3, 4)).square().mean())
+        pipe.step(opt)
+    assert [measured for measured, _ in seen] == [True, False, True, False, False, True]
+    assert all(ops == 0 for measured, ops in seen if not measured)
+    assert all(ops > 0 for measured, ops in seen if measured)

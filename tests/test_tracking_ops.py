@@ -417,3 +417,92 @@ def test_an_ordinary_logged_step_makes_a_few_torch_calls_whatever_the_number_of_
         assert sum(ops.ops.values()) <= 3, ops.ops
         assert sum(calls.calls.values()) <= 4, calls.calls
         assert calls.calls["TensorBase.reshape"] == calls.calls["TensorBase.to"] == 0, calls.calls
+
+
+class CountAllOps(CountOps):
+    """Counts every operator dispatched, views included (each costs host time on a GPU)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CountNumel(torch.overrides.TorchFunctionMode):
+    """Counts the ``numel`` calls made in Python."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.numel += getattr(func, "__name__", "") == "numel"
+        return func(*args, **(kwargs or {}))
+
+
+def test_at_gpt2s_148_tensors_a_step_reads_no_size_and_makes_no_view_per_tensor(monkeypatch):
+    # GPT-2 small's tensors and names (scaled down), with the accelerators' layout: the element counts and the
+    # detail layout are kept from the first step, and the small tensors are concatenated by one operator. A detail
+    # step dispatched 644 operators (592 of them views, four per tensor) and read 445 sizes before; an ordinary
+    # step read 149 sizes.
+    from gradkit.bench.tracking import _GPT
+
+    monkeypatch.setattr(stats, "SMALL_CPU", SMALL)
+    monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
+    monkeypatch.setattr(stats.FusedStats, "_cache", {})
+    torch.manual_seed(0)
+    model = _GPT(vocab=64, context=16, width=16, layers=12, heads=2)
+    tracker = gk.Tracker(every=1, detail_every=3)
+    pipe = gk.GradientPipeline(model, clip=gk.ClipByGlobalNorm(1.0), tracker=tracker)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 64, (2, 8))
+    counted = {}
+    for name in ("observe", "after_step"):
+        method = getattr(tracker, name)
+
+        def wrapped(*args, method=method):
+            if not counted:
+                return method(*args)
+            with counted["numel"], counted["ops"]:
+                return method(*args)
+
+        setattr(tracker, name, wrapped)
+    per_step = []
+    for step in range(1, 7):
+        if step > 3:  # step 6: a detail step; steps 4 and 5: ordinary ones
+            counted.update(numel=CountNumel(), ops=CountAllOps())
+        pipe.backward(model(x).square().mean())
+        pipe.step(opt)
+        if counted:
+            per_step.append((tracker.history[-1]["detail"], sum(counted["ops"].ops.values()), counted["numel"].numel))
+    tracker.close()
+    assert len(tracker.history[-1]["params"]) == 148
+    (o1, ops1, n1), (o2, ops2, n2), (detail, ops3, n3) = per_step
+    assert (o1, o2, detail) == (False, False, True)
+    assert ops1 == ops2 <= 5 and n1 == n2 <= 2
+    assert ops3 <= 70 and n3 <= 4, (ops3, n3)
+
+
+def test_the_kept_layout_follows_a_parameter_list_that_changes():
+    # A layer frozen for a step (its gradient None: the step comes with a shorter list), then trained again:
+    # every detail step's statistics are those of the gradients it saw, whatever list came before.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    tracker = gk.Tracker(every=1, detail_every=1)
+    pipe = gk.GradientPipeline(model, tracker=tracker)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for step in range(4):
+        model[0].requires_grad_(step != 1)
+        pipe.backward(model(torch.randn(5, 4)).square().mean())
+        seen.append(
+            {n: (p.grad.numel(), float(p.grad.abs().max())) for n, p in model.named_parameters() if p.grad is not None}
+        )
+        pipe.step(opt)
+        opt.zero_grad(set_to_none=True)
+    tracker.close()
+    assert [len(s) for s in seen] == [4, 2, 4, 4]
+    for record, want in zip(tracker.history, seen):
+        got = {n: (e["numel"], e["max_abs"]) for n, e in record["params"].items()}
+        assert got.keys() == want.keys()
+        for name, (numel, max_abs) in want.items():
+            assert got[name][0] == numel and got[name][1] == pytest.approx(max_abs, rel=1e-6)

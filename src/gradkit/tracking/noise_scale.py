@@ -219,17 +219,13 @@ class NoiseProbe:
         """The window's sample: the first micro-batch or this process's window (small) against
         the averaged window (big: `total_norm`, `items`), or this process's window when
         compression made the averaged one lossy. None on windows not measured."""
-        small, big = self._small, (total_norm.double() ** 2, items.double())
-        if self._local is not None:
-            local_sq = (self._local[1].square().sum(), self._local[2])
-            if self.lossy:
-                if small is None:
-                    return None
-                big = local_sq
-            elif small is None:
-                small = local_sq
-        if small is None:
-            return None
+        small, local = self._small, self._local
+        if small is None and (local is None or self.lossy):
+            return None  # a window not measured: decided before any operation (each a launch on a GPU)
+        local_sq = None if local is None else (local[1].square().sum(), local[2])
+        # The big batch: the averaged window, or this process's window when compression made the averaged one lossy.
+        big = local_sq if local_sq is not None and self.lossy else (total_norm.double() ** 2, items.double())
+        small = small if small is not None else local_sq
         device = small[0].device
         return NoiseSample(
             small_sq=small[0], small_batch=small[1].to(device), big_sq=big[0].to(device), big_batch=big[1].to(device)

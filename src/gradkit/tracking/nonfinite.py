@@ -162,8 +162,20 @@ class NonfiniteWatch:
         self.forced: set[int] = set()  # steps logged out of turn (after a non-finite step)
 
     def attach(self, module: nn.Module | None, names: Sequence[str], params: Sequence[Tensor]) -> None:
-        """Learn the model whose gradients the locator will hook."""
+        """Learn the model whose gradients the locator will hook (a re-check armed before moves to the new hooks)."""
+        armed = self.locator is not None and self.locator.armed
+        if armed:
+            self.locator.disarm()  # hooks left behind would record into a locator no one reads
         self.locator = NonfiniteLocator(module, names, params)
+        if armed:
+            self.locator.arm()
+
+    def detach(self) -> None:
+        """Forget the model: its hooks removed, no re-check pending (the tracker follows another model)."""
+        if self.locator is not None:
+            self.locator.disarm()
+        self.locator = None
+        self.forced.clear()
 
     def forces(self, step: int) -> bool:
         """Whether `step` is logged out of turn, to re-check a non-finite step."""

@@ -22,6 +22,7 @@ from gradkit.tracking import record as _record
 from gradkit.tracking import summary as _summary
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.host_read import HostRead, InFlight
+from gradkit.tracking.kept import KeptShapes
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import GradRefs
 from gradkit.tracking.stats import host_dtype
@@ -53,6 +54,7 @@ class Logged:
         cls, ctx: GradContext, report: StepReport, *, step: int, detail: bool, counters: SinceLastLog,
         noise: NoiseScale, gather: bool, histogram_bins: int | None, update_ratio: bool, recheck: tuple | None,
         new_event: Callable[[torch.device], Any], timeout: datetime.timedelta | None = None,
+        kept: KeptShapes | None = None,
     ) -> Logged:  # fmt: skip
         """Start logged step `step`'s host read (no host sync) and return it, open until ``optimizer.step``.
 
@@ -65,9 +67,13 @@ class Logged:
             histogram_bins: make TensorBoard histograms on a detail step (this waits), or None.
             recheck: a re-check's hook firings and flags (`NonfiniteWatch.take_recheck`), or None.
             new_event: marks the host copy done (`host_read.device_event`).
+            kept: the element counts and detail layout kept for the step's parameter list (`kept.KeptShapes`);
+                None finds them from the tensors.
         """
+        kept = kept if kept is not None else KeptShapes()
+        layout = kept.layout(ctx) if detail and len(ctx) else None
         if detail or gather or not len(ctx):
-            table = _record.param_table(ctx, report.total_norm.device, detail=detail)
+            table = _record.param_table(ctx, report.total_norm.device, detail=detail, layout=layout)
         else:  # an ordinary step: its two norm columns, read as they are (no table made of them)
             table = _record.norm_columns(ctx)
         ranks = _record.gather_tables(table, timeout) if gather else None
@@ -82,12 +88,13 @@ class Logged:
         weight_groups = ctx.groups() if len(ctx) and not ctx.groups().sparse else None
         if detail and update_ratio and len(ctx):
             # Held until after_step: one copy of the weights (shards). A skipped step's ratios are zeros.
-            before = _record.WeightCopy(ctx.params, weight_groups)
+            # The gradients' layout serves the weights when they group alike (dense gradients: not sharded).
+            before = _record.WeightCopy(ctx.params, weight_groups, layout if weight_groups is not None else None)
         # Without counts on the device, a non-finite record counts NaN/Inf on the host (if the grads are unchanged).
         grads = None if detail or ctx.sharded else GradRefs(ctx.grads)
         return cls(
             step=step, report=report, detail=detail, flight=flight, names=list(ctx.names), params=list(ctx.params),
-            numels=numels(ctx.grads), before=before, histograms=histograms, grads=grads,
+            numels=kept.numels(ctx), before=before, histograms=histograms, grads=grads,
             events=None if recheck is None else recheck[0], since=counters.since, bytes_since=counters.bytes,
             last_logged=counters.last_logged, gathered=ranks is not None,
             short=len(ctx) > 0 and ctx.norms().dtype != torch.float64,

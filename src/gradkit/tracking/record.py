@@ -52,9 +52,11 @@ __all__ = [
 ]
 
 
-def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tensor:
+def param_table(
+    ctx: GradContext, device: torch.device, *, detail: bool, layout: _stats.FusedStats | None = None
+) -> Tensor:
     """The (P, len(COLUMNS)) statistics of the step's gradients (P, 2 without `detail`: the norms before and
-    after clipping), of the full parameters when sharded."""
+    after clipping), of the full parameters when sharded. `layout`: the gradients' kept `stats.FusedStats`."""
     norms = ctx.norms() if len(ctx) else torch.zeros(0, device=device)
     if not len(ctx):
         width = len(_stats.COLUMNS) if detail else 2
@@ -62,7 +64,9 @@ def param_table(ctx: GradContext, device: torch.device, *, detail: bool) -> Tens
     if not detail:  # the two norm columns: the step's cached norms, nothing read from the tensors
         return _stats.param_stats((), (), norms, ctx.pre_clip_norms, detail=False)
     grads, weights = _dtensor.locals_of(ctx.grads), _dtensor.locals_of(ctx.params)
-    table = _stats.param_stats(grads, weights, norms, ctx.pre_clip_norms, detail=detail, groups=ctx.groups())
+    table = _stats.param_stats(
+        grads, weights, norms, ctx.pre_clip_norms, detail=detail, groups=ctx.groups(), layout=layout
+    )
     return _full_table(table, ctx) if ctx.sharded and detail else table
 
 
@@ -323,6 +327,8 @@ class WeightCopy:
     Args:
         params: the parameters (DTensor shards: the norms are of the full updates, one all-reduce).
         groups: their grouping, if known.
+        layout: their `stats.FusedStats` layout, if kept (their gradients' one: dense gradients have their
+            weight's kind and size); else found from `params`.
 
     Example:
         >>> before = WeightCopy(params)
@@ -330,10 +336,13 @@ class WeightCopy:
         >>> deltas = before.norms(params)      # ||Δw|| per parameter, one 1-D tensor
     """
 
-    def __init__(self, params: Sequence[Tensor], groups: _foreach.Groups | None = None) -> None:
+    def __init__(
+        self, params: Sequence[Tensor], groups: _foreach.Groups | None = None, layout: _stats.FusedStats | None = None
+    ) -> None:
         local = _dtensor.locals_of(params)
-        groups = groups if groups is not None else _foreach.Groups.of(local)
-        self.layout = _stats.FusedStats.of(local, groups)
+        if layout is None:
+            layout = _stats.FusedStats.of(local, groups if groups is not None else _foreach.Groups.of(local))
+        self.layout = layout
         self.device = local[0].device if local else torch.device("cpu")
         self.copies: list[Tensor] | None = self.layout.snapshot(local)
 

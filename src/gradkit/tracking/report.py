@@ -41,11 +41,15 @@ class RunError(ValueError):
     """The directory holds no tracked run (no readable ``tracking.jsonl`` with steps)."""
 
 
-def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+def load_run(
+    run_dir: str | Path, *, skipped: list[int] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """(header, step records sorted by step, alerts) of the run in `run_dir`.
 
     A resumed run appends to the same log; a step logged twice keeps its latest record. A run started afresh in
     an old log (its steps start over at 1) gives a RuntimeWarning: the records of the two runs would mix.
+    Unreadable lines (a run stopped mid-write) are skipped with a UserWarning each; `skipped`, if given, has
+    their line numbers appended (also when this raises).
 
     Raises:
         RunError: no directory, no log, or a log without step records.
@@ -59,7 +63,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
             f"no run in {str(path)!r}: {JSONL_NAME} is missing; pass the log_dir of a gk.Tracker(log_dir, "
             "writers=('jsonl', ...)) run"
         )
-    records = read_jsonl(log)
+    records = read_jsonl(log, skipped=skipped)
     restarted = _restarted_after(records)
     if restarted:  # RuntimeWarning: not an unreadable line (the page counts those, UserWarning)
         warnings.warn(
@@ -90,7 +94,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         RunError: no run in `run_dir`.
         ImportError: matplotlib is missing (``pip install 'gradkit[viz]'``).
     """
-    header, steps, alerts, skipped = _load_counting_skips(run_dir)
+    skipped: list[int] = []  # the unreadable lines' numbers (each also a warning, for the command line)
+    header, steps, alerts = load_run(run_dir, skipped=skipped)
     plt = _pyplot()
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
     with warnings.catch_warnings(record=True) as drawn:
@@ -103,7 +108,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         body.append(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{text}{img}</section>')
     meta = header.get("meta") or {}
     layers = len(header.get("modules", steps[-1]["modules"]))
-    unread = sum(1 for w in skipped if issubclass(w.category, UserWarning))
+    unread = len(skipped)
     summary = (
         f"{_plural(len(steps), 'logged step')} ({steps[0]['step']} to {steps[-1]['step']}), "
         f"every {header.get('every', '?')}; {_plural(layers, 'layer')}; gradkit "
@@ -175,18 +180,6 @@ def _restarted_after(records: list[dict[str, Any]]) -> int | None:
 
 
 _GLYPH = re.compile(r"Glyph (\d+) .*missing from (?:current )?font\(s\) (.*?)\.?$")
-
-
-def _load_counting_skips(run_dir: str | Path) -> tuple[dict, list[dict], list[dict], list]:
-    """`load_run`, and the warnings it gave (lines skipped), which are passed on even when it raises."""
-    skipped: list = []
-    try:
-        with warnings.catch_warnings(record=True) as skipped:
-            warnings.simplefilter("always")
-            return (*load_run(run_dir), skipped)
-    finally:
-        for warning in skipped:  # passed on for the command line to print; the page says how many
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _plural(count: int, noun: str) -> str:

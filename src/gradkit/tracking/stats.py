@@ -19,7 +19,7 @@ from torch import Tensor
 from gradkit import _foreach
 from gradkit._scalars import from_host
 from gradkit.tracking.large_stats import LargeStats
-from gradkit.tracking.row_stats import RowStats
+from gradkit.tracking.row_stats import RowStats, concatenated
 
 __all__ = ["module_of", "COLUMNS", "param_stats", "host_dtype", "nonfinite_counts", "histograms"]
 
@@ -64,7 +64,7 @@ def host_dtype(device: torch.device) -> torch.dtype:
 
 def param_stats(
     grads: Sequence[Tensor], params: Sequence[Tensor], norms: Tensor, pre_clip: Tensor | None, *, detail: bool = True,
-    groups: _foreach.Groups | None = None,
+    groups: _foreach.Groups | None = None, layout: FusedStats | None = None,
 ) -> Tensor:  # fmt: skip
     """A (P, len(COLUMNS)) tensor of statistics, one row per parameter, on ``norms.device``; no host sync.
 
@@ -77,6 +77,8 @@ def param_stats(
             otherwise the table holds the first two columns only and costs nothing but the cached norms.
         groups: the (device, dtype) grouping of `grads`, if known (``ctx.groups()``): finding
             it reads every tensor's kind.
+        layout: the `FusedStats` layout of `grads`, if kept (`kept.KeptShapes`): finding it reads every
+            tensor's size.
 
     Returns:
         The table, in ``host_dtype(norms.device)``: (P, len(COLUMNS)), or (P, 2) without `detail`.
@@ -93,7 +95,8 @@ def param_stats(
     base = torch.stack([(pre_clip if pre_clip is not None else norms).to(device, dtype), norms.to(device, dtype)], 1)
     if not detail:  # the two measured columns only: nothing else to compute, copy or read
         return base
-    return torch.cat([base, FusedStats.of(grads, groups).table(grads, params, device, dtype)], 1)
+    layout = layout if layout is not None else FusedStats.of(grads, groups)
+    return torch.cat([base, layout.table(grads, params, device, dtype)], 1)
 
 
 class FusedStats:
@@ -129,6 +132,7 @@ class FusedStats:
             small = [i for i in positions if grads[i].numel() <= limit]
             if small:
                 segments = _Segments([grads[i].numel() for i in small], device)
+                segments.chunked = all(grads[i].ndim and grads[i].numel() for i in small)
                 self.parts.append((device, _foreach._picker(small, self.groups.count), segments, len(small), None))
             if large:
                 # One measure per group for all of its large tensors at once (no launch per tensor).
@@ -149,7 +153,9 @@ class FusedStats:
         """The layout of `grads`, from the cache when a list of the same kinds and sizes was seen before.
 
         `groups`: their grouping, if known (else it is found from the tensors)."""
-        key = (groups if groups is not None else _foreach.Groups.of(grads), tuple(map(Tensor.numel, grads)))
+        # The ranks too: a 0-d tensor and a 1-element one have one size but not one way of flattening (`flat`).
+        key = (groups if groups is not None else _foreach.Groups.of(grads), tuple(map(Tensor.numel, grads)),
+               tuple(map(Tensor.dim, grads)))  # fmt: skip
         found = cls._cache.get(key)
         if found is None:
             found = cls(grads, key[0])
@@ -172,7 +178,7 @@ class FusedStats:
         blocks = []
         for _part_device, pick_small, segments, count, pick_large in self.parts:
             if pick_small is not None:
-                block = _segment_stats(pick_small(grads), segments.ids(), count)
+                block = _segment_stats(segments.flat(pick_small(grads)), segments.ids(), count)
             else:  # the large tensors' LargeStats or RowStats
                 large = pick_large(grads)
                 # In the table's own dtype (float64 but on MPS): a count above 2**24 is exact there, not in float32.
@@ -207,7 +213,7 @@ class FusedStats:
             blocks = []
             for at, (part_device, pick_small, segments, count, pick_large) in enumerate(self.parts):
                 if pick_small is not None:
-                    flat = torch._C._nn.flatten_dense_tensors(pick_small(tensors))
+                    flat = segments.flat(pick_small(tensors))
                     flat = minus[at].sub_(flat) if minus is not None else flat
                     exact = host_dtype(part_device)  # float64 where the part's device has it
                     sums = torch.zeros(count, device=flat.device, dtype=exact)
@@ -235,10 +241,10 @@ class FusedStats:
         with torch.no_grad():
             # x * 1 is x exactly (NaN, Inf and -0.0 included): foreach has no out-of-place copy.
             return [
-                _flat_copy(pick_small(tensors))
+                _flat_copy(pick_small(tensors), segments)
                 if pick_small is not None
                 else _foreach.apply(part_device, "mul", pick_large(tensors), 1)
-                for part_device, pick_small, _, _, pick_large in self.parts
+                for part_device, pick_small, segments, _, pick_large in self.parts
             ] + [tensors[i].detach().clone() for i in self.sparse]
 
     def _moved_inverse(self, device: torch.device) -> Tensor:
@@ -256,25 +262,30 @@ class _Segments:
     ``repeat_interleave`` per use (its output size is known: no host read).
     """
 
-    __slots__ = ("lengths", "total")
+    __slots__ = ("lengths", "total", "chunked")
 
     def __init__(self, sizes: list[int], device: torch.device) -> None:
         self.lengths, self.total = from_host(sizes, device, torch.int64), sum(sizes)
+        #: every member has a dimension and an element: `flat` may take the one-operator concatenation
+        self.chunked = False
+
+    def flat(self, members: list[Tensor]) -> Tensor:
+        """The members' elements in one new 1-D buffer (a view of the one member when it is alone and flat)."""
+        return concatenated(members) if self.chunked else torch._C._nn.flatten_dense_tensors(members)
 
     def ids(self) -> Tensor:
         """(total,) int64: the index of the tensor each element belongs to."""
         return torch.repeat_interleave(self.lengths, output_size=self.total)
 
 
-def _flat_copy(tensors: list[Tensor]) -> Tensor:
+def _flat_copy(tensors: list[Tensor], segments: _Segments) -> Tensor:
     """The tensors' elements in one new buffer (the concatenation of one tensor would be a view of it)."""
-    flat = torch._C._nn.flatten_dense_tensors(tensors)
+    flat = segments.flat(tensors)
     return flat.clone() if len(tensors) == 1 and flat.data_ptr() == tensors[0].data_ptr() else flat
 
 
-def _segment_stats(members: list[Tensor], segments: Tensor, count: int) -> Tensor:
-    """(count, 4): max |g|, nonzero, NaN and Inf counts of each small tensor, over one flattened buffer."""
-    flat = torch._C._nn.flatten_dense_tensors(members)  # under no_grad (`FusedStats.table`)
+def _segment_stats(flat: Tensor, segments: Tensor, count: int) -> Tensor:
+    """(count, 4): max |g|, nonzero, NaN and Inf counts of each small tensor, over their flattened buffer `flat`."""
     out_dtype = torch.promote_types(flat.dtype, torch.float32)
     if flat.numel() == 0:
         return torch.zeros(count, 4, device=flat.device, dtype=out_dtype)

@@ -8,6 +8,7 @@ on the device (clipped steps, skipped steps) and reads nothing on the host.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from gradkit.averaging.collectives import as_timeout
 from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
-from gradkit.tracking.alerts import Alert, AlertRules
+from gradkit.tracking.alerts import Alert, AlertRules, logger
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.host_read import device_event
+from gradkit.tracking.kept import KeptShapes
 from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import NonfiniteLocator, NonfiniteWatch
 from gradkit.tracking.pending import Logged, Pending
@@ -153,6 +155,7 @@ class Tracker(ManualTracking):
         self._names: list[str] | None = None
         self._params: list[Tensor] = []
         self._counters = SinceLastLog()
+        self._kept = KeptShapes()  # element counts and the detail layout of the parameter list, found once
         self._pending = Pending()  # logged steps waiting for after_step (||Δw||) or for their host copies
         self._writes_after_step = False  # after_step is called: records are written there (see after_step)
         # How the host read of a logging step is marked done: an event recorded on the device.
@@ -183,8 +186,21 @@ class Tracker(ManualTracking):
     def attach(
         self, module: nn.Module | None, names: Sequence[str], params: Sequence[Tensor], *, clip: Sequence[Any] = ()
     ) -> None:
-        """Learn the model (once, at setup) and write the run header (with the clip threshold, if any)."""
-        self._names, self._params = list(names), list(params)
+        """Learn the model (at setup) and write the run header (with the clip threshold, if any).
+
+        Attached again to another model (a trainer's second ``fit`` on a new one), the tracker follows it: the
+        previous model's records still in flight are written first, under its names (so are a model's own when it is
+        attached again: its new header comes after them); the hooks it placed on the
+        previous module are removed; its noise-scale estimate and counters start afresh; and one warning says
+        that the new model's records follow a new run header in the same log. Attached again to the same
+        parameters, it says nothing.
+        """
+        names, params = list(names), list(params)
+        if self._names is not None:
+            self.flush()  # the records in flight, under their own names, before the next header
+            if not _same(self._names, self._params, names, params):
+                self._follow_another(names, params)
+        self._names, self._params = names, params
         thresholds = [stage.max_norm for stage in clip if isinstance(stage, ClipByGlobalNorm)]
         if thresholds and "max_norm" not in self.meta:
             self.meta["max_norm"] = min(thresholds)  # the report draws it as the clip line
@@ -255,6 +271,21 @@ class Tracker(ManualTracking):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _follow_another(self, names: list[str], params: list[Tensor]) -> None:
+        """Close the previous model's part of the run (its records written) before following `names`, `params`."""
+        self._nonfinite.detach()  # its hooks on the previous module, and any re-check armed for it
+        self._kept.forget()
+        self.noise = NoiseScale(self.noise.beta)  # an estimate of the previous model's gradients
+        self._counters = SinceLastLog()
+        where = f"the same log ({self.log_dir / 'tracking.jsonl'})" if self.log_dir is not None else "history"
+        logger.warning(
+            "Tracker: now following another model (%d parameter tensors, %d elements; the previous one had %d, %d "
+            "elements): its records follow a new run header in %s, after the previous model's. Use one Tracker "
+            "with its own log_dir per model to keep their runs apart.",
+            len(params), sum(p.numel() for p in params), len(self._params), sum(p.numel() for p in self._params),
+            where,
+        )  # fmt: skip
+
     # -- the logging step ------------------------------------------------------------
 
     def _log(self, ctx: GradContext, report: StepReport, *, forced: bool, recheck: tuple | None) -> None:
@@ -267,7 +298,7 @@ class Tracker(ManualTracking):
         self._pending.open = Logged.start(
             ctx, report, step=step, detail=detail, counters=self._counters, noise=self.noise, gather=self.gather,
             timeout=self.timeout, histogram_bins=self.histogram_bins if self._sink.has_tensorboard() else None,
-            update_ratio=self.update_ratio, recheck=recheck, new_event=self._new_event,
+            update_ratio=self.update_ratio, recheck=recheck, new_event=self._new_event, kept=self._kept,
         )  # fmt: skip
         self._counters.reset(step)
 
@@ -310,6 +341,11 @@ class Tracker(ManualTracking):
         self._counters.load_state_dict(state)
         self._sink.alerts = alerts
         self._nonfinite.load_state_dict(state)
+
+
+def _same(names: list[str], params: list[Tensor], other_names: list[str], other_params: list[Tensor]) -> bool:
+    """Whether two parameter lists are the same parameters, by name and by tensor."""
+    return names == other_names and len(params) == len(other_params) and all(map(operator.is_, params, other_params))
 
 
 def _check_every(every: object, detail_every: object) -> tuple[int, int]:

@@ -238,9 +238,25 @@ def _open_for_append(path: Path):
         ) from None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL log; lines that do not parse (a run killed mid-write) are skipped with a warning."""
+def read_jsonl(path: Path, *, skipped: list[int] | None = None) -> list[dict[str, Any]]:
+    """The records of a JSONL log; lines that do not parse (a run killed mid-write) are skipped with a warning.
+
+    Args:
+        path: the log.
+        skipped: a list that the numbers (1-based) of the skipped lines are appended to, for a caller that
+            counts them (the report); the warnings are given all the same.
+
+    Returns:
+        The records (JSON objects), in file order.
+
+    Example:
+        >>> bad = []
+        >>> records = read_jsonl(Path("runs/exp1/tracking.jsonl"), skipped=bad)
+        >>> len(bad)        # lines of a run stopped mid-write
+        0
+    """
     records = []
+    skipped = skipped if skipped is not None else []
     with Path(path).open(encoding="utf-8") as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
@@ -253,11 +269,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                     "while writing it",
                     stacklevel=2,
                 )
+                skipped.append(number)
                 continue
             if isinstance(record, dict):
                 records.append(record)
             else:
                 warnings.warn(f"{path}: line {number} is not a JSON object, skipped", stacklevel=2)
+                skipped.append(number)
     return records
 
 
