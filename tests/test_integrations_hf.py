@@ -88,6 +88,18 @@ def test_clip_replaces_a_set_max_grad_norm(tmp_path):
     assert trainer.args.max_grad_norm == 1e-3
 
 
+def test_one_callback_follows_a_new_model_of_the_same_shape(tmp_path):
+    # A hyperparameter search (Trainer(model_init=...)) trains a fresh model of the same architecture with the
+    # same callback: its clip stage must act on the new model's gradients, not on the first model's.
+    callback = GradkitCallback(clip=gk.ClipByGlobalNorm(0.3))
+    first, _ = train(tmp_path, callback, max_grad_norm=0.0)
+    second, _ = train(tmp_path, callback, max_grad_norm=0.0)
+    reference, _ = train(tmp_path, max_grad_norm=0.3)
+    assert callback.boundary.params[0] is next(second.parameters())
+    for a, b in zip(reference.parameters(), second.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
 def mean_loss(model) -> float:
     """The model's loss on the whole training set, dropout off (a finite number or nan/inf)."""
     ids = torch.stack([row["input_ids"] for row in tokens()])

@@ -262,6 +262,8 @@ def test_a_tracker_attached_to_another_model_writes_the_first_ones_records_first
             pipe.backward(second(torch.randn(4, 6, dtype=torch.float64)).square().sum())
             pipe.step(opt)
         gk.GradientPipeline(second, tracker=tracker)  # the same model again: no note
+    # The alert rules' running averages are the second model's only (the first one's modules were "0" and "2").
+    assert set(tracker.rules.state_dict()["modules"]) == {"(global)", "inp", "out"}
     notes = [r.getMessage() for r in caplog.records if "another model" in r.getMessage()]
     assert len(notes) == 1 and "4 parameter tensors, 47 elements" in notes[0] and "log_dir" in notes[0]
     assert not first[0]._forward_hooks and not first[0].weight._backward_hooks

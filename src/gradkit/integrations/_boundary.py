@@ -95,8 +95,8 @@ class Boundary:
         ):
             module = module.module
         pairs = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        if self.names and [n for n, _ in pairs] == self.names:
-            return  # a second fit / train() call on the same model
+        if [n for n, _ in pairs] == self.names and all(p is q for (_, p), q in zip(pairs, self.params)):
+            return  # a second fit / train() call on the same model; a new model of the same shape is followed
         self.names, self.params = [n for n, _ in pairs], [p for _, p in pairs]
         if self.tracker is not None and callable(getattr(self.tracker, "attach", None)):
             self.tracker.attach(module, self.names, self.params, clip=self.clip)

@@ -136,6 +136,14 @@ class AlertRules:
         self._columns: _Columns | None = None
         self._dirty = False
 
+    def forget(self) -> None:
+        """Drop every module's history and active alert (the tracker follows another model: its norms are
+        not the previous model's, whatever the names)."""
+        self._state.clear()
+        self._active.clear()
+        self._columns = None
+        self._dirty = False
+
     @staticmethod
     def or_default(rules: AlertRules | None) -> AlertRules:
         """`rules`, or the default rules for None; a TypeError for anything else."""

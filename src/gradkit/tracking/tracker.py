@@ -191,7 +191,7 @@ class Tracker(ManualTracking):
         Attached again to another model (a trainer's second ``fit`` on a new one), the tracker follows it: the
         previous model's records still in flight are written first, under its names (so are a model's own when it is
         attached again: its new header comes after them); the hooks it placed on the
-        previous module are removed; its noise-scale estimate and counters start afresh; and one warning says
+        previous module are removed; its noise-scale estimate, counters and alert rules' history start afresh; and one warning says
         that the new model's records follow a new run header in the same log. Attached again to the same
         parameters, it says nothing.
         """
@@ -277,6 +277,7 @@ class Tracker(ManualTracking):
         self._kept.forget()
         self.noise = NoiseScale(self.noise.beta)  # an estimate of the previous model's gradients
         self._counters = SinceLastLog()
+        self.rules.forget()  # running averages of the previous model's norms
         where = f"the same log ({self.log_dir / 'tracking.jsonl'})" if self.log_dir is not None else "history"
         logger.warning(
             "Tracker: now following another model (%d parameter tensors, %d elements; the previous one had %d, %d "
