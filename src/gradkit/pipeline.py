@@ -117,6 +117,9 @@ class GradientPipeline:
         self.reduction = WindowReduction(self.sync, self.params, scaler)
         # Attach last: the averager (across ranks) first, then the tracker (which writes the run's header).
         module = _names.unwrap(model)
+        # An averager another pipeline still uses (a notebook cell run again rebinds it) stays attached
+        # if this constructor fails: only a binding made here is undone.
+        was_attached = self.sync.attached
         self.sync.attach(
             self.names,
             self.params,
@@ -143,7 +146,8 @@ class GradientPipeline:
             self._prepare_next_micro_step()
         except BaseException:
             # Leave nothing attached (hooks, the averager's binding), so a corrected retry can use the same one.
-            self.sync.detach()
+            if not was_attached:
+                self.sync.detach()
             raise
 
     @property
