@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
 import gc
 import time
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradkit as gk
 from dist_helpers import WorkerError, run_workers
@@ -291,6 +293,73 @@ def test_model_averager_follows_a_parameter_list_changed_on_every_rank_and_refus
     for rank in run_workers(unfreezing, WORLD, timeout=120, pg_timeout=5):
         assert rank["last_equal"]  # the unfrozen layer was averaged too
         assert "gk.ModelAverager" in rank["mismatch"] and "between 2 and 6 parameters" in rank["mismatch"]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host (``item()``, ``bool()``, ``float()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def averaging_costs(rank: int, world: int) -> dict:
+    # Per step, averaging every step: the all-reduces, `tolist` reads (which dispatch no operator) and
+    # host reads, in a pipeline with a fused optimizer (its step skips on the device: no host read of its
+    # own after the first) and on its own.
+    counted = collections.Counter()
+    all_reduce, tolist = dist.all_reduce, torch.Tensor.tolist
+
+    def counting_all_reduce(*args, **kwargs):
+        counted["all_reduce"] += 1
+        return all_reduce(*args, **kwargs)
+
+    def counting_tolist(tensor):
+        counted["tolist"] += 1
+        return tolist(tensor)
+
+    def measure(step) -> list[dict]:
+        steps = []
+        for _ in range(4):
+            reads = HostReads()
+            dist.all_reduce, torch.Tensor.tolist = counting_all_reduce, counting_tolist
+            try:
+                with reads:
+                    step()
+            finally:
+                dist.all_reduce, torch.Tensor.tolist = all_reduce, tolist
+            steps.append({**counted, "reads": reads.count})
+            counted.clear()
+        return steps
+
+    model = make_model()
+    pipe = gk.GradientPipeline(model, average=gk.ModelAverager(1, timeout=30))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def pipeline_step():
+        pipe.backward(sum_loss(model, *data(rank, 1, 4)))
+        pipe.step(opt)
+
+    params = list(model.parameters())
+    alone = gk.ModelAverager(1, timeout=30)
+    return {
+        "pipeline": measure(pipeline_step),
+        "alone": measure(lambda: alone.after_step(params)),  # the same list object, never attached: checked
+        "pipeline_other_list": measure(lambda: pipe.sync.after_step(list(params))),  # not the attached list
+    }
+
+
+def test_model_averager_in_a_pipeline_averages_with_one_all_reduce_and_no_host_read():
+    for result in run_workers(averaging_costs, WORLD, timeout=120):
+        # The first step keeps the pipeline's own read (a fused optimizer without state yet).
+        assert result["pipeline"][1:] == [{"all_reduce": 1, "reads": 0}] * 3, result["pipeline"]
+        # Used on its own, or given another list, each averaging is checked: one more all-reduce, read on the host.
+        assert result["alone"][1:] == [{"all_reduce": 2, "tolist": 1, "reads": 0}] * 3, result["alone"]
+        assert result["pipeline_other_list"] == [{"all_reduce": 2, "tolist": 1, "reads": 0}] * 4
 
 
 def refused(call) -> tuple[str, float]:
@@ -587,6 +656,33 @@ def test_single_process_average_is_a_group_of_one():
             p.step(opt if p is pipe else ref_opt)
     assert max_diff(model, reference) == 0.0
     assert pipe.last.bytes_sent == 0
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: gk.Average(gk.TopK(0.5)), lambda: gk.ModelAverager(1)], ids=["topk", "local"]
+)
+def test_a_failed_constructor_leaves_an_averager_another_pipeline_uses_attached(build):
+    # A notebook cell that builds the pipeline runs again with the same averager and fails in the tracker's
+    # setup: the first pipeline still uses the averager, so it stays attached (a TopK Average still refuses
+    # another model, whose gradients would share its residuals).
+    model, other, average = make_model(), make_model(seed=1), build()
+    pipe = gk.GradientPipeline(model, average=average)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    pipe.backward(sum_loss(model, *data(0, 1, 4)))
+    pipe.step(opt)
+    with pytest.raises(ValueError, match="log_dir is not writable"):
+        gk.GradientPipeline(model, average=average, tracker=RefusingTracker())
+    if isinstance(average, gk.Average):
+        with pytest.raises(ValueError, match="already attached to a pipeline"):
+            gk.GradientPipeline(other, average=average)
+    assert average.attached
+    pipe.backward(sum_loss(model, *data(0, 2, 4)))
+    assert pipe.step(opt)
+    # An averager the failed constructor attached itself is detached again.
+    fresh = build()
+    with pytest.raises(ValueError, match="log_dir is not writable"):
+        gk.GradientPipeline(other, average=fresh, tracker=RefusingTracker())
+    assert not fresh.attached
 
 
 def test_average_with_ddp_model_is_refused():

@@ -3,9 +3,8 @@
 The pipeline step with ``ClipByGlobalNorm`` and a foreach optimizer is counted, operator by
 operator, against torch's hand-written loop (backward, ``clip_grad_norm_(foreach=True)``,
 ``optimizer.step()``, ``zero_grad()``) on the same gradients; on a GPU each operator is a
-launch, so an operator added to the step must show up here. The report's derived values
-(`StepReport` fields given as `Later`) are computed on their first read, and equal what
-computing them at the step gives.
+launch, so an operator added to the step must show up here. The step's report (``pipe.last``)
+is made on its first read, and holds what making it at the step gives.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradkit as gk
-from gradkit.step_report import Later, StepReport
+from gradkit.step_report import StepReport
 
 # What the pipeline step may dispatch beyond torch's loop: the step's one host read (of the
 # norm), the cached per-parameter norms following the clip's multiply, and the dtype
@@ -93,104 +92,145 @@ def test_the_step_count_does_not_grow_with_the_tensors():
     assert pipeline_step_ops(10) == pipeline_step_ops(200)
 
 
-def clipped_pipeline(num_items: bool):
+class DecayingSGD(torch.optim.SGD):
+    """SGD that adds weight decay into ``p.grad`` in place, as many hand-written optimizers do: a report
+    made from the gradients after the step would read other values than the step's."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.add_(p.detach(), alpha=100.0)
+        return super().step(closure)
+
+
+class Observer:
+    """A tracker that keeps the report it observes (the pipeline then makes the report at the step)."""
+
+    def wants(self, step):
+        return False
+
+    def observe(self, ctx, report):
+        self.report = report
+        self.held = dict(vars(report))
+
+    def after_step(self, ctx, report):
+        pass
+
+
+def clipped_pipeline(num_items: bool, tracker=None):
     params = linears(6)
-    pipe = gk.GradientPipeline(params, accumulation_steps=2, clip=gk.ClipByGlobalNorm(0.5))
-    opt = torch.optim.SGD(params, lr=1e-2, foreach=True)
+    pipe = gk.GradientPipeline(params, accumulation_steps=2, clip=gk.ClipByGlobalNorm(0.5), tracker=tracker)
+    opt = DecayingSGD(params, lr=1e-2, foreach=True)
     leaf = torch.ones((), requires_grad=True)
 
-    def step(seed: int, nan: bool = False) -> StepReport:
+    def step(seed: int, nan: bool = False) -> gk.GradientPipeline:
         give_grads(params, seed)  # the window's gradient; its backward calls add nothing to it
         for micro in range(2):
             if nan and micro == 1:
                 params[0].grad[0, 0] = float("nan")
             pipe.backward(leaf * 1.0, num_items=3 + micro if num_items else None)
             pipe.step(opt)
-        return pipe.last
+        return pipe
 
     return params, step
 
 
+FIELDS = ("items", "total_norm", "norm_after", "clip_coef", "skipped")
+
+
 @pytest.mark.parametrize("num_items", [False, True], ids=["mean", "items"])
 def test_a_report_read_late_holds_the_values_of_its_step(num_items):
-    # Read at once on one pipeline, after two more steps on another that does the same work.
-    _, step_now = clipped_pipeline(num_items)
+    # Made at the step (a tracker's pipeline, before the optimizer) on one pipeline; read after the optimizer
+    # added weight decay into the gradients in place on another that does the same work.
+    _, step_now = clipped_pipeline(num_items, tracker=Observer())
     _, step_late = clipped_pipeline(num_items)
-    fields = ("items", "total_norm", "norm_after", "clip_coef", "skipped")
     now = []
     for seed in range(3):
-        report = step_now(seed, nan=seed == 1)
-        now.append({name: getattr(report, name).clone() for name in fields})
-    late = [step_late(seed, nan=seed == 1) for seed in range(3)]
+        held = step_now(seed, nan=seed == 1).tracker.held
+        now.append({name: held[name].clone() for name in FIELDS})
+    late = [step_late(seed, nan=seed == 1).last for seed in range(3)]
     for expected, report in zip(now, late):
-        for name in fields:
+        for name in FIELDS:
             value = getattr(report, name)
             assert isinstance(value, torch.Tensor), name
             assert torch.equal(value, expected[name]) or (value.isnan().all() and expected[name].isnan().all()), name
     assert [bool(r["skipped"]) for r in now] == [False, True, False]
     assert now[0]["items"].item() == (7 if num_items else 2)
+    assert torch.allclose(now[0]["norm_after"], torch.tensor(0.5))  # clipped: the decay would show
 
 
-def test_the_report_is_computed_on_its_first_read_only():
+def test_the_report_is_made_on_its_first_read_only():
     _, step = clipped_pipeline(num_items=False)
     step(0)
-    report = step(1)
+    pipe = step(1)
     counter = CountOps()
     with counter:
-        coef = report.clip_coef  # resolves norm_after too
+        report = pipe.last
     assert counter.ops["aten.linalg_vector_norm.default"] == 1 and counter.ops["aten.where.self"] == 1
+    assert counter.ops["aten.full.default"] == 2  # the item count and the skip decision, as tensors
     counter = CountOps()
     with counter:
-        again, after, items, skipped = report.clip_coef, report.norm_after, report.items, report.skipped
-    assert (
-        again is coef and not counter.ops["aten.linalg_vector_norm.default"] and counter.ops["aten.full.default"] == 1
-    )
+        again = pipe.last
+        values = [getattr(again, name) for name in FIELDS]
+    assert again is report and not counter.ops
+    items, total_norm, after, coef, skipped = values
     # The values: random gradients of norm above 0.5, clipped to 0.5.
-    assert report.total_norm > 0.5 and torch.allclose(after, torch.tensor(0.5))
-    assert torch.equal(coef, after / report.total_norm)
+    assert total_norm > 0.5 and torch.allclose(after, torch.tensor(0.5))
+    assert torch.equal(coef, after / total_norm)
     assert items.item() == 2 and skipped.dtype == torch.bool and not skipped
+
+
+def test_a_report_holds_plain_tensors_on_the_norms_device_whatever_the_read_sees():
+    # Read under inference mode and another default device, the report is what the step would have made.
+    _, step = clipped_pipeline(num_items=False)
+    pipe = step(0)
+    with torch.inference_mode(), torch.device("meta"):
+        report = pipe.last
+    for name in FIELDS:
+        value = getattr(report, name)
+        assert value.device == report.total_norm.device, name
+        assert not value.is_inference() and not value.requires_grad, name
+    assert {name: type(value) for name, value in vars(report).items() if name in FIELDS} == dict.fromkeys(
+        FIELDS, torch.Tensor
+    )
+    assert getattr(StepReport.__new__(StepReport), "items", "unset") == "unset"
+
+
+def test_the_report_holds_a_copy_of_the_callers_item_count():
+    # A caller that refills its num_items tensor for the next batch leaves the step's report as it was.
+    params, leaf = linears(2), torch.zeros((), requires_grad=True)
+    pipe = gk.GradientPipeline(params, clip=gk.ClipByGlobalNorm(1.0))
+    opt = torch.optim.SGD(params, lr=1e-3)
+    num_items = torch.tensor(4)
+    for read_at_once in (True, False):
+        give_grads(params, 0)
+        pipe.backward(leaf * 1.0, num_items=num_items)
+        pipe.step(opt)
+        report = pipe.last if read_at_once else None
+        num_items.fill_(99)
+        report = report if read_at_once else pipe.last
+        assert report.items.item() == 4, read_at_once
+        num_items.fill_(4)
 
 
 def test_copies_and_pickles_of_a_report_hold_values():
     _, step = clipped_pipeline(num_items=True)
-    report = step(0)
+    report = step(0).last
     for other in (copy.deepcopy(report), pickle.loads(pickle.dumps(report)), copy.copy(report)):
-        assert not any(isinstance(value, Later) for value in vars(other).values())
-        for name in ("items", "total_norm", "norm_after", "clip_coef", "skipped"):
+        for name in FIELDS:
             assert torch.equal(getattr(other, name), getattr(report, name)), name
-
-
-def test_later_computes_once_and_resolves_its_later_arguments():
-    calls = []
-
-    def twice(x):
-        calls.append(x)
-        return x * 2
-
-    inner = Later(twice, torch.tensor(3.0))
-    outer = Later(torch.add, inner, 1.0)
-    assert outer.value().item() == 7.0 and inner.value().item() == 6.0 and outer.value().item() == 7.0
-    assert len(calls) == 1
-    with torch.inference_mode():
-        value = Later(torch.mul, torch.tensor(2.0), 3.0).value()
-    assert not value.is_inference() and not value.requires_grad
 
 
 def test_with_a_tracker_the_report_is_made_at_the_step():
     # The tracker reads the clip coefficient and the skip flag every step: they are the step's work.
-    class Observer:
-        def wants(self, step):
-            return False
-
-        def observe(self, ctx, report):
-            self.held = dict(vars(report))
-
-        def after_step(self, ctx, report):
-            pass
-
     params, leaf, observer = linears(4), torch.zeros((), requires_grad=True), Observer()
     pipe = gk.GradientPipeline(params, clip=gk.ClipByGlobalNorm(1.0), tracker=observer)
     give_grads(params, 0)
     pipe.backward(leaf * 1.0)
     pipe.step(torch.optim.SGD(params, lr=1e-3))
-    assert not any(isinstance(value, Later) for value in observer.held.values())
+    assert all(isinstance(observer.held[name], torch.Tensor) for name in FIELDS)
+    counter = CountOps()
+    with counter:
+        assert pipe.last is observer.report
+    assert not counter.ops

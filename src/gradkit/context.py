@@ -119,7 +119,7 @@ class GradContext:
         self._pending = None
 
     def norms(self) -> Tensor:
-        """Per-parameter gradient L2 norms as one 1-D tensor (no host sync; cached).
+        """Per-parameter gradient L2 norms as one 1-D tensor (no host sync; cached: do not modify it in place).
 
         For DTensor gradients (FSDP2 or tensor-parallel shards) these are the norms of
         the *full* gradients, the same on every rank: one all-reduce of the squared
@@ -148,6 +148,8 @@ class GradContext:
         """The global L2 norm of all gradients (0-d tensor; 0 when there are none).
 
         A plain tensor, the same on every rank, also when the gradients are DTensor shards.
+        Cached: every call returns the same tensor until the gradients change (`modified`, or a
+        scale through this context), and the step's report holds it; do not modify it in place.
         """
         if not self.grads:
             return torch.zeros(())

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradkit import _names, _pipeline_checks, _pipeline_report, _pipeline_state
-from gradkit._pipeline_report import step_report
+from gradkit import _names, _pipeline_checks, _pipeline_state
+from gradkit._pipeline_report import StepInputs
 from gradkit._reduction import WindowReduction
 from gradkit._skip import FLAG_SKIP_DEVICES, Skips, device_flag
 from gradkit.accumulation import Window, check_num_items
@@ -112,11 +112,15 @@ class GradientPipeline:
         self.steps = 0
         # Stages without state have no history that a non-finite step could change.
         self.skips = Skips(self.names, self.params, stateless_clip=all(not stage.state_dict() for stage in self.clip))
-        self.last: StepReport | None = None
+        #: the last boundary's report, or what makes it on the first read of `last`
+        self._last: StepReport | StepInputs | None = None
         #: the window's global count and scale, settled before any gradient is communicated
         self.reduction = WindowReduction(self.sync, self.params, scaler)
         # Attach last: the averager (across ranks) first, then the tracker (which writes the run's header).
         module = _names.unwrap(model)
+        # An averager another pipeline still uses (a notebook cell run again rebinds it) stays attached
+        # if this constructor fails: only a binding made here is undone.
+        was_attached = self.sync.attached
         self.sync.attach(
             self.names,
             self.params,
@@ -143,7 +147,8 @@ class GradientPipeline:
             self._prepare_next_micro_step()
         except BaseException:
             # Leave nothing attached (hooks, the averager's binding), so a corrected retry can use the same one.
-            self.sync.detach()
+            if not was_attached:
+                self.sync.detach()
             raise
 
     @property
@@ -157,6 +162,30 @@ class GradientPipeline:
     @skipped_steps.setter
     def skipped_steps(self, value: int) -> None:
         self.skips.count = value
+
+    @property
+    def last(self) -> StepReport | None:
+        """The last boundary's `StepReport` (None before the first), made on its first read and then kept.
+
+        A step whose report nobody reads makes none of the report's tensors (the item count, the norm
+        after the clip stages, the clip coefficient, a host skip decision as a tensor; on a GPU each is
+        a kernel launch). The values are the step's whenever it is read: what they are made from is
+        captured at the step, host values (step, micro-steps, bytes, the noise sample) included. The
+        tensors are made at the first read, on the stream current then (the norms' device); with a
+        tracker, which reads the report every step, at the step. Later reads return the same object,
+        until the next boundary.
+
+        Example:
+            >>> if pipe.step(optimizer) and step % 100 == 0:
+            ...     print(float(pipe.last.total_norm), float(pipe.last.clip_coef))
+        """
+        if isinstance(self._last, StepInputs):
+            self._last = self._last.report()
+        return self._last
+
+    @last.setter
+    def last(self, report: StepReport | None) -> None:
+        self._last = report
 
     # -- the loop ------------------------------------------------------------------
 
@@ -263,9 +292,10 @@ class GradientPipeline:
         for stage in self.clip if clipped else ():
             stage.apply_(ctx)
 
-        # Report: what happened, as tensors; the tracker sees the final gradient and the old weights.
-        norm_after = _pipeline_report.norm_after(ctx) if clipped else total_norm
-        self.last = step_report(self, total_norm=total_norm, norm_after=norm_after, skip=skip, count=count)
+        # Report: what happened, captured now and made on the first read of `last`. A tracker reads it
+        # every step: made here, its operations stay the step's, and it sees the final gradient and the
+        # old weights.
+        self._last = StepInputs(self, ctx=ctx, clipped=clipped, total_norm=total_norm, skip=skip, count=count)
         if self.tracker is not None:
             self.tracker.observe(ctx, self.last)
 

@@ -163,6 +163,11 @@ class Average(SyncControl):
         """(bucket index, gradients ready at its launch) for each bucket of the last window, in order."""
         return self._schedule.launches
 
+    @property
+    def attached(self) -> bool:
+        """Whether a pipeline's `attach` bound this Average to its parameters (no `detach` since)."""
+        return bool(self._names)
+
     def attach(
         self,
         names: Sequence[str],
@@ -280,8 +285,13 @@ class Average(SyncControl):
 
     def detach(self) -> None:
         """Remove the gradient hooks and forget the parameters: the pipeline no longer uses this Average, and
-        another may attach it (compressor state stays, kept by parameter name). A `GradientPipeline` whose
-        constructor raises after attaching calls it, so that a corrected retry can use the same Average."""
+        another may attach it (compressor state stays, kept by parameter name). No collective.
+
+        A `GradientPipeline` whose constructor raises after attaching calls it (unless the Average was
+        attached before, by a pipeline still in use), so that a corrected retry in the same process can use
+        the same Average. That retry works when every rank failed alike, or on one process; when only some
+        ranks failed, the others went on, and their next collective fails with `gk.CollectiveError` within
+        the timeout (restart every rank)."""
         self._schedule.detach()
         self._schedule = BucketSchedule([], [], 0, 0, presence=False, launch=self._launch)
         self._names, self._params = [], []

@@ -42,11 +42,15 @@ class ModelAverager(SyncControl):
 
     Memory: one flat copy of the parameters of one (device, dtype) while averaging.
 
-    Cost: before each averaging (every `period` steps, not every step), one all-reduce of six
-    int64 numbers (the parameter count, the entry count and a digest of the shapes and dtypes),
-    read on the host: a host sync once per averaging. In return, ranks whose parameter lists differ
-    (one unfroze a layer, the others did not) get a clear ``ValueError`` on every rank instead of
-    an all-reduce of different sizes (a hang on gloo, undefined on NCCL).
+    Cost: inside a `GradientPipeline`, one all-reduce of the parameters per averaging and nothing
+    else: the pipeline passes the list it attached (checked across ranks at setup) and refuses to
+    let it change (unfreezing a layer), so there is no check per averaging. Used on its own
+    (`after_step` with any list) and in `average_now`, each averaging is preceded by a check: one
+    all-reduce of six int64 numbers (the parameter count, the entry count and a digest of the shapes
+    and dtypes), read on the host, so a host sync per averaging (every step during the warm-up,
+    then every `period` steps). In return, ranks whose parameter lists differ (one unfroze a layer,
+    the others did not) get a clear ``ValueError`` on every rank instead of an all-reduce of
+    different sizes (a hang on gloo, undefined on NCCL).
 
     Example:
         >>> pipe = gk.GradientPipeline(model, average=gk.ModelAverager(period=8, warmup_steps=100))
@@ -67,11 +71,19 @@ class ModelAverager(SyncControl):
         self._group_arg = distributed.WeakGroup(group)
         self.step = 0
         self._attached = False
+        #: the list `attach` was given (the pipeline's, which it never changes) and its length: `after_step`
+        #: with that very list needs no check across ranks, the setup's covers it
+        self._fixed: tuple[Sequence[Tensor], int] | None = None
 
     @property
     def group(self) -> dist.ProcessGroup | None:
         """The process group (None: one process, or the group was destroyed); held weakly."""
         return self._group()
+
+    @property
+    def attached(self) -> bool:
+        """Whether `attach` ran (a pipeline's, or the first standalone `after_step`'s) and no `detach` since."""
+        return self._attached
 
     def attach(
         self,
@@ -84,7 +96,18 @@ class ModelAverager(SyncControl):
     ) -> None:
         """Check that the ranks hold the same parameters and (by default) copy rank 0's
         values to all (with `module`: frozen parameters and buffers too), so the replicas
-        start equal; the pipeline calls it at setup."""
+        start equal; the pipeline calls it at setup.
+
+        The list `params` is taken as fixed: `after_step` given this same list object (of the
+        same length) skips the check across ranks before each averaging, which this setup check
+        covers. The pipeline passes its own list, which never changes; do not change a list
+        passed here in place (pass a new list instead, and it is checked)."""
+        self._bind(names, params, module=module, broadcast=broadcast)
+        self._fixed = (params, len(params))
+
+    def _bind(
+        self, names: Sequence[str], params: Sequence[Tensor], *, module: nn.Module | None, broadcast: bool
+    ) -> None:
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.ModelAverager"))
         self._attached = True
         if self.group is not None:
@@ -94,25 +117,32 @@ class ModelAverager(SyncControl):
                 distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager", self.timeout)
 
     def detach(self) -> None:
-        """Forget the attach: used on its own afterwards, the first `after_step` checks the ranks again."""
+        """Forget the attach: used on its own afterwards, the first `after_step` checks the ranks again,
+        and every averaging is checked."""
         self._attached = False
+        self._fixed = None
 
     def after_step(self, params: Sequence[Tensor], *, skipped: bool = False, contributed: bool = True) -> None:
         """Count one optimizer step and average the parameters if the schedule says so.
+
+        Before each averaging the ranks compare their lists (one small all-reduce, read on the host),
+        unless `params` is the very list given to `attach` (the pipeline's): that one was checked at setup.
 
         Raises:
             ValueError: at an averaging step, on every rank, when the ranks pass different parameter
                 lists (count, shapes or dtypes); nothing is averaged or counted then.
             CollectiveError: a peer died or did not join within the timeout.
         """
+        # An identity test on the host: the pipeline passes the same list object at every step.
+        fixed = self._fixed is not None and params is self._fixed[0] and len(params) == self._fixed[1]
         params = list(params)
         if not self._attached:
             # Used on its own: the first step already ran, so only check. A list that changes later (layers
             # unfrozen) is checked at each averaging, on every rank alike.
-            self.attach([str(i) for i in range(len(params))], params, broadcast=False)
+            self._bind([str(i) for i in range(len(params))], params, module=None, broadcast=False)
         group = self.group
         averages = group is not None and self.averages_after(self.step + 1)
-        if averages:
+        if averages and not fixed:
             self._check_same_lists(params, group, self.step + 1)
         self.step += 1
         if averages:

@@ -36,6 +36,16 @@ class SyncControl:
     #: processes whose collectives must match whatever the length of each rank's last window)
     joins_empty_flush: bool = True
 
+    @property
+    def attached(self) -> bool:
+        """Whether this control is bound to parameters by `attach` (no `detach` since).
+
+        A pipeline whose constructor raises undoes only a binding it made itself: a control that
+        was already attached (another pipeline's, still in use) is left as it was. Controls that
+        each pipeline builds for itself (one process, DDP, FSDP) are never shared, and say False.
+        """
+        return False
+
     def attach(
         self,
         names: Sequence[str],
