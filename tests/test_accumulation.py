@@ -122,6 +122,24 @@ def test_tensor_num_items_equals_int_num_items():
     assert_same_params(results[0], results[1], atol=0)
 
 
+def test_one_num_items_buffer_refilled_for_every_micro_batch_counts_each_fill():
+    # A loop that keeps one count tensor and refills it in place for each micro-batch (as a collate buffer
+    # might): the window must count what each fill held (2 + 5), not the buffer's last value twice.
+    batches = token_batches([2, 5])
+    model, reference = make_model(), make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe = gk.GradientPipeline(model, accumulation_steps=2)
+    buffer = torch.zeros((), dtype=torch.int64)
+    for x, y in batches:
+        buffer.fill_(x.shape[0])
+        pipe.backward(sum_loss(model, x, y), num_items=buffer)
+        pipe.step(optimizer)
+    buffer.fill_(99)
+    assert pipe.last.items.item() == 7
+    full_batch_step(reference, batches, lr=0.1)
+    assert_same_params(model, reference)
+
+
 def test_masked_tokens_counted_by_mask():
     """The transformers case: padded sequences, loss summed over real tokens only."""
     model, reference = make_model(), make_model()

@@ -31,7 +31,7 @@ class StepInputs:
     The tensors kept are ones nobody changes afterwards: the norm before the clip stages, the
     per-parameter norms the stages left (they replace the context's cache, never change it in
     place; the gradients themselves may change, e.g. an optimizer that adds weight decay into
-    ``p.grad``) and the count (copied here when it is the caller's own ``num_items`` tensor).
+    ``p.grad``) and the count (the window's own: a caller's ``num_items`` tensor is copied as it comes in).
     So a report made later holds what one made at the step would.
 
     Args:
@@ -69,10 +69,6 @@ class StepInputs:
         self.skip = skip
         self.count = count
         self.items: Tensor | None = None
-        if isinstance(count, Tensor) and count is pipe.window.items and pipe.window.micro_steps == 1:
-            # A one-micro-step window's count is the caller's num_items tensor (a view of it): the report
-            # holds a copy, so a caller that refills its buffer for the next batch does not change it.
-            self.items = on_device(count, device, copy=True)
         self.sent: tuple[int, int] = (pipe.sync.bytes_sent(), pipe.sync.dense_bytes())
         self.noise = None
         if pipe.probe.wants is not None:  # with a tracker: its sample is taken at the step, from the count

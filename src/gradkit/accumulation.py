@@ -31,7 +31,8 @@ def check_num_items(num_items: object) -> Items | None:
     """`num_items` if it is None, a positive int, or a 1-element integer tensor.
 
     A tensor's value is not read here (that would be a host sync); the window's
-    total is checked at the step, where the pipeline reads the host anyway.
+    total is checked at the step, where the pipeline reads the host anyway. A tensor
+    comes back as a 0-d copy (one device op, no sync).
     """
     if num_items is None:
         return None
@@ -51,7 +52,9 @@ def check_num_items(num_items: object) -> Items | None:
                 "num_items must hold a value, got a tensor on the meta device; pass the count on the loss's "
                 "device or as an int"
             )
-        return num_items.detach().reshape(())
+        # A copy, not a view: a caller that refills one count buffer for every micro-batch must not change the
+        # count of the micro-batches before (the window's total, the report, the noise probe keep theirs).
+        return num_items.detach().reshape(()).clone()
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise TypeError(
             f"num_items must be an int (the count of items the summed loss covers), got "
