@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradkit as gk
-from gradkit.tracking import large_stats, row_stats, stats
+from gradkit.tracking import host_read, large_stats, row_stats, stats
 from gradkit.tracking.large_stats import LargeStats
 from gradkit.tracking.row_stats import RowStats
 from gradkit.tracking.stats import COLUMNS, SMALL, _one_stats, param_stats
@@ -391,6 +391,7 @@ def test_an_ordinary_logged_step_makes_a_few_torch_calls_whatever_the_number_of_
     # its counters of clipped and skipped steps five more (two adds, a compare, two zero_).
     monkeypatch.setattr(stats, "SMALL_CPU", SMALL)
     monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
+    monkeypatch.setattr(host_read, "DIRECT_DEVICES", ())  # an accelerator's read: gathered, then one copy
     for tensors in (10, 148):
         model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(tensors // 2)])
         tracker = gk.Tracker(every=1, detail_every=10**9)
@@ -448,6 +449,7 @@ def test_at_gpt2s_148_tensors_a_step_reads_no_size_and_makes_no_view_per_tensor(
 
     monkeypatch.setattr(stats, "SMALL_CPU", SMALL)
     monkeypatch.setattr(stats, "FOREACH_DEVICES", ())
+    monkeypatch.setattr(host_read, "DIRECT_DEVICES", ())  # an accelerator's read: gathered, then one copy
     monkeypatch.setattr(stats.FusedStats, "_cache", {})
     torch.manual_seed(0)
     model = _GPT(vocab=64, context=16, width=16, layers=12, heads=2)

@@ -6,16 +6,19 @@ import contextlib
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from gradkit.tracking import host_read
 from gradkit.tracking.host_read import HostRead
 from gradkit.tracking.noise_scale import NoiseProbe
 from host_reads import count_host_reads, no_cuda_syncs
 
 
 def test_host_read_gives_each_value_back_by_name_in_one_transfer(monkeypatch):
+    monkeypatch.setattr(host_read, "DIRECT_DEVICES", ())  # as on an accelerator: the values gathered and copied
     table = torch.arange(15, dtype=torch.float32).reshape(3, 5)
     ranks = torch.arange(30, dtype=torch.float64).reshape(2, 3, 5)
     read = HostRead(torch.device("cpu"), torch.float64)
@@ -50,7 +53,42 @@ def test_host_read_gathers_mixed_dtypes_exactly_in_one_stack_and_one_cat():
     assert only_ints.read() == {"bool": 1.0, "ints": [big, 3.0]}
 
 
-def test_host_read_holds_copies_of_what_it_read():
+@pytest.mark.parametrize("direct", [True, False])
+def test_host_values_read_where_they_are_equal_the_gathered_read(monkeypatch, direct):
+    # A CPU read takes each value where it is (no stack or cat); it gives what the gathered read gives, as numbers
+    # of the same types, and arrays as float64 numpy arrays of their shape when asked for.
+    big = 2**40 + 1
+    monkeypatch.setattr(host_read, "DIRECT_DEVICES", ("cpu",) if direct else ())
+    read = HostRead(torch.device("cpu"), torch.float64)
+    read.add("table", torch.arange(6, dtype=torch.float32).reshape(2, 3) / 3)
+    read.add("norm", torch.tensor(0.1, dtype=torch.float32))
+    read.add("half", torch.tensor(0.1, dtype=torch.float16))
+    read.add("count", torch.tensor(big))
+    read.add("flag", torch.tensor(True))
+    read.add("one", torch.tensor([7.5], requires_grad=True), scalar=True)
+    read.add_rows("rows", [torch.tensor([1.0, 2.0]), torch.tensor([3, 4])])
+    read.add_stack("sample", [torch.tensor(big), torch.tensor([0.5]), torch.tensor(False)])
+    flight = read.start()
+    assert isinstance(flight, host_read._Landed) is direct
+    got = flight.values()
+    assert got == {
+        "table": (torch.arange(6, dtype=torch.float32).reshape(2, 3) / 3).double().tolist(),
+        "norm": float(torch.tensor(0.1, dtype=torch.float32)), "half": float(torch.tensor(0.1, dtype=torch.float16)),
+        "count": big, "flag": 1.0, "one": 7.5, "rows": [[1.0, 2.0], [3.0, 4.0]], "sample": [big, 0.5, 0.0],
+    }  # fmt: skip
+    assert all(type(v) is float for k in ("norm", "half", "count", "flag", "one") for v in [got[k]])
+    arrays = flight.values(arrays=("table", "rows"))
+    assert arrays["table"].dtype == np.float64 and arrays["table"].shape == (2, 3)
+    assert arrays["table"].tolist() == got["table"] and arrays["rows"].tolist() == got["rows"]
+    # bfloat16 (which numpy does not read) takes the gathered path on the CPU too
+    odd = HostRead(torch.device("cpu"), torch.float64)
+    odd.add("x", torch.tensor([1.5, 2.5], dtype=torch.bfloat16))
+    assert not isinstance(odd.start(), host_read._Landed) and odd.read() == {"x": [1.5, 2.5]}
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_host_read_holds_copies_of_what_it_read(monkeypatch, direct):
+    monkeypatch.setattr(host_read, "DIRECT_DEVICES", ("cpu",) if direct else ())
     value, rows, flag = torch.arange(4.0), [torch.ones(2), torch.zeros(2)], torch.tensor(2.0)
     read = HostRead(torch.device("cpu"), torch.float64)
     read.add("value", value)

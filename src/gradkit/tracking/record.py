@@ -178,6 +178,12 @@ _BEFORE = ("type", "schema", "step", "time", "steps_since_log", "detail", "globa
 _AFTER = ("noise", "alerts", "ranks")
 
 
+# json.dumps(..., allow_nan=False) makes an encoder per call; one kept encoder writes the same text.
+_ENCODE = json.JSONEncoder(allow_nan=False).encode
+# The record's tail on a step with no noise sample, no alert and no gathered ranks: the same text every step.
+_QUIET = _ENCODE({"noise": None, "alerts": [], "ranks": None})
+
+
 class StepRecord:
     """A logged step's record: the step's own values (`head`, a dict) and its entries as columns.
 
@@ -209,8 +215,9 @@ class StepRecord:
         """The record's JSON text: ``json.dumps(self.to_dict(), allow_nan=False)``, but that the tables of a
         float32-measured step write 9 significant digits (`entries.short_text`); `to_dict` reads the same values."""
         head = self.head
-        before = json.dumps({key: head[key] for key in _BEFORE}, allow_nan=False)
-        after = json.dumps({key: head[key] for key in _AFTER}, allow_nan=False)
+        before = _ENCODE({key: head[key] for key in _BEFORE})
+        quiet = head["noise"] is None and not head["alerts"] and head["ranks"] is None  # gathered ranks may be []
+        after = _QUIET if quiet else _ENCODE({key: head[key] for key in _AFTER})
         # One join: the tables are most of the text (hundreds of kB at thousands of tensors), copied once here.
         parts = (before[:-1], ', "modules": ', self.modules.encode(), ', "params": ', self.params.encode(), ", ")
         return "".join((*parts, after[1:]))

@@ -190,10 +190,10 @@ class Tracker(ManualTracking):
 
         Attached again to another model (a trainer's second ``fit`` on a new one), the tracker follows it: the
         previous model's records still in flight are written first, under its names (so are a model's own when it is
-        attached again: its new header comes after them); the hooks it placed on the
-        previous module are removed; its noise-scale estimate, counters and alert rules' history start afresh; and one warning says
-        that the new model's records follow a new run header in the same log. Attached again to the same
-        parameters, it says nothing.
+        attached again: its new header comes after them); the hooks it placed on the previous module are removed;
+        its noise-scale estimate, counters and alert rules' history start afresh; and one warning says that the new
+        model's records follow a new run header in the same log. Attached again to the same parameters, it says
+        nothing.
         """
         names, params = list(names), list(params)
         if self._names is not None:
