@@ -60,7 +60,6 @@ class StepInputs:
         skip: bool | Tensor,
         count: int | Tensor,
     ) -> None:
-        device = total_norm.device
         self.step: int = pipe.steps + 1
         self.micro_steps: int = pipe.window.micro_steps
         self.total_norm = total_norm
