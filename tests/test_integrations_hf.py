@@ -100,6 +100,19 @@ def test_one_callback_follows_a_new_model_of_the_same_shape(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
+def test_a_new_model_starts_the_clip_stages_afresh(tmp_path):
+    # ZClip's norm history belongs to the model it saw: a hyperparameter search's second trial must clip exactly
+    # as a fresh callback would, not against the first trial's norms.
+    reused = GradkitCallback(clip=gk.ZClip(warmup=4, z_thresh=0.5))
+    train(tmp_path, reused, max_grad_norm=0.0)
+    second, _ = train(tmp_path, reused, max_grad_norm=0.0)
+    fresh, _ = train(tmp_path, GradkitCallback(clip=gk.ZClip(warmup=4, z_thresh=0.5)), max_grad_norm=0.0)
+    # The norms fall over a run (1.89 -> 1.71 in the warm-up): against the first model's history, the second
+    # model's first norms are spikes and get clipped; a fresh ZClip does not clip them.
+    assert same(second, fresh)
+    assert reused.clip[0].state_dict()["count"] == 6  # the second model's steps only
+
+
 def mean_loss(model) -> float:
     """The model's loss on the whole training set, dropout off (a finite number or nan/inf)."""
     ids = torch.stack([row["input_ids"] for row in tokens()])

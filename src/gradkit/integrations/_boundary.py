@@ -10,7 +10,9 @@ clip stages -> ``tracker.observe`` -> (the trainer's ``optimizer.step``) ->
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,6 +82,9 @@ class Boundary:
     def __init__(self, tracker: Any = None, clip: Any = None) -> None:
         self.clip = check_clip(clip)
         self.tracker = check_tracker(tracker)
+        # Each stage's state as given: a new model starts its clip stages from it (no other model's history).
+        self._initial = [copy.deepcopy(stage.state_dict()) for stage in self.clip]
+        self._module: weakref.ref[nn.Module] | None = None
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self.last: StepReport | None = None
@@ -87,7 +92,12 @@ class Boundary:
         self._logged = 0  # tracker records already turned into trainer log scalars
 
     def attach(self, module: nn.Module) -> None:
-        """Learn the trainable parameters of `module` (its unwrapped form) and attach the tracker once."""
+        """Learn the trainable parameters of `module` (its unwrapped form) and attach the tracker once.
+
+        Attached to another module than the previous one (a new model, e.g. a hyperparameter search's next
+        trial), the clip stages go back to their state when this boundary was built, so that one model's
+        clipping does not depend on the previous model's norms; the same module again keeps their state.
+        """
         if not isinstance(module, nn.Module):
             raise TypeError(f"the model must be an nn.Module, got {type(module).__name__}")
         while isinstance(getattr(module, "module", None), nn.Module) and isinstance(
@@ -97,6 +107,13 @@ class Boundary:
         pairs = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if [n for n, _ in pairs] == self.names and all(p is q for (_, p), q in zip(pairs, self.params)):
             return  # a second fit / train() call on the same model; a new model of the same shape is followed
+        if self._module is not None and self._module() is not module:
+            # Another model (a hyperparameter search's next trial): the stages' norm history is the previous
+            # model's, so they start again from their state at construction. The same module with other
+            # trainable parameters keeps it (its gradients go on).
+            for stage, state in zip(self.clip, self._initial):
+                stage.load_state_dict(copy.deepcopy(state))
+        self._module = weakref.ref(module)
         self.names, self.params = [n for n, _ in pairs], [p for _, p in pairs]
         if self.tracker is not None and callable(getattr(self.tracker, "attach", None)):
             self.tracker.attach(module, self.names, self.params, clip=self.clip)

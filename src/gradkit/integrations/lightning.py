@@ -32,7 +32,9 @@ class GradkitCallback(Callback):
 
     Args:
         tracker: a ``gk.Tracker``, or None.
-        clip: a gradkit clip stage or a list of them (e.g. ``gk.ZClip()``), or None.
+        clip: a gradkit clip stage or a list of them (e.g. ``gk.ZClip()``), or None. Training another model
+            with the same callback (a hyperparameter search's next trial) starts the stages again from their
+            state at construction; training the same model again keeps their state.
 
     Raises:
         TypeError: `tracker` lacks the tracker protocol, or `clip` holds something
