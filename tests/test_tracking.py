@@ -146,6 +146,29 @@ def test_standalone_track_counts_nan_and_inf_and_completes_the_update_ratio():
     assert [(a.kind, a.name) for a in tracker.last_alerts] == [("nonfinite", "2")]
 
 
+def test_standalone_track_follows_another_model_with_the_same_names(caplog):
+    # Two models of one architecture have the same parameter names: track(second) must record the second one's
+    # gradients (before, the names matched and the first model's tensors stayed, with their gradients gone).
+    first, second = make_model(0), make_model(1)
+    tracker = gk.Tracker(every=1)
+    x, y = batches(1)[0]
+    ((first(x) - y) ** 2).mean().backward()
+    tracker.track(first)
+    first.zero_grad(set_to_none=True)
+    (100 * ((second(x) - y) ** 2).mean()).backward()
+    with caplog.at_level("WARNING", logger="gradkit.tracking"):
+        tracker.track(second)
+        tracker.track(second)  # the same model again: no news
+    tracker.close()
+    assert tracker._params[0] is second[0].weight
+    record = tracker.history[-2]
+    assert record["step"] == 1  # a new run header, steps counted from 1
+    want = second[2].weight.grad.norm().item()
+    assert record["params"]["2.weight"]["norm"] == pytest.approx(want, rel=1e-9)
+    notes = [r.getMessage() for r in caplog.records if "another model" in r.getMessage()]
+    assert len(notes) == 1 and "in `history`" in notes[0] and "log_dir" not in notes[0]
+
+
 def test_non_logging_steps_make_no_host_reads(monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -256,8 +256,16 @@ def test_a_tracker_attached_to_another_model_writes_the_first_ones_records_first
     torch.manual_seed(1)
     second = nn.Sequential(OrderedDict(inp=nn.Linear(6, 5), act=nn.Tanh(), out=nn.Linear(5, 2))).double()
     opt = torch.optim.SGD(second.parameters(), lr=0.05)
+    # State of the first model that must not describe the second: a noise estimate, counters, a forced step.
+    tracker.noise.load_state_dict({"g2": torch.tensor(1.0), "trace": torch.tensor(2.0), "count": torch.tensor(3.0)})
+    tracker._nonfinite.forced.add(4)
+    assert tracker._kept._params is not None and tracker._counters.last_logged == 3
     with caplog.at_level("INFO", logger="gradkit.tracking"):
         pipe = gk.GradientPipeline(second, tracker=tracker)
+        assert tracker._kept._params is None  # the first model's element counts and layout are forgotten
+        assert all(float(v) == 0 for v in tracker.noise.state_dict().values())
+        assert tracker._counters.state_dict()["last_logged"] == 0 and tracker.step == 0
+        assert tracker._nonfinite.forced == set() and not tracker._locator.armed
         for _ in range(2):
             pipe.backward(second(torch.randn(4, 6, dtype=torch.float64)).square().sum())
             pipe.step(opt)
@@ -288,3 +296,59 @@ def test_a_tracker_attached_to_another_model_writes_the_first_ones_records_first
         and kinds[4][1] == kinds[7][1] == second_names
         and [line["step"] for line in lines if line["type"] == "step"] == [1, 2, 3, 1, 2]
     )
+
+
+def nan_run(tracker, model, steps, nan_at):
+    pipe, opt = gk.GradientPipeline(model, tracker=tracker), torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(2)
+    for step in range(1, steps + 1):
+        loss = model(torch.randn(5, 6, generator=g, dtype=torch.float64)).square().mean()
+        pipe.backward(loss * float("nan") if step == nan_at else loss)
+        pipe.step(opt)
+    tracker.flush()
+
+
+def test_a_new_pipeline_on_the_same_model_drops_an_armed_recheck_with_its_hooks():
+    # Step 5 (logged) is non-finite: the hooks are armed to re-check step 6. A new pipeline on the same model
+    # (a notebook cell run again) numbers its steps from 1: its step 6 is no re-check, and no hook stays behind.
+    model, tracker = make_model(), gk.Tracker(every=5, detail_every=5)
+    nan_run(tracker, model, 5, nan_at=5)
+    assert tracker._nonfinite.forced == {6} and tracker._locator.armed and model[0]._forward_hooks
+    nan_run(tracker, model, 6, nan_at=None)
+    assert tracker._nonfinite.forced == set() and not tracker._locator.armed
+    assert not model[0]._forward_hooks and not model[0].weight._backward_hooks
+    assert [r["step"] for r in tracker.history] == [1, 5, 1, 5]
+
+
+def test_a_new_pipeline_on_the_same_model_starts_its_counters_afresh():
+    # Step 7 is skipped (non-finite) but not logged (every=5): its count belonged to the old numbering, which
+    # said "since step 5"; the new pipeline's step 1 counts its own steps only.
+    model, tracker = make_model(), gk.Tracker(every=5, detail_every=5)
+    nan_run(tracker, model, 7, nan_at=7)
+    nan_run(tracker, model, 2, nan_at=None)
+    new_first = tracker.history[-1]
+    assert new_first["step"] == 1 and new_first["steps_since_log"] == 1
+    assert new_first["global"]["skipped_steps"] == 0
+    assert [a for a in tracker.alerts if a.kind == "nonfinite"] == []
+
+
+def test_the_same_module_with_other_trainable_parameters_is_named_so(tmp_path, caplog):
+    model = make_model()
+    tracker = gk.Tracker(tmp_path, every=1)
+    with caplog.at_level("WARNING", logger="gradkit.tracking"):
+        nan_run(tracker, model, 2, nan_at=None)
+        model[0].requires_grad_(False)  # a layer frozen
+        nan_run(tracker, model, 2, nan_at=None)
+    notes = [r.getMessage() for r in caplog.records if "Tracker:" in r.getMessage()]
+    assert len(notes) == 1 and "the same model with other trainable parameters (2 parameter tensors" in notes[0]
+    assert "another model" not in notes[0] and "log_dir" not in notes[0]
+    tracker.close()
+
+
+def test_only_the_rank_that_writes_warns_about_another_model(caplog):
+    tracker = gk.Tracker(every=1)
+    tracker.writes = False  # as on a rank other than 0 (without gather it records nothing)
+    with caplog.at_level("WARNING", logger="gradkit.tracking"):
+        nan_run(tracker, make_model(), 1, nan_at=None)
+        nan_run(tracker, make_model(), 1, nan_at=None)
+    assert not [r for r in caplog.records if "another model" in r.getMessage()]

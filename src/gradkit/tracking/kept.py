@@ -8,10 +8,11 @@ calls at GPT-2's 148 tensors, and a lookup key as long as the list), so they are
 list a step comes with and found again only when another list comes.
 
 "Another list" is decided by identity, which costs nothing per tensor: a pipeline hands every full step
-the same list object and the same grouping (`context.Attached`), while a step with some gradients
-missing (a layer frozen, then unfrozen), a step of a model moved to another device or dtype (a new
-grouping) and a call by hand (`Tracker.track`) each come with a list or grouping of their own, measured
-then. Sharded parameters (their local pieces change shape with the mesh) are never kept.
+the same list object, with the grouping of its first full step kept for as long as the pipeline lives
+(`context.Attached`: one list, one grouping), while a step with some gradients missing (a layer frozen,
+then unfrozen), a new pipeline and a call by hand (`Tracker.track`) each come with a list of their own,
+measured then. So the layout is kept per list: one list never comes with another grouping. Sharded
+parameters (their local pieces change shape with the mesh) are never kept.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class KeptShapes:
         >>> kept.layout(ctx)            # the detail step's layout (None when sharded: found each step)
     """
 
-    __slots__ = ("_params", "_numels", "_groups", "_layout")
+    __slots__ = ("_params", "_numels", "_layout")
 
     def __init__(self) -> None:
         self.forget()
@@ -43,28 +44,21 @@ class KeptShapes:
         """Drop what is kept (the tracker follows another model)."""
         self._params: list[Tensor] | None = None
         self._numels: list[int] = []
-        self._groups: object = None
         self._layout: FusedStats | None = None
 
     def numels(self, ctx: GradContext) -> list[int]:
         """The element counts of the step's gradients (one list while the parameter list stays: do not change it)."""
         if ctx.params is not self._params:
             # A gradient has its parameter's shape: counted from the parameters, which a later list may share.
-            self._params, self._numels, self._groups, self._layout = (
-                ctx.params,
-                list(map(Tensor.numel, ctx.params)),
-                None,
-                None,
-            )
+            self._params, self._numels, self._layout = ctx.params, list(map(Tensor.numel, ctx.params)), None
         return self._numels
 
     def layout(self, ctx: GradContext) -> FusedStats | None:
-        """The fused-statistics layout of the step's gradients (kept for its parameter list and grouping), or None
-        for sharded gradients (their local pieces are laid out each step)."""
+        """The fused-statistics layout of the step's gradients (kept for its parameter list, which comes with one
+        grouping), or None for sharded gradients (their local pieces are laid out each step)."""
         if ctx.sharded:
             return None
-        groups = ctx.groups()
         self.numels(ctx)  # forgets the layout when the list changed
-        if self._layout is None or groups is not self._groups:
-            self._layout, self._groups = FusedStats.of(_dtensor.locals_of(ctx.grads), groups), groups
+        if self._layout is None:
+            self._layout = FusedStats.of(_dtensor.locals_of(ctx.grads), ctx.groups())
         return self._layout

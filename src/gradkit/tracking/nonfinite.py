@@ -162,16 +162,15 @@ class NonfiniteWatch:
         self.forced: set[int] = set()  # steps logged out of turn (after a non-finite step)
 
     def attach(self, module: nn.Module | None, names: Sequence[str], params: Sequence[Tensor]) -> None:
-        """Learn the model whose gradients the locator will hook (a re-check armed before moves to the new hooks)."""
-        armed = self.locator is not None and self.locator.armed
-        if armed:
-            self.locator.disarm()  # hooks left behind would record into a locator no one reads
+        """Learn the model whose gradients the locator will hook. Attached again (a new pipeline numbers its
+        steps from 1), a re-check armed before is dropped with its hooks: they would record into a locator no
+        one reads, for a step number of the old count. The first attach keeps a loaded ``forced``."""
+        if self.locator is not None:
+            self.detach()
         self.locator = NonfiniteLocator(module, names, params)
-        if armed:
-            self.locator.arm()
 
     def detach(self) -> None:
-        """Forget the model: its hooks removed, no re-check pending (the tracker follows another model)."""
+        """Forget the model: its hooks removed, no re-check pending."""
         if self.locator is not None:
             self.locator.disarm()
         self.locator = None

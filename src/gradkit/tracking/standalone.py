@@ -32,25 +32,22 @@ class ManualTracking:
 
         Args:
             model: the module (or ``named_parameters()`` pairs); needed on the
-                first call, optional after (the same model is assumed).
+                first call, optional after (the same model is assumed). Another
+                model, or other trainable parameters, is followed as `attach`
+                follows it (a warning, and a new run header in the same log).
             items: how many items the step's batch held, for the log.
 
         Raises:
             RuntimeError: no model on the first call.
-            ValueError: the model's parameters differ from the first call's.
 
         Example:
             >>> loss.backward(); tracker.track(model); optimizer.step(); tracker.after_step()
         """
         if model is not None:
             module, names, params = _record.trainable(model)
-            if self._names is None:
+            # Another model (even one with the same names) is followed as a pipeline's would be: with a warning.
+            if self._names is None or not _record.same_params(self._names, self._params, names, params):
                 self.attach(module, names, params)
-            elif names != self._names:
-                raise ValueError(
-                    "track(model): the parameters differ from the ones this tracker was attached to; use one Tracker "
-                    "per model"
-                )
         elif self._names is None:
             raise RuntimeError("track() needs the model on its first call: tracker.track(model)")
         step = self.step + 1

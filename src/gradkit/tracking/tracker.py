@@ -8,7 +8,7 @@ on the device (clipped steps, skipped steps) and reads nothing on the host.
 
 from __future__ import annotations
 
-import operator
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from gradkit.averaging.collectives import as_timeout
 from gradkit.clipping import ClipByGlobalNorm
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
+from gradkit.tracking import record as _record
 from gradkit.tracking.alerts import Alert, AlertRules, logger
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.host_read import device_event
@@ -154,6 +155,7 @@ class Tracker(ManualTracking):
         self.step = 0
         self._names: list[str] | None = None
         self._params: list[Tensor] = []
+        self._module: weakref.ref[nn.Module] | None = None  # the module attached, to tell it from another model
         self._counters = SinceLastLog()
         self._kept = KeptShapes()  # element counts and the detail layout of the parameter list, found once
         self._pending = Pending()  # logged steps waiting for after_step (||Δw||) or for their host copies
@@ -188,18 +190,24 @@ class Tracker(ManualTracking):
     ) -> None:
         """Learn the model (at setup) and write the run header (with the clip threshold, if any).
 
-        Attached again to another model (a trainer's second ``fit`` on a new one), the tracker follows it: the
-        previous model's records still in flight are written first, under its names (so are a model's own when it is
-        attached again: its new header comes after them); the hooks it placed on the previous module are removed;
-        its noise-scale estimate, counters and alert rules' history start afresh; and one warning says that the new
-        model's records follow a new run header in the same log. Attached again to the same parameters, it says
-        nothing.
+        Attached again (a new pipeline, a trainer's second ``fit``), the tracker writes the records still in
+        flight first, under their own names, then a new run header, and numbers steps from 1 again: the counters
+        of steps not logged yet and a re-check of a non-finite step armed under the old numbering are dropped
+        (with the hooks it placed). To another model (a new one, even with the same names), it also starts its
+        noise-scale estimate and alert rules' history afresh, and one warning (on the rank that writes) says
+        that the new model's records follow the previous one's. The same module with other trainable
+        parameters (layers frozen or unfrozen) is started afresh the same way, since the global norm and the
+        noise estimate are of another sum, with a note that says so. The same parameters again: no message.
         """
         names, params = list(names), list(params)
         if self._names is not None:
             self.flush()  # the records in flight, under their own names, before the next header
-            if not _same(self._names, self._params, names, params):
-                self._follow_another(names, params)
+            if not _record.same_params(self._names, self._params, names, params):
+                self._follow_another(module, names, params)
+            # A new attach is a new pipeline (or run), whose steps start at 1: nothing of the old numbering stays.
+            self.step = 0
+            self._counters = SinceLastLog()
+        self._module = weakref.ref(module) if module is not None else None
         self._names, self._params = names, params
         thresholds = [stage.max_norm for stage in clip if isinstance(stage, ClipByGlobalNorm)]
         if thresholds and "max_norm" not in self.meta:
@@ -271,21 +279,37 @@ class Tracker(ManualTracking):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _follow_another(self, names: list[str], params: list[Tensor]) -> None:
-        """Close the previous model's part of the run (its records written) before following `names`, `params`."""
-        self._nonfinite.detach()  # its hooks on the previous module, and any re-check armed for it
+    def _follow_another(self, module: nn.Module | None, names: list[str], params: list[Tensor]) -> None:
+        """Forget what described the previous parameters (records written) before following `names`, `params`."""
         self._kept.forget()
-        self.noise = NoiseScale(self.noise.beta)  # an estimate of the previous model's gradients
-        self._counters = SinceLastLog()
-        self.rules.forget()  # running averages of the previous model's norms
-        where = f"the same log ({self.log_dir / 'tracking.jsonl'})" if self.log_dir is not None else "history"
-        logger.warning(
-            "Tracker: now following another model (%d parameter tensors, %d elements; the previous one had %d, %d "
-            "elements): its records follow a new run header in %s, after the previous model's. Use one Tracker "
-            "with its own log_dir per model to keep their runs apart.",
-            len(params), sum(p.numel() for p in params), len(self._params), sum(p.numel() for p in self._params),
-            where,
+        self.noise = NoiseScale(self.noise.beta)  # an estimate of the previous parameters' gradient
+        self.rules.forget()  # running averages of the previous parameters' norms
+        if not self.writes:
+            return  # one message per run, from the rank whose log it is about
+        sizes = (
+            len(params), sum(p.numel() for p in params), len(self._params), sum(p.numel() for p in self._params)
         )  # fmt: skip
+        if module is not None and self._module is not None and self._module() is module:
+            logger.warning(
+                "Tracker: the same model with other trainable parameters (%d parameter tensors, %d elements; before: "
+                "%d, %d elements): its records follow a new run header in %s; its noise estimate and alert history "
+                "start afresh.",
+                *sizes, f"the log ({self.log_dir / 'tracking.jsonl'})" if self.log_dir is not None else "`history`",
+            )  # fmt: skip
+        elif self.log_dir is not None:
+            logger.warning(
+                "Tracker: now following another model (%d parameter tensors, %d elements; the previous one had %d, %d "
+                "elements): its records follow a new run header in the same log (%s), after the previous model's. "
+                "Use one Tracker with its own log_dir per model to keep their runs apart.",
+                *sizes, self.log_dir / "tracking.jsonl",
+            )  # fmt: skip
+        else:
+            logger.warning(
+                "Tracker: now following another model (%d parameter tensors, %d elements; the previous one had %d, %d "
+                "elements): its records follow the previous model's in `history`. Use one Tracker per model to keep "
+                "them apart.",
+                *sizes,
+            )  # fmt: skip
 
     # -- the logging step ------------------------------------------------------------
 
@@ -342,11 +366,6 @@ class Tracker(ManualTracking):
         self._counters.load_state_dict(state)
         self._sink.alerts = alerts
         self._nonfinite.load_state_dict(state)
-
-
-def _same(names: list[str], params: list[Tensor], other_names: list[str], other_params: list[Tensor]) -> bool:
-    """Whether two parameter lists are the same parameters, by name and by tensor."""
-    return names == other_names and len(params) == len(other_params) and all(map(operator.is_, params, other_params))
 
 
 def _check_every(every: object, detail_every: object) -> tuple[int, int]:
