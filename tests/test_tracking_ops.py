@@ -508,3 +508,16 @@ def test_the_kept_layout_follows_a_parameter_list_that_changes():
         assert got.keys() == want.keys()
         for name, (numel, max_abs) in want.items():
             assert got[name][0] == numel and got[name][1] == pytest.approx(max_abs, rel=1e-6)
+
+
+def test_a_0d_gradient_after_a_1_element_one_gets_its_own_layout(monkeypatch):
+    # One element either way, but a 0-d tensor has no dimension to concatenate along: a layout cached for the
+    # 1-d one (keyed by sizes only) would send the 0-d gradient to the one-operator concatenation.
+    monkeypatch.setattr(stats.FusedStats, "_cache", {})
+    tracker = gk.Tracker(every=1, detail_every=1)
+    for value, shape in ((2.0, (1,)), (-3.0, ())):
+        param = torch.zeros(shape, requires_grad=True)
+        param.grad = torch.full(shape, value)
+        tracker.track([("w", param)])
+    tracker.close()
+    assert [r["params"]["w"]["max_abs"] for r in tracker.history] == [2.0, 3.0]

@@ -83,7 +83,7 @@ class RowStats:
         maxes, counts = [], []
         for (span, _), zeros in zip(self.batches, pads):
             # One copy: each piece followed by the zeros that fill its last row (none where it fills it whole),
-            # in one operator (`stats.concatenated`: no view of each piece made first).
+            # in one operator (`concatenated` above: no view of each piece made first).
             members = [t for pair in zip(pieces[span], zeros) for t in pair if t is not None]
             rows = concatenated(members).view(-1, ROW)
             low, high = torch.aminmax(rows, dim=1)  # NaN where the row holds one

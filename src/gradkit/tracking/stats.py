@@ -270,7 +270,8 @@ class _Segments:
         self.chunked = False
 
     def flat(self, members: list[Tensor]) -> Tensor:
-        """The members' elements in one new 1-D buffer (a view of the one member when it is alone and flat)."""
+        """The members' elements in one 1-D buffer: a new one from `concatenated` (always a copy); on the fallback
+        path (a member with no dimension or no element), a view of the one member when it is alone and flat."""
         return concatenated(members) if self.chunked else torch._C._nn.flatten_dense_tensors(members)
 
     def ids(self) -> Tensor:
