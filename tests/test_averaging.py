@@ -386,6 +386,13 @@ def different_lists(rank: int, world: int) -> dict:
     averager.after_step(params[:4] if rank == 0 else params[:5])  # step 2: no averaging, no collective
     results["more"] = refused(lambda: averager.after_step(params[:4] if rank == 0 else params[:5]))  # step 3
     results["untouched"] = all(torch.equal(p, b) for p, b in zip(params, before)) and averager.step == 2
+    # The attached list changed in place on every rank (one more parameter, another on each): no longer the
+    # list the setup checked, so it is checked again (skipped, the all-reduce would mix two shapes).
+    attached = params[:4]
+    fixed = gk.ModelAverager(1, timeout=30)
+    fixed.attach([str(i) for i in range(4)], attached, broadcast=False)
+    attached.append(params[4] if rank == 0 else params[5])
+    results["appended"] = refused(lambda: fixed.after_step(attached))
     # Equal counts, other layers frozen: rank 0 trains layers 2 and 4, rank 1 layers 0 and 4.
     frozen = params[2:] if rank == 0 else params[:2] + params[4:]
     results["other_layer"] = refused(lambda: gk.ModelAverager(1, timeout=30).average_now(frozen))
@@ -406,7 +413,7 @@ def different_lists(rank: int, world: int) -> dict:
 def test_model_averager_refuses_lists_that_differ_across_ranks_on_every_rank_before_averaging():
     for rank, result in enumerate(run_workers(different_lists, WORLD, timeout=120)):
         assert result["untouched"]  # nothing was averaged at the refused step
-        for case in ("more", "other_layer", "transposed", "dtype", "pipeline", "pipeline_average"):
+        for case in ("more", "appended", "other_layer", "transposed", "dtype", "pipeline", "pipeline_average"):
             message, seconds = result[case]
             assert seconds < 10, (case, seconds)
             if case.startswith("pipeline"):
@@ -422,6 +429,7 @@ def test_model_averager_refuses_lists_that_differ_across_ranks_on_every_rank_bef
         )
         assert "1 parameters each" in result["transposed"][0] and "between 6 and 6 entries" in result["transposed"][0]
         assert "shapes or dtypes differ" in result["dtype"][0]
+        assert "5 parameters each" in result["appended"][0]
         assert result["pipeline"][0].startswith("gk.ModelAverager") and result["pipeline_average"][0].startswith(
             "gk.Average"
         )
