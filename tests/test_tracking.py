@@ -276,9 +276,11 @@ def test_read_jsonl_counts_a_line_that_is_json_but_not_an_object(tmp_path):
     path = tmp_path / "tracking.jsonl"
     path.write_text('{"type": "run"}\n[1, 2]\n\n{"type": "step", "step": 1}\n{"type": "step", "st')
     skipped = []
-    with pytest.warns(UserWarning, match="line 2 is not a JSON object"):
+    with pytest.warns(UserWarning) as caught:
         records = read_jsonl(path, skipped=skipped)
     assert [r["type"] for r in records] == ["run", "step"] and skipped == [2, 5]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "line 2 is not a JSON object" in messages[0] and "line 5" in messages[1]
 
 
 def test_state_dict_round_trips_and_resumes_identically(tmp_path):
