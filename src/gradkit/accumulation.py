@@ -32,7 +32,7 @@ def check_num_items(num_items: object) -> Items | None:
 
     A tensor's value is not read here (that would be a host sync); the window's
     total is checked at the step, where the pipeline reads the host anyway. A tensor
-    comes back as a 0-d copy (one device op, no sync).
+    comes back as a 0-d view of the caller's.
     """
     if num_items is None:
         return None
@@ -52,9 +52,7 @@ def check_num_items(num_items: object) -> Items | None:
                 "num_items must hold a value, got a tensor on the meta device; pass the count on the loss's "
                 "device or as an int"
             )
-        # A copy, not a view: a caller that refills one count buffer for every micro-batch must not change the
-        # count of the micro-batches before (the window's total, the report, the noise probe keep theirs).
-        return num_items.detach().reshape(()).clone()
+        return num_items.detach().reshape(())
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise TypeError(
             f"num_items must be an int (the count of items the summed loss covers), got "

@@ -205,6 +205,11 @@ class GradientPipeline:
             loss, micro_steps=self.window.micro_steps, accumulation_steps=self.accumulation_steps
         )
         items = check_num_items(num_items)
+        if isinstance(items, Tensor) and self.window.micro_steps == 0:
+            # The first count is held until the boundary (the window's total, the noise probe, the report): a
+            # copy, so that a caller refilling one count buffer for each micro-batch changes none of them. Later
+            # counts are added into a new tensor at once.
+            items = items.clone()
         self.window.check_mode(items)
         _pipeline_checks.frozen(self._frozen)
         if self.window.micro_steps + 1 == self.accumulation_steps:

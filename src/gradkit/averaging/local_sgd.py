@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import zlib
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -71,9 +72,9 @@ class ModelAverager(SyncControl):
         self._group_arg = distributed.WeakGroup(group)
         self.step = 0
         self._attached = False
-        #: the list `attach` was given (the pipeline's, which it never changes) and its length: `after_step`
-        #: with that very list needs no check across ranks, the setup's covers it
-        self._fixed: tuple[Sequence[Tensor], int] | None = None
+        #: the tensors `attach` was given (the pipeline's, which it never changes): `after_step` with these
+        #: very tensors needs no check across ranks, the setup's covers it
+        self._fixed: tuple[Tensor, ...] | None = None
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -98,12 +99,11 @@ class ModelAverager(SyncControl):
         values to all (with `module`: frozen parameters and buffers too), so the replicas
         start equal; the pipeline calls it at setup.
 
-        The list `params` is taken as fixed: `after_step` given this same list object (of the
-        same length) skips the check across ranks before each averaging, which this setup check
-        covers. The pipeline passes its own list, which never changes; do not change a list
-        passed here in place (pass a new list instead, and it is checked)."""
+        The tensors of `params` are taken as fixed: `after_step` given these same tensors, in this
+        order, skips the check across ranks before each averaging, which this setup check covers
+        (the pipeline passes its own list, which never changes). Other tensors are checked."""
         self._bind(names, params, module=module, broadcast=broadcast)
-        self._fixed = (params, len(params))
+        self._fixed = tuple(params)
 
     def _bind(
         self, names: Sequence[str], params: Sequence[Tensor], *, module: nn.Module | None, broadcast: bool
@@ -116,6 +116,11 @@ class ModelAverager(SyncControl):
             else:
                 distributed.check_same_parameters(names, params, self.group, "gk.ModelAverager", self.timeout)
 
+    def _is_fixed(self, params: list[Tensor]) -> bool:
+        # Identity on the host, tensor by tensor: a list changed in place (a layer appended) is not fixed.
+        fixed = self._fixed
+        return fixed is not None and len(params) == len(fixed) and all(map(operator.is_, params, fixed))
+
     def detach(self) -> None:
         """Forget the attach: used on its own afterwards, the first `after_step` checks the ranks again,
         and every averaging is checked."""
@@ -126,15 +131,13 @@ class ModelAverager(SyncControl):
         """Count one optimizer step and average the parameters if the schedule says so.
 
         Before each averaging the ranks compare their lists (one small all-reduce, read on the host),
-        unless `params` is the very list given to `attach` (the pipeline's): that one was checked at setup.
+        unless `params` holds the very tensors given to `attach` (the pipeline's): those were checked at setup.
 
         Raises:
             ValueError: at an averaging step, on every rank, when the ranks pass different parameter
                 lists (count, shapes or dtypes); nothing is averaged or counted then.
             CollectiveError: a peer died or did not join within the timeout.
         """
-        # An identity test on the host: the pipeline passes the same list object at every step.
-        fixed = self._fixed is not None and params is self._fixed[0] and len(params) == self._fixed[1]
         params = list(params)
         if not self._attached:
             # Used on its own: the first step already ran, so only check. A list that changes later (layers
@@ -142,7 +145,7 @@ class ModelAverager(SyncControl):
             self._bind([str(i) for i in range(len(params))], params, module=None, broadcast=False)
         group = self.group
         averages = group is not None and self.averages_after(self.step + 1)
-        if averages and not fixed:
+        if averages and not self._is_fixed(params):
             self._check_same_lists(params, group, self.step + 1)
         self.step += 1
         if averages:

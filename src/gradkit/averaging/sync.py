@@ -41,14 +41,11 @@ class SyncControl:
         """Whether this control is bound to parameters by `attach` (no `detach` since).
 
         A pipeline whose constructor raises undoes only a binding it made itself: a control that
-        was already attached (another pipeline's, still in use) stays attached, but bound to the
-        failed constructor's parameter list, which its `attach` took (nothing restores the previous
-        binding). The live pipeline still averages correctly: a `gk.ModelAverager` no longer knows
-        its list as the one checked at setup, so each averaging first compares the ranks' lists (one
-        small all-reduce and one host read); a one-process `gk.Average` (the only kind that may be
-        attached twice) keeps the failed constructor's parameter names and sizes, which its
-        `load_state_dict` checks a checkpoint against. Controls that each pipeline builds for itself
-        (one process, DDP, FSDP) are never shared, and say False.
+        was already attached (another pipeline's, still in use, rebound to the same parameters by a
+        notebook cell run again) stays attached, bound to what the failed constructor gave it: the
+        same parameters, except for a one-process `gk.Average` without a compressor, which any model
+        may rebind (it then counts the failed model's dense bytes). Controls that each pipeline
+        builds for itself (one process, DDP, FSDP) are never shared, and say False.
         """
         return False
 

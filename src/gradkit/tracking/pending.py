@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import datetime
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from gradkit.context import GradContext
 from gradkit.step_report import StepReport
@@ -27,12 +26,7 @@ from gradkit.tracking.noise_scale import NoiseScale
 from gradkit.tracking.nonfinite import GradRefs
 from gradkit.tracking.stats import host_dtype
 
-__all__ = ["Logged", "Pending", "numels"]
-
-
-def numels(tensors: Sequence[Tensor]) -> list[int]:
-    """Element counts of `tensors`."""
-    return list(map(Tensor.numel, tensors))
+__all__ = ["Logged", "Pending"]
 
 
 class Logged:
