@@ -20,6 +20,8 @@ from transformers.utils import logging as hf_logging
 import gradkit as gk
 from dist_helpers import run_torchrun
 from gradkit.integrations.huggingface import GradkitCallback
+from gradkit.tracking.report import load_run
+from gradkit.tracking.writers import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 hf_logging.set_verbosity_error()
@@ -90,14 +92,29 @@ def test_clip_replaces_a_set_max_grad_norm(tmp_path):
 
 def test_one_callback_follows_a_new_model_of_the_same_shape(tmp_path):
     # A hyperparameter search (Trainer(model_init=...)) trains a fresh model of the same architecture with the
-    # same callback: its clip stage must act on the new model's gradients, not on the first model's.
-    callback = GradkitCallback(clip=gk.ClipByGlobalNorm(0.3))
+    # same callback: its clip stage must act on the new model's gradients, not on the first model's, and its
+    # tracker (closed when the first training ended) writes the second run after the first in the same log.
+    tracker = gk.Tracker(tmp_path / "run", every=1)
+    callback = GradkitCallback(tracker, clip=gk.ClipByGlobalNorm(0.3))
     first, _ = train(tmp_path, callback, max_grad_norm=0.0)
     second, _ = train(tmp_path, callback, max_grad_norm=0.0)
     reference, _ = train(tmp_path, max_grad_norm=0.3)
     assert callback.boundary.params[0] is next(second.parameters())
     for a, b in zip(reference.parameters(), second.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    lines = read_jsonl(tmp_path / "run" / "tracking.jsonl")
+    assert [(line["type"], line.get("step")) for line in lines] == 2 * [
+        ("run", None),
+        *(("step", s) for s in range(1, 7)),
+    ]
+    names = [name for name, _ in first.named_parameters()]
+    assert lines[0]["params"] == lines[7]["params"] == names == [name for name, _ in second.named_parameters()]
+    assert all(list(line["params"]) == names for line in lines if line["type"] == "step")
+    # The second run's records are of the second model, clipped by a stage that started afresh.
+    assert lines[8]["global"]["norm_pre_clip"] == pytest.approx(lines[1]["global"]["norm_pre_clip"], rel=1e-6)
+    with pytest.warns(RuntimeWarning, match="the steps start over at step 1 after step 6"):
+        header, records, _ = load_run(tmp_path / "run")
+    assert header["params"] == names and [r["step"] for r in records] == list(range(1, 7))
 
 
 def test_a_new_model_starts_the_clip_stages_afresh(tmp_path):

@@ -515,3 +515,7 @@ def test_an_average_is_attached_again_on_one_process_when_no_state_carries_over(
     gk.GradientPipeline(model, average=compressed)
     with pytest.raises(ValueError, match="already attached to a pipeline"):
         gk.GradientPipeline(other, average=compressed)
+    # The very same tensors under other names are other parameters too: a compressor's state is kept by name.
+    renamed = [(f"renamed.{name}", p) for name, p in model.named_parameters()]
+    with pytest.raises(ValueError, match="already attached to a pipeline"):
+        gk.GradientPipeline(renamed, average=compressed)

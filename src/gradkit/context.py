@@ -10,14 +10,14 @@ free instead of making another pass over every gradient.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from operator import attrgetter
+from operator import attrgetter, is_
 
 import torch
 from torch import Tensor
 
 from gradkit import _dtensor, _foreach
 
-__all__ = ["GradContext", "Attached"]
+__all__ = ["GradContext", "Attached", "same_params"]
 
 _GRAD = attrgetter("grad")
 
@@ -238,6 +238,22 @@ class Attached:
         ctx.sharded, ctx._local = False, grads
         ctx._init_cache(groups)
         return ctx
+
+
+def same_params(
+    names: Sequence[str], params: Sequence[Tensor], other_names: Sequence[str], other_params: Sequence[Tensor]
+) -> bool:
+    """Whether two parameter lists are the same parameters: the same names and the very same tensors, in order.
+
+    The one rule by which a tracker, a trainer's boundary and an Average tell a second attach to the same
+    parameters (a second ``fit``, a notebook cell run again) from another model or another trainable set
+    (a layer frozen). Identity, not values: a new model of the same shape is other parameters.
+
+    Example:
+        >>> same_params(["w"], [model.w], ["w"], [model.w])
+        True
+    """
+    return len(params) == len(other_params) and list(names) == list(other_names) and all(map(is_, params, other_params))
 
 
 def _magnitude(factor: Tensor | float, like: Tensor) -> Tensor | float:

@@ -14,7 +14,6 @@ of the bucket.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from gradkit.averaging.hierarchical import HierarchicalReducer, check_node_size,
 from gradkit.averaging.reducers import DenseReducer, Reducer
 from gradkit.averaging.sync import SyncControl
 from gradkit.compression.base import Compressor
+from gradkit.context import same_params
 
 __all__ = ["Average"]
 
@@ -176,7 +176,7 @@ class Average(SyncControl):
         sparse: Collection[str] = (),
         module: nn.Module | None = None,
     ) -> None:
-        if self._names and not self._rebinds(params):
+        if self._names and not self._rebinds(names, params):
             raise ValueError("this gk.Average is already attached to a pipeline; build one Average per pipeline")
         self._group = distributed.WeakGroup(distributed.resolve_group(self._group_arg(), "gk.Average"))
         self.world_size = distributed.world_size(self.group)
@@ -223,15 +223,14 @@ class Average(SyncControl):
         # see whether every gradient is still None (then one hook per bucket will do).
         self._schedule.prime()
 
-    def _rebinds(self, params: Sequence[Tensor]) -> bool:
+    def _rebinds(self, names: Sequence[str], params: Sequence[Tensor]) -> bool:
         """Whether a second attach may take over from the first: on one process, where nothing is shared with
-        other ranks, when no compressor state would carry over (no compressor, or the very same parameters, as when
-        a notebook cell builds the pipeline again). A second pipeline's parameters would share the compressor's
-        state, and across processes the buckets and hooks are the first pipeline's."""
+        other ranks, when no compressor state would carry over (no compressor, or the same parameters by
+        `context.same_params`, as when a notebook cell builds the pipeline again). A second pipeline's parameters
+        would share the compressor's state, and across processes the buckets and hooks are the first pipeline's."""
         if self.world_size > 1:
             return False
-        bound = self.reducer.params  # bound by the first attach
-        return self.compressor is None or (len(bound) == len(params) and all(map(operator.is_, bound, params)))
+        return self.compressor is None or same_params(self.reducer.names, self.reducer.params, names, params)
 
     def global_items(self, items: Items) -> Items:
         if self.group is None:

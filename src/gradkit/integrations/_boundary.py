@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from gradkit._scalars import on_device
 from gradkit.clipping import ClipStage
-from gradkit.context import GradContext
+from gradkit.context import Attached, GradContext, same_params
 from gradkit.step_report import StepReport
 
 __all__ = ["Boundary", "check_clip", "check_tracker", "layer_group"]
@@ -82,21 +81,31 @@ class Boundary:
     def __init__(self, tracker: Any = None, clip: Any = None) -> None:
         self.clip = check_clip(clip)
         self.tracker = check_tracker(tracker)
-        # Each stage's state as given: a new model starts its clip stages from it (no other model's history).
+        # Each stage's state as given: other parameters start their clip stages from it (no other sum's history).
         self._initial = [copy.deepcopy(stage.state_dict()) for stage in self.clip]
-        self._module: weakref.ref[nn.Module] | None = None
-        self.names: list[str] = []
-        self.params: list[Tensor] = []
+        self._attached: Attached | None = None  # the parameters, with what each step's context needs found once
         self.last: StepReport | None = None
         self._ctx: GradContext | None = None
         self._logged = 0  # tracker records already turned into trainer log scalars
 
-    def attach(self, module: nn.Module) -> None:
-        """Learn the trainable parameters of `module` (its unwrapped form) and attach the tracker once.
+    @property
+    def names(self) -> list[str]:
+        """The names of the trainable parameters attached (empty before `attach`)."""
+        return self._attached.names if self._attached is not None else []
 
-        Attached to another module than the previous one (a new model, e.g. a hyperparameter search's next
-        trial), the clip stages go back to their state when this boundary was built, so that one model's
-        clipping does not depend on the previous model's norms; the same module again keeps their state.
+    @property
+    def params(self) -> list[Tensor]:
+        """The trainable parameters attached (empty before `attach`)."""
+        return self._attached.params if self._attached is not None else []
+
+    def attach(self, module: nn.Module) -> None:
+        """Learn the trainable parameters of `module` (its unwrapped form) and attach the tracker.
+
+        Attached to other parameters than before (a new model, e.g. a hyperparameter search's next trial, or the
+        same model with a layer frozen or unfrozen: `context.same_params`), the clip stages go back to their state
+        when this boundary was built, since the norms they followed were of another sum; the same parameters
+        again (a second ``fit`` or ``train()`` of the same model) keep it. The tracker is attached every time: it
+        writes a new run header and numbers steps from 1 again, as the trainer does.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"the model must be an nn.Module, got {type(module).__name__}")
@@ -105,16 +114,13 @@ class Boundary:
         ):
             module = module.module
         pairs = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        if [n for n, _ in pairs] == self.names and all(p is q for (_, p), q in zip(pairs, self.params)):
-            return  # a second fit / train() call on the same model; a new model of the same shape is followed
-        if self._module is not None and self._module() is not module:
-            # Another model (a hyperparameter search's next trial): the stages' norm history is the previous
-            # model's, so they start again from their state at construction. The same module with other
-            # trainable parameters keeps it (its gradients go on).
-            for stage, state in zip(self.clip, self._initial):
-                stage.load_state_dict(copy.deepcopy(state))
-        self._module = weakref.ref(module)
-        self.names, self.params = [n for n, _ in pairs], [p for _, p in pairs]
+        names, params = [n for n, _ in pairs], [p for _, p in pairs]
+        if not same_params(self.names, self.params, names, params):
+            attached = Attached(names, params)
+            if self._attached is not None:  # the stages' history is of another sum of norms
+                for stage, state in zip(self.clip, self._initial):
+                    stage.load_state_dict(copy.deepcopy(state))
+            self._attached = attached
         if self.tracker is not None and callable(getattr(self.tracker, "attach", None)):
             self.tracker.attach(module, self.names, self.params, clip=self.clip)
 
@@ -134,9 +140,9 @@ class Boundary:
         Returns:
             The step's report (tensors; no host read here).
         """
-        if not self.params:
+        if self._attached is None or not self.params:
             raise RuntimeError("the boundary is not attached to a model; call attach(model) before the first step")
-        ctx = GradContext(self.names, self.params)
+        ctx = self._attached.context()  # type: ignore[union-attr]
         total = ctx.total_norm()
         ctx.pre_clip_norms = ctx.norms() if len(ctx) else None  # stages replace, never mutate, the cache
         if pre_clip is not None:

@@ -7,10 +7,10 @@ enforces it on assignment). Finding them anew each step reads every tensor (hund
 calls at GPT-2's 148 tensors, and a lookup key as long as the list), so they are kept for the parameter
 list a step comes with and found again only when another list comes.
 
-"Another list" is decided by identity, which costs nothing per tensor: a pipeline hands every full step
-the same list object, with the grouping of its first full step kept for as long as the pipeline lives
-(`context.Attached`: one list, one grouping), while a step with some gradients missing (a layer frozen,
-then unfrozen), a new pipeline and a call by hand (`Tracker.track`) each come with a list of their own,
+"Another list" is decided by identity, which costs nothing per tensor: a pipeline, the trainers' callbacks
+and `Tracker.track` hand every full step the same list object, with the grouping of its first full step kept
+for as long as they stay attached (`context.Attached`: one list, one grouping), while a step with some
+gradients missing (a layer frozen, then unfrozen) and a new attach each come with a list of their own,
 measured then. So the layout is kept per list: one list never comes with another grouping. Sharded
 parameters (their local pieces change shape with the mesh) are never kept.
 """

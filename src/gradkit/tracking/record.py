@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -265,11 +264,6 @@ def trainable(model: nn.Module | Sequence[tuple[str, Tensor]]) -> tuple[nn.Modul
     pairs = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
     kept = [(n, p) for n, p in pairs if p.requires_grad]
     return (model if isinstance(model, nn.Module) else None), [n for n, _ in kept], [p for _, p in kept]
-
-
-def same_params(names: list[str], params: list[Tensor], other_names: list[str], other_params: list[Tensor]) -> bool:
-    """Whether two parameter lists are the same parameters, by name and by tensor."""
-    return names == other_names and len(params) == len(other_params) and all(map(operator.is_, params, other_params))
 
 
 def histograms(ctx: GradContext, flight: InFlight, bins: int) -> dict[str, dict]:

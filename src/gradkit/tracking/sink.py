@@ -59,7 +59,9 @@ class RecordSink:
         loud: bool,
         keep: int | None = None,
     ) -> None:
+        self._writer_names, self._log_dir = tuple(writer_names), log_dir
         self.writers = make_writers(writer_names, log_dir)
+        self._closed = False
         self.rules, self.nonfinite, self.loud = rules, nonfinite, loud
         self._history: list[dict[str, Any]] = []
         self._unread: list[StepRecord] = []  # records not yet made dicts: that waits until `history` is read
@@ -150,7 +152,14 @@ class RecordSink:
         self._alerts.extend(alerts)
 
     def start_run(self, names: list[str], *, every: int, meta: dict[str, Any]) -> None:
-        """Write the run header: the parameters and modules tracked, the logging period and the run's settings."""
+        """Write the run header: the parameters and modules tracked, the logging period and the run's settings.
+
+        After `close` (a trainer's callback closes the tracker when a training ends, and the next training attaches
+        it again) the writers open again, appending: the new run's header and records follow the previous run's.
+        """
+        if self._closed:
+            self.writers = make_writers(self._writer_names, self._log_dir)  # the JSONL file opens in append mode
+            self._closed = False
         modules = Layout.of(names).modules
         self.header({"type": "run", "schema": SCHEMA, "version": __version__, "time": time.time(), "every": every,
                      "params": names, "modules": modules, "meta": meta})  # fmt: skip
@@ -170,10 +179,11 @@ class RecordSink:
         return any(not hasattr(writer, "path") for writer in self.writers)
 
     def close(self) -> None:
-        """Close every writer (records written later go to history only)."""
+        """Close every writer (records written later go to history only, until `start_run` opens them again)."""
         for writer in self.writers:
             writer.close()
         self.writers = []
+        self._closed = True
 
 
 def _maybe_nonfinite(params: Entries) -> bool:

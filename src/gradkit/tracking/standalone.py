@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from gradkit.context import GradContext
+from gradkit.context import same_params
 from gradkit.tracking import record as _record
 
 __all__ = ["ManualTracking"]
@@ -46,7 +46,7 @@ class ManualTracking:
         if model is not None:
             module, names, params = _record.trainable(model)
             # Another model (even one with the same names) is followed as a pipeline's would be: with a warning.
-            if self._names is None or not _record.same_params(self._names, self._params, names, params):
+            if self._names is None or not same_params(self._names, self._params, names, params):
                 self.attach(module, names, params)
         elif self._names is None:
             raise RuntimeError("track() needs the model on its first call: tracker.track(model)")
@@ -56,7 +56,7 @@ class ManualTracking:
             self._counters.since += 1
             self._drain()
             return
-        ctx = GradContext(self._names, self._params)
+        ctx = self._attached.context()  # one list for every step: its element counts and layout are kept
         self.observe(ctx, _record.standalone_report(ctx, step, items))
 
     def locate_nonfinite(self, closure: Callable[[], Tensor]) -> str | None:

@@ -21,9 +21,8 @@ from gradkit import _checks
 from gradkit._stateful import load_all_or_nothing
 from gradkit.averaging.collectives import as_timeout
 from gradkit.clipping import ClipByGlobalNorm
-from gradkit.context import GradContext
+from gradkit.context import Attached, GradContext, same_params
 from gradkit.step_report import StepReport
-from gradkit.tracking import record as _record
 from gradkit.tracking.alerts import Alert, AlertRules, logger
 from gradkit.tracking.counters import SinceLastLog
 from gradkit.tracking.host_read import device_event
@@ -156,6 +155,7 @@ class Tracker(ManualTracking):
         self._names: list[str] | None = None
         self._params: list[Tensor] = []
         self._module: weakref.ref[nn.Module] | None = None  # the module attached, to tell it from another model
+        self._attached: Attached | None = None
         self._counters = SinceLastLog()
         self._kept = KeptShapes()  # element counts and the detail layout of the parameter list, found once
         self._pending = Pending()  # logged steps waiting for after_step (||Δw||) or for their host copies
@@ -197,18 +197,22 @@ class Tracker(ManualTracking):
         noise-scale estimate and alert rules' history afresh, and one warning (on the rank that writes) says
         that the new model's records follow the previous one's. The same module with other trainable
         parameters (layers frozen or unfrozen) is started afresh the same way, since the global norm and the
-        noise estimate are of another sum, with a note that says so. The same parameters again: no message.
+        noise estimate are of another sum, with a note that says so. The same parameters again
+        (`context.same_params`): no message. A closed tracker (a trainer's callback closes it when a training
+        ends) opens its writers again, appending: the new run header and records follow in the same files.
         """
-        names, params = list(names), list(params)
+        attached = Attached(names, params)  # checks the list (before any state changes)
+        names, params = attached.names, attached.params
         if self._names is not None:
             self.flush()  # the records in flight, under their own names, before the next header
-            if not _record.same_params(self._names, self._params, names, params):
+            if not same_params(self._names, self._params, names, params):
                 self._follow_another(module, names, params)
             # A new attach is a new pipeline (or run), whose steps start at 1: nothing of the old numbering stays.
             self.step = 0
             self._counters = SinceLastLog()
         self._module = weakref.ref(module) if module is not None else None
         self._names, self._params = names, params
+        self._attached = attached  # track()'s contexts: the same list every step, so what is kept stays kept
         thresholds = [stage.max_norm for stage in clip if isinstance(stage, ClipByGlobalNorm)]
         if thresholds and "max_norm" not in self.meta:
             self.meta["max_norm"] = min(thresholds)  # the report draws it as the clip line
@@ -286,30 +290,20 @@ class Tracker(ManualTracking):
         self.rules.forget()  # running averages of the previous parameters' norms
         if not self.writes:
             return  # one message per run, from the rank whose log it is about
-        sizes = (
-            len(params), sum(p.numel() for p in params), len(self._params), sum(p.numel() for p in self._params)
-        )  # fmt: skip
-        if module is not None and self._module is not None and self._module() is module:
-            logger.warning(
-                "Tracker: the same model with other trainable parameters (%d parameter tensors, %d elements; before: "
-                "%d, %d elements): its records follow a new run header in %s; its noise estimate and alert history "
-                "start afresh.",
-                *sizes, f"the log ({self.log_dir / 'tracking.jsonl'})" if self.log_dir is not None else "`history`",
-            )  # fmt: skip
-        elif self.log_dir is not None:
-            logger.warning(
-                "Tracker: now following another model (%d parameter tensors, %d elements; the previous one had %d, %d "
-                "elements): its records follow a new run header in the same log (%s), after the previous model's. "
-                "Use one Tracker with its own log_dir per model to keep their runs apart.",
-                *sizes, self.log_dir / "tracking.jsonl",
-            )  # fmt: skip
+        # Layers frozen or unfrozen: one model's run goes on, so no advice to keep runs apart.
+        same_module = module is not None and self._module is not None and self._module() is module
+        what = "the same model with other trainable parameters" if same_module else "another model"
+        if self.log_dir is not None:
+            where = f"a new run header in the same log ({self.log_dir / 'tracking.jsonl'}), after the previous ones"
+            advice = " Use one Tracker with its own log_dir per model to keep their runs apart."
         else:
-            logger.warning(
-                "Tracker: now following another model (%d parameter tensors, %d elements; the previous one had %d, %d "
-                "elements): its records follow the previous model's in `history`. Use one Tracker per model to keep "
-                "them apart.",
-                *sizes,
-            )  # fmt: skip
+            where, advice = "the previous ones in `history`", " Use one Tracker per model to keep them apart."
+        logger.warning(
+            "Tracker: now following %s (%d parameter tensors, %d elements; before: %d, %d elements): its records "
+            "follow %s; its noise estimate and alert history start afresh.%s",
+            what, len(params), sum(p.numel() for p in params), len(self._params), sum(p.numel() for p in self._params),
+            where, "" if same_module else advice,
+        )  # fmt: skip
 
     # -- the logging step ------------------------------------------------------------
 
