@@ -104,3 +104,34 @@ def test_track_measures_its_parameter_list_once(measured):
     tracker.close()
     assert len(tracker.history) == 5
     assert measured == [10]
+
+
+def test_a_model_converted_in_place_between_trainings_or_tracked_steps_is_grouped_anew():
+    # model.double() (or .cuda(), a trainer's .cpu()) keeps the parameter objects: the same parameters, whose
+    # gradients now have another dtype. The boundary and track() must measure them as they are.
+    def reference(model):
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in model.parameters()])))
+
+    for via_track in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        boundary, tracker = Boundary(gk.Tracker(every=1), gk.ClipByGlobalNorm(1e3)), gk.Tracker(every=1)
+        seen, expected = [], []
+        for dtype in (torch.float32, torch.float64):
+            model.to(dtype)
+            if not via_track:
+                boundary.attach(model)
+            for step in (1, 2):
+                model(torch.randn(3, 4, dtype=dtype)).square().mean().backward()
+                expected.append(reference(model))
+                if via_track:
+                    tracker.track(model)
+                    tracker.after_step()
+                else:
+                    seen.append(float(boundary.before_step(step=step, micro_steps=1, items=1).total_norm))
+                    boundary.after_step()
+                model.zero_grad()
+        if via_track:
+            tracker.flush()
+            seen = [record["global"]["norm_pre_clip"] for record in tracker.history]
+        assert seen == pytest.approx(expected, rel=1e-6), via_track

@@ -20,6 +20,7 @@ from gradkit import _dtensor, _foreach
 __all__ = ["GradContext", "Attached", "same_params"]
 
 _GRAD = attrgetter("grad")
+_KIND = attrgetter("device", "dtype")
 
 
 class GradContext:
@@ -220,6 +221,13 @@ class Attached:
         self.names, self.params = list(names), list(params)
         self.sharded = _dtensor.any_dtensor(self.params)
         self._groups: _foreach.Groups | None = None
+        self._kinds = tuple(map(_KIND, self.params))
+
+    def moved(self) -> bool:
+        """Whether a parameter changed device or dtype since this was made (a model converted in place:
+        ``model.double()``, ``model.cuda()``, which keep the parameter objects): the grouping kept for the
+        gradients then no longer holds, and a new `Attached` is needed. One pass over the parameters."""
+        return tuple(map(_KIND, self.params)) != self._kinds
 
     def context(self) -> GradContext:
         """The context of the gradients the parameters hold now."""

@@ -115,12 +115,12 @@ class Boundary:
             module = module.module
         pairs = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         names, params = [n for n, _ in pairs], [p for _, p in pairs]
-        if not same_params(self.names, self.params, names, params):
-            attached = Attached(names, params)
-            if self._attached is not None:  # the stages' history is of another sum of norms
-                for stage, state in zip(self.clip, self._initial):
-                    stage.load_state_dict(copy.deepcopy(state))
-            self._attached = attached
+        if self._attached is not None and not same_params(self.names, self.params, names, params):
+            for stage, state in zip(self.clip, self._initial):  # the stages' history is of another sum of norms
+                stage.load_state_dict(copy.deepcopy(state))
+        # Made anew on every attach (once a training): the same parameters may have moved to another device
+        # or dtype since the last one (``model.double()``, a trainer's ``.cpu()``), and the grouping with them.
+        self._attached = Attached(names, params)
         if self.tracker is not None and callable(getattr(self.tracker, "attach", None)):
             self.tracker.attach(module, self.names, self.params, clip=self.clip)
 

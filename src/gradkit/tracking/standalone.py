@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from gradkit.context import same_params
+from gradkit.context import Attached, same_params
 from gradkit.tracking import record as _record
 
 __all__ = ["ManualTracking"]
@@ -56,6 +56,8 @@ class ManualTracking:
             self._counters.since += 1
             self._drain()
             return
+        if self._attached.moved():  # converted in place since (model.double(), .cuda()): group its gradients anew
+            self._attached = Attached(self._attached.names, self._attached.params)
         ctx = self._attached.context()  # one list for every step: its element counts and layout are kept
         self.observe(ctx, _record.standalone_report(ctx, step, items))
 
