@@ -135,3 +135,21 @@ def test_a_model_converted_in_place_between_trainings_or_tracked_steps_is_groupe
             tracker.flush()
             seen = [record["global"]["norm_pre_clip"] for record in tracker.history]
         assert seen == pytest.approx(expected, rel=1e-6), via_track
+
+
+def test_trainer_scalars_come_from_every_new_record_with_a_bounded_history():
+    # Tracker(history=2) keeps two records in memory: the trainer's log scalars must not stop at the third step.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    boundary = Boundary(gk.Tracker(every=1, history=2))
+    boundary.attach(model)
+    fresh = []
+    for step in range(1, 6):
+        model(torch.randn(3, 4)).square().mean().backward()
+        boundary.before_step(step=step, micro_steps=1, items=1)
+        boundary.after_step()
+        model.zero_grad()
+        boundary.tracker.flush()
+        fresh.append(bool(boundary.new_scalars()))
+        fresh.append(bool(boundary.new_scalars()))  # nothing new since the call before
+    assert fresh == [True, False] * 5

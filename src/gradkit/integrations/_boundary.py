@@ -86,7 +86,7 @@ class Boundary:
         self._attached: Attached | None = None  # the parameters, with what each step's context needs found once
         self.last: StepReport | None = None
         self._ctx: GradContext | None = None
-        self._logged = 0  # tracker records already turned into trainer log scalars
+        self._logged: tuple = (None, None)  # (step, time) of the record last turned into trainer log scalars
 
     @property
     def names(self) -> list[str]:
@@ -177,10 +177,12 @@ class Boundary:
         """Scalars of the tracker records logged since the last call (the latest one wins): the
         pre-clip gradient norm per layer group, the clip rate and the alert count."""
         history: Sequence[dict] = getattr(self.tracker, "history", None) or []
-        if len(history) <= self._logged:
+        # The newest record, told by its step and time (a history kept to its last N records stays N long,
+        # and a second training numbers its steps from 1 again).
+        record = history[-1] if history else None
+        if record is None or (record.get("step"), record.get("time")) == self._logged:
             return {}
-        self._logged = len(history)
-        record = history[-1]
+        self._logged = (record.get("step"), record.get("time"))
         groups: dict[str, float] = {}
         for module, entry in record.get("modules", {}).items():
             norm = entry.get("norm_pre_clip")
