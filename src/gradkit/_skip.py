@@ -209,19 +209,16 @@ def read_flags(
     # leaving a gradient None is a host decision. Tensor item counts ride along.
     # The norm itself is read, not an isfinite flag: its finiteness is decided on the host,
     # which spares the flag's operations (and, alone, the concatenation too).
-    if not isinstance(global_items, Tensor) and not isinstance(local_items, Tensor) and missing is None:
-        own = local_items is None or local_items > 0
-        return math.isfinite(total_norm.item()), True, own, []
     device = total_norm.device
-    # Concatenated, the flags take the norm's floating dtype: 1.0 and 0.0 read as True and False.
-    flags = [total_norm.reshape(1)]
+    flags = []
     if isinstance(global_items, Tensor):
         flags.append((global_items.to(device) > 0).reshape(1))
     if isinstance(local_items, Tensor):
         flags.append((local_items.to(device) > 0).reshape(1))
     if missing is not None:
         flags.append(missing[1].to(device).reshape(-1) == 0)
-    read = torch.cat(flags).tolist()
+    # Concatenated, the flags take the norm's floating dtype: 1.0 and 0.0 read as True and False.
+    read = torch.cat([total_norm.reshape(1), *flags]).tolist() if flags else [total_norm.item()]
     finite = math.isfinite(read.pop(0))
     counted = bool(read.pop(0)) if isinstance(global_items, Tensor) else True
     own = bool(read.pop(0)) if isinstance(local_items, Tensor) else local_items is None or local_items > 0

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gradkit import _dtensor, _foreach
 
-__all__ = ["GradContext", "Attached", "same_params"]
+__all__ = ["GradContext", "Attached", "same_params", "same_tensors"]
 
 _GRAD = attrgetter("grad")
 _KIND = attrgetter("device", "dtype")
@@ -261,7 +261,12 @@ def same_params(
         >>> same_params(["w"], [model.w], ["w"], [model.w])
         True
     """
-    return len(params) == len(other_params) and list(names) == list(other_names) and all(map(is_, params, other_params))
+    return list(names) == list(other_names) and same_tensors(params, other_params)
+
+
+def same_tensors(params: Sequence[Tensor], other_params: Sequence[Tensor]) -> bool:
+    """Whether two lists hold the very same tensors, in order (identity on the host, no tensor read)."""
+    return len(params) == len(other_params) and all(map(is_, params, other_params))
 
 
 def _magnitude(factor: Tensor | float, like: Tensor) -> Tensor | float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 import zlib
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -15,6 +14,7 @@ from gradkit import _checks, distributed
 from gradkit._scalars import from_host
 from gradkit.averaging.collectives import as_timeout, replicate, sum_flat_
 from gradkit.averaging.sync import SyncControl
+from gradkit.context import same_tensors
 
 __all__ = ["ModelAverager"]
 
@@ -118,8 +118,7 @@ class ModelAverager(SyncControl):
 
     def _is_fixed(self, params: list[Tensor]) -> bool:
         # Identity on the host, tensor by tensor: a list changed in place (a layer appended) is not fixed.
-        fixed = self._fixed
-        return fixed is not None and len(params) == len(fixed) and all(map(operator.is_, params, fixed))
+        return self._fixed is not None and same_tensors(params, self._fixed)
 
     def detach(self) -> None:
         """Forget the attach: used on its own afterwards, the first `after_step` checks the ranks again,

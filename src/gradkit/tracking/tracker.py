@@ -152,9 +152,8 @@ class Tracker(ManualTracking):
         )  # fmt: skip
         #: the last optimizer step observed
         self.step = 0
-        self._names: list[str] | None = None
-        self._params: list[Tensor] = []
         self._module: weakref.ref[nn.Module] | None = None  # the module attached, to tell it from another model
+        #: the parameters attached, with what each `track()` context needs found once (None before `attach`)
         self._attached: Attached | None = None
         self._counters = SinceLastLog()
         self._kept = KeptShapes()  # element counts and the detail layout of the parameter list, found once
@@ -211,13 +210,22 @@ class Tracker(ManualTracking):
             self.step = 0
             self._counters = SinceLastLog()
         self._module = weakref.ref(module) if module is not None else None
-        self._names, self._params = names, params
         self._attached = attached  # track()'s contexts: the same list every step, so what is kept stays kept
         thresholds = [stage.max_norm for stage in clip if isinstance(stage, ClipByGlobalNorm)]
         if thresholds and "max_norm" not in self.meta:
             self.meta["max_norm"] = min(thresholds)  # the report draws it as the clip line
-        self._nonfinite.attach(module, self._names, self._params)
-        self._sink.start_run(self._names, every=self.every, meta=self.meta)
+        self._nonfinite.attach(module, names, params)
+        self._sink.start_run(names, every=self.every, meta=self.meta)
+
+    @property
+    def _names(self) -> list[str] | None:
+        """The names of the parameters attached (None before `attach`)."""
+        return self._attached.names if self._attached is not None else None
+
+    @property
+    def _params(self) -> list[Tensor]:
+        """The parameters attached (empty before `attach`)."""
+        return self._attached.params if self._attached is not None else []
 
     def wants(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based) is a logging step.
