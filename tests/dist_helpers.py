@@ -180,18 +180,21 @@ def _record_failure(folder: str, rank: int) -> None:
 # while the interpreter finalizes is ended by CPython (pthread_exit) inside that C++ destructor:
 # std::terminate. It can only happen where the group's threads outlive destroy_process_group(), i.e.
 # something else still holds the group: torch's FSDP2 (even once the model is freed) and DDP inside the
-# HF Trainer do. Where only gradkit holds it (examples/averaging.py, the `gradkit train`/`demo`
+# HF Trainer and Lightning do. Where only gradkit holds it (examples/averaging.py, the `gradkit train`/`demo`
 # workers), destroy_process_group() joins gloo's worker threads, and averaging.py never aborted (0 of 60
 # runs, against 1 of 60 for fsdp.py, on the loaded 2-core machine). A script cannot end the threads of a
 # group torch still holds short of os._exit, so the FSDP and Trainer runs keep this one rerun.
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
-def run_torchrun(command: list[str], *, timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run a torchrun command; once more if it failed only by gloo's abort at exit (see GLOO_EXIT_ABORT).
+def run_torchrun(
+    command: list[str], *, timeout: float, env: dict[str, str], cwd: str | Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run a multi-process command (torchrun, or a trainer that starts its own ranks); once more if it
+    failed only by gloo's abort at exit (see GLOO_EXIT_ABORT).
 
     A second failure, or any other failure, is returned as it is for the caller to assert on."""
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if done.returncode != 0 and GLOO_EXIT_ABORT in done.stderr:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     return done

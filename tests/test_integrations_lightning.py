@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ pytest.importorskip("lightning")
 import lightning as L
 
 import gradkit as gk
+from dist_helpers import run_torchrun
 from gradkit.integrations.lightning import GradkitCallback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,8 @@ def test_bad_tracker_is_a_clear_error():
 
 def _run(*args: str, timeout: float = 240) -> str:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    # Lightning's DDP holds the gloo group past destroy_process_group(): see dist_helpers.GLOO_EXIT_ABORT.
+    done = run_torchrun([sys.executable, *args], timeout=timeout, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -162,6 +163,9 @@ def _ddp_main(devices: int) -> None:
         print(f"{mode} rank {rank}: {sum(p.double().sum().item() for p in model.parameters()):.12f}", flush=True)
     if rank == 0:
         print(f"tracked steps {len(tracker.history)}", flush=True)
+    if torch.distributed.is_initialized():  # Lightning leaves its group up; taken down in order, gloo exits cleanly
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
