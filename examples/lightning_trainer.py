@@ -37,6 +37,3 @@ trainer = L.Trainer(max_steps=args.steps, accumulate_grad_batches=2, accelerator
 trainer.fit(model := Regression(), torch.utils.data.DataLoader(data, batch_size=16))
 checksum = sum(p.double().sum().item() for p in model.parameters())
 print(f"rank {trainer.global_rank}: done, loss {trainer.callback_metrics['train_loss']:.4f}, checksum {checksum:.6f}")
-if torch.distributed.is_initialized():  # Lightning leaves its group up; taken down in order, gloo exits cleanly
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
