@@ -14,7 +14,8 @@ from torch import nn
 
 import gradkit as gk
 from gradkit.cli import main
-from gradkit.tracking.report import SECTIONS, build_report
+from gradkit.tracking.report import SECTIONS, build_report, load_run
+from gradkit.tracking.writers import read_jsonl
 
 
 def tracked_run(log_dir, writers=("jsonl",), steps=12, accumulation_steps=2, every=2, depth=1):
@@ -133,6 +134,24 @@ def test_a_run_started_afresh_in_an_old_log_is_said_and_a_resumed_one_is_not(tmp
     assert main(["report", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert err.startswith("gradkit report: warning: ") and "give each run its own log_dir" in err
+
+
+def test_the_latest_run_alone_is_read_with_its_resumes(tmp_path):
+    # Three runs in one log: 1..6, then 1..2 afresh, then 1..4 afresh and resumed at step 4 (a resume goes on from
+    # its checkpoint's step). The report reads the third run, its resume included, and none of the others' steps.
+    tracked_run(tmp_path, steps=6, accumulation_steps=1)
+    tracked_run(tmp_path, steps=2, accumulation_steps=1)
+    tracked_run(tmp_path, steps=4, accumulation_steps=1)
+    log = tmp_path / "tracking.jsonl"
+    lines = read_jsonl(log)
+    header, last = lines[-4], lines[-1]  # the third run: header, steps 1, 2, 4
+    assert (header["type"], last["step"]) == ("run", 4)
+    with log.open("a") as file:
+        file.write(json.dumps(header) + "\n" + json.dumps({**last, "step": 6}) + "\n")
+    with pytest.warns(RuntimeWarning, match="start over at step 1 after step 2") as said:
+        got_header, records, _ = load_run(tmp_path)
+    assert len(said) == 1
+    assert got_header == header and records == [*lines[-3:], {**last, "step": 6}]
 
 
 def section(page: str, sid: str) -> str:

@@ -47,7 +47,9 @@ def load_run(
     """(header, step records sorted by step, alerts) of the run in `run_dir`.
 
     A resumed run appends to the same log; a step logged twice keeps its latest record. A run started afresh in
-    an old log (its steps start over at 1) gives a RuntimeWarning: the records of the two runs would mix.
+    an old log (its steps start over at 1: a script run again, a trainer's second training) is the one read, from
+    its run header on, with a RuntimeWarning that names the earlier run's last step (the two runs' records would
+    otherwise mix, one step's record from each).
     Unreadable lines (a run stopped mid-write) are skipped with a UserWarning each; `skipped`, if given, has
     their line numbers appended (also when this raises).
 
@@ -64,12 +66,13 @@ def load_run(
             "writers=('jsonl', ...)) run"
         )
     records = read_jsonl(log, skipped=skipped)
-    restarted = _restarted_after(records)
+    restarted, start = _latest_run(records)
     if restarted:  # RuntimeWarning: not an unreadable line (the page counts those, UserWarning)
+        records = records[start:]
         warnings.warn(
             f"{str(log)!r}: the steps start over at step 1 after step {restarted}: the log holds a run that started "
-            "afresh in the same log_dir (a script run again?), and the report keeps each step's latest record, "
-            "which mixes the runs; give each run its own log_dir",
+            "afresh in the same log_dir (a script run again, or a trainer's next training); only the latest run, "
+            "from its run header on, is read; give each run its own log_dir to keep every run's report",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -165,18 +168,20 @@ def _pass_on(caught: list) -> None:
         )
 
 
-def _restarted_after(records: list[dict[str, Any]]) -> int | None:
-    """The last step logged before a run header whose first step is 1 (a run started afresh in an old log), or
-    None. A resumed run goes on from its checkpoint's step, so its steps do not start over."""
-    highest, fresh = 0, False
-    for record in records:
+def _latest_run(records: list[dict[str, Any]]) -> tuple[int | None, int]:
+    """Where the latest run started afresh in an old log: (the last step logged before it, the index of its run
+    header), or (None, 0) if no run did. A run started afresh is a run header whose first step is 1; a resumed
+    run goes on from its checkpoint's step, so its steps do not start over and its records stay with the run's."""
+    restarted, start = None, 0
+    highest, header = 0, None
+    for index, record in enumerate(records):
         if record.get("type") == "run":
-            fresh = True
+            header = index if header is None else header  # the first header of a run (a resume may add more)
         elif record.get("type") == "step" and isinstance(record.get("step"), int):
-            if fresh and record["step"] == 1 and highest > 1:
-                return highest
-            fresh, highest = False, max(highest, record["step"])
-    return None
+            if header is not None and record["step"] == 1 and highest > 1:
+                restarted, start, highest = highest, header, 0
+            header, highest = None, max(highest, record["step"])
+    return restarted, start
 
 
 _GLYPH = re.compile(r"Glyph (\d+) .*missing from (?:current )?font\(s\) (.*?)\.?$")
