@@ -73,6 +73,40 @@ def test_tracking_changes_nothing_and_matches_the_trainer_norm(tmp_path, precisi
     assert trainer.state.log_history[0]["gradkit/grad_norm"] == pytest.approx(logged[0], rel=1e-5)
 
 
+def test_a_training_that_raised_gives_max_grad_norm_back_on_the_next(tmp_path):
+    # The Trainer calls on_train_end only when training ends well: after an error (an OOM, a KeyboardInterrupt in
+    # a notebook) the retry must still clip at the user's max_grad_norm, and give it back at its end.
+    from transformers import TrainerCallback
+
+    class FailsOnce(TrainerCallback):
+        def __init__(self) -> None:
+            self.armed = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.armed and state.global_step == 2:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    def fail_then_retry(*callbacks):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+        args = TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                 max_steps=4, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                                 disable_tqdm=True, max_grad_norm=0.05)  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=tokens(), callbacks=[*callbacks, FailsOnce()])
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+        trainer.train()  # the retry, on the weights the failed run left
+        return model, args
+
+    reference, _ = fail_then_retry()
+    tracker = gk.Tracker(None, every=1)
+    tracked, args = fail_then_retry(GradkitCallback(tracker))
+    assert args.max_grad_norm == 0.05  # given back after the retry
+    assert all(r["global"]["clip_coef"] < 1 for r in tracker.history[-4:])  # the retry's steps were clipped ...
+    assert same(reference, tracked)  # ... as the Trainer alone clips them: bit-identical
+
+
 def test_gradkit_clipping_equals_the_trainer_max_grad_norm(tmp_path):
     reference, _ = train(tmp_path, max_grad_norm=0.3)
     ours, _trainer = train(tmp_path, GradkitCallback(clip=gk.ClipByGlobalNorm(0.3)), max_grad_norm=0.0)

@@ -70,7 +70,7 @@ class GradkitCallback(TrainerCallback):
     def __init__(self, tracker: Any = None, clip: Any = None) -> None:
         self.boundary = Boundary(tracker, clip)
         self._max_norm = 0.0  # the Trainer's max_grad_norm, taken over while training
-        self._restore: Any = None
+        self._restore: tuple[Any, float] | None = None  # (the args, their max_grad_norm) while replaced
 
     @property
     def tracker(self) -> Any:
@@ -84,10 +84,13 @@ class GradkitCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("GradkitCallback needs the model from the Trainer's on_train_begin event")
         self.boundary.attach(model)
+        if self._restore is not None and self._restore[0] is args:
+            # A training that raised never reached on_train_end: the value it replaced is the user's, not the 0.0.
+            args.max_grad_norm = self._restore[1]
         max_norm = args.max_grad_norm or 0.0
         self._max_norm, self._restore = 0.0, None
         if max_norm > 0 and (self.boundary.clip or self.boundary.tracker is not None):
-            self._restore = args.max_grad_norm
+            self._restore = (args, args.max_grad_norm)
             args.max_grad_norm = 0.0  # the Trainer still computes (and logs) grad_norm, without clipping
             if self.boundary.clip:
                 logger.info(
@@ -124,7 +127,7 @@ class GradkitCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._restore is not None:
-            args.max_grad_norm = self._restore
+            args.max_grad_norm = self._restore[1]
             self._restore = None
         self.close()
 
