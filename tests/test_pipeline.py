@@ -368,6 +368,24 @@ def test_a_parameter_unfrozen_after_setup_is_refused_naming_it():
     assert pipe.flush(opt)
 
 
+@pytest.mark.parametrize("clip", [None, gk.ClipByGlobalNorm(1.0), gk.AutoClip()], ids=["none", "global", "auto"])
+def test_a_model_converted_in_place_after_setup_is_refused_naming_it(clip):
+    # model.double() keeps the parameter objects: the pipeline's grouping is of the old dtype. A clear error before
+    # the backward, not a norm of the wrong dtype after it (with the window left half-counted).
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    pipe = gk.GradientPipeline(model, clip=clip)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe.backward(model(torch.randn(5, 3)).square().mean())
+    assert pipe.step(opt)
+    model.double()
+    with pytest.raises(RuntimeError, match=r"'0.weight'.*torch.float32 on cpu, now torch.float64 on cpu.*new Grad"):
+        pipe.backward(model(torch.randn(5, 3, dtype=torch.float64)).square().mean())
+    assert pipe.window.micro_steps == 0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
+    model.float()  # converted back: the pipeline goes on
+    pipe.backward(model(torch.randn(5, 3)).square().mean())
+    assert pipe.step(opt) and pipe.steps == 2
+
+
 # -- one pass fewer: the window's scale folded into the global clip's multiply -------------------
 
 

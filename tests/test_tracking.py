@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 import gradkit as gk
+from gradkit.tracking.report import load_run
 from gradkit.tracking.writers import GLOBAL_FIELDS, NOISE_FIELDS, STAT_FIELDS, STEP_FIELDS, read_jsonl, schema_errors
 from host_reads import count_host_reads
 
@@ -167,6 +169,49 @@ def test_standalone_track_follows_another_model_with_the_same_names(caplog):
     assert record["params"]["2.weight"]["norm"] == pytest.approx(want, rel=1e-9)
     notes = [r.getMessage() for r in caplog.records if "another model" in r.getMessage()]
     assert len(notes) == 1 and "in `history`" in notes[0] and "log_dir" not in notes[0]
+
+
+def test_standalone_track_goes_on_counting_when_a_layer_is_frozen(tmp_path):
+    # Fine-tuning freezes a layer mid-loop: the same loop goes on, so do its step numbers (a pipeline's do too),
+    # and the report reads the whole loop, not the steps after the freeze alone.
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = gk.Tracker(tmp_path, every=1)
+    for i, (x, y) in enumerate(batches(5)):
+        if i == 3:
+            model[0].weight.requires_grad_(False)
+            model[0].weight.grad = None
+        ((model(x) - y) ** 2).sum().backward()
+        tracker.track(model)
+        opt.step()
+        tracker.after_step()
+        opt.zero_grad(set_to_none=True)
+    tracker.close()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3, 4, 5]
+    assert "0.weight" in tracker.history[2]["params"] and "0.weight" not in tracker.history[3]["params"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one run: steps do not start over
+        _, records, _ = load_run(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+
+
+def test_standalone_track_measures_a_parameter_resized_through_data_again():
+    # A layer grown in place (the same Parameter, new .data): element counts and the detail layout are found again.
+    model = make_model()
+    tracker = gk.Tracker(every=1, detail_every=1)
+    for i, (x, _) in enumerate(batches(3)):
+        if i == 2:
+            model[0].weight.data = torch.randn(24, 6, dtype=torch.float64)
+            model[0].bias.data = torch.randn(24, dtype=torch.float64)
+            model[2].weight.data = torch.randn(2, 24, dtype=torch.float64)
+        model(x).pow(2).sum().backward()
+        tracker.track(model)
+        model.zero_grad(set_to_none=True)
+    tracker.flush()
+    got = {name: entry["numel"] for name, entry in tracker.history[-1]["params"].items()}
+    assert got == {name: p.numel() for name, p in model.named_parameters()} == {
+        "0.weight": 144, "0.bias": 24, "2.weight": 48, "2.bias": 2,
+    }  # fmt: skip
 
 
 def test_non_logging_steps_make_no_host_reads(monkeypatch):
@@ -420,3 +465,21 @@ def test_history_bounds_the_alerts_kept_in_memory_too(tmp_path, keep):
                                                                                      else [11])]  # fmt: skip
     logged = [a["step"] for r in read_jsonl(tmp_path / "tracking.jsonl") for a in r.get("alerts", [])]
     assert logged == [2, 5, 8, 11]  # the log keeps every alert
+
+
+@pytest.mark.parametrize("second", [2, 3, 5])
+def test_history_keeps_the_alerts_of_its_records_when_steps_start_over(second):
+    # A second pipeline numbers its steps from 1 again: the alerts kept are still those of the records kept.
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = gk.Tracker(every=1, history=3)
+    for steps in (8, second):
+        pipe = gk.GradientPipeline(model, tracker=tracker)
+        for i, (x, y) in enumerate(batches(steps)):  # every third step non-finite: steps 2, 5, 8 of each pipeline
+            pipe.backward(((model(x) - y) ** 2).sum() * (math.nan if i % 3 == 1 else 1.0))
+            pipe.step(opt)
+    tracker.flush()
+    held = [(a["step"], a["kind"]) for r in tracker.history for a in r["alerts"]]
+    assert [r["step"] for r in tracker.history] == [*range(6, 9), *range(1, second + 1)][-3:]
+    assert [(a.step, a.kind) for a in tracker.alerts] == held
+    assert held == {2: [(8, "nonfinite"), (2, "nonfinite")], 3: [(2, "nonfinite")], 5: [(5, "nonfinite")]}[second]

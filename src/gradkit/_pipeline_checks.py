@@ -16,6 +16,7 @@ from gradkit import _checks
 from gradkit.averaging import SyncControl
 from gradkit.averaging.ema import EMA
 from gradkit.clipping.stages import ClipStage
+from gradkit.context import Attached
 
 __all__ = ["OptimizerCheck", "arguments", "backward_call", "ema_model", "frozen", "optimizer"]
 
@@ -90,6 +91,26 @@ def frozen(params: Sequence[tuple[str, Tensor]]) -> None:
                 "build a new GradientPipeline (and a new gk.Average) after unfreezing parameters, "
                 "or freeze it again with requires_grad_(False)"
             )
+
+
+def converted(attached: Attached) -> None:
+    """Refuse a model converted in place since the pipeline was built (``model.double()``, ``model.cuda()``):
+    the gradient grouping, the averaging buckets and any residual state are of the old dtype and device.
+    One parameter is compared, once a window.
+
+    Raises:
+        RuntimeError: naming the parameter and the change.
+
+    Example:
+        >>> converted(pipe._attached)
+    """
+    change = attached.converted()
+    if change is not None:
+        raise RuntimeError(
+            f"parameter {attached.names[0]!r} changed since the GradientPipeline was built ({change}); "
+            "build a new GradientPipeline (and a new gk.Average) after converting the model "
+            "(model.double(), model.to(device)), or convert it back"
+        )
 
 
 def optimizer(value: object) -> None:

@@ -20,7 +20,12 @@ from gradkit import _dtensor, _foreach
 __all__ = ["GradContext", "Attached", "same_params", "same_tensors"]
 
 _GRAD = attrgetter("grad")
-_KIND = attrgetter("device", "dtype")
+_KIND = attrgetter("device", "dtype", "shape")
+
+
+def kinds(tensors: Sequence[Tensor]) -> tuple:
+    """The (device, dtype, shape) of each tensor: what a grouping or a copy kept of them depends on."""
+    return tuple(map(_KIND, tensors))
 
 
 class GradContext:
@@ -221,13 +226,24 @@ class Attached:
         self.names, self.params = list(names), list(params)
         self.sharded = _dtensor.any_dtensor(self.params)
         self._groups: _foreach.Groups | None = None
-        self._kinds = tuple(map(_KIND, self.params))
+        self._kinds = kinds(self.params)
 
     def moved(self) -> bool:
-        """Whether a parameter changed device or dtype since this was made (a model converted in place:
-        ``model.double()``, ``model.cuda()``, which keep the parameter objects): the grouping kept for the
-        gradients then no longer holds, and a new `Attached` is needed. One pass over the parameters."""
-        return tuple(map(_KIND, self.params)) != self._kinds
+        """Whether a parameter changed device, dtype or shape since this was made (a model converted in place:
+        ``model.double()``, ``model.cuda()``, which keep the parameter objects; a parameter resized through
+        ``.data``): the grouping and element counts kept for the gradients then no longer hold, and a new
+        `Attached` is needed. One pass over the parameters."""
+        return kinds(self.params) != self._kinds
+
+    def converted(self) -> str | None:
+        """How the first parameter changed dtype or device since this was made ("torch.float32 on cpu, now
+        torch.float64 on cpu"), or None. One parameter only: a model converted in place converts them all."""
+        if not self.params:
+            return None
+        (device, dtype, _), now = self._kinds[0], self.params[0]
+        if (now.device, now.dtype) == (device, dtype):
+            return None
+        return f"{dtype} on {device}, now {now.dtype} on {now.device}"
 
     def context(self) -> GradContext:
         """The context of the gradients the parameters hold now."""

@@ -204,6 +204,8 @@ class GradientPipeline:
         _pipeline_checks.backward_call(
             loss, micro_steps=self.window.micro_steps, accumulation_steps=self.accumulation_steps
         )
+        if self.window.micro_steps == 0:
+            _pipeline_checks.converted(self._attached)
         items = check_num_items(num_items)
         if isinstance(items, Tensor) and self.window.micro_steps == 0:
             # The first count is held until the boundary (the window's total, the noise probe, the report): a

@@ -137,9 +137,9 @@ class Pending:
         logged, self.open = self.open, None
         if logged is None:
             return
-        if logged.before is not None:
-            deltas = logged.before.norms(logged.params)
-            logged.before = None
+        deltas = logged.before.norms(logged.params) if logged.before is not None else None
+        logged.before = None
+        if deltas is not None:  # None: no update ratio, as the weights changed form (see WeightCopy.norms)
             read = HostRead(deltas.device, host_dtype(deltas.device))
             read.add("deltas", deltas)
             logged.deltas = read.start(new_event)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from gradkit import _dtensor, _foreach
 from gradkit import distributed as gdist
 from gradkit._scalars import on_device
-from gradkit.context import GradContext
+from gradkit.context import GradContext, kinds
 from gradkit.step_report import StepReport
 from gradkit.tracking import stats as _stats
 from gradkit.tracking import summary as _summary
@@ -352,15 +352,20 @@ class WeightCopy:
         self.layout = layout
         self.device = local[0].device if local else torch.device("cpu")
         self.copies: list[Tensor] | None = self.layout.snapshot(local)
+        self._kinds = kinds(local)
 
-    def norms(self, params: Sequence[Tensor]) -> Tensor:
-        """||Δw|| per parameter from the weights now, on the first weight's device (float64 but on MPS). The copy
-        is consumed (it becomes the differences): call once."""
+    def norms(self, params: Sequence[Tensor]) -> Tensor | None:
+        """||Δw|| per parameter from the weights now, on the first weight's device (float64 but on MPS); None if
+        a weight changed shape, dtype or device since the copy (resized through ``.data``, a model converted in
+        place), as a difference is then not defined. The copy is consumed (it becomes the differences): call once."""
         if self.copies is None:
             raise RuntimeError("WeightCopy.norms was already called: the copy became the differences; copy again")
         copies, self.copies = self.copies, None
+        local = _dtensor.locals_of(params)
+        if kinds(local) != self._kinds:
+            return None
         dtype = _stats.host_dtype(self.device)
-        deltas = self.layout.norms(_dtensor.locals_of(params), self.device, dtype, minus=copies)
+        deltas = self.layout.norms(local, self.device, dtype, minus=copies)
         if _dtensor.any_dtensor(params):  # norms of the full updates, from the shards'
             deltas = _dtensor.reduce_sums(deltas.square(), params).sqrt()
         return deltas

@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Sequence
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from gradkit.tracking.writers import SCHEMA, JsonlWriter, make_writers
 __all__ = ["RecordSink"]
 
 _NAN, _INF = KEYS.index("nan"), KEYS.index("inf")
-_STEP = attrgetter("step")
 
 
 class RecordSink:
@@ -67,6 +65,10 @@ class RecordSink:
         self._unread: list[StepRecord] = []  # records not yet made dicts: that waits until `history` is read
         self.keep = keep
         self._alerts: list[Alert] = []
+        # Each alert's ordinal: how many records were written before it was raised (a record's alerts take the
+        # record's own). Alerts are dropped with `keep` by ordinal, not by step: steps start over at a re-attach.
+        self._ordinals: list[int] = []
+        self._written = 0  # records written so far
         self.last_alerts: list[Alert] = []
 
     @property
@@ -83,23 +85,19 @@ class RecordSink:
     @property
     def alerts(self) -> list[Alert]:
         """Every alert so far, oldest first; with `keep`, those of the steps `history` holds and later ones."""
-        if self.keep is not None and len(self._history) + len(self._unread) > self.keep:
-            self._drop_alerts(self._step_at(len(self._history) + len(self._unread) - self.keep))
+        if self.keep is not None:  # those of the last `keep` records written, the ones `history` holds
+            self._drop_alerts(self._written - self.keep)
         return self._alerts
 
     @alerts.setter
     def alerts(self, alerts: list[Alert]) -> None:
-        self._alerts = alerts
-
-    def _step_at(self, at: int) -> int:
-        """The step of the `at`-th record held, oldest first (read ones, then unread ones)."""
-        if at < len(self._history):
-            return self._history[at]["step"]
-        return self._unread[at - len(self._history)].head["step"]
+        # Alerts restored (a resume): kept as if raised now, before the next record.
+        self._alerts, self._ordinals = alerts, [self._written] * len(alerts)
 
     def _drop_alerts(self, before: int) -> None:
-        """Drop the alerts of steps before `before` (they come in step order)."""
-        del self._alerts[: bisect.bisect_left(self._alerts, before, key=_STEP)]
+        """Drop the alerts raised before the record of ordinal `before` was written (they come in that order)."""
+        cut = bisect.bisect_left(self._ordinals, before)
+        del self._alerts[:cut], self._ordinals[:cut]
 
     def _bound(self) -> None:
         """Drop the oldest records once twice `keep` are held (cut in bulk: one slice per `keep` steps, not a
@@ -110,7 +108,7 @@ class RecordSink:
         dropped = min(excess, len(self._history))
         del self._history[:dropped]
         del self._unread[: excess - dropped]
-        self._drop_alerts(self._step_at(0))
+        self._drop_alerts(self._written - len(self._history) - len(self._unread))
 
     def write(self, logged: Logged, *, next_step: int) -> None:
         """Assemble the record of a logged step from its host values, raise its alerts, keep and write it.
@@ -132,6 +130,7 @@ class RecordSink:
         self.raise_alerts(alerts)
         self.last_alerts = alerts
         self._unread.append(record)
+        self._written += 1
         self._bound()
         for writer in self.writers:
             if isinstance(writer, JsonlWriter):
@@ -150,6 +149,7 @@ class RecordSink:
             if self.loud:
                 logger.warning("%s [%s] %s", alert.kind, alert.name, alert.message)
         self._alerts.extend(alerts)
+        self._ordinals.extend([self._written] * len(alerts))
 
     def start_run(self, names: list[str], *, every: int, meta: dict[str, Any]) -> None:
         """Write the run header: the parameters and modules tracked, the logging period and the run's settings.

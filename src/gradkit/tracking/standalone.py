@@ -34,7 +34,9 @@ class ManualTracking:
             model: the module (or ``named_parameters()`` pairs); needed on the
                 first call, optional after (the same model is assumed). Another
                 model, or other trainable parameters, is followed as `attach`
-                follows it (a warning, and a new run header in the same log).
+                follows it (a warning, and a new run header in the same log);
+                the same module with a layer frozen or unfrozen goes on
+                counting its steps, another model starts again at step 1.
             items: how many items the step's batch held, for the log.
 
         Raises:
@@ -45,9 +47,16 @@ class ManualTracking:
         """
         if model is not None:
             module, names, params = _record.trainable(model)
-            # Another model (even one with the same names) is followed as a pipeline's would be: with a warning.
-            if self._names is None or not same_params(self._names, self._params, names, params):
+            if self._names is None:
                 self.attach(module, names, params)
+            elif not same_params(self._names, self._params, names, params):
+                # Another model (even one with the same names) is followed as a pipeline's would be: a new run. The
+                # same module with a layer frozen or unfrozen is the same loop going on: its steps go on too.
+                same_module = module is not None and self._module is not None and self._module() is module
+                step, counters = self.step, self._counters
+                self.attach(module, names, params)
+                if same_module:
+                    self.step, self._counters = step, counters
         elif self._names is None:
             raise RuntimeError("track() needs the model on its first call: tracker.track(model)")
         step = self.step + 1
