@@ -214,6 +214,23 @@ def test_standalone_track_measures_a_parameter_resized_through_data_again():
     }  # fmt: skip
 
 
+def test_a_closed_tracker_tracked_on_writes_its_steps_to_the_same_log(tmp_path):
+    # close() then more steps on the same model (a notebook cell run on): the run goes on in the same file,
+    # appending, with no new run header; before, those records went to `history` only.
+    model = make_model()
+    tracker = gk.Tracker(tmp_path, every=1)
+    for i, (x, y) in enumerate(batches(4)):
+        ((model(x) - y) ** 2).sum().backward()
+        tracker.track(model)
+        model.zero_grad(set_to_none=True)
+        if i == 1:
+            tracker.close()
+    tracker.close()
+    lines = read_jsonl(tmp_path / "tracking.jsonl")
+    assert [(line["type"], line.get("step")) for line in lines] == [("run", None), *(("step", s) for s in range(1, 5))]
+    assert lines[1:] == tracker.history
+
+
 def test_non_logging_steps_make_no_host_reads(monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -132,6 +132,7 @@ class RecordSink:
         self._unread.append(record)
         self._written += 1
         self._bound()
+        self._reopen()  # a step after `close` (the same model tracked on): its run goes on in the same files
         for writer in self.writers:
             if isinstance(writer, JsonlWriter):
                 writer.write_line(record.line())
@@ -157,9 +158,6 @@ class RecordSink:
         After `close` (a trainer's callback closes the tracker when a training ends, and the next training attaches
         it again) the writers open again, appending: the new run's header and records follow the previous run's.
         """
-        if self._closed:
-            self.writers = make_writers(self._writer_names, self._log_dir)  # the JSONL file opens in append mode
-            self._closed = False
         modules = Layout.of(names).modules
         self.header({"type": "run", "schema": SCHEMA, "version": __version__, "time": time.time(), "every": every,
                      "params": names, "modules": modules, "meta": meta})  # fmt: skip
@@ -170,6 +168,7 @@ class RecordSink:
 
     def header(self, entry: dict[str, Any]) -> None:
         """Write a non-step entry (the run header, a replay's alert) to the file writers."""
+        self._reopen()
         for writer in self.writers:
             if hasattr(writer, "path"):  # the file writers: TensorBoard takes step records only
                 writer.write(entry)
@@ -179,11 +178,17 @@ class RecordSink:
         return any(not hasattr(writer, "path") for writer in self.writers)
 
     def close(self) -> None:
-        """Close every writer (records written later go to history only, until `start_run` opens them again)."""
+        """Close every writer; the next record or run header opens them again, appending (`_reopen`)."""
         for writer in self.writers:
             writer.close()
         self.writers = []
         self._closed = True
+
+    def _reopen(self) -> None:
+        """Open the writers again after `close` (the JSONL file in append mode, TensorBoard in a new event file)."""
+        if self._closed:
+            self.writers = make_writers(self._writer_names, self._log_dir)
+            self._closed = False
 
 
 def _maybe_nonfinite(params: Entries) -> bool:

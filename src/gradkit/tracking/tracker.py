@@ -281,7 +281,9 @@ class Tracker(ManualTracking):
         self._drain(wait=True)
 
     def close(self) -> None:
-        """Write every logged step still waiting (for its update ratio or its host copy), and close the writers."""
+        """Write every logged step still waiting (for its update ratio or its host copy), and close the writers.
+
+        A tracker used after `close` (attached again, or the same model tracked on) opens them again, appending."""
         self.flush()
         self._sink.close()
 
