@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from gradkit.compression.keyed_state import Layout
     from gradkit.distributed import PendingReduce
 
-__all__ = ["Compressor", "Deferred", "Payload", "check_density", "check_value_dtype", "drain"]
+__all__ = ["Compressor", "Deferred", "Payload", "check_density", "check_value_dtype", "drain", "narrow"]
 
 _Entry = TypeVar("_Entry")
 
@@ -428,6 +428,26 @@ class Deferred(Generic[_Entry]):
 def check_density(density: object) -> float:
     """`density` as a float in (0, 1]."""
     return _checks.number_in_range("density", density, 0.0, 1.0, "pass the fraction of entries to keep, e.g. 0.01")
+
+
+def narrow(values: Tensor, dtype: torch.dtype | None, *, copy: bool = False) -> Tensor:
+    """`values` in `dtype` (None: as they are), saturated at the largest finite magnitude of `dtype`.
+
+    A plain cast sends an entry beyond that range (65504 in float16) as inf: error feedback then keeps
+    -inf, and NaN from the next step on, in that entry's residual for good. Saturated, the entry is sent
+    as the largest magnitude and the excess stays in the residual. NaN stays NaN (a non-finite step is
+    refused before). `copy`: never return `values` itself (a payload must not alias its input).
+
+    Example:
+        >>> narrow(torch.tensor([1e5, -3.0]), torch.float16)
+        tensor([65504., -3.], dtype=torch.float16)
+    """
+    if dtype is None or dtype == values.dtype:
+        return values.clone() if copy else values
+    largest = torch.finfo(dtype).max
+    if values.is_floating_point() and largest < torch.finfo(values.dtype).max:
+        values = values.clamp(-largest, largest)
+    return values.to(dtype)
 
 
 def check_value_dtype(value_dtype: object) -> torch.dtype | None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gradkit.compression import triton_select
-from gradkit.compression.base import index_dtype
+from gradkit.compression.base import index_dtype, narrow
 
 __all__ = [
     "entries_at_least",
@@ -30,6 +30,7 @@ __all__ = [
     "sampled_entries",
     "sampled_exactly_k",
     "sampled_threshold",
+    "sampling_aims_well",
     "select_exactly_k",
     "select_in_chunks",
     "threshold_of_sample",
@@ -88,6 +89,14 @@ def sample_positions(n: int, k: int, target: float, device: torch.device) -> Ten
 
 def _sample_size(n: int, k: int, target: float) -> int:
     return min(n, max(MIN_SAMPLE, math.ceil(SAMPLE_HITS * n / (target * k))))
+
+
+def sampling_aims_well(n: int, k: int, target: float) -> bool:
+    """Whether a sample aimed at ``target·k`` of `n` entries holds its `SAMPLE_HITS` (the ~6% spread), reading
+    fewer entries than the tensor: not for a tensor of at most `MIN_SAMPLE` entries, nor for k = n, nor where
+    ``target·k`` is at most `SAMPLE_HITS` (a small k: the sample, cut at n, would hold too few hits to aim;
+    `torch.topk` then selects, exactly, from no more entries than the sample would read)."""
+    return MIN_SAMPLE < n and k < n and _sample_size(n, k, target) < n
 
 
 def _triton_sample_size(n: int, k: int, target: float) -> int:
@@ -249,18 +258,18 @@ def entries_at_least(
     `base.index_dtype`, values in `value_dtype` (default: flat's). One Triton kernel where
     `triton_select.usable` says so, else `positions_at_least` and a gather.
     """
-    values_as = value_dtype or flat.dtype
     if threshold.dtype == flat.dtype and triton_select.usable(flat):
-        return triton_select.select_at_least(
-            flat, threshold, capacity, index_dtype=index_dtype(flat.numel()), value_dtype=values_as
+        indices, values, valid = triton_select.select_at_least(
+            flat, threshold, capacity, index_dtype=index_dtype(flat.numel()), value_dtype=flat.dtype
         )
+        return indices, narrow(values, value_dtype), valid  # saturated, not cast in the kernel (see narrow)
     indices = positions_at_least(flat, threshold, capacity)
     # One gather serves the check and the values (each gather of scattered entries is a cache
     # miss per entry: as long as a dense pass over a 4M-entry tensor); -1 reads the last entry.
     values = flat[indices]
     valid = (indices >= 0) & ~values.isnan()
     values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return (indices * valid).to(index_dtype(flat.numel())), values.to(values_as), valid
+    return (indices * valid).to(index_dtype(flat.numel())), narrow(values, value_dtype), valid
 
 
 def sampled_entries(
@@ -274,9 +283,10 @@ def sampled_entries(
     """
     sample = _triton_sample(flat, k, target)
     if sample is not None:
-        return triton_select.select_sampled(
-            flat, *sample, capacity, index_dtype=index_dtype(flat.numel()), value_dtype=value_dtype or flat.dtype
+        indices, values, valid = triton_select.select_sampled(
+            flat, *sample, capacity, index_dtype=index_dtype(flat.numel()), value_dtype=flat.dtype
         )
+        return indices, narrow(values, value_dtype), valid  # saturated, not cast in the kernel (see narrow)
     return entries_at_least(flat, sampled_threshold(flat, k, target), capacity, value_dtype)
 
 
@@ -299,14 +309,14 @@ def sampled_exactly_k(flat: Tensor, k: int, value_dtype: torch.dtype | None = No
     # Padding (index 0, value 0) loses to every candidate: its magnitude is -1.
     kept, top = torch.topk(torch.where(found, values.abs(), -1.0), k, sorted=False)
     chosen = values[top]
-    return positions[top], chosen if value_dtype is None else chosen.to(value_dtype), kept >= 0
+    return positions[top], narrow(chosen, value_dtype), kept >= 0
 
 
 def masked_values(flat: Tensor, indices: Tensor, valid: Tensor, value_dtype: torch.dtype | None) -> Tensor:
     """``flat[indices]`` where `valid`, else 0, in `value_dtype` (default: flat's): a padded payload's values."""
     values = flat[indices]
     values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return values.to(value_dtype) if value_dtype is not None else values
+    return narrow(values, value_dtype)
 
 
 def select_exactly_k(flat: Tensor, k: int, floor: float | None = None) -> tuple[Tensor, Tensor]:

@@ -21,10 +21,17 @@ from torch import Tensor
 
 from gradkit import _checks
 from gradkit.compression import selection
-from gradkit.compression.base import Compressor, Payload, check_density, check_value_dtype, count_for, index_dtype
+from gradkit.compression.base import (
+    Compressor,
+    Payload,
+    check_density,
+    check_value_dtype,
+    count_for,
+    index_dtype,
+    narrow,
+)
 from gradkit.compression.selection import (
     EXACT_K_TARGET,
-    MIN_SAMPLE,
     exactly_k_capacity,
     masked_values,
     positions_at_least,
@@ -32,6 +39,7 @@ from gradkit.compression.selection import (
     sampled_entries,
     sampled_exactly_k,
     sampled_threshold,
+    sampling_aims_well,
     select_exactly_k,
     select_in_chunks,
     threshold_of_sample,
@@ -54,7 +62,7 @@ def sparse_payload(
     if valid is not None:
         values = masked_values(flat, indices, valid, value_dtype)
     else:
-        values = flat[indices] if value_dtype is None else flat[indices].to(value_dtype)
+        values = narrow(flat[indices], value_dtype)
     meta = {"valid": valid} if valid is not None else {}
     return Payload([indices.to(index_dtype(flat.numel())), values], torch.Size(shape), flat.dtype, owner, meta)
 
@@ -90,7 +98,9 @@ class TopK(_Sparsifier):
     aimed at 1.2·k entries, keeps entries above it,
     and pads to a fixed capacity of 1.5·k (padding sends index 0 with value 0,
     which adds nothing). If the estimate is far off the count is cut at the
-    capacity. No host sync on a GPU. `exact=True` selects exactly k with `torch.topk`.
+    capacity. No host sync on a GPU. `exact=True` selects exactly k with `torch.topk`, as does
+    every tensor of at most 16,384 entries and every k of at most 213 (189 with `exactly_k`): there
+    a sample would hold fewer than 256 entries above its threshold while reading the whole tensor.
 
     `exactly_k=True` sends exactly k slots: the threshold is aimed at 1.35·k, up to
     2·k candidates above it are collected and the k largest of them kept with a
@@ -232,7 +242,7 @@ class TopK(_Sparsifier):
 
     def _sent(self, found: Tensor, keep: Tensor | None, scaled: bool) -> Tensor:
         """What is sent of the `found` values: rounded to the value dtype, times `keep` if `scaled`."""
-        sent = found if self.value_dtype is None else found.to(self.value_dtype).to(found.dtype)
+        sent = found if self.value_dtype is None else narrow(found, self.value_dtype).to(found.dtype)
         return sent * keep if scaled else sent
 
     @property
@@ -240,8 +250,9 @@ class TopK(_Sparsifier):
         return EXACT_K_TARGET if self.exactly_k else _TARGET
 
     def _sampled(self, n: int) -> bool:
-        """Whether the sampled threshold selects (else `torch.topk` does)."""
-        return not (self.exact or count_for(self.density, n) == n or n <= MIN_SAMPLE)
+        """Whether the sampled threshold selects (else `torch.topk` does: `exact`, all entries, or where a sample
+        would not aim well, see `sampling_aims_well`)."""
+        return not self.exact and sampling_aims_well(n, count_for(self.density, n), self._target)
 
     def _select_sum(
         self, into: Tensor, addend: Tensor, scale: Tensor, keep: Tensor | None, write_back: Tensor | None = None
@@ -381,7 +392,7 @@ class TopK(_Sparsifier):
         indices = torch.zeros(capacity, dtype=index_dtype(n))
         indices[:count] = positions * ok
         sent = torch.zeros(capacity, dtype=self.value_dtype or values.dtype)
-        sent[:count] = torch.where(ok, values, torch.zeros((), dtype=values.dtype))
+        sent[:count] = narrow(torch.where(ok, values, torch.zeros((), dtype=values.dtype)), self.value_dtype)
         meta = {"valid": valid, "ascending": True}
         return Payload([indices, sent], torch.Size(shape), values.dtype, self, meta)
 
@@ -397,7 +408,7 @@ class TopK(_Sparsifier):
         valid = kept >= 0
         indices = (positions.index_select(0, top) * valid).to(index_dtype(n))
         sent = torch.where(valid, values.index_select(0, top), torch.zeros((), dtype=values.dtype))
-        sent = sent.to(self.value_dtype) if self.value_dtype is not None else sent
+        sent = narrow(sent, self.value_dtype)
         return Payload([indices, sent], torch.Size(shape), values.dtype, self, {"valid": valid}), top
 
 
@@ -513,7 +524,7 @@ class Threshold(_Sparsifier):
 
     def _fixed_size(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         k = count_for(self.max_density, flat.numel())
-        if k == flat.numel() or flat.numel() <= MIN_SAMPLE:
+        if not sampling_aims_well(flat.numel(), k, EXACT_K_TARGET):
             kept, indices = torch.topk(flat.abs(), k, sorted=False)
             valid = kept >= self.tau  # NaN compares False: never sent
             return indices * valid, valid  # padding sends index 0
