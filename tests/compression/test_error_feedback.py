@@ -274,3 +274,27 @@ def test_absorb_refuses_a_write_back_that_is_not_a_flag_or_a_scalar_tensor(write
     with pytest.raises(TypeError, match="write_back must be True, False, or a 0-d tensor"):
         ef.absorb_(grad, "w", scale=torch.tensor(1.0), keep=torch.tensor(True), write_back=write_back)
     assert torch.equal(grad, before) and ef.residual("w") is None
+
+
+@pytest.mark.parametrize("n_in", [40, 400], ids=["topk-path", "sampled-path"])
+@pytest.mark.parametrize("options", [{}, {"exactly_k": True}], ids=["default", "exactly_k"])
+def test_a_value_beyond_float16_is_sent_saturated_and_its_excess_kept(n_in, options):
+    # A gradient entry above float16's range (65504), sent as float16: a plain cast sent inf, which left -inf, then
+    # NaN, in that entry's residual for good (the weight never trained again). Saturated, every step steps, the
+    # residual stays finite and the entry's excess is sent over the next steps.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(n_in, 100, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    pipe = gk.GradientPipeline(model, average=gk.Average(gk.TopK(0.01, value_dtype=torch.float16, **options)))
+    start = model.weight[0, 0].item()
+    kept = []
+    for step in range(4):
+        loss = model.weight[0, 0] * 1e5 if step == 0 else model(torch.randn(4, n_in)).sum()
+        pipe.backward(loss)
+        assert pipe.step(opt), step
+        residual = pipe.state_dict()["average"]["compressor"]["residuals"]["weight"]
+        assert bool(torch.isfinite(residual).all()), step
+        kept.append(residual.view(-1)[0].item())
+    assert kept[0] == pytest.approx(1e5 - 65504, rel=1e-3)  # the excess, kept ...
+    assert abs(kept[1]) < 10  # ... and sent on the next step
+    assert start - model.weight[0, 0].item() == pytest.approx(1e-9 * 1e5, rel=1e-3)  # the whole gradient, in all
