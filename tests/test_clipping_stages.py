@@ -271,6 +271,44 @@ def test_agc_clips_only_units_over_the_ratio_and_honours_exclude():
     assert_close(bias.grad, torch.tensor([0.3, 0.4], dtype=torch.float64), **EXACT64)
 
 
+def test_agc_on_named_parameters_honours_exclude_and_refuses_patterns_no_position_matches():
+    # Outside a pipeline: named_parameters() gives the names the patterns mean; unnamed tensors are named by
+    # position, and a pattern none of them matches ("fc.*") is refused instead of clipping the layer it names.
+    model = torch.nn.Sequential()
+    model.add_module("stem", torch.nn.Linear(2, 3))
+    model.add_module("fc", torch.nn.Linear(3, 2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    gk.AGC(0.01, exclude=("fc.*",))(model.named_parameters())
+    assert torch.equal(model.fc.weight.grad, torch.full((2, 3), 100.0))  # left out
+    assert model.stem.weight.grad.abs().max() < 100.0  # clipped
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"matches none of the parameters.*'0' to '3'.*named_parameters"):
+        gk.AGC(0.01, exclude=("fc.*",))(model.parameters())
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))  # nothing changed
+    with pytest.raises(TypeError, match=r"item #0 is tuple \('stem.weight', Parameter"):
+        gk.clip_grad_norm_(model.named_parameters(), 1.0)  # torch's signature: tensors only, said in one line
+
+
+@pytest.mark.parametrize("make", [lambda: gk.AutoClip(10, history=50), lambda: gk.ZClip(warmup=3)],
+                         ids=["autoclip", "zclip"])  # fmt: skip
+def test_a_non_finite_step_leaves_the_history_as_it_was(make):
+    # Called on every step (on parameters, or by a trainer's callback), a NaN or inf norm must not enter the
+    # history: AutoClip's percentile and ZClip's statistics would be NaN from then on, and clipping would stop
+    # (or make every later gradient NaN). The same run with the bad steps left out is the reference.
+    norms = norm_sequence(20, {12: 50.0, 16: 80.0}, seed=3)
+    bad = {4: math.nan, 9: math.inf}
+    stage, reference = make(), make()
+    for t, norm in enumerate(norms):
+        if t in bad:
+            two_param_step(stage, bad[t], seed=t)
+        before, after = two_param_step(stage, norm, seed=t)
+        _, expected = two_param_step(reference, norm, seed=t)
+        assert torch.isfinite(after).all(), t
+        assert_close(after, expected, **EXACT64, msg=lambda m, t=t: f"step {t}: {m}")
+    assert any(not torch.equal(a, b) for a, b in [two_param_step(stage, 500.0, seed=99)])  # still clips a spike
+
+
 # -- AutoClip -------------------------------------------------------------------------------
 
 

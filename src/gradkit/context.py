@@ -82,8 +82,17 @@ class GradContext:
         self.pre_clip_norms: Tensor | None = None
 
     @classmethod
-    def from_parameters(cls, parameters: Iterable[Tensor] | Tensor) -> GradContext:
-        """A context over plain parameters, named by their position."""
+    def from_parameters(cls, parameters: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Tensor) -> GradContext:
+        """A context over plain parameters, named by their position, or over ``named_parameters()`` pairs,
+        named by them (what name-matching stages such as ``AGC(exclude=...)`` need outside a pipeline)."""
+        if not isinstance(parameters, Tensor):
+            try:
+                parameters = list(parameters)  # type: ignore[call-overload]
+            except TypeError:
+                pass  # check_parameters names what was passed
+            else:
+                if named_pairs(parameters):
+                    return cls([name for name, _ in parameters], check_parameters([p for _, p in parameters]))
         params = check_parameters(parameters)
         return cls([str(i) for i in range(len(params))], params)
 
@@ -295,6 +304,14 @@ def _on_like(factor: Tensor | float, like: Tensor) -> Tensor | float:
     return factor.to(like) if isinstance(factor, Tensor) else factor
 
 
+def named_pairs(items: Sequence[object]) -> bool:
+    """Whether `items` are ``named_parameters()`` pairs: (str, tensor) each, and at least one."""
+    return bool(items) and all(
+        isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Tensor)
+        for item in items
+    )
+
+
 def check_parameters(parameters: object) -> list[Tensor]:
     """`parameters` (one tensor or an iterable of tensors) as a list, or a TypeError naming it."""
     if isinstance(parameters, Tensor):
@@ -309,6 +326,13 @@ def check_parameters(parameters: object) -> list[Tensor]:
     for index, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(
-                f"parameters must hold tensors, but item #{index} is {type(p).__name__} {p!r}; pass model.parameters()"
+                f"parameters must hold tensors, but item #{index} is {type(p).__name__} {_short(p)}; pass "
+                "model.parameters()"
             )
     return params
+
+
+def _short(value: object) -> str:
+    """`value`'s repr, cut to one line of at most 80 characters (a tensor inside a pair would fill the screen)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -3,7 +3,9 @@
 Their thresholds come from the weights (AGC) or from the history of gradient
 norms (AutoClip, ZClip). History and running statistics stay tensors on the
 gradients' device, so a step never waits for the host. The pipeline only
-calls a stage on finite steps, so a NaN step never enters the history.
+calls a stage on finite steps; called on every step (on parameters, or by a
+trainer's callback), AutoClip and ZClip keep a non-finite norm out of their
+history and statistics on the device, without a host read.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 from gradkit import _checks
 from gradkit.clipping.functional import clip_coefficient
 from gradkit.clipping.stages import ClipStage, state_tensor
-from gradkit.context import GradContext
+from gradkit.context import GradContext, named_pairs
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
 
@@ -62,9 +64,28 @@ class AGC(ClipStage):
             raise TypeError(f"exclude must hold name patterns (strings), got {patterns!r}; pass e.g. ('fc.*',)")
         self.exclude = patterns
 
+    @torch.no_grad()
+    def __call__(self, grads: GradContext | Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Tensor) -> None:
+        if self.exclude and not isinstance(grads, GradContext):
+            grads = [grads] if isinstance(grads, Tensor) else list(grads)
+            named = named_pairs(grads)
+            grads = GradContext.from_parameters(grads)
+            if not named and len(grads) and not any(map(self._excluded, grads.names)):
+                # Unnamed tensors are named by position ("0", "1", ...): a pattern such as "fc.*" would match
+                # none of them, and the layers it means to leave out would be clipped.
+                raise ValueError(
+                    f"AGC(exclude={self.exclude!r}) matches none of the parameters, which are unnamed and so named "
+                    f"by position ('0' to '{len(grads) - 1}'); pass model.named_parameters(), or call it inside a "
+                    "GradientPipeline"
+                )
+        super().__call__(grads)
+
+    def _excluded(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
+
     def apply_(self, ctx: GradContext) -> None:
         for name, param, grad in zip(ctx.names, ctx.params, ctx.grads):
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            if self._excluded(name):
                 continue
             max_norm = unitwise_norm(param.detach()).clamp(min=self.eps) * self.clip
             grad_norm = unitwise_norm(grad)
@@ -109,10 +130,11 @@ class AutoClip(ClipStage):
     def apply_(self, ctx: GradContext) -> None:
         norm = ctx.total_norm()
         self._norms = self._norms.to(norm)
-        self._norms[self._count % self.history] = norm
+        # A non-finite norm is kept as NaN, which nanquantile leaves out: one bad step does not set the threshold.
+        self._norms[self._count % self.history] = torch.where(norm.isfinite(), norm, torch.nan)
         self._count += 1
         seen = self._norms[: min(self._count, self.history)]
-        threshold = torch.quantile(seen, self.percentile / 100.0)
+        threshold = torch.nanquantile(seen, self.percentile / 100.0)
         ctx.scale_(clip_coefficient(norm, threshold))
 
     def state_dict(self) -> dict[str, Any]:
@@ -165,13 +187,14 @@ class ZClip(ClipStage):
 
     def apply_(self, ctx: GradContext) -> None:
         norm = ctx.total_norm()
+        finite = norm.isfinite()  # a non-finite step leaves the statistics as they were (a device select, no read)
         if self._count < self.warmup:
             self._warmup_norms = self._warmup_norms.to(norm)
-            self._warmup_norms[self._count] = norm
+            self._warmup_norms[self._count] = torch.where(finite, norm, torch.nan)
             self._count += 1
-            if self._count == self.warmup:
-                self._mean = self._warmup_norms.mean()
-                self._var = self._warmup_norms.var(unbiased=False)
+            if self._count == self.warmup:  # of the finite warm-up norms (NaN marks the others)
+                self._mean = self._warmup_norms.nanmean()
+                self._var = (self._warmup_norms - self._mean).square().nanmean()
             return
         mean, var = self._mean.to(norm), self._var.to(norm)
         std = var.sqrt()
@@ -183,8 +206,9 @@ class ZClip(ClipStage):
         # A step that is no spike is left exactly as it is: torch's coefficient
         # norm / (norm + 1e-6) would shrink it, by half for a norm of 1e-6.
         ctx.scale_(torch.where(spike, clip_coefficient(norm, applied), torch.ones_like(norm)))
-        self._mean = self.alpha * mean + (1 - self.alpha) * applied
-        self._var = self.alpha * var + (1 - self.alpha) * (applied - self._mean) ** 2
+        new_mean = self.alpha * mean + (1 - self.alpha) * applied
+        new_var = self.alpha * var + (1 - self.alpha) * (applied - new_mean) ** 2
+        self._mean, self._var = torch.where(finite, new_mean, mean), torch.where(finite, new_var, var)
         self._count += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -26,10 +26,11 @@ _MAX_NORM_FIX = "pass the largest gradient norm to allow, e.g. 1.0"
 
 
 class ClipStage(Stateful):
-    """Base of every norm-scaling stage: ``stage(ctx_or_parameters)`` clips in place."""
+    """Base of every norm-scaling stage: ``stage(ctx_or_parameters)`` clips in place (parameters, or
+    ``named_parameters()`` pairs, whose names a name-matching stage such as ``AGC(exclude=...)`` needs)."""
 
     @torch.no_grad()
-    def __call__(self, grads: GradContext | Iterable[Tensor] | Tensor) -> None:
+    def __call__(self, grads: GradContext | Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Tensor) -> None:
         ctx = grads if isinstance(grads, GradContext) else GradContext.from_parameters(grads)
         if len(ctx):
             self.apply_(ctx)
