@@ -436,7 +436,9 @@ def narrow(values: Tensor, dtype: torch.dtype | None, *, copy: bool = False) -> 
     A plain cast sends an entry beyond that range (65504 in float16) as inf: error feedback then keeps
     -inf, and NaN from the next step on, in that entry's residual for good. Saturated, the entry is sent
     as the largest magnitude and the excess stays in the residual. NaN stays NaN (a non-finite step is
-    refused before). `copy`: never return `values` itself (a payload must not alias its input).
+    refused before). `copy`: never return `values` itself (a payload must not alias its input). For the
+    sparsifiers' values only: `FP16` and `BF16` cast, so that an overflow skips the step (nothing else holds
+    the excess there).
 
     Example:
         >>> narrow(torch.tensor([1e5, -3.0]), torch.float16)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gradkit import _checks
-from gradkit.compression.base import Compressor, Payload, narrow
+from gradkit.compression.base import Compressor, Payload
 
 __all__ = ["FP16", "BF16", "QSGD", "SignSGD"]
 
@@ -27,7 +27,7 @@ class _Cast(Compressor):
         tensor = self._check_input(tensor)
         # A copy even when the dtype already matches: the payload must not alias the input
         # (error feedback computes its residual as input - payload; weighting scales it in place).
-        return Payload([narrow(tensor, self.wire_dtype, copy=True)], tensor.shape, tensor.dtype, self)
+        return Payload([tensor.to(self.wire_dtype, copy=True)], tensor.shape, tensor.dtype, self)
 
     def decompress(self, payload: Payload) -> Tensor:
         payload = self._check_payload(payload)
