@@ -122,6 +122,21 @@ def test_tensor_num_items_equals_int_num_items():
     assert_same_params(results[0], results[1], atol=0)
 
 
+@pytest.mark.parametrize(
+    "dtype, per", [(torch.uint8, 200), (torch.int16, 20000), (torch.int32, 2**30)], ids=["uint8", "int16", "int32"]
+)
+def test_small_integer_num_items_are_counted_without_wrapping_around(dtype, per):
+    # Two micro-batches of `per` items each: their sum does not fit the count's own dtype (400 > 255,
+    # 40000 > 32767, 2**31 > 2**31 - 1). The window counts in int64, so the step divides by 2 * per.
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    pipe = gk.GradientPipeline([w], accumulation_steps=2)
+    for _ in range(2):
+        pipe.backward((w * 1.0).sum() * per, num_items=torch.tensor(per, dtype=dtype))  # a mean gradient of 1
+    assert pipe.step(torch.optim.SGD([w], lr=1.0))
+    assert pipe.last.items.dtype == torch.int64 and pipe.last.items.item() == 2 * per
+    assert w.item() == -1.0
+
+
 def test_one_num_items_buffer_refilled_for_every_micro_batch_counts_each_fill():
     # A loop that keeps one count tensor and refills it in place for each micro-batch (as a collate buffer
     # might): the window must count what each fill held (2 + 5), not the buffer's last value twice.

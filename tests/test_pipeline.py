@@ -537,3 +537,49 @@ def test_an_average_is_attached_again_on_one_process_when_no_state_carries_over(
     renamed = [(f"renamed.{name}", p) for name, p in model.named_parameters()]
     with pytest.raises(ValueError, match="already attached to a pipeline"):
         gk.GradientPipeline(renamed, average=compressed)
+
+
+class FailingBackward(torch.autograd.Function):
+    """Identity forward whose backward raises, as an out-of-memory error in the middle of backward does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("out of memory in backward (simulated)")
+
+
+AVERAGES = {"one-process": lambda: None, "average": gk.Average, "compressed": lambda: gk.Average(gk.TopK(1.0))}
+
+
+@pytest.mark.parametrize("then", ["flush", "next-micro-batch"])
+@pytest.mark.parametrize("num_items", ["int", "tensor", "mean"])
+@pytest.mark.parametrize("average", sorted(AVERAGES))
+def test_a_boundary_backward_that_raises_leaves_the_window_as_it_was(average, num_items, then):
+    # An out-of-memory skip loop catches the error and goes on: the window must hold the micro-batches whose
+    # backward ran, counted as before the failed call (which had already settled the boundary's count).
+    def count(n):
+        return {"int": n, "tensor": torch.tensor(n), "mean": None}[num_items]
+
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    pipe = gk.GradientPipeline([w], accumulation_steps=2, average=AVERAGES[average]())
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    per = 1 if num_items == "mean" else 10
+    pipe.backward((w * 1.0).sum() * per, num_items=count(10))  # a mean gradient of 1
+    with pytest.raises(torch.OutOfMemoryError):
+        pipe.backward(FailingBackward.apply((w * 1.0).sum() * 90), num_items=count(90))
+    assert pipe.window.micro_steps == 1 and pipe.reduction.current is None
+    assert (pipe.window.items is None) if num_items == "mean" else (int(pipe.window.items) == 10)
+    if then == "flush":
+        assert pipe.flush(optimizer)
+        items = 10
+    else:
+        per = 1 if num_items == "mean" else 30
+        pipe.backward((w * 1.0).sum() * per, num_items=count(30))  # the next micro-batch ends the window
+        assert pipe.step(optimizer)
+        items = 40
+    assert w.item() == -1.0  # the mean gradient of the micro-batches the window holds
+    if num_items != "mean":
+        assert int(pipe.last.items) == items

@@ -28,7 +28,7 @@ class WindowReduction:
         scaler: the pipeline's ``GradScaler`` or None (compression needs its scale).
 
     Example:
-        >>> reduction.begin(window.items, window.micro_steps, complete=True)  # the boundary backward
+        >>> reduction.begin_boundary(window.items, window.micro_steps)  # the boundary backward; cancel() if it raises
         >>> global_items, scale, count = reduction.settled(window)
     """
 
@@ -40,10 +40,23 @@ class WindowReduction:
         self.current: tuple[int | Tensor | None, Tensor | float, int | Tensor] | None = None
         #: device flag of the last boundary: some rank flushed in it (read only by an empty flush)
         self.flushed_last: Tensor | None = None
+        #: `flushed_last` before the boundary backward's `begin_boundary`, for `cancel`
+        self._flushed_before: Tensor | None = None
 
     def reset(self) -> None:
         """Forget the finished window's count."""
         self.current = None
+
+    def begin_boundary(self, local_items: int | Tensor | None, micro_steps: int) -> None:
+        """`begin` for the boundary backward, which `cancel` undoes if that backward raises."""
+        self._flushed_before = self.flushed_last
+        self.begin(local_items, micro_steps, complete=True)
+
+    def cancel(self) -> None:
+        """Undo `begin_boundary`: its backward raised, so the window does not hold that micro-batch, and
+        its count is settled again by the next boundary backward (or by `settled`, for a flush)."""
+        self.current = None
+        self.flushed_last = self._flushed_before
 
     def settled(self, window: Window) -> tuple[int | Tensor | None, Tensor | float, int | Tensor]:
         """The window's (global items or None in mean mode, scale, count) at its boundary.

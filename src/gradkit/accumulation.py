@@ -32,7 +32,9 @@ def check_num_items(num_items: object) -> Items | None:
 
     A tensor's value is not read here (that would be a host sync); the window's
     total is checked at the step, where the pipeline reads the host anyway. A tensor
-    comes back as a 0-d view of the caller's.
+    comes back as a 0-d int64 tensor on its device (a view of the caller's when that is
+    int64 already): counts in a small integer dtype (uint8, int16) would wrap around when
+    the window adds them up.
     """
     if num_items is None:
         return None
@@ -52,7 +54,7 @@ def check_num_items(num_items: object) -> Items | None:
                 "num_items must hold a value, got a tensor on the meta device; pass the count on the loss's "
                 "device or as an int"
             )
-        return num_items.detach().reshape(())
+        return num_items.detach().reshape(()).to(torch.int64)
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise TypeError(
             f"num_items must be an int (the count of items the summed loss covers), got "

@@ -200,6 +200,9 @@ class GradientPipeline:
         Raises:
             ValueError / TypeError: for a bad loss or `num_items`, or for mixing
                 item and mean mode within a window; nothing changes then.
+            Whatever the loss's backward raises (out of memory, an autograd Function):
+                the window's count is left as it was, without this micro-batch; the
+                gradients autograd had already added to ``p.grad`` stay there.
         """
         _pipeline_checks.backward_call(
             loss, micro_steps=self.window.micro_steps, accumulation_steps=self.accumulation_steps
@@ -214,15 +217,26 @@ class GradientPipeline:
             items = items.clone()
         self.window.check_mode(items)
         _pipeline_checks.frozen(self._frozen)
-        if self.window.micro_steps + 1 == self.accumulation_steps:
-            # The boundary backward may start communicating: settle the window's scale first.
-            total = (items if self.window.items is None else self.window.items + items) if items is not None else None
-            self.reduction.begin(total, self.window.micro_steps + 1, complete=True)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self._run_backward(loss, items)
         if self.window.micro_steps == 0:
             self.probe.after_first_backward(items, step=self.steps + 1)
         self.window.add(items)
         self._prepare_next_micro_step()
+
+    def _run_backward(self, loss: Tensor, items: int | Tensor | None) -> None:
+        """``loss.backward()``; before the boundary's, the window's count and scale are settled, and undone
+        if that backward raises (an out-of-memory skip loop goes on with the window as it was)."""
+        boundary = self.window.micro_steps + 1 == self.accumulation_steps
+        try:
+            if boundary:
+                # The boundary backward may start communicating: settle the window's scale first.
+                total = items if self.window.items is None or items is None else self.window.items + items
+                self.reduction.begin_boundary(total, self.window.micro_steps + 1)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        except BaseException:
+            if boundary:
+                self.reduction.cancel()
+            raise
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Step the optimizer if this micro-step ends a window.

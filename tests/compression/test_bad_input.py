@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -193,3 +195,38 @@ def test_keyed_state_refuses_bad_state_and_keeps_its_own():
         with pytest.raises((ValueError, TypeError), match="load_state_dict"):
             keyed.load_state_dict(bad, "Owner")
         assert_same_state(keyed.state_dict(), before)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: gk.ErrorFeedback(gk.TopK(0.1)), "residual"),
+        (lambda: gk.DGC(0.1), "momentum"),
+        (gk.PowerSGD, "residual"),
+    ],
+    ids=["ErrorFeedback", "DGC", "PowerSGD"],
+)
+def test_tensors_of_two_sizes_without_key_are_refused_with_the_key_hint(make, field):
+    # Nothing was loaded: the state of the first tensor is in the way, and a key per tensor keeps them apart.
+    compressor = make()
+    compressor.compress(torch.randn(8, 6))
+    before = compressor.state_dict()
+    words = (
+        f"the {field} kept for a tensor compressed without key= must have 60 entries (its size here), got 48; "
+        f"pass a distinct key= per tensor (the {field} is kept per key)"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(words) + "$"):
+        compressor.compress(torch.randn(10, 6))
+    assert_same_state(compressor.state_dict(), before)
+    compressor.compress(torch.randn(10, 6), key="other")  # its own key: its own state
+
+
+def test_a_loaded_state_of_another_size_keeps_the_load_hint_until_placed():
+    ef = gk.ErrorFeedback(gk.TopK(0.5))
+    ef.load_state_dict({"residuals": {"w": torch.ones(6)}, "compressor": {}})
+    with pytest.raises(ValueError, match=r"'w' must have 8 entries \(its size here\), got 6; load the state saved"):
+        ef.compress(torch.ones(8), key="w")
+    ef.load_state_dict({"residuals": {"w": torch.ones(8)}, "compressor": {}})
+    ef.compress(torch.ones(8), key="w")  # placed: a later size change is a key's, not the checkpoint's
+    with pytest.raises(ValueError, match=r"'w' must have 6 entries \(its size here\), got 8; pass a distinct key="):
+        ef.compress(torch.ones(6), key="w")

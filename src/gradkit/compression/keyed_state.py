@@ -52,7 +52,9 @@ def layout_for(key: str | Layout | None, tensor: Tensor) -> Layout:
     return tuple(key)
 
 
-def check_sizes(kept: Iterable[tuple[str, Mapping[str, int]]], numels: Mapping[str, int], where: str = "") -> None:
+def check_sizes(
+    kept: Iterable[tuple[str, Mapping[str, int]]], numels: Mapping[str, int], where: str = "", *, loaded: bool = True
+) -> None:
     """Refuse per-parameter state (a residual, a momentum: one entry per parameter entry) of another size
     than its parameter: the one check for state loaded through `gk.Average` and for state placed at first use.
 
@@ -60,6 +62,8 @@ def check_sizes(kept: Iterable[tuple[str, Mapping[str, int]]], numels: Mapping[s
         kept: ``(field, {parameter name: entries kept})`` pairs.
         numels: entries per parameter name here; only these names are checked.
         where: what the message starts with (e.g. ``"Average.load_state_dict: "``).
+        loaded: the state kept came from a checkpoint (the hint: load the one saved with the same
+            parameters); False: from earlier calls (the hint: pass a distinct ``key=`` per tensor).
 
     Raises:
         ValueError: naming the field, the parameter and both sizes, before any state changes.
@@ -73,10 +77,18 @@ def check_sizes(kept: Iterable[tuple[str, Mapping[str, int]]], numels: Mapping[s
         for name, size in numels.items():
             count = counts.get(name)
             if count is not None and count != size:
+                owner = f"parameter {name!r}" if name else "a tensor compressed without key="
                 raise ValueError(
-                    f"{where}the {field} kept for parameter {name!r} must have {size} entries (its size here), "
-                    f"got {count}; load the state saved with the same parameters (a parameter keeps its shape)"
+                    f"{where}the {field} kept for {owner} must have {size} entries (its size here), "
+                    f"got {count}; {_size_hint(field, loaded)}"
                 )
+
+
+def _size_hint(field: str, loaded: bool) -> str:
+    """How to mend a size mismatch: state from a checkpoint, or from earlier calls under the same key."""
+    if loaded:
+        return "load the state saved with the same parameters (a parameter keeps its shape)"
+    return f"pass a distinct key= per tensor (the {field} is kept per key)"
 
 
 def check_named_tensors(owner: str, key: str, value: object) -> None:
@@ -105,6 +117,8 @@ class KeyedState:
         self._flat: dict[Layout, dict[str, Tensor]] = {}
         # Per name, from a checkpoint or from a layout given up: not yet placed in a layout.
         self._unplaced: dict[str, dict[str, Tensor]] = {}
+        # The names whose unplaced state came from a checkpoint (a size mismatch then says to load another).
+        self._loaded: set[str] = set()
 
     def __contains__(self, layout: Layout) -> bool:
         return layout in self._flat
@@ -117,6 +131,7 @@ class KeyedState:
             self._release_overlapping(layout)
             state = {field: self._initial(layout, field, like) for field in self.fields}
             self._flat[layout] = state
+            self._loaded.difference_update(name for name, _ in layout)
         return state
 
     def replace(self, layout: Layout, field: str, tensor: Tensor) -> None:
@@ -136,9 +151,12 @@ class KeyedState:
     def _check_unplaced(self, layout: Layout) -> None:
         # Checked before any state is moved or taken: a mismatch leaves the state as it was
         # (a wrong size would otherwise surface later as a broadcast error, or not at all).
+        here = {name: size for (name, _), size in zip(layout, sizes(layout))}
         held = {name: size for known in self._flat for (name, _), size in zip(known, sizes(known))}
-        kept = [(f, {**held, **{n: t.numel() for n, t in self._unplaced.get(f, {}).items()}}) for f in self.fields]
-        check_sizes(kept, {name: size for (name, _), size in zip(layout, sizes(layout))})
+        for field in self.fields:
+            kept = {**held, **{n: t.numel() for n, t in self._unplaced.get(field, {}).items()}}
+            check_sizes([(field, {n: c for n, c in kept.items() if n in self._loaded})], here)
+            check_sizes([(field, {n: c for n, c in kept.items() if n not in self._loaded})], here, loaded=False)
 
     def _initial(self, layout: Layout, field: str, like: Tensor) -> Tensor:
         pieces, fresh = [], True
@@ -175,3 +193,4 @@ class KeyedState:
                 raise TypeError(f"{owner}.load_state_dict: {field!r} must map parameter names to tensors")
         self._flat = {}
         self._unplaced = {field: dict(by_name) for field, by_name in state.items()}
+        self._loaded = {name for by_name in state.values() for name in by_name}

@@ -60,12 +60,14 @@ class PowerSGD(Compressor):
     # -- single process ---------------------------------------------------------
 
     def compress(self, tensor: Tensor, key: str | Layout | None = None, *, commit: bool = True) -> Payload:
-        """Compress one tensor (no communication); key names its residual and Q."""
+        """Compress one tensor (no communication); key names its residual and Q.
+
+        With ``commit=True`` this call's new residual and Q are kept at once (other keys' deferred
+        state still waits); with False they wait for `commit()` or `discard()`.
+        """
         tensor = self._check_input(tensor)
-        pending = self.start_reduce(tensor.reshape(-1), layout_for(key, tensor), None, 1.0, "PowerSGD", None)
+        pending = self._start(tensor.reshape(-1), layout_for(key, tensor), None, 1.0, "PowerSGD", None, now=commit)
         approximation = pending.wait()
-        if commit:
-            self.commit()
         return Payload([approximation], tensor.shape, tensor.dtype, self, wire_nbytes=pending.nbytes)
 
     def decompress(self, payload: Payload) -> Tensor:
@@ -114,6 +116,24 @@ class PowerSGD(Compressor):
         """
         if absent and bad is None:
             raise ValueError("PowerSGD.start_reduce: absent parts are told in the flags; pass bad= with absent=")
+        return self._start(flat, layout, group, weight, what, timeout, out=out, bad=bad, absent=absent, now=False)
+
+    def _start(
+        self,
+        flat: Tensor,
+        layout: Layout,
+        group: dist.ProcessGroup | None,
+        weight: Tensor | float,
+        what: str,
+        timeout: datetime.timedelta | None,
+        *,
+        out: Tensor | None = None,
+        bad: Tensor | None = None,
+        absent: Collection[int] = (),
+        now: bool,
+    ) -> PendingReduce:
+        """`start_reduce`, whose `wait()` keeps the new state (residual, Q) at once with `now`, else
+        defers it to `commit()`/`discard()`."""
         residual = self._residuals.get(layout, flat)["residual"]
         if out is not None and out.data_ptr() == flat.data_ptr():
             corrected = flat.add_(residual)  # flat is free: the corrected gradient is built in place
@@ -190,7 +210,7 @@ class PowerSGD(Compressor):
                     # No rank had it: the Q sum is P̂ᵀ·0, so the warm start keeps the last Q instead
                     # (the same choice on every rank: `present` comes from the all-reduced sum).
                     kept[name] = torch.where(pending.present[k] > 0, sums[name], qts[name].to(sums[name]))
-            self._deferred.add(layout, new_residual, kept)
+            self._deferred.add(layout, new_residual, kept, now=now)
             return target
 
         pending = PendingReduce(works, finish, nbytes, what, timeout)
