@@ -107,6 +107,22 @@ def test_a_training_that_raised_gives_max_grad_norm_back_on_the_next(tmp_path):
     assert same(reference, tracked)  # ... as the Trainer alone clips them: bit-identical
 
 
+def test_a_max_grad_norm_set_after_a_failed_training_is_the_users():
+    # After a training that raised, the user may lower max_grad_norm before retrying: that value is theirs, not
+    # the one the callback had taken over (the callback's hooks called as the Trainer calls them).
+    import types
+
+    callback = GradkitCallback(gk.Tracker(None))
+    args = types.SimpleNamespace(max_grad_norm=1.0, gradient_accumulation_steps=1)
+    model = torch.nn.Linear(3, 2)
+    callback.on_train_begin(args, None, None, model=model)
+    assert args.max_grad_norm == 0.0  # taken over; the training then raises: no on_train_end
+    args.max_grad_norm = 0.25
+    callback.on_train_begin(args, None, None, model=model)
+    callback.on_train_end(args, None, None)
+    assert args.max_grad_norm == 0.25
+
+
 def test_gradkit_clipping_equals_the_trainer_max_grad_norm(tmp_path):
     reference, _ = train(tmp_path, max_grad_norm=0.3)
     ours, _trainer = train(tmp_path, GradkitCallback(clip=gk.ClipByGlobalNorm(0.3)), max_grad_norm=0.0)

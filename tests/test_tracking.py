@@ -231,6 +231,42 @@ def test_a_closed_tracker_tracked_on_writes_its_steps_to_the_same_log(tmp_path):
     assert lines[1:] == tracker.history
 
 
+def test_history_keeps_a_later_alert_after_the_caller_clears_alerts():
+    # tracker.alerts is the caller's list: clearing the alerts handled must not cut newer ones later.
+    model = make_model()
+    tracker = gk.Tracker(every=1, history=3)
+    for step, (x, y) in enumerate(batches(5), start=1):
+        (((model(x) - y) ** 2).sum() * (math.nan if step in (1, 2, 5) else 1.0)).backward()
+        tracker.track(model)
+        model.zero_grad(set_to_none=True)
+        if step == 2:
+            tracker.flush()
+            assert [a.step for a in tracker.alerts] == [1, 2]
+            tracker.alerts.clear()
+    tracker.flush()
+    assert [(a.step, a.kind) for a in tracker.alerts] == [(5, "nonfinite")]
+
+
+def test_a_closed_tracker_tracked_on_draws_histograms_on_its_next_detail_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = make_model()
+    tracker = gk.Tracker(tmp_path, writers=("jsonl", "tensorboard"), every=1, detail_every=1)
+    for i, (x, y) in enumerate(batches(4)):
+        ((model(x) - y) ** 2).sum().backward()
+        tracker.track(model)
+        model.zero_grad(set_to_none=True)
+        if i == 1:
+            tracker.close()
+    tracker.close()
+    steps = set()
+    for events in tmp_path.glob("events.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"histograms": 0})
+        accumulator.Reload()
+        steps |= {e.step for tag in accumulator.Tags()["histograms"] for e in accumulator.Histograms(tag)}
+    assert steps == {1, 2, 3, 4}
+
+
 def test_non_logging_steps_make_no_host_reads(monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -298,3 +298,12 @@ def test_a_value_beyond_float16_is_sent_saturated_and_its_excess_kept(n_in, opti
     assert kept[0] == pytest.approx(1e5 - 65504, rel=1e-3)  # the excess, kept ...
     assert abs(kept[1]) < 10  # ... and sent on the next step
     assert start - model.weight[0, 0].item() == pytest.approx(1e-9 * 1e5, rel=1e-3)  # the whole gradient, in all
+
+
+def test_narrow_saturates_finite_values_and_leaves_nan_and_inf_as_they_are():
+    from gradkit.compression.base import narrow
+
+    got = narrow(torch.tensor([1e5, -7e4, 3.0, float("inf"), -float("inf"), float("nan")]), torch.float16)
+    assert got.dtype == torch.float16
+    assert got[:3].tolist() == [65504.0, -65504.0, 3.0]  # the excess is the residual's
+    assert got[3].item() == float("inf") and got[4].item() == -float("inf") and got[5].isnan()  # still seen

@@ -435,10 +435,10 @@ def narrow(values: Tensor, dtype: torch.dtype | None, *, copy: bool = False) -> 
 
     A plain cast sends an entry beyond that range (65504 in float16) as inf: error feedback then keeps
     -inf, and NaN from the next step on, in that entry's residual for good. Saturated, the entry is sent
-    as the largest magnitude and the excess stays in the residual. NaN stays NaN (a non-finite step is
-    refused before). `copy`: never return `values` itself (a payload must not alias its input). For the
-    sparsifiers' values only: `FP16` and `BF16` cast, so that an overflow skips the step (nothing else holds
-    the excess there).
+    as the largest magnitude and the excess stays in the residual. NaN and inf stay as they are (a
+    non-finite gradient is for the caller to see: the pipeline refuses its step, a GradScaler backs off).
+    `copy`: never return `values` itself (a payload must not alias its input). For the sparsifiers' values
+    only: `FP16` and `BF16` cast, so that an overflow skips the step (nothing else holds the excess there).
 
     Example:
         >>> narrow(torch.tensor([1e5, -3.0]), torch.float16)
@@ -448,7 +448,8 @@ def narrow(values: Tensor, dtype: torch.dtype | None, *, copy: bool = False) -> 
         return values.clone() if copy else values
     largest = torch.finfo(dtype).max
     if values.is_floating_point() and largest < torch.finfo(values.dtype).max:
-        values = values.clamp(-largest, largest)
+        # Finite values only: an inf stays inf, so that an overflow upstream is still seen (a GradScaler backs off).
+        values = torch.where(values.isinf(), values, values.clamp(-largest, largest))
     return values.to(dtype)
 
 

@@ -84,8 +84,9 @@ class GradkitCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("GradkitCallback needs the model from the Trainer's on_train_begin event")
         self.boundary.attach(model)
-        if self._restore is not None and self._restore[0] is args:
-            # A training that raised never reached on_train_end: the value it replaced is the user's, not the 0.0.
+        if self._restore is not None and self._restore[0] is args and args.max_grad_norm == 0.0:
+            # A training that raised never reached on_train_end: the 0.0 is ours, and the value it replaced the
+            # user's (a value the user set since is theirs, and kept).
             args.max_grad_norm = self._restore[1]
         max_norm = args.max_grad_norm or 0.0
         self._max_norm, self._restore = 0.0, None

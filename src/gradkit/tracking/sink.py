@@ -96,6 +96,12 @@ class RecordSink:
 
     def _drop_alerts(self, before: int) -> None:
         """Drop the alerts raised before the record of ordinal `before` was written (they come in that order)."""
+        # `alerts` is the caller's list too: one cleared or cut from the front keeps the ordinals of its last ones.
+        held, known = len(self._alerts), len(self._ordinals)
+        if held != known:
+            self._ordinals = (
+                self._ordinals[known - held :] if held < known else [before] * (held - known) + self._ordinals
+            )
         cut = bisect.bisect_left(self._ordinals, before)
         del self._alerts[:cut], self._ordinals[:cut]
 
@@ -174,8 +180,9 @@ class RecordSink:
                 writer.write(entry)
 
     def has_tensorboard(self) -> bool:
-        """Whether a TensorBoard writer is open (histograms are then made on detail steps)."""
-        return any(not hasattr(writer, "path") for writer in self.writers)
+        """Whether a TensorBoard writer writes this run's records (histograms are then made on detail steps);
+        after `close` too, since the next record opens the writers again."""
+        return self._log_dir is not None and "tensorboard" in self._writer_names
 
     def close(self) -> None:
         """Close every writer; the next record or run header opens them again, appending (`_reopen`)."""
