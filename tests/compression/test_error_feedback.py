@@ -307,3 +307,22 @@ def test_narrow_saturates_finite_values_and_leaves_nan_and_inf_as_they_are():
     assert got.dtype == torch.float16
     assert got[:3].tolist() == [65504.0, -65504.0, 3.0]  # the excess is the residual's
     assert got[3].item() == float("inf") and got[4].item() == -float("inf") and got[5].isnan()  # still seen
+
+
+def test_a_cast_under_error_feedback_saturates_and_a_cast_alone_overflows():
+    # Under error feedback the residual holds the excess: an overflow to inf left NaN in it for good, and every
+    # later step was skipped (one process). Alone, FP16 still sends inf, so that its step is skipped.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    pipe = gk.GradientPipeline(model, average=gk.Average(gk.ErrorFeedback(gk.FP16())))
+    for step in range(3):
+        pipe.backward(model.weight[0, 0] * 1e5 if step == 0 else model(torch.randn(3, 4)).sum())
+        assert pipe.step(opt), step
+        residual = pipe.state_dict()["average"]["compressor"]["residuals"]["weight"]
+        assert bool(torch.isfinite(residual).all()), step
+    assert gk.FP16().compress(torch.tensor([1e5, 1.0])).tensors[0][0].item() == float("inf")
+    # bfloat16's range is float32's but for its last rounding step: saturated too under error feedback.
+    ef = gk.ErrorFeedback(gk.BF16())
+    sent = ef.decompress(ef.compress(torch.tensor([3.4e38, 1.0]), key="w"))
+    assert bool(torch.isfinite(sent).all()) and bool(torch.isfinite(ef.state_dict()["residuals"]["w"]).all())

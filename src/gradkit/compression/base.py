@@ -159,6 +159,11 @@ class Compressor(Stateful):
         addend.zero_()
         return self.compress(into)
 
+    def under_error_feedback(self) -> Compressor:
+        """The compressor `ErrorFeedback` uses in this one's place: itself, unless it sends differently when a
+        residual holds what it does not send (`FP16` and `BF16` then saturate instead of overflowing)."""
+        return self
+
     def compress_residual_(self, tensor: Tensor, *, sum_of: tuple[Tensor, Tensor] | None = None) -> Payload:
         """Compress `tensor` and leave in it, in place, what was not sent (error feedback's residual).
 

@@ -71,7 +71,7 @@ class ErrorFeedback(Compressor):
                 f"residual_dtype must be a floating torch.dtype such as torch.bfloat16, or None for the "
                 f"gradient's own dtype; got {residual_dtype!r}"
             )
-        self.compressor = compressor
+        self.compressor = compressor.under_error_feedback()  # FP16/BF16 saturate here: the residual holds the rest
         self.residual_dtype = residual_dtype
         self.linear = compressor.linear
         self.sparse = compressor.sparse

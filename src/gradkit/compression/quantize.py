@@ -8,13 +8,14 @@ error feedback it is EF-SignSGD (Karimireddy et al. 2019).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradkit import _checks
-from gradkit.compression.base import Compressor, Payload
+from gradkit.compression.base import Compressor, Payload, narrow
 
 __all__ = ["FP16", "BF16", "QSGD", "SignSGD"]
 
@@ -22,12 +23,22 @@ __all__ = ["FP16", "BF16", "QSGD", "SignSGD"]
 class _Cast(Compressor):
     linear = True
     wire_dtype: torch.dtype
+    saturate = False  # True under error feedback (see under_error_feedback)
 
     def compress(self, tensor: Tensor) -> Payload:
         tensor = self._check_input(tensor)
         # A copy even when the dtype already matches: the payload must not alias the input
         # (error feedback computes its residual as input - payload; weighting scales it in place).
-        return Payload([tensor.to(self.wire_dtype, copy=True)], tensor.shape, tensor.dtype, self)
+        # Alone, an overflow is sent as inf (and its step skipped); under error feedback it is saturated.
+        sent = narrow(tensor, self.wire_dtype, copy=True) if self.saturate else tensor.to(self.wire_dtype, copy=True)
+        return Payload([sent], tensor.shape, tensor.dtype, self)
+
+    def under_error_feedback(self) -> _Cast:
+        """A twin that saturates values beyond the wire dtype's range (see `base.narrow`): under error feedback
+        the residual holds the excess, where a cast to inf would leave NaN in it for good."""
+        twin = copy.copy(self)
+        twin.saturate = True
+        return twin
 
     def decompress(self, payload: Payload) -> Tensor:
         payload = self._check_payload(payload)
