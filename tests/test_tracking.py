@@ -214,11 +214,9 @@ def test_standalone_track_measures_a_parameter_resized_through_data_again():
     }  # fmt: skip
 
 
-def test_a_closed_tracker_tracked_on_writes_its_steps_to_the_same_log(tmp_path):
-    # close() then more steps on the same model (a notebook cell run on): the run goes on in the same file,
-    # appending, with no new run header; before, those records went to `history` only.
+def track_closing_midway(tracker: gk.Tracker) -> gk.Tracker:
+    """Four steps tracked with `track()`, the tracker closed after the second and at the end."""
     model = make_model()
-    tracker = gk.Tracker(tmp_path, every=1)
     for i, (x, y) in enumerate(batches(4)):
         ((model(x) - y) ** 2).sum().backward()
         tracker.track(model)
@@ -226,6 +224,13 @@ def test_a_closed_tracker_tracked_on_writes_its_steps_to_the_same_log(tmp_path):
         if i == 1:
             tracker.close()
     tracker.close()
+    return tracker
+
+
+def test_a_closed_tracker_tracked_on_writes_its_steps_to_the_same_log(tmp_path):
+    # close() then more steps on the same model (a notebook cell run on): the run goes on in the same file,
+    # appending, with no new run header; before, those records went to `history` only.
+    tracker = track_closing_midway(gk.Tracker(tmp_path, every=1))
     lines = read_jsonl(tmp_path / "tracking.jsonl")
     assert [(line["type"], line.get("step")) for line in lines] == [("run", None), *(("step", s) for s in range(1, 5))]
     assert lines[1:] == tracker.history
@@ -250,15 +255,7 @@ def test_history_keeps_a_later_alert_after_the_caller_clears_alerts():
 def test_a_closed_tracker_tracked_on_draws_histograms_on_its_next_detail_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    model = make_model()
-    tracker = gk.Tracker(tmp_path, writers=("jsonl", "tensorboard"), every=1, detail_every=1)
-    for i, (x, y) in enumerate(batches(4)):
-        ((model(x) - y) ** 2).sum().backward()
-        tracker.track(model)
-        model.zero_grad(set_to_none=True)
-        if i == 1:
-            tracker.close()
-    tracker.close()
+    track_closing_midway(gk.Tracker(tmp_path, writers=("jsonl", "tensorboard"), every=1, detail_every=1))
     steps = set()
     for events in tmp_path.glob("events.*"):
         accumulator = EventAccumulator(str(events), size_guidance={"histograms": 0})

@@ -74,6 +74,14 @@ def test_exactly_k_sends_k_entries_with_the_top_k_energy(path, name, density):
     assert torch.equal(sent_mask(payload), exact)
 
 
+def test_the_small_k_bounds_the_topk_docstring_names():
+    # TopK's docstring and sparse-gradients.md: k of at most 213 (189 with exactly_k) goes to torch.topk.
+    for target, last_exact in ((selection.EXACT_K_TARGET, 189), (sparsify._TARGET, 213)):
+        assert not selection.sampling_aims_well(10**7, last_exact, target)
+        assert selection.sampling_aims_well(10**7, last_exact + 1, target)
+    assert not selection.sampling_aims_well(selection.MIN_SAMPLE, 1000, sparsify._TARGET)  # small tensors too
+
+
 @pytest.mark.parametrize("k", [1, 10, 150])
 @pytest.mark.parametrize("exactly_k", [False, True])
 def test_a_small_k_is_the_exact_top_k_in_every_call(k, exactly_k):
